@@ -38,6 +38,8 @@ def atomic_path(path:str|Path, # the final destination
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the result the permissions a plain open() would
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,0 +1,113 @@
+"""End-to-end runs of the `deeperfly` command on the bundled example, and its handling of bad input.
+
+Each bad-input case must exit non-zero with one line naming what is wrong, and leave nothing half-written.
+"""
+import os, pickle, shutil, subprocess, sys
+from pathlib import Path
+import h5py
+import numpy as np
+import pytest
+from conftest import EXAMPLE, ROOT
+
+DEEPERFLY = shutil.which("deeperfly")
+
+def run_cli(*args, cwd=None):
+    "Run the installed `deeperfly` console script (falling back to `python -m`) and return the CompletedProcess."
+    cmd = [DEEPERFLY, *args] if DEEPERFLY else [sys.executable, "-c", "import sys; from deeperfly_nb.cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+def leftovers(folder: Path) -> list:
+    "Temporary or partial files left in `folder`."
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"] if folder.exists() else []
+
+def test_main_job_on_bundled_example(tmp_path, example_dir):
+    out = tmp_path / "out"
+    r = run_cli("reconstruct", str(example_dir), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "results.h5").exists() and (out / "config.toml").exists()
+    assert leftovers(out) == []
+    r = run_cli("inspect", str(out / "results.h5"), "--ground-truth", str(example_dir / "ground_truth.h5"), "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    s = json.loads(r.stdout)
+    assert (s["shape"]["views"], s["shape"]["points"]) == (7, 38)
+    # against the exact 3D the example was rendered from, after similarity alignment: within 2% of the body
+    # length (antenna to the last abdominal stripe, measured on the truth)
+    from deeperfly_nb.results import PoseResult
+    truth = PoseResult.load(example_dir / "ground_truth.h5").pts3d
+    body = float(np.median(np.linalg.norm(truth[:, 15] - truth[:, 18], axis=-1)))
+    assert s["ground_truth"]["overall"]["median"] < 0.02 * body, (s["ground_truth"]["overall"], body)
+    assert s["reprojection_error_px"]["median"] < 2.0
+
+def test_init_writes_a_loadable_config(tmp_path):
+    path = tmp_path / "config.toml"
+    assert run_cli("init", str(path)).returncode == 0
+    from deeperfly_nb.config import Config
+    assert Config.load(path).to_dict() == Config.default().to_dict()
+    r = run_cli("init", str(path))            # never overwrites silently
+    assert r.returncode == 2 and "exists" in r.stderr
+
+def _config_text():
+    return (ROOT / "deeperfly_nb" / "data" / "default_config.toml").read_text()
+
+def test_typo_in_config_is_rejected_before_any_work(tmp_path, example_dir):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_config_text().replace("\n[triangulation]\n", "\n[triangulation]\nransac_treshold = 12\n", 1))
+    out = tmp_path / "out"
+    r = run_cli("reconstruct", str(example_dir), "-c", str(bad), "-o", str(out))
+    assert r.returncode == 2
+    assert "triangulation.ransac_treshold" in r.stderr and "ransac_threshold_px" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()                    # rejected before the output folder is touched
+
+def test_camera_missing_from_rig(tmp_path, example_dir):
+    text = _config_text()
+    start = text.index("[cameras.lh]")
+    end = text.find("\n[", start + 1)
+    bad = tmp_path / "six_cameras.toml"
+    bad.write_text(text[:start] + (text[end + 1:] if end > 0 else ""))
+    r = run_cli("reconstruct", str(example_dir), "-c", str(bad), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert "'lh'" in r.stderr
+    assert not (tmp_path / "out" / "results.h5").exists()
+
+def test_output_folder_that_is_a_file(tmp_path, example_dir):
+    f = tmp_path / "out"
+    f.write_text("not a folder")
+    r = run_cli("reconstruct", str(example_dir), "-o", str(f))
+    assert r.returncode == 2 and "is a file" in r.stderr
+    assert f.read_text() == "not a folder"
+
+def test_empty_source_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("reconstruct", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "no 2D source" in r.stderr
+
+def test_inspect_truncated_result(tmp_path, example_dir):
+    out = tmp_path / "out"
+    assert run_cli("reconstruct", str(example_dir), "-o", str(out), "--no-bundle-adjust").returncode == 0
+    data = (out / "results.h5").read_bytes()
+    cut = tmp_path / "truncated.h5"
+    cut.write_bytes(data[: len(data) // 2])
+    r = run_cli("inspect", str(cut))
+    assert r.returncode == 2 and "truncated.h5" in r.stderr and "Traceback" not in r.stderr
+
+def test_inspect_a_file_that_is_not_a_result(tmp_path):
+    p = tmp_path / "other.h5"
+    with h5py.File(p, "w") as f: f["x"] = np.arange(3)
+    r = run_cli("inspect", str(p))
+    assert r.returncode == 2 and "other.h5" in r.stderr
+
+class _Payload:
+    "Unpickling this would run a shell command that creates a marker file."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (os.system, (f"touch {self.marker}",))
+
+def test_pickle_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    pkl = tmp_path / "df3d_result_evil.pkl"
+    pkl.write_bytes(pickle.dumps({"points2d": np.zeros((7, 2, 38, 2)), 0: _Payload(marker)}))
+    r = run_cli("reconstruct", str(pkl), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert "system" in r.stderr and str(pkl.name) in r.stderr
+    assert not marker.exists(), "the pickle's payload ran"
