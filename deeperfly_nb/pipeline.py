@@ -117,7 +117,9 @@ def run_from_points2d(cameras:CameraGroup, # the initial rig (V cameras)
     if do_bundle_adjust:
         cameras, ba = bundle_adjust_cameras(cameras, pts2d, conf, skeleton, **(bundle_adjust_kwargs or {}))
         meta["bundle_adjustment"] = _ba_summary(ba, time.perf_counter() - t0)
-        log.info("bundle adjustment: %s", meta["bundle_adjustment"])
+        b = meta["bundle_adjustment"]
+        log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error %.2f -> %.2f px",
+                 b.get("nfev"), b["seconds"], b.get("median_reproj_before", np.nan), b.get("median_reproj_after", np.nan))
     t1 = time.perf_counter()
     tri_kw = {"method": triangulation, "weigh_by_confidence": weigh_by_confidence, **(triangulate_kwargs or {})}
     pts3d = triangulate(cameras, pts2d, conf, **tri_kw)

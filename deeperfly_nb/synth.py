@@ -366,7 +366,7 @@ def write_example(folder, # output folder (created if needed)
                   n_frames:int=64, # frames to render
                   seed:int=0, # seeds the gait, the rig perturbation and the observation noise
                   fps:float=100.0, # frame rate recorded in the files
-                  rig_rot_deg:float=1.0, # how far each true camera is rotated from the nominal ring
+                  rig_rot_deg:float=0.3, # how far each true camera is turned from the nominal ring (about its centre)
                   rig_focal_frac:float=0.01, # and how far its focal length is off
                   noise_px:float=1.0, outlier_frac:float=0.02, occlusion_frac:float=0.1,
                  ) -> dict:

@@ -31,13 +31,17 @@ def test_main_job_on_bundled_example(tmp_path, example_dir):
     import json
     s = json.loads(r.stdout)
     assert (s["shape"]["views"], s["shape"]["points"]) == (7, 38)
-    # against the exact 3D the example was rendered from, after similarity alignment: within 2% of the body
-    # length (antenna to the last abdominal stripe, measured on the truth)
-    from deeperfly_nb.results import PoseResult
+    assert s["ground_truth"]["overall"]["n"] > 0
+    assert s["reprojection_error_px"]["median"] < 1.5     # 1 px detection noise
+    # against the exact 3D the example was rendered from: each side of the fly within 2% of the body length
+    # (antenna to the last abdominal stripe, measured on the truth) after a similarity alignment
+    from deeperfly_nb.results import PoseResult, ground_truth_error
     truth = PoseResult.load(example_dir / "ground_truth.h5").pts3d
+    result = PoseResult.load(out / "results.h5")
     body = float(np.median(np.linalg.norm(truth[:, 15] - truth[:, 18], axis=-1)))
-    assert s["ground_truth"]["overall"]["median"] < 0.02 * body, (s["ground_truth"]["overall"], body)
-    assert s["reprojection_error_px"]["median"] < 2.0
+    for side in (slice(0, 19), slice(19, 38)):
+        err = ground_truth_error(result.pts3d[:, side], truth[:, side])["overall"]["median"]
+        assert err < 0.02 * body, (side, err, body)
 
 def test_init_writes_a_loadable_config(tmp_path):
     path = tmp_path / "config.toml"
