@@ -13,7 +13,8 @@ import numpy as np
 from .core import InputError, check_shape
 from .skeleton import Skeleton
 from .cameras import CameraGroup
-from .results import PoseResult, _reprojection_error
+from .results import PoseResult
+from .triangulation import reprojection_error
 
 # %% auto #0
 __all__ = ['DF3D_VIEW_NAMES', 'DF3D_IMAGE_SIZE', 'DF3D_N_JOINTS', 'load_df3d_pickle', 'df3d_point_order', 'Df3dResult',
@@ -157,7 +158,7 @@ def _to_pose_result(self:Df3dResult, fps:float|None=None, # frame rate, when kno
                    ) -> PoseResult:
     "A `PoseResult` with DeepFly3D's cameras, detections and its 3D points before Procrustes (in the cameras' frame)."
     pts3d = self.pts3d_wo_procrustes
-    err = None if pts3d is None else _reprojection_error(self.cameras, pts3d, self.pts2d)
+    err = None if pts3d is None else reprojection_error(self.cameras, pts3d, self.pts2d)
     return PoseResult(self.pts2d, self.conf, self.cameras, self.skeleton, pts3d=pts3d, reproj_error=err, fps=fps,
                       meta={"imported_from": "deepfly3d", **self.meta}, provenance={"inputs": [self.meta.get("source")]})
 

@@ -15,6 +15,7 @@ from . import __version__
 from .core import InputError, atomic_path, check_shape
 from .skeleton import Skeleton
 from .cameras import CameraGroup, ring_camera
+from .triangulation import reprojection_error
 
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'PoseResult', 'align_similarity', 'format_summary', 'ground_truth_error',
@@ -208,15 +209,11 @@ def align_similarity(src, # (..., 3) points to move
     return scale * a @ R.T + t, scale, R, t
 
 # %% ../nbs/06_results.ipynb #dbb4fcdb
-def _reprojection_error(cameras:CameraGroup, pts3d, pts2d) -> np.ndarray:
-    "Pixel distance (V, T, N) between detections and reprojected 3D points; NaN where either is missing."
-    return np.linalg.norm(cameras.project(pts3d) - pts2d, axis=-1)
-
 def _reproj(self:PoseResult) -> np.ndarray|None:
     "The reprojection error (V, T, N): stored, or computed from `pts3d`; None without 3D points."
     if self.reproj_error is not None: return self.reproj_error
     if self.pts3d is None: return None
-    return _reprojection_error(self.cameras, self.pts3d, self.pts2d)
+    return reprojection_error(self.cameras, self.pts3d, self.pts2d)
 
 PoseResult.reprojection_errors = _reproj
 
