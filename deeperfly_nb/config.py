@@ -1,4 +1,4 @@
-"""One TOML file drives a whole run: the camera rig, the skeleton, bundle adjustment, triangulation and the pipeline switches — validated in full when it is loaded, with every problem named by its key path.
+"""One TOML file drives a whole run: the camera rig, the skeleton, the footage and the 2D detection plan, bundle adjustment, triangulation and the pipeline switches — validated in full when it is loaded, with every problem named by its key path.
 
 Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 
@@ -7,8 +7,9 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 # %% auto #0
 __all__ = ['CAMERA_PLACEMENTS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS', 'LEAST_SQUARES_SET_BY_DEEPERFLY',
            'LEAST_SQUARES_KEYS', 'DEFAULT_CONFIG_FILE', 'signature_defaults', 'SkeletonConfig', 'CameraConfig',
-           'PipelineConfig', 'SourceConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'ConfigModel',
-           'default_config_text', 'Config', 'write_config']
+           'PipelineConfig', 'SourceConfig', 'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig',
+           'Pose2dConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'ConfigModel', 'default_config_text',
+           'Config', 'write_config']
 
 # %% ../nbs/05_config.ipynb #2bdea105
 import difflib, inspect, json, os, tomllib, types
@@ -23,9 +24,13 @@ from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
 from .bundle_adjustment import bundle_adjust_cameras, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
+from .plan import (MODEL_CLASSES, DetectionPlan, ConfigWarning, check_ops, check_weights, plan_problems,
+                               warn_problems)
+from .visualization import VisualizationConfig
 
 # %% ../nbs/05_config.ipynb #5a6e34d4
-def signature_defaults(fn) -> dict:
+def signature_defaults(fn, # a function
+                      ) -> dict:
     "{parameter: default} for the parameters of `fn` that have a default (tuples as lists, as TOML reads them)."
     return {k: list(p.default) if isinstance(p.default, tuple) else p.default
             for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
@@ -108,15 +113,89 @@ class CameraConfig(_Table):
         return self
 
 class PipelineConfig(_Table):
-    "`[pipeline]`: which stages run, and the frame rate."
+    "`[pipeline]`: which stages `deeperfly run` runs, and the frame rate."
+    pose2d: bool = _field(True, "true or false")
     bundle_adjustment: bool = _field(True, "true or false")
     triangulation: bool = _field(True, "true or false")
+    visualization: bool = _field(True, "true or false")
     fps: _PosFloat|None = _field(None, "a positive number (frames per second)")
 
+# %% ../nbs/05_config.ipynb #fa6bfd0b
 class SourceConfig(_Table):
-    "`[[sources]]`: a named footage source (filled in by the detection issue)."
+    "`[[sources]]`: a named footage source: a pattern, or a list of alternatives (the first that matches is read)."
     name: str = _field(..., "a string")
-    pattern: str = _field(..., "a file name or glob pattern, relative to the input folder")
+    pattern: Union[str, Annotated[list[str], Field(min_length=1)]] = _field(..., "a file name or glob pattern, relative to the input "
+        "folder, or a list of them (alternatives: the first that matches is read)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v):
+        if v == "" or (isinstance(v, list) and "" in v): raise ValueError("an empty pattern matches nothing; give a file name or glob")
+        return v
+
+class PreprocessorConfig(_Table):
+    "`[[pose2d.preprocessors]]`: a named list of invertible frame operations."
+    name: str = _field(..., "a string")
+    ops: list[Any] = _field(list, 'a list of op tables, e.g. [{op = "fliplr"}]')   # each op is checked by plan.check_ops
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, v):
+        problems = check_ops(v)[1]
+        if problems: raise _Problems(problems)
+        return v
+
+class ModelConfig(_Table):
+    "`[[pose2d.models]]`: a detector network, where its weights are, and its input contract."
+    name: str = _field(..., "a string")
+    class_: str = _field(..., f"one of {', '.join(MODEL_CLASSES)}", alias="class")
+    weights: str|None = _field(None, 'a file path (relative to the config file), "bundled:<name>" or an https URL')
+    sha256: str|None = _field(None, "a string of 64 hexadecimal digits")
+    input_size: Annotated[list[_PosInt], Field(min_length=2, max_length=2)] = _field(..., "[H, W] in pixels (2 positive integers)")
+    n_out_channels: _PosInt = _field(..., "a positive integer")
+    mean: Union[float, _Vec3] = _field(..., "a number, or a list of 3 numbers [r, g, b]")
+    n_stacks: _PosInt|None = _field(None, "a positive integer")
+    n_blocks: _PosInt|None = _field(None, "a positive integer")
+    n_features: _PosInt|None = _field(None, "a positive integer")
+    use_stack: _PosInt|None = _field(None, "a positive integer (1 = the first stack)")
+
+    @field_validator("class_")
+    @classmethod
+    def _cls(cls, v):
+        if v not in MODEL_CLASSES:
+            raise ValueError(f"unknown model class {v!r}; allowed: {', '.join(MODEL_CLASSES)}{_suggest(v, MODEL_CLASSES)}")
+        return v
+    @model_validator(mode="after")
+    def _weights(self):
+        problems = check_weights(self.weights, self.sha256)
+        if self.use_stack is not None and self.n_stacks is not None and self.use_stack > self.n_stacks:
+            problems.append(("use_stack", f"{self.use_stack} but n_stacks is {self.n_stacks}"))
+        if problems: raise _Problems(problems)
+        return self
+
+class PathwayConfig(_Table):
+    "`[[pose2d.pathways]]`: one inference run, source -> preprocessor -> model."
+    name: str = _field(..., "a string")
+    source: str = _field(..., "the name of a [[sources]] table")
+    preprocessor: str|None = _field(None, "the name of a [[pose2d.preprocessors]] table")
+    model: str = _field(..., "the name of a [[pose2d.models]] table")
+
+class OutputPointsConfig(_Table):
+    "`[pose2d.output_points.<view>.<pathway>]`: which of the pathway's channels land on which points of the view."
+    channels: list[Annotated[int, Field(ge=0)]]|None = _field(None, "a list of output channels (integers >= 0)")
+    points: Annotated[list[str], Field(min_length=1)] = _field(..., "a non-empty list of skeleton point names")
+
+class Pose2dConfig(_Table):
+    "`[pose2d]`: the detection plan's preprocessors, models, pathways and output_points."
+    preprocessors: list[PreprocessorConfig] = _field(list, "an array of [[pose2d.preprocessors]] tables (name, ops)")
+    models: list[ModelConfig] = _field(list, "an array of [[pose2d.models]] tables (name, class, weights, input_size, n_out_channels, mean)")
+    pathways: list[PathwayConfig] = _field(list, "an array of [[pose2d.pathways]] tables (name, source, preprocessor, model)")
+    output_points: dict[str, dict[str, OutputPointsConfig]] = _field(dict, "a table of [pose2d.output_points.<view>.<pathway>] tables "
+        "(channels, points)")
+    batch_size: _PosInt = _field(16, "a positive integer (images per forward pass)")
+    chunk_frames: _PosInt = _field(16, "a positive integer (frames decoded per source at a time)")
+    device: str|None = _field(None, 'a torch device such as "cpu", "cuda" or "cuda:1" (default: CUDA when available)')
+    dtype: Literal["float32", "float16", "bfloat16"] = _field("float32", '"float32", "float16" (GPU only) or "bfloat16"')
 
 # %% ../nbs/05_config.ipynb #d5164016
 CAMERA_PARAMS = tuple(PARAM_GROUPS)           # rotation, translation, focal, principal_point, distortion
@@ -232,8 +311,8 @@ class ConfigModel(_Table):
     triangulation: TriangulationConfig = _field(TriangulationConfig, "a [triangulation] table")
     pipeline: PipelineConfig = _field(PipelineConfig, "a [pipeline] table")
     sources: list[SourceConfig] = _field(list, "an array of [[sources]] tables (name, pattern)")
-    pose2d: dict[str, Any] = _field(dict, "a [pose2d] table")
-    visualization: dict[str, Any] = _field(dict, "a [visualization] table")
+    pose2d: Pose2dConfig = _field(Pose2dConfig, "a [pose2d] table")
+    visualization: VisualizationConfig = _field(VisualizationConfig, "a [visualization] table")
 
 # %% ../nbs/05_config.ipynb #e891f322
 def _is_model(tp) -> bool: return isinstance(tp, type) and issubclass(tp, BaseModel)
@@ -247,21 +326,25 @@ def _unwrap(tp):
     return tp
 
 def _container_of_models(tp):
-    "The model class inside dict[str, Model] or list[Model], else None."
-    if get_origin(tp) in (dict, list):
-        inner = _unwrap(get_args(tp)[-1])
-        if _is_model(inner): return inner
-    return None
+    "The model class at the bottom of (nested) dict[str, ...] / list[...] containers, e.g. dict[str, dict[str, Model]], else None."
+    if get_origin(tp) not in (dict, list): return None
+    while get_origin(tp) in (dict, list): tp = _unwrap(get_args(tp)[-1])
+    return tp if _is_model(tp) else None
+
+def _keys(model) -> dict:
+    "{key as written in the file: field name}; a field with an alias (ModelConfig's 'class') is keyed by its alias."
+    return {(f.alias or n): n for n, f in model.model_fields.items()}
 
 def _walk(loc:tuple, root=None):
     "Follow a pydantic error location through the models: (key path, model or type reached, its FieldInfo, rest of loc)."
     node, parts, field = root or ConfigModel, [], None
     for i, el in enumerate(loc):
         if _is_model(node):
-            if el not in node.model_fields: return parts, node, field, loc[i:]
-            field = node.model_fields[el]; parts.append(el); node = _unwrap(field.annotation)
+            keys = _keys(node)
+            if el not in keys: return parts, node, field, loc[i:]
+            field = node.model_fields[keys[el]]; parts.append(el); node = _unwrap(field.annotation)
         elif _container_of_models(node) is not None:
-            parts.append(el); node = _container_of_models(node); field = None
+            parts.append(el); node = _unwrap(get_args(node)[-1]); field = None
         else: return parts, node, field, loc[i:]
     return parts, node, field, ()
 
@@ -291,11 +374,11 @@ def _explain(err:dict, data:dict) -> list:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
         key = rest[0]
-        allowed = list(node.model_fields)
+        allowed = list(_keys(node))
         return [(_keypath(parts + [key]), f"unknown key; allowed keys: {', '.join(allowed)}{_suggest(key, allowed)}")]
     if kind == "value_error":
         e = ctx.get("error")
-        if isinstance(e, _Problems): return [(_keypath(parts + [k]), m) for k, m in e.items]
+        if isinstance(e, _Problems): return [(_keypath(parts + (list(k) if isinstance(k, tuple) else [k])), m) for k, m in e.items]
         return [(_keypath(parts), str(e))]
     if kind == "missing" and not rest and (_is_model(node) or _container_of_models(node) is not None):
         return [(_keypath(parts), f"required table missing; expected {_expected(field) or 'a table'}")]
@@ -303,6 +386,9 @@ def _explain(err:dict, data:dict) -> list:
         return [(_keypath(parts), f"expected a table, got {_show(_lookup(data, parts))}")]
     what = _expected(field)
     if kind == "missing": return [(_keypath(parts), f"required key missing; expected {what or 'a value'}")]
+    if not what and not rest and _container_of_models(node) is not None:
+        kind = "a table" if get_origin(node) is dict else "an array of tables"
+        return [(_keypath(parts), f"expected {kind}, got {_show(_lookup(data, parts))}")]
     if not what: return [(_keypath(parts + list(rest)), err["msg"])]
     return [(_keypath(parts), f"expected {what}, got {_show(_lookup(data, parts))}")]
 
@@ -341,8 +427,8 @@ def _ok(problems, path:str) -> bool:
 def _strings(v) -> bool: return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
-    "Problems between tables, checked wherever the keys involved are valid on their own; and the skeleton (or None)."
-    if model is not None: data = model.model_dump(exclude_none=True)
+    "(problems between tables, warnings, skeleton or None), checked wherever the keys involved are valid on their own."
+    if model is not None: data = model.model_dump(exclude_none=True, by_alias=True)
     out, skeleton, cams = [], None, data.get("cameras")
     cams = cams if isinstance(cams, dict) else {}
     sk = data.get("skeleton")
@@ -372,23 +458,24 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
     tri_on = not isinstance(pipe, dict) or pipe.get("triangulation", True) is not False
     if cams and tri_on and isinstance(mv, int) and mv > len(cams) and _ok(problems, "triangulation.min_views"):
         out.append(("triangulation.min_views", f"{mv} but the rig has only {len(cams)} camera{'s' if len(cams) > 1 else ''}"))
-    srcs = data.get("sources")
-    if isinstance(srcs, list):
-        names = [s.get("name") for s in srcs if isinstance(s, dict) and isinstance(s.get("name"), str)]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup: out.append(("sources", f"duplicate source name(s) {dup}"))
-    return out, skeleton
+    if cams and model is not None and _ok(problems, "visualization"):
+        out += model.visualization.dangling_views(list(cams))
+    warns, srcs, pose2d = [], data.get("sources"), data.get("pose2d")
+    if srcs or pose2d:
+        errors, warns = plan_problems(srcs, pose2d, list(cams) if cams else None, skeleton, ok=lambda p: _ok(problems, p))
+        out += errors
+    return out, warns, skeleton
 
 def _validate(data:dict, source:str) -> tuple:
-    "(ConfigModel, Skeleton) for a config dict, or a ConfigError listing every problem, each line naming `source`."
+    "(ConfigModel, Skeleton, warnings) for a config dict, or a ConfigError listing every problem, each line naming `source`."
     problems, model = [], None
     try: model = ConfigModel.model_validate(data)
     except ValidationError as e: problems = _pydantic_problems(e, data)
-    more, skeleton = _cross_check(data, model, problems)
+    more, warns, skeleton = _cross_check(data, model, problems)
     problems += more
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}: {m}" if p else f"{source}: {m}" for p, m in problems))
-    return model, skeleton
+    return model, skeleton, warns
 
 # %% ../nbs/05_config.ipynb #28e1932a
 def _plain(x):
@@ -405,31 +492,39 @@ def default_config_text() -> str:
     return resources.files("deeperfly_nb").joinpath("data", DEFAULT_CONFIG_FILE).read_text(encoding="utf-8")
 
 class Config:
-    "A validated deeperfly config: rig, skeleton, bundle adjustment, triangulation and pipeline settings."
+    "A validated deeperfly config: rig, skeleton, detection plan, bundle adjustment, triangulation and pipeline settings."
     def __init__(self, model:ConfigModel, # the validated tables
                  skeleton:Skeleton, # the skeleton built from model.skeleton
                  source:str="<dict>", # where it came from (named in errors)
+                 base_dir:str|Path|None=None, # relative paths in the config (model weights) start here; None: the working folder
                 ):
         self.model, self._skeleton, self.source = model, skeleton, source
+        self.base_dir = None if base_dir is None else Path(base_dir)
 
     @classmethod
     def from_dict(cls, d:dict, # the parsed TOML tables
                   source:str="<dict>", # named in error messages
+                  base_dir:str|Path|None=None, # relative paths in the config start here (default: the working folder)
                  ) -> "Config":
-        "Validate a dict of tables; a `ConfigError` lists every problem."
+        "Validate a dict of tables; a `ConfigError` lists every problem (warnings go to the log and `warnings`)."
         if not isinstance(d, dict): raise ConfigError(f"{source}: a config must be a table of tables, got {type(d).__name__}")
-        model, skeleton = _validate(_plain(d), source)
-        return cls(model, skeleton, source)
+        model, skeleton, warns = _validate(_plain(d), source)
+        warn_problems(warns, source)
+        return cls(model, skeleton, source, base_dir)
 
     @classmethod
-    def loads(cls, text:str, source:str="<string>") -> "Config":
+    def loads(cls, text:str, # TOML text
+              source:str="<string>", # named in error messages
+              base_dir:str|Path|None=None, # relative paths in the config start here (default: the working folder)
+             ) -> "Config":
         "Parse and validate TOML text."
         try: d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e: raise ConfigError(f"{source}: invalid TOML: {e}") from None
-        return cls.from_dict(d, source)
+        return cls.from_dict(d, source, base_dir)
 
     @classmethod
-    def load(cls, path:str|Path) -> "Config":
+    def load(cls, path:str|Path, # the config file
+            ) -> "Config":
         "Read and validate a config file."
         path = Path(path)
         if not path.is_file():
@@ -437,26 +532,42 @@ class Config:
                               + "; `deeperfly init config.toml` writes a commented default")
         try: text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e: raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-        return cls.loads(text, str(path))
+        return cls.loads(text, str(path), base_dir=path.resolve().parent)
 
     @classmethod
     def default(cls) -> "Config":
-        "The packaged default config (the DeepFly3D rig)."
-        return cls.loads(default_config_text(), DEFAULT_CONFIG_FILE)
+        "The packaged default config (the DeepFly3D rig and its detection plan)."
+        return cls.loads(default_config_text(), DEFAULT_CONFIG_FILE, base_dir=Path(str(resources.files("deeperfly_nb").joinpath("data"))))
 
     # the tables
     @property
-    def bundle_adjustment(self) -> BundleAdjustmentConfig: return self.model.bundle_adjustment
+    def bundle_adjustment(self) -> BundleAdjustmentConfig:
+        "The `[bundle_adjustment]` table."
+        return self.model.bundle_adjustment
     @property
-    def triangulation(self) -> TriangulationConfig: return self.model.triangulation
+    def triangulation(self) -> TriangulationConfig:
+        "The `[triangulation]` table."
+        return self.model.triangulation
     @property
-    def pipeline(self) -> PipelineConfig: return self.model.pipeline
+    def pipeline(self) -> PipelineConfig:
+        "The `[pipeline]` table."
+        return self.model.pipeline
     @property
-    def cameras(self) -> dict: return self.model.cameras
+    def cameras(self) -> dict:
+        "The `[cameras.<view>]` tables, {view: CameraConfig} in view order."
+        return self.model.cameras
     @property
-    def sources(self) -> list: return self.model.sources
+    def sources(self) -> list:
+        "The `[[sources]]` tables."
+        return self.model.sources
     @property
-    def pose2d(self) -> dict: return self.model.pose2d
+    def pose2d(self) -> Pose2dConfig:
+        "The `[pose2d]` table (the detection plan as written; `detection_plan()` builds it)."
+        return self.model.pose2d
+    @property
+    def visualization(self) -> VisualizationConfig:
+        "The `[visualization]` table: the overlay videos `deeperfly run` writes."
+        return self.model.visualization
     @property
     def view_names(self) -> list:
         "The camera names in config order: the V axis of every points array."
@@ -465,12 +576,13 @@ class Config:
         "The `Skeleton` of `[skeleton]`."
         return self._skeleton
     def source_patterns(self) -> dict:
-        "{source name: footage pattern} from `[[sources]]` (empty until the detection plan fills them in)."
+        "{source name: footage pattern, or the list of alternatives} from `[[sources]]`, as written."
         return {s.name: s.pattern for s in self.model.sources}
 
     def to_dict(self) -> dict:
         "All tables with every default filled in (a snapshot for provenance; `Config.from_dict` reads it back)."
-        d = self.model.model_dump(exclude_none=True)
+        d = self.model.model_dump(exclude_none=True, by_alias=True)
+        if not any(d["pose2d"].values()): d["pose2d"] = {}
         return {k: v for k, v in d.items() if v or k not in ("sources", "pose2d", "visualization")}
     def to_toml(self) -> str:
         "`to_dict` as TOML text."
@@ -478,8 +590,9 @@ class Config:
     def __eq__(self, other): return isinstance(other, Config) and self.to_dict() == other.to_dict()
     __hash__ = None
     def __repr__(self):
+        n = len(self.model.pose2d.pathways)
         return (f"Config({self.source!r}: skeleton {self._skeleton.name!r}, views {self.view_names}, "
-                f"triangulation {self.triangulation.method!r})")
+                + (f"{n} detection pathways, " if n else "") + f"triangulation {self.triangulation.method!r})")
 
 # %% ../nbs/05_config.ipynb #e4802b34
 def _image_sizes(image_sizes, views) -> dict:
@@ -514,6 +627,18 @@ def _camera_group(self:Config, image_sizes=None, # (H, W) for every view, or {vi
     return CameraGroup(cams)
 
 Config.camera_group = _camera_group
+
+# %% ../nbs/05_config.ipynb #fb40371d
+def _detection_plan(self:Config) -> DetectionPlan:
+    "The `DetectionPlan` of `[[sources]]` and `[pose2d]`, on the views of `[cameras.*]` and the points of `[skeleton]`."
+    p2 = self.model.pose2d
+    if not p2.pathways:
+        raise ConfigError(f"{self.source}: pose2d.pathways: the config has no detection plan (no [[pose2d.pathways]] tables); "
+                          f"`deeperfly init config.toml` writes one to start from")
+    return DetectionPlan.from_tables([s.model_dump() for s in self.sources], p2.model_dump(by_alias=True, exclude_none=True),
+                                     self._skeleton, self.view_names, base_dir=self.base_dir, where=self.source, warn=False)
+
+Config.detection_plan = _detection_plan
 
 # %% ../nbs/05_config.ipynb #eb63f70a
 def _bundle_adjust_kwargs(self:Config, skeleton:Skeleton|None=None, # default: the config's skeleton

@@ -150,8 +150,10 @@ def prepare_output_dir(out_dir) -> Path:
     if out.exists() and not out.is_dir(): raise InputError(f"output folder {out} exists and is a file")
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise InputError(f"cannot create output folder {out}: {e.strerror}") from None
-    import os
-    if not os.access(out, os.W_OK): raise InputError(f"output folder {out} is not writable")
+    import os, stat
+    mode = stat.S_IMODE(out.stat().st_mode)
+    if not os.access(out, os.W_OK) or not mode & 0o222:     # the mode bits count even for root, who could write anyway
+        raise InputError(f"output folder {out} is not writable (permissions {mode:o}); choose another folder with -o")
     return out
 
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, or a folder holding one
