@@ -15,11 +15,17 @@ FOCAL_FRAC in focal length. Both solvers start from the same perturbed rig and t
 
 Reported: wall time of each (and the ratio) and the reprojection error over all observations after each,
 measured the same way for both (DLT with deeperfly's `triangulate` through the adjusted rig; median and p95),
-next to the same measure through the true rig and through the perturbed one. Prints a table and writes
-bench/results/bundle_adjustment.json. Timings are wall-clock on this machine; nothing here is asserted.
+next to the same measure through the true rig and through the perturbed one; and the 3D error against the
+truth after one similarity alignment (RANSAC triangulation through the adjusted rig; median, % of the body
+length, antenna to last stripe) for the whole fly and for each side: on this rig only the front camera sees
+both sides, so a rig can reproject perfectly and still misplace one side against the other. Prints a table
+and writes bench/results/bundle_adjustment.json. Timings are wall-clock on this machine; nothing here is
+asserted. On a small shared machine a multi-threaded BLAS can oversubscribe the cores and slow both sides
+several-fold (and unevenly); `OPENBLAS_NUM_THREADS=1 python bench/bench_bundle_adjustment.py` measures both
+single-threaded (the setting is recorded in the results).
 """
 from __future__ import annotations
-import argparse, json, platform, sys, time, warnings
+import argparse, json, os, platform, sys, time, warnings
 from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -29,6 +35,7 @@ from deeperfly_nb.core import atomic_path
 from deeperfly_nb.skeleton import Skeleton
 from deeperfly_nb.triangulation import triangulate
 from deeperfly_nb.bundle_adjustment import bundle_adjust_cameras
+from deeperfly_nb.results import align_similarity
 from deeperfly_nb.synth import default_rig, walking_fly, default_visibility, observe, perturb_cameras
 
 
@@ -57,6 +64,17 @@ def reproj_stats(rig: CameraGroup, pts2d) -> dict:
     return {"median": float(np.median(e)), "p95": float(np.percentile(e, 95)), "mean": float(e.mean()), "n": int(e.size)}
 
 
+def shape_error(rig: CameraGroup, pts2d, X) -> dict:
+    "RANSAC through `rig`, one similarity onto the truth X: median 3D error, % of the body length (whole fly, each side)."
+    P = triangulate(rig, pts2d, method="ransac")
+    body = np.median(np.linalg.norm(X[:, 15] - X[:, 18], axis=-1))
+    out = {}
+    for label, idx in (("whole_fly", slice(None)), ("left_side", slice(0, 19)), ("right_side", slice(19, 38))):
+        aligned, *_ = align_similarity(P[:, idx], X[:, idx])
+        out[label] = float(100 * np.nanmedian(np.linalg.norm(aligned - X[:, idx], axis=-1)) / body)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
@@ -77,7 +95,8 @@ def main(argv=None):
     res = {"frames": T, "points": N, "views": V, "observations": int(np.isfinite(pts2d[..., 0]).sum()),
            "perturbation": {"rot_deg": args.rot_deg, "focal_frac": args.focal_frac},
            "env": {"python": sys.version.split()[0], "numpy": np.__version__, "machine": platform.machine(),
-                   "processor": platform.processor()}}
+                   "processor": platform.processor(), "cpus": os.cpu_count(),
+                   "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}}
     res["reprojection_true_rig"] = reproj_stats(true, pts2d)
     res["reprojection_start_rig"] = reproj_stats(start, pts2d)
 
@@ -92,9 +111,11 @@ def main(argv=None):
     t_ours_c = time.perf_counter() - t0
     res["deeperfly"] = {"seconds": t_ours, "nfev": int(ours_res.nfev), "message": ours_res.message,
                         "frames_used": ours_res.n_frames, "observations_used": ours_res.n_observations,
-                        "reprojection": reproj_stats(ours, pts2d)}
+                        "reprojection": reproj_stats(ours, pts2d), "error3d_pct_body": shape_error(ours, pts2d, X),
+                        "polish": ours_res.polish, "co_registration": ours_res.co_registration}
     res["deeperfly_all_frames"] = {"seconds": t_ours_all, "nfev": int(ours_all_res.nfev),
-                                   "frames_used": ours_all_res.n_frames, "reprojection": reproj_stats(ours_all, pts2d)}
+                                   "frames_used": ours_all_res.n_frames, "reprojection": reproj_stats(ours_all, pts2d),
+                                   "error3d_pct_body": shape_error(ours_all, pts2d, X)}
     res["deeperfly_with_confidence"] = {"seconds": t_ours_c, "nfev": int(ours_c_res.nfev),
                                         "reprojection": reproj_stats(ours_c, pts2d)}
 
@@ -106,14 +127,18 @@ def main(argv=None):
     t_anip = time.perf_counter() - t0
     theirs = from_aniposelib(acg, start)
     res["aniposelib"] = {"seconds": t_anip, "reported_error": float(a_err), "reprojection": reproj_stats(theirs, pts2d),
+                         "error3d_pct_body": shape_error(theirs, pts2d, X),
                          "settings": "bundle_adjust_iter defaults (n_iters=6, n_samp_iter=200, n_samp_full=1000, "
                                      "ftol=1e-4, max_nfev=200, refines focal and k1)"}
     res["speedup"] = t_anip / t_ours
     res["speedup_all_frames"] = t_anip / t_ours_all
 
     r = lambda s: f"{s['median']:.3f} / {s['p95']:.2f}"
+    e = lambda s: f"{s['whole_fly']:.1f} / {s['left_side']:.1f} / {s['right_side']:.1f}"
     rows = [("wall time (s)", f"{t_ours:.1f}", f"{t_anip:.1f}", f"{res['speedup']:.1f}x faster"),
             ("reprojection median / p95 (px), after", r(res["deeperfly"]["reprojection"]), r(res["aniposelib"]["reprojection"]), ""),
+            ("3D error whole fly / left / right (% body)", e(res["deeperfly"]["error3d_pct_body"]),
+             e(res["aniposelib"]["error3d_pct_body"]), "one similarity"),
             (f"  ... deeperfly on all {T} frames", f"{t_ours_all:.1f} s, " + r(res["deeperfly_all_frames"]["reprojection"]), "",
              f"{res['speedup_all_frames']:.1f}x faster"),
             ("  ... deeperfly with confidences", f"{t_ours_c:.1f} s, " + r(res["deeperfly_with_confidence"]["reprojection"]), "", ""),

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/bundle_adjustment.html.md"""
 
 # %% ../nbs/04_bundle_adjustment.ipynb #50e0278a
 from __future__ import annotations
-import time, warnings
+import re, time, warnings
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import least_squares
@@ -18,7 +18,7 @@ from .skeleton import Skeleton
 from .triangulation import triangulate, reprojection_error
 
 # %% auto #0
-__all__ = ['PARAM_GROUPS', 'N_SLOTS', 'SHAREABLE_GROUPS', 'GAUGE_PRIOR_WEIGHT', 'ROBUST_LOSSES', 'LOSSES',
+__all__ = ['PARAM_GROUPS', 'N_SLOTS', 'SHAREABLE_GROUPS', 'GAUGE_PRIOR_WEIGHT', 'ROBUST_LOSSES', 'LOSSES', 'bilateral_pairs',
            'bundle_adjust_cameras']
 
 # %% ../nbs/04_bundle_adjustment.ipynb #89db5ecf
@@ -322,6 +322,87 @@ class _Problem:
             data = data * np.concatenate([_robustify(r, *self.robust)[1], np.ones(self.n_lin)])[self.entry_row]
         return sp.csr_matrix((data, self.indices, self.indptr), shape=(self.n_rows, self.n))
 
+# %% ../nbs/04_bundle_adjustment.ipynb #44649d0d
+class _Schur:
+    """Exact damped Gauss-Newton steps for a `_Problem`: (H + mu diag H) dx = -J^T r with H = J^T J, the points
+    eliminated cluster by cluster (Schur complement), leaving a small dense system in cameras and bone lengths."""
+    def __init__(self, prob:_Problem):
+        self.prob = prob
+        A = sp.coo_matrix((np.ones(prob.Q), (prob.bone_a, prob.bone_b)), shape=(prob.P, prob.P))
+        self.K, label = connected_components(A, directed=False)       # points tied together by bone terms
+        size = np.bincount(label, minlength=self.K)
+        slot = np.empty(prob.P, int)
+        slot[np.argsort(label, kind="stable")] = np.arange(prob.P) - np.repeat(np.cumsum(size) - size, size)
+        self.m = 3 * int(size.max())
+        self.glob = np.r_[np.arange(prob.off_pts), np.arange(prob.off_bones, prob.n)]   # camera and bone-length columns
+        self.nG = len(self.glob)
+        self.gi = np.full(prob.n, -1); self.gi[self.glob] = np.arange(self.nG)
+        p, k = np.divmod(np.arange(3 * prob.P), 3)
+        self.pk, self.pi = label[p], 3 * slot[p] + k                    # cluster and row of every point column
+        self.pattern = None
+
+    def _maps(self, H):
+        "Where each stored entry of H goes: flat positions in the point blocks, the coupling and the global matrix."
+        o_p, o_b, m, nG = self.prob.off_pts, self.prob.off_bones, self.m, self.nG
+        row, col = np.repeat(np.arange(H.shape[0]), np.diff(H.indptr)), H.indices
+        rp, cp = (row >= o_p) & (row < o_b), (col >= o_p) & (col < o_b)
+        q = np.flatnonzero(rp & cp); r_, c_ = row[q] - o_p, col[q] - o_p
+        self.to_a = (q, (self.pk[r_] * m + self.pi[r_]) * m + self.pi[c_])
+        q = np.flatnonzero(rp & ~cp); r_ = row[q] - o_p
+        self.to_b = (q, (self.pk[r_] * m + self.pi[r_]) * (nG + 1) + self.gi[col[q]])
+        q = np.flatnonzero(~rp & ~cp)
+        self.to_c = (q, self.gi[row[q]] * nG + self.gi[col[q]])
+        self.pattern = (H.indptr.copy(), H.indices.copy())
+
+    def step(self, J, r, mu:float) -> np.ndarray:
+        "The step dx (n,) at damping mu."
+        prob, K, m, nG = self.prob, self.K, self.m, self.nG
+        Jt = J.T.tocsr()
+        H = Jt @ J; H.sum_duplicates(); H.sort_indices()
+        g = Jt @ r
+        if self.pattern is None or not (np.array_equal(self.pattern[0], H.indptr) and np.array_equal(self.pattern[1], H.indices)):
+            self._maps(H)                                               # the pattern is fixed: mapped once
+        A = np.zeros(K * m * m); A[self.to_a[1]] = H.data[self.to_a[0]]; A = A.reshape(K, m, m)
+        d = np.arange(m); dA = A[:, d, d].copy()
+        A[:, d, d] += mu * dA + (dA == 0)                               # unused slots of small clusters solve to 0
+        B = np.zeros(K * m * (nG + 1)); B[self.to_b[1]] = H.data[self.to_b[0]]; B = B.reshape(K, m, nG + 1)
+        o_p, o_b = prob.off_pts, prob.off_bones
+        B[self.pk, self.pi, nG] = g[o_p:o_b]                            # last column: the points' gradient
+        C = np.zeros(nG * nG); C[self.to_c[1]] = H.data[self.to_c[0]]; C = C.reshape(nG, nG)
+        dC = C.diagonal().copy(); C[np.arange(nG), np.arange(nG)] += mu * dC + (dC == 0)
+        Y = np.linalg.inv(A) @ B                                        # A^-1 [B | g_p], per cluster
+        red = np.zeros((nG, nG + 1))
+        for i in range(0, K, 512): red += (B[i:i + 512, :, :nG].transpose(0, 2, 1) @ Y[i:i + 512]).sum(0)
+        dg = np.linalg.solve(C - red[:, :nG], red[:, nG] - g[self.glob])
+        dp = -(Y[:, :, nG] + Y[:, :, :nG] @ dg)
+        dx = np.empty(prob.n); dx[self.glob] = dg; dx[o_p:o_b] = dp[self.pk, self.pi]
+        return dx
+
+def _polish(prob:_Problem, x, max_steps:int, ftol:float) -> tuple:
+    "Exact Gauss-Newton steps from x until one gains less than `ftol` (relative) or `max_steps`: (x, steps, cost before, after)."
+    schur = _Schur(prob)
+    r = prob.residuals(x); cost = cost0 = 0.5 * r @ r
+    mu, steps = 1e-6, 0
+    while steps < max_steps:
+        J = prob.jacobian(x)
+        for _ in range(8):                                            # damp more until a step pays off
+            try: dx = schur.step(J, r, mu)
+            except np.linalg.LinAlgError: dx = None
+            if dx is not None:
+                xn = x + dx; rn = prob.residuals(xn); cn = 0.5 * rn @ rn
+                if cn < cost: break
+            mu = max(10 * mu, 1e-9)
+        else: break
+        steps, gain = steps + 1, cost - cn
+        x, r, cost, mu = xn, rn, cn, (mu / 10 if mu > 1e-9 else 0.0)
+        if gain < ftol * cost: break
+    return x, steps, cost0, cost
+
+def _recentre_gauge(prob:_Problem, x):
+    "Let the cameras' distance priors hold the distances at x (so that a polish spends no step on the free scales)."
+    prob.gauge_d0 = np.linalg.norm(prob.cam_values(x)[prob.gauge_cams, 3:6], axis=-1)
+    prob._cache = None
+
 # %% ../nbs/04_bundle_adjustment.ipynb #8d43a5c1
 def _select_observations(pts2d, conf, kp, min_confidence:float, max_frames):
     "frames (T',), seen (V, T', K), pixels (V, T', K, 2) (NaN where unused), confidences (V, T', K)."
@@ -347,6 +428,172 @@ def _components(seen, # (V, ...) bool: which view sees which (frame, point)
     _, label = connected_components((S @ S.T) > 0, directed=False)
     comps = [np.flatnonzero(label == k) for k in np.unique(label)]
     return n_obs, [c for c in comps if n_obs[c].sum() > 0]
+
+# %% ../nbs/04_bundle_adjustment.ipynb #115654ad
+_SIDES = (("left", "right"), ("l", "r"))
+
+def _side_swaps(name:str) -> set:
+    "(partner name, True when `name` is the left one) for each single left/right swap in one of name's parts."
+    parts, out = re.split(r"([_\-. ])", name), set()
+    for i in range(0, len(parts), 2):
+        t = parts[i]
+        for a, b in _SIDES:
+            for src, dst, left in ((a, b, True), (b, a, False)):
+                if len(t) < len(src): continue
+                for seg, rest, at_start in ((t[:len(src)], t[len(src):], True), (t[len(t) - len(src):], t[:len(t) - len(src)], False)):
+                    if seg.lower() != src: continue
+                    new = dst.upper() if seg.isupper() else dst.capitalize() if seg[0].isupper() else dst
+                    out.add(("".join(parts[:i] + [new + rest if at_start else rest + new] + parts[i + 1:]), left))
+    return out
+
+def bilateral_pairs(point_names, # the skeleton's point names
+                   ) -> np.ndarray:
+    """Left/right homologous points, from their names: (K, 2) int array of (left index, right index).
+
+    Two names pair when they differ only by `l`/`r` or `left`/`right` (any case) at the start or the end of one
+    of their `_`, `-`, `.` or space separated parts: `lf_claw`/`rf_claw`, `l_antenna`/`r_antenna`,
+    `left_ear`/`right_ear`, `earL`/`earR`. A name with no partner, or with several, is in no pair."""
+    idx = {n: i for i, n in enumerate(point_names)}
+    def partners(n): return {(idx[o], left) for o, left in _side_swaps(n) if o in idx and o != n}
+    pairs = []
+    for i, n in enumerate(point_names):
+        p = partners(n)
+        if len(p) != 1: continue
+        j, left = p.pop()
+        if left and partners(point_names[j]) == {(i, False)}: pairs.append((i, j))     # mutual, named from the left
+    return np.array(pairs, int).reshape(-1, 2)
+
+# %% ../nbs/04_bundle_adjustment.ipynb #6d8e5944
+def _blocks(adj, # (V, V) bool co-visibility (symmetric, no self-loops)
+            root:int, # the component's reference camera
+           ) -> list:
+    "Biconnected blocks of root's component, each as (anchor camera, other cameras), parents before children."
+    disc, low, stack, blocks, clock = np.full(len(adj), -1), np.zeros(len(adj), int), [], [], [0]
+    def dfs(u, parent):                                       # Hopcroft-Tarjan; V is a handful of cameras
+        disc[u] = low[u] = clock[0]; clock[0] += 1
+        for w in np.flatnonzero(adj[u]):
+            if w == parent: continue
+            if disc[w] < 0:
+                stack.append((u, w)); dfs(w, u); low[u] = min(low[u], low[w])
+                if low[w] >= disc[u]:                         # u separates w's subtree: pop one block
+                    edges = []
+                    while True:
+                        e = stack.pop(); edges.append(e)
+                        if e == (u, w): break
+                    blocks.append((int(u), sorted({int(x) for e in edges for x in e} - {u})))
+            elif disc[w] < disc[u]:
+                stack.append((u, w)); low[u] = min(low[u], disc[w])
+    dfs(root, -1)
+    return blocks[::-1]                                       # a block is found after its children
+
+def _scale_modes(adj, comps, refs) -> tuple:
+    """The scales no reprojection sees: one per component (about its reference camera) and one per further block
+    (about the camera joining it to its parent). Modes [(anchor, parent mode or -1, is a component)], blocks
+    [(anchor, cameras, mode)]."""
+    modes, blocks = [], []
+    for comp, ref in zip(comps, refs):
+        modes.append((int(ref), -1, True)); cm = len(modes) - 1
+        owner, rooted = {}, False
+        for a, cams in _blocks(adj, ref):
+            if a == ref and not rooted: rooted, m = True, cm            # the reference's block: the component's scale
+            else: modes.append((a, cm if a == ref else owner.get(a, cm), False)); m = len(modes) - 1
+            blocks.append((a, cams, m))
+            for c in cams: owner[c] = m
+    return modes, blocks
+
+def _mode_members(prob:_Problem, adj, modes, blocks) -> tuple:
+    """Which modes move each camera (V, M) and each point (P, M) (a mode moves its block and the blocks below it),
+    and which modes are free (M,): no moved camera has a held position and no bone term is half moved."""
+    M = len(modes)
+    anc = np.zeros((M + 1, M), bool)                          # row M: moved by no mode
+    for k, (_, parent, _) in enumerate(modes): anc[k] = anc[parent if parent >= 0 else M]; anc[k, k] = True
+    cam_mode, edge_block = np.full(prob.V, M), np.full((prob.V, prob.V), -1)
+    for b, (a, cams, m) in enumerate(blocks):
+        cam_mode[cams] = m
+        mem = np.r_[a, cams]
+        edge_block[np.ix_(mem, mem)] = np.where(adj[np.ix_(mem, mem)], b, edge_block[np.ix_(mem, mem)])
+    lo = np.full(prob.P, prob.V); np.minimum.at(lo, prob.obs_p, prob.obs_v)
+    hi = np.full(prob.P, -1); np.maximum.at(hi, prob.obs_p, prob.obs_v)
+    cams, pts = anc[cam_mode], anc[np.r_[[m for *_, m in blocks], M][edge_block[lo, hi]]]
+    free = ~np.array([(prob.cam_cols[cams[:, k], 3:6] < 0).any() for k in range(M)], bool).reshape(M)
+    if prob.Q:
+        a, b = pts[prob.bone_a], pts[prob.bone_b]
+        moved = np.stack([np.bincount(prob.bone_k, a[:, k].astype(float), prob.B) for k in range(M)], 1)
+        free &= ~(a != b).any(0) & ~((moved > 0) & (moved < np.bincount(prob.bone_k, minlength=prob.B)[:, None])).any(0)
+    return cams, pts, free
+
+def _scale_about(prob:_Problem, x, anchor:int, cams, pts, s:float) -> np.ndarray:
+    "x with the cameras `cams` (V,) and points `pts` (P,) (and their bones) scaled by `s` about camera `anchor`'s centre."
+    x = x.copy()
+    _, R, tau, *_ = prob.camera_arrays(x)
+    C = prob.pivots - np.einsum("vji,vj->vi", R, tau)        # centres: R (C - pivot) + tau = 0
+    c0 = C[anchor]
+    for v in np.flatnonzero(cams): x[prob.cam_cols[v, 3:6]] = R[v] @ (prob.pivots[v] - c0 - s * (C[v] - c0))
+    X = prob.points(x)[pts]
+    x[prob.off_pts:prob.off_bones].reshape(-1, 3)[pts] = np.linalg.solve(
+        prob.Mp[pts], (c0 + s * (X - c0) - prob.X0[pts])[..., None])[..., 0]
+    x[prob.off_bones + np.unique(prob.bone_k[pts[prob.bone_a]])] *= s
+    return x
+
+def _median_depth(prob:_Problem, x, cam:int, pts) -> float:
+    "Median depth of the points `pts` (P,) in camera `cam` at x."
+    _, R, tau, *_ = prob.camera_arrays(x)
+    return float(np.median((prob.points(x)[pts] - prob.pivots[cam]) @ R[cam, 2] + tau[cam, 2]))
+
+def _symmetric_log_scales(prob:_Problem, x, skeleton:Skeleton, pid, kp, pts, free) -> np.ndarray:
+    """Log-scales (M,) of the free modes that make each left bone as long as its right homologue (median over
+    frames), in the least-squares sense weighted by each median's precision (minimum norm: a mode no pair
+    constrains stays at 0)."""
+    M = pts.shape[1]
+    mirror = np.arange(skeleton.n_points); side = np.zeros(skeleton.n_points, int)
+    for l, r in bilateral_pairs(skeleton.point_names): mirror[l], mirror[r], side[l], side[r] = r, l, 1, -1
+    pos = np.full(skeleton.n_points, -1); pos[kp] = np.arange(len(kp))
+    X, length = prob.points(x), {}
+    for j, (a, b) in enumerate(skeleton.bone_array):         # per bone: log median length, the modes that move it
+        if pos[a] < 0 or pos[b] < 0: continue
+        pa, pb = pid[:, pos[a]], pid[:, pos[b]]
+        ok = (pa >= 0) & (pb >= 0)
+        pa, pb = pa[ok], pb[ok]
+        ok = (pts[pa] == pts[pb]).all(1)                      # both ends moved by the same modes
+        pa, pb = pa[ok], pb[ok]
+        if not len(pa): continue
+        pattern, inv, count = np.unique(pts[pa], axis=0, return_inverse=True, return_counts=True)
+        use = inv.ravel() == count.argmax()
+        logL = np.log(np.linalg.norm(X[pa[use]] - X[pb[use]], axis=-1))
+        med = np.median(logL)                                 # and its standard error, from the spread (MAD)
+        length[j] = (med, pattern[count.argmax()], 1.4826 * np.median(np.abs(logL - med)) / np.sqrt(len(logL)) + 1e-6)
+    bone_of = {frozenset(map(int, b)): j for j, b in enumerate(skeleton.bone_array)}
+    rows, rhs = [], []
+    for j, (a, b) in enumerate(skeleton.bone_array):
+        if min(side[a], side[b]) < 0 or max(side[a], side[b]) <= 0: continue     # a left bone (midline ends allowed)
+        k = bone_of.get(frozenset((int(mirror[a]), int(mirror[b]))))
+        if k is None or j not in length or k not in length: continue
+        row = (length[j][1].astype(float) - length[k][1]) * free
+        w = 1 / np.hypot(length[j][2], length[k][2])         # steady bones count more than shaky ones
+        if row.any(): rows.append(w * row); rhs.append(w * (length[k][0] - length[j][0]))
+    if not rows: return np.zeros(M)
+    return np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0] * free
+
+def _co_register(prob:_Problem, x, skeleton:Skeleton|None, pid, kp, comps, refs, bilateral_symmetry:bool) -> tuple:
+    """Set the scales no reprojection sees (each changes nothing but them): every component's back to the depth at
+    which the starting rig put the animal in its reference camera, every further block's by bilateral symmetry.
+    Returns (x, [(anchor, moved cameras (V,), scale, criterion)])."""
+    S = sp.csr_matrix((np.ones(prob.M), (prob.obs_v, prob.obs_p)), shape=(prob.V, prob.P))
+    adj = (S @ S.T).toarray() > 0; np.fill_diagonal(adj, False)
+    modes, blocks = _scale_modes(adj, comps, refs)
+    cams, pts, free = _mode_members(prob, adj, modes, blocks)
+    moves = []
+    for k, (a, _, is_comp) in enumerate(modes):
+        if not (is_comp and free[k] and pts[:, k].any()): continue
+        s = _median_depth(prob, prob.x0, a, pts[:, k]) / _median_depth(prob, x, a, pts[:, k])
+        x = _scale_about(prob, x, a, cams[:, k], pts[:, k], s); moves.append((a, cams[:, k], s, "start depth"))
+    block_free = free & ~np.array([m[2] for m in modes], bool).reshape(len(modes))
+    if bilateral_symmetry and skeleton is not None and block_free.any():
+        u = _symmetric_log_scales(prob, x, skeleton, pid, kp, pts, block_free)
+        for k in np.flatnonzero(u):                           # parents first: a child scales about a moved anchor
+            x = _scale_about(prob, x, modes[k][0], cams[:, k], pts[:, k], np.exp(u[k]))
+            moves.append((modes[k][0], cams[:, k], float(np.exp(u[k])), "bilateral symmetry"))
+    return x, moves
 
 # %% ../nbs/04_bundle_adjustment.ipynb #283edf3c
 def _median_start_error(cameras:CameraGroup, p) -> float:
@@ -444,7 +691,7 @@ def _setup(cameras, pts2d, conf, skeleton, fixed, shared, ba_keypoints, bone_pri
                     cam_cols, cam_base, shared_init, pid[bt, bones[bb, 0]], pid[bt, bones[bb, 1]], bb,
                     bone_prior_weight * px_per_unit * ell0[bb], ell0, gauge_cams, GAUGE_PRIOR_WEIGHT * max(r_typ, 1.0),
                     loss=loss, f_scale=f_scale, prior_cols=prior_cols, prior_scale=prior_scale)
-    return dict(cameras=cameras, cams0=cams0, prob=prob, frames=frames, kp=kp, seen=seen, p=p, active=active, X0=X0,
+    return dict(auto=auto, pid=pid, cameras=cameras, cams0=cams0, prob=prob, frames=frames, kp=kp, seen=seen, p=p, active=active, X0=X0,
                 fmask=fmask, comps=comps, refs=refs, n_obs=n_obs, active_groups=active_groups, px_per_unit=px_per_unit)
 
 # %% ../nbs/04_bundle_adjustment.ipynb #de2ce859
@@ -471,21 +718,29 @@ def bundle_adjust_cameras(cameras:CameraGroup, # the starting rig (V cameras), e
                           max_nfev:int=200, # safety cap on function evaluations
                           aim_first:bool=True, # correct each free camera's aim by the linear affine step first ...
                           aim_threshold_px:float=50.0, # ... when the starting rig's median DLT reprojection error exceeds this
+                          polish_steps:int=4, # then at most this many exact Gauss-Newton steps, until one gains < ftol / 10 (0: off)
+                          bilateral_symmetry:bool=True, # set the scale of camera groups joined by one camera by left/right bone symmetry
                           **least_squares_kwargs, # passed to scipy.optimize.least_squares (e.g. verbose, x_scale, tr_options)
                          ) -> tuple:
     """Refine the rig from 2D detections of the animal: returns (CameraGroup, result).
 
     Unknowns: the free camera parameters and the 3D points of the used frames (start: DLT with the
     aimed starting cameras). Residuals: confidence-weighted reprojection errors in pixels under a robust
-    loss, the bone-length prior (pixels) and the gauge priors. The defaults are this signature's; the
-    config module reads them from it (`inspect.signature`), so library, packaged config and docs agree.
+    loss, the bone-length prior (pixels) and the gauge priors. scipy's trust-region solver does the bulk of
+    the work, exact Gauss-Newton steps (`polish_steps`) converge what the data determine only weakly, and
+    the scales no reprojection can see are then set explicitly (`_co_register`). The defaults are this
+    signature's; the config module reads them from it (`inspect.signature`), so library, packaged config
+    and docs agree.
 
-    `result` is scipy's OptimizeResult (cost, nfev, success, message, x, ...) plus: median_reproj_before
-    / median_reproj_after (DLT with the starting / adjusted rig, over the used observations),
-    median_reproj_ba (adjusted rig with the jointly solved points), n_observations, n_points, n_frames,
-    frames (T',), fixed (the resolved "view.param" list), components (lists of view names),
-    reference_views, unobserved_views, px_per_unit, seconds, and pts3d (T', N, 3): the jointly solved
-    points (NaN for points not used)."""
+    `result` is scipy's OptimizeResult (cost, nfev, success, message, x, ...; x and cost after the polish
+    and the co-registration, the cost with the distance priors re-centred for the polish) plus: median_reproj_before / median_reproj_after (DLT with the starting /
+    adjusted rig, over the used observations), median_reproj_ba (adjusted rig with the jointly solved
+    points), n_observations, n_points, n_frames, frames (T',), fixed (the resolved "view.param" list),
+    components (lists of view names), reference_views, unobserved_views, px_per_unit, seconds, polish
+    ({steps, cost_before, cost_after}), co_registration (one {about, views, scale, by} per scale that was set), and
+    pts3d (T', N, 3): the jointly solved points (NaN for points not used)."""
+    if int(polish_steps) != polish_steps or polish_steps < 0:
+        raise ConfigError(f"bundle_adjustment.polish_steps: invalid value {polish_steps!r}; expected an integer >= 0")
     s = _setup(cameras, pts2d, conf, skeleton, fixed, shared, ba_keypoints, bone_prior_weight, refine_focal,
                refine_distortion, refine_principal_point, min_confidence, weigh_by_confidence, max_frames, loss,
                f_scale, aim_first, aim_threshold_px)
@@ -498,12 +753,26 @@ def bundle_adjust_cameras(cameras:CameraGroup, # the starting rig (V cameras), e
     else: kw["jac_sparsity"] = prob.sparsity()
     t0 = time.perf_counter()
     res = least_squares(prob.residuals, prob.x0, jac=jac, **kw)
+    scales = {}
+    def co_register(x):
+        "Set the free scales (see _co_register); the scales of repeated calls compose."
+        if not s["auto"]: return x
+        x, moves = _co_register(prob, x, skeleton, s["pid"], s["kp"], s["comps"], s["refs"], bilateral_symmetry)
+        for a, c, sc, by in moves: key = (a, tuple(np.flatnonzero(c)), by); scales[key] = scales.get(key, 1.0) * sc
+        return x
+    x, polish = co_register(res.x), dict(steps=0)
+    if polish_steps:
+        _recentre_gauge(prob, x)            # the distance priors keep these distances: no polish step goes to the scales
+        x, steps, c0, c1 = _polish(prob, x, int(polish_steps), ftol / 10)
+        x, polish = co_register(x), dict(steps=steps, cost_before=float(c0), cost_after=float(c1))
+    fun = prob.residuals(x)
+    res.update(x=x, fun=fun, cost=0.5 * float(fun @ fun))
     fmask, names = s["fmask"], cameras.names
-    adjusted = prob.cameras_at(res.x)
+    adjusted = prob.cameras_at(x)
     new = CameraGroup([cameras[v] if fmask[v].all() else adjusted[v] for v in range(len(cameras))])
     seen, p = s["seen"], s["p"]
     def median_error(cams, X): return float(np.median(np.linalg.norm(cams.project(X) - p, axis=-1)[seen]))
-    pts = np.full(s["X0"].shape, np.nan); pts[s["active"]] = prob.points(res.x)
+    pts = np.full(s["X0"].shape, np.nan); pts[s["active"]] = prob.points(x)
     full = np.full((len(s["frames"]), s["p"].shape[2] if skeleton is None else skeleton.n_points, 3), np.nan)
     full[:, s["kp"]] = pts
     res.update(seconds=time.perf_counter() - t0,
@@ -516,5 +785,8 @@ def bundle_adjust_cameras(cameras:CameraGroup, # the starting rig (V cameras), e
                components=[[names[v] for v in c] for c in s["comps"]],
                reference_views=[names[v] for v in s["refs"]],
                unobserved_views=[names[v] for v in np.flatnonzero(s["n_obs"] == 0)],
+               polish=polish,
+               co_registration=[dict(about=names[a], views=[names[v] for v in vs], scale=float(sc), by=by)
+                                for (a, vs, by), sc in scales.items()],
                px_per_unit=s["px_per_unit"], pts3d=full)
     return new, res

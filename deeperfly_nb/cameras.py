@@ -47,15 +47,20 @@ class Camera:
         "Rotation as an axis-angle (Rodrigues) vector (3,)."
         return Rotation.from_matrix(self.rmat).as_rotvec()
     @property
-    def focal(self) -> np.ndarray: return self.intr[:2]
+    def focal(self) -> np.ndarray:
+        "Focal lengths (fx, fy) in pixels (2,)."
+        return self.intr[:2]
     @property
-    def principal_point(self) -> np.ndarray: return self.intr[2:]
+    def principal_point(self) -> np.ndarray:
+        "Principal point (cx, cy) in pixels (2,)."
+        return self.intr[2:]
     @property
     def K(self) -> np.ndarray:
         "The 3x3 intrinsic matrix."
         fx, fy, cx, cy = self.intr
         return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-    def replace(self, **kw) -> Camera:
+    def replace(self, **kw, # fields to change: name, rmat, tvec, intr, dist, image_size (validated as on construction)
+               ) -> Camera:
         "A copy with some fields replaced."
         return replace(self, **kw)
     def __repr__(self):
@@ -184,9 +189,13 @@ class CameraGroup:
         self.dists = np.stack([c.dist for c in cs])    # (V, 5)
 
     @property
-    def names(self) -> list: return [c.name for c in self.cameras]
+    def names(self) -> list:
+        "View names, in rig order (the V axis)."
+        return [c.name for c in self.cameras]
     @property
-    def positions(self) -> np.ndarray: return np.stack([c.position for c in self.cameras])
+    def positions(self) -> np.ndarray:
+        "Camera centres in world coordinates (V, 3)."
+        return np.stack([c.position for c in self.cameras])
     def __len__(self): return len(self.cameras)
     def __iter__(self): return iter(self.cameras)
     def __getitem__(self, key):
@@ -199,10 +208,12 @@ class CameraGroup:
     def __eq__(self, other): return isinstance(other, CameraGroup) and self.cameras == other.cameras
     __hash__ = object.__hash__
     def __repr__(self): return f"CameraGroup({self.names})"
-    def replace(self, cameras_by_name:dict) -> CameraGroup:
+    def replace(self, cameras_by_name:dict, # {view name: Camera}; views not named keep their camera
+               ) -> CameraGroup:
         "A new rig with some cameras (by name) replaced."
         return CameraGroup([cameras_by_name.get(c.name, c) for c in self.cameras])
-    def subset(self, names) -> CameraGroup:
+    def subset(self, names, # view names to keep, in the order wanted; each must be in the rig
+              ) -> CameraGroup:
         "The rig restricted to `names`, in that order."
         return CameraGroup([self[n] for n in names])
 
@@ -235,25 +246,32 @@ CameraGroup.project = _group_project
 CameraGroup.undistort = _group_undistort
 
 # %% ../nbs/02_cameras.ipynb #22c0ddd9
-def camera_to_dict(cam:Camera) -> dict:
+def camera_to_dict(cam:Camera, # the camera to write
+                  ) -> dict:
     "A TOML-ready table with the camera's exact parameters."
     d = {"rmat": cam.rmat.tolist(), "tvec": cam.tvec.tolist(), "focal_px": cam.intr[:2].tolist(),
          "principal_point_px": cam.intr[2:].tolist(), "distortion": cam.dist.tolist()}
     if cam.image_size is not None: d["image_size"] = list(cam.image_size)
     return d
 
-def camera_from_dict(name:str, d:dict) -> Camera:
+def camera_from_dict(name:str, # view name (errors name the table `cameras.<name>`)
+                     d:dict, # rmat (3, 3), tvec (3,), focal_px (f or (fx, fy)); optional principal_point_px, distortion (5,), image_size (H, W)
+                    ) -> Camera:
     "Inverse of `camera_to_dict` (explicit `rmat` + `tvec` form)."
     try:
         return Camera(name, d["rmat"], d["tvec"], _intrinsics(name, d["focal_px"], d.get("principal_point_px"), d.get("image_size")),
                       d.get("distortion", np.zeros(5)), d.get("image_size"))
     except KeyError as e: raise ConfigError(f"cameras.{name}: missing key {e.args[0]!r}") from None
 
-def camera_to_df3d(cam:Camera) -> dict:
+def camera_to_df3d(cam:Camera, # the camera to convert
+                  ) -> dict:
     "DeepFly3D's camera dict: R (world->camera), tvec, intr (3x3 K), distort (k1, k2, p1, p2, k3)."
     return {"R": cam.rmat.copy(), "tvec": cam.tvec.copy(), "intr": cam.K, "distort": cam.dist.copy()}
 
-def camera_from_df3d(name:str, d:dict, image_size=None) -> Camera:
+def camera_from_df3d(name:str, # view name to give the camera
+                     d:dict, # {R (3, 3) world->camera, tvec (3,), intr (3, 3) K, distort (<= 5,), missing = none}
+                     image_size=None, # (H, W) in pixels; DeepFly3D dicts do not record it (None = unknown)
+                    ) -> Camera:
     "A `Camera` from DeepFly3D's {R, tvec, intr, distort} dict."
     missing = {"R", "tvec", "intr"} - set(d)
     if missing: raise InputError(f"DeepFly3D camera {name!r}: missing key(s) {sorted(missing)}")
@@ -273,7 +291,9 @@ def _group_to_dict(self:CameraGroup) -> dict:
     "{name: camera table}, in view order."
     return {c.name: c.to_dict() for c in self.cameras}
 
-def _group_from_dict(d:dict) -> CameraGroup:
+def _group_from_dict(d:dict, # {view name: camera table}, as `CameraGroup.to_dict` writes it; its order is the view order
+                    ) -> CameraGroup:
+    "A rig from `{name: camera table}` (inverse of `CameraGroup.to_dict`)."
     return CameraGroup([Camera.from_dict(n, t) for n, t in d.items()])
 
 def _group_to_h5(self:CameraGroup, group, # an open h5py Group to write into
@@ -285,7 +305,8 @@ def _group_to_h5(self:CameraGroup, group, # an open h5py Group to write into
         group.create_dataset(key, data=arr)
     group.create_dataset("image_size", data=np.array([c.image_size or (-1, -1) for c in self.cameras], dtype=np.int64))
 
-def _group_from_h5(group) -> CameraGroup:
+def _group_from_h5(group, # an open h5py Group written by `CameraGroup.to_h5`
+                  ) -> CameraGroup:
     "Read a rig written by `CameraGroup.to_h5`."
     need = {"names", "rmat", "tvec", "intr", "dist"} - set(group.keys())
     if need: raise InputError(f"HDF5 group {group.name!r} is not a camera rig: missing {sorted(need)}")
@@ -302,6 +323,7 @@ def _group_from_df3d(d:dict, # {index: {R, tvec, intr, distort}} from a df3d_res
                      names=None, # view names in index order (default: 'cam0', 'cam1', ...)
                      image_size=None, # (H, W) of every camera
                     ) -> CameraGroup:
+    "A rig from DeepFly3D's camera dicts, in the order of their integer keys (other keys are ignored)."
     idx = sorted(k for k in d if isinstance(k, (int, np.integer)))
     names = names or [f"cam{i}" for i in idx]
     if len(names) != len(idx): raise InputError(f"{len(idx)} DeepFly3D cameras but {len(names)} view names {list(names)}")
@@ -315,7 +337,8 @@ CameraGroup.from_df3d = staticmethod(_group_from_df3d)
 # %% ../nbs/02_cameras.ipynb #e6727cc6
 def rig_figure(cameras:CameraGroup, # the rig to draw
                axis_length=None, # length of each camera's axis triad (default: 10% of the rig size)
-               title:str="Camera rig"):
+               title:str="Camera rig", # figure title
+              ):
     "An interactive Plotly 3D figure of a rig: axis triads at the camera centres, labelled by name."
     import plotly.graph_objects as go
     P = cameras.positions

@@ -16,12 +16,13 @@ from .core import DeeperflyError, InputError
 __all__ = ['cmd_init', 'cmd_run', 'cmd_reconstruct', 'find_ground_truth', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'make_parser',
            'main']
 
-# %% ../nbs/10_cli.ipynb #56166da7
+# %% ../nbs/10_cli.ipynb #1a804ae2
 def _load_config(path):
     from deeperfly_nb.config import Config
     return Config.load(path) if path else Config.default()
 
-def cmd_init(args) -> int:
+def cmd_init(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "Write the packaged, commented default config to `args.path`."
     from deeperfly_nb.config import write_config
     path = write_config(args.path, force=args.force)
@@ -29,7 +30,8 @@ def cmd_init(args) -> int:
           f"then `deeperfly run RECORDING -c {path} -o out/`")
     return 0
 
-def cmd_run(args) -> int:
+def cmd_run(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
     config = _load_config(args.config)
@@ -50,7 +52,8 @@ def cmd_run(args) -> int:
         return 3
     return 0
 
-def cmd_reconstruct(args) -> int:
+def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "2D source -> bundle adjustment -> triangulation -> results.h5."
     from deeperfly_nb.pipeline import reconstruct
     config = _load_config(args.config)
@@ -65,7 +68,7 @@ def cmd_reconstruct(args) -> int:
     print(f"reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
     return 0
 
-# %% ../nbs/10_cli.ipynb #b5fa55b4
+# %% ../nbs/10_cli.ipynb #6ad96a7c
 def find_ground_truth(result, # a PoseResult
                       result_path:Path, # where it was loaded from
                      ) -> Path|None:
@@ -73,10 +76,13 @@ def find_ground_truth(result, # a PoseResult
     cands = []
     rec = result.provenance.get("recording") or result.meta.get("recording")
     if rec: cands.append(Path(rec) / "ground_truth.h5")
+    src = (result.provenance.get("inputs") or {}).get("points2d")          # `deeperfly reconstruct` records its 2D source
+    if src: cands.append(Path(src).parent / "ground_truth.h5")
     cands.append(Path(result_path).parent / "ground_truth.h5")
     return next((p for p in cands if p.is_file() and p.resolve() != Path(result_path).resolve()), None)
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
     from deeperfly_nb.results import PoseResult, format_summary, ground_truth_error
     result = PoseResult.load(args.result)
@@ -106,8 +112,9 @@ def _jsonable(x):
     if isinstance(x, np.generic): return x.item()
     return str(x)
 
-# %% ../nbs/10_cli.ipynb #9be51b32
-def cmd_synth(args) -> int:
+# %% ../nbs/10_cli.ipynb #baa445f5
+def cmd_synth(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "Render a synthetic recording with ground truth."
     from deeperfly_nb.render import synth_recording
     t0 = time.perf_counter()
@@ -117,7 +124,7 @@ def cmd_synth(args) -> int:
     print(f"run it: deeperfly run {out} -o {Path(out).name}_out/")
     return 0
 
-# %% ../nbs/10_cli.ipynb #3cb0a33a
+# %% ../nbs/10_cli.ipynb #42a60dee
 def _doctor_checks(quick:bool=False) -> list:
     "[(check, ok, detail)] for this installation."
     checks = []
@@ -166,7 +173,8 @@ def _doctor_checks(quick:bool=False) -> list:
         check("bundled model", bundled_model)
     return checks
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args, # the parsed command line (see `make_parser`)
+             ) -> int:
     "Check the installation; exit 0 when everything works."
     checks = _doctor_checks(quick=args.quick)
     for name, ok, detail in checks: print(f"{'ok ' if ok else 'BAD'} {name:<14} {detail}")
@@ -174,12 +182,13 @@ def cmd_doctor(args) -> int:
     print("all good" if not bad else f"problems: {', '.join(bad)}")
     return 0 if not bad else 2
 
-# %% ../nbs/10_cli.ipynb #e125ddea
-def _add_train_parser(sub):
-    "The `train` command (see the `training` module)."
+# %% ../nbs/10_cli.ipynb #1a8b5856
+def _add_train_parser(sub, # the subparsers of `make_parser`
+                     ):
+    "Add the `train` command (see the `training` module)."
     pass
 
-# %% ../nbs/10_cli.ipynb #a1d52700
+# %% ../nbs/10_cli.ipynb #51429029
 def make_parser() -> argparse.ArgumentParser:
     "The `deeperfly` argument parser."
     from deeperfly_nb.run import STAGES
@@ -188,7 +197,13 @@ def make_parser() -> argparse.ArgumentParser:
     verb = p.add_mutually_exclusive_group()
     verb.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     verb.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    common = argparse.ArgumentParser(add_help=False)       # -v/-q also after the command: `deeperfly run ... -q`
+    cverb = common.add_mutually_exclusive_group()
+    cverb.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging and full tracebacks")
+    cverb.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="errors only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     s = sub.add_parser("init", help="write a commented, self-contained config.toml")
     s.add_argument("path", nargs="?", default="config.toml", help="where to write it (default: config.toml)")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -230,7 +245,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     return p
 
-def main(argv=None) -> int:
+def main(argv=None, # the arguments (default: sys.argv[1:])
+        ) -> int:
     "Entry point of the `deeperfly` command; returns (and, as a script, exits with) the exit code."
     args = make_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO

@@ -72,7 +72,8 @@ DF3D_VIEW_NAMES = ("rh", "rm", "rf", "f", "lf", "lm", "lh")
 DF3D_IMAGE_SIZE = (480, 960)
 DF3D_N_JOINTS = 38
 
-def df3d_point_order(n_joints:int=DF3D_N_JOINTS) -> np.ndarray:
+def df3d_point_order(n_joints:int=DF3D_N_JOINTS, # number of points N (even: a left and a right half)
+                    ) -> np.ndarray:
     "Index array (N,): deeperfly point `p` is DeepFly3D joint `order[p] = (p + N/2) % N` (and vice versa)."
     return (np.arange(n_joints) + n_joints // 2) % n_joints
 
@@ -88,7 +89,9 @@ class Df3dResult:
     meta: dict = field(default_factory=dict)     # source file, image size, camera_ordering
 
     @property
-    def n_frames(self) -> int: return self.pts2d.shape[1]
+    def n_frames(self) -> int:
+        "Number of frames T."
+        return self.pts2d.shape[1]
     def __repr__(self):
         return (f"Df3dResult({len(self.cameras)} views {self.cameras.names} x {self.n_frames} frames x "
                 f"{self.pts2d.shape[2]} points, {int(np.isfinite(self.pts2d[..., 0]).sum())} detections)")

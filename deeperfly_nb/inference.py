@@ -80,7 +80,7 @@ def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways,
             route_channels_to_points_in_views(xy, c, plan.pathways[i].mapping, pts2d, conf)
     return pts2d, conf
 
-# %% ../nbs/15_inference.ipynb #791bb88d
+# %% ../nbs/15_inference.ipynb #3b5edd10
 @dataclass
 class Detections:
     "The 2D detections of a recording, with what the footage said about itself."
@@ -92,7 +92,7 @@ class Detections:
     sources: dict                  # {source name: file or pattern that was read}
     n_frames: int                  # T
     seconds: float = 0.0           # wall time of the detection
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)   # anything else worth keeping
 
 def open_sources(plan:DetectionPlan, # the plan whose sources to open
                  footage_dir, # the recording's folder

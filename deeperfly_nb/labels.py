@@ -256,7 +256,14 @@ def _save_labels(self:LabelSet, path, # the .h5 file to write
             g.attrs["kind"] = "embedded"
             for i, v in enumerate(self.view_names):
                 if not lab[i].any(): continue
-                a = st.images[v] if isinstance(st, ArrayFrames) else np.stack(st.read(v, range(self.n_frames)))
+                if isinstance(st, ArrayFrames): a = st.images[v]
+                else:                                   # read the labeled frames; frames without labels stay black
+                    fr = np.flatnonzero(lab[i])
+                    imgs = st.read(v, fr)
+                    a = np.zeros((self.n_frames, *imgs[0].shape), np.uint8)
+                    for f, img in zip(fr, imgs):
+                        if img.shape != a.shape[1:]: raise InputError(f"cannot embed view {v!r}: its frames differ in size ({img.shape} vs {a.shape[1:]})")
+                        a[f] = img
                 g.create_dataset(v, data=a, compression="gzip", chunks=(1, *a.shape[1:]))
         elif isinstance(st, RecordingFrames):
             g.attrs.update(kind="recording", folder=_rel(st.folder, base), patterns=json.dumps({v: list(p) for v, p in st.patterns.items()}))

@@ -32,17 +32,18 @@ log = logging.getLogger("deeperfly")
 class Points2D:
     "2D keypoints from a file, with the view names and image sizes they come with."
     pts2d: np.ndarray             # (V, T, N, 2) pixels, NaN = unseen
-    conf: np.ndarray              # (V, T, N)
+    conf: np.ndarray              # (V, T, N) detector confidence in [0, 1], NaN = unknown
     view_names: list              # (V,) names of the views, in the order of the V axis
     image_sizes: dict             # {view: (H, W)} where known
-    fps: float|None = None
+    fps: float|None = None        # frame rate in Hz; None when the source does not record it
     point_names: tuple|None = None  # the point names of the N axis, when the source records them
-    path: Path|None = None
-    meta: dict = field(default_factory=dict)
+    path: Path|None = None        # the file read; None when built in memory
+    meta: dict = field(default_factory=dict)  # about the source, e.g. {'source_format': 'deeperfly' or 'deepfly3d'}
 
 _SOURCE_GLOBS = ("points2d.h5", "*.h5", "df3d_result*.pkl", "df3d/df3d_result*.pkl")
 
-def find_points2d_file(folder:Path) -> Path:
+def find_points2d_file(folder:Path, # the recording folder to search (its top level and a df3d/ subfolder)
+                      ) -> Path:
     "The single 2D source in `folder` (points2d.h5, a deeperfly .h5, or a DeepFly3D df3d_result*.pkl)."
     for pattern in _SOURCE_GLOBS:
         hits = sorted(p for p in folder.glob(pattern) if p.is_file() and p.name != "ground_truth.h5")
@@ -85,7 +86,11 @@ def match_views(points:Points2D, # a loaded 2D source
                     points.fps, points.point_names, points.path, points.meta)
 
 # %% ../nbs/09_pipeline.ipynb #7058691e
-def check_points2d(cameras:CameraGroup, skeleton:Skeleton, pts2d, conf=None):
+def check_points2d(cameras:CameraGroup, # the rig; its cameras are the V axis
+                   skeleton:Skeleton, # the skeleton; its points are the N axis
+                   pts2d, # (V, T, N, 2) pixels, NaN = unseen
+                   conf=None, # (V, T, N) confidences; None: 1 where seen, NaN where not
+                  ):
     "Validate `pts2d (V, T, N, 2)` and `conf (V, T, N)` against the rig and skeleton; return them as float arrays."
     V, N = len(cameras), skeleton.n_points
     pts2d = check_shape(pts2d, "pts2d", (("views (the rig's cameras " + str(cameras.names) + ")", V), None,
@@ -144,7 +149,8 @@ def _ba_summary(ba, seconds) -> dict:
     return out
 
 # %% ../nbs/09_pipeline.ipynb #1e8a9207
-def prepare_output_dir(out_dir) -> Path:
+def prepare_output_dir(out_dir, # the output folder; created with its parents if missing
+                      ) -> Path:
     "Create `out_dir` if needed; an `InputError` if it is a file or not writable."
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"output folder {out} exists and is a file")

@@ -670,9 +670,10 @@ def synth_recording(out_dir, # folder to write into (created if needed)
                     fps:float=100.0, # frame rate
                     crf:int=18, # H.264 quality (lower: bigger files, closer to the rendered frames)
                     preset:str="veryfast", # x264 speed/size trade-off ('medium' is ~2x slower for ~5% smaller files)
+                    points2d:bool=True, # also write points2d.h5: simulated detections for `deeperfly reconstruct`
                     **kwargs, # passed to `render_recording` (scale, gait_seed, skip_frames, stride_hz, sway, look, Look fields, ...)
                    ) -> Path:
-    "Render a synthetic recording into `out_dir`: camera_{c}.mp4, ground_truth.h5 and config.toml; returns the folder."
+    "Render a synthetic recording into `out_dir`: camera_{c}.mp4, ground_truth.h5, points2d.h5 and config.toml; returns the folder."
     import h5py
     from deeperfly_nb.config import default_config_text
     out = Path(out_dir)
@@ -690,7 +691,20 @@ def synth_recording(out_dir, # folder to write into (created if needed)
             g.create_dataset("visible", data=rec.visible, compression="gzip")
             g.create_dataset("reported", data=rec.reported)
     with atomic_path(out / "config.toml") as tmp: tmp.write_text(default_config_text(), encoding="utf-8")
+    if points2d: _write_points2d(out / "points2d.h5", rec, seed)
     return out
+
+def _write_points2d(path, rec, seed:int):
+    "Simulated detector output (1 px noise, 2% gross errors, occluded points unseen) on the nominal rig: points2d.h5."
+    from deeperfly_nb.synth import observe, default_rig
+    ob = observe(rec.cameras, rec.pts3d, visibility=rec.reported, noise_px=1.0, outlier_frac=0.02, seed=seed)
+    pts = np.where(rec.visible[..., None], ob.pts2d, np.nan)
+    conf = np.where(np.isfinite(pts).all(-1), ob.conf, np.nan)
+    nominal = resize_cameras(default_rig(), size=rec.cameras[0].image_size)       # the config's rig, at the render's size
+    PoseResult(pts2d=pts, conf=conf, cameras=nominal, skeleton=rec.skeleton, fps=rec.fps,
+               meta={"synthetic": True, "seed": seed, "noise_px": 1.0, "outlier_frac": 0.02,
+                     "content": "simulated 2D detections of the rendered fly (nominal rig; the truth is in ground_truth.h5), "
+                                "for `deeperfly reconstruct`"}).save(path)
 
 def load_ground_truth(path, # ground_truth.h5, or the folder holding it
                      ) -> tuple:

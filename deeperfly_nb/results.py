@@ -71,13 +71,21 @@ class PoseResult:
                                           "provenance")
 
     @property
-    def n_views(self) -> int: return self.pts2d.shape[0]
+    def n_views(self) -> int:
+        "Number of views V (the rig's cameras)."
+        return self.pts2d.shape[0]
     @property
-    def n_frames(self) -> int: return self.pts2d.shape[1]
+    def n_frames(self) -> int:
+        "Number of frames T."
+        return self.pts2d.shape[1]
     @property
-    def n_points(self) -> int: return self.pts2d.shape[2]
+    def n_points(self) -> int:
+        "Number of points N (the skeleton's points)."
+        return self.pts2d.shape[2]
     @property
-    def view_names(self) -> list: return self.cameras.names
+    def view_names(self) -> list:
+        "View names in the order of the V axis."
+        return self.cameras.names
 
     def __repr__(self):
         extra = [k for k in ("pts3d", "reproj_error") if getattr(self, k) is not None]
@@ -330,7 +338,8 @@ def ground_truth_error(result, # a `PoseResult` with pts3d, or a (T, N, 3) array
 # %% ../nbs/06_results.ipynb #cd7f5a87
 def reprojection_histogram(result:PoseResult, # a result with pts3d or reproj_error
                            max_px:float|None=None, # clip the x axis here (default: the 99th percentile)
-                           nbins:int=60):
+                           nbins:int=60, # bins between 0 and the clip value
+                          ):
     "An interactive Plotly histogram of the reprojection error, one trace per view."
     import plotly.graph_objects as go
     e = result.reprojection_errors()
@@ -350,7 +359,8 @@ def _rgb(c) -> str: return "rgb(%d,%d,%d)" % tuple(np.round(255 * np.asarray(c))
 def skeleton_3d_figure(result, # a `PoseResult` with pts3d (or a (T, N, 3) array with `skeleton` given)
                        t:int=0, # the frame to draw
                        skeleton:Skeleton|None=None, # needed when `result` is an array
-                       title:str|None=None):
+                       title:str|None=None, # figure title (default: the frame number and a hint to rotate)
+                      ):
     "An interactive Plotly 3D figure of frame `t`: bones coloured by limb, points named on hover."
     import plotly.graph_objects as go
     if isinstance(result, PoseResult):
@@ -379,7 +389,8 @@ def skeleton_3d_figure(result, # a `PoseResult` with pts3d (or a (T, N, 3) array
 def views_figure(result:PoseResult, # the result to show
                  t:int=0, # the frame
                  show_reprojection:bool=True, # also draw pts3d projected into each view
-                 n_cols:int=4):
+                 n_cols:int=4, # panels per row (fewer when the rig has fewer views)
+                ):
     "An interactive Plotly grid, one panel per view: frame `t`'s detections with bones, and the reprojected 3D points."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots

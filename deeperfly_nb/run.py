@@ -49,7 +49,7 @@ def file_identity(path, # a file
     st = Path(path).stat()
     return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
-# %% ../nbs/20_run.ipynb #2253dc01
+# %% ../nbs/20_run.ipynb #6644162f
 def _record_path(out:Path, stage:str) -> Path: return out / STATE_DIR / f"{stage}.json"
 
 def read_record(out:Path, # the output folder
@@ -60,7 +60,13 @@ def read_record(out:Path, # the output folder
     try: return json.loads(p.read_text())
     except (OSError, ValueError): return None
 
-def write_record(out:Path, stage:str, fp:str, outputs:list, seconds:float, summary:dict|None=None) -> dict:
+def write_record(out:Path, # the output folder
+                 stage:str, # stage name ('visualization.<name>' for a video)
+                 fp:str, # the stage's fingerprint
+                 outputs:list, # the files it wrote (inside `out`)
+                 seconds:float, # how long it took
+                 summary:dict|None=None, # a few JSON-able numbers worth keeping (shown by `deeperfly run`)
+                ) -> dict:
     "Record a finished stage: its fingerprint, its outputs' hashes, how long it took."
     out = Path(out)
     rec = {"stage": stage, "fingerprint": fp, "seconds": round(seconds, 3), "deeperfly_version": deeperfly_nb.__version__,
@@ -104,16 +110,16 @@ def footage_identity(readers:dict, # {source name: FrameReader}
         out[name] = [file_identity(f) for f in files]
     return out
 
-# %% ../nbs/20_run.ipynb #569f818a
+# %% ../nbs/20_run.ipynb #ad4d9043
 @dataclass
 class StageOutcome:
     "What one stage did."
-    stage: str
+    stage: str                      # stage name ('visualization.<name>' for a video)
     status: str                     # 'ran', 'reused' or 'disabled'
-    seconds: float = 0.0
-    fingerprint: str|None = None
-    outputs: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
+    seconds: float = 0.0            # wall time (0 when reused)
+    fingerprint: str|None = None    # what its output depends on (see `fingerprint`)
+    outputs: list = field(default_factory=list)   # its files, relative to the output folder
+    summary: dict = field(default_factory=dict)   # a few numbers from its record
 
 def _stage(out:Path, stage:str, fp:str, forced:bool, compute, load, progress_log=True) -> tuple:
     "Reuse a fresh stage (load) or compute it; returns (value, StageOutcome). `compute` returns (value, outputs, summary)."
@@ -262,25 +268,30 @@ def _visualization_stage(config:Config, result:PoseResult, fp2d:str, fp_tri:str,
             outcomes.append(StageOutcome(f"visualization.{vc.name}", "ran", round(secs / len(todo), 3), fp, [vc.filename]))
     return outcomes
 
-# %% ../nbs/20_run.ipynb #9b84d545
+# %% ../nbs/20_run.ipynb #b021b222
 @dataclass
 class RunReport:
     "What `run_recording` did, stage by stage."
-    recording: Path
-    out_dir: Path
-    stages: list                    # [StageOutcome]
-    seconds: float
-    result: PoseResult|None = None
+    recording: Path                 # the recording folder
+    out_dir: Path                   # where the outputs are
+    stages: list                    # [StageOutcome], in pipeline order
+    seconds: float                  # wall time of the whole run
+    result: PoseResult|None = None  # the saved result (results.h5)
 
     @property
-    def ran(self) -> list: return [s.stage for s in self.stages if s.status == "ran"]
+    def ran(self) -> list:
+        "The stages that computed their output in this run."
+        return [s.stage for s in self.stages if s.status == "ran"]
     @property
-    def reused(self) -> list: return [s.stage for s in self.stages if s.status == "reused"]
+    def reused(self) -> list:
+        "The stages whose cached output was reused."
+        return [s.stage for s in self.stages if s.status == "reused"]
     def __repr__(self):
         rows = "\n".join(f"  {s.stage:<24} {s.status:<8} {s.seconds:7.1f} s" for s in self.stages)
         return f"RunReport({self.recording} -> {self.out_dir}, {self.seconds:.1f} s)\n{rows}"
 
-def config_snapshot(config:Config) -> str:
+def config_snapshot(config:Config, # the run's config
+                   ) -> str:
     "The config as TOML with every default filled in and model weight paths made absolute (it reloads from anywhere)."
     import tomli_w
     d = config.to_dict()
@@ -327,7 +338,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     for r in readers.values(): r.close()
     return RunReport(recording, out, [o2d, oba, otri, *ovis], round(time.perf_counter() - t0, 3), result)
 
-# %% ../nbs/20_run.ipynb #36a237f5
+# %% ../nbs/20_run.ipynb #b8d91ea2
 def _has_footage(config:Config, folder:Path) -> bool:
     "Does `folder` hold footage of at least one source (or, with [pipeline] pose2d off, a 2D file)?"
     if not config.pipeline.pose2d:
@@ -358,7 +369,7 @@ class BatchReport:
     "What `run` did over several recordings."
     reports: list                  # [RunReport] of the recordings that finished
     failures: dict                 # {recording: error message}
-    seconds: float
+    seconds: float                 # wall time of the whole batch
 
 def run(path, # a recording folder, or a folder of recording folders
         out_dir, # output folder; one subfolder per recording in batch mode

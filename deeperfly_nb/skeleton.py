@@ -39,11 +39,17 @@ class Skeleton:
             raise ConfigError(f"skeleton {self.name!r}: {len(self.limbs)} limbs but {len(self.limb_colors)} colours")
 
     @property
-    def n_points(self) -> int: return len(self.point_names)
+    def n_points(self) -> int:
+        "Number of points N: the length of the points axis of every array."
+        return len(self.point_names)
     @property
-    def n_limbs(self) -> int: return len(self.limbs)
+    def n_limbs(self) -> int:
+        "Number of limbs (and of limb colours)."
+        return len(self.limbs)
     @property
-    def limb_names(self) -> tuple: return tuple(l for l, _ in self.limbs)
+    def limb_names(self) -> tuple:
+        "Limb names, in the order of `limbs` and `limb_colors`."
+        return tuple(l for l, _ in self.limbs)
     @property
     def bone_array(self) -> np.ndarray:
         "Bones as an int array (B, 2)."
@@ -114,7 +120,8 @@ Skeleton.point_limb = _point_limb
 Skeleton.point_colors_rgb = _point_colors_rgb
 
 # %% ../nbs/01_skeleton.ipynb #f59fe4c6
-def bone_lengths(skeleton:Skeleton, pts3d, # (T, N, 3) or (N, 3) 3D points
+def bone_lengths(skeleton:Skeleton, # its `bones` are measured; its N must match the points axis
+                 pts3d, # (T, N, 3) or (N, 3) 3D points
                 ) -> np.ndarray:
     "Length of every bone: (T, B) (or (B,) for one frame); NaN where an end point is NaN."
     p = np.asarray(pts3d, dtype=float)
@@ -123,7 +130,8 @@ def bone_lengths(skeleton:Skeleton, pts3d, # (T, N, 3) or (N, 3) 3D points
     b = skeleton.bone_array
     return np.linalg.norm(p[..., b[:, 0], :] - p[..., b[:, 1], :], axis=-1)
 
-def bone_length_cv(skeleton:Skeleton, pts3d, # (T, N, 3) 3D points
+def bone_length_cv(skeleton:Skeleton, # its `bones` are measured; its N must match the points axis
+                   pts3d, # (T, N, 3) 3D points
                    min_frames:int=2, # bones measured in fewer frames give NaN
                   ) -> np.ndarray:
     "Coefficient of variation over time of every bone (B,): std / mean over the frames where it is measured."
@@ -167,7 +175,8 @@ def skeleton_from_dict(d:dict, # a [skeleton] table: name, points, bones, limbs,
     cols = tuple(colors.get(l, DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)]) for k, (l, _) in enumerate(limbs))
     return Skeleton(name, points, tuple(bones), limbs, cols)
 
-def skeleton_to_dict(skeleton:Skeleton) -> dict:
+def skeleton_to_dict(skeleton:Skeleton, # the skeleton to write out
+                    ) -> dict:
     "The TOML-style table of `skeleton` (inverse of `skeleton_from_dict`)."
     names = skeleton.point_names
     return {"name": skeleton.name, "points": list(names),

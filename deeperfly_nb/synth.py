@@ -298,7 +298,8 @@ def fly_figure(pts3d, # (T, N, 3) 3D points
                frame:int=0, # the frame drawn as a skeleton
                trails:bool=True, # draw every claw's path over all frames (points named '*_claw')
                ball:bool=False, # draw the top of the synthetic fly's ball
-               title:str="Walking fly: drag to rotate"):
+               title:str="Walking fly: drag to rotate", # figure title
+              ):
     "An interactive Plotly 3D figure of one frame, with claw trajectories over time."
     import plotly.graph_objects as go
     skeleton = skeleton or fly38()
@@ -332,7 +333,8 @@ def views_figure(cameras:CameraGroup, # the rig (names, image sizes)
                  skeleton:Skeleton|None=None, # default fly38
                  frame:int=0, # the frame to draw when pts2d has a time axis
                  n_cols:int=4, # panels per row
-                 title:str="2D points in every view"):
+                 title:str="2D points in every view", # figure title
+                ):
     "A grid of Plotly panels, one per view, with the 2D skeleton of one frame in image coordinates."
     from plotly.subplots import make_subplots
     skeleton = skeleton or fly38()
@@ -367,8 +369,10 @@ def write_example(folder, # output folder (created if needed)
                   seed:int=0, # seeds the gait, the rig perturbation and the observation noise
                   fps:float=100.0, # frame rate recorded in the files
                   rig_rot_deg:float=0.3, # how far each true camera is turned from the nominal ring (about its centre)
-                  rig_focal_frac:float=0.01, # and how far its focal length is off
-                  noise_px:float=1.0, outlier_frac:float=0.02, occlusion_frac:float=0.1,
+                  rig_focal_frac:float=0.01, # relative focal-length error of each true camera (random sign)
+                  noise_px:float=1.0, # std of the Gaussian pixel noise on the detections, per coordinate
+                  outlier_frac:float=0.02, # fraction of reported points made gross errors (see `observe`)
+                  occlusion_frac:float=0.1, # fraction of otherwise reported points dropped
                  ) -> dict:
     "Write a synthetic 2D recording (`points2d.h5`) and its ground truth (`ground_truth.h5`) into `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from .plan import Transform
 from .labels import SampleSet
 
 # %% auto #0
-__all__ = ['BUNDLED_SEEDS', 'BUNDLED_CONFIG', 'heatmap_targets', 'Augment', 'augment_sample', 'make_batch', 'heatmap_loss',
-           'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig', 'batch_indices', 'TrainResult', 'read_log',
-           'train_detector', 'train_from_labels', 'make_bundled_model']
+__all__ = ['BUNDLED_SEEDS', 'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'augment_sample', 'make_batch',
+           'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig', 'batch_indices', 'TrainResult',
+           'read_log', 'train_detector', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/18_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -334,7 +334,9 @@ def _initial_network(cfg:TrainConfig, n_channels:int) -> tuple:
     "(network, where its weights came from)."
     if cfg.init is None:
         torch.manual_seed(cfg.seed)
-        return HourglassNet(**{**cfg.architecture, "n_out_channels": n_channels}), f"random (seed {cfg.seed})"
+        net = HourglassNet(**{**cfg.architecture, "n_out_channels": n_channels})
+        for sc in net.score: torch.nn.init.zeros_(sc.weight); torch.nn.init.zeros_(sc.bias)   # start from "nothing detected"
+        return net, f"random (seed {cfg.seed}), heatmap layers zero"
     from types import SimpleNamespace
     from deeperfly_nb.detector import resolve_weights
     path = resolve_weights(SimpleNamespace(name="init", weights=cfg.init, sha256=None, base_dir=None))
@@ -512,3 +514,36 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
     save_checkpoint(out, net, {k: v for k, v in meta.items() if k not in ("epoch", "arch", "best_acc", "architecture")}, epoch=meta.get("step", 0))
     if out.stat().st_size > 10e6: raise ModelError(f"{out} is {out.stat().st_size / 1e6:.1f} MB; the bundled model must stay under 10 MB")
     return res
+
+# %% ../nbs/18_training.ipynb #c9c64e07
+REAL_FINETUNE = dict(steps=300, batch_size=8, crop_hw=(192, 320), lr=1e-3, warmup_steps=20, lr_final_frac=0.05, eval_every=100,
+                     checkpoint_every=50, log_every=10, seed=0)
+
+def _per_view(ev:Evaluation, plan) -> dict:
+    "{view: median error px} from an evaluation's per-pathway medians (one view per pathway here)."
+    out = {}
+    for name, med in ev.per_pathway().items():
+        out[plan.view_names[plan.pathway(name).view_indices[0]]] = med
+    return out
+
+def finetune_on_df3d(df3d_pkl, # a DeepFly3D result (its recording folder beside it or one up)
+                     out_dir, # the run folder
+                     train_frames=range(10), # frames whose DeepFly3D 2D are the training labels
+                     val_frames=range(10, 15), # held-out frames
+                     init:str="bundled:fly_synthetic", # the weights to start from
+                     progress:bool=True, # progress bars
+                     **settings, # overrides of REAL_FINETUNE
+                    ) -> tuple:
+    "Fine-tune on real footage with DeepFly3D's 2D as labels: (TrainResult, {view: held-out median px after}, {view: ... before})."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.labels import labels_from_df3d, pathway_samples
+    plan = Config.default().detection_plan()
+    frames = list(train_frames) + list(val_frames)
+    samples = pathway_samples(labels_from_df3d(df3d_pkl, frames=frames, plan=plan), plan)
+    cfg = TrainConfig.from_dict({**REAL_FINETUNE, "init": init, "val_frames": [f"frame {t}" for t in val_frames], **settings})
+    _, val = split_by_frame(samples, val_frames=cfg.val_frames)
+    net0, _ = _initial_network(cfg, samples.n_channels)
+    before = _per_view(evaluate(net0, samples, val), plan)
+    res = train_detector(samples, out_dir, cfg, progress=progress, metadata={"labels": f"DeepFly3D 2D of {df3d_pkl}, frames {frames}"})
+    after = _per_view(evaluate(build_network(load_checkpoint(res.model_path)[0]), samples, val), plan)
+    return res, after, before

@@ -13,13 +13,16 @@ myst-nb and pydata-sphinx-theme from PyPI (`pip install -e ".[docs]"`):
    build goes on, lists every failed page at the end and exits 1.
 3. Plotly figures become a `<div>` and a `Plotly.newPlot` call; the site serves one copy of plotly.js
    (`_static/plotly.min.js`, from the installed plotly), loaded only by the pages that have a figure. No CDN,
-   no MathJax. Large PNG outputs are re-encoded as JPEG.
+   no MathJax. Large float64 arrays in figures travel as float32; large PNG outputs (and PNG images inside
+   figures) are re-encoded as JPEG.
 4. Navigation: the home page is `nbs/index.ipynb`; notebooks with `#| default_exp` are modules (section
    "API reference", one page each, named as nbdev names pages: `02_cameras.ipynb` -> `cameras.html`); every
    other notebook is a tutorial (section "Tutorials"). `nbs/sidebar.yml` (Quarto's sidebar, for those who have
    Quarto) is rewritten with the same sections.
-5. `sphinx-build` (config in `docs/conf.py`) writes `_docs/`; `_docs/_build_report.json` records pages, timings,
-   failures, Sphinx warnings and page sizes.
+5. `sphinx-build` (config in `docs/conf.py`) reads `_proc/src/` and writes `_proc/html/`, which then replaces
+   `_docs/`; `_docs/_build_report.json` records pages, timings (wall and CPU), failures, Sphinx warnings and page sizes.
+
+Builds sharing `_proc/` take turns (a lock file), so several people can run this (or the site test) at once.
 
 Executed notebooks are cached in `_proc/.cache/`, keyed on the notebook, the package, the bundled example
 and this script, so a rebuild re-runs only what changed; a site whose inputs are all unchanged is not rebuilt
@@ -28,7 +31,6 @@ at all (`--force` rebuilds anyway, `--no-cache` re-executes every notebook).
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -37,7 +39,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -25,28 +25,42 @@ def synthetic():
     obs = observe(truth_rig, pts3d, visibility=vis, noise_px=1.0, outlier_frac=0.05, occlusion_frac=0.2, seed=3)
     return truth_rig, pts3d, obs
 
-def test_bundle_adjustment_reaches_true_camera_reprojection(synthetic):
+def _ba_from_perturbed(synthetic, seed):
+    "Bundle-adjust from the rig perturbed with `seed`; the scores (3D errors as fractions of the body length)."
     truth_rig, pts3d, obs = synthetic
-    start = perturb_cameras(truth_rig, rot_deg=2.0, focal_frac=0.02, seed=3)
+    start = perturb_cameras(truth_rig, rot_deg=2.0, focal_frac=0.02, seed=seed)
     kw = Config.default().bundle_adjust_kwargs(FLY)
     inlier = np.where(obs.outlier[..., None], np.nan, obs.pts2d)   # score on inliers: outliers are what robust loss ignores
-    ref = _median(reprojection_error(truth_rig, triangulate(truth_rig, obs.pts2d, method="ransac"), inlier))
-    before = _median(reprojection_error(start, triangulate(start, obs.pts2d, method="ransac"), inlier))
+    out = {"ref": _median(reprojection_error(truth_rig, triangulate(truth_rig, obs.pts2d, method="ransac"), inlier)),
+           "before": _median(reprojection_error(start, triangulate(start, obs.pts2d, method="ransac"), inlier))}
     cams, res = bundle_adjust_cameras(start, obs.pts2d, obs.conf, FLY, **kw)
-    after = _median(reprojection_error(cams, triangulate(cams, obs.pts2d, method="ransac"), inlier))
-    print(f"median reprojection (inliers): true cameras {ref:.3f} px, perturbed {before:.3f} px, after BA {after:.3f} px")
-    assert before > 2 * ref             # the perturbation is real
-    assert after <= 1.10 * ref
-    # each side of the fly has its true shape (a proper similarity, no reflection, per side). The placement
-    # of one side relative to the other is printed, not asserted: the front camera is the only bridge, and
-    # the relative scale of the two camera groups about it is weakly determined (see the closing note)
     X = triangulate(cams, obs.pts2d, method="ransac")
-    body = np.median(np.linalg.norm(pts3d[:, 15] - pts3d[:, 18], axis=-1))
+    out["after"] = _median(reprojection_error(cams, X, inlier))
+    body = np.median(np.linalg.norm(pts3d[:, 15] - pts3d[:, 18], axis=-1))    # antenna to last stripe
     for label, idx in (("left side", slice(0, 19)), ("right side", slice(19, 38)), ("whole fly", slice(None))):
         aligned, *_ = align_similarity(X[:, idx], pts3d[:, idx])
-        err3d = np.nanmedian(np.linalg.norm(aligned - pts3d[:, idx], axis=-1)) / body
-        print(f"3D error after BA, {label}: median {100 * err3d:.2f}% of the body length")
-        if label != "whole fly": assert err3d < 0.02
+        out[label] = float(np.nanmedian(np.linalg.norm(aligned - pts3d[:, idx], axis=-1)) / body)
+    print(f"seed {seed}: median reprojection (inliers): true cameras {out['ref']:.3f} px, perturbed {out['before']:.3f} px, "
+          f"after BA {out['after']:.3f} px; 3D error after one similarity, % of body length: left side "
+          f"{100 * out['left side']:.2f}, right side {100 * out['right side']:.2f}, whole fly {100 * out['whole fly']:.2f}")
+    return out
+
+def test_bundle_adjustment_reaches_true_camera_reprojection(synthetic):
+    """From the rig perturbed by 2 deg / 2% focal: the reprojection error of the true cameras, and the true 3D.
+
+    The 3D is scored after a single similarity alignment of the whole fly, not per side: on the DeepFly3D rig
+    only the front camera sees both sides, and the two sides must still come out registered to each other."""
+    out = _ba_from_perturbed(synthetic, seed=3)
+    assert out["before"] > 2 * out["ref"]             # the perturbation is real
+    assert out["after"] <= 1.10 * out["ref"]
+    assert out["left side"] < 0.02 and out["right side"] < 0.02
+    assert out["whole fly"] < 0.02
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_bundle_adjustment_co_registers_the_sides_for_other_perturbations(synthetic, seed):
+    out = _ba_from_perturbed(synthetic, seed)
+    assert out["after"] <= 1.10 * out["ref"]
+    assert max(out["left side"], out["right side"], out["whole fly"]) < 0.02
 
 @pytest.mark.parametrize("visibility", ["all", "deepfly3d"])
 def test_ransac_rejects_outliers_and_keeps_inliers(synthetic, visibility):
@@ -128,3 +142,6 @@ def test_real_deepfly3d_from_nominal_rig(df3d_pkl):
     assert handedness(result.pts3d) > 0.5
     # each side has DeepFly3D's shape (DeepFly3D's own calibration is the mirror image, see the note)
     assert report["left side", True] < 0.03 and report["right side", True] < 0.03
+    # and so has the whole fly: no camera sees both sides here, so the sides' placement comes from the starting
+    # rig; choosing it by bone symmetry instead puts the left half a third of a body length off, mirrored
+    assert report["whole fly", True] < 0.05
