@@ -9,7 +9,7 @@ from __future__ import annotations
 import re, time, warnings
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, minimize_scalar
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 from .core import ConfigError, InputError, check_shape
@@ -574,6 +574,36 @@ def _symmetric_log_scales(prob:_Problem, x, skeleton:Skeleton, pid, kp, pts, fre
     if not rows: return np.zeros(M)
     return np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0] * free
 
+def _mirror_scale(prob:_Problem, x, skeleton:Skeleton, pid, kp, anchor:int, pts_k) -> float|None:
+    """The scale about camera `anchor`'s centre of the points `pts_k` (P,) (one side of the animal) that makes the
+    animal's still left/right point pairs mirror images: every pair's difference parallel to one plane normal.
+    Each pair's time-median position counts by how still its two points are; None when too few pairs constrain it."""
+    _, R, tau, *_ = prob.camera_arrays(x)
+    c = prob.pivots[anchor] - R[anchor].T @ tau[anchor]      # the anchor's centre
+    pos = np.full(skeleton.n_points, -1); pos[kp] = np.arange(len(kp))
+    X, D, E, w = prob.points(x), [], [], []
+    for l, r in bilateral_pairs(skeleton.point_names):
+        if pos[l] < 0 or pos[r] < 0: continue
+        pl, pr = pid[:, pos[l]], pid[:, pos[r]]
+        ok = (pl >= 0) & (pr >= 0)
+        pl, pr = pl[ok], pr[ok]
+        ok = pts_k[pl] != pts_k[pr]                           # one end moves with the scale, the other does not
+        if ok.sum() < 2: continue
+        m, u = np.where(pts_k[pl], pl, pr)[ok], np.where(pts_k[pl], pr, pl)[ok]
+        Xm, Xu = np.median(X[m], 0), np.median(X[u], 0)
+        spread = np.median(np.linalg.norm(X[m] - Xm, axis=1)) ** 2 + np.median(np.linalg.norm(X[u] - Xu, axis=1)) ** 2
+        D.append(Xm - Xu); E.append(Xm - c); w.append(1 / (spread + 1e-12))
+    if len(D) < 3: return None
+    D, E, w = np.array(D), np.array(E), np.array(w) / np.max(w)
+    def off_normal(s):                                        # scale 1 + s: weighted scatter of the differences off
+        Ds = D + s * E                                        # their best common direction (0 when all are parallel)
+        return np.linalg.eigvalsh(np.einsum("k,ki,kj->ij", w, Ds, Ds))[:2].sum()
+    grid = np.linspace(-0.1, 0.1, 401)
+    g = grid[np.argmin([off_normal(s) for s in grid])]
+    r = minimize_scalar(off_normal, bounds=(g - 5e-4, g + 5e-4), method="bounded", options={"xatol": 1e-9})
+    if abs(r.x) >= 0.0999: return None                       # no minimum inside the range
+    return 1.0 + float(r.x)
+
 def _co_register(prob:_Problem, x, skeleton:Skeleton|None, pid, kp, comps, refs, bilateral_symmetry:bool) -> tuple:
     """Set the scales no reprojection sees (each changes nothing but them): every component's back to the depth at
     which the starting rig put the animal in its reference camera, every further block's by bilateral symmetry.
@@ -593,6 +623,11 @@ def _co_register(prob:_Problem, x, skeleton:Skeleton|None, pid, kp, comps, refs,
         for k in np.flatnonzero(u):                           # parents first: a child scales about a moved anchor
             x = _scale_about(prob, x, modes[k][0], cams[:, k], pts[:, k], np.exp(u[k]))
             moves.append((modes[k][0], cams[:, k], float(np.exp(u[k])), "bilateral symmetry"))
+        for k in np.flatnonzero(block_free):                  # then finer: the still point pairs as mirror images
+            s = _mirror_scale(prob, x, skeleton, pid, kp, modes[k][0], pts[:, k])
+            if s is None or not 0.5 < s < 2: continue
+            x = _scale_about(prob, x, modes[k][0], cams[:, k], pts[:, k], s)
+            moves.append((modes[k][0], cams[:, k], float(s), "mirror symmetry"))
     return x, moves
 
 # %% ../nbs/04_bundle_adjustment.ipynb #283edf3c

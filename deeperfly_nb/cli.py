@@ -13,8 +13,8 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError
 
 # %% auto #0
-__all__ = ['cmd_init', 'cmd_run', 'cmd_reconstruct', 'find_ground_truth', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'make_parser',
-           'main']
+__all__ = ['cmd_init', 'cmd_run', 'cmd_reconstruct', 'find_ground_truth', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'cmd_train',
+           'make_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #1a804ae2
 def _load_config(path):
@@ -183,10 +183,112 @@ def cmd_doctor(args, # the parsed command line (see `make_parser`)
     return 0 if not bad else 2
 
 # %% ../nbs/10_cli.ipynb #1a8b5856
+def _parse_frames(text:str) -> list:
+    "'0-9' or '0,3,5-7' -> a sorted list of frame numbers."
+    out = set()
+    for part in str(text).replace(" ", "").split(","):
+        if not part: continue
+        try:
+            a, _, b = part.partition("-")
+            lo, hi = int(a), int(b) if b else int(a)
+        except ValueError: raise InputError(f"--frames: {part!r} is not a frame number or a range like 0-9") from None
+        if hi < lo or lo < 0: raise InputError(f"--frames: {part!r} is not a range of frame numbers (first <= last, both >= 0)")
+        out.update(range(lo, hi + 1))
+    if not out: raise InputError(f"--frames: no frames in {text!r}")
+    return sorted(out)
+
+def _parse_settings(items, # ['key=value', ...]; value in TOML syntax, dotted keys go into tables (augment.rotation_deg=20)
+                    base:dict|None=None, # settings to update
+                   ) -> dict:
+    "Training settings from `--set key=value` items (values read as TOML: 3, 2e-3, [128, 256], true, 'text'; bare words as text)."
+    import tomllib
+    from deeperfly_nb.core import ConfigError
+    out = json.loads(json.dumps(base or {}))
+    for item in items or []:
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or not key: raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-3")
+        try: v = tomllib.loads(f"v = {val.strip()}")["v"]
+        except tomllib.TOMLDecodeError: v = val.strip()
+        if v == "none": v = None
+        *path, last = key.split(".")
+        d = out
+        for k in path:
+            if not isinstance(d.setdefault(k, {}), dict): raise ConfigError(f"--set {item!r}: {k!r} is not a table of settings")
+            d = d[k]
+        d[last] = v
+    return out
+
+def cmd_train(args, # the parsed command line (see `make_parser`)
+             ) -> int:
+    "Train (or fine-tune) the config's detector on label files: `training.train_from_labels`."
+    import tomllib
+    from deeperfly_nb.core import ConfigError
+    from deeperfly_nb.training import TrainConfig, train_from_labels
+    files = [Path(f) for f in args.labels]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing: raise InputError(f"label file(s) not found: {', '.join(missing)}")
+    out = Path(args.out)
+    if (out / "last.pt").exists() and not args.resume:
+        raise InputError(f"{out} already holds a training run (last.pt); add --resume to continue it, or choose another -o folder")
+    settings = {}
+    if args.settings:
+        p = Path(args.settings)
+        if not p.is_file(): raise InputError(f"settings file {p} not found")
+        try: settings = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+        except (ValueError, tomllib.TOMLDecodeError) as e: raise ConfigError(f"{p}: cannot read the training settings ({e})") from None
+        settings = settings.get("training", settings)
+    settings = _parse_settings(args.set, settings)
+    if args.steps is not None: settings["steps"] = args.steps
+    if args.init is not None: settings["init"] = None if args.init.lower() in ("none", "random") else args.init
+    if args.threads is not None: settings["num_threads"] = args.threads
+    TrainConfig.from_dict(settings)                          # bad settings fail here, before any label is read
+    frames = _parse_frames(args.frames) if args.frames else None
+    t0 = time.perf_counter()
+    try:
+        res = train_from_labels(files, out, config=args.config, model=args.model, view=args.view, images=args.images,
+                                frames=frames, resume=args.resume, progress=not args.quiet and not args.no_progress, **settings)
+    except KeyboardInterrupt:
+        if (out / "last.pt").exists():
+            print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)
+        raise
+    m = res.metrics
+    print(f"trained {res.steps} steps in {time.perf_counter() - t0:.1f} s ({res.train_seconds:.1f} s in training steps, "
+          f"{res.images_per_s:.1f} images/s){'; stopped early' if res.stopped_early else ''}")
+    if m and m.get("n_points"):
+        print(f"held-out frames: median {m['median_px']:.2f} px, PCK@5 {100 * m['pck5']:.1f}%, PCK@10 {100 * m['pck10']:.1f}% "
+              f"over {m['n_points']} labeled points")
+    else: print("no held-out frames: nothing to evaluate on (set val_frac or val_frames to hold some out)")
+    print(f"model: {res.model_path}  (run folder {res.out_dir}: last.pt to resume, log.jsonl)")
+    print(f'use it: set weights = "{Path(res.model_path).resolve()}" in the config\'s [[pose2d.models]] table of the model')
+    return 0
+
 def _add_train_parser(sub, # the subparsers of `make_parser`
                      ):
     "Add the `train` command (see the `training` module)."
-    pass
+    s = sub.add_parser("train", help="train or fine-tune the detector on label files (DeepLabCut CSV, deeperfly .h5, DeepFly3D .pkl)",
+                       description="Train the config's detection model on labeled frames: deeperfly label files (.h5), "
+                                   "DeepLabCut / lightning-pose CSVs (one camera each: --view) or DeepFly3D results (.pkl, "
+                                   "its 2D as pseudo-labels). Each labeled frame becomes one sample per pathway of the plan "
+                                   "(mirrored cameras mirrored). Writes RUN_DIR/model.pt, last.pt (resumable), best.pt, log.jsonl.")
+    s.add_argument("labels", nargs="+", help="label files: .h5 (deeperfly), .csv (DeepLabCut / lightning-pose), .pkl (DeepFly3D)")
+    s.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="the run folder")
+    s.add_argument("-c", "--config", help="config TOML whose detection plan the model serves (default: the packaged one)")
+    s.add_argument("--model", help="which model of the plan to train (default: the plan's only one)")
+    s.add_argument("--view", help="the camera a CSV labels (a view name of the config)")
+    s.add_argument("--images", help="the recording folder of a DeepFly3D .pkl (default: found beside it)")
+    s.add_argument("--frames", help="frames of a DeepFly3D .pkl to train on, e.g. 0-9 or 0,2,5-7 (default: all)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: the training default, 2000)")
+    s.add_argument("--init", help='start from these weights: "bundled:fly_synthetic" (fine-tune; recommended with few labels), '
+                                  'a checkpoint path, or "none" for random weights (the default)')
+    s.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting (training.TrainConfig), value in TOML syntax: --set lr=1e-3 --set crop_hw=[128,256] "
+                        "--set augment.rotation_deg=20 --set val_frac=0.2; repeatable")
+    s.add_argument("--settings", metavar="FILE", help="training settings from a TOML or JSON file (a [training] table or top level); --set overrides")
+    s.add_argument("--threads", type=int, help="CPU threads for training (default 2)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
 
 # %% ../nbs/10_cli.ipynb #51429029
 def make_parser() -> argparse.ArgumentParser:

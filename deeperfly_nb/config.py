@@ -271,6 +271,9 @@ class BundleAdjustmentConfig(_Table):
     aim_first: bool = _field(_default(_BA_DEFAULTS, "aim_first", "bundle_adjust_cameras"), "true or false")
     aim_threshold_px: Annotated[float, Field(ge=0)] = _field(
         _default(_BA_DEFAULTS, "aim_threshold_px", "bundle_adjust_cameras"), "a non-negative number (pixels)")
+    polish_steps: Annotated[int, Field(ge=0, strict=True)] = _field(
+        _default(_BA_DEFAULTS, "polish_steps", "bundle_adjust_cameras"), "an integer >= 0")
+    bilateral_symmetry: bool = _field(_default(_BA_DEFAULTS, "bilateral_symmetry", "bundle_adjust_cameras"), "true or false")
     least_squares: dict[str, Any] = _field(lambda: dict(_BA_LSQ_DEFAULTS), "a table of scipy.optimize.least_squares options")
 
     @field_validator("fixed")

@@ -13,7 +13,7 @@ import numpy as np
 from .core import InputError, ModelError, atomic_path
 from .plan import DetectionPlan
 from . import io
-from .decoding import heatmap_to_points, normalized_peaks_to_original_pixels, route_channels_to_points_in_views
+
 
 # %% auto #0
 __all__ = ['log', 'detect_sequence', 'Detections', 'open_sources', 'detect_2d']
@@ -29,6 +29,7 @@ def _groups(plan:DetectionPlan, frame_sizes:dict) -> list:
 
 def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict, batch_size:int) -> dict:
     "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} for the pathways `idx` sharing one model."
+    from deeperfly_nb.decoding import heatmap_to_points, normalized_peaks_to_original_pixels   # torch: only when detecting
     pws = [plan.pathways[i] for i in idx]
     model = models[pws[0].model]
     T = len(frames_by_source[pws[0].source])
@@ -71,6 +72,7 @@ def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways,
                     batch_size:int=16, # images per forward pass
                    ) -> tuple:
     "Detect 2D keypoints in synchronized frames: (pts2d (V, T, N, 2) pixels, conf (V, T, N)), NaN where unseen."
+    from deeperfly_nb.decoding import route_channels_to_points_in_views
     T = _check_windows(plan, windows)
     pts2d = np.full((plan.n_views, T, plan.n_points, 2), np.nan)
     conf = np.full((plan.n_views, T, plan.n_points), np.nan)

@@ -48,34 +48,60 @@ def _rgb(img:np.ndarray, what:str) -> np.ndarray:
     return a
 
 class ArrayFrames(FrameStore):
-    "Frames held in memory or embedded in a label file: {view: (F, H, W) or (F, H, W, 3) uint8}."
+    "Frames held in memory or embedded in a label file: {view: (F, H, W) or (F, H, W, 3) uint8}, or only some label frames of a view (`index`)."
     kind = "embedded"
-    def __init__(self, images:dict, # {view: (F, H, W) grayscale or (F, H, W, 3) RGB uint8 frames}
+    def __init__(self, images:dict, # {view: (F_v, H, W) grayscale or (F_v, H, W, 3) RGB uint8 frames, or a list of such images}
+                 index:dict|None=None, # {view: (F_v,) the label frame of each image}; default: image f is label frame f
                 ):
-        self.images = {}
+        self.images, self.index = {}, {}
         for v, a in images.items():
-            a = np.asarray(a)
-            if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
-                raise InputError(f"embedded frames of view {v!r} must be (F, H, W) or (F, H, W, 3) uint8, got {a.dtype} {a.shape}")
+            if not isinstance(a, (list, tuple)):
+                a = np.asarray(a)
+                if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
+                    raise InputError(f"embedded frames of view {v!r} must be (F, H, W) or (F, H, W, 3) uint8, got {a.dtype} {a.shape}")
+            else:
+                imgs = [np.asarray(x) for x in a]
+                for x in imgs:
+                    if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (1, 3)):
+                        raise InputError(f"embedded frames of view {v!r} must be (H, W) or (H, W, 3) uint8 images, got {x.dtype} {x.shape}")
+                a = np.stack(imgs) if len({x.shape for x in imgs}) == 1 else imgs      # frames of several sizes stay a list
             self.images[v] = a
+            if index is not None and v in index:
+                ix = np.asarray(index[v], dtype=np.int64).reshape(-1)
+                if len(ix) != len(a): raise InputError(f"embedded frames of view {v!r}: {len(a)} images but {len(ix)} frame indices")
+                if len(set(ix.tolist())) != len(ix): raise InputError(f"embedded frames of view {v!r}: a frame index repeats")
+                self.index[v] = {int(f): k for k, f in enumerate(ix)}
+    def _held(self, view) -> set|None:
+        "The label frames `view` holds (None: 0..len-1)."
+        return set(self.index[view]) if view in self.index else None
+    def _pos(self, view, f) -> int|None:
+        if view in self.index: return self.index[view].get(int(f))
+        return int(f) if 0 <= f < len(self.images[view]) else None
     def read(self, view:str, # a view name
              frames, # label-frame indices
             ) -> list:
         "The embedded images of `view` at `frames`, (H, W, 3) uint8 each."
         if view not in self.images: raise InputError(f"no embedded frames for view {view!r}; views with frames: {sorted(self.images)}")
-        return [_rgb(self.images[view][f], f"view {view!r} frame {f}") for f in frames]
+        out = []
+        for f in frames:
+            k = self._pos(view, f)
+            if k is None: raise InputError(f"view {view!r}: label frame {int(f)} is not embedded")
+            out.append(_rgb(self.images[view][k], f"view {view!r} frame {f}"))
+        return out
     def check(self, needed:dict, # {view: label-frame indices that carry labels}
              ):
         "Every labeled view has embedded frames, enough of them."
         for v, fr in needed.items():
             if len(fr) and v not in self.images:
                 raise InputError(f"view {v!r} has labels but no embedded frames (views with frames: {sorted(self.images)})")
-            n = len(self.images.get(v, ()))
-            bad = [int(f) for f in fr if f >= n]
-            if bad: raise InputError(f"labels of view {v!r} reference frames {bad[:10]} but only {n} frames are embedded")
+            bad = [int(f) for f in fr if self._pos(v, f) is None]
+            if bad:
+                held = f"only {len(self.images[v])} frames are embedded" if v not in self.index else                        f"the embedded ones are {sorted(self.index[v])[:10]}"
+                raise InputError(f"labels of view {v!r} reference frames {bad[:10]} but {held}")
     def describe(self) -> str:
         "The embedded arrays' shapes."
-        return "embedded frames (" + ", ".join(f"{v}: {a.shape}" for v, a in self.images.items()) + ")"
+        def shp(a): return str(a.shape) if isinstance(a, np.ndarray) else f"{len(a)} images of several sizes"
+        return "embedded frames (" + ", ".join(f"{v}: {shp(a)}" for v, a in self.images.items()) + ")"
 
 class RecordingFrames(FrameStore):
     "Frame references into a recording folder: label frame f of view v is frame `frame_index[f]` of the footage matching `patterns[v]`."
@@ -94,9 +120,19 @@ class RecordingFrames(FrameStore):
     def read(self, view:str, # a view name
              frames, # label-frame indices
             ) -> list:
-        "Decode the referenced frames of `view`'s footage."
+        "Decode the referenced frames of `view`'s footage: nearby frames in one sequential pass (a seek per frame costs a GOP each)."
         r = self._reader(view)
-        return [r[int(self.frame_index[f])] for f in frames]
+        want = [int(self.frame_index[f]) for f in frames]
+        runs, got = [], {}
+        for t in sorted(set(want)):                      # runs of frames at most 25 apart: decoded in one pass
+            if runs and t - runs[-1][1] <= 25: runs[-1][1] = t
+            else: runs.append([t, t])
+        need = set(want)
+        for a, b in runs:
+            if a == b: got[a] = r[a]; continue
+            for first, chunk in r.iter_chunks(16, a, b + 1):
+                got.update({first + k: img for k, img in enumerate(chunk) if first + k in need})
+        return [got[t] for t in want]
     def check(self, needed:dict, # {view: label-frame indices that carry labels}
              ):
         "Every labeled view's footage exists and holds every referenced frame."
@@ -228,7 +264,7 @@ def labels_from_points(pts2d, # (V, F, K, 2) keypoints in raw pixels, NaN = unla
     return LabelSet(out, list(view_names), skeleton, frames, frame_ids=frame_ids, visible=visible, meta=dict(meta or {}))
 
 # %% ../nbs/17_labels.ipynb #36e20656
-LABELS_FORMAT, LABELS_VERSION = "deeperfly.LabelSet", 1
+LABELS_FORMAT, LABELS_VERSION = "deeperfly.LabelSet", 2
 
 def _rel(p:Path, base:Path) -> str:
     "`p` relative to `base` when it lies below it (portable label files), else absolute."
@@ -238,13 +274,30 @@ def _rel(p:Path, base:Path) -> str:
 
 def _jsonable(d): return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
+def _embed_frames(ls:LabelSet, g):
+    "Write the labeled frames of each view into HDF5 group `g`: only the frames a view labels, grayscale as one channel."
+    g.attrs.update(kind="embedded", packed=True)
+    lab = ls.labeled.any(-1)
+    gi, gx = g.create_group("images"), g.create_group("index")
+    for i, v in enumerate(ls.view_names):
+        fr = np.flatnonzero(lab[i])
+        if not len(fr): continue
+        imgs = ls.frames.read(v, fr)
+        if all((im[..., :1] == im[..., 1:]).all() for im in imgs): imgs = [im[..., 0] for im in imgs]
+        gx.create_dataset(v, data=fr)
+        if len({im.shape for im in imgs}) == 1:
+            gi.create_dataset(v, data=np.stack(imgs), compression="gzip", chunks=(1, *imgs[0].shape))
+        else:                                              # frames of several sizes (e.g. merged projects): one dataset each
+            gv = gi.create_group(v)
+            for k, im in enumerate(imgs): gv.create_dataset(str(k), data=im, compression="gzip")
+
 def _save_labels(self:LabelSet, path, # the .h5 file to write
                  embed:bool=False, # store the labeled views' frames inside the file (self-contained), whatever the store
                 ) -> Path:
     "Write the labels and their frame references (or the frames themselves) to deeperfly's label HDF5, atomically."
     import h5py
     path = Path(path); base = path.parent
-    lab = self.labeled.any(-1)
+    if embed or isinstance(self.frames, ArrayFrames): self.check_frames()   # a missing image is named before anything is written
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(format=LABELS_FORMAT, version=LABELS_VERSION, skeleton=json.dumps(self.skeleton.to_dict()),
                        view_names=json.dumps(self.view_names), frame_ids=json.dumps(self.frame_ids), meta=json.dumps(_jsonable(self.meta)))
@@ -253,18 +306,7 @@ def _save_labels(self:LabelSet, path, # the .h5 file to write
         if self.visible is not None: f.create_dataset("visible", data=self.visible, compression="gzip")
         g, st = f.create_group("frames"), self.frames
         if embed or isinstance(st, ArrayFrames):
-            g.attrs["kind"] = "embedded"
-            for i, v in enumerate(self.view_names):
-                if not lab[i].any(): continue
-                if isinstance(st, ArrayFrames): a = st.images[v]
-                else:                                   # read the labeled frames; frames without labels stay black
-                    fr = np.flatnonzero(lab[i])
-                    imgs = st.read(v, fr)
-                    a = np.zeros((self.n_frames, *imgs[0].shape), np.uint8)
-                    for f, img in zip(fr, imgs):
-                        if img.shape != a.shape[1:]: raise InputError(f"cannot embed view {v!r}: its frames differ in size ({img.shape} vs {a.shape[1:]})")
-                        a[f] = img
-                g.create_dataset(v, data=a, compression="gzip", chunks=(1, *a.shape[1:]))
+            _embed_frames(self, g)
         elif isinstance(st, RecordingFrames):
             g.attrs.update(kind="recording", folder=_rel(st.folder, base), patterns=json.dumps({v: list(p) for v, p in st.patterns.items()}))
             g.create_dataset("frame_index", data=st.frame_index)
@@ -293,7 +335,11 @@ def load_labels(path, # a label file written by LabelSet.save
         views, ids = json.loads(f.attrs["view_names"]), json.loads(f.attrs["frame_ids"])
         pts, vis = f["pts2d"][()], (f["visible"][()] if "visible" in f else None)
         g = f["frames"]; kind = g.attrs.get("kind")
-        if kind == "embedded": store = ArrayFrames({v: g[v][()] for v in g})
+        if kind == "embedded" and g.attrs.get("packed"):
+            gi, gx = g["images"], g["index"]
+            store = ArrayFrames({v: gi[v][()] if isinstance(gi[v], h5py.Dataset) else [gi[v][str(k)][()] for k in range(len(gi[v]))]
+                                 for v in gi}, {v: gx[v][()] for v in gx})
+        elif kind == "embedded": store = ArrayFrames({v: g[v][()] for v in g})          # version 1: (F, H, W[, 3]) per view
         elif kind == "recording":
             folder = Path(g.attrs["folder"]); folder = folder if folder.is_absolute() else base / folder
             store = RecordingFrames(folder, json.loads(g.attrs["patterns"]), g["frame_index"][()])

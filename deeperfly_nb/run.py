@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/run.html.md"""
 
 # %% ../nbs/20_run.ipynb #0c3e94e7
 from __future__ import annotations
-import hashlib, json, logging, os, shutil, time
+import hashlib, json, logging, os, shutil, time, tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -92,14 +92,29 @@ def is_fresh(out:Path, # the output folder
 _WEIGHTS_SHA = {}
 
 def weights_sha256(spec, # a plan's ModelSpec
+                   memo:Path|None=None, # a JSON file remembering {weights key: (file, identity, sha256)} between runs
                   ) -> str:
-    "SHA-256 of a model's weights file (cached per file identity), or 'untrained' for a model without weights."
+    """SHA-256 of a model's weights file (cached per file identity), or 'untrained' for a model without weights.
+    With `memo`, a weights file whose identity (size, mtime) is unchanged since the last run is not resolved
+    again, so a fully cached `deeperfly run` never imports torch."""
     if spec.weights is None: return "untrained"
+    key = json.dumps([str(spec.weights), str(getattr(spec, "base_dir", None)), getattr(spec, "sha256", None)])
+    known = {}
+    if memo is not None and Path(memo).is_file():
+        try: known = json.loads(Path(memo).read_text())
+        except ValueError: known = {}
+        hit = known.get(key)
+        if hit and Path(hit["file"]).is_file() and file_identity(hit["file"]) == hit["identity"]: return hit["sha256"]
     from deeperfly_nb.detector import resolve_weights
     path = resolve_weights(spec)
-    key = (str(path), *file_identity(path).values())
-    if key not in _WEIGHTS_SHA: _WEIGHTS_SHA[key] = file_sha256(path)
-    return _WEIGHTS_SHA[key]
+    ident = file_identity(path)
+    k = (str(path), *ident.values())
+    if k not in _WEIGHTS_SHA: _WEIGHTS_SHA[k] = file_sha256(path)
+    if memo is not None:
+        known[key] = {"file": str(path), "identity": ident, "sha256": _WEIGHTS_SHA[k]}
+        Path(memo).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(memo)) as tmp: tmp.write_text(json.dumps(known, indent=1))
+    return _WEIGHTS_SHA[k]
 
 def footage_identity(readers:dict, # {source name: FrameReader}
                     ) -> dict:
@@ -153,7 +168,8 @@ def _pose2d_stage(config:Config, recording:Path, out:Path, forced:bool, max_fram
     fp = fingerprint({"stage": "pose2d", "version": deeperfly_nb.__version__, "views": plan.view_names,
                       "points": plan.point_names, "sources": config.to_dict().get("sources"), "pose2d": config.to_dict().get("pose2d"),
                       "footage": footage_identity(readers), "max_frames": max_frames,
-                      "weights": {n: weights_sha256(plan.models[n]) for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
+                      "weights": {n: weights_sha256(plan.models[n], memo=out / STATE_DIR / "weights.json")
+                                  for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
     path = out / "pose2d.h5"
     def compute():
         from deeperfly_nb.detector import load_models
@@ -311,6 +327,13 @@ def _forced(overwrite) -> set:
     first = min((STAGES.index(n) for n in names), default=len(STAGES))
     return set(STAGES[first:])
 
+def _remove_partial_files(out:Path) -> list:
+    "Delete the temporary files (`.<name>.<random>.tmp`, see `core.atomic_path`) that a killed run left in `out`."
+    stale = [p for d in (out, out / STATE_DIR, out / STATE_DIR / "pose2d_blocks") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    for p in stale: p.unlink(missing_ok=True)
+    if stale: log.info("removed %d partial file(s) left by an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
+    return stale
+
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed)
                   config:Config|None=None, # the config (default: the packaged one)
@@ -328,6 +351,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     out = prepare_output_dir(out_dir)
     forced = _forced(overwrite)
     (out / STATE_DIR).mkdir(exist_ok=True)
+    _remove_partial_files(out)
     with atomic_path(out / "config.toml") as tmp: tmp.write_text(config_snapshot(config))
     pts, readers, o2d = _pose2d_stage(config, recording, out, "pose2d" in forced, max_frames, progress, device)
     cams, oba = _bundle_adjustment_stage(config, pts, o2d.fingerprint, out, "bundle_adjustment" in forced)

@@ -472,7 +472,9 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
     files = [label_files] if isinstance(label_files, (str, Path)) else list(label_files)
     if not files: raise InputError("no label files given")
     sets = [read_labels(f, view=view, skeleton=cfg.skeleton(), images=images, frames=frames, plan=plan) for f in files]
-    samples = concat_samples([pathway_samples(s, plan, model, name=Path(f).stem if len(files) > 1 else "") for s, f in zip(sets, files)])
+    names = [Path(f).stem for f in files]
+    if len(set(names)) < len(names): names = [f"{k}_{n}" for k, n in enumerate(names)]      # e.g. CollectedData_me.csv of several cameras
+    samples = concat_samples([pathway_samples(s, plan, model, name=n if len(files) > 1 else "") for s, n in zip(sets, names)])
     return train_detector(samples, out_dir, TrainConfig.from_dict(settings), resume=resume, progress=progress,
                           metadata={"label_files": [str(f) for f in files]})
 
@@ -516,8 +518,8 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
     return res
 
 # %% ../nbs/18_training.ipynb #c9c64e07
-REAL_FINETUNE = dict(steps=300, batch_size=8, crop_hw=(192, 320), lr=1e-3, warmup_steps=20, lr_final_frac=0.05, eval_every=100,
-                     checkpoint_every=50, log_every=10, seed=0)
+REAL_FINETUNE = dict(steps=500, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=30, lr_final_frac=0.02,
+                     checkpoint_every=100, log_every=10, seed=0)   # evaluated once, at the end (eval_every = steps)
 
 def _per_view(ev:Evaluation, plan) -> dict:
     "{view: median error px} from an evaluation's per-pathway medians (one view per pathway here)."
@@ -534,16 +536,17 @@ def finetune_on_df3d(df3d_pkl, # a DeepFly3D result (its recording folder beside
                      progress:bool=True, # progress bars
                      **settings, # overrides of REAL_FINETUNE
                     ) -> tuple:
-    "Fine-tune on real footage with DeepFly3D's 2D as labels: (TrainResult, {view: held-out median px after}, {view: ... before})."
+    "Fine-tune on real footage with DeepFly3D's 2D as labels: (TrainResult, {view: held-out median px of the last weights}, {view: ... before})."
     from deeperfly_nb.config import Config
     from deeperfly_nb.labels import labels_from_df3d, pathway_samples
     plan = Config.default().detection_plan()
     frames = list(train_frames) + list(val_frames)
     samples = pathway_samples(labels_from_df3d(df3d_pkl, frames=frames, plan=plan), plan)
-    cfg = TrainConfig.from_dict({**REAL_FINETUNE, "init": init, "val_frames": [f"frame {t}" for t in val_frames], **settings})
+    s = {**REAL_FINETUNE, "init": init, "val_frames": [f"frame {t}" for t in val_frames], **settings}
+    cfg = TrainConfig.from_dict({"eval_every": s["steps"], **s})        # one evaluation, at the end: model.pt = the last weights
     _, val = split_by_frame(samples, val_frames=cfg.val_frames)
     net0, _ = _initial_network(cfg, samples.n_channels)
     before = _per_view(evaluate(net0, samples, val), plan)
     res = train_detector(samples, out_dir, cfg, progress=progress, metadata={"labels": f"DeepFly3D 2D of {df3d_pkl}, frames {frames}"})
-    after = _per_view(evaluate(build_network(load_checkpoint(res.model_path)[0]), samples, val), plan)
+    after = _per_view(evaluate(build_network(load_checkpoint(res.out_dir / "last.pt")[0]), samples, val), plan)   # last weights: no choice on val
     return res, after, before

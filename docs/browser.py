@@ -56,6 +56,7 @@ class PageVisit:
     console_errors: list = field(default_factory=list)   # console.error, uncaught exceptions, browser log errors
     plotly: dict = field(default_factory=dict)           # {"divs": n, "rendered": n with an svg.main-svg}
     links: list = field(default_factory=list)            # absolute hrefs of the page's <a> elements
+    value: object = None                                  # what the `evaluate` expression returned
     title: str = ""
     load_s: float = 0.0
     waited: object = None                                # the last value of `wait_for`
@@ -148,11 +149,13 @@ class Chromium:
 
     # -- pages ----------------------------------------------------------------------------------------------
     def visit(self, url: str, screenshot: Path | None = None, scroll_to: str | None = None,
-              plotly_timeout: float = 20.0, settle: float = 0.5, wait_for: str | None = None) -> PageVisit:
+              plotly_timeout: float = 20.0, settle: float = 0.5, wait_for: str | None = None,
+              evaluate: str | None = None) -> PageVisit:
         """Open `url` in a new tab, wait for the load event, for the network to go quiet, for every Plotly figure
         to draw its `svg.main-svg` and (if given) for the JavaScript expression `wait_for` to be truthy (its last value
         is `PageVisit.waited`); record requests, failures and console errors; optionally save a PNG screenshot (after
-        scrolling the first element matching the CSS selector `scroll_to` into view)"""
+        scrolling the first element matching the CSS selector `scroll_to` into view) and evaluate the JavaScript
+        expression `evaluate` once the page has settled (its JSON value is `PageVisit.value`)"""
         t0 = time.monotonic()
         tid = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         sid = self.send("Target.attachToTarget", {"targetId": tid, "flatten": True})["sessionId"]
@@ -179,6 +182,9 @@ class Chromium:
                 v.waited = val
             v.links = self.evaluate(sid, "[...document.querySelectorAll('a[href]')].map(a => a.href)")
             v.title = self.evaluate(sid, "document.title")
+            if evaluate:
+                time.sleep(0.3)  # let the page's own load handlers (e.g. figure resizing) run
+                v.value = self.evaluate(sid, evaluate)
             if screenshot:
                 if scroll_to:
                     self.evaluate(sid, f"(() => {{ const e = document.querySelector({json.dumps(scroll_to)}); "

@@ -51,6 +51,7 @@ def _plotly_only_where_needed(app, pagename, templatename, context, doctree):
     "Load the site's single copy of plotly.js (before the figures' inline scripts) on pages that have a figure"
     if "Plotly.newPlot" in context.get("body", ""):
         app.add_js_file("plotly.min.js", priority=200)
+        app.add_js_file("fit-figures.js", priority=201)  # figures as wide as their column (see the file)
 
 
 # Math renders as plain text: Sphinx's default renderer would load MathJax from a CDN, and the site is offline.

@@ -8,8 +8,9 @@ protocol through a pipe: docs/browser.py), and check that
   its `svg.main-svg`, every link into the site points at an existing page; the search page finds things;
 - a notebook that fails mid-edit gets an error page while the rest of the site builds.
 
-Screenshots of the home page, a module page and the walkthrough (or, until it exists, the pipeline page) are saved
-in `_docs/_screenshots/`. Without chromium the browser tests fail (CI installs it); set DEEPERFLY_SKIP_BROWSER=1 to
+Screenshots of the home page, a module page and the walkthrough (its top and its first figure) are saved in
+`_docs/_screenshots/`; the walkthrough page is checked for being complete (every step, every figure drawn, the
+ground-truth error at the end) and light (frames as small JPEGs, no full-frame arrays in figures). Without chromium the browser tests fail (CI installs it); set DEEPERFLY_SKIP_BROWSER=1 to
 skip them on a machine without it.
 """
 import html.parser
@@ -164,9 +165,8 @@ def _screenshot_for(page: str, tutorials: set) -> list:
     "(file, scroll-to selector) screenshots to take of `page`"
     if page == "index.html": return [("home.png", None)]
     if page == "cameras.html": return [("cameras.png", None)]
-    if page == "walkthrough.html" or (page == "pipeline.html" and "walkthrough" not in tutorials):
-        stem = page[:-5]
-        return [(f"{stem}.png", None), (f"{stem}-figure.png", ".plotly-graph-div")]
+    if page == "walkthrough.html":
+        return [("walkthrough.png", None), ("walkthrough-figure.png", ".plotly-graph-div")]
     return []
 
 
@@ -211,8 +211,44 @@ def test_every_page_in_chromium(site, browser, server):
     if missing_anchors:  # links land on the right page, just not on the symbol's heading
         print(f"{len(missing_anchors)} link anchor(s) not found on their page (first 10):\n  " + "\n  ".join(missing_anchors[:10]))
     assert not problems, f"{len(problems)} problem(s) in the browser:\n" + "\n".join(problems[:80])
-    assert {"home.png", "cameras.png"} <= {s.name for s in shots}, shots
+    want = {"home.png", "cameras.png"} | ({"walkthrough.png", "walkthrough-figure.png"} if "walkthrough" in tutorials else set())
+    assert want <= {s.name for s in shots}, shots
     for s in shots: assert s.stat().st_size > 10_000, f"{s} looks empty"
+
+
+WALKTHROUGH_SECTIONS = ("step-1", "step-2", "step-3", "step-4", "step-5", "step-6", "step-7", "step-8", "step-9",
+                        "step-10", "step-11", "step-12", "sanity-check", "how-far-from-the-truth", "mapping-back-to-the-cli")
+
+
+def test_walkthrough_page(site, browser, server):
+    "The walkthrough: a tutorial page with every step, every figure drawn, light frames, ending with the ground truth"
+    page = site.out / "walkthrough.html"
+    assert page.exists(), "nbs/walkthrough.ipynb has no page"
+    assert "walkthrough" in {p["page"] for p in site.report["pages"] if p["kind"] == "tutorial"}
+    text = page.read_text()
+    ids = _parse(page).ids
+    missing = [s for s in WALKTHROUGH_SECTIONS if not any(i == s or i.startswith(s + "-") for i in ids)]
+    assert not missing, f"walkthrough sections missing: {missing}"
+    figs = text.replace("\\u002f", "/")  # figure JSON escapes "/"
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", figs)
+    jpgs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", figs)
+    assert not pngs, f"{len(pngs)} PNG images inlined: frames should be JPEG"
+    assert len(jpgs) >= 20, f"only {len(jpgs)} JPEG frames on the page"
+    assert max(len(j) for j in jpgs) < 60_000, f"a frame of {max(len(j) for j in jpgs)} base64 bytes: not a small JPEG"
+    assert len(text) < 1_500_000, f"walkthrough.html is {len(text) / 1e6:.1f} MB"
+    # every figure fits its column (figures are drawn before the side bars take their room: docs/_static/fit-figures.js)
+    v = browser.visit(server.base + "walkthrough.html", evaluate=(
+        "[...document.querySelectorAll('.plotly-graph-div')].map(d => [d.getBoundingClientRect().width, "
+        "(d.querySelector('svg.main-svg') || d).getBoundingClientRect().width])"))
+    assert not v.console_errors and not v.failed_requests, (v.console_errors, v.failed_requests)
+    assert v.plotly["divs"] >= 10 and v.plotly["rendered"] == v.plotly["divs"], v.plotly
+    too_wide = [(round(a), round(b)) for a, b in v.value if b > a + 1]
+    assert not too_wide, f"figures wider than their column (column, figure px): {too_wide}"
+    # the last section states the bundled example's ground-truth error, computed
+    tail = text[text.index('id="how-far-from-the-truth"'):]
+    assert re.search(r"3D error of the bundled example: median \d+\.\d+", tail), "no ground-truth error at the end"
+    print(f"\nwalkthrough.html: {len(text) / 1024:.0f} KB, {v.plotly['divs']} figures, {len(jpgs)} JPEG frames "
+          f"(largest {max(len(j) for j in jpgs) / 1024:.0f} KB base64)")
 
 
 def test_search_finds_symbols(site, browser, server):

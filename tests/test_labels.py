@@ -266,3 +266,26 @@ def test_df3d_pseudo_labels(df3d_pkl):
     assert len(s) == 60 and sorted(set(s.pathway_names[k] for k in s.pathway)) == ["lf_flip", "lh_flip", "lm_flip", "rf", "rh", "rm"]
     with pytest.raises(InputError, match="outside"):
         labels_from_df3d(df3d_pkl, frames=[14, 15])
+
+
+def test_embedding_stores_that_hold_only_some_frames_of_a_view(tmp_path):
+    """LabelSet.save(embed=True) reads only the labeled frames of each view, whatever the store holds: a store with
+    just some label frames of a view, a merge whose parts have frames of different sizes in one view, footage with
+    fewer frames than the label set; and a labeled view without images is an InputError before anything is written."""
+    pa = np.full((1, 3, 38, 2), np.nan); pa[0, 1, 19] = [3, 4]
+    a = LabelSet(pa, ["rh"], FLY, ArrayFrames({"rh": [np.full((8, 12), 7, np.uint8)]}, index={"rh": [1]}), frame_ids=["a0", "a1", "a2"])
+    b = LabelSet(np.ones((1, 1, 38, 2)), ["rh"], FLY, ArrayFrames({"rh": np.full((1, 6, 10, 3), 9, np.uint8)}), frame_ids=["b0"])
+    m = load_labels(merge_labels([a, b]).save(tmp_path / "m.h5", embed=True)).check_frames()
+    assert [im.shape for im in m.frames.read("rh", [1, 3])] == [(8, 12, 3), (6, 10, 3)]
+    assert [int(im.max()) for im in m.frames.read("rh", [1, 3])] == [7, 9]
+    s = pathway_samples(m, PLAN)                                   # trains: both frames become samples of pathway rh
+    assert len(s) == 2 and {s.pathway_names[k] for k in s.pathway} == {"rh"}
+    # footage of 4 frames, labels on footage frame 2 only, the label set also naming frame 99 (unlabeled)
+    io.write_video(tmp_path / "camera_0.mp4", random_frames(4, hw=(48, 64)), fps=10)
+    p = np.full((1, 3, 38, 2), np.nan); p[0, 1, 19] = [5, 6]
+    rec = LabelSet(p, ["rh"], FLY, RecordingFrames(tmp_path, {"rh": "camera_0.mp4"}, [0, 2, 99]))
+    emb = load_labels(rec.save(tmp_path / "e.h5", embed=True)).check_frames()
+    np.testing.assert_array_equal(emb.frames.read("rh", [1])[0], rec.frames.read("rh", [1])[0])
+    with pytest.raises(InputError, match="view 'rm' has labels but no embedded frames"):
+        LabelSet(np.ones((2, 1, 38, 2)), ["rh", "rm"], FLY, ArrayFrames({"rh": np.zeros((1, 8, 8), np.uint8)})).save(tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()

@@ -1,0 +1,134 @@
+"""`deeperfly train`: a tiny end-to-end run on a DeepLabCut CSV (and on deeperfly's .h5 label file) through the installed
+command, resume, and bad input — each bad case exits with code 2 and one line naming what is wrong, before training."""
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from deeperfly_nb.cli import main
+from deeperfly_nb.config import Config
+from deeperfly_nb.detector import build_network, load_checkpoint
+
+DEEPERFLY = shutil.which("deeperfly")
+PLAN = Config.default().detection_plan()
+TINY = ["--steps", "3", "--threads", "1", "--no-progress", "--set", "batch_size=2", "--set", "crop_hw=[64, 128]",
+        "--set", "val_frac=0.3", "--set", "eval_every=3", "--set", "warmup_steps=1", "--set", "log_every=1",
+        "--set", "architecture={n_stacks=2, n_blocks=1, n_features=8, n_stem_features=8}"]
+
+
+def run_cli(*args):
+    cmd = [DEEPERFLY, *args] if DEEPERFLY else [sys.executable, "-c", "import sys; from deeperfly_nb.cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+
+
+def dlc_project(folder: Path, parts=("lh_claw", "lh_femur_tibia"), n=3, blank=False) -> Path:
+    "A DeepLabCut project of one camera: n 480x960 images with bright dots at the labels, and CollectedData_me.csv."
+    d = folder / "labeled-data" / "v1"; d.mkdir(parents=True)
+    rows = [["scorer"] + ["me"] * 2 * len(parts), ["bodyparts"] + [p for p in parts for _ in "xy"], ["coords"] + ["x", "y"] * len(parts)]
+    for k in range(n):
+        img = np.zeros((480, 960, 3), np.uint8)
+        vals = []
+        for j, _ in enumerate(parts):
+            x, y = 500 + 30 * k + 60 * j, 250 + 10 * j
+            cv2.circle(img, (x, y), 8, (255, 255, 255), -1)
+            vals += ["", ""] if blank else [str(x), str(y)]
+        cv2.imwrite(str(d / f"img{k}.png"), img)
+        rows.append([f"labeled-data/v1/img{k}.png"] + vals)
+    with open(d / "CollectedData_me.csv", "w", newline="") as f: csv.writer(f).writerows(rows)
+    return d / "CollectedData_me.csv"
+
+
+def test_train_end_to_end_on_a_deeplabcut_csv_then_resume(tmp_path, capsys):
+    csv_path = dlc_project(tmp_path / "proj")
+    run = tmp_path / "run"
+    r = run_cli("train", str(csv_path), "--view", "lh", "-o", str(run), *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out frames: median" in r.stdout and "PCK@5" in r.stdout and str(run / "model.pt") in r.stdout, r.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.jsonl", "model.pt"]
+    state, meta = load_checkpoint(run / "model.pt")
+    assert meta["training"]["steps"] == 3 and meta["training"]["crop_hw"] == [64, 128]
+    assert meta["training"]["architecture"]["n_features"] == 8 and meta["data"]["n_frames"] == 3
+    assert meta["data"]["label_files"] == [str(csv_path)] and meta["metrics"]["n_points"] == 2   # one held-out frame, 2 points
+    assert build_network(state).architecture["n_out_channels"] == 19
+    # the same folder again (in-process, faster): refused without --resume (exit 2), a no-op with it (the run is complete)
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(run), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume" in err
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(run), "--resume", *TINY]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+
+
+def test_train_on_a_deeperfly_label_file_in_process(tmp_path, capsys):
+    "The .h5 path (embedded frames) through `main`, fine-tuning the bundled model."
+    from deeperfly_nb.labels import read_dlc_csv
+    h5 = read_dlc_csv(dlc_project(tmp_path / "p", parts=("rm_claw", "rm_femur_tibia")), view="rm").save(tmp_path / "labels.h5", embed=True)
+    args = TINY[:-2]                                            # the bundled model's own architecture
+    assert main(["train", str(h5), "-o", str(tmp_path / "run"), "--init", "bundled:fly_synthetic", *args]) == 0
+    out = capsys.readouterr().out
+    assert "held-out frames: median" in out
+    _, meta = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert meta["init"].startswith("bundled:fly_synthetic") and meta["data"]["pathways"] == [pw.name for pw in PLAN.pathways]
+
+
+@pytest.fixture
+def project(tmp_path):
+    return dlc_project(tmp_path / "proj")
+
+
+def bad(argv, capsys, *expect):
+    "Run `deeperfly train` in-process: exit code 2, one error line naming what is wrong."
+    code = main(["train", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("deeperfly train: error:"), err
+    for e in expect: assert e in err, (e, err)
+    return err
+
+
+def test_missing_label_file(tmp_path, capsys):
+    bad([str(tmp_path / "nope.csv"), "--view", "rh", "-o", str(tmp_path / "r")], capsys, "not found", "nope.csv")
+    assert not (tmp_path / "r").exists()
+
+
+def test_keypoint_names_not_in_the_skeleton(tmp_path, capsys):
+    p = dlc_project(tmp_path / "a", parts=("lh_claw", "lh_tibia_tarsuss"))
+    bad([str(p), "--view", "lh", "-o", str(tmp_path / "r")], capsys, "lh_tibia_tarsuss", "not points of skeleton", "did you mean 'lh_tibia_tarsus'")
+
+
+def test_nan_only_labels(tmp_path, capsys):
+    p = dlc_project(tmp_path / "a", blank=True)
+    bad([str(p), "--view", "lh", "-o", str(tmp_path / "r")], capsys, "hold no keypoints")
+
+
+def test_labels_referencing_missing_images(project, tmp_path, capsys):
+    (project.parent / "img1.png").unlink()
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), *TINY], capsys, "img1.png", "missing")
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_labels_referencing_missing_frames_of_a_deepfly3d_result(df3d_pkl, tmp_path, capsys):
+    bad([str(df3d_pkl), "--frames", "10-20", "-o", str(tmp_path / "r")], capsys, "[15, 16, 17, 18, 19]", "outside")
+
+
+def test_csv_without_its_view_and_unknown_view(project, tmp_path, capsys):
+    bad([str(project), "-o", str(tmp_path / "r")], capsys, "say which view")
+    bad([str(project), "--view", "top", "-o", str(tmp_path / "r"), *TINY], capsys, "'top'")
+
+
+def test_bad_settings_fail_before_training(project, tmp_path, capsys):
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--set", "epochs=3"], capsys, "unknown training setting", "epochs")
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--set", "lr"], capsys, "expected key=value")
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), *TINY, "--set", "crop_hw=[96, 128]"], capsys, "multiples of")
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--frames", "9-3"], capsys, "--frames")
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "-c", str(tmp_path / "none.toml")], capsys, "none.toml")
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_resume_of_a_folder_without_a_run(project, tmp_path, capsys):
+    bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--resume", *TINY], capsys, "cannot resume")
