@@ -518,7 +518,7 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
     return res
 
 # %% ../nbs/18_training.ipynb #c9c64e07
-REAL_FINETUNE = dict(steps=500, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=30, lr_final_frac=0.02,
+REAL_FINETUNE = dict(steps=600, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=30, lr_final_frac=0.02,
                      checkpoint_every=100, log_every=10, seed=0)   # evaluated once, at the end (eval_every = steps)
 
 def _per_view(ev:Evaluation, plan) -> dict:
