@@ -87,7 +87,7 @@ def test_rig_turns_by_the_asked_angle_and_keeps_the_fly_in_frame():
 def test_ground_truth_and_videos_round_trip(tmp_path):
     from deeperfly_nb.io import open_reader
     folder = synth_recording(tmp_path / "example", n_frames=3, seed=2, scale=0.25, gait_seed=9, skip_frames=5)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"camera_{c}.mp4" for c in range(7)] + ["config.toml", "ground_truth.h5"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"camera_{c}.mp4" for c in range(7)] + ["config.toml", "ground_truth.h5", "points2d.h5"])
     gt, extra = load_ground_truth(folder / "ground_truth.h5")
     walk = synth.walking_fly(8, seed=9)[5:]               # the gait seed and the skipped frames
     np.testing.assert_array_equal(gt.pts3d, walk)
