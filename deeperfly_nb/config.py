@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import scipy.optimize
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, atomic_path
+from .core import ConfigError, InputError, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
@@ -44,15 +44,6 @@ _BA_DEFAULTS = signature_defaults(bundle_adjust_cameras)
 _TRI_DEFAULTS = signature_defaults(triangulate)
 
 # %% ../nbs/05_config.ipynb #4e057551
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-def _field(default=..., expected:str="", **kw):
-    "A pydantic Field whose `expected` phrase appears in error messages; a callable default is a factory."
-    extra = {"expected": expected}
-    if callable(default): return Field(default_factory=default, json_schema_extra=extra, **kw)
-    return Field(default, json_schema_extra=extra, **kw)
-
 _PosFloat = Annotated[float, Field(gt=0)]
 _PosInt = Annotated[int, Field(gt=0)]
 _UnitFloat = Annotated[float, Field(ge=0, le=1)]

@@ -10,9 +10,11 @@ import os, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'atomic_path', 'check_shape']
+__all__ = ['DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'atomic_path', 'check_shape', 'ConfigTable',
+           'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -66,3 +68,17 @@ def check_shape(arr, # the array to check
             raise InputError(f"{name} has {n} along {label} (axis {ax}) but {size} were expected; "
                              f"expected shape {want}, got {a.shape}")
     return a
+
+# %% ../nbs/00_core.ipynb #68f53557
+class ConfigTable(BaseModel):
+    "Base of deeperfly's config tables: unknown keys are errors, types are strict, assignments are validated."
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+def config_field(default=..., # the default value, or a callable that makes it (a factory)
+                 expected:str="", # what a valid value is, for error messages, e.g. "a positive number"
+                 **kw, # further pydantic Field arguments (gt, ge, ...)
+                ):
+    "A pydantic Field whose `expected` phrase appears in error messages; a callable default is a factory."
+    extra = {"expected": expected}
+    if callable(default): return Field(default_factory=default, json_schema_extra=extra, **kw)
+    return Field(default, json_schema_extra=extra, **kw)

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from . import __version__
-from .core import InputError, atomic_path, check_shape
+from .core import InputError, atomic_path, check_shape, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import CameraGroup, look_at
 from .results import (PoseResult, format_summary, ground_truth_error, reprojection_histogram,
@@ -610,15 +610,6 @@ def separated_points(uv, # (N, 2) pixel positions, NaN = none
     return np.flatnonzero(fin & (near > min_px))
 
 # %% ../nbs/19_visualization.ipynb #be0e733d
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-def _field(default=..., expected:str="", **kw):
-    "A pydantic Field whose `expected` phrase appears in error messages; a callable default is a factory."
-    extra = {"expected": expected}
-    if callable(default): return Field(default_factory=default, json_schema_extra=extra, **kw)
-    return Field(default, json_schema_extra=extra, **kw)
-
 VIDEO_KINDS = ("pose2d", "pose3d")
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

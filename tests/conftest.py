@@ -17,3 +17,12 @@ def df3d_pkl() -> Path:
 def example_dir() -> Path:
     assert (EXAMPLE / "points2d.h5").exists(), f"the bundled example is missing: {EXAMPLE}/points2d.h5"
     return EXAMPLE
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    "Small CPU tensors: one torch thread avoids oversubscription when other test processes share the 2 cores."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,12 +21,7 @@ from deeperfly_nb.training import BUNDLED_SEEDS
 HELD_OUT = dict(seed=9001, skip_frames=37, n_frames=16)     # not a training seed (1000-1059), nor the example's (0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")     # see conftest.py
 
 
 def test_bundled_model_file_and_metadata():

@@ -26,13 +26,7 @@ LAYOUT = SHARED / "df2d_layout" / "df2d_state_dict_keys.json"
 FRAMES = sorted((SHARED / "deepfly3d_sample").glob("camera_*_img_*.jpg"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Small CPU tensors: one thread avoids oversubscription when other test processes share the 2 cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")     # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ FLY = fly38()
 PLAN = Config.default().detection_plan()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Small CPU tensors: one thread avoids oversubscription when other test processes share the 2 cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")     # see conftest.py
 
 
 def random_frames(n, seed=0, hw=(480, 960)):

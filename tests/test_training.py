@@ -25,12 +25,7 @@ TINY = dict(steps=6, batch_size=2, crop_hw=(64, 128), eval_every=3, checkpoint_e
             architecture=dict(n_stacks=2, n_blocks=1, n_features=8, n_stem_features=8), num_threads=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")     # see conftest.py
 
 
 @pytest.fixture(scope="module")
