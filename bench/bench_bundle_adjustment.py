@@ -22,10 +22,13 @@ both sides, so a rig can reproject perfectly and still misplace one side against
 and writes bench/results/bundle_adjustment.json. Timings are wall-clock on this machine; nothing here is
 asserted. On a small shared machine a multi-threaded BLAS can oversubscribe the cores and slow both sides
 several-fold (and unevenly); `OPENBLAS_NUM_THREADS=1 python bench/bench_bundle_adjustment.py` measures both
-single-threaded (the setting is recorded in the results).
+single-threaded. The results record what they were measured under (`env`: thread settings, CPU model and
+count, the load average before and after, the date, library versions) and end with `summary`, the
+sentence bench/README.md quotes.
 """
 from __future__ import annotations
-import argparse, json, os, platform, sys, time, warnings
+import argparse, datetime, json, os, platform, sys, time, warnings
+from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -75,6 +78,37 @@ def shape_error(rig: CameraGroup, pts2d, X) -> dict:
     return out
 
 
+def _cpu_model() -> str:
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): return platform.processor()
+
+
+def _version(pkg: str):
+    try: return version(pkg)
+    except PackageNotFoundError: return None
+
+
+def environment() -> dict:
+    "What the timings depend on: thread settings, the CPU, the load, the versions."
+    return {"python": sys.version.split()[0], "numpy": np.__version__, "scipy": _version("scipy"),
+            "aniposelib": _version("aniposelib"), "deeperfly": _version("deeperfly") or _version("deeperfly_nb"),
+            "machine": platform.machine(), "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+            "load_average_1_5_15min_before": [round(x, 2) for x in os.getloadavg()],
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            **{k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+
+
+def summary(res: dict) -> str:
+    "One sentence for bench/README.md, with the settings the figures were measured under."
+    e, d, a = res["env"], res["deeperfly"], res["aniposelib"]
+    threads = e.get("OPENBLAS_NUM_THREADS") or "unset"
+    return (f"{res['speedup']:.1f}x faster ({d['seconds']:.1f} s vs {a['seconds']:.1f} s) at reprojection median "
+            f"{d['reprojection']['median']:.3f} vs {a['reprojection']['median']:.3f} px; whole-fly 3D error "
+            f"{d['error3d_pct_body']['whole_fly']:.2f}% vs {a['error3d_pct_body']['whole_fly']:.1f}% of the body length "
+            f"(measured {e['date_utc']} on {e['cpus']} x {e['cpu_model']}, OPENBLAS_NUM_THREADS={threads}, "
+            f"load average {e['load_average_1_5_15min_before'][0]:.1f} before / {e['load_average_after'][0]:.1f} after)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
@@ -94,9 +128,7 @@ def main(argv=None):
     V, T, N = pts2d.shape[:3]
     res = {"frames": T, "points": N, "views": V, "observations": int(np.isfinite(pts2d[..., 0]).sum()),
            "perturbation": {"rot_deg": args.rot_deg, "focal_frac": args.focal_frac},
-           "env": {"python": sys.version.split()[0], "numpy": np.__version__, "machine": platform.machine(),
-                   "processor": platform.processor(), "cpus": os.cpu_count(),
-                   "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}}
+           "env": environment()}
     res["reprojection_true_rig"] = reproj_stats(true, pts2d)
     res["reprojection_start_rig"] = reproj_stats(start, pts2d)
 
@@ -132,6 +164,8 @@ def main(argv=None):
                                      "ftol=1e-4, max_nfev=200, refines focal and k1)"}
     res["speedup"] = t_anip / t_ours
     res["speedup_all_frames"] = t_anip / t_ours_all
+    res["env"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["summary"] = summary(res)
 
     r = lambda s: f"{s['median']:.3f} / {s['p95']:.2f}"
     e = lambda s: f"{s['whole_fly']:.1f} / {s['left_side']:.1f} / {s['right_side']:.1f}"
@@ -149,6 +183,7 @@ def main(argv=None):
           f"{args.rot_deg} deg / {100 * args.focal_frac:.0f}% focal perturbation")
     print(f"{'case':<{w}}  {'deeperfly':>22}  {'aniposelib':>16}  note")
     for a, b, c, n in rows: print(f"{a:<{w}}  {b:>22}  {c:>16}  {n}")
+    print(res["summary"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp: tmp.write_text(json.dumps(res, indent=2))

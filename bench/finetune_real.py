@@ -35,14 +35,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
-    from deeperfly_nb.cli import _parse_settings
+    from deeperfly_nb.cli import parse_settings
     from deeperfly_nb.core import atomic_path
     from deeperfly_nb.training import REAL_FINETUNE, finetune_on_df3d
 
     if not DF3D_PKL.exists():
         print(f"the real DeepFly3D sample is not at {DF3D_PKL}; nothing to do", file=sys.stderr)
         return 1
-    overrides = _parse_settings(args.set)
+    overrides = parse_settings(args.set)
     if args.steps is not None: overrides["steps"] = args.steps
     overrides["num_threads"] = args.threads
     settings = {**REAL_FINETUNE, **overrides}

@@ -6,6 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/cameras.html.md"""
 
 # %% ../nbs/02_cameras.ipynb #53bbf32c
 from __future__ import annotations
+from fastcore.basics import patch
 from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -37,39 +38,44 @@ class Camera:
         if not np.allclose(R @ R.T, np.eye(3), atol=1e-6) or np.linalg.det(R) < 0:
             raise InputError(f"camera {self.name!r}: rmat must be a proper rotation matrix (orthonormal, det +1)")
         if self.image_size is not None: object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
-
-    @property
-    def position(self) -> np.ndarray:
-        "Camera centre in world coordinates (3,)."
-        return -self.rmat.T @ self.tvec
-    @property
-    def rvec(self) -> np.ndarray:
-        "Rotation as an axis-angle (Rodrigues) vector (3,)."
-        return Rotation.from_matrix(self.rmat).as_rotvec()
-    @property
-    def focal(self) -> np.ndarray:
-        "Focal lengths (fx, fy) in pixels (2,)."
-        return self.intr[:2]
-    @property
-    def principal_point(self) -> np.ndarray:
-        "Principal point (cx, cy) in pixels (2,)."
-        return self.intr[2:]
-    @property
-    def K(self) -> np.ndarray:
-        "The 3x3 intrinsic matrix."
-        fx, fy, cx, cy = self.intr
-        return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
     def replace(self, **kw, # fields to change: name, rmat, tvec, intr, dist, image_size (validated as on construction)
                ) -> Camera:
         "A copy with some fields replaced."
         return replace(self, **kw)
-    def __repr__(self):
-        return (f"Camera({self.name!r}, position={np.round(self.position, 2).tolist()}, "
-                f"focal={np.round(self.focal, 1).tolist()}, pp={np.round(self.principal_point, 1).tolist()})")
-    def __eq__(self, other):
-        return isinstance(other, Camera) and self.name == other.name and self.image_size == other.image_size and all(
-            np.array_equal(getattr(self, k), getattr(other, k)) for k in ("rmat", "tvec", "intr", "dist"))
     __hash__ = object.__hash__
+
+# %% ../nbs/02_cameras.ipynb #c270384c
+@patch(as_prop=True)
+def position(self:Camera) -> np.ndarray:
+    "Camera centre in world coordinates (3,)."
+    return -self.rmat.T @ self.tvec
+@patch(as_prop=True)
+def rvec(self:Camera) -> np.ndarray:
+    "Rotation as an axis-angle (Rodrigues) vector (3,)."
+    return Rotation.from_matrix(self.rmat).as_rotvec()
+@patch(as_prop=True)
+def focal(self:Camera) -> np.ndarray:
+    "Focal lengths (fx, fy) in pixels (2,)."
+    return self.intr[:2]
+@patch(as_prop=True)
+def principal_point(self:Camera) -> np.ndarray:
+    "Principal point (cx, cy) in pixels (2,)."
+    return self.intr[2:]
+@patch(as_prop=True)
+def K(self:Camera) -> np.ndarray:
+    "The 3x3 intrinsic matrix."
+    fx, fy, cx, cy = self.intr
+    return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+
+# %% ../nbs/02_cameras.ipynb #7558b763
+@patch
+def __repr__(self:Camera):
+    return (f"Camera({self.name!r}, position={np.round(self.position, 2).tolist()}, "
+            f"focal={np.round(self.focal, 1).tolist()}, pp={np.round(self.principal_point, 1).tolist()})")
+@patch
+def __eq__(self:Camera, other):
+    return isinstance(other, Camera) and self.name == other.name and self.image_size == other.image_size and all(
+        np.array_equal(getattr(self, k), getattr(other, k)) for k in ("rmat", "tvec", "intr", "dist"))
 
 # %% ../nbs/02_cameras.ipynb #42a1db06
 def look_at(name:str, # view name
@@ -103,6 +109,7 @@ def _intrinsics(name, focal_px, principal_point_px, image_size) -> np.ndarray:
         principal_point_px = ((W - 1) / 2, (H - 1) / 2)
     return np.array([*f, *np.asarray(principal_point_px, dtype=float)])
 
+# %% ../nbs/02_cameras.ipynb #ed321773
 def ring_camera(name:str, # view name
                 azimuth_deg:float, # angle around the vertical axis, 0 = +x (the fly's front)
                 elevation_deg:float=0.0, # angle above the horizontal plane
@@ -129,6 +136,7 @@ def distort_normalized(xy, # (..., 2) ideal normalized coordinates x/z, y/z
     yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
     return np.stack([xd, yd], axis=-1)
 
+# %% ../nbs/02_cameras.ipynb #88fc505a
 def undistort_normalized(xyd, # (..., 2) distorted normalized coordinates
                          dist, # (5,) k1, k2, p1, p2, k3
                          n_iter:int=20, # Newton iterations (converges in a handful)
@@ -153,6 +161,7 @@ def undistort_normalized(xyd, # (..., 2) distorted normalized coordinates
         if np.nanmax(np.abs(step), initial=0) < 1e-14: break
     return xy
 
+# %% ../nbs/02_cameras.ipynb #76026143
 def _camera_project(self:Camera, pts3d, # (..., 3) world points
                    ) -> np.ndarray:
     "Project world points to pixels (..., 2) through this camera (OpenCV's model)."
@@ -187,35 +196,45 @@ class CameraGroup:
         self.tvecs = np.stack([c.tvec for c in cs])    # (V, 3)
         self.intrs = np.stack([c.intr for c in cs])    # (V, 4)
         self.dists = np.stack([c.dist for c in cs])    # (V, 5)
-
-    @property
-    def names(self) -> list:
-        "View names, in rig order (the V axis)."
-        return [c.name for c in self.cameras]
-    @property
-    def positions(self) -> np.ndarray:
-        "Camera centres in world coordinates (V, 3)."
-        return np.stack([c.position for c in self.cameras])
     def __len__(self): return len(self.cameras)
     def __iter__(self): return iter(self.cameras)
-    def __getitem__(self, key):
-        "A camera by index or by name."
-        if isinstance(key, str):
-            for c in self.cameras:
-                if c.name == key: return c
-            raise InputError(f"no camera named {key!r} in the rig; cameras are {self.names}")
-        return self.cameras[key]
-    def __eq__(self, other): return isinstance(other, CameraGroup) and self.cameras == other.cameras
     __hash__ = object.__hash__
-    def __repr__(self): return f"CameraGroup({self.names})"
-    def replace(self, cameras_by_name:dict, # {view name: Camera}; views not named keep their camera
-               ) -> CameraGroup:
-        "A new rig with some cameras (by name) replaced."
-        return CameraGroup([cameras_by_name.get(c.name, c) for c in self.cameras])
-    def subset(self, names, # view names to keep, in the order wanted; each must be in the rig
-              ) -> CameraGroup:
-        "The rig restricted to `names`, in that order."
-        return CameraGroup([self[n] for n in names])
+
+# %% ../nbs/02_cameras.ipynb #ab14ab7f
+@patch(as_prop=True)
+def names(self:CameraGroup) -> list:
+    "View names, in rig order (the V axis)."
+    return [c.name for c in self.cameras]
+@patch(as_prop=True)
+def positions(self:CameraGroup) -> np.ndarray:
+    "Camera centres in world coordinates (V, 3)."
+    return np.stack([c.position for c in self.cameras])
+@patch
+def __getitem__(self:CameraGroup, key):
+    "A camera by index or by name."
+    if isinstance(key, str):
+        for c in self.cameras:
+            if c.name == key: return c
+        raise InputError(f"no camera named {key!r} in the rig; cameras are {self.names}")
+    return self.cameras[key]
+
+# %% ../nbs/02_cameras.ipynb #090154fe
+@patch
+def __eq__(self:CameraGroup, other): return isinstance(other, CameraGroup) and self.cameras == other.cameras
+@patch
+def __repr__(self:CameraGroup): return f"CameraGroup({self.names})"
+
+# %% ../nbs/02_cameras.ipynb #ddac09d4
+@patch
+def replace(self:CameraGroup, cameras_by_name:dict, # {view name: Camera}; views not named keep their camera
+           ) -> CameraGroup:
+    "A new rig with some cameras (by name) replaced."
+    return CameraGroup([cameras_by_name.get(c.name, c) for c in self.cameras])
+@patch
+def subset(self:CameraGroup, names, # view names to keep, in the order wanted; each must be in the rig
+          ) -> CameraGroup:
+    "The rig restricted to `names`, in that order."
+    return CameraGroup([self[n] for n in names])
 
 # %% ../nbs/02_cameras.ipynb #5f6fc6de
 def _group_project(self:CameraGroup, pts3d, # (..., 3) world points
@@ -263,6 +282,7 @@ def camera_from_dict(name:str, # view name (errors name the table `cameras.<name
                       d.get("distortion", np.zeros(5)), d.get("image_size"))
     except KeyError as e: raise ConfigError(f"cameras.{name}: missing key {e.args[0]!r}") from None
 
+# %% ../nbs/02_cameras.ipynb #bdf34ffb
 def camera_to_df3d(cam:Camera, # the camera to convert
                   ) -> dict:
     "DeepFly3D's camera dict: R (world->camera), tvec, intr (3x3 K), distort (k1, k2, p1, p2, k3)."
@@ -315,6 +335,7 @@ def _group_from_h5(group, # an open h5py Group written by `CameraGroup.to_h5`
     arrs = [group[k][()] for k in ("rmat", "tvec", "intr", "dist")]
     return CameraGroup([Camera(n, R, t, i, d, None if s[0] < 0 else tuple(s)) for n, R, t, i, d, s in zip(names, *arrs, sizes)])
 
+# %% ../nbs/02_cameras.ipynb #05503855
 def _group_to_df3d(self:CameraGroup) -> dict:
     "{view index: DeepFly3D camera dict}, as in a df3d_result pickle."
     return {v: c.to_df3d() for v, c in enumerate(self.cameras)}

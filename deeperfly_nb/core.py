@@ -6,14 +6,16 @@ Docs: https://deeperfly.github.io/deeperfly/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #6e73a85d
 from __future__ import annotations
-import os, tempfile
+import errno, io, json, os, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'atomic_path', 'check_shape', 'ConfigTable',
+__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'DiskFullError', 'disk_full_error',
+           'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache', 'check_shape', 'ConfigTable',
            'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
@@ -29,25 +31,116 @@ class InputError(DeeperflyError, ValueError):
 class ModelError(DeeperflyError):
     "A detector model could not be built, loaded or run."
 
-# %% ../nbs/00_core.ipynb #553eece6
+# %% ../nbs/00_core.ipynb #539f16b8
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+class DiskFullError(DeeperflyError, OSError):
+    "A write failed (or would fail) for lack of space: the message names the folder and the space needed."
+    def __str__(self): return str(self.strerror)
+
+def _mb(n:float) -> str: return f"{n / 1e6:.1f} MB"
+
+def disk_full_error(folder:str|Path, # the folder written to
+                    need_bytes:int|None=None, # how much the write needed, when known
+                   ) -> DiskFullError:
+    "A `DiskFullError` naming `folder`, its free space and (when known) the space needed."
+    folder = Path(folder)
+    try: free = shutil.disk_usage(folder).free
+    except OSError: free = None
+    have = f"{_mb(free)} free" if free is not None else "free space unknown"
+    need = f", about {_mb(need_bytes)} needed" if need_bytes else ""
+    return DiskFullError(errno.ENOSPC, f"no space left in {folder} ({have}{need}); free some space or write elsewhere")
+
+def ensure_free_space(folder:str|Path, # where a write will go
+                      need_bytes:int, # its size (a margin of 64 KiB is added, for the file system's own blocks)
+                     ):
+    "Raise `DiskFullError` before writing when `folder`'s file system has less than `need_bytes` (+64 KiB) free."
+    try: free = shutil.disk_usage(folder).free
+    except OSError: return
+    if free < need_bytes + (1 << 16): raise disk_full_error(folder, need_bytes + (1 << 16))
+
+# %% ../nbs/00_core.ipynb #889c31af
 @contextmanager
 def atomic_path(path:str|Path, # the final destination
+                need_bytes:int|None=None, # the size about to be written, when known: checked against the free space first
                ):
-    "Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it.
+    A full disk (at any point) becomes a `DiskFullError` naming the folder, with the temporary file removed."""
     path = Path(path)
     if path.is_dir(): raise InputError(f"{path} is a directory; expected a file path to write")
     if not path.parent.exists(): raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the result the permissions a plain open() would
+    if need_bytes: ensure_free_space(path.parent, need_bytes)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the result the permissions a plain open() would
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None: Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in NO_SPACE_ERRNOS:
+            raise disk_full_error(path.parent, need_bytes) from None
         raise
+
+# %% ../nbs/00_core.ipynb #f255753f
+@contextmanager
+def atomic_hdf5(path:str|Path, # the final destination (.h5)
+               ):
+    """Yield an HDF5 file built in memory; on success its bytes are written to `path` atomically.
+    The HDF5 library never writes to disk itself, so a full disk is a clean `DiskFullError`, not a crash inside it."""
+    import h5py
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f: yield f
+    data = buf.getbuffer()
+    with atomic_path(path, need_bytes=len(data)) as tmp:
+        with open(tmp, "wb") as out: out.write(data)
+    return None
+
+# %% ../nbs/00_core.ipynb #6e4ef9e2
+_RACY_NS = 2_000_000_000    # a file changed within 2 s of being hashed may change again unseen by its times: re-read it
+
+def _stat_key(path:Path) -> list:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+class DigestCache:
+    """Content digests (xxh3-128 of the bytes) of files, remembered per (path, device, inode, size, mtime, ctime).
+    A digest taken less than 2 s after the file's last change is not trusted later (file times tick coarsely)."""
+    def __init__(self, path:str|Path|None=None, # a JSON file keeping the digests between runs (None: this process only)
+                ):
+        self.path, self.known, self.hashed_bytes = (Path(path) if path else None), {}, 0
+        if self.path is not None and self.path.is_file():
+            try: self.known = json.loads(self.path.read_text())
+            except ValueError: self.known = {}       # a damaged memo only costs re-reading the files
+
+# %% ../nbs/00_core.ipynb #d0374e44
+@patch
+def digest(self:DigestCache, path:str|Path, # a file
+          ) -> str:
+    "The xxh3-128 digest (hex) of the file's bytes; read again only when its stat key changed."
+    import xxhash
+    path = Path(path).resolve()
+    try: key = _stat_key(path)
+    except FileNotFoundError: raise InputError(f"{path}: no such file") from None
+    hit = self.known.get(str(path))
+    if hit and hit[:5] == key and hit[5] - max(key[3], key[4]) > _RACY_NS: return hit[-1]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""): h.update(block)
+    self.hashed_bytes += key[2]
+    self.known[str(path)] = [*key, time.time_ns(), h.hexdigest()]
+    return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #7dbc0016
+@patch
+def save(self:DigestCache):
+    "Write the remembered digests to the cache file (atomically), if it has one."
+    if self.path is None: return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(self.path) as tmp: tmp.write_text(json.dumps(self.known))
 
 # %% ../nbs/00_core.ipynb #9a52bba7
 def check_shape(arr, # the array to check

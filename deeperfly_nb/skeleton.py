@@ -7,6 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/skeleton.html.md"""
 # %% ../nbs/01_skeleton.ipynb #d25b02ec
 from __future__ import annotations
 from dataclasses import dataclass
+from fastcore.basics import patch
 import numpy as np
 from .core import ConfigError, InputError
 
@@ -38,22 +39,23 @@ class Skeleton:
         if len(self.limb_colors) != len(self.limbs):
             raise ConfigError(f"skeleton {self.name!r}: {len(self.limbs)} limbs but {len(self.limb_colors)} colours")
 
-    @property
-    def n_points(self) -> int:
-        "Number of points N: the length of the points axis of every array."
-        return len(self.point_names)
-    @property
-    def n_limbs(self) -> int:
-        "Number of limbs (and of limb colours)."
-        return len(self.limbs)
-    @property
-    def limb_names(self) -> tuple:
-        "Limb names, in the order of `limbs` and `limb_colors`."
-        return tuple(l for l, _ in self.limbs)
-    @property
-    def bone_array(self) -> np.ndarray:
-        "Bones as an int array (B, 2)."
-        return np.asarray(self.bones, dtype=int).reshape(-1, 2)
+# %% ../nbs/01_skeleton.ipynb #40da6cb7
+@patch(as_prop=True)
+def n_points(self:Skeleton) -> int:
+    "Number of points N: the length of the points axis of every array."
+    return len(self.point_names)
+@patch(as_prop=True)
+def n_limbs(self:Skeleton) -> int:
+    "Number of limbs (and of limb colours)."
+    return len(self.limbs)
+@patch(as_prop=True)
+def limb_names(self:Skeleton) -> tuple:
+    "Limb names, in the order of `limbs` and `limb_colors`."
+    return tuple(l for l, _ in self.limbs)
+@patch(as_prop=True)
+def bone_array(self:Skeleton) -> np.ndarray:
+    "Bones as an int array (B, 2)."
+    return np.asarray(self.bones, dtype=int).reshape(-1, 2)
 
 # %% ../nbs/01_skeleton.ipynb #f8070ce0
 FLY_LEG_JOINTS = ("body_coxa", "coxa_femur", "femur_tibia", "tibia_tarsus", "claw")
@@ -175,6 +177,7 @@ def skeleton_from_dict(d:dict, # a [skeleton] table: name, points, bones, limbs,
     cols = tuple(colors.get(l, DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)]) for k, (l, _) in enumerate(limbs))
     return Skeleton(name, points, tuple(bones), limbs, cols)
 
+# %% ../nbs/01_skeleton.ipynb #f9c0b219
 def skeleton_to_dict(skeleton:Skeleton, # the skeleton to write out
                     ) -> dict:
     "The TOML-style table of `skeleton` (inverse of `skeleton_from_dict`)."

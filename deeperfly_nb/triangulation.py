@@ -43,6 +43,7 @@ def _prepare(rig:CameraGroup, pts2d, conf, min_confidence:float):
         with np.errstate(invalid="ignore"): usable &= np.isfinite(c) & (c >= min_confidence)
     return p, c, usable, lead
 
+# %% ../nbs/03_triangulation.ipynb #08a04d3d
 def _undistort(rig:CameraGroup, p:np.ndarray, usable:np.ndarray) -> np.ndarray:
     "Normalized image coordinates (2, V, M) (x, y planes) of the usable pixels p (V, M, 2), Newton-undistorted where the lens distorts; 0 where unusable."
     xy = np.empty((2, *usable.shape))
@@ -95,6 +96,7 @@ def _dlt_constants(P:np.ndarray, # (V, 3, 4) normalised projection matrices
                   kx * o(P1, P1) + ky * o(P2, P2)], axis=1)
     return G[..., _IU[0], _IU[1]]
 
+# %% ../nbs/03_triangulation.ipynb #e91c9c20
 def _dlt_features(xy:np.ndarray, # (2, V, M) normalized image coordinates, 0 where unusable
                   usable:np.ndarray, # (V, M) bool
                  ) -> np.ndarray:
@@ -148,6 +150,7 @@ def _newton_eigvec(S:np.ndarray, # (10, M) distinct entries of symmetric 4x4 mat
         ok = (A00 > 0) & (c22 > 0) & (det > 0) & (np.abs(step) <= 1e-12 * (a00 + a11 + a22 + d)) & np.isfinite(X).all(0)
     return X, ok
 
+# %% ../nbs/03_triangulation.ipynb #fa9b0972
 def _smallest_eigvec(S:np.ndarray, # (10, M) distinct entries of symmetric 4x4 matrices
                     ) -> np.ndarray:
     "X' (3, M) with (X', 1) ∝ the eigenvector of the smallest eigenvalue (Newton, then eigh where needed)."
@@ -234,6 +237,7 @@ def _rays(rig:CameraGroup, xy:np.ndarray, c, s): # xy (2, V, M) normalized image
     d /= np.sqrt(d[:, 0] ** 2 + d[:, 1] ** 2 + d[:, 2] ** 2)[:, None]
     return d, (rig.positions - c) / s
 
+# %% ../nbs/03_triangulation.ipynb #9621c28e
 def _ransac(score:_Scorer, d, C, usable, thr:float, nmin:int) -> np.ndarray:
     "Inlier mask (V, M) of the best view pair's consensus set; all False where it has fewer than nmin views."
     V, M = usable.shape
@@ -263,6 +267,7 @@ def _ransac(score:_Scorer, d, C, usable, thr:float, nmin:int) -> np.ndarray:
     best[:, best_n < nmin] = False
     return best
 
+# %% ../nbs/03_triangulation.ipynb #60e03e41
 def _greedy(score:_Scorer, G, B, w, usable, thr:float, nmin:int) -> np.ndarray:
     "Mask (V, M) of the views kept after greedily dropping the worst-reprojecting view while it is off by > thr."
     V, M = usable.shape

@@ -150,19 +150,24 @@ class Chromium:
     # -- pages ----------------------------------------------------------------------------------------------
     def visit(self, url: str, screenshot: Path | None = None, scroll_to: str | None = None,
               plotly_timeout: float = 20.0, settle: float = 0.5, wait_for: str | None = None,
-              evaluate: str | None = None) -> PageVisit:
+              evaluate: str | None = None, width: int = 1280, height: int = 900, block: tuple = (),
+              then_widths: tuple = ()) -> PageVisit:
         """Open `url` in a new tab, wait for the load event, for the network to go quiet, for every Plotly figure
         to draw its `svg.main-svg` and (if given) for the JavaScript expression `wait_for` to be truthy (its last value
         is `PageVisit.waited`); record requests, failures and console errors; optionally save a PNG screenshot (after
         scrolling the first element matching the CSS selector `scroll_to` into view) and evaluate the JavaScript
-        expression `evaluate` once the page has settled (its JSON value is `PageVisit.value`)"""
+        expression `evaluate` once the page has settled (its JSON value is `PageVisit.value`); the window is
+        `width` x `height` CSS pixels; requests whose URL matches a pattern of `block` (`*` wildcards) are refused.
+        With `then_widths`, the window is then resized to each of those widths in turn and `evaluate` evaluated
+        again: `PageVisit.value` is the list of its values, at `width` first"""
         t0 = time.monotonic()
         tid = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         sid = self.send("Target.attachToTarget", {"targetId": tid, "flatten": True})["sessionId"]
         v = PageVisit(url)
         try:
             for d in ("Page", "Runtime", "Log", "Network"): self.send(f"{d}.enable", session=sid)
-            self.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1,
+            if block: self.send("Network.setBlockedURLs", {"urls": list(block)}, sid)
+            self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
                                                              "mobile": False}, sid)
             with self._cv: start = len(self._events.get(sid, []))
             nav = self.send("Page.navigate", {"url": url}, sid)
@@ -185,6 +190,12 @@ class Chromium:
             if evaluate:
                 time.sleep(0.3)  # let the page's own load handlers (e.g. figure resizing) run
                 v.value = self.evaluate(sid, evaluate)
+                if then_widths: v.value = [v.value]
+                for w in then_widths:
+                    self.send("Emulation.setDeviceMetricsOverride", {"width": w, "height": height, "deviceScaleFactor": 1,
+                                                                     "mobile": False}, sid)
+                    time.sleep(0.5)  # the resize event, then the page's handlers
+                    v.value.append(self.evaluate(sid, evaluate))
             if screenshot:
                 if scroll_to:
                     self.evaluate(sid, f"(() => {{ const e = document.querySelector({json.dumps(scroll_to)}); "

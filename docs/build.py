@@ -6,11 +6,14 @@ myst-nb and pydata-sphinx-theme from PyPI (`pip install -e ".[docs]"`):
 1. Every notebook in `nbs/` (found afresh each build; names starting with `_` or `.` are skipped) goes through
    nbdev's own docs processors (those of `nbdev-proc-nbs`: front matter, `show_doc` cells for every exported
    symbol, hidden/exported cells removed, backtick links), executed top to bottom the way `nbdev-test` runs it:
-   cells flagged with a `tst_flags` flag (`#| slow`, `#| notest`) or `#| eval: false` are skipped. Notebooks run
-   in separate processes, `--jobs` at a time (default 2), each with a time limit.
+   exactly the cells `nbdev.test.nb_test_cells` lists (so cells flagged with a `tst_flags` flag such as `#| slow`
+   or `#| notest`, and `#| eval: false` cells, are skipped), plus the `show_doc` cells nbdev adds. Notebooks run
+   in separate processes, `--jobs` at a time (default 2), each with a time limit; a line per notebook is printed
+   as it finishes. This execution is the test run: CI runs this script instead of `nbdev-test`, so every
+   notebook runs once and its page shows those outputs.
 2. A notebook that fails (an exception in a cell, a syntax error, half-written JSON, a crash or a timeout) still
    gets its page: the outputs up to the failing cell and an error box naming the cell and the exception. The
-   build goes on, lists every failed page at the end and exits 1.
+   build goes on, lists every failed notebook at the end with the failing cell and its traceback, and exits 1.
 3. Plotly figures become a `<div>` and a `Plotly.newPlot` call; the site serves one copy of plotly.js
    (`_static/plotly.min.js`, from the installed plotly), loaded only by the pages that have a figure. No CDN,
    no MathJax. Large float64 arrays in figures travel as float32; large PNG outputs (and PNG images inside
@@ -25,7 +28,7 @@ myst-nb and pydata-sphinx-theme from PyPI (`pip install -e ".[docs]"`):
 Builds sharing `_proc/` take turns (a lock file), so several people can run this (or the site test) at once.
 
 Executed notebooks are cached in `_proc/.cache/`, keyed on the notebook, the package, the bundled example
-and this script, so a rebuild re-runs only what changed; a site whose inputs are all unchanged is not rebuilt
+and the docs scripts, so a rebuild re-runs only what changed; a site whose inputs are all unchanged is not rebuilt
 at all (`--force` rebuilds anyway, `--no-cache` re-executes every notebook).
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +117,9 @@ def _tree(folder: Path, exts=None):
 
 
 def exec_key() -> str:
-    "What every notebook's outputs depend on besides itself: the package, the bundled example, this script"
-    return _files_digest(_tree(PKG) + _tree(ROOT / "examples") + [Path(__file__).resolve(), ROOT / "pyproject.toml"]) + CACHE_VERSION
+    "What every notebook's outputs depend on besides itself: the package, the bundled example, the docs scripts run in it"
+    scripts = [Path(__file__).resolve(), DOCS / "deeperfly_docs_render.py", ROOT / "pyproject.toml"]
+    return _files_digest(_tree(PKG) + _tree(ROOT / "examples") + [p for p in scripts if p.exists()]) + CACHE_VERSION
 
 
 def site_key(nbs, ekey: str) -> str:
@@ -137,16 +141,19 @@ def process_one(src: Path, dst: Path, status: Path, cell_timeout: int):
     from nbdev.config import get_config
     from nbdev.process import NBProcessor
     from nbdev.processors import FilterDefaults, exec_show_docs, add_links as nbdev_add_links
-    from nbdev.test import _skip_cell
+    from nbdev.test import nb_test_cells
     from execnb.shell import CaptureShell
 
     skip_flags = get_config().get("tst_flags", "").split()
     failure = {}
 
+    tested = {c.id for c in nb_test_cells(src, skip_flags)}  # the cells nbdev-test runs (none: skip_exec)
+    where = {c.get("id"): i + 1 for i, c in enumerate(read_nb(src).cells)}  # id -> position in the notebook, from 1
+
     class exec_all(exec_show_docs):
-        "Execute the notebook as nbdev-test does (every code cell bar skip flags / `eval: false`), keeping outputs"
+        "Execute the notebook as nbdev-test does (the cells of `nb_test_cells`) plus nbdev's show_doc cells, keeping outputs"
         def begin(self):
-            self.skip = _skip_cell(self.nb, skip_flags)
+            self.skip = lambda cell: not (cell.get("id") in tested or (tested and cell.get("has_sd")))
             self.k = CaptureShell(src, mpl_format="png")
             self.k.run_cell(_KERNEL_SETUP.replace("__DEFAULT_EXP__", repr(default_exp(src))))
             if self.k.exc: raise self.k.exc
@@ -155,7 +162,8 @@ def process_one(src: Path, dst: Path, status: Path, cell_timeout: int):
             if failure or cell.cell_type != "code" or not cell.source.strip() or self.skip(cell): return
             self.k.cell(cell, timeout=cell_timeout)
             if (e := self.k.exc) is not None:
-                failure.update(cell=cell.idx_, source=cell.source, error=f"{type(e).__name__}: {e}")
+                failure.update(cell=f"{where.get(cell.get('id'), '?')} (id {cell.get('id')})", source=cell.source, error=f"{type(e).__name__}: {e}",
+                               traceback=self.k.prettytb(fname=src.name))
                 cell.metadata["deeperfly_failed"] = True
 
         def end(self): pass
@@ -180,7 +188,8 @@ def process_one(src: Path, dst: Path, status: Path, cell_timeout: int):
     cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
     status.write_text(json.dumps({"ok": not failure, "title": title, "seconds": time.perf_counter() - t0, "cpu_s": cpu,
-                                  "error": failure and f"cell {failure['cell']} raised {failure['error']}\n--- the cell:\n{failure['source']}"}))
+                                  "error": failure and f"cell {failure['cell']} raised {failure['error']}\n--- the cell:\n{failure['source']}",
+                                  "traceback": failure.get("traceback")}))
 
 
 _RE_DIRECTIVE = re.compile(r"^\s*#\|.*\n?", re.MULTILINE)
@@ -331,10 +340,6 @@ def _child_env(jobs: int) -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))  # each notebook its own core(s): no oversubscription
     for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"): env[v] = threads
     env.setdefault("MPLBACKEND", "Agg")
-    # glibc gives every large freed buffer (a batch of frames, a network activation) back to the kernel and faults it in
-    # again for the next batch: ~40% of a detection notebook's time went to the kernel. Keep freed memory instead.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 32))
     env["PYTHONPATH"] = os.pathsep.join([str(DOCS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -363,7 +368,8 @@ def run_notebook(nb: Path, ekey: str, args, env) -> dict:
     secs = time.perf_counter() - t0
     if status.exists() and dst.exists():
         st = json.loads(status.read_text())
-        rec.update(ok=st["ok"], title=st["title"], seconds=secs, cpu_s=st.get("cpu_s"), error=st["error"] or None)
+        rec.update(ok=st["ok"], title=st["title"], seconds=secs, cpu_s=st.get("cpu_s"), error=st["error"] or None,
+                   traceback=st.get("traceback"))
     else:  # processing itself failed (syntax error, unreadable JSON, crash, timeout): a stub page with the error
         err = f"{why}\n{log}"
         rec.update(ok=False, title=fallback_page(nb, dst, err), seconds=secs, cpu_s=None, error=err)
@@ -373,6 +379,14 @@ def run_notebook(nb: Path, ekey: str, args, env) -> dict:
         shutil.copyfile(dst, cached)
         cmeta.write_text(json.dumps({"key": key, **{k: rec[k] for k in ("ok", "title", "seconds", "cpu_s", "error")}}))
     return rec
+
+
+def _progress_line(r: dict, elapsed: float) -> str:
+    "One notebook's line: name, kind, wall and CPU seconds, cached/FAILED, and the time since the build started"
+    cpu = f"(cpu {r['cpu_s']:5.1f} s)" if r.get("cpu_s") is not None else " " * 14
+    state = " cached" if r["cached"] else ""
+    if not r["ok"]: state += "  FAILED: " + (r.get("error") or "").splitlines()[0][:150]
+    return f"{r['notebook']:<28} {r['kind']:<9} {r['seconds']:6.1f} s {cpu}{state}  [{elapsed:4.0f} s]"
 
 
 def write_navigation(records: list[dict]):
@@ -442,7 +456,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="regex: render only matching notebooks (and index), for quick iteration")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds one notebook may take in all (default 1200)")
     ap.add_argument("--cell-timeout", type=int, default=600, help="seconds one cell may take (default 600)")
-    ap.add_argument("--no-cache", action="store_true", help="re-execute every notebook")
+    ap.add_argument("--no-cache", action="store_true", help="re-execute every notebook (what CI does)")
     ap.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
     ap.add_argument("--one", nargs=3, metavar=("SRC", "DST", "STATUS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -460,7 +474,7 @@ def main(argv=None):
     ekey = exec_key()
     skey = site_key(nbs, ekey)
     old = out / REPORT
-    if not a.force and not a.only and old.exists():
+    if not a.force and not a.no_cache and not a.only and old.exists():
         rep = json.loads(old.read_text())
         if rep.get("site_key") == skey and not rep.get("failed"):
             print(f"{out} is up to date ({len(rep['pages'])} pages; --force rebuilds)")
@@ -471,20 +485,20 @@ def main(argv=None):
     for p in PROC.glob("*"):
         if p.name not in (".cache", ".lock"): shutil.rmtree(p) if p.is_dir() else p.unlink()
     (PROC / "src").mkdir()
-    # slowest first (by last measured time) so that the parallel runs finish together
+    # slowest first (by last measured time) so that the parallel runs finish together; never measured (a fresh
+    # clone): before the others, tutorials first, then the higher-numbered notebooks (they compose more of the package)
     def last_secs(p):
         m = CACHE / f"{page_name(p)}.json"
-        return -json.loads(m.read_text()).get("seconds", 0) if m.exists() else -1e9
+        return (1, -json.loads(m.read_text()).get("seconds", 0)) if m.exists() else (0, kind(p) != "tutorial", -nbs.index(p))
     env = _child_env(a.jobs)
-    print(f"executing {len(nbs)} notebooks, {a.jobs} at a time")
+    print(f"executing {len(nbs)} notebooks, {a.jobs} at a time (a line as each finishes)", flush=True)
+    recs = {}
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        futs = {p: ex.submit(run_notebook, p, ekey, a, env) for p in sorted(nbs, key=last_secs)}
-        recs = {p: f.result() for p, f in futs.items()}
+        futs = {ex.submit(run_notebook, p, ekey, a, env): p for p in sorted(nbs, key=last_secs)}
+        for f in as_completed(futs):
+            recs[futs[f]] = r = f.result()
+            print(f"  [{len(recs):2d}/{len(nbs)}] {_progress_line(r, time.perf_counter() - t0)}", flush=True)
     records = [recs[p] for p in nbs]
-    for r in records:
-        cpu = f"(cpu {r['cpu_s']:5.1f} s)" if r.get("cpu_s") is not None else " " * 14
-        print(f"  {r['page']:<24} {r['kind']:<9} {r['seconds']:6.1f} s {cpu}{' cached' if r['cached'] else ''}"
-              f"{'' if r['ok'] else '  FAILED'}")
     t_exec = time.perf_counter() - t0
 
     write_navigation(records)
@@ -528,7 +542,9 @@ def main(argv=None):
     if failed:
         print(f"\n{len(failed)} page(s) FAILED (their pages show the error):", file=sys.stderr)
         for r in failed:
-            print(f"\n--- {r['page']} ({r['notebook']}) ---\n{r['error']}", file=sys.stderr)
+            tb = f"\n{r['traceback']}" if r.get("traceback") else ""
+            print(f"\n--- {r['notebook']} (page {r['page']}) ---\n{r['error']}{tb}", file=sys.stderr)
+        print("FAILED: " + ", ".join(r["notebook"] for r in failed), file=sys.stderr)
         return 1
     return 0
 

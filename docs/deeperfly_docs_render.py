@@ -11,13 +11,30 @@ BIG_IMAGE_BYTES = 150_000  # PNG outputs larger than this become JPEG
 JPEG_QUALITY = 85
 
 
+FIGURE_CONFIG = {"responsive": True, "displaylogo": False}
+
+# Draw once the page is parsed: a figure drawn where its script stands would take the width its column has at that
+# moment, before the page's right-hand side bar exists, and come out wider than the column (clipped on the right).
+_DRAW = ('<script>(function () {{ var draw = function () {{ var f = {spec}; Plotly.newPlot("{id}", f.data, f.layout, {config}); }};'
+         ' if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", draw); else draw(); }})();</script>')
+
+
 def figure_html(fig) -> str:
-    "A Plotly figure (dict or Figure) -> `<div>` + `Plotly.newPlot` script; plotly.js itself is loaded once by the page"
+    """A Plotly figure (dict or Figure) -> `<div>` + a script that draws it with `Plotly.newPlot` once the page is parsed,
+    as wide as its column (a width set in the figure's layout is dropped); plotly.js itself is loaded once by the page"""
+    import json
+    import uuid
     import plotly.io as pio
     fig = fig.to_dict() if hasattr(fig, "to_dict") else dict(fig)
     fig = _compact_arrays(_shrink_figure_images(fig))
-    return pio.to_html(fig, full_html=False, include_plotlyjs=False, include_mathjax=False, validate=False,
-                       default_height=FIGURE_HEIGHT, config={"responsive": True, "displaylogo": False})
+    layout = dict(fig.get("layout") or {})
+    layout.pop("width", None)
+    height = layout.get("height")
+    fig = {**fig, "layout": layout}
+    div_id = str(uuid.uuid4())
+    style = f"height:{height}px; width:100%;" if isinstance(height, (int, float)) else f"height:{FIGURE_HEIGHT}; width:100%;"
+    return (f'<div style="{style}"><div id="{div_id}" class="plotly-graph-div" style="height:100%; width:100%;"></div>'
+            + _DRAW.format(spec=pio.to_json(fig, validate=False), id=div_id, config=json.dumps(FIGURE_CONFIG)) + "</div>")
 
 
 COMPACT_MIN_BYTES = 4_000  # float64 arrays bigger than this (base64) are sent as float32

@@ -18,13 +18,15 @@ def run_cli(*args, cwd=None):
 
 def leftovers(folder: Path) -> list:
     "Temporary or partial files left in `folder`."
-    return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"] if folder.exists() else []
+    if not folder.exists(): return []
+    state = [p.name for p in (folder / ".deeperfly").glob("*.tmp")]          # the state folder: records, config snapshot
+    return state + [p.name for p in folder.iterdir() if p.name != ".deeperfly" and (p.name.startswith(".") or p.suffix == ".tmp")]
 
 def test_main_job_on_bundled_example(tmp_path, example_dir):
     out = tmp_path / "out"
     r = run_cli("reconstruct", str(example_dir), "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert (out / "results.h5").exists() and (out / "config.toml").exists()
+    assert (out / "results.h5").exists() and (out / ".deeperfly" / "config.toml").exists()
     assert leftovers(out) == []
     r = run_cli("inspect", str(out / "results.h5"), "--ground-truth", str(example_dir / "ground_truth.h5"), "--json")
     assert r.returncode == 0, r.stderr

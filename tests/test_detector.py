@@ -14,11 +14,12 @@ from hypothesis import assume, given, settings, strategies as st
 import deeperfly_nb.detector as det
 from deeperfly_nb.config import Config
 from deeperfly_nb.core import InputError, ModelError
-from deeperfly_nb.decoding import (gaussian_heatmaps, heatmap_to_points, heatmap_to_points_torch,
+from deeperfly_nb.decoding import (DECODERS, argmax_peaks_torch, gaussian_heatmaps, heatmap_to_points, heatmap_to_points_torch,
                                    normalized_peaks_to_original_pixels, route_channels_to_points_in_views)
+from deeperfly_nb.inference import detect_sequence
 from deeperfly_nb.detector import (HourglassNet, build_network, infer_architecture, load_checkpoint, load_model,
                                    load_models, resize_like_skimage, resolve_weights, save_checkpoint)
-from deeperfly_nb.plan import ModelSpec, Transform
+from deeperfly_nb.plan import ConfigWarning, ModelSpec, Transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -76,7 +77,9 @@ def test_published_layouts_load_strictly(layout, tmp_path, name, n_stacks):
 
 def test_use_stack_runs_only_the_first_stacks(layout, tmp_path, real_frame):
     df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
-    model = load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu")
+    fused = load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu")
+    assert fused.fused is not None and fused.fused.n_stacks == 2 and len(fused.fused.hg) == 2   # only 2 stacks rebuilt
+    model = load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu", fused=False)
     assert model.use_stack == 2 and model.net.n_stacks == 8
     ran = []
     hooks = [model.net.hg[i].register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i in range(8)]
@@ -87,6 +90,7 @@ def test_use_stack_runs_only_the_first_stacks(layout, tmp_path, real_frame):
     assert hm.shape == (1, 19, 64, 128) and hm.dtype == np.float32 and np.isfinite(hm).all()
     with torch.inference_mode(): second = model.net(x, n_stacks=2)[1].numpy()
     np.testing.assert_allclose(hm, second, atol=1e-5)
+    np.testing.assert_allclose(fused.predict_heatmaps(x), second, atol=1e-5)
 
 
 def test_layout_mismatch_names_the_first_key(layout, tmp_path):
@@ -340,3 +344,131 @@ def test_routing_into_views():
     assert written_by == {[p.name for p in plan.pathways].index("f"), [p.name for p in plan.pathways].index("f_flip")}
     with pytest.raises(InputError, match="out of range"):
         route_channels_to_points_in_views(xy, np.ones((T, 19)), [(0, plan.n_views, 0)], out_pts, out_conf)
+
+
+# --- DeepFly2D compatibility ---------------------------------------------------------------------------------------
+
+def test_many_stacks_without_use_stack_warn(layout, tmp_path):
+    df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
+    df2d_checkpoint(tmp_path / "sh2.tar", layout["sh2"])
+    with pytest.warns(ConfigWarning, match=r"sh8\.tar has 8 stacks and use_stack is not set.*use_stack = 2"):
+        m = load_model(spec(weights="sh8.tar", base_dir=tmp_path), device="cpu")
+    assert m.use_stack == 8
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu").use_stack == 2
+        assert load_model(spec(weights="sh2.tar", base_dir=tmp_path), device="cpu").use_stack == 2    # 2 stacks: nothing to say
+
+
+def test_pickled_objects_refused_without_torchs_advice(tmp_path):
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "meta": np.arange(3)}, tmp_path / "pickled.tar")
+    with pytest.raises(ModelError) as e:
+        load_checkpoint(tmp_path / "pickled.tar")
+    msg = str(e.value)
+    assert str(tmp_path / "pickled.tar") in msg and "non-tensor Python objects" in msg and "will not execute the pickled code" in msg
+    rest = msg.replace(str(tmp_path), "")
+    assert "weights_only" not in rest and "trust" not in rest and "add_safe_globals" not in rest
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ModelError, match=r"cannot read checkpoint .*garbage\.pt") as e:
+        load_checkpoint(tmp_path / "garbage.pt")
+    assert "weights_only" not in str(e.value).replace(str(tmp_path), "")
+
+
+def df2d_rule(hm: torch.Tensor) -> np.ndarray:
+    "DeepFly2D's heatmap2points, map by map: (row, col) of the first maximum / (Hh, Ww), returned as (u, v)."
+    out = np.zeros(hm.shape[:-2] + (2,))
+    for idx in np.ndindex(*hm.shape[:-2]):
+        r, c = (hm[idx] == torch.max(hm[idx])).nonzero(as_tuple=False)[0].tolist()
+        out[idx] = c / hm.shape[-1], r / hm.shape[-2]
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), levels=st.integers(2, 6))
+def test_argmax_decoder_is_deepfly2ds_rule(seed, levels):
+    g = torch.Generator().manual_seed(seed)
+    hm = torch.randint(0, levels, (2, 3, 8, 16), generator=g).float() / levels     # few levels: many tied maxima
+    xy, conf = argmax_peaks_torch(hm)
+    assert np.array_equal(xy.numpy(), df2d_rule(hm))
+    np.testing.assert_allclose(conf.numpy(), hm.flatten(-2).amax(-1).numpy())
+    assert DECODERS["argmax"].pixel_offset == 0.5 and DECODERS["subpixel"].pixel_offset == 0.0
+
+
+@pytest.fixture(scope="module")
+def sample_windows():
+    if not FRAMES: pytest.skip(f"real DeepFly3D frames not found under {SHARED / 'deepfly3d_sample'}")
+    import cv2
+    plan = Config.default().detection_plan()
+    read = lambda c, t: cv2.cvtColor(cv2.imread(str(SHARED / "deepfly3d_sample" / f"camera_{c}_img_{t}.jpg")), cv2.COLOR_BGR2RGB)
+    return {s.name: np.stack([read(c, t) for t in range(2)]) for c, s in enumerate(plan.sources)}
+
+
+def small_plan(tmp_path, **options):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "small.pt", HourglassNet(n_stacks=2, n_features=16, n_stem_features=8))
+    plan = Config.default().detection_plan()
+    plan.models["deepfly2d"] = dataclasses.replace(plan.models["deepfly2d"], weights=str(tmp_path / "small.pt"), options=options)
+    return plan
+
+
+def test_detections_identical_however_batched(tmp_path, sample_windows):
+    plan = small_plan(tmp_path)
+    models = load_models(plan, device="cpu")
+    assert models["deepfly2d"].fused is not None
+    first = detect_sequence(plan, models, sample_windows, batch_size=16)
+    for b in (1, 3, 16):                      # other batch shapes, and the same shape again (its buffers reused)
+        again = detect_sequence(plan, models, sample_windows, batch_size=b)
+        assert all(np.array_equal(a, c, equal_nan=True) for a, c in zip(again, first)), b
+    # against the network's own forward: float rounding only, which the sub-pixel step amplifies on the flat maps of
+    # random weights to a few hundredths of a pixel at most (as much as the NHWC and NCHW eager forwards differ by)
+    eager = detect_sequence(plan, load_models(plan, device="cpu", fused=False, channels_last=False), sample_windows)
+    assert np.array_equal(np.isnan(eager[0]), np.isnan(first[0]))
+    assert np.nanmax(np.abs(eager[0] - first[0])) < 0.05 and np.nanmax(np.abs(eager[1] - first[1])) < 1e-5
+
+
+def test_argmax_detections_are_deepfly3ds_pixels(tmp_path, sample_windows):
+    "On the DeepFly3D rig, argmax points lie on DeepFly3D's 7.5 px lattice and follow DeepFly2D's rule, mirrors included."
+    plan = small_plan(tmp_path, decoder="argmax", use_stack=2)
+    model = load_models(plan, device="cpu")["deepfly2d"]
+    assert model.decoder == "argmax"
+    pts2d, conf = detect_sequence(plan, {"deepfly2d": model}, sample_windows)
+    seen = np.isfinite(pts2d).all(-1)
+    assert seen.sum() == 2 * plan.visibility_mask().sum()
+    assert np.array_equal(pts2d[seen] / 7.5, np.round(pts2d[seen] / 7.5))
+    for pw in plan.pathways:
+        hm = torch.from_numpy(model.predict_heatmaps(model.prepare(pw.transform.apply(sample_windows[pw.source]))))
+        uv = df2d_rule(hm)                                                      # (T, 19, 2), DeepFly2D's normalized points
+        if pw.preprocessor == "flip": uv[..., 0] = 1 - uv[..., 0]               # DeepFly3D un-mirrors u as 1 - u
+        for c, v, p in pw.mapping:
+            np.testing.assert_allclose(pts2d[v, :, p], uv[:, c] * [960, 480], atol=1e-9)
+            np.testing.assert_allclose(conf[v, :, p], np.clip(hm[:, c].flatten(1).amax(1).numpy(), 0, 1), atol=1e-6)
+
+
+def test_deepfly2d_preset_file():
+    import tomllib
+    from deeperfly_nb.config import ModelConfig
+    path = ROOT / "deeperfly_nb" / "data" / "deepfly2d_config.toml"
+    preset, default = tomllib.loads(path.read_text()), tomllib.loads((ROOT / "deeperfly_nb" / "data" / "default_config.toml").read_text())
+    model = preset["pose2d"]["models"][0]
+    assert (model["decoder"], model["use_stack"], model["weights"]) == ("argmax", 2, "weights/sh8_deepfly.tar")
+    assert {k: v for k, v in preset.items() if k != "pose2d"} == {k: v for k, v in default.items() if k != "pose2d"}
+    assert {k: v for k, v in preset["pose2d"].items() if k != "models"} == {k: v for k, v in default["pose2d"].items() if k != "models"}
+    if "decoder" in ModelConfig.model_fields:                   # the schema knows the key: the file loads as it is
+        plan = Config.load(path).detection_plan()
+        assert plan.models["deepfly2d"].options.get("decoder") == "argmax"    # the config passes it on to the model
+    else:                                                       # until then: everything else is valid
+        plain = {**preset, "pose2d": {**preset["pose2d"], "models": [{k: v for k, v in model.items() if k != "decoder"}]}}
+        plan = Config.from_dict(plain).detection_plan()
+    assert plan.models["deepfly2d"].options.get("use_stack") == 2
+
+
+def test_trained_model_detections_unchanged_by_fused_forward(sample_windows):
+    "The bundled trained model on real frames: the fused CPU forward gives the eager network's points to 0.01 px."
+    try: det.bundled_weights("fly_synthetic")
+    except ModelError as e: pytest.skip(str(e))
+    plan = Config.default().detection_plan()
+    fused = detect_sequence(plan, load_models(plan, device="cpu"), sample_windows)
+    eager = detect_sequence(plan, load_models(plan, device="cpu", fused=False, channels_last=False), sample_windows)
+    assert np.array_equal(np.isnan(fused[0]), np.isnan(eager[0]))
+    assert np.nanmax(np.abs(fused[0] - eager[0])) < 0.01 and np.nanmax(np.abs(fused[1] - eager[1])) < 1e-4

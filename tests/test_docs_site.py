@@ -6,7 +6,12 @@ protocol through a pipe: docs/browser.py), and check that
 - plotly.js is served once from the site (`_static/plotly.min.js`), no page inlines it, nothing comes from a CDN;
 - in the browser: no console errors, every request goes to localhost and succeeds, every Plotly figure has drawn
   its `svg.main-svg`, every link into the site points at an existing page; the search page finds things;
+- at 1400 and 1920 px windows no figure (Plotly figure, image, SVG) sticks out of its column, also as first drawn
+  (before the resize script), and the article column takes most of the window;
 - a notebook that fails mid-edit gets an error page while the rest of the site builds.
+
+The build is the notebooks' test run: CI runs `python docs/build.py --no-cache` first (each notebook executed once,
+a line per notebook, failures named with their cell), and these tests then find the site up to date.
 
 Screenshots of the home page, a module page and the walkthrough (its top and its first figure) are saved in
 `_docs/_screenshots/`; the walkthrough page is checked for being complete (every step, every figure drawn, the
@@ -249,6 +254,56 @@ def test_walkthrough_page(site, browser, server):
     assert re.search(r"3D error of the bundled example: median \d+\.\d+", tail), "no ground-truth error at the end"
     print(f"\nwalkthrough.html: {len(text) / 1024:.0f} KB, {v.plotly['divs']} figures, {len(jpgs)} JPEG frames "
           f"(largest {max(len(j) for j in jpgs) / 1024:.0f} KB base64)")
+
+
+FIT_WIDTHS = (1400, 1920)  # browser windows, CSS px
+# Every figure in the article (Plotly figures, their drawn SVG, images, SVGs) against its output cell and the article:
+# "tag.class left..right px in a container left..right px" for each one that sticks out on either side.
+_OVERFLOW_JS = """(() => {
+  const art = document.querySelector('.bd-article'), bad = [];
+  if (!art) return ['no .bd-article on the page'];
+  const a = art.getBoundingClientRect();
+  for (const el of art.querySelectorAll('.plotly-graph-div, .plotly-graph-div svg.main-svg, img, svg:not(svg svg)')) {
+    const r = el.getBoundingClientRect();
+    if (!r.width) continue;
+    const box = (el.parentElement.closest('.cell_output') || art).getBoundingClientRect();
+    const left = Math.max(box.left, a.left), right = Math.min(box.right, a.right);
+    if (r.right > right + 1 || r.left < left - 1)
+      bad.push(el.tagName.toLowerCase() + '.' + ((el.getAttribute('class') || '').split(' ')[0]) + ' ' + Math.round(r.left) +
+               '..' + Math.round(r.right) + ' px in a container ' + Math.round(left) + '..' + Math.round(right) + ' px');
+  }
+  return bad;
+})()"""
+
+
+def _figure_pages(out: Path) -> list[str]:
+    "Pages whose article holds a Plotly figure or an image"
+    pages = []
+    for page in _pages(out):
+        text = (out / page).read_text(errors="replace")
+        art = re.search(r"<article.*?</article>", text, re.S)
+        if art and re.search(r'plotly-graph-div|<img\b', art[0]): pages.append(page)
+    return pages
+
+
+def test_figures_fit_their_column(site, browser, server):
+    """At 1920 and 1400 px windows no figure sticks out of its column, and the article column takes most of the window.
+    Each page is loaded at 1920 px without the resize script (docs/_static/fit-figures.js): figures must be drawn at
+    their column's width in the first place; then the window shrinks to 1400 px and they must follow."""
+    pages = _figure_pages(site.out)
+    assert "walkthrough.html" in pages, pages
+    expr = "[" + _OVERFLOW_JS + ", document.querySelector('.bd-article').getBoundingClientRect().width]"
+    problems, widths = [], {}
+    for page in pages:
+        v = browser.visit(server.base + page, width=FIT_WIDTHS[-1], then_widths=FIT_WIDTHS[:-1][::-1],
+                          block=("*fit-figures.js*",), evaluate=expr)
+        for w, (bad, col) in zip(FIT_WIDTHS[::-1], v.value):
+            problems += [f"{page} at {w} px: {b}" for b in bad]
+            widths[w] = min(widths.get(w, col), round(col))
+    assert not problems, f"{len(problems)} figure(s) overflow their column:\n" + "\n".join(problems[:40])
+    for w, col in widths.items():  # the content column uses the page: the side bars take at most 600 px
+        assert col >= w - 600, f"the article column is {col} px wide in a {w} px window"
+    print(f"\n{len(pages)} pages with figures fit at {FIT_WIDTHS} px; narrowest article column {widths} px")
 
 
 def test_search_finds_symbols(site, browser, server):

@@ -84,7 +84,9 @@ def test_caching(recording, reference):
 
 def test_video_shows_the_reprojected_skeleton(recording, reference):
     "Decode pose3d.mp4: frame count and fps, and the limb colours drawn at the result's reprojected points."
-    from deeperfly_nb.visualization import point_colors_u8, grid_layout, scaled_points
+    from deeperfly_nb.drawing import point_colors_u8
+    from deeperfly_nb.tiling import grid_layout
+    from deeperfly_nb.overlay_video import scaled_points
     out, _ = reference
     res = PoseResult.load(out / "results.h5")
     for name in ("pose2d.mp4", "pose3d.mp4"):
@@ -150,7 +152,9 @@ def test_killed_run_resumes_to_the_same_result(recording, reference, phase):
     if phase == "bundle_adjustment": assert not (out / "results.h5").exists()
     if phase == "video": assert read_record(out, "triangulation") is not None
     unrecorded = [s for s in STAGES_ALL if read_record(out, s) is None]
-    deeperfly("-q", "run", recording / "rec", "-c", recording / "config.toml", "-o", out)
+    rerun = deeperfly("run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--no-progress")
+    if phase == "detection":                                             # it says that it resumed, and from where
+        assert "resuming an interrupted run" in rerun.stderr and "continuing from frame" in rerun.stderr, rerun.stderr
     assert all(read_record(out, s) is not None for s in unrecorded)       # what had no record was recomputed
     same_result(ref, out)
     for v in ("pose2d.mp4", "pose3d.mp4"):

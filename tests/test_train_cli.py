@@ -19,7 +19,7 @@ DEEPERFLY = shutil.which("deeperfly")
 PLAN = Config.default().detection_plan()
 TINY = ["--steps", "3", "--threads", "1", "--no-progress", "--set", "batch_size=2", "--set", "crop_hw=[64, 128]",
         "--set", "val_frac=0.3", "--set", "eval_every=3", "--set", "warmup_steps=1", "--set", "log_every=1",
-        "--set", "architecture={n_stacks=2, n_blocks=1, n_features=8, n_stem_features=8}"]
+        "--set", "architecture={n_stacks=2, n_blocks=1, n_features=8, n_stem_features=8}", "--init", "none"]   # a tiny random network
 
 
 def run_cli(*args):
@@ -50,7 +50,7 @@ def test_train_end_to_end_on_a_deeplabcut_csv_then_resume(tmp_path, capsys):
     r = run_cli("train", str(csv_path), "--view", "lh", "-o", str(run), *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out frames: median" in r.stdout and "PCK@5" in r.stdout and str(run / "model.pt") in r.stdout, r.stdout
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.jsonl", "model.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.jsonl", "model.pt", "use_model.toml"]
     state, meta = load_checkpoint(run / "model.pt")
     assert meta["training"]["steps"] == 3 and meta["training"]["crop_hw"] == [64, 128]
     assert meta["training"]["architecture"]["n_features"] == 8 and meta["data"]["n_frames"] == 3
@@ -68,12 +68,58 @@ def test_train_on_a_deeperfly_label_file_in_process(tmp_path, capsys):
     "The .h5 path (embedded frames) through `main`, fine-tuning the bundled model."
     from deeperfly_nb.labels import read_dlc_csv
     h5 = read_dlc_csv(dlc_project(tmp_path / "p", parts=("rm_claw", "rm_femur_tibia")), view="rm").save(tmp_path / "labels.h5", embed=True)
-    args = TINY[:-2]                                            # the bundled model's own architecture
-    assert main(["train", str(h5), "-o", str(tmp_path / "run"), "--init", "bundled:fly_synthetic", *args]) == 0
+    args = TINY[:-4]                                            # the bundled model's own architecture (the default init)
+    assert main(["train", str(h5), "-o", str(tmp_path / "run"), *args]) == 0
     out = capsys.readouterr().out
     assert "held-out frames: median" in out
     _, meta = load_checkpoint(tmp_path / "run" / "model.pt")
     assert meta["init"].startswith("bundled:fly_synthetic") and meta["data"]["pathways"] == [pw.name for pw in PLAN.pathways]
+    check_use_model(tmp_path / "run", tmp_path)
+
+
+def check_use_model(run, tmp_path):
+    "RUN_DIR/use_model.toml, pasted over the default config's model table, gives a config whose detector is the new model."
+    import tomllib
+    from deeperfly_nb.detector import load_models
+    lines = (run / "use_model.toml").read_text()
+    table = tomllib.loads(lines)["pose2d"]["models"]
+    assert table == [{"name": "deepfly2d", "class": "hourglass", "weights": str((run / "model.pt").resolve()),
+                      "input_size": [256, 512], "n_out_channels": 19, "mean": 0.22}], table
+    default = (Path(__import__("deeperfly_nb").__file__).parent / "data" / "default_config.toml").read_text()
+    start = default.index("[[pose2d.models]]\n"); end = default.index("\n\n", start)
+    (tmp_path / "mine.toml").write_text(default[:start] + lines + default[end:])
+    plan = Config.load(tmp_path / "mine.toml").detection_plan()
+    assert Path(plan.models["deepfly2d"].weights) == (run / "model.pt").resolve()
+    model = load_models(plan, device="cpu")["deepfly2d"]
+    mine, _ = load_checkpoint(run / "model.pt")
+    assert all(torch.equal(v, mine[k]) for k, v in model.net.state_dict().items())
+
+
+def test_fine_tuning_is_the_default(project, tmp_path):
+    "Issue 11: without --init, train starts from the bundled model, with the CPU-sized step count of the fine-tuning recipe."
+    from deeperfly_nb.cli import make_parser
+    from deeperfly_nb.training import TrainConfig, REAL_FINETUNE
+    args = make_parser().parse_args(["train", str(project), "--view", "lh", "-o", str(tmp_path / "r")])
+    assert args.init is None and args.steps is None           # the library's defaults decide
+    cfg = TrainConfig()
+    assert cfg.init == "bundled:fly_synthetic" and cfg.architecture is None
+    assert cfg.steps == REAL_FINETUNE["steps"] == 600 and cfg.lr == REAL_FINETUNE["lr"]
+
+
+def test_train_prints_the_config_lines_that_use_the_model(project, tmp_path, capsys):
+    "Issue 11: `train` prints the [[pose2d.models]] lines for the new model (needs the cli.cmd_train change in the report)."
+    run = tmp_path / "run"
+    assert main(["train", str(project), "--view", "lh", "-o", str(run), *TINY[:-4]]) == 0
+    out = capsys.readouterr().out
+    assert "[[pose2d.models]]" in out and f'weights = "{(run / "model.pt").resolve()}"' in out and str(run / "use_model.toml") in out, out
+    check_use_model(run, tmp_path)
+
+
+def test_train_help_has_an_example(capsys):
+    "Issue 11: `train --help` shows how to fine-tune on one's own labels (needs the cli._add_train_parser change in the report)."
+    with pytest.raises(SystemExit): main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "example" in out.lower() and "deeperfly train" in out and "use_model.toml" in out, out
 
 
 @pytest.fixture
@@ -132,3 +178,65 @@ def test_bad_settings_fail_before_training(project, tmp_path, capsys):
 
 def test_resume_of_a_folder_without_a_run(project, tmp_path, capsys):
     bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--resume", *TINY], capsys, "cannot resume")
+
+
+# ---------------------------------------------------------------------------------------------- issue 10 item 8
+def one_line(err):
+    "The error is one line: no traceback, nothing else."
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("setting, expect", [
+    ("lr=abc", ["lr", "a number", "'abc'"]),
+    ("steps=2.5", ["steps", "an integer", "2.5"]),
+    ("batch_size=true", ["batch_size", "an integer"]),
+    ("crop_hw=abc", ["crop_hw", "[h, w]"]),
+    ("crop_hw=[64]", ["crop_hw", "[h, w]"]),
+    ("val_frac=1.5", ["val_frac", "[0, 1)"]),
+    ("channels_last=3", ["channels_last", "true or false"]),
+    ("init=3", ["init", "bundled:"]),
+    ("augment=3", ["augment", "a table"]),
+    ("augment.rotation_deg=abc", ["augment.rotation_deg", "a number", "'abc'"]),
+    ("augment.scale=[1.2]", ["augment.scale", "[lo, hi]"]),
+    ("stepz=3", ["'stepz'", "did you mean 'steps'"]),
+    ("augment.rotation_dg=5", ["augment.rotation_dg", "did you mean 'augment.rotation_deg'"]),
+    ("architecture={n_stack=2}", ["architecture.n_stack", "did you mean 'architecture.n_stacks'"]),
+])
+def test_bad_setting_values_end_with_one_line_naming_the_key(project, tmp_path, capsys, setting, expect):
+    "Issue 10 item 8: `--set lr=abc` (and its kin) ends with one ConfigError line naming the key and what was expected."
+    err = bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--set", setting], capsys, *expect)
+    one_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_architecture_with_a_checkpoint_init_is_refused(project, tmp_path, capsys):
+    "The architecture comes from the init checkpoint when fine-tuning: asking for another one is an error, not a silent choice."
+    err = bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), "--set", "architecture={n_stacks=1}"], capsys,
+              "architecture", "--init none")
+    one_line(err)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "no_resume_record", "bad_resume_record"])
+def test_resume_from_a_corrupt_last_checkpoint(project, tmp_path, capsys, damage):
+    "Issue 10 item 8: `train --resume` with a damaged last.pt ends with one line naming the file and what was expected."
+    run = tmp_path / "run"
+    if damage in ("garbage", "empty"):
+        run.mkdir()
+        (run / "last.pt").write_bytes(b"" if damage == "empty" else b"not a checkpoint at all \x00\x01" * 10)
+    else:
+        assert main(["train", str(project), "--view", "lh", "-o", str(run), "--init", "none", *TINY]) == 0
+        capsys.readouterr()
+        last = run / "last.pt"
+        if damage == "truncated": last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+        else:
+            ck = torch.load(last, weights_only=True)
+            if damage == "no_resume_record": del ck["resume"]
+            else: ck["resume"] = {"step": "three"}
+            torch.save(ck, last)
+    err = bad([str(project), "--view", "lh", "-o", str(run), "--init", "none", "--resume", *TINY], capsys, "last.pt")
+    one_line(err)
+    assert "weights_only=False" not in err
+    expect = {"garbage": "cannot read", "truncated": "cannot read", "empty": "cannot read",
+              "no_resume_record": "no resume record", "bad_resume_record": "resume record"}[damage]
+    assert expect in err, err

@@ -21,7 +21,7 @@ from deeperfly_nb.training import (Augment, TrainConfig, augment_sample, batch_i
                                    make_batch, read_log, split_by_frame, train_detector, train_from_labels)
 
 PLAN = Config.default().detection_plan()
-TINY = dict(steps=6, batch_size=2, crop_hw=(64, 128), eval_every=3, checkpoint_every=2, log_every=2, val_frac=0.5, warmup_steps=2,
+TINY = dict(steps=6, batch_size=2, crop_hw=(64, 128), eval_every=3, checkpoint_every=2, log_every=2, val_frac=0.5, warmup_steps=2, init=None,
             architecture=dict(n_stacks=2, n_blocks=1, n_features=8, n_stem_features=8), num_threads=1)
 
 
@@ -205,7 +205,7 @@ def test_bad_settings(tmp_path, two_frames):
         train_detector(two_frames, tmp_path / "b", {**TINY, "crop_hw": (320, 512)}, progress=False)
     with pytest.raises(ConfigError, match="unknown training setting"):
         TrainConfig.from_dict({"epochs": 3})
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match="steps: expected an integer >= 1, got 0"):
         TrainConfig(steps=0)
 
 

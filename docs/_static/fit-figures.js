@@ -1,6 +1,6 @@
-/* deeperfly docs: Plotly figures are drawn while the page is still being parsed, before the side bars take their
-   room, so they come out wider than their column. Keep every figure exactly as wide as its column: now, and
-   whenever the column changes width (window resize, sidebar collapsed). */
+/* deeperfly docs: Plotly figures are drawn once the page is parsed, as wide as their column
+   (deeperfly_docs_render.figure_html). Keep every figure exactly as wide as its column afterwards, whenever the
+   column changes width (window resize, sidebar collapsed). */
 window.addEventListener("load", () => {
   if (!window.Plotly || !window.ResizeObserver) return;
   const widths = new WeakMap();
