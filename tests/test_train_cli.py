@@ -84,7 +84,7 @@ def check_use_model(run, tmp_path):
     lines = (run / "use_model.toml").read_text()
     table = tomllib.loads(lines)["pose2d"]["models"]
     assert table == [{"name": "deepfly2d", "class": "hourglass", "weights": str((run / "model.pt").resolve()),
-                      "input_size": [256, 512], "n_out_channels": 19, "mean": 0.22}], table
+                      "input_size": [256, 512], "n_out_channels": 19, "mean": 0.22, "decoder": "subpixel"}], table
     default = (Path(__import__("deeperfly_nb").__file__).parent / "data" / "default_config.toml").read_text()
     start = default.index("[[pose2d.models]]\n"); end = default.index("\n\n", start)
     (tmp_path / "mine.toml").write_text(default[:start] + lines + default[end:])

@@ -232,15 +232,16 @@ PLAN_PATHWAYS = [pw.name for pw in PLAN.pathways]
 # ---------------------------------------------------------------------------------------------- real footage
 def test_finetune_on_real_footage_with_deepfly3d_labels(tmp_path):
     """Issue 4, 'what it must show' 2, kept short: fine-tuning the bundled synthetic model for a few steps on real
-    frames (DeepFly3D's own 2D as labels, both sides, the left cameras mirrored through the default plan's pathways)
+    frames (DeepFly3D's own 2D as labels, both sides, the left cameras mirrored through the default plan's pathways;
+    72 steps: after 24 this machine's CPU left one view worse, a trajectory too short to promise every view)
     lowers the median distance to DeepFly3D's 2D on held-out frames in every labeled view. The full run, frames 0-9
     for training and 10-14 held out, with its numbers, is `bench/finetune_real.py`."""
     if not DF3D_PKL.exists():
         pytest.skip(f"real DeepFly3D sample not found at {DF3D_PKL} (it lives in ../shared/data beside the repository)")
     from deeperfly_nb.training import finetune_on_df3d
     res, after, before = finetune_on_df3d(DF3D_PKL, tmp_path / "real", train_frames=range(0, 10, 2), val_frames=[11, 14],
-                                          progress=False, steps=24, batch_size=4, crop_hw=(128, 256), lr=2e-3, warmup_steps=2,
-                                          eval_every=24, checkpoint_every=24, log_every=4, num_threads=1)
+                                          progress=False, steps=72, batch_size=4, crop_hw=(128, 256), lr=2e-3, warmup_steps=2,
+                                          eval_every=72, checkpoint_every=72, log_every=4, num_threads=1)
     print(f"\nreal footage, frames 11 and 14, median distance to DeepFly3D's 2D per view (px): before "
           f"{ {k: round(v, 1) for k, v in before.items()} }, after {res.steps} steps { {k: round(v, 1) for k, v in after.items()} }")
     assert sorted(after) == sorted(before) == ["lf", "lh", "lm", "rf", "rh", "rm"]
