@@ -440,90 +440,118 @@ def _draw_capsule(zb, ib, pa, pb, za, zb_, rpa, rpb, rwa, rwb, albedo, L, look):
     sub[iy, ix] = zz
     ib[y0:y1, x0:x1][iy, ix] = _shade(ex[iy, ix] / rr, ey[iy, ix] / rr, -bulge, np.float32(albedo * look.body_albedo), L, look)
 
-# %% ../nbs/15_render.ipynb #fa5fdcf3
+# %% ../nbs/15_render.ipynb #ac9129a6
 VIS_MARGIN = 0.04   # world units (at scale 1) a keypoint may lie behind the surface around it and still count as seen
 
+def _view_geometry(cam, # the camera
+                   scene:_Scene, # the posed ellipsoids and capsules
+                   pts3d, # (T, N, 3) keypoints
+                  ) -> dict:
+    "Everything one view needs per frame, for all frames at once: ellipsoids and capsules in the camera, keypoints in pixels."
+    H, W = cam.image_size
+    Rc, tc, fx = cam.rmat, cam.tvec, cam.intr[0]
+    g = {"d": scene.ell_c @ Rc.T + tc, "M": np.einsum("ij,tejk->teik", Rc, scene.ell_M)}     # ellipsoids: u = G (X - d)
+    g["ok_e"] = np.isfinite(g["d"]).all(-1) & np.isfinite(g["M"]).all((-1, -2)) & (g["d"][..., 2] > 0)
+    g["G"] = np.linalg.inv(np.where(g["ok_e"][..., None, None], g["M"], np.eye(3)))
+    g["pc"] = cam.project(np.where(g["ok_e"][..., None], scene.ell_c, 0))               # (T, E, 2) exact centres
+    g["rmax"] = np.linalg.norm(g["M"], axis=-2).max(-1)                                 # (T, E) longest semi-axis
+    g["cp"], g["cz"] = cam.project(scene.cap_p), scene.cap_p @ Rc[2] + tc[2]             # capsules: (T, K, 2, 2), (T, K, 2)
+    with np.errstate(invalid="ignore", divide="ignore"): g["crho"] = scene.cap_r * fx / g["cz"]
+    g["ok_c"] = np.isfinite(g["cp"]).all((-1, -2)) & (g["cz"] > 0).all(-1) & np.isfinite(g["crho"]).all(-1)
+    kp, g["kz"] = cam.project(pts3d), pts3d @ Rc[2] + tc[2]                              # keypoints
+    with np.errstate(invalid="ignore"):
+        g["kin"] = (kp >= -0.5).all(-1) & (kp[..., 0] <= W - 0.5) & (kp[..., 1] <= H - 0.5) & (g["kz"] > 0)
+    g["kix"] = np.clip(np.round(np.nan_to_num(kp[..., 0])), 0, W - 1).astype(int)
+    g["kiy"] = np.clip(np.round(np.nan_to_num(kp[..., 1])), 0, H - 1).astype(int)
+    g["tol"] = scene.pt_radius + VIS_MARGIN * scene.scale[:, None]                      # (T, N)
+    return g
+
+# %% ../nbs/15_render.ipynb #dc38dcaf
+def _draw_bodies(zb, ib, # (H, W) depth and intensity of the frame, drawn into
+                 t:int, # the frame
+                 g:dict, # `_view_geometry`
+                 cam, scene:_Scene, look:Look, # the camera, the posed scene, the look
+                 L, rx, ry, # the key light and the pixel rays
+                 shared:dict, # the recording's shared tables (the shading LUTs)
+                ):
+    "Draw frame `t`'s ellipsoids (each in its projected box) and capsules, nearest surface wins."
+    H, W = cam.image_size
+    fx, fy = cam.intr[:2]
+    for e in range(scene.ell_c.shape[1]):
+        if not g["ok_e"][t, e]: continue
+        d = g["d"][t, e]
+        J = np.array([[fx / d[2], 0, -fx * d[0] / d[2] ** 2], [0, fy / d[2], -fy * d[1] / d[2] ** 2]])
+        half = np.linalg.norm(J @ g["M"][t, e], axis=1) * d[2] / max(d[2] - g["rmax"][t, e], 1e-6) + 3
+        (px, py) = g["pc"][t, e]
+        box = (max(int(py - half[1]), 0), min(int(py + half[1]) + 2, H), max(int(px - half[0]), 0), min(int(px + half[0]) + 2, W))
+        if box[0] < box[1] and box[2] < box[3]:
+            _draw_ellipsoid(zb, ib, rx, ry, d, g["G"][t, e], box, scene.ell_tex[e], scene.ell_alb[e], L, look, shared["luts"], scene.bands)
+    cp, cz, crho = g["cp"][t], g["cz"][t], g["crho"][t]
+    for k in range(scene.cap_p.shape[1]):
+        if g["ok_c"][t, k]:
+            _draw_capsule(zb, ib, cp[k, 0], cp[k, 1], cz[k, 0], cz[k, 1], crho[k, 0], crho[k, 1],
+                          scene.cap_r[t, k, 0], scene.cap_r[t, k, 1], scene.cap_alb[k], L, look)
+
+# %% ../nbs/15_render.ipynb #e9203ee2
+def _camera_response(ib, # (H, W) float32 scene intensity
+                     look:Look, # the look: contrast, blur, gain, noise, black level
+                     gain:float, # this frame's gain (the look's, the view's and the flicker)
+                     noise, # (H, W) float32 standard normal noise
+                     sigma_blur:float, # optics blur, pixels
+                     noise_scale:float, # below 1 at reduced resolution (binning averages noise)
+                    ) -> np.ndarray:
+    "The camera: contrast curve, optics blur, gain, sensor noise (read and shot), black level, 8 bits: (H, W) uint8."
+    import cv2
+    img = ib if look.gamma == 1 else np.power(np.maximum(ib, 0), np.float32(look.gamma))
+    if sigma_blur > 0.05: img = cv2.GaussianBlur(img, (0, 0), sigma_blur)
+    level = img * np.float32(255 * gain)
+    if look.shot_noise > 0:
+        noise = noise * np.sqrt(np.float32((look.noise_std * noise_scale) ** 2) + np.float32(look.shot_noise * noise_scale ** 2) * np.maximum(level, 0))
+    else: noise = noise * np.float32(look.noise_std * noise_scale)
+    level += noise - np.float32(look.black_level)
+    np.clip(level, 0, 255, out=level)
+    return (level + 0.5).astype(np.uint8)
+
+# %% ../nbs/15_render.ipynb #1bb39c48
+def _ball_painter(cam, look:Look, scene:_Scene, shared:dict, rx, ry) -> tuple:
+    "(depth (H, W) of the ball, paint(ib, t) that lays the turning ball's texture into a frame) — or no ball."
+    if not look.ball: return np.full(cam.image_size, np.inf, np.float32), lambda ib, t: None
+    zball, bidx, blight, bphi, by = _ball_view(cam, look, shared["ball_center"], shared["ball_radius"], rx, ry)
+    tex = shared["ball_tex"]
+    th, tw = tex.shape
+    row0 = np.clip(((by / shared["ball_radius"] + 1) / 2 * th).astype(np.int32), 0, th - 1) * np.int32(tw)
+    col0 = np.floor(bphi / (2 * np.pi) * tw).astype(np.int32) % np.int32(tw)
+    turn = scene.ball_speed / shared["ball_radius"] / look.fps / (2 * np.pi) * tw   # texels per frame
+    texf, bidx, btex = tex.reshape(-1), bidx.astype(np.int32), np.float32(look.ball_texture)
+    def paint(ib, t):
+        ib.reshape(-1)[bidx] = blight * (1 + btex * texf[row0 + (col0 + np.int32(round(turn * t) % tw)) % np.int32(tw)])
+    return zball, paint
+
+# %% ../nbs/15_render.ipynb #76c5b50f
 def _render_view(cam, scene:_Scene, pts3d, look:Look, view_gain:float, rng, shared:dict, return_depth:bool=False) -> tuple:
     "Every frame of one view: frames (T, H, W) uint8, visibility (T, N) bool and, if asked, depth (T, H, W) float32."
-    import cv2
     H, W = cam.image_size
     T, N = pts3d.shape[:2]
-    fx, fy = cam.intr[:2]
-    Rc, tc = cam.rmat, cam.tvec
-    sc = _px_scale(cam)
     rx, ry = _pixel_rays(cam)
     L = _key_light(cam, look)
     flick = 1 + look.flicker * rng.standard_normal(T)
     base = _holder_image(cam, look, scene.holder_z, rng) if look.holder else np.zeros((H, W), np.float32)
-    if look.ball:
-        zball, bidx, blight, bphi, by = _ball_view(cam, look, shared["ball_center"], shared["ball_radius"], rx, ry)
-        tex = shared["ball_tex"]
-        th, tw = tex.shape
-        row0 = np.clip(((by / shared["ball_radius"] + 1) / 2 * th).astype(np.int32), 0, th - 1) * np.int32(tw)
-        col0 = np.floor(bphi / (2 * np.pi) * tw).astype(np.int32) % np.int32(tw)
-        turn = scene.ball_speed / shared["ball_radius"] / look.fps / (2 * np.pi) * tw   # texels per frame
-        texf, bidx, btex = tex.reshape(-1), bidx.astype(np.int32), np.float32(look.ball_texture)
-    else: zball = np.full((H, W), np.inf, np.float32)
-    # ellipsoids in the camera frame: u = G (X - d)
-    E = scene.ell_c.shape[1]
-    d_all = scene.ell_c @ Rc.T + tc                                          # (T, E, 3)
-    Mc = np.einsum("ij,tejk->teik", Rc, scene.ell_M)                         # (T, E, 3, 3)
-    ok_e = np.isfinite(d_all).all(-1) & np.isfinite(Mc).all((-1, -2)) & (d_all[..., 2] > 0)
-    G_all = np.linalg.inv(np.where(ok_e[..., None, None], Mc, np.eye(3)))
-    pc_all = cam.project(np.where(ok_e[..., None], scene.ell_c, 0))         # (T, E, 2) exact centres
-    rmax = np.linalg.norm(Mc, axis=-2).max(-1)                              # (T, E) longest semi-axis
-    # capsules in pixels
-    K = scene.cap_p.shape[1]
-    cp = cam.project(scene.cap_p)                                            # (T, K, 2, 2)
-    cz = scene.cap_p @ Rc[2] + tc[2]                                         # (T, K, 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        crho = scene.cap_r * fx / cz
-    ok_c = np.isfinite(cp).all((-1, -2)) & (cz > 0).all(-1) & np.isfinite(crho).all(-1)
-    # keypoints
-    kp = cam.project(pts3d)                                                  # (T, N, 2)
-    kz = pts3d @ Rc[2] + tc[2]
-    with np.errstate(invalid="ignore"):
-        kin = (kp >= -0.5).all(-1) & (kp[..., 0] <= W - 0.5) & (kp[..., 1] <= H - 0.5) & (kz > 0)
-    kix = np.clip(np.round(np.nan_to_num(kp[..., 0])), 0, W - 1).astype(int)
-    kiy = np.clip(np.round(np.nan_to_num(kp[..., 1])), 0, H - 1).astype(int)
-    tol = scene.pt_radius + VIS_MARGIN * scene.scale[:, None]               # (T, N)
-    frames = np.empty((T, H, W), np.uint8)
-    visible = np.zeros((T, N), bool)
+    zball, paint_ball = _ball_painter(cam, look, scene, shared, rx, ry)
+    g = _view_geometry(cam, scene, pts3d)
+    frames, visible = np.empty((T, H, W), np.uint8), np.zeros((T, N), bool)
     depths = np.empty((T, H, W), np.float32) if return_depth else None
-    sigma_blur = look.blur_px * sc
-    noise_scale = min(1.0, sc)                     # a lower resolution averages sensor noise
+    sc = _px_scale(cam)
     nb = min(T, 2)                                              # sensor noise: each frame reads a random window of a bank
     bank = rng.standard_normal((nb + 1) * H * W, dtype=np.float32)
     offsets = rng.integers(0, nb * H * W + 1, T)
     for t in range(T):
         zb, ib = zball.copy(), base.copy()
-        if look.ball: ib.reshape(-1)[bidx] = blight * (1 + btex * texf[row0 + (col0 + np.int32(round(turn * t) % tw)) % np.int32(tw)])
-        for e in range(E):
-            if not ok_e[t, e]: continue
-            d = d_all[t, e]
-            J = np.array([[fx / d[2], 0, -fx * d[0] / d[2] ** 2], [0, fy / d[2], -fy * d[1] / d[2] ** 2]])
-            half = np.linalg.norm(J @ Mc[t, e], axis=1) * d[2] / max(d[2] - rmax[t, e], 1e-6) + 3
-            (px, py) = pc_all[t, e]
-            box = (max(int(py - half[1]), 0), min(int(py + half[1]) + 2, H), max(int(px - half[0]), 0), min(int(px + half[0]) + 2, W))
-            if box[0] < box[1] and box[2] < box[3]:
-                _draw_ellipsoid(zb, ib, rx, ry, d, G_all[t, e], box, scene.ell_tex[e], scene.ell_alb[e], L, look, shared["luts"], scene.bands)
-        for k in range(K):
-            if ok_c[t, k]:
-                _draw_capsule(zb, ib, cp[t, k, 0], cp[t, k, 1], cz[t, k, 0], cz[t, k, 1], crho[t, k, 0], crho[t, k, 1],
-                              scene.cap_r[t, k, 0], scene.cap_r[t, k, 1], scene.cap_alb[k], L, look)
-        visible[t] = kin[t] & (kz[t] <= zb[kiy[t], kix[t]] + tol[t])
+        paint_ball(ib, t)
+        _draw_bodies(zb, ib, t, g, cam, scene, look, L, rx, ry, shared)
+        visible[t] = g["kin"][t] & (g["kz"][t] <= zb[g["kiy"][t], g["kix"][t]] + g["tol"][t])
         if return_depth: depths[t] = zb
-        # the camera: contrast curve, optics blur, gain, sensor noise, black level, 8 bits
-        img = ib if look.gamma == 1 else np.power(np.maximum(ib, 0), np.float32(look.gamma))
-        if sigma_blur > 0.05: img = cv2.GaussianBlur(img, (0, 0), sigma_blur)
-        level = img * np.float32(255 * look.gain * view_gain * flick[t])
-        noise = bank[offsets[t]:offsets[t] + H * W].reshape(H, W)
-        if look.shot_noise > 0:
-            noise = noise * np.sqrt(np.float32((look.noise_std * noise_scale) ** 2) + np.float32(look.shot_noise * noise_scale ** 2) * np.maximum(level, 0))
-        else: noise = noise * np.float32(look.noise_std * noise_scale)
-        level += noise - np.float32(look.black_level)
-        np.clip(level, 0, 255, out=level)
-        frames[t] = (level + 0.5).astype(np.uint8)
+        frames[t] = _camera_response(ib, look, look.gain * view_gain * flick[t], bank[offsets[t]:offsets[t] + H * W].reshape(H, W),
+                                     look.blur_px * sc, min(1.0, sc))
     return frames, visible, depths
 
 # %% ../nbs/15_render.ipynb #da44803b

@@ -19,7 +19,7 @@ from .results import PoseResult
 __all__ = ['DEFAULT_VIEWS', 'DEFAULT_AZIMUTHS', 'DEFAULT_FOCAL_PX', 'DEFAULT_DISTANCE', 'DEFAULT_IMAGE_SIZE', 'LEG_GEOMETRY',
            'FLY_LEGS', 'TRIPOD_PHASE', 'ANTENNA_POS', 'STRIPE_POS', 'ABDOMEN_PIVOT', 'BALL_RADIUS', 'BALL_CENTER',
            'default_rig', 'walking_fly', 'default_visibility', 'perturb_cameras', 'Observations', 'observe',
-           'fly_figure', 'views_figure', 'write_example']
+           'fly_figure', 'observations_figure', 'write_example']
 
 # %% ../nbs/07_synth.ipynb #8eb6a7bb
 DEFAULT_VIEWS = ("rh", "rm", "rf", "f", "lf", "lm", "lh")
@@ -113,6 +113,26 @@ def _sway(t, rng, scale):
     trans = 0.02 * amp[1] * np.sin(w[3:] * t[:, None] + ph[3:])
     return Rotation.from_rotvec(rot).as_matrix(), trans
 
+# %% ../nbs/07_synth.ipynb #9d5f8a87
+def _antennae_and_abdomen(out, # (T, N, 3) points, filled in place
+                          skeleton:Skeleton, # names the points
+                          body, # maps body-frame points (T, ..., 3) to the world (the sway)
+                          t, # (T,) times, s
+                          rng, # the walk's random generator (drawn from after the legs)
+                         ):
+    "Antennae that wiggle and an abdomen that pitches, carried by the body's sway."
+    T = len(t)
+    wig = rng.uniform(0, 2 * np.pi, 4)
+    pitch = np.deg2rad(2.0) * np.sin(2 * np.pi * rng.uniform(0.8, 1.6) * t + wig[0])
+    Ra = Rotation.from_rotvec(np.stack([np.zeros(T), pitch, np.zeros(T)], axis=1)).as_matrix()
+    for s_name, sg in (("l", 1.0), ("r", -1.0)):
+        ant = np.array(ANTENNA_POS) * [1, sg, 1] + 0.03 * np.stack(
+            [np.sin(2 * np.pi * 3.1 * t + wig[1] + sg), np.zeros(T), np.sin(2 * np.pi * 2.3 * t + wig[2] + sg)], axis=1)
+        out[:, skeleton.index([f"{s_name}_antenna"])[0]] = body(ant[:, None])[:, 0]
+        stripes = np.array(STRIPE_POS) * [1, sg, 1] - ABDOMEN_PIVOT
+        abdomen = np.einsum("tij,sj->tsi", Ra, stripes) + ABDOMEN_PIVOT
+        out[:, skeleton.index([f"{s_name}_stripe_{i}" for i in (1, 2, 3)])] = body(abdomen)
+
 # %% ../nbs/07_synth.ipynb #b72dcd37
 def walking_fly(n_frames:int=64, # number of frames T
                 fps:float=100.0, # frame rate, Hz
@@ -153,16 +173,7 @@ def walking_fly(n_frames:int=64, # number of frames T
     out = np.full((T, skeleton.n_points, 3), np.nan)
     for k, leg in enumerate(FLY_LEGS):
         out[:, skeleton.index([f"{leg}_{j}" for j in ("body_coxa", "coxa_femur", "femur_tibia", "tibia_tarsus", "claw")])] = legs[:, k]
-    wig = rng.uniform(0, 2 * np.pi, 4)
-    pitch = np.deg2rad(2.0) * np.sin(2 * np.pi * rng.uniform(0.8, 1.6) * t + wig[0])
-    Ra = Rotation.from_rotvec(np.stack([np.zeros(T), pitch, np.zeros(T)], axis=1)).as_matrix()
-    for s_name, sg in (("l", 1.0), ("r", -1.0)):
-        ant = np.array(ANTENNA_POS) * [1, sg, 1] + 0.03 * np.stack(
-            [np.sin(2 * np.pi * 3.1 * t + wig[1] + sg), np.zeros(T), np.sin(2 * np.pi * 2.3 * t + wig[2] + sg)], axis=1)
-        out[:, skeleton.index([f"{s_name}_antenna"])[0]] = body(ant[:, None])[:, 0]
-        stripes = np.array(STRIPE_POS) * [1, sg, 1] - ABDOMEN_PIVOT
-        abdomen = np.einsum("tij,sj->tsi", Ra, stripes) + ABDOMEN_PIVOT
-        out[:, skeleton.index([f"{s_name}_stripe_{i}" for i in (1, 2, 3)])] = body(abdomen)
+    _antennae_and_abdomen(out, skeleton, body, t, rng)
     return out
 
 # %% ../nbs/07_synth.ipynb #bd5c2bba
@@ -331,7 +342,7 @@ def fly_figure(pts3d, # (T, N, 3) 3D points
     return fig
 
 # %% ../nbs/07_synth.ipynb #faf709a9
-def views_figure(cameras:CameraGroup, # the rig (names, image sizes)
+def observations_figure(cameras:CameraGroup, # the rig (names, image sizes)
                  pts2d, # (V, T, N, 2) or (V, N, 2) pixels, NaN = unseen
                  skeleton:Skeleton|None=None, # default fly38
                  frame:int=0, # the frame to draw when pts2d has a time axis

@@ -287,9 +287,18 @@ def _greedy(score:_Scorer, G, B, w, usable, thr:float, nmin:int) -> np.ndarray:
         todo = todo[np.count_nonzero(keep[:, todo], axis=0) > floor]
     return keep
 
-# %% ../nbs/03_triangulation.ipynb #62e5e494
+# %% ../nbs/03_triangulation.ipynb #e1fb92af
 METHODS = ("dlt", "ransac", "greedy")
 
+def _check_options(method:str, min_views, **thresholds_px):
+    "Refuse options `triangulate` cannot honour, naming the argument."
+    if method not in METHODS: raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(min_views, bool) or not isinstance(min_views, (int, np.integer)) or min_views < 2:
+        raise InputError(f"min_views must be an integer >= 2, got {min_views!r}")
+    for k, val in thresholds_px.items():
+        if not val > 0: raise InputError(f"{k} must be > 0, got {val!r}")
+
+# %% ../nbs/03_triangulation.ipynb #62e5e494
 def triangulate(cameras:CameraGroup, # the rig (V cameras)
                 pts2d, # (V, T, N, 2) or (V, N, 2) pixel detections, NaN = unseen
                 conf=None, # (V, T, N) or (V, N) detection confidences in [0, 1], or None
@@ -305,11 +314,7 @@ def triangulate(cameras:CameraGroup, # the rig (V cameras)
                ):
     "3D points (T, N, 3) (or (N, 3)) from pixel detections in several views; NaN where fewer than `min_views` views are usable."
     rig = _rig(cameras)
-    if method not in METHODS: raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(min_views, bool) or not isinstance(min_views, (int, np.integer)) or min_views < 2:
-        raise InputError(f"min_views must be an integer >= 2, got {min_views!r}")
-    for k, val in (("ransac_threshold_px", ransac_threshold_px), ("greedy_threshold_px", greedy_threshold_px)):
-        if not val > 0: raise InputError(f"{k} must be > 0, got {val!r}")
+    _check_options(method, min_views, ransac_threshold_px=ransac_threshold_px, greedy_threshold_px=greedy_threshold_px)
     p, cf, usable, lead = _prepare(rig, pts2d, conf, min_confidence)
     V, M = usable.shape
     w = None
