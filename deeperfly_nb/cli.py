@@ -337,7 +337,7 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--view", help="the camera a CSV labels (a view name of the config)")
     s.add_argument("--images", help="the recording folder of a DeepFly3D .pkl (default: found beside it)")
     s.add_argument("--frames", help="frames of a DeepFly3D .pkl to train on, e.g. 0-9 or 0,2,5-7 (default: all)")
-    s.add_argument("--steps", type=int, help="optimizer steps (default 600: fine-tuning, about 12 minutes on one CPU thread)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default 600: fine-tuning; measured at about 12 minutes with --threads 1)")
     s.add_argument("--init", help='start from these weights: "bundled:fly_synthetic" (the default: fine-tune the bundled model), '
                                   'a checkpoint path, or "none" for random weights (then thousands of steps)')
     s.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
