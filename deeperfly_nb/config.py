@@ -21,7 +21,7 @@ import scipy.optimize
 import tomli_w
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, atomic_path, ConfigTable as _Table, config_field as _field
+from .core import ConfigError, InputError, did_you_mean, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
@@ -59,10 +59,6 @@ class _Problems(ValueError):
     "Several problems found by one validator: [(sub-key path, message), ...]."
     def __init__(self, items): self.items = list(items); super().__init__("; ".join(m for _, m in self.items))
 
-def _suggest(word, choices) -> str:
-    "' (did you mean 'x'?)' for the closest of `choices`, or ''."
-    m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
 
 # %% ../nbs/10_config.ipynb #8d511158
 class SkeletonConfig(_Table):
@@ -164,7 +160,7 @@ class ModelConfig(_Table):
     @classmethod
     def _cls(cls, v):
         if v not in MODEL_CLASSES:
-            raise ValueError(f"unknown model class {v!r}; allowed: {', '.join(MODEL_CLASSES)}{_suggest(v, MODEL_CLASSES)}")
+            raise ValueError(f"unknown model class {v!r}; allowed: {', '.join(MODEL_CLASSES)}{did_you_mean(v, MODEL_CLASSES)}")
         return v
     @model_validator(mode="after")
     def _weights(self):
@@ -297,7 +293,7 @@ def _check_least_squares(d:dict) -> dict:
             problems.append((k, "set by deeperfly itself; remove it"))
         elif k not in LEAST_SQUARES_KEYS:
             problems.append((k, f"not an option of scipy.optimize.least_squares; allowed keys: "
-                                f"{', '.join(LEAST_SQUARES_KEYS)}{_suggest(k, LEAST_SQUARES_KEYS)}"))
+                                f"{', '.join(LEAST_SQUARES_KEYS)}{did_you_mean(k, LEAST_SQUARES_KEYS)}"))
         elif k in _LSQ_VALUES and not _LSQ_VALUES[k][0](v):
             problems.append((k, f"expected {_LSQ_VALUES[k][1]}, got {_show(v)}"))
     if problems: raise _Problems(problems)
@@ -313,7 +309,7 @@ def _check_fixed_syntax(fixed) -> Any:
         view, dot, param = entry.partition(".")
         if dot and param not in CAMERA_PARAMS:
             problems.append((i, f"{entry!r}: unknown camera parameter {param!r}; allowed: "
-                                f"{', '.join(CAMERA_PARAMS)}{_suggest(param, CAMERA_PARAMS)}"))
+                                f"{', '.join(CAMERA_PARAMS)}{did_you_mean(param, CAMERA_PARAMS)}"))
         elif not dot and view == "*":
             problems.append((i, '"*" alone would fix every camera; name a parameter ("*.focal") or fix nothing'))
     if problems: raise _Problems(problems)
@@ -351,7 +347,7 @@ class BundleAdjustmentConfig(_Table):
     @field_validator("shared")
     @classmethod
     def _shared(cls, v):
-        bad = [(i, f"{s!r} cannot be shared; allowed: {', '.join(SHAREABLE_PARAMS)}{_suggest(s, SHAREABLE_PARAMS)}")
+        bad = [(i, f"{s!r} cannot be shared; allowed: {', '.join(SHAREABLE_PARAMS)}{did_you_mean(s, SHAREABLE_PARAMS)}")
                for i, s in enumerate(v) if s not in SHAREABLE_PARAMS]
         if bad: raise _Problems(bad)
         return v
@@ -373,7 +369,7 @@ class TriangulationConfig(_Table):
     @classmethod
     def _method(cls, v):
         if v not in TRIANGULATION_METHODS:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRIANGULATION_METHODS)}{_suggest(v, TRIANGULATION_METHODS)}")
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRIANGULATION_METHODS)}{did_you_mean(v, TRIANGULATION_METHODS)}")
         return v
 
 class ConfigModel(_Table):
@@ -451,7 +447,7 @@ def _explain(err:dict, data:dict) -> list:
     if kind == "extra_forbidden":
         key = rest[0]
         allowed = list(_keys(node))
-        return [(_keypath(parts + [key]), f"unknown key; allowed keys: {', '.join(allowed)}{_suggest(key, allowed)}")]
+        return [(_keypath(parts + [key]), f"unknown key; allowed keys: {', '.join(allowed)}{did_you_mean(key, allowed)}")]
     if kind == "value_error":
         e = ctx.get("error")
         if isinstance(e, _Problems): return [(_keypath(parts + (list(k) if isinstance(k, tuple) else [k])), m) for k, m in e.items]
@@ -492,7 +488,7 @@ def _build_camera(name:str, cc:CameraConfig, image_size=None) -> Camera:
 # %% ../nbs/10_config.ipynb #1fd260df
 def _unknown_names(names, known, what:str, where:str) -> list:
     "[(where[i], message)] for each entry of `names` not in `known`."
-    return [(f"{where}[{i}]", f"{n!r} is not {what}; known: {', '.join(map(str, known))}{_suggest(n, known)}")
+    return [(f"{where}[{i}]", f"{n!r} is not {what}; known: {', '.join(map(str, known))}{did_you_mean(n, known)}")
             for i, n in enumerate(names) if n not in known]
 
 def _ok(problems, path:str) -> bool:
@@ -528,7 +524,7 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         if dup: out.append(("bundle_adjustment.points_to_use", f"duplicate point(s) {dup}"))
     fixed = ba.get("fixed")
     if cams and _strings(fixed) and _ok(problems, "bundle_adjustment.fixed"):
-        out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{_suggest(v, cams)}")
+        out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{did_you_mean(v, cams)}")
                 for i, e in enumerate(fixed) if (v := e.partition(".")[0]) not in cams and v != "*" and e != "auto"]
     tri = data.get("triangulation", {})
     mv = tri.get("min_views") if isinstance(tri, dict) else None

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #6e73a85d
 from __future__ import annotations
-import errno, io, json, os, shutil, tempfile, time
+import difflib, errno, io, json, os, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from fastcore.basics import patch
@@ -14,9 +14,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'DiskFullError', 'disk_full_error',
-           'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache', 'check_shape', 'ConfigTable',
-           'config_field']
+__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'DiskFullError',
+           'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache', 'check_shape',
+           'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -30,6 +30,14 @@ class InputError(DeeperflyError, ValueError):
 
 class ModelError(DeeperflyError):
     "A detector model could not be built, loaded or run."
+
+# %% ../nbs/00_core.ipynb #6ec78e88
+def did_you_mean(word, # a name that was not found
+                 choices, # the names there are
+                ) -> str:
+    "' (did you mean 'x'?)' for the closest of `choices`, or ''."
+    m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {m[0]!r}?)" if m else ""
 
 # %% ../nbs/00_core.ipynb #539f16b8
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

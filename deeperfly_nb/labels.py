@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import ConfigError, InputError, atomic_path, check_shape
+from .core import ConfigError, InputError, atomic_path, check_shape, did_you_mean
 from .skeleton import Skeleton, fly38, skeleton_from_dict
 from .plan import DetectionPlan, Transform
 from . import io
@@ -279,13 +279,6 @@ def check_frames(self:LabelSet) -> LabelSet:
     return self
 
 # %% ../nbs/16_labels.ipynb #819f41f0
-def _did_you_mean(word:str, # a name that was not found
-                 choices, # the names there are
-                ) -> str:
-    "' (did you mean 'x'?)' for the closest of `choices`, or ''."
-    m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
 def labels_from_points(pts2d, # (V, F, K, 2) keypoints in raw pixels, NaN = unlabeled
                        point_names, # (K,) names of the K points: a subset of the skeleton's, any order
                        view_names, # (V,) view names
@@ -302,7 +295,7 @@ def labels_from_points(pts2d, # (V, F, K, 2) keypoints in raw pixels, NaN = unla
     unknown = [n for n in names if n not in skeleton.point_names]
     if unknown:
         raise InputError(f"label keypoint(s) {unknown} are not points of skeleton {skeleton.name!r}"
-                         f"{_did_you_mean(unknown[0], skeleton.point_names)}; its points: {', '.join(skeleton.point_names)}")
+                         f"{did_you_mean(unknown[0], skeleton.point_names)}; its points: {', '.join(skeleton.point_names)}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup: raise InputError(f"label keypoint(s) {dup} are listed more than once")
     idx = skeleton.index(names)
@@ -590,7 +583,7 @@ def model_of_plan(plan:DetectionPlan, # the detection plan
     if model is None:
         if len(used) != 1: raise ConfigError(f"the plan's pathways use {len(used)} models {used}; say which one to train (model=...)")
         return used[0]
-    if model not in plan.models: raise ConfigError(f"no model {model!r} in the plan; models: {list(plan.models)}{_did_you_mean(model, plan.models)}")
+    if model not in plan.models: raise ConfigError(f"no model {model!r} in the plan; models: {list(plan.models)}{did_you_mean(model, plan.models)}")
     if model not in used: raise ConfigError(f"no pathway of the plan uses model {model!r}; pathways use {used}")
     return model
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import ConfigError, InputError
+from .core import ConfigError, InputError, did_you_mean
 from .skeleton import Skeleton
 
 # %% auto #0
@@ -23,11 +23,6 @@ _log = logging.getLogger("deeperfly")
 
 class ConfigWarning(UserWarning):
     "A config that works but probably not as meant: a view no pathway fills, a source nothing reads."
-
-def _did_you_mean(word, choices) -> str:
-    "' (did you mean 'x'?)' for the closest of `choices`, or ''."
-    m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
 
 def _show(v) -> str:
     "A value as it reads in TOML, shortened."
@@ -66,12 +61,12 @@ def check_ops(ops, # a list of op tables, e.g. [{'op': 'rot90', 'k': 2}]
         if name is None:
             problems.append(((i,), f"missing the key 'op'; allowed ops: {', '.join(OPS)}")); continue
         if name not in OPS:
-            problems.append(((i, "op"), f"unknown op {_show(name)}; allowed: {', '.join(OPS)}{_did_you_mean(name, OPS)}")); continue
+            problems.append(((i, "op"), f"unknown op {_show(name)}; allowed: {', '.join(OPS)}{did_you_mean(name, OPS)}")); continue
         spec, norm, n_bad = OPS[name], {"op": name}, len(problems)
         for k in op:
             if k != "op" and k not in spec:
                 allowed = f"allowed: {', '.join(spec)}" if spec else "it takes none"
-                problems.append(((i, k), f"not a parameter of {name}; {allowed}{_did_you_mean(k, spec)}"))
+                problems.append(((i, k), f"not a parameter of {name}; {allowed}{did_you_mean(k, spec)}"))
         for k, (lo, default, what) in spec.items():
             v = op.get(k, default)
             if v is _REQUIRED: problems.append(((i, k), f"missing: {name} needs {', '.join(spec)}; expected {what}"))
@@ -364,7 +359,7 @@ def _reference_problems(tables:dict, names:dict, where:dict, ok) -> list:
             v, known = p.get(key), names[t]
             if isinstance(v, str) and v not in known and ok(f"pose2d.pathways[{i}].{key}"):
                 have = ", ".join(known) or f"none (add a [[{where[t]}]] table)"
-                errors.append((f"pose2d.pathways[{i}].{key}", f"{v!r} is not {what}; known: {have}{_did_you_mean(v, known)}"))
+                errors.append((f"pose2d.pathways[{i}].{key}", f"{v!r} is not {what}; known: {have}{did_you_mean(v, known)}"))
     return errors
 
 # %% ../nbs/09_plan.ipynb #3042062e
@@ -405,7 +400,7 @@ def _point_problems(epath:str, v:str, p:str, pts:list, skeleton:Skeleton|None, w
     for j, n in enumerate(pts):
         if point_names is not None and n not in point_names:
             errors.append((f"{epath}.points[{j}]", f"{n!r} is not a point of skeleton {skeleton.name!r}; known: "
-                           f"{', '.join(skeleton.point_names)}{_did_you_mean(n, skeleton.point_names)}"))
+                           f"{', '.join(skeleton.point_names)}{did_you_mean(n, skeleton.point_names)}"))
         elif (v, n) in written:
             q, qj = written[(v, n)]
             errors.append((f"{epath}.points[{j}]", f"{n!r} is listed twice (also points[{qj}]); a (view, point) takes one channel" if q == p else
@@ -420,14 +415,14 @@ def _output_point_problems(out_points:dict, pathways:dict, tables:dict, names:di
     for v, entries in out_points.items():
         vpath = f"pose2d.output_points.{v}"
         if view_names is not None and v not in view_names:
-            errors.append((vpath, f"{v!r} is not a view; the views are the [cameras.*] tables: {', '.join(view_names)}{_did_you_mean(v, view_names)}"))
+            errors.append((vpath, f"{v!r} is not a view; the views are the [cameras.*] tables: {', '.join(view_names)}{did_you_mean(v, view_names)}"))
             continue
         if not isinstance(entries, dict): continue
         for p, e in entries.items():
             epath = f"{vpath}.{p}"
             if p not in pathways:
                 have = ", ".join(pathways) or "none (add a [[pose2d.pathways]] table)"
-                errors.append((epath, f"{p!r} is not a pathway; known: {have}{_did_you_mean(p, pathways)}"))
+                errors.append((epath, f"{p!r} is not a pathway; known: {have}{did_you_mean(p, pathways)}"))
             if not isinstance(e, dict) or not ok(epath): continue
             pts, ch = e.get("points"), e.get("channels")
             explicit = ch is not None
@@ -538,7 +533,7 @@ def pathway(self:DetectionPlan, name:str, # a pathway's name
     "The pathway called `name`."
     for p in self.pathways:
         if p.name == name: return p
-    raise ConfigError(f"no pathway {name!r}; pathways: {', '.join(p.name for p in self.pathways)}{_did_you_mean(name, [p.name for p in self.pathways])}")
+    raise ConfigError(f"no pathway {name!r}; pathways: {', '.join(p.name for p in self.pathways)}{did_you_mean(name, [p.name for p in self.pathways])}")
 
 @patch
 def view_sources(self:DetectionPlan) -> dict:
