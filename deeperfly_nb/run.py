@@ -263,6 +263,7 @@ class RunContext:
     device: str|None = None         # torch device for detection
     progress: bool = True           # progress bars
     forced: frozenset = frozenset() # stages to recompute even if fresh
+    points2d: object = None         # the recording's 2D file, read once (a pipeline.Points2D; None when detection runs)
 
     @property
     def state(self) -> Path:
@@ -288,6 +289,7 @@ def prepare_run(config:Config, # the run's config
     "Check everything the stages will need — footage, fps, device, outputs, free space — and settle it, before any work."
     digests = DigestCache(out / STATE_DIR / "digests.json")
     inputs = [config.source] if Path(config.source).is_file() else []
+    readers, points = {}, None
     if config.pipeline.pose2d:
         from deeperfly_nb.inference import open_sources
         check_device(device or config.pose2d.device, "--device" if device else "[pose2d] device")
@@ -295,15 +297,19 @@ def prepare_run(config:Config, # the run's config
         footage_fps = next((r.fps for r in readers.values() if r.fps), None)
         inputs += [f for r in readers.values() for f in (getattr(r, "files", None) or [r.path])]
     else:
-        readers, points = {}, load_points2d(recording)
+        points = match_views(load_points2d(recording), config.view_names)
         footage_fps = points.fps
         inputs.append(points.path)
-    check_no_foreign_outputs(config, out, inputs)
-    fps, fps_source = resolve_fps(config, footage_fps)
-    if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
-        ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
-    return RunContext(config, recording, out, digests, readers, footage_digests(readers, digests), fps, fps_source,
-                      max_frames, device, progress, frozenset(forced))
+    try:
+        check_no_foreign_outputs(config, out, inputs)
+        fps, fps_source = resolve_fps(config, footage_fps)
+        if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
+            ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
+        return RunContext(config, recording, out, digests, readers, footage_digests(readers, digests), fps, fps_source,
+                          max_frames, device, progress, frozenset(forced), points)
+    except BaseException:                                # refused: the footage is not read after all
+        for r in readers.values(): r.close()
+        raise
 
 # %% ../nbs/19_run.ipynb #1af8c2f1
 @dataclass
@@ -360,7 +366,7 @@ class Pose2D:
 def _pose2d_from_file(ctx:RunContext) -> tuple:
     "[pipeline] pose2d off: the 2D of the recording's 2D file (no stage runs): (Pose2D, outcome)."
     config = ctx.config
-    points = match_views(load_points2d(ctx.recording), config.view_names)
+    points = ctx.points2d                                # read and matched to the rig by `prepare_run`
     cams = config.camera_group(image_sizes={n: s for n, s in points.image_sizes.items() if n in config.view_names} or None)
     sizes = {c.name: tuple(c.image_size) for c in cams if c.image_size is not None}
     p2d = Pose2D(points.pts2d, points.conf, sizes, points.fps)
