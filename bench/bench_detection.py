@@ -25,23 +25,12 @@ from __future__ import annotations
 import argparse, json, os, platform, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
+from deeperfly_nb.testing import random_df2d_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 SAMPLE, LAYOUT = SHARED / "deepfly3d_sample", SHARED / "df2d_layout" / "df2d_state_dict_keys.json"
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-
-
-def df2d_checkpoint(path: Path, seed: int = 0) -> Path:
-    "A checkpoint in DeepFly2D's 2-stack layout ('module.' keys under 'state_dict') with random weights."
-    import torch
-    shapes = json.loads(LAYOUT.read_text())["sh2"]
-    g = torch.Generator().manual_seed(seed)
-    sd = {"module." + k: (torch.randint(0, 100, s, generator=g) if k.endswith("num_batches_tracked") else
-                          torch.rand(s, generator=g) + 0.5 if k.endswith("running_var") else 0.05 * torch.randn(s, generator=g))
-          for k, s in shapes.items()}
-    torch.save({"state_dict": sd, "epoch": 0, "arch": "hg", "best_acc": 0.0}, path)
-    return path
 
 
 def config_toml(work: Path, ckpt: Path) -> Path:
@@ -143,7 +132,9 @@ def main(argv=None):
     import torch
     from deeperfly_nb.core import atomic_path
     work = Path(tempfile.mkdtemp(prefix="bench_detection_"))
-    config_toml(work, df2d_checkpoint(work / "sh2.tar"))
+    ckpt = work / "sh2.tar"
+    random_df2d_checkpoint(ckpt, json.loads(LAYOUT.read_text())["sh2"])
+    config_toml(work, ckpt)
     cases = CASES + ([("unfused", {})] if args.unfused else [])
     runs = {}
     for r in range(args.rounds):

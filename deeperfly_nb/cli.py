@@ -109,7 +109,7 @@ def truth_for_frames(result, # the PoseResult to compare
 # %% ../nbs/20_cli.ipynb #f2974004
 def _ground_truth_summary(args, result) -> tuple:
     "(truth PoseResult or None, {ground-truth summary} or a note) for `inspect`."
-    from deeperfly_nb.results import PoseResult, ground_truth_error
+    from deeperfly_nb.results import PoseResult, ground_truth_report
     gt_path = Path(args.ground_truth) if args.ground_truth else (None if args.no_ground_truth else find_ground_truth(result, args.result))
     if gt_path is None or result.pts3d is None: return None, None
     truth = PoseResult.load(gt_path)
@@ -119,12 +119,13 @@ def _ground_truth_summary(args, result) -> tuple:
     if truth.n_frames != result.n_frames:             # the frames of a --max-frames run
         sl = slice(result.provenance["frames"]["first"], result.provenance["frames"]["first"] + result.n_frames)
         truth = PoseResult(truth.pts2d[:, sl], truth.conf[:, sl], truth.cameras, truth.skeleton, pts3d=pts, fps=truth.fps)
-    return truth, {**ground_truth_error(result, pts), "file": str(gt_path)}
+    rep = ground_truth_report(result, truth)            # 3D (and its share of the body length) and 2D against the truth
+    return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "file": str(gt_path)}
 
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
-    from deeperfly_nb.results import PoseResult, format_summary, quality_warnings
+    from deeperfly_nb.results import PoseResult, format_ground_truth, format_summary, quality_warnings
     result = PoseResult.load(args.result)
     summary = result.summary()
     truth, gt = _ground_truth_summary(args, result)
@@ -134,10 +135,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         print(format_summary(summary))
         for w in quality_warnings(summary): print(f"warning: {w}")
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
-        elif gt:
-            g = gt["overall"]
-            print(f"3D error against {gt['file']} after {gt['align']} alignment: median {g['median']:.4f}, "
-                  f"p95 {g['p95']:.4f}, mean {g['mean']:.4f} (world units) over {g['n']} points")
+        elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
     if args.plot:
         from deeperfly_nb.inspection import write_report_html
         path = write_report_html(args.plot, result, truth=truth)
@@ -153,7 +151,7 @@ def _jsonable(x):
 def cmd_synth(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Render a synthetic recording with ground truth."
-    from deeperfly_nb.render import synth_recording
+    from deeperfly_nb.synth_footage import synth_recording
     t0 = time.perf_counter()
     out = synth_recording(args.out, n_frames=args.frames, seed=args.seed, rig_rot_deg=args.rig_rot_deg)
     files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
@@ -186,7 +184,7 @@ def _check_weights() -> tuple:
 def _check_bundled_model() -> tuple:
     "Detect 2 rendered frames with the bundled model: (median 2D error < 10 px, detail)."
     from deeperfly_nb.config import Config
-    from deeperfly_nb.render import render_recording
+    from deeperfly_nb.synth_footage import render_recording
     from deeperfly_nb.detector import load_models
     from deeperfly_nb.inference import detect_sequence
     config = Config.default(); plan = config.detection_plan()

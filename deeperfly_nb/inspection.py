@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from . import __version__
 from .core import InputError, atomic_path
-from .results import (PoseResult, format_summary, ground_truth_error, reprojection_histogram,
+from .results import (PoseResult, format_summary, format_ground_truth, ground_truth_error, ground_truth_report, reprojection_histogram,
                                   skeleton_3d_figure, views_figure)
 from .drawing import point_colors_u8
 
@@ -154,16 +154,15 @@ def inspection_figures(result:PoseResult, # the result to inspect
 
 # %% ../nbs/18d_inspection.ipynb #dc3c5095
 def _report_summary(result:PoseResult, # the result
-                    truth=None, # ground truth (PoseResult or (T, N, 3)), or None
+                    truth=None, # ground truth (PoseResult, or (T, N, 3) true 3D), or None
                    ) -> str:
-    "`deeperfly inspect`'s text summary of the result, with the 3D error against the truth when given."
+    "`deeperfly inspect`'s text summary of the result, with the errors against the truth when given."
     summary = format_summary(result.summary())
     if truth is None: return summary
-    g = ground_truth_error(result, truth.pts3d if isinstance(truth, PoseResult) else truth)
-    o = g["overall"]
-    if o["n"]: summary += (f"\n\n3D error against ground truth after {g['align']} alignment: median {o['median']:.4f}, "
-                           f"p95 {o['p95']:.4f}, mean {o['mean']:.4f} (world units) over {o['n']} points")
-    return summary
+    if not isinstance(truth, PoseResult): gt = {"3d": ground_truth_error(result, truth), "2d": None}
+    else: gt = ground_truth_report(result, truth)
+    text = format_ground_truth(gt["3d"], gt["2d"])
+    return summary + ("\n\n" + text if text else "")
 
 # %% ../nbs/18d_inspection.ipynb #471dfa34
 def _report_page(title:str, # the page title

@@ -748,7 +748,7 @@ def pathway_samples(labels:LabelSet, # labeled frames
                      {"model": model, "skeleton": labels.skeleton.name, "mean": list(spec.mean), "labels": repr(labels)})
 
 # %% ../nbs/16_labels.ipynb #959db8be
-def labels_from_render(rec, # a render.SynthRender
+def labels_from_render(rec, # a synth_footage.SynthRender
                        name:str="", # frame-id prefix
                       ) -> LabelSet:
     "Labels of a synthetic render: the exact 2D of every reported, in-frame point (occluded ones too), its visibility, the frames embedded."
@@ -790,7 +790,7 @@ def synthetic_samples(seeds, # training recordings' seeds (keep the bundled exam
                      ) -> SampleSet:
     "Render one short recording per seed (varied gait, look, rig, wings, H.264 quality) and turn each into pathway samples."
     from tqdm.auto import tqdm
-    from deeperfly_nb.render import render_recording
+    from deeperfly_nb.synth_footage import render_recording
     if plan is None:
         from deeperfly_nb.config import Config
         plan = Config.default().detection_plan()

@@ -21,8 +21,8 @@ from .results import PoseResult
 from .df3d import read_df3d_result
 
 # %% auto #0
-__all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'run_from_points2d', 'ba_summary',
-           'prepare_output_dir', 'reconstruct']
+__all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
+           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -107,39 +107,7 @@ def check_points2d(cameras:CameraGroup, # the rig; its cameras are the V axis
         raise InputError("pts2d: no point is observed by two or more views in any frame, so nothing can be triangulated")
     return pts2d, conf
 
-# %% ../nbs/11_pipeline.ipynb #3650661d
-def run_from_points2d(cameras:CameraGroup, # the initial rig (V cameras)
-                      skeleton:Skeleton, # the skeleton (N points)
-                      pts2d, # (V, T, N, 2) pixels, NaN = unseen
-                      conf=None, # (V, T, N) detector confidences (default: 1 where seen)
-                      do_bundle_adjust:bool=True, # refine the rig by bundle adjustment first
-                      bundle_adjust_kwargs:dict|None=None, # passed to `bundle_adjust_cameras`
-                      triangulation:str="dlt", # "dlt", "ransac" or "greedy"
-                      weigh_by_confidence:bool=False, # confidence-weighted DLT
-                      triangulate_kwargs:dict|None=None, # further `triangulate` options (thresholds, min_confidence)
-                      fps:float|None=None, # frame rate, stored in the result
-                      meta:dict|None=None, # free-form JSON-able metadata stored in the result
-                     ) -> PoseResult:
-    "Bundle-adjust (optionally), triangulate and wrap the result: 2D -> `PoseResult`."
-    pts2d, conf = check_points2d(cameras, skeleton, pts2d, conf)
-    meta = dict(meta or {})
-    t0 = time.perf_counter()
-    if do_bundle_adjust:
-        cameras, ba = bundle_adjust_cameras(cameras, pts2d, conf, skeleton, **(bundle_adjust_kwargs or {}))
-        meta["bundle_adjustment"] = ba_summary(ba, time.perf_counter() - t0)
-        b = meta["bundle_adjustment"]
-        log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error %.2f -> %.2f px",
-                 b.get("nfev"), b["seconds"], b.get("median_reproj_before", np.nan), b.get("median_reproj_after", np.nan))
-    t1 = time.perf_counter()
-    tri_kw = {"method": triangulation, "weigh_by_confidence": weigh_by_confidence, **(triangulate_kwargs or {})}
-    pts3d = triangulate(cameras, pts2d, conf, **tri_kw)
-    err = reprojection_error(cameras, pts3d, pts2d)
-    meta["triangulation"] = {**{k: v for k, v in tri_kw.items()}, "seconds": round(time.perf_counter() - t1, 3)}
-    prov = {"deeperfly_version": deeperfly_nb.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return PoseResult(pts2d=pts2d, conf=conf, cameras=cameras, skeleton=skeleton, pts3d=pts3d, reproj_error=err,
-                      fps=fps, meta=meta, provenance=prov)
-
-# %% ../nbs/11_pipeline.ipynb #d96b1f93
+# %% ../nbs/11_pipeline.ipynb #8c723b01
 def ba_summary(ba, # the result `bundle_adjust_cameras` returns (scipy's OptimizeResult plus deeperfly's fields)
                seconds:float, # how long it took
               ) -> dict:
@@ -155,6 +123,60 @@ def ba_summary(ba, # the result `bundle_adjust_cameras` returns (scipy's Optimiz
         try: json.dumps(v); out[k] = v
         except TypeError: pass
     return out
+
+# %% ../nbs/11_pipeline.ipynb #c5fee761
+def bundle_adjust_rig(cameras:CameraGroup, # the initial rig (V cameras)
+                      skeleton:Skeleton, # the skeleton (N points)
+                      pts2d, # (V, T, N, 2) pixels, NaN = unseen (checked by `check_points2d`)
+                      conf, # (V, T, N) detector confidences
+                      bundle_adjust_kwargs:dict|None=None, # passed to `bundle_adjust_cameras` (e.g. `config.bundle_adjust_kwargs()`)
+                     ) -> tuple:
+    "(refined CameraGroup, `ba_summary` dict): bundle adjustment with its timing and a log line."
+    t0 = time.perf_counter()
+    refined, ba = bundle_adjust_cameras(cameras, pts2d, conf, skeleton, **(bundle_adjust_kwargs or {}))
+    summary = ba_summary(ba, time.perf_counter() - t0)
+    log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error %.2f -> %.2f px", summary.get("nfev"),
+             summary["seconds"], summary.get("median_reproj_before", np.nan), summary.get("median_reproj_after", np.nan))
+    return refined, summary
+
+# %% ../nbs/11_pipeline.ipynb #a9955411
+def triangulate_points2d(cameras:CameraGroup, # the rig (V cameras), already refined or trusted
+                         skeleton:Skeleton, # the skeleton (N points)
+                         pts2d, # (V, T, N, 2) pixels, NaN = unseen (checked by `check_points2d`)
+                         conf, # (V, T, N) detector confidences
+                         triangulate_kwargs:dict|None=None, # `triangulate` options, e.g. {'method': 'ransac', ...}
+                         fps:float|None=None, # frame rate, stored in the result
+                         meta:dict|None=None, # free-form JSON-able metadata stored in the result
+                        ) -> PoseResult:
+    "2D -> 3D through `cameras`, with the reprojection error: a `PoseResult`."
+    pts2d, conf = check_points2d(cameras, skeleton, pts2d, conf)
+    t0, tri_kw, meta = time.perf_counter(), {"method": "dlt", **(triangulate_kwargs or {})}, dict(meta or {})
+    pts3d = triangulate(cameras, pts2d, conf, **tri_kw)
+    meta["triangulation"] = {**tri_kw, "seconds": round(time.perf_counter() - t0, 3)}
+    prov = {"deeperfly_version": deeperfly_nb.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return PoseResult(pts2d=pts2d, conf=conf, cameras=cameras, skeleton=skeleton, pts3d=pts3d,
+                      reproj_error=reprojection_error(cameras, pts3d, pts2d), fps=fps, meta=meta, provenance=prov)
+
+# %% ../nbs/11_pipeline.ipynb #3224f62e
+def run_from_points2d(cameras:CameraGroup, # the initial rig (V cameras)
+                      skeleton:Skeleton, # the skeleton (N points)
+                      pts2d, # (V, T, N, 2) pixels, NaN = unseen
+                      conf=None, # (V, T, N) detector confidences (default: 1 where seen)
+                      do_bundle_adjust:bool=True, # refine the rig by bundle adjustment first
+                      bundle_adjust_kwargs:dict|None=None, # passed to `bundle_adjust_cameras`
+                      triangulation:str="dlt", # "dlt", "ransac" or "greedy"
+                      weigh_by_confidence:bool=False, # confidence-weighted DLT
+                      triangulate_kwargs:dict|None=None, # further `triangulate` options (thresholds, min_confidence)
+                      fps:float|None=None, # frame rate, stored in the result
+                      meta:dict|None=None, # free-form JSON-able metadata stored in the result
+                     ) -> PoseResult:
+    "Bundle-adjust (optionally), triangulate and wrap the result: 2D -> `PoseResult`."
+    pts2d, conf = check_points2d(cameras, skeleton, pts2d, conf)
+    meta = dict(meta or {})
+    if do_bundle_adjust:
+        cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, bundle_adjust_kwargs)
+    tri_kw = {"method": triangulation, "weigh_by_confidence": weigh_by_confidence, **(triangulate_kwargs or {})}
+    return triangulate_points2d(cameras, skeleton, pts2d, conf, tri_kw, fps=fps, meta=meta)
 
 # %% ../nbs/11_pipeline.ipynb #1e8a9207
 def prepare_output_dir(out_dir, # the output folder; created with its parents if missing
@@ -193,16 +215,13 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, or a folder holding on
     sizes = {n: points.image_sizes.get(n) for n in config.view_names if points.image_sizes.get(n)}
     cameras = config.camera_group(image_sizes=sizes or None)
     if do_bundle_adjust is None: do_bundle_adjust = config.pipeline.bundle_adjustment
-    tri = config.triangulate_kwargs()
-    method = triangulation or tri.pop("method", "dlt")
-    tri.pop("method", None)
-    weigh = tri.pop("weigh_by_confidence", False)
+    tri = {**config.triangulate_kwargs(), **({"method": triangulation} if triangulation else {})}
     t0 = time.perf_counter()
-    result = run_from_points2d(cameras, skeleton, points.pts2d, points.conf, do_bundle_adjust=do_bundle_adjust,
-                               bundle_adjust_kwargs=config.bundle_adjust_kwargs(skeleton), triangulation=method,
-                               weigh_by_confidence=weigh, triangulate_kwargs=tri,
-                               fps=config.pipeline.fps or points.fps,
-                               meta={"source": str(points.path), "source_format": points.meta.get("source_format")})
+    pts2d, conf = check_points2d(cameras, skeleton, points.pts2d, points.conf)
+    meta = {"source": str(points.path), "source_format": points.meta.get("source_format")}
+    if do_bundle_adjust:
+        cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, config.bundle_adjust_kwargs(skeleton))
+    result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=config.pipeline.fps or points.fps, meta=meta)
     result.provenance.update({"inputs": {"points2d": str(points.path)}, "seconds": round(time.perf_counter() - t0, 3),
                               "config": config.to_dict()})
     result.save(out / "results.h5")

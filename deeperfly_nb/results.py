@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from . import __version__
 from .core import InputError, atomic_path, atomic_hdf5, check_shape
-from .skeleton import Skeleton
+from .skeleton import Skeleton, body_length
 from .cameras import CameraGroup, ring_camera
 from .triangulation import reprojection_error
 
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity', 'format_summary',
-           'quality_warnings', 'ground_truth_error', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
+           'quality_warnings', 'ground_truth_error', 'ground_truth_error_2d', 'format_ground_truth',
+           'ground_truth_report', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
 
 # %% ../nbs/05_results.ipynb #55642505
 def _json_normalise(d, name:str) -> dict:
@@ -375,10 +376,61 @@ def ground_truth_error(result, # a `PoseResult` with pts3d, or a (T, N, 3) array
     overall = {"mean": _num(e.mean()) if e.size else None, "median": _num(np.median(e)) if e.size else None,
                "p95": _num(np.percentile(e, 95)) if e.size else None, "rmse": _num(np.sqrt((e ** 2).mean())) if e.size else None,
                "max": _num(e.max()) if e.size else None, "n": int(e.size)}
+    if isinstance(result, PoseResult) and e.size:            # the same error as a share of the (true) body length
+        overall["body_length"] = _num(body_length(result.skeleton, truth))
+        overall["median_pct_body"] = _num(100 * overall["median"] / overall["body_length"])
     return {"align": align, "scale": float(scale), "rotation": np.asarray(R).tolist(), "translation": np.asarray(t).tolist(),
             "overall": overall,
             "per_point": {n: {"mean": _num(per_mean[i]), "median": _num(per_med[i]), "n": int(ok[:, i].sum())}
                           for i, n in enumerate(names)}}
+
+# %% ../nbs/05_results.ipynb #1a4097cc
+def ground_truth_error_2d(pts2d, # (V, T, N, 2) detected points in raw pixels, NaN = not detected
+                          truth_pts2d, # (V, T, N, 2) true points, NaN = not reported
+                          view_names, # (V,) names for the per-view figures
+                          threshold_px:float=5.0, # PCK's radius
+                         ) -> dict:
+    "2D error of detections against the truth: median px and PCK@threshold_px overall and per view (JSON-ready)."
+    est = check_shape(pts2d, "pts2d", (None, None, None, 2))
+    truth = check_shape(truth_pts2d, "truth_pts2d", (("views", est.shape[0]), ("frames", est.shape[1]), ("points", est.shape[2]), 2))
+    err = np.linalg.norm(est - truth, axis=-1)                    # (V, T, N), NaN where either is missing
+    reported = np.isfinite(truth).all(-1)
+    def score(e, rep):                                            # a missed point counts as a miss for PCK
+        hit = np.isfinite(e)
+        return {"median_px": _num(np.median(e[hit])) if hit.any() else None, "n": int(hit.sum()),
+                "pck": _num(((e < threshold_px) & hit).sum() / rep.sum()) if rep.any() else None}
+    return {"threshold_px": threshold_px, "overall": score(err, reported),
+            "per_view": {str(n): score(err[v], reported[v]) for v, n in enumerate(view_names)}}
+
+# %% ../nbs/05_results.ipynb #4dbb19c2
+def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
+                        gt2d:dict|None=None, # `ground_truth_error_2d`'s dict, or None
+                        source:str="ground truth", # what the truth is (a file name)
+                       ) -> str:
+    "Human-readable lines for the errors against the truth."
+    lines = []
+    if gt3d and gt3d["overall"]["n"]:
+        o = gt3d["overall"]
+        pct = (f" = {o['median_pct_body']:.2f}% of the body length ({o['body_length']:.4g} units)"
+               if o.get("median_pct_body") is not None else "")
+        lines.append(f"3D error against {source} after {gt3d['align']} alignment: median {o['median']:.4g} world units{pct}; "
+                     f"p95 {o['p95']:.4g}, mean {o['mean']:.4g} over {o['n']} points")
+    if gt2d and gt2d["overall"]["n"]:
+        o = gt2d["overall"]
+        lines.append(f"2D error against {source}: median {o['median_px']:.2f} px, PCK@{gt2d['threshold_px']:g}px "
+                     f"{100 * o['pck']:.1f}% over {o['n']} points")
+    return "\n".join(lines)
+
+# %% ../nbs/05_results.ipynb #ff4ea999
+def ground_truth_report(result:PoseResult, # the result to score
+                        truth:PoseResult, # the truth, same frames, views and points
+                        threshold_px:float=5.0, # PCK's radius
+                       ) -> dict:
+    "{'3d': ground_truth_error or None, '2d': ground_truth_error_2d or None}: what the truth can score."
+    g3 = ground_truth_error(result, truth.pts3d) if result.pts3d is not None and truth.pts3d is not None else None
+    same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
+    g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
+    return {"3d": g3, "2d": g2}
 
 # %% ../nbs/05_results.ipynb #cd7f5a87
 def reprojection_histogram(result:PoseResult, # a result with pts3d or reproj_error

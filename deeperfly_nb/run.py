@@ -18,8 +18,7 @@ from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPAC
 from .config import Config, DEVICE_PATTERN
 from .cameras import CameraGroup
 from .results import PoseResult
-from .bundle_adjustment import bundle_adjust_cameras
-from .pipeline import run_from_points2d, prepare_output_dir, load_points2d, match_views, ba_summary
+from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'SNAPSHOT', 'fingerprint',
@@ -427,13 +426,9 @@ def _bundle_adjustment_stage(ctx:RunContext, p2d:Pose2D) -> tuple:
                       "skeleton": cfg["skeleton"], "bundle_adjustment": cfg["bundle_adjustment"], "pose2d": p2d.content})
     path = ctx.out / "cameras.toml"
     def compute():
-        t0 = time.perf_counter()
-        cams, ba = bundle_adjust_cameras(cams0, p2d.pts2d, p2d.conf, config.skeleton(), **config.bundle_adjust_kwargs())
-        summary = ba_summary(ba, time.perf_counter() - t0)
+        cams, summary = bundle_adjust_rig(cams0, config.skeleton(), p2d.pts2d, p2d.conf, config.bundle_adjust_kwargs())
         summary["camera_shift"] = {c.name: float(np.linalg.norm(c.position - c0.position)) for c, c0 in zip(cams, cams0)}
         with atomic_path(path) as tmp: tmp.write_text(_cameras_toml(cams))
-        log.info("bundle adjustment: median reprojection error %.2f -> %.2f px",
-                 summary.get("median_reproj_before", np.nan), summary.get("median_reproj_after", np.nan))
         cams = CameraGroup.from_dict(tomllib.loads(path.read_text())["cameras"])   # exactly what a reuse reads
         return cams, [path], _rig_content(cams), summary
     return _stage(ctx, "bundle_adjustment", fp, compute,
@@ -461,10 +456,7 @@ def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:di
     config = ctx.config
     meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps}
     if config.pipeline.triangulation:
-        tri = config.triangulate_kwargs()
-        method, weigh = tri.pop("method"), tri.pop("weigh_by_confidence")
-        res = run_from_points2d(cameras, config.skeleton(), p2d.pts2d, p2d.conf, do_bundle_adjust=False, triangulation=method,
-                                weigh_by_confidence=weigh, triangulate_kwargs=tri, fps=ctx.fps, meta=meta)
+        res = triangulate_points2d(cameras, config.skeleton(), p2d.pts2d, p2d.conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
     else: res = PoseResult(p2d.pts2d, p2d.conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta)
     res.provenance.update(result_provenance(ctx))
     res.provenance["frames"]["count"] = res.n_frames

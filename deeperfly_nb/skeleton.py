@@ -12,8 +12,8 @@ import numpy as np
 from .core import ConfigError, InputError
 
 # %% auto #0
-__all__ = ['FLY_LEG_JOINTS', 'FLY_LIMB_COLORS', 'DEFAULT_PALETTE', 'BUILTIN_SKELETONS', 'Skeleton', 'fly38', 'bone_lengths',
-           'bone_length_cv', 'skeleton_from_dict', 'skeleton_to_dict']
+__all__ = ['FLY_LEG_JOINTS', 'FLY_LIMB_COLORS', 'BODY_AXES', 'DEFAULT_PALETTE', 'BUILTIN_SKELETONS', 'Skeleton', 'fly38',
+           'bone_lengths', 'bone_length_cv', 'body_length', 'skeleton_from_dict', 'skeleton_to_dict']
 
 # %% ../nbs/01_skeleton.ipynb #c09bc837
 @dataclass(frozen=True)
@@ -146,6 +146,25 @@ def bone_length_cv(skeleton:Skeleton, # its `bones` are measured; its N must mat
 
 Skeleton.bone_lengths = bone_lengths
 Skeleton.bone_length_cv = bone_length_cv
+
+# %% ../nbs/01_skeleton.ipynb #ef0c6a8b
+BODY_AXES = {"fly38": ("l_antenna", "l_stripe_3")}   # skeleton name -> the two points whose distance is the body length
+
+def body_length(skeleton:Skeleton, # names the points; `BODY_AXES` may name its body axis
+                pts3d, # (T, N, 3) or (N, 3) 3D points, NaN = unknown
+               ) -> float:
+    "The body length in the points' units: the median over frames of the body axis (or, without one, of the extent)."
+    p = np.asarray(pts3d, dtype=float).reshape(-1, *np.shape(pts3d)[-2:])
+    if p.shape[-2:] != (skeleton.n_points, 3):
+        raise InputError(f"pts3d must have shape (T, {skeleton.n_points}, 3) for skeleton {skeleton.name!r}, got {np.shape(pts3d)}")
+    axis = BODY_AXES.get(skeleton.name)
+    if axis is not None and all(a in skeleton.point_names for a in axis):
+        i, j = (skeleton.point_names.index(a) for a in axis)
+        d = np.linalg.norm(p[:, i] - p[:, j], axis=-1)
+    else: d = np.nanmax(np.linalg.norm(p[:, :, None] - p[:, None], axis=-1).reshape(len(p), -1), axis=1)
+    d = d[np.isfinite(d)]
+    if not d.size: raise InputError(f"no frame of pts3d measures the body length of skeleton {skeleton.name!r}")
+    return float(np.median(d))
 
 # %% ../nbs/01_skeleton.ipynb #a0486496
 DEFAULT_PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['repo_root', 'shared_data']
+__all__ = ['repo_root', 'shared_data', 'random_df2d_checkpoint']
 
 # %% ../nbs/00a_testing.ipynb #332b616e
 def repo_root(start:str|Path|None=None, # where to start looking (default: the working folder)
@@ -28,3 +28,19 @@ def shared_data(*parts:str, # a path below `../shared/data`, e.g. "deepfly3d_sam
               + ("not inside a clone of the repository" if root is None else f"{path} is absent"))
         return None
     return path
+
+# %% ../nbs/00a_testing.ipynb #0c638aaf
+def random_df2d_checkpoint(path:str|Path, # the .tar/.pth file to write
+                           shapes:dict, # {key without 'module.': shape}, e.g. df2d_state_dict_keys.json's "sh2"
+                           seed:int=0, # the random draw
+                          ) -> dict:
+    "Write a DeepFly2D-layout checkpoint of random weights to `path`; return its state dict."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    def tensor(k, s):
+        if k.endswith("num_batches_tracked"): return torch.randint(0, 100, s, generator=g)
+        if k.endswith("running_var"): return torch.rand(s, generator=g) + 0.5
+        return 0.05 * torch.randn(s, generator=g)
+    sd = {"module." + k: tensor(k, s) for k, s in shapes.items()}
+    torch.save({"state_dict": sd, "epoch": 12, "arch": "hg", "best_acc": 0.8}, path)
+    return sd

@@ -734,7 +734,7 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
     res = train_detector(samples, run, cfg, resume=(run / "last.pt").exists(), progress=progress, metadata={"recipe": recipe})
     state, meta = load_checkpoint(res.model_path)
     meta.update(name="fly_synthetic", created_by=recipe["function"], render_seconds=round(render_s, 1),
-                description="deeperfly's bundled fly detector, trained only on synthetic renders (render.render_recording) of the "
+                description="deeperfly's bundled fly detector, trained only on synthetic renders (synth_footage.render_recording) of the "
                             "walking fly through the 7-camera DeepFly3D rig; channel i = the i-th point of one side in fly38 order")
     net = build_network(state, init_stride=int(meta["architecture"].get("init_stride", 2)))
     out = Path(out_path); out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def tiny_recording(root:Path, n_frames:int=6, seed:int=11, video_scale:float=0.2
     shape (`root/w.pt`; `root/v.pt` is another, of the same file size) and a config dict using it with small videos,
     written to `root/config.toml`. Fast end-to-end runs of the whole pipeline; the detections are not meant to be good."""
     import torch, tomli_w
-    from deeperfly_nb.render import synth_recording
+    from deeperfly_nb.synth_footage import synth_recording
     from deeperfly_nb.detector import HourglassNet, save_checkpoint
     from deeperfly_nb.config import Config
     root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from deeperfly_nb.detector import bundled_weights, load_checkpoint, load_models
 from deeperfly_nb.inference import detect_2d
 from deeperfly_nb.labels import channel_names
 from deeperfly_nb.pipeline import run_from_points2d
-from deeperfly_nb.render import load_ground_truth, synth_recording
+from deeperfly_nb.synth_footage import load_ground_truth, synth_recording
 from deeperfly_nb.results import align_similarity
 from deeperfly_nb.training import BUNDLED_SEEDS
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from deeperfly_nb.testing import random_df2d_checkpoint
 from hypothesis import assume, given, settings, strategies as st
 
 import deeperfly_nb.detector as det
@@ -43,16 +44,6 @@ def real_frame() -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(FRAMES[10])), cv2.COLOR_BGR2RGB)
 
 
-def df2d_checkpoint(path: Path, shapes: dict, seed: int = 0) -> dict:
-    "A checkpoint in DeepFly2D's published layout: random tensors of the listed shapes, 'module.' keys."
-    g = torch.Generator().manual_seed(seed)
-    sd = {"module." + k: (torch.randint(0, 100, s, generator=g) if k.endswith("num_batches_tracked") else
-                          torch.rand(s, generator=g) + 0.5 if k.endswith("running_var") else 0.05 * torch.randn(s, generator=g))
-          for k, s in shapes.items()}
-    torch.save({"state_dict": sd, "epoch": 12, "arch": "hg", "best_acc": 0.8}, path)
-    return sd
-
-
 def spec(**kw) -> ModelSpec:
     return ModelSpec(**(dict(name="df2d", cls="hourglass", weights=None, sha256=None, input_size=(256, 512), n_out_channels=19,
                              mean=0.22, options={}, base_dir=None) | kw))
@@ -63,7 +54,7 @@ def spec(**kw) -> ModelSpec:
 @pytest.mark.parametrize("name,n_stacks", [("sh2", 2), ("sh8", 8)])
 def test_published_layouts_load_strictly(layout, tmp_path, name, n_stacks):
     assert layout["prefix"] == "module."
-    sd = df2d_checkpoint(tmp_path / f"{name}.tar", layout[name])
+    sd = random_df2d_checkpoint(tmp_path / f"{name}.tar", layout[name])
     raw = torch.load(tmp_path / f"{name}.tar", weights_only=True)
     assert sorted(raw) == sorted(layout["top_level_keys"])
     state, meta = load_checkpoint(tmp_path / f"{name}.tar")
@@ -76,7 +67,7 @@ def test_published_layouts_load_strictly(layout, tmp_path, name, n_stacks):
 
 
 def test_use_stack_runs_only_the_first_stacks(layout, tmp_path, real_frame):
-    df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
+    random_df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
     fused = load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu")
     assert fused.fused is not None and fused.fused.n_stacks == 2 and len(fused.fused.hg) == 2   # only 2 stacks rebuilt
     model = load_model(spec(weights="sh8.tar", base_dir=tmp_path, options={"use_stack": 2}), device="cpu", fused=False)
@@ -94,7 +85,7 @@ def test_use_stack_runs_only_the_first_stacks(layout, tmp_path, real_frame):
 
 
 def test_layout_mismatch_names_the_first_key(layout, tmp_path):
-    df2d_checkpoint(tmp_path / "sh2.tar", layout["sh2"])
+    random_df2d_checkpoint(tmp_path / "sh2.tar", layout["sh2"])
     with pytest.raises(ModelError, match=r"sh2\.tar: missing key 'module\.hg\.2\.hg\.0\.0\.0\.bn1\.weight'.*2-stack.*n_stacks = 8"):
         load_model(spec(weights="sh2.tar", base_dir=tmp_path, options={"n_stacks": 8}), device="cpu")
     with pytest.raises(ModelError, match=r"'module\.score\.0\.weight' has shape \[19, 256, 1, 1\] but \[38, 256, 1, 1\]"):
@@ -349,8 +340,8 @@ def test_routing_into_views():
 # --- DeepFly2D compatibility ---------------------------------------------------------------------------------------
 
 def test_many_stacks_without_use_stack_warn(layout, tmp_path):
-    df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
-    df2d_checkpoint(tmp_path / "sh2.tar", layout["sh2"])
+    random_df2d_checkpoint(tmp_path / "sh8.tar", layout["sh8"])
+    random_df2d_checkpoint(tmp_path / "sh2.tar", layout["sh2"])
     with pytest.warns(ConfigWarning, match=r"sh8\.tar has 8 stacks and use_stack is not set.*use_stack = 2"):
         m = load_model(spec(weights="sh8.tar", base_dir=tmp_path), device="cpu")
     assert m.use_stack == 8

@@ -74,6 +74,7 @@ def check_class(qual: str, cls) -> list[str]:
             if _ours(attr.fget) and not _own_doc(attr.fget): probs.append(f"{qual}.{name}: property without a docstring")
             continue
         fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+        if type(attr).__name__ == "_clsmethod": fn = attr.f   # fastcore's `@patch(cls_method=True)` wrapper
         if inspect.isfunction(fn) and _ours(fn):  # the first parameter of a method, whatever its name, is the instance
             probs += check_function(f"{qual}.{name}", fn, method=not isinstance(attr, staticmethod))
     return probs
