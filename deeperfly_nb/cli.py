@@ -13,8 +13,9 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, disk_full_error
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'cmd_inspect',
-           'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'make_parser', 'main']
+__all__ = ['FOREIGN_2D', 'TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'foreign_points2d', 'cmd_reconstruct',
+           'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames',
+           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -61,6 +62,45 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
         return 3
     return 0
 
+# %% ../nbs/20_cli.ipynb #084d61dd
+FOREIGN_2D = (".slp", ".nwb", ".nc", ".csv")      # suffixes `reconstruct` reads through `interop.read_points2d`
+
+def cmd_export(args, # the parsed command line (see `make_parser`)
+              ) -> int:
+    "Write a saved result in another tool's format, chosen by the destination's name."
+    from deeperfly_nb.interop import export_result
+    from deeperfly_nb.results import PoseResult
+    result = PoseResult.load(args.result)
+    Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
+    paths = export_result(result, args.dest, format=args.format)
+    for p in paths: print(f"wrote {p}")
+    return 0
+
+def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
+             ) -> dict|None:
+    "{foreign keypoint: skeleton point} from --map options; an InputError names a malformed one."
+    bad = [p for p in pairs or () if p.count("=") != 1 or not all(p.split("="))]
+    if bad: raise InputError(f"--map takes FOREIGN=POINT, got {bad}")
+    return dict(p.split("=") for p in pairs) if pairs else None
+
+# %% ../nbs/20_cli.ipynb #5763421a
+def foreign_points2d(sources:list, # the source argument(s): one file or folder, several per-view files, or a glob
+                     config, # the Config (skeleton and views)
+                     name_map:dict|None=None, # {foreign keypoint: skeleton point}
+                     view_pattern:str="{view}", # how a view appears in per-view file names
+                    ):
+    "A `pipeline.Points2D` read through `interop`, or None when `load_points2d` reads the source itself."
+    from deeperfly_nb.pipeline import Points2D
+    from deeperfly_nb.interop import read_points2d
+    first = Path(sources[0])
+    globbed = any(c in str(first) for c in "*?[")
+    if len(sources) == 1 and not globbed and (first.is_dir() or first.suffix.lower() not in FOREIGN_2D): return None
+    skeleton = config.skeleton()
+    pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,
+                                      name_map=name_map, pattern=view_pattern)
+    return Points2D(pts2d, conf, list(config.view_names), {}, None, tuple(skeleton.point_names), first,
+                    {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}})
+
 # %% ../nbs/20_cli.ipynb #b673d4c1
 def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
              ) -> int:
@@ -68,7 +108,8 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.pipeline import reconstruct
     config = _load_config(args.config)
     t0 = time.perf_counter()
-    result = reconstruct(args.source, args.out, config=config,
+    source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
+    result = reconstruct(source, args.out, config=config,
                          do_bundle_adjust=False if args.no_bundle_adjust else None, triangulation=args.triangulation)
     s = result.summary()
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
@@ -389,14 +430,22 @@ def _add_init_parser(sub, # the subparsers of `make_parser`
 
 def _add_other_parsers(sub, # the subparsers of `make_parser`
                       ):
-    "Add `reconstruct`, `synth` and `doctor`."
-    s = sub.add_parser("reconstruct", help="2D keypoints (.h5 or DeepFly3D .pkl) -> bundle adjustment -> triangulation -> results.h5")
-    s.add_argument("source", help="2D source: a deeperfly .h5, a DeepFly3D df3d_result*.pkl, or a folder holding one")
+    "Add `reconstruct`, `export`, `synth` and `doctor`."
+    s = sub.add_parser("reconstruct", help="2D keypoints (deeperfly .h5, DeepFly3D .pkl, SLEAP, NWB, DeepLabCut) -> bundle adjustment -> triangulation -> results.h5")
+    s.add_argument("source", nargs="+", help="2D source: a deeperfly .h5, a DeepFly3D df3d_result*.pkl or a folder holding one; "
+                                             "a SLEAP .slp, NWB .nwb or movement .nc; or DeepLabCut CSVs, one per view (paths or a glob)")
+    s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point (repeatable)")
+    s.add_argument("--view-pattern", default="{view}", help="how a view shows in per-view file names: {view} or {index} (default: {view})")
     s.add_argument("-c", "--config", help="config TOML (default: the packaged DeepFly3D rig config)")
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
     s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the config's rig as is")
     s.add_argument("--triangulation", choices=["dlt", "ransac", "greedy"], help="override [triangulation] method")
     s.set_defaults(func=cmd_reconstruct)
+    s = sub.add_parser("export", help="write a results.h5 as NWB, SLEAP, DeepLabCut CSVs, anipose or movement files")
+    s.add_argument("result", help="a results.h5 (or pose2d.h5) written by deeperfly")
+    s.add_argument("dest", help="output file; its name picks the format: .nwb, .slp, .csv (one per view), calibration.toml, *3d.csv, .nc")
+    s.add_argument("--format", help="the format, when the name does not say it (e.g. dlc-h5)")
+    s.set_defaults(func=cmd_export)
     s = sub.add_parser("synth", help="render a synthetic 7-camera recording with exact ground truth")
     s.add_argument("out", help="output folder")
     s.add_argument("--frames", type=int, default=64, help="number of frames (default: 64)")
@@ -406,6 +455,66 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s = sub.add_parser("doctor", help="check the installation: versions, device, video codecs, weights, the bundled model")
     s.add_argument("--quick", action="store_true", help="skip the detection test")
     s.set_defaults(func=cmd_doctor)
+
+# %% ../nbs/20_cli.ipynb #f3edc132
+def crop_options_from_args(args, # parsed `crop` arguments
+                          ):
+    "The `cropzoom.CropOptions` of the command line (both sizing options given: CropOptions refuses them)."
+    from deeperfly_nb.cropzoom import CropOptions
+    ratio = args.crop_ratio if args.crop_ratio is not None else (None if args.crop_size is not None else 2.0)
+    return CropOptions(crop_ratio=ratio, crop_size=args.crop_size, anchor_points=tuple(args.anchor_points or ()),
+                       smooth_frames=args.smooth_frames)
+
+def cmd_crop(args, # the parsed command line (see `make_parser`)
+            ) -> int:
+    "Crop a video or labelled frames around the detected animal; write the crops and a bbox CSV."
+    from deeperfly_nb.crop_files import crop_labels, crop_recording
+    opts, out = crop_options_from_args(args), Path(args.out)
+    out_hw = tuple(args.out_size) if args.out_size else None
+    if out_hw is None and args.pose_model is None: out_hw = (256, 256)
+    target = Path(args.target)
+    out.mkdir(parents=True, exist_ok=True)
+    if target.suffix.lower() == ".csv":
+        labels, bbox, boxes = crop_labels(target, opts, out_hw, out, detections=args.source, pose_model=args.pose_model,
+                                          device=args.device)
+        print(f"wrote {boxes.n_frames} cropped labelled frames and {labels}; boxes in {bbox}")
+    else:
+        video, bbox, boxes = crop_recording(args.source, target, opts, out_hw, out, pose_model=args.pose_model, device=args.device)
+        print(f"wrote {video} ({boxes.n_frames} frames of {boxes.out_hw[0]}x{boxes.out_hw[1]}); boxes in {bbox}")
+    if boxes.filled.any(): print(f"{int(boxes.filled.sum())} frames had no confident detection: their boxes were filled in")
+    return 0
+
+def cmd_remap(args, # the parsed command line (see `make_parser`)
+             ) -> int:
+    "Map predictions made on crops back into the raw frames."
+    from deeperfly_nb.crop_files import remap_predictions
+    pred = Path(args.predictions)
+    out = Path(args.out) if args.out else pred.with_name(pred.stem + "_remapped.csv")
+    print(f"wrote {remap_predictions(pred, args.bbox, out)}")
+    return 0
+
+# %% ../nbs/20_cli.ipynb #d5f69599
+def _add_crop_parsers(sub, # the subparsers of `make_parser`
+                     ):
+    "Add `crop` and `remap`."
+    s = sub.add_parser("crop", help="crop a video (or labelled frames) around the animal a detector found; write a bbox CSV")
+    s.add_argument("source", help="the detector's predictions on TARGET (DeepLabCut / lightning-pose CSV), or a detector checkpoint (.pt) to run")
+    s.add_argument("target", help="a video, or a labelled-frames CSV (DeepLabCut / lightning-pose)")
+    size = s.add_argument_group("box size (one of)")
+    size.add_argument("--crop_ratio", "--crop-ratio", type=float, help="box side = this many times the keypoints' span (> 1; default 2)")
+    size.add_argument("--crop_size", "--crop-size", type=float, help="a fixed box of this many pixels, centred on the keypoints")
+    s.add_argument("--anchor_points", "--anchor-points", nargs="+", metavar="NAME", help="keypoints whose mean is the box centre (default: all)")
+    s.add_argument("--smooth-frames", type=int, default=5, help="centred rolling median of the boxes over this many frames (default 5; 1 = off)")
+    s.add_argument("--out-size", type=int, nargs=2, metavar=("H", "W"), help="crop size in pixels (default: the --pose-model's input, else 256 256)")
+    s.add_argument("--pose-model", help="the pose model checkpoint that will read the crops (its input size is the crop size)")
+    s.add_argument("--device", help="torch device for a detector checkpoint (default: CUDA if available, else CPU)")
+    s.add_argument("-o", "--out", default="crops", help="output folder (default: crops)")
+    s.set_defaults(func=cmd_crop)
+    s = sub.add_parser("remap", help="map predictions made on crops back into the raw frames (exact inverse of each crop)")
+    s.add_argument("predictions", help="predictions on the crops (DeepLabCut / lightning-pose CSV)")
+    s.add_argument("bbox", help="the bbox CSV `deeperfly crop` wrote")
+    s.add_argument("-o", "--out", help="output CSV (default: PREDICTIONS_remapped.csv)")
+    s.set_defaults(func=cmd_remap)
 
 # %% ../nbs/20_cli.ipynb #0590ae69
 def make_parser() -> argparse.ArgumentParser:
@@ -423,6 +532,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     _add_init_parser(sub); _add_run_parser(sub); _add_inspect_parser(sub); _add_other_parsers(sub); _add_train_parser(sub)
+    _add_crop_parsers(sub)
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161

@@ -193,7 +193,7 @@ def prepare_output_dir(out_dir, # the output folder; created with its parents if
     return out
 
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
-def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, or a folder holding one
+def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
                 out_dir, # output folder (created if needed)
                 config:Config|None=None, # the config (default: the packaged one)
                 do_bundle_adjust:bool|None=None, # override [pipeline] bundle_adjustment
@@ -206,7 +206,7 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, or a folder holding on
         try: PoseResult.load(out / "results.h5")
         except InputError: raise InputError(f"{out / 'results.h5'} exists and is not a deeperfly result: refusing to replace it; "
                                             f"choose another output folder") from None
-    points = load_points2d(source)
+    points = source if isinstance(source, Points2D) else load_points2d(source)
     skeleton = config.skeleton()
     if points.point_names is not None and tuple(points.point_names) != tuple(skeleton.point_names):
         raise InputError(f"{points.path}: its points {list(points.point_names)[:5]}... are not the config's skeleton "

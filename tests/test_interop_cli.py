@@ -1,0 +1,55 @@
+"""`deeperfly export` and `deeperfly reconstruct` from other tools' files (issue 16, item 3): the bundled example's 2D
+written as DeepLabCut CSVs (one per view) and as a SLEAP file, then reconstructed, gives the same 3D as
+deeperfly's own 2D file — through the real command line, bundle adjustment included."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeperfly_nb.results import PoseResult
+
+ROOT = Path(__file__).resolve().parents[1]
+POINTS2D = ROOT / "examples" / "data" / "points2d.h5"
+
+
+def cli(*args, cwd):
+    p = subprocess.run([sys.executable, "-c", "import sys; from deeperfly_nb.cli import main; sys.exit(main())", *map(str, args)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600)
+    return p
+
+
+@pytest.fixture(scope="module")
+def sized_config(tmp_path_factory):
+    "The packaged config with every camera's image size (other tools' 2D files do not record it)."
+    d = tmp_path_factory.mktemp("cfg")
+    assert cli("init", d / "config.toml", cwd=d).returncode == 0
+    text = (d / "config.toml").read_text()
+    (d / "config.toml").write_text(re.sub(r"(\[cameras\.\w+\]\n)", r"\1image_size = [480, 960]\n", text))
+    return d / "config.toml"
+
+
+def test_reconstruct_from_dlc_and_sleap_equals_own_2d(tmp_path, sized_config):
+    for fmt, dest in (("csv", "exp/pred.csv"), ("slp", "exp/pred.slp")):
+        p = cli("export", POINTS2D, dest, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+    assert len(list((tmp_path / "exp").glob("pred_*.csv"))) == 7
+    runs = {"own": [POINTS2D], "dlc": ["exp/pred_*.csv"], "slp": ["exp/pred.slp"]}
+    for name, src in runs.items():
+        p = cli("reconstruct", *src, "-c", sized_config, "-o", name, "-q", cwd=tmp_path)
+        assert p.returncode == 0, (name, p.stderr)
+    own = PoseResult.load(tmp_path / "own" / "results.h5").pts3d
+    for name in ("dlc", "slp"):
+        other = PoseResult.load(tmp_path / name / "results.h5").pts3d
+        np.testing.assert_array_equal(np.isnan(other), np.isnan(own))
+        np.testing.assert_allclose(other, own, atol=1e-6, rtol=0, equal_nan=True, err_msg=name)
+
+
+def test_export_refuses_unknown_format_and_bad_map(tmp_path):
+    p = cli("export", POINTS2D, "out.xyz", cwd=tmp_path)
+    assert p.returncode == 2 and "out.xyz" in p.stderr + p.stdout
+    assert not (tmp_path / "out.xyz").exists()
+    p = cli("reconstruct", "a.csv", "--map", "nose", cwd=tmp_path)
+    assert p.returncode == 2 and "--map takes FOREIGN=POINT" in p.stderr
