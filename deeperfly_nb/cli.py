@@ -326,8 +326,10 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     frames = parse_frames(args.frames) if args.frames else None
     t0 = time.perf_counter()
     try:
+        crop = crop_options_from_args(args) if args.detector_model or args.crop_ratio or args.crop_size else None
         res = train_from_labels(files, out, config=args.config, model=args.model, view=args.view, images=args.images,
-                                frames=frames, resume=args.resume, progress=not args.quiet and not args.no_progress, **settings)
+                                frames=frames, resume=args.resume, progress=not args.quiet and not args.no_progress,
+                                detector_model=args.detector_model, crop_options=crop, **settings)
     except KeyboardInterrupt:
         if (out / "last.pt").exists():
             print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)
@@ -355,6 +357,8 @@ TRAIN_EXAMPLES = """examples:
   deeperfly train df3d_output/df3d_result.pkl --frames 0-9 -o runs/df3d --set val_frac=0.2 --resume
   # from random weights instead (thousands of steps: hours on a CPU)
   deeperfly train labels.h5 -o runs/scratch --init none --steps 5000 --set lr=2e-3 --set warmup_steps=200
+  # cropzoom: the pose model learns on crops that a detector model draws around the animal (lightning-pose's recipe)
+  deeperfly train labels.csv --view top -o runs/pose --detector-model runs/det/model.pt --crop_ratio 2
 
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
 paste it over the model's table in your config (deeperfly init writes a config to edit)."""
@@ -386,6 +390,12 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--settings", metavar="FILE", help="training settings from a TOML or JSON file (a [training] table or top level); --set overrides")
     s.add_argument("--threads", type=int, help="CPU threads for training (default 2)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    crop = s.add_argument_group("cropzoom: train a pose model on crops around the animal")
+    crop.add_argument("--detector-model", help="a detector checkpoint whose boxes crop every labelled frame")
+    crop.add_argument("--crop_ratio", "--crop-ratio", type=float, help="box side = this many times the keypoints' span (> 1; default 2)")
+    crop.add_argument("--crop_size", "--crop-size", type=float, help="a fixed box of this many pixels")
+    crop.add_argument("--anchor_points", "--anchor-points", nargs="+", metavar="NAME", help="keypoints whose mean is the box centre")
+    crop.add_argument("--smooth-frames", type=int, default=1, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_train)
 
 # %% ../nbs/20_cli.ipynb #4c4f0bd8

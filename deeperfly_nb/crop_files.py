@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/crop_files.html.md"""
 
 # %% ../nbs/16b_crop_files.ipynb #2fe56ffc
 from __future__ import annotations
-import glob
+import glob, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np
@@ -330,9 +330,12 @@ def label_boxes(label_xy, # (F, K, 2) labels of F independent images, raw px, Na
     opts = replace(options, smooth_frames=1)
     lab_conf = np.isfinite(np.asarray(label_xy, float)).all(-1).astype(float)[None]
     if det_xy is None: return boxes_from_points(np.asarray(label_xy, float)[None], lab_conf, None, out_hw, opts, names)
-    det = boxes_from_points(np.asarray(det_xy, float)[None], np.asarray(det_conf, float)[None], None, out_hw, opts, det_names)
-    if not det.filled.any(): return det
     own = boxes_from_points(np.asarray(label_xy, float)[None], lab_conf, None, out_hw, replace(opts, anchor_points=()))
+    try: det = boxes_from_points(np.asarray(det_xy, float)[None], np.asarray(det_conf, float)[None], None, out_hw, opts, det_names)
+    except InputError:                                     # the detector found the animal in none of the images
+        warnings.warn("the detector found no animal in any labelled image: every box is the labels' own", stacklevel=2)
+        return CropBoxes(own.corner_px, own.hw_px, own.out_hw, np.ones_like(own.filled), None)
+    if not det.filled.any(): return det
     use = det.filled[..., None]
     return CropBoxes(np.where(use, own.corner_px, det.corner_px), np.where(use, own.hw_px, det.hw_px), det.out_hw, det.filled, None)
 

@@ -24,7 +24,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'photometric',
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
-           'train_detector', 'model_config_lines', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
+           'train_detector', 'model_config_lines', 'crop_labels_for_model', 'train_from_labels', 'make_bundled_model',
+           'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -674,6 +675,19 @@ def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
             f"weights = {json.dumps(str(path))}\ninput_size = [{h}, {w}]\nn_out_channels = {len(meta['channel_names'])}\nmean = {mean_toml}\n"
             f'decoder = "subpixel"\n')                     # deeperfly trained it: its own sub-pixel decoding
 
+# %% ../nbs/17_training.ipynb #c8d1a36f
+def crop_labels_for_model(label_set, # a LabelSet in raw pixels
+                          input_hw, # (H, W) the pose model's input size: the crop size
+                          detector_model=None, # a detector checkpoint (path or ModelSpec) for the boxes; None: boxes from the labels
+                          crop_options=None, # `cropzoom.CropOptions` (default: boxes twice the keypoints' span)
+                         ):
+    "The label set cropped around the animal at the model's input size (points mapped into the crops)."
+    from deeperfly_nb.cropzoom import CropOptions
+    from deeperfly_nb.crop_files import crop_label_set, label_set_boxes
+    opts = crop_options or CropOptions()
+    boxes = label_set_boxes(label_set, opts, tuple(input_hw), detector=detector_model)
+    return crop_label_set(label_set, boxes, tuple(input_hw))
+
 # %% ../nbs/17_training.ipynb #e4332a4f
 def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl
                       out_dir, # the run folder
@@ -684,6 +698,8 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
                       frames=None, # the frames of DeepFly3D label files (default all)
                       resume:bool=False, # continue the run in out_dir
                       progress:bool=True, # progress bars
+                      detector_model=None, # cropzoom: a detector checkpoint whose boxes crop every labelled frame (lightning-pose's recipe)
+                      crop_options=None, # cropzoom: `cropzoom.CropOptions` of those boxes (default: ratio 2); without a detector: boxes from the labels
                       **settings, # TrainConfig settings, e.g. steps=600, init=None (random weights), val_frames=[...]
                      ) -> TrainResult:
     "Read labels, make the plan's pathway samples, train (`train_detector`), and write RUN_DIR/use_model.toml."
@@ -695,10 +711,16 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
     files = [label_files] if isinstance(label_files, (str, Path)) else list(label_files)
     if not files: raise InputError("no label files given")
     sets = [read_labels(f, view=view, skeleton=cfg.skeleton(), images=images, frames=frames, plan=plan) for f in files]
+    if detector_model is not None or crop_options is not None:      # the pose model learns on crops around the animal
+        sets = [crop_labels_for_model(s, plan.models[model].input_size, detector_model, crop_options) for s in sets]
     names = [Path(f).stem for f in files]
     if len(set(names)) < len(names): names = [f"{k}_{n}" for k, n in enumerate(names)]      # e.g. CollectedData_me.csv of several cameras
     samples = concat_samples([pathway_samples(s, plan, model, name=n if len(files) > 1 else "") for s, n in zip(sets, names)])
-    res = train_detector(samples, out_dir, train_cfg, resume=resume, progress=progress, metadata={"label_files": [str(f) for f in files]})
+    meta = {"label_files": [str(f) for f in files]}
+    if detector_model is not None or crop_options is not None:
+        meta["cropzoom"] = {"detector_model": str(detector_model) if detector_model is not None else None,
+                            "crop_options": repr(crop_options)}
+    res = train_detector(samples, out_dir, train_cfg, resume=resume, progress=progress, metadata=meta)
     res.config_lines = model_config_lines(res.model_path, model, plan.models[model].cls)
     with atomic_path(res.out_dir / "use_model.toml") as tmp: tmp.write_text(res.config_lines)
     return res

@@ -240,3 +240,16 @@ def test_resume_from_a_corrupt_last_checkpoint(project, tmp_path, capsys, damage
     expect = {"garbage": "cannot read", "truncated": "cannot read", "empty": "cannot read",
               "no_resume_record": "no resume record", "bad_resume_record": "resume record"}[damage]
     assert expect in err, err
+
+
+def test_train_on_crops_from_a_detector_model(tmp_path, capsys):
+    "Issue 12: --detector-model crops every labelled frame around the detected animal and trains the pose model on the crops."
+    bundled = Path(__import__("deeperfly_nb").__file__).parent / "models" / "fly_synthetic.pt"
+    csv_path = dlc_project(tmp_path / "proj")
+    run = tmp_path / "run"
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(run), "--detector-model", str(bundled), "--crop_ratio", "3", *TINY]) == 0
+    _, meta = load_checkpoint(run / "model.pt")
+    crop = meta["data"]["cropzoom"] if "cropzoom" in meta["data"] else meta["cropzoom"]
+    assert crop["detector_model"] == str(bundled) and "crop_ratio=3.0" in crop["crop_options"]
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(tmp_path / "r2"), "--crop_ratio", "0.5", *TINY]) == 2
+    assert "crop_ratio" in capsys.readouterr().err and not (tmp_path / "r2" / "model.pt").exists()
