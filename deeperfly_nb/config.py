@@ -27,8 +27,7 @@ from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
 from .bundle_adjustment import BundleAdjustOptions, bundle_adjust_cameras, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
 from .plan import (MODEL_CLASSES, DetectionPlan, ConfigWarning, check_ops, check_weights, plan_problems,
-                               warn_problems)
-
+                               warn_problems, check_cropzoom, CROPZOOM_KEYS)
 
 # %% ../nbs/10_config.ipynb #5a6e34d4
 def signature_defaults(fn, # a function
@@ -128,9 +127,22 @@ class SourceConfig(_Table):
         return v
 
 class PreprocessorConfig(_Table):
-    "`[[pose2d.preprocessors]]`: a named list of invertible frame operations."
+    "`[[pose2d.preprocessors]]`: a named list of invertible frame operations, or (kind = \"cropzoom\") a crop around an upstream pathway's points."
     name: str = _field(..., "a string")
+    kind: Any = _field(None, '"ops" (the default) or "cropzoom"')
     ops: list[Any] = _field(list, 'a list of op tables, e.g. [{op = "fliplr"}]')   # each op is checked by plan.check_ops
+    # the keys of a cropzoom (plan.CROPZOOM_KEYS), each checked by plan.check_cropzoom
+    from_pathway: Any = _field(None, CROPZOOM_KEYS["from_pathway"][1])
+    crop_ratio: Any = _field(None, CROPZOOM_KEYS["crop_ratio"][1])
+    crop_size: Any = _field(None, CROPZOOM_KEYS["crop_size"][1])
+    anchor_points: Any = _field(None, CROPZOOM_KEYS["anchor_points"][1])
+    smooth_frames: Any = _field(None, CROPZOOM_KEYS["smooth_frames"][1])
+    min_confidence: Any = _field(None, CROPZOOM_KEYS["min_confidence"][1])
+    missing: Any = _field(None, CROPZOOM_KEYS["missing"][1])
+    min_size_px: Any = _field(None, CROPZOOM_KEYS["min_size_px"][1])
+    centre: Any = _field(None, CROPZOOM_KEYS["centre"][1])
+    box_size_3d: Any = _field(None, CROPZOOM_KEYS["box_size_3d"][1])
+    output_size: Any = _field(None, CROPZOOM_KEYS["output_size"][1])
 
     @field_validator("ops")
     @classmethod
@@ -138,6 +150,11 @@ class PreprocessorConfig(_Table):
         problems = check_ops(v)[1]
         if problems: raise _Problems(problems)
         return v
+    @model_validator(mode="after")
+    def _cropzoom(self):
+        problems = check_cropzoom(self.model_dump(exclude_none=True))[1]
+        if problems: raise _Problems(problems)
+        return self
 
 # %% ../nbs/10_config.ipynb #682bf0ba
 class ModelConfig(_Table):
@@ -177,6 +194,7 @@ class PathwayConfig(_Table):
     source: str = _field(..., "the name of a [[sources]] table")
     preprocessor: str|None = _field(None, "the name of a [[pose2d.preprocessors]] table")
     model: str = _field(..., "the name of a [[pose2d.models]] table")
+    crop_from: str|None = _field(None, "the name of a [[pose2d.pathways]] table (a cropzoom pathway's upstream; overrides from_pathway)")
 
 class OutputPointsConfig(_Table):
     "`[pose2d.output_points.<view>.<pathway>]`: which of the pathway's channels land on which points of the view."
@@ -185,7 +203,7 @@ class OutputPointsConfig(_Table):
 
 class Pose2dConfig(_Table):
     "`[pose2d]`: the detection plan's preprocessors, models, pathways and output_points."
-    preprocessors: list[PreprocessorConfig] = _field(list, "an array of [[pose2d.preprocessors]] tables (name, ops)")
+    preprocessors: list[PreprocessorConfig] = _field(list, "an array of [[pose2d.preprocessors]] tables (name, ops, or kind = \"cropzoom\" and its keys)")
     models: list[ModelConfig] = _field(list, "an array of [[pose2d.models]] tables (name, class, weights, input_size, n_out_channels, mean)")
     pathways: list[PathwayConfig] = _field(list, "an array of [[pose2d.pathways]] tables (name, source, preprocessor, model)")
     output_points: dict[str, dict[str, OutputPointsConfig]] = _field(dict, "a table of [pose2d.output_points.<view>.<pathway>] tables "

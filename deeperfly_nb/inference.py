@@ -10,21 +10,21 @@ import hashlib, json, logging, os, queue, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from .core import InputError, ModelError, atomic_path
+from .core import ConfigError, InputError, ModelError, atomic_path
 from .plan import DetectionPlan
 from . import io
 
-
 # %% auto #0
-__all__ = ['log', 'detect_sequence', 'Detections', 'open_sources', 'detect_2d']
+__all__ = ['log', 'crop_boxes', 'detect_sequence', 'Detections', 'open_sources', 'detect_2d']
 
 # %% ../nbs/14_inference.ipynb #6a4b7c4e
-def _groups(plan:DetectionPlan, frame_sizes:dict) -> list:
-    "Pathway indices that share a model and a preprocessed frame size (they are batched together)."
+def _groups(plan:DetectionPlan, frame_sizes:dict, idx=None) -> list:
+    "Pathway indices (all, or those of `idx`) that share a model and a preprocessed frame size (they are batched together)."
     groups = {}
-    for i, pw in enumerate(plan.pathways):
-        key = (pw.model, tuple(pw.transform.output_size(frame_sizes[pw.source])))
-        groups.setdefault(key, []).append(i)
+    for i in range(len(plan.pathways)) if idx is None else idx:
+        pw = plan.pathways[i]
+        size = ("crop", plan.crop_out_hw(pw.name)) if pw.crop_from is not None else tuple(pw.transform.output_size(frame_sizes[pw.source]))
+        groups.setdefault((pw.model, size), []).append(i)
     return list(groups.values())
 
 # %% ../nbs/14_inference.ipynb #afee8d6e
@@ -36,8 +36,8 @@ def _runs(batch:list) -> list:
         else: runs.append([k, t, t + 1])
     return [tuple(r) for r in runs]
 
-def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict, batch_size:int) -> dict:
-    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} for the pathways `idx` sharing one model."
+def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict, batch_size:int, crops=None, frame0:int=0) -> dict:
+    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} for the pathways `idx` sharing one model (`crops`: see `_model_input`)."
     from deeperfly_nb.decoding import get_decoder, normalized_peaks_to_original_pixels   # torch: only when detecting
     pws = [plan.pathways[i] for i in idx]
     model = models[pws[0].model]
@@ -47,17 +47,92 @@ def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict,
     items = [(k, t) for k in range(len(pws)) for t in range(T)]       # (pathway, frame), in batches that may span pathways
     for b in range(0, len(items), batch_size):
         runs = _runs(items[b:b + batch_size])
-        frames = np.concatenate([pws[k].transform.apply(frames_by_source[pws[k].source][t0:t1]) for k, t0, t1 in runs])
+        frames = np.concatenate([_model_input(pws[k], frames_by_source[pws[k].source], t0, t1, crops.get(idx[k]), frame0)
+                                 if crops else pws[k].transform.apply(frames_by_source[pws[k].source][t0:t1]) for k, t0, t1 in runs])
         x, hm = model.buffers(len(frames))                             # allocated once per batch size, then reused
         model.heatmaps(model.prepare(frames, out=x), out=hm)
         pn, c = (v.cpu().numpy() for v in decoder.decode(hm))
         j = 0
         for k, t0, t1 in runs:
             src_hw = frames_by_source[pws[k].source].shape[1:3]
-            px = normalized_peaks_to_original_pixels(pn[j:j + t1 - t0], pws[k].transform, model.input_size, src_hw)
+            crop = crops.get(idx[k]) if crops else None
+            px = (normalized_peaks_to_original_pixels(pn[j:j + t1 - t0], pws[k].transform, model.input_size, src_hw) if crop is None
+                  else _crop_to_raw(pn[j:j + t1 - t0], pws[k], model.input_size, crop, frame0 + t0, frame0 + t1))
             xy[k, t0:t1], cf[k, t0:t1] = px + decoder.pixel_offset, c[j:j + t1 - t0]
             j += t1 - t0
     return {i: (xy[k], cf[k]) for k, i in enumerate(idx)}
+
+# %% ../nbs/14_inference.ipynb #ebc11a89
+def _box_frames(boxes, a:int, b:int):
+    "The one-view `CropBoxes` of frames a..b."
+    from deeperfly_nb.cropzoom import CropBoxes
+    return CropBoxes(boxes.corner_px[:, a:b], boxes.hw_px[:, a:b], boxes.out_hw, boxes.filled[:, a:b], boxes.image_hw)
+
+def _model_input(pw, frames, t0:int, t1:int, crop, frame0:int) -> np.ndarray:
+    "Frames t0..t1 of `frames` as the pathway's model sees them: cut out by its boxes (recording frames frame0 + t), or transformed."
+    if crop is None: return pw.transform.apply(frames[t0:t1])
+    from deeperfly_nb.cropzoom import crop_frames
+    return pw.transform.apply(crop_frames(frames[t0:t1], crop, 0, np.arange(frame0 + t0, frame0 + t1)))
+
+def _crop_to_raw(xy_norm, pw, input_size:tuple, crop, a:int, b:int) -> np.ndarray:
+    "Normalized peaks (t, C, 2) of recording frames a..b -> raw source pixels: through the mirror, then the boxes' exact inverse."
+    from deeperfly_nb.cropzoom import from_crop
+    from deeperfly_nb.decoding import normalized_peaks_to_original_pixels
+    px = normalized_peaks_to_original_pixels(xy_norm, pw.transform, input_size, crop.out_hw)
+    return from_crop(px[None], _box_frames(crop, a, b))[0]
+
+# %% ../nbs/14_inference.ipynb #8863bb42
+def _one_view(b, v:int):
+    "View `v` of `CropBoxes` b, as one-view boxes."
+    from deeperfly_nb.cropzoom import CropBoxes
+    return CropBoxes(b.corner_px[v:v + 1], b.hw_px[v:v + 1], b.out_hw, b.filled[v:v + 1], (b.image_hw[v],))
+
+def _boxes_3d(plan:DetectionPlan, upstream:dict, names:list, out_hw:tuple, cameras) -> dict:
+    "{name: one-view CropBoxes} of centre = '3d' pathways sharing a preprocessor: every view's upstream points, one 3D centre."
+    from deeperfly_nb.cropzoom import boxes_from_3d
+    if cameras is None or len(cameras) != plan.n_views:
+        raise InputError(f"pathways {names}: centre = \"3d\" crops need the rig in view order ({plan.n_views} cameras): pass "
+                         f"cameras=config.camera_group(...); got {'none' if cameras is None else len(cameras)}")
+    opts = {plan.crop_options(n) for n in names}
+    if len(opts) > 1: raise ConfigError(f"pathways {names} share a centre = \"3d\" cropzoom but their anchor channels differ; use one detector model")
+    views = {n: plan.pathway(n).view_indices for n in names}
+    if any(len(v) != 1 for v in views.values()): raise ConfigError(f"centre = \"3d\" cropzoom pathways each fill one view: {views}")
+    ups = {n: upstream[plan.pathway(n).crop_from] for n in names}
+    T, C = len(next(iter(ups.values()))[0]), max(np.shape(c)[1] for _, c in ups.values())
+    pts, conf = np.full((plan.n_views, T, C, 2), np.nan), np.zeros((plan.n_views, T, C))
+    for n, (xy, c) in ups.items(): pts[views[n][0], :, :np.shape(c)[1]], conf[views[n][0], :, :np.shape(c)[1]] = xy, c
+    b = boxes_from_3d(cameras, pts, conf, out_hw, opts.pop())
+    return {n: _one_view(b, views[n][0]) for n in names}
+
+# %% ../nbs/14_inference.ipynb #6a34afa2
+def crop_boxes(plan:DetectionPlan, # the plan
+               upstream:dict, # {pathway name: (xy (T, C, 2) raw source pixels, conf (T, C))}: the raw outputs of the upstream pathways
+               image_sizes:dict, # {source name: (H, W)} of the footage
+               names=None, # the cropzoom pathways to make boxes for (None: all of them)
+               cameras=None, # the rig (CameraGroup in view order), needed by centre = "3d" pathways
+              ) -> dict:
+    "{cropzoom pathway name: CropBoxes (one view, T frames)} from the points of the pathways they crop from."
+    from deeperfly_nb.cropzoom import boxes_from_points
+    names = [p.name for p in plan.pathways if p.crop_from is not None] if names is None else list(names)
+    out, three = {}, {}
+    for n in names:
+        pw, spec = plan.pathway(n), plan.crop_spec(n)
+        if spec is None: raise ConfigError(f"pathway {n!r} has no cropzoom preprocessor")
+        if pw.crop_from not in upstream:
+            raise InputError(f"pathway {n!r} crops from {pw.crop_from!r}, whose points are not in upstream (it has {sorted(upstream)})")
+        if spec.centre == "3d": three.setdefault((spec.name, plan.crop_out_hw(n)), []).append(n); continue
+        xy, c = upstream[pw.crop_from]
+        try: out[n] = boxes_from_points(np.asarray(xy, float)[None], np.asarray(c, float)[None], (tuple(image_sizes[pw.source]),),
+                                        plan.crop_out_hw(n), plan.crop_options(n), view_names=[pw.crop_from])
+        except InputError as e: raise InputError(f"pathway {n!r} (cropping around {pw.crop_from!r}): {e}") from None
+    for (_, out_hw), group in three.items(): out.update(_boxes_3d(plan, upstream, group, out_hw, cameras))
+    return {n: out[n] for n in names}
+
+def _stage_crops(plan:DetectionPlan, idx:list, upstream:dict, image_sizes:dict, boxes:dict, cameras) -> dict:
+    "{pathway index: CropBoxes} for the cropzoom pathways of `idx`: from `boxes` where given, else made (and added to `boxes`)."
+    todo = [plan.pathways[i].name for i in idx if plan.pathways[i].crop_from is not None and plan.pathways[i].name not in boxes]
+    if todo: boxes.update(crop_boxes(plan, upstream, image_sizes, todo, cameras))
+    return {i: boxes[plan.pathways[i].name] for i in idx if plan.pathways[i].crop_from is not None}
 
 # %% ../nbs/14_inference.ipynb #e5435e40
 def _check_windows(plan:DetectionPlan, windows:dict) -> int:
@@ -74,20 +149,32 @@ def _check_windows(plan:DetectionPlan, windows:dict) -> int:
     if len(set(lengths.values())) > 1: raise InputError(f"windows have different frame counts {lengths}; synchronize them first")
     return next(iter(lengths.values()))
 
+def _detect_pathways(plan:DetectionPlan, models:dict, idx:list, windows:dict, batch_size:int, crops=None, frame0:int=0) -> dict:
+    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} of the pathways `idx` over frames in memory."
+    sizes = {s: windows[s].shape[1:3] for s in {plan.pathways[i].source for i in idx}}
+    out = {}
+    for g in _groups(plan, sizes, idx): out.update(_run_group(plan, models, g, windows, batch_size, crops, frame0))
+    return out
+
 def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways, routing)
                     models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
                     windows:dict, # {source name: (T, H, W, 3) uint8 frames}
                     batch_size:int=16, # images per forward pass
+                    cameras=None, # the rig (CameraGroup, view order), for centre = "3d" cropzoom pathways
                    ) -> tuple:
     "Detect 2D keypoints in synchronized frames: (pts2d (V, T, N, 2) pixels, conf (V, T, N)), NaN where unseen."
     from deeperfly_nb.decoding import route_channels_to_points_in_views
     T = _check_windows(plan, windows)
     pts2d = np.full((plan.n_views, T, plan.n_points, 2), np.nan)
     conf = np.full((plan.n_views, T, plan.n_points), np.nan)
-    sizes = {s: windows[s].shape[1:3] for s in {pw.source for pw in plan.pathways}}
-    for idx in _groups(plan, sizes):
-        for i, (xy, c) in _run_group(plan, models, idx, windows, batch_size).items():
-            route_channels_to_points_in_views(xy, c, plan.pathways[i].mapping, pts2d, conf)
+    outputs, sizes, boxes = {}, {s: windows[s].shape[1:3] for s in windows}, {}
+    stages = plan.stages()            # one stage unless the plan crops: then each stage's boxes come from the one before
+    for k, stage in enumerate(stages):
+        crops = _stage_crops(plan, stage, outputs, sizes, boxes, cameras)
+        got = _detect_pathways(plan, models, stage, windows, batch_size, crops)
+        if k < len(stages) - 1: got = {i: (xy.astype(np.float32), c.astype(np.float32)) for i, (xy, c) in got.items()}   # as detect_2d keeps them
+        outputs.update({plan.pathways[i].name: o for i, o in got.items()})
+    for name, (xy, c) in outputs.items(): route_channels_to_points_in_views(xy, c, plan.pathway(name).mapping, pts2d, conf)
     return pts2d, conf
 
 # %% ../nbs/14_inference.ipynb #3b5edd10
@@ -103,6 +190,8 @@ class Detections:
     n_frames: int                  # T
     seconds: float = 0.0           # wall time of the detection
     meta: dict = field(default_factory=dict)   # anything else worth keeping
+    upstream: dict = field(default_factory=dict)   # cropzoom plans: {pathway name: (xy (T, C, 2) raw px, conf (T, C)) float32} of every earlier stage
+    boxes: dict = field(default_factory=dict)      # cropzoom plans: {cropzoom pathway name: CropBoxes (one view, T frames)}
 
 def open_sources(plan:DetectionPlan, # the plan whose sources to open
                  footage_dir, # the recording's folder
@@ -210,6 +299,76 @@ def _footage_facts(plan:DetectionPlan, readers:dict) -> tuple:
     if len({round(f, 6) for f in fpss.values()}) > 1: log.warning("sources report different frame rates %s", fpss)
     return sizes, next(iter(fpss.values()), None)
 
+# %% ../nbs/14_inference.ipynb #20a59f80
+def _stream_pass(plan:DetectionPlan, models:dict, readers:dict, n:int, idx:list, crops:dict, chunk_frames:int, batch_size:int,
+                 bar) -> dict:
+    "{pathway name: (xy (n, C, 2), conf (n, C)) float32} of the pathways `idx` over frames 0..n, their sources decoded in the background."
+    out = {i: (np.full((n, models[plan.pathways[i].model].n_out_channels, 2), np.nan, np.float32),
+               np.full((n, models[plan.pathways[i].model].n_out_channels), np.nan, np.float32)) for i in idx}
+    srcs, stop, got = {plan.pathways[i].source for i in idx}, threading.Event(), 0
+    q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, 0, stop)
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException): raise item
+            a, frames = item
+            t = len(next(iter(frames.values())))
+            for i, (xy, c) in _detect_pathways(plan, models, idx, frames, batch_size, crops, a).items(): out[i][0][a:a + t], out[i][1][a:a + t] = xy, c
+            got += t; bar.update(t)
+    finally:
+        stop.set(); worker.join(timeout=5)
+    if got < n: raise InputError(f"the footage ended after {got} of {n} frames")
+    return {plan.pathways[i].name: o for i, o in out.items()}
+
+# %% ../nbs/14_inference.ipynb #6182a870
+def _check_upstream(plan:DetectionPlan, upstream:dict, n:int) -> dict:
+    "The given upstream outputs as float32, checked: known pathways, n frames, their model's channels."
+    out = {}
+    for name, (xy, c) in (upstream or {}).items():
+        pw = plan.pathway(name)
+        xy, c = np.asarray(xy, np.float32), np.asarray(c, np.float32)
+        if xy.ndim != 3 or xy.shape[0] != n or xy.shape[2] != 2 or c.shape != xy.shape[:2]:
+            raise InputError(f"upstream[{name!r}] must be xy ({n}, C, 2) and conf ({n}, C) for the {n} frames detected; got {xy.shape} and {c.shape}")
+        out[name] = (xy, c)
+    return out
+
+def _earlier_stages(plan:DetectionPlan, models:dict, readers:dict, n:int, upstream, boxes, cameras, chunk_frames:int, batch_size:int,
+                    progress:bool) -> tuple:
+    "(upstream {name: (xy, conf)} of every stage but the last, boxes {name: CropBoxes} of every cropzoom pathway); ({}, {}) for one stage."
+    from tqdm.auto import tqdm
+    if len(plan.stages()) == 1: return {}, {}
+    stages, outputs, boxes = plan.stages(), _check_upstream(plan, upstream, n), dict(boxes or {})
+    sizes = {s: tuple(r.frame_size) for s, r in readers.items()}
+    if cameras is not None and not hasattr(cameras, "project") and any(s.centre == "3d" for s in plan.cropzooms.values()):
+        cameras = cameras({v: sizes[s] for v, s in plan.view_sources().items()})      # e.g. config.camera_group, given the footage sizes
+    for k, stage in enumerate(stages[:-1]):
+        todo = [i for i in stage if plan.pathways[i].name not in outputs]
+        if not todo: continue
+        crops = _stage_crops(plan, todo, outputs, sizes, boxes, cameras)
+        with tqdm(total=n, unit="frame", desc=f"detect 2D, stage {k + 1} of {len(stages)}", disable=not progress) as bar:
+            outputs.update(_stream_pass(plan, models, readers, n, todo, crops, chunk_frames, batch_size, bar))
+    _stage_crops(plan, stages[-1], outputs, sizes, boxes, cameras)
+    for name, b in boxes.items():
+        if b.n_frames != n: raise InputError(f"boxes[{name!r}] has {b.n_frames} frames; the recording is detected over {n}")
+    return outputs, boxes
+
+# %% ../nbs/14_inference.ipynb #978b4513
+def _last_stage(plan:DetectionPlan, outputs:dict, boxes:dict, pts2d, conf) -> tuple:
+    "(pathway indices of a cropping plan's last stage, {index: CropBoxes}), the earlier stages' points routed into pts2d/conf; else (None, None)."
+    from deeperfly_nb.decoding import route_channels_to_points_in_views
+    if len(plan.stages()) == 1: return None, None
+    for name, (xy, c) in outputs.items(): route_channels_to_points_in_views(xy, c, plan.pathway(name).mapping, pts2d, conf)
+    last = plan.stages()[-1]
+    return last, {i: boxes[plan.pathways[i].name] for i in last if plan.pathways[i].crop_from is not None}
+
+def _detect_chunk(plan:DetectionPlan, models:dict, frames:dict, a:int, batch_size:int, pts2d, conf, last=None, crops=None) -> int:
+    "Detect a decoded chunk (first frame `a`) into pts2d/conf: the whole plan, or the `last` stage of a cropping plan; its length."
+    from deeperfly_nb.decoding import route_channels_to_points_in_views
+    t = len(next(iter(frames.values())))
+    if last is None: pts2d[:, a:a + t], conf[:, a:a + t] = detect_sequence(plan, models, frames, batch_size); return t
+    for i, (xy, c) in _detect_pathways(plan, models, last, frames, batch_size, crops, a).items():
+        route_channels_to_points_in_views(xy, c, plan.pathways[i].mapping, pts2d[:, a:a + t], conf[:, a:a + t])
+    return t
+
 # %% ../nbs/14_inference.ipynb #b9911ca9
 def detect_2d(plan:DetectionPlan, # the detection plan
               models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
@@ -221,6 +380,9 @@ def detect_2d(plan:DetectionPlan, # the detection plan
               resume_dir=None, # folder for per-block results, to resume an interrupted run (None: no resume)
               resume_key:str="", # what the saved blocks must have been computed from (e.g. a fingerprint)
               block_frames:int=256, # frames per saved block (rounded up to a multiple of chunk_frames)
+              upstream:dict|None=None, # cropzoom plans: {pathway name: (xy, conf)} of earlier stages already computed (not rerun)
+              boxes:dict|None=None, # cropzoom plans: {cropzoom pathway name: CropBoxes} already made (used as they are)
+              cameras=None, # centre = "3d" cropzoom: the rig (CameraGroup, view order), or {view: (H, W)} -> it (`config.camera_group`)
              ) -> Detections:
     "Stream a recording through the plan in bounded memory: every source decoded once, in chunks, in the background."
     from tqdm.auto import tqdm
@@ -233,20 +395,19 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         if n <= 0: raise InputError(f"{footage_dir}: the footage has no frames to detect in")
         n, block = int(n), -(-max(block_frames, chunk_frames) // chunk_frames) * chunk_frames
         resume_dir = Path(resume_dir) if resume_dir is not None else None
+        up, crop_sets = _earlier_stages(plan, models, readers, n, upstream, boxes, cameras, chunk_frames, batch_size, progress)
         blocks, done, pts2d, conf = _blocks(plan, n, block, resume_dir, resume_key)
+        last, crops = _last_stage(plan, up, crop_sets, pts2d, conf)     # (None, None) unless the plan crops
         todo = [bl for bl in blocks if bl not in done]
         bar = tqdm(total=n, initial=sum(b - a for a, b in done), unit="frame", desc="detect 2D", disable=not progress)
         if todo:
-            q, worker = _start_decoding(readers, n, chunk_frames, todo[0][0], stop)
-            while True:
-                item = q.get()
-                if item is _DONE: break
+            srcs = set(readers) if last is None else {plan.pathways[i].source for i in last}
+            q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, todo[0][0], stop)
+            while (item := q.get()) is not _DONE:
                 if isinstance(item, BaseException): raise item
                 (a, frames), bl = item, blocks[item[0] // block]
-                t = len(next(iter(frames.values())))
                 if bl in done: continue
-                pts2d[:, a:a + t], conf[:, a:a + t] = detect_sequence(plan, models, frames, batch_size)
-                bar.update(t)
+                bar.update(t := _detect_chunk(plan, models, frames, a, batch_size, pts2d, conf, last, crops))
                 if a + t == bl[1]:
                     if resume_dir is not None: _save_block(resume_dir, *bl, pts2d, conf)
                     done.add(bl)
@@ -255,7 +416,7 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         if missing: raise InputError(f"{footage_dir}: the footage ended before frame {missing[0][0]} of {n}")
         sizes, fps = _footage_facts(plan, readers)
         return Detections(pts2d, conf, list(plan.view_names), sizes, fps, {s: str(r.path) for s, r in readers.items()},
-                          n, round(time.perf_counter() - t0, 3))
+                          n, round(time.perf_counter() - t0, 3), upstream=up, boxes=crop_sets)
     finally:
         stop.set()
         if worker is not None: worker.join(timeout=5)

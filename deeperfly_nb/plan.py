@@ -15,8 +15,9 @@ from .core import ConfigError, InputError, did_you_mean
 from .skeleton import Skeleton
 
 # %% auto #0
-__all__ = ['OPS', 'MODEL_CLASSES', 'BUNDLED_PREFIX', 'ConfigWarning', 'check_ops', 'Transform', 'weights_kind', 'check_weights',
-           'Source', 'ModelSpec', 'Pathway', 'plan_problems', 'warn_problems', 'DetectionPlan', 'visibility_figure']
+__all__ = ['OPS', 'MODEL_CLASSES', 'BUNDLED_PREFIX', 'PREPROCESSOR_KINDS', 'MIRROR_OPS', 'CROPZOOM_KEYS', 'ConfigWarning',
+           'check_ops', 'Transform', 'weights_kind', 'check_weights', 'Source', 'ModelSpec', 'Pathway',
+           'check_cropzoom', 'CropSpec', 'plan_problems', 'warn_problems', 'DetectionPlan', 'visibility_figure']
 
 # %% ../nbs/09_plan.ipynb #38e476a8
 _log = logging.getLogger("deeperfly")
@@ -314,6 +315,7 @@ class Pathway:
     model: str                 # a ModelSpec name
     transform: Transform       # the preprocessor's transform (identity when there is none)
     mapping: np.ndarray        # (K, 3) int: (out_channel, view index, point index)
+    crop_from: str|None = None # a cropzoom pathway: the upstream pathway whose points place its crops; else None
     def __post_init__(self):
         m = np.array(self.mapping, dtype=np.int64).reshape(-1, 3)
         m.setflags(write=False)
@@ -327,8 +329,8 @@ class Pathway:
         "The views it writes into (indices, ascending)."
         return sorted({int(v) for v in self.mapping[:, 1]})
     def __eq__(self, other):
-        return (isinstance(other, Pathway) and (self.name, self.source, self.preprocessor, self.model, self.transform)
-                == (other.name, other.source, other.preprocessor, other.model, other.transform)
+        return (isinstance(other, Pathway) and (self.name, self.source, self.preprocessor, self.model, self.transform, self.crop_from)
+                == (other.name, other.source, other.preprocessor, other.model, other.transform, other.crop_from)
                 and np.array_equal(self.mapping, other.mapping))
     __hash__ = None
 
@@ -440,8 +442,162 @@ def _output_point_problems(out_points:dict, pathways:dict, tables:dict, names:di
                            f"({', '.join(f'{p} <- {s}' for s, p in srcs.items())}); the points of a view are pixels of one footage source"))
     return errors, written
 
+# %% ../nbs/09_plan.ipynb #eb46029d
+PREPROCESSOR_KINDS = ("ops", "cropzoom")
+MIRROR_OPS = ("fliplr", "flipud")      # the only ops a cropzoom preprocessor applies (to its crops)
+
+def _num(v) -> bool: return (_is_int(v) or isinstance(v, (float, np.floating))) and bool(np.isfinite(v))
+
+CROPZOOM_KEYS = {  # key of a kind = "cropzoom" preprocessor -> (test, what a valid value is)
+    "from_pathway": (lambda v: isinstance(v, str) and v != "", "the name of a pathway (whose points place the box)"),
+    "crop_ratio": (lambda v: _num(v) and v > 1, "a number > 1 (box side = ratio x the keypoints' span)"),
+    "crop_size": (lambda v: _num(v) and v > 0, "a positive number (a fixed box height, raw pixels)"),
+    "anchor_points": (lambda v: _strs(v) or (_ints(v) and all(x >= 0 for x in v)), "a list of point names, or of channel indices >= 0"),
+    "smooth_frames": (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd positive integer (frames; 1 = no smoothing)"),
+    "min_confidence": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "missing": (lambda v: v in ("interpolate", "hold"), '"interpolate" or "hold"'),
+    "min_size_px": (lambda v: _num(v) and v > 0, "a positive number (pixels)"),
+    "centre": (lambda v: v in ("2d", "3d"), '"2d" or "3d"'),
+    "box_size_3d": (lambda v: _num(v) and v > 0, "a positive number (world units; the cube side with centre = \"3d\"; default 1.5 x the animal's 3D span)"),
+    "output_size": (lambda v: _ints(v) and len(v) == 2 and min(v) > 0, "[H, W], two positive integers (the pose model's input_size)"),
+}
+
+# %% ../nbs/09_plan.ipynb #12984dd4
+def _sizing_problems(given:dict) -> list:
+    "Problems of a cropzoom's box size: crop_ratio or crop_size (2D), box_size_3d (3D)."
+    sizing, out = [k for k in ("crop_ratio", "crop_size") if k in given], []
+    if given.get("centre") == "3d":
+        out += [((k,), 'not used with centre = "3d": the box is the projected cube of side box_size_3d') for k in sizing]
+        return out
+    if len(sizing) == 2: out.append((("crop_size",), "give crop_ratio or crop_size, not both"))
+    if not sizing: out.append(((), "give crop_ratio (box side = ratio x the keypoints' span, > 1) or crop_size (a fixed box height in pixels)"))
+    if "box_size_3d" in given: out.append((("box_size_3d",), 'only used with centre = "3d"'))
+    return out
+
+def check_cropzoom(table:dict, # a [[pose2d.preprocessors]] table
+                  ) -> tuple:
+    "(its cropzoom keys, or None for a plain ops preprocessor; problems [(sub-key, message)])."
+    kind, allowed = table.get("kind", "ops"), ("name", "kind", "ops", *CROPZOOM_KEYS)
+    problems = [((k,), f"unknown key; allowed keys: {', '.join(allowed)}{did_you_mean(k, allowed)}") for k in table if k not in allowed]
+    if kind not in PREPROCESSOR_KINDS:
+        return None, problems + [(("kind",), f"expected \"ops\" or \"cropzoom\", got {_show(kind)}{did_you_mean(kind, PREPROCESSOR_KINDS)}")]
+    given = {k: v for k, v in table.items() if k in CROPZOOM_KEYS}
+    if kind == "ops": return None, problems + [((k,), 'only a kind = "cropzoom" preprocessor takes this key') for k in given]
+    problems += [((k,), f"expected {CROPZOOM_KEYS[k][1]}, got {_show(v)}") for k, v in given.items() if not CROPZOOM_KEYS[k][0](v)]
+    problems += _sizing_problems(given)
+    a = given.get("anchor_points")
+    if isinstance(a, list) and len(set(map(str, a))) != len(a): problems.append((("anchor_points",), f"lists a point twice: {_show(a)}"))
+    ops = table.get("ops", [])
+    problems += [(("ops", i, "op"), f"a cropzoom preprocessor only mirrors its crops ({', '.join(MIRROR_OPS)}); got {_show(o['op'])}")
+                 for i, o in enumerate(ops if isinstance(ops, list) else []) if isinstance(o, dict) and o.get("op") in OPS
+                 and o["op"] not in MIRROR_OPS]
+    return given, problems
+
+# %% ../nbs/09_plan.ipynb #cad3f518
+@dataclass(frozen=True)
+class CropSpec:
+    "A cropzoom preprocessor: frames cropped around an upstream pathway's points, at the pose model's input size."
+    name: str                          # the preprocessor's name
+    from_pathway: str|None             # the pathway whose points place the box (a pathway's crop_from overrides it)
+    options: dict = field(default_factory=dict, hash=False)   # box keys as written: crop_ratio|crop_size, anchor_points, smooth_frames, ...
+    centre: str = "2d"                 # "2d": each view's own upstream points; "3d": a triangulated centre, a cube projected into each view
+    output_size: tuple|None = None     # (H, W) of the crop, if written (it must be the pose model's input_size)
+    def __post_init__(self):
+        object.__setattr__(self, "options", dict(self.options))
+        if self.output_size is not None: object.__setattr__(self, "output_size", tuple(int(v) for v in self.output_size))
+
+    @classmethod
+    def from_table(cls, t:dict, # a checked kind = "cropzoom" [[pose2d.preprocessors]] table
+                  ) -> CropSpec:
+        "The spec of a preprocessor table that `check_cropzoom` passed."
+        rest = {k: v for k, v in t.items() if k in CROPZOOM_KEYS and k not in ("from_pathway", "centre", "output_size")}
+        return cls(t["name"], t.get("from_pathway"), rest, t.get("centre", "2d"), t.get("output_size"))
+
+# %% ../nbs/09_plan.ipynb #7eb403db
+def _channels_by_point(out_points:dict, p:str) -> dict:
+    "{point name: {channels}} that pathway `p` writes, over every view of `[pose2d.output_points]`."
+    out = {}
+    for entries in out_points.values():
+        e = entries.get(p) if isinstance(entries, dict) else None
+        if isinstance(e, dict) and _strs(e.get("points")):
+            ch = e["channels"] if _ints(e.get("channels")) else range(len(e["points"]))
+            for c, n in zip(ch, e["points"]): out.setdefault(n, set()).add(int(c))
+    return out
+
+def _anchor_problems(key:str, anchors:list, up:str, by_point:dict, nc) -> list:
+    "Errors of anchor_points (at `key`) read through the upstream pathway `up`: names it writes, or channels its model has."
+    if _ints(anchors):
+        return [(f"{key}[{k}]", f"channel {c} is out of range: pathway {up!r} has {nc} channels (0..{nc - 1})")
+                for k, c in enumerate(anchors) if nc is not None and c >= nc]
+    if not by_point:
+        return [(key, f"pathway {up!r} writes no output points, so anchor_points are its channel indices (0..{nc - 1 if nc else 'C-1'}), "
+                      f"not point names")]
+    out = []
+    for k, n in enumerate(anchors):
+        if n not in by_point:
+            out.append((f"{key}[{k}]", f"{n!r} is not a point pathway {up!r} writes; it writes: {', '.join(by_point)}{did_you_mean(n, by_point)}"))
+        elif len(by_point[n]) > 1:
+            out.append((f"{key}[{k}]", f"{n!r} comes from channels {sorted(by_point[n])} of pathway {up!r} in different views; give the channel index"))
+    return out
+
+# %% ../nbs/09_plan.ipynb #6d88b099
+def _crop_upstreams(tables:dict, names:dict) -> tuple:
+    "({pathway index: (upstream name, key path naming it, preprocessor index)} of cropzoom pathways, errors of crop_from)."
+    pre, ups, errors = names["preprocessors"], {}, []
+    for i, p in enumerate(tables["pathways"]):
+        j, cf = pre.get(p.get("preprocessor")), p.get("crop_from")
+        kind = tables["preprocessors"][j].get("kind", "ops") if j is not None else None
+        if kind == "cropzoom":
+            fp = tables["preprocessors"][j].get("from_pathway")
+            if isinstance(cf, str): ups[i] = (cf, f"pose2d.pathways[{i}].crop_from", j)
+            elif isinstance(fp, str): ups[i] = (fp, f"pose2d.preprocessors[{j}].from_pathway", j)
+            else: errors.append((f"pose2d.pathways[{i}].crop_from", f"required: preprocessor {p['preprocessor']!r} is a cropzoom without "
+                                 f"from_pathway; name the pathway whose points place the box"))
+        elif cf is not None and (kind == "ops" or p.get("preprocessor") is None):
+            errors.append((f"pose2d.pathways[{i}].crop_from", 'only a pathway whose preprocessor is a cropzoom (kind = "cropzoom") crops from another pathway'))
+    return ups, errors
+
+def _cycle_problems(tables:dict, ups:dict, known:dict) -> list:
+    "Errors for cropzoom pathways that crop, through a chain of upstreams, from their own output (each cycle once)."
+    up_of = {tables["pathways"][i].get("name"): u for i, (u, _, _) in ups.items()}
+    errors, seen = [], set()
+    for i, (u, key, _) in ups.items():
+        chain = [tables["pathways"][i].get("name")]
+        while chain[-1] in up_of and up_of[chain[-1]] in known and up_of[chain[-1]] not in chain: chain.append(up_of[chain[-1]])
+        if chain[-1] in up_of and up_of[chain[-1]] == chain[0] and frozenset(chain) not in seen:
+            seen.add(frozenset(chain))
+            errors.append((key, f"pathway {chain[0]!r} crops from its own output: {' -> '.join(chain + [chain[0]])} "
+                                f"(each pathway crops from the points of one that runs before it)"))
+    return errors
+
+# %% ../nbs/09_plan.ipynb #820de79e
+def _cropzoom_problems(tables:dict, names:dict, out_points:dict, ok) -> tuple:
+    "(errors of the cropzoom pathways: upstreams that are missing, cyclic, on another source, a crop size the model does not take; upstream names)."
+    ups, errors = _crop_upstreams(tables, names)
+    known, pws, pres = names["pathways"], tables["pathways"], tables["preprocessors"]
+    missing = {(u, key) for u, key, _ in ups.values() if u not in known}
+    errors += [(key, f"{u!r} is not a pathway; known: {', '.join(known)}{did_you_mean(u, known)}") for u, key in sorted(missing, key=lambda x: x[1])]
+    errors += _cycle_problems(tables, ups, known)
+    sized = set()
+    for i, (u, key, j) in ups.items():
+        if u not in known: continue
+        p, up, t = pws[i], pws[known[u]], pres[j]
+        if t.get("centre", "2d") == "2d" and p.get("source") != up.get("source") and ok(key):
+            errors.append((key, f"pathway {p.get('name')!r} reads source {p.get('source')!r} but {u!r} reads {up.get('source')!r}: a 2D box "
+                                f"is in the pixels of its own footage (centre = \"3d\" places crops across views)"))
+        m, nc = _n_channels(up, tables, names)
+        if _strs(t.get("anchor_points")) or _ints(t.get("anchor_points")):
+            errors += _anchor_problems(f"pose2d.preprocessors[{j}].anchor_points", t["anchor_points"], u, _channels_by_point(out_points, u), nc)
+        mi = names["models"].get(p.get("model"))
+        size = tables["models"][mi].get("input_size") if mi is not None else None
+        if _ints(t.get("output_size")) and _ints(size) and list(t["output_size"]) != list(size) and (j, p.get("model")) not in sized:
+            sized.add((j, p.get("model")))
+            errors.append((f"pose2d.preprocessors[{j}].output_size", f"{t['output_size']} but pathway {p.get('name')!r} runs model "
+                           f"{p.get('model')!r} whose input_size is {size}: the crop is the pose model's input"))
+    return list(dict.fromkeys(errors)), {u for u, _, _ in ups.values()}
+
 # %% ../nbs/09_plan.ipynb #a15bb7d9
-def _plan_warnings(tables:dict, names:dict, where:dict, out_points:dict, written:dict, view_names) -> list:
+def _plan_warnings(tables:dict, names:dict, where:dict, out_points:dict, written:dict, view_names, feeds=()) -> list:
     "Warnings of a plan with pathways: what runs for nothing, and what stays empty."
     warns = []
     for key, t in (("source", "sources"), ("preprocessor", "preprocessors"), ("model", "models")):
@@ -449,7 +605,7 @@ def _plan_warnings(tables:dict, names:dict, where:dict, out_points:dict, written
         warns += [(f"{where[t]}[{i}]", f"{t[:-1]} {n!r} is used by no pathway") for n, i in names[t].items() if n not in used]
     writers = {p for entries in out_points.values() if isinstance(entries, dict) for p in entries}
     warns += [(f"pose2d.pathways[{i}]", f"pathway {n!r} writes no points: no [pose2d.output_points.<view>] table names it; "
-               f"it would run for nothing") for n, i in names["pathways"].items() if n not in writers]
+               f"it would run for nothing") for n, i in names["pathways"].items() if n not in writers and n not in feeds]
     filled = {v for v, _ in written}
     warns += [("pose2d.output_points", f"view {v!r} is filled by no pathway; its points stay NaN "
                f"(add a [pose2d.output_points.{v}] table)") for v in (view_names or []) if v not in filled]
@@ -474,7 +630,9 @@ def plan_problems(sources, # the [[sources]] tables (a list of dicts)
     out_points = out_points if isinstance(out_points, dict) else {}
     more, written = _output_point_problems(out_points, pathways, tables, names, view_names, skeleton, ok)
     errors += more
-    warns = _plan_warnings(tables, names, where, out_points, written, view_names) if pathways else []
+    more, feeds = _cropzoom_problems(tables, names, out_points, ok)
+    errors += more
+    warns = _plan_warnings(tables, names, where, out_points, written, view_names, feeds) if pathways else []
     return errors, warns
 
 # %% ../nbs/09_plan.ipynb #cb391922
@@ -499,9 +657,11 @@ class DetectionPlan:
                  preprocessors:dict, # {name: Transform}
                  models:dict, # {name: ModelSpec}
                  pathways:list, # Pathway objects
+                 cropzooms:dict|None=None, # {preprocessor name: CropSpec} of the cropzoom preprocessors
                 ):
         self.view_names, self.point_names = list(view_names), list(point_names)
         self.sources, self.preprocessors, self.models, self.pathways = list(sources), dict(preprocessors), dict(models), list(pathways)
+        self.cropzooms = dict(cropzooms or {})
         known = {s.name for s in self.sources}
         for p in self.pathways:
             bad = []
@@ -516,6 +676,7 @@ class DetectionPlan:
                                   f"{self.n_points} points and {self.models[p.model].n_out_channels} channels")
         cells = np.concatenate([p.mapping[:, 1:] for p in self.pathways]) if self.pathways else np.zeros((0, 2), int)
         if len(np.unique(cells, axis=0)) != len(cells): raise ConfigError("a (view, point) is written by more than one channel")
+        if self.cropzooms or any(p.crop_from is not None for p in self.pathways): self._check_crops()
 
     @property
     def n_views(self) -> int:
@@ -542,6 +703,74 @@ def view_sources(self:DetectionPlan) -> dict:
     for p in self.pathways:
         for v in p.view_indices: out[self.view_names[v]] = p.source
     return {v: out[v] for v in self.view_names if v in out}
+
+# %% ../nbs/09_plan.ipynb #b61c3501
+@patch
+def _check_crops(self:DetectionPlan):
+    "A ConfigError unless exactly the pathways with a cropzoom preprocessor crop from an existing pathway, without a cycle."
+    names = [p.name for p in self.pathways]
+    for p in self.pathways:
+        cz = p.preprocessor in self.cropzooms
+        if cz and p.crop_from not in names:
+            raise ConfigError(f"pathway {p.name!r}: its cropzoom preprocessor {p.preprocessor!r} needs crop_from, the name of a pathway; "
+                              f"got {p.crop_from!r}{did_you_mean(p.crop_from, names) if p.crop_from else ''}")
+        if not cz and p.crop_from is not None:
+            raise ConfigError(f"pathway {p.name!r}: crop_from {p.crop_from!r} but its preprocessor {p.preprocessor!r} is not a cropzoom")
+        if cz and self.cropzooms[p.preprocessor].centre == "3d" and len(p.view_indices) > 1:
+            raise ConfigError(f"pathway {p.name!r}: a centre = \"3d\" cropzoom pathway fills one view; it writes {len(p.view_indices)}")
+    self.stages()
+
+@patch
+def stages(self:DetectionPlan) -> list:
+    "Pathway indices in the order they run: [[those reading raw frames], [those cropping from them], ...]."
+    index, level = {p.name: i for i, p in enumerate(self.pathways)}, {}
+    for i in range(len(self.pathways)):
+        chain = [i]
+        while chain[-1] not in level and self.pathways[chain[-1]].crop_from is not None:
+            nxt = index[self.pathways[chain[-1]].crop_from]
+            if nxt in chain: raise ConfigError(f"pathways crop from their own output: {' -> '.join(self.pathways[k].name for k in chain + [nxt])}")
+            chain.append(nxt)
+        for k in reversed(chain): level[k] = level.get(k, 0 if self.pathways[k].crop_from is None else level[index[self.pathways[k].crop_from]] + 1)
+    return [[i for i in range(len(self.pathways)) if level[i] == d] for d in range(max(level.values(), default=-1) + 1)]
+
+# %% ../nbs/09_plan.ipynb #9a24f6f5
+@patch
+def crop_spec(self:DetectionPlan, name:str, # a pathway's name
+             ) -> CropSpec|None:
+    "The `CropSpec` of a cropzoom pathway's preprocessor, else None."
+    return self.cropzooms.get(self.pathway(name).preprocessor)
+
+@patch
+def crop_out_hw(self:DetectionPlan, name:str, # a cropzoom pathway's name
+               ) -> tuple:
+    "(H_in, W_in): the size its crops are cut at, the input size of its model."
+    return tuple(self.models[self.pathway(name).model].input_size)
+
+@patch
+def anchor_channels(self:DetectionPlan, name:str, # a cropzoom pathway's name
+                   ) -> tuple:
+    "The upstream's channel indices whose mean centres the box: anchor names through the upstream's routing, or given indices."
+    p, spec = self.pathway(name), self.crop_spec(name)
+    anchors, up = spec.options.get("anchor_points", []), self.pathway(self.pathway(name).crop_from)
+    if not anchors or all(_is_int(a) for a in anchors): return tuple(int(a) for a in anchors)
+    by_point = {}
+    for c, _, n in up.mapping: by_point.setdefault(self.point_names[n], set()).add(int(c))
+    problems = _anchor_problems(f"preprocessor {spec.name!r}: anchor_points", list(anchors), up.name, by_point, None)
+    if problems: raise ConfigError("\n".join(f"{k}: {m}" for k, m in problems))
+    return tuple(min(by_point[a]) for a in anchors)
+
+# %% ../nbs/09_plan.ipynb #f593cb57
+@patch
+def crop_options(self:DetectionPlan, name:str, # a cropzoom pathway's name
+                ):
+    "The `cropzoom.CropOptions` of a cropzoom pathway: its preprocessor's keys, anchors as the upstream's channel indices."
+    from deeperfly_nb.cropzoom import CropOptions
+    spec = self.crop_spec(name)
+    if spec is None: raise ConfigError(f"pathway {name!r} has no cropzoom preprocessor")
+    kw = {k: v for k, v in spec.options.items() if k != "anchor_points"}
+    if "crop_size" in kw: kw["crop_ratio"] = None          # the one sizing option given
+    try: return CropOptions(**kw, anchor_points=self.anchor_channels(name))
+    except ConfigError as e: raise ConfigError(f"preprocessor {spec.name!r}: {e}") from None
 
 # %% ../nbs/09_plan.ipynb #ccd01cb3
 @patch
@@ -577,6 +806,7 @@ def from_tables(cls:DetectionPlan, sources:list, # the [[sources]] tables: [{nam
     errors, warns = plan_problems(sources, pose2d, view_names, skeleton)
     for i, t in enumerate(pose2d.get("preprocessors", [])):
         errors += [(f"pose2d.preprocessors[{i}].ops{_subkey(p)}", m) for p, m in check_ops(t.get("ops", []))[1]]
+        errors += [(f"pose2d.preprocessors[{i}]{_subkey(p)}", m) for p, m in check_cropzoom(t)[1]]
     for i, t in enumerate(pose2d.get("models", [])):
         errors += [(f"pose2d.models[{i}].{k}", m) for k, m in check_weights(t.get("weights"), t.get("sha256"))]
     if errors: raise ConfigError(_lines(errors, where))
@@ -584,6 +814,7 @@ def from_tables(cls:DetectionPlan, sources:list, # the [[sources]] tables: [{nam
     view_names, points = list(view_names), {n: i for i, n in enumerate(skeleton.point_names)}
     srcs = [Source(s["name"], s["pattern"]) for s in sources]
     pre = {t["name"]: Transform(t.get("ops", []), name=t["name"]) for t in pose2d.get("preprocessors", [])}
+    crops = {t["name"]: CropSpec.from_table(t) for t in pose2d.get("preprocessors", []) if t.get("kind") == "cropzoom"}
     opts = ("n_stacks", "n_blocks", "n_features", "use_stack", "decoder")
     models = {m["name"]: ModelSpec(m["name"], m["class"], m.get("weights"), m.get("sha256"), m["input_size"], m["n_out_channels"],
                                    m["mean"], {k: m[k] for k in opts if m.get(k) is not None}, base_dir)
@@ -595,10 +826,11 @@ def from_tables(cls:DetectionPlan, sources:list, # the [[sources]] tables: [{nam
             ch = e.get("channels")
             ch = range(len(e["points"])) if ch is None else ch
             rows[pname] += [(c, vi, points[n]) for c, n in zip(ch, e["points"])]
+    up = lambda p: (p.get("crop_from") or crops[p["preprocessor"]].from_pathway) if p.get("preprocessor") in crops else None
     pathways = [Pathway(p["name"], p["source"], p.get("preprocessor"), p["model"],
-                        pre[p["preprocessor"]] if p.get("preprocessor") is not None else Transform(), rows[p["name"]])
+                        pre[p["preprocessor"]] if p.get("preprocessor") is not None else Transform(), rows[p["name"]], up(p))
                 for p in pose2d.get("pathways", [])]
-    return cls(view_names, skeleton.point_names, srcs, pre, models, pathways)
+    return cls(view_names, skeleton.point_names, srcs, pre, models, pathways, crops)
 
 # %% ../nbs/09_plan.ipynb #76561fbb
 def visibility_figure(plan:DetectionPlan, # the plan to draw
@@ -623,13 +855,15 @@ def summary(self:DetectionPlan) -> str:
     "The plan as a readable listing: views, sources, preprocessors, models, pathways."
     lines = [f"views: {self.view_names}", "", "sources:"]
     lines += [f"  {s.name:>8} <- {s.pattern}" for s in self.sources]
-    lines += ["", "preprocessors:"] + [f"  {n:>8}: {t.to_json()}" for n, t in self.preprocessors.items()]
+    lines += ["", "preprocessors:"] + [f"  {n:>8}: {t.to_json()}" if n not in self.cropzooms else
+                                       f"  {n:>8}: cropzoom from {self.cropzooms[n].from_pathway!r}, centre {self.cropzooms[n].centre}, "
+                                       f"{self.cropzooms[n].options}" + (f", then {t.to_json()}" if t.ops else "") for n, t in self.preprocessors.items()]
     lines += ["", "models:"] + [f"  {n}: class={m.cls!r} input_size={m.input_size} n_out_channels={m.n_out_channels} "
                                 f"mean={m.mean[0] if len(set(m.mean)) == 1 else m.mean} weights={m.weights!r}" for n, m in self.models.items()]
     lines += ["", "pathways (source -> preprocessor -> model -> views it fills):"]
     w = max((len(p.name) for p in self.pathways), default=0)
     lines += [f"  {p.name:>{w}}: {p.source:>8} --{p.preprocessor}--> {p.model} -> {[self.view_names[v] for v in p.view_indices]} "
-              f"({len(p.mapping)} points)" for p in self.pathways]
+              f"({len(p.mapping)} points)" + (f", cropping around {p.crop_from!r}" if p.crop_from else "") for p in self.pathways]
     multi = {s: len(ps) for s, ps in self.source_pathways().items() if len(ps) > 1}
     if multi: lines += ["", f"sources feeding more than one pathway: {multi}"]
     unseen = [v for v in self.view_names if v not in self.view_sources()]

@@ -262,7 +262,7 @@ CASES = {
                            "config.toml: pose2d.preprocessors[0].ops[1].width: missing: resize needs height, width; expected a "
                            "positive integer (the new width, pixels)"]),
     "typo in a pathway key": ([(PATHWAY_F, PATHWAY_F.replace("model =", "modle ="))],
-                              ["config.toml: pose2d.pathways[3].modle: unknown key; allowed keys: name, source, preprocessor, model "
+                              ["config.toml: pose2d.pathways[3].modle: unknown key; allowed keys: name, source, preprocessor, model, crop_from "
                                "(did you mean 'model'?)",
                                "config.toml: pose2d.pathways[3].model: required key missing; expected the name of a [[pose2d.models]] table"]),
     "typo in output_points": ([("[pose2d.output_points.rf.rf]\npoints", "[pose2d.output_points.rf.rf]\npoint")],
