@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
-from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_path,
+from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space)
 from .config import Config, DEVICE_PATTERN
 from .cameras import CameraGroup
@@ -24,13 +24,14 @@ from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_di
 __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'SNAPSHOT', 'fingerprint',
            'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
            'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs', 'owned_outputs',
-           'check_no_foreign_outputs', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'result_provenance',
-           'result_content', 'RunReport', 'config_snapshot', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+           'check_no_foreign_outputs', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_upstream',
+           'load_upstream', 'result_provenance', 'result_content', 'RunReport', 'config_snapshot', 'run_recording',
+           'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
 
-STAGES = ("pose2d", "bundle_adjustment", "triangulation", "visualization")
+STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "visualization")
 STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, resume blocks
 
 def fingerprint(obj, # any JSON-able description of a stage's inputs
@@ -51,7 +52,7 @@ def array_digest(*arrays, # numpy arrays (or None)
     return h.hexdigest()
 
 # %% ../nbs/19_run.ipynb #90a3a79d
-STAGE_GLUE_VERSION = {"pose2d": 2, "bundle_adjustment": 2, "triangulation": 2, "visualization": 2}  # bump when run's own code for a stage changes
+STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "bundle_adjustment": 2, "triangulation": 2, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
                  "triangulation": ("pipeline", "results"), "visualization": ("visualization",)}
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
@@ -218,6 +219,9 @@ def planned_outputs(config:Config, # the run's config
     "The files a run of `config` writes in its output folder (relative names)."
     p = config.pipeline
     names = ["pose2d.h5"] if p.pose2d else []
+    if p.pose2d:                                     # a cropzoom plan: the detector's points and the crops' boxes
+        plan = config.detection_plan()
+        if len(plan.stages()) > 1: names += ["detector.h5", *[f"crops/{plan.pathways[i].name}_bbox.csv" for i in plan.stages()[-1]]]
     if p.bundle_adjustment: names.append("cameras.toml")
     names.append("results.h5")
     if p.visualization: names += [v.filename for v in config.visualization.videos]
@@ -372,6 +376,52 @@ def _pose2d_from_file(ctx:RunContext) -> tuple:
     return p2d, StageOutcome("pose2d", "disabled", summary={"read_from": str(points.path)}, content=p2d.content,
                              fingerprint=fingerprint({"from_file": ctx.digests.digest(points.path)}))
 
+# %% ../nbs/19_run.ipynb #59999fa5
+def _detector_fingerprint(ctx:RunContext, plan) -> str:
+    "What a cropzoom plan's detector stage (every detection stage but the last) reads."
+    pose2d, first = ctx.config.to_dict().get("pose2d", {}), {plan.pathways[i].name for st in plan.stages()[:-1] for i in st}
+    pws = [p for p in pose2d.get("pathways", []) if p["name"] in first]
+    pre, mods = {p.get("preprocessor") for p in pws}, sorted({p["model"] for p in pws})
+    settings = {k: v for k, v in pose2d.items() if k not in ("pathways", "preprocessors", "models", "output_points")}
+    return fingerprint({"stage": "detector", "code": code_version("pose2d"), "views": plan.view_names, "pathways": pws,
+                        "preprocessors": [t for t in pose2d.get("preprocessors", []) if t["name"] in pre],
+                        "models": [m for m in pose2d.get("models", []) if m["name"] in mods], "settings": settings,
+                        "sources": ctx.config.to_dict().get("sources"), "footage": ctx.footage, "max_frames": ctx.max_frames,
+                        "weights": {n: weights_digest(plan.models[n], ctx.digests, ctx.state / "weights.json") for n in mods}})
+
+def save_upstream(path, # detector.h5
+                  upstream:dict, # {pathway name: (xy (T, C, 2) raw px, conf (T, C))}
+                 ) -> Path:
+    "Write the detector stage's points (atomically)."
+    with atomic_hdf5(path) as f:
+        for name, (xy, conf) in upstream.items():
+            g = f.create_group(name); g["xy"], g["conf"] = np.asarray(xy), np.asarray(conf)
+    return Path(path)
+
+def load_upstream(path, # detector.h5
+                 ) -> dict:
+    "{pathway name: (xy, conf)} as `save_upstream` wrote them."
+    import h5py
+    with h5py.File(path, "r") as f: return {n: (f[n]["xy"][()], f[n]["conf"][()]) for n in f}
+
+# %% ../nbs/19_run.ipynb #2f62b5f0
+def _detector_outcome(ctx:RunContext, fp:str, upstream:dict|None, det, seconds:float) -> StageOutcome:
+    "The detector stage's outcome: reused (its points were read back) or ran (they are saved and recorded now)."
+    if upstream is not None or det is None:
+        rec = read_record(ctx.out, "detector") or {}          # (its record may be gone while the 2D it fed is kept)
+        return StageOutcome("detector", "reused", 0.0, fp, list(rec.get("outputs", {})), rec.get("summary", {}), rec.get("content"))
+    path = save_upstream(ctx.out / "detector.h5", det.upstream)
+    content = array_digest(*[a for xy, c in det.upstream.values() for a in (xy, c)])
+    summary = {"pathways": sorted(det.upstream), "frames": det.n_frames}
+    write_record(ctx.out, "detector", fp, [path], seconds, ctx.digests, content, summary)
+    return StageOutcome("detector", "ran", round(seconds, 3), fp, ["detector.h5"], summary, content)
+
+def _write_boxes(ctx:RunContext, boxes:dict) -> list:
+    "crops/<pathway>_bbox.csv for every cropzoom pathway: the boxes its crops were cut with."
+    from deeperfly_nb.cropzoom import write_bbox_csv
+    (ctx.out / "crops").mkdir(exist_ok=True)
+    return [write_bbox_csv(ctx.out / "crops" / f"{name}_bbox.csv", b, 0) for name, b in sorted(boxes.items())]
+
 # %% ../nbs/19_run.ipynb #77208849
 def _pose2d_fingerprint(ctx:RunContext, plan) -> str:
     "What detection reads: its code, [[sources]], [pose2d], the plan's views and points, the footage and weights (content)."
@@ -384,18 +434,25 @@ def _pose2d_fingerprint(ctx:RunContext, plan) -> str:
                                     for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
 
 def _pose2d_stage(ctx:RunContext) -> tuple:
-    "Detect 2D in the footage into pose2d.h5 (or read a 2D file when [pipeline] pose2d is off): (Pose2D, outcome)."
-    if not ctx.config.pipeline.pose2d: return _pose2d_from_file(ctx)
+    """Detect 2D in the footage into pose2d.h5 (or read a 2D file when [pipeline] pose2d is off): (Pose2D, [outcomes]) —
+    a cropzoom plan's detector stage first."""
+    if not ctx.config.pipeline.pose2d: p2d, o = _pose2d_from_file(ctx); return p2d, [o]
     from deeperfly_nb.inference import detect_2d
     config, plan, path = ctx.config, ctx.config.detection_plan(), ctx.out / "pose2d.h5"
-    fp = _pose2d_fingerprint(ctx, plan)
+    crop = len(plan.stages()) > 1
+    fp, dfp = _pose2d_fingerprint(ctx, plan), _detector_fingerprint(ctx, plan) if crop else None
+    reuse_detector = crop and "detector" not in ctx.forced and is_fresh(ctx.out, "detector", dfp, ctx.digests)
+    detector = []
     def compute():
         from deeperfly_nb.detector import load_models
         opts = config.pose2d
         models = load_models(plan, device=ctx.device or opts.device, dtype=opts.dtype)
+        upstream = load_upstream(ctx.out / "detector.h5") if reuse_detector else None
         det = detect_2d(plan, models, ctx.recording, chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
                         max_frames=ctx.max_frames, progress=ctx.progress, resume_dir=ctx.state / "pose2d_blocks",
-                        resume_key=fp, block_frames=8 * opts.chunk_frames)
+                        resume_key=fp, block_frames=8 * opts.chunk_frames, upstream=upstream,
+                        cameras=config.camera_group if crop else None)
+        if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
         res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=det.fps,
                          meta={"stage": "pose2d", "sources": det.sources, "footage_fps": det.fps,
                                "models": {n: str(m.weights_path) for n, m in models.items()}})
@@ -403,10 +460,13 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
         shutil.rmtree(ctx.state / "pose2d_blocks", ignore_errors=True)
         seen = np.isfinite(det.pts2d).all(-1)
         p2d = Pose2D.from_result(res)
-        return p2d, [path], p2d.content, {"frames": det.n_frames, "seconds_detection": det.seconds,
-                                         "frames_per_second": round(det.n_frames / max(det.seconds, 1e-9), 2),
-                                         "median_confidence": float(np.nanmedian(det.conf[seen])) if seen.any() else None}
-    return _stage(ctx, "pose2d", fp, compute, lambda: Pose2D.from_result(PoseResult.load(path)))
+        return p2d, [path, *_write_boxes(ctx, det.boxes)], p2d.content, {
+            "frames": det.n_frames, "seconds_detection": det.seconds, "frames_per_second": round(det.n_frames / max(det.seconds, 1e-9), 2),
+            "median_confidence": float(np.nanmedian(det.conf[seen])) if seen.any() else None}
+    p2d, outcome = _stage(ctx, "pose2d", fp, compute, lambda: Pose2D.from_result(PoseResult.load(path)))
+    if crop and not detector: detector.append(_detector_outcome(ctx, dfp, {}, None, 0.0))   # the whole 2D was reused
+    return p2d, [*detector, outcome]
+
 
 # %% ../nbs/19_run.ipynb #1d511b9c
 def _cameras_toml(cameras:CameraGroup) -> str:
@@ -583,7 +643,7 @@ def _run_stages(ctx:RunContext) -> tuple:
     p2d, o2d = _pose2d_stage(ctx)
     cams, oba = _bundle_adjustment_stage(ctx, p2d)
     result, otri = _triangulation_stage(ctx, p2d, cams, oba)
-    return [o2d, oba, otri, *_visualization_stage(ctx, result, p2d, otri)], result
+    return [*o2d, oba, otri, *_visualization_stage(ctx, result, p2d, otri)], result
 
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
