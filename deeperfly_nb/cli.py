@@ -178,8 +178,8 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
         elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
     if args.plot:
-        from deeperfly_nb.inspection import write_report_html
-        path = write_report_html(args.plot, result, truth=truth)
+        from deeperfly_nb.inspection import crop_box_figures, write_report_html
+        path = write_report_html(args.plot, result, truth=truth, extra_figures=crop_box_figures(Path(args.result).parent))
         if not args.json: print(f"wrote {path}")
     return 0
 

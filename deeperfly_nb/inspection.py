@@ -17,7 +17,7 @@ from .drawing import point_colors_u8
 
 # %% auto #0
 __all__ = ['reprojection_heatmap', 'confidence_heatmap', 'bone_length_figure', 'ground_truth_figure', 'inspection_figures',
-           'write_report_html']
+           'crop_box_figures', 'write_report_html']
 
 # %% ../nbs/18d_inspection.ipynb #925676b0
 def _subsample(result:PoseResult, # the result
@@ -183,15 +183,26 @@ def _report_page(title:str, # the page title
     parts += ["<div class=\"figure\">" + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>" for fig in figs]
     return "\n".join(parts + ["</body></html>"])
 
+# %% ../nbs/18d_inspection.ipynb #31ccc189
+def crop_box_figures(out_dir, # a run's output folder (holding crops/*_bbox.csv), or None
+                    ) -> list:
+    "[the boxes-over-time figure] of a cropzoom run's output folder; [] when it has no crops."
+    from deeperfly_nb.cropzoom import boxes_figure, boxes_from_bbox_csvs
+    files = sorted(Path(out_dir).glob("crops/*_bbox.csv")) if out_dir is not None else []
+    if not files: return []
+    boxes = boxes_from_bbox_csvs(files)
+    return [boxes_figure(boxes, [f.name[:-len("_bbox.csv")] for f in files], title="Crop boxes over time (cropzoom)")]
+
 # %% ../nbs/18d_inspection.ipynb #ca47c9d5
 def write_report_html(path, # output .html
                       result:PoseResult, # the result to inspect
                       truth=None, # ground truth: a PoseResult with pts3d (or a (T, N, 3) array), or None
                       title:str|None=None, # page title (default: from the result's source)
                       max_frames:int=2000, # subsample longer recordings for the plots
+                      extra_figures=(), # more Plotly figures to append (e.g. `crop_box_figures` of a cropzoom run)
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
-    figs = inspection_figures(result, truth, max_frames=max_frames)
+    figs = [*inspection_figures(result, truth, max_frames=max_frames), *extra_figures]
     src = result.meta.get("source") or (result.provenance.get("inputs") or [None])[0]
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))
     page = _report_page(title, _report_summary(result, truth), figs, result)

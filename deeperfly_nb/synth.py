@@ -1,4 +1,4 @@
-"""Ground truth on demand: a kinematic fly walking on a ball in the DeepFly3D rig, perturbed cameras, and simulated detections with noise, outliers and occlusion.
+"""Ground truth on demand: a kinematic fly walking on a ball in the DeepFly3D rig (or freely in an arena), perturbed cameras, and simulated detections with noise, outliers and occlusion.
 
 Docs: https://deeperfly.github.io/deeperfly/synth.html.md"""
 
@@ -18,8 +18,8 @@ from .results import PoseResult
 # %% auto #0
 __all__ = ['DEFAULT_VIEWS', 'DEFAULT_AZIMUTHS', 'DEFAULT_FOCAL_PX', 'DEFAULT_DISTANCE', 'DEFAULT_IMAGE_SIZE', 'LEG_GEOMETRY',
            'FLY_LEGS', 'TRIPOD_PHASE', 'ANTENNA_POS', 'STRIPE_POS', 'ABDOMEN_PIVOT', 'BALL_RADIUS', 'BALL_CENTER',
-           'default_rig', 'walking_fly', 'default_visibility', 'perturb_cameras', 'Observations', 'observe',
-           'fly_figure', 'observations_figure', 'write_example']
+           'ARENA_FLOOR_Z', 'ARENA_RADIUS', 'default_rig', 'walking_fly', 'default_visibility', 'perturb_cameras',
+           'Observations', 'observe', 'fly_figure', 'observations_figure', 'write_example', 'arena_walk', 'arena_rig']
 
 # %% ../nbs/07_synth.ipynb #8eb6a7bb
 DEFAULT_VIEWS = ("rh", "rm", "rf", "f", "lf", "lm", "lh")
@@ -61,6 +61,7 @@ def _claw_path(phase, # (T, L) stride phase in [0, 1)
                lift, # (L,) swing height above the ball
                side, # (L,) +1 left, -1 right
                duty:float, # stance fraction
+               floor_z:float|None=None, # None: stance on the ball; a number: on a flat floor at this z
               ):
     "Claw positions (T, L, 3), the stance mask (T, L) and the swing progress (T, L)."
     stance = phase < duty
@@ -73,7 +74,8 @@ def _claw_path(phase, # (T, L) stride phase in [0, 1)
     x = claw0[:, 0] + amp * u
     y = claw0[:, 1] + 0.05 * side * bump                              # swing bows slightly outward
     cx, cy, cz = BALL_CENTER
-    z = cz + np.sqrt(BALL_RADIUS**2 - (x - cx)**2 - (y - cy)**2) + lift * bump
+    ground = cz + np.sqrt(BALL_RADIUS**2 - (x - cx)**2 - (y - cy)**2) if floor_z is None else np.full_like(x, floor_z)
+    z = ground + lift * bump
     return np.stack([x, y, z], axis=-1), stance, s
 
 # %% ../nbs/07_synth.ipynb #e2f81d15
@@ -141,6 +143,7 @@ def walking_fly(n_frames:int=64, # number of frames T
                 skeleton:Skeleton|None=None, # point order of the output (default fly38); needs fly38's names
                 duty:float=0.6, # fraction of each stride in stance
                 sway:float=1.0, # body-sway scale: 1 = up to +-1.5 deg and +-0.02 units, 0 = rigid tether
+                floor_z:float|None=None, # None: the claws walk on the ball; a number: on a flat floor at this z
                ) -> np.ndarray:
     "3D points (T, N, 3) of a fly walking on a ball with a tripod gait, in the default rig's world frame."
     if int(n_frames) != n_frames or n_frames < 1: raise InputError(f"n_frames must be a positive integer, got {n_frames}")
@@ -166,7 +169,7 @@ def walking_fly(n_frames:int=64, # number of frames T
     phase = (freq * t[:, None] + offset) % 1.0                          # (T, 6)
     R, tr = _sway(t, rng, sway)
     def body(p): return np.einsum("tij,t...j->t...i", R, p) + tr.reshape(T, *([1] * (p.ndim - 2)), 3)
-    claw, stance, s = _claw_path(phase, claw0, amp, lift, side, duty)
+    claw, stance, s = _claw_path(phase, claw0, amp, lift, side, duty, floor_z)
     coxa_deg = 55 + 10 * np.cos(2 * np.pi * phase)
     tarsus_deg = 35 + 25 * np.sin(np.pi * s) ** 2
     legs = _leg_chain(body(np.broadcast_to(base, (T, 6, 3))), claw, lengths, coxa_deg, tarsus_deg)
@@ -404,3 +407,74 @@ def write_example(folder, # output folder (created if needed)
     PoseResult(pts2d=ob.pts2d_true, conf=truth_conf, cameras=truth_rig, skeleton=skeleton, pts3d=pts3d, fps=fps,
                meta={**meta, "content": "ground truth: true rig, exact 3D, noise-free 2D"}).save(paths["ground_truth"])
     return paths
+
+# %% ../nbs/07_synth.ipynb #7f6eba20
+ARENA_FLOOR_Z = -0.9        # world z of the arena's floor (the thorax walks 0.9 above it)
+ARENA_RADIUS = 12.0         # default radius of the circular arena, world units (~mm)
+
+def _arena_path(n_frames:int, fps:float, speed:float, radius:float, turn_rate:float, rng) -> tuple:
+    "Root positions (T, 2) and headings (T,) of a smooth random walk that turns back before the arena's wall."
+    T = int(n_frames)
+    w, ph = 2 * np.pi * rng.uniform(0.1, 0.6, 3), rng.uniform(0, 2 * np.pi, 3)
+    omega = turn_rate * np.sin(w * (np.arange(T) / fps)[:, None] + ph).sum(1) / np.sqrt(1.5)   # rad/s, std ~turn_rate
+    r0, a0 = 0.6 * radius * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+    p, th = r0 * np.array([np.cos(a0), np.sin(a0)]), rng.uniform(0, 2 * np.pi)
+    pos, heading = np.empty((T, 2)), np.empty(T)
+    for k in range(T):
+        pos[k], heading[k] = p, th
+        d, steer = np.hypot(*p), 0.0
+        if d > 0.7 * radius:                                   # near the wall: turn towards the centre, harder the closer
+            err = (np.arctan2(-p[1], -p[0]) - th + np.pi) % (2 * np.pi) - np.pi
+            steer = 4.0 * (d - 0.7 * radius) / (0.3 * radius) * err
+        th += (omega[k] + steer) / fps
+        p = p + speed / fps * np.array([np.cos(th), np.sin(th)])
+    return pos, heading
+
+# %% ../nbs/07_synth.ipynb #3db07c26
+def arena_walk(n_frames:int=64, # number of frames T
+               fps:float=25.0, # frame rate, Hz
+               radius:float=ARENA_RADIUS, # arena radius, world units: the walk turns back near it
+               speed:float|None=None, # walking speed, units/s; None: the stance claws' speed (feet do not slip)
+               turn_rate:float=1.5, # typical turning rate, rad/s
+               seed:int=0, # varies the gait (as in `walking_fly`) and the path
+               skeleton:Skeleton|None=None, # point order of the output (default fly38); needs fly38's names
+               stride_hz:float=8.0, # stride frequency, Hz
+               duty:float=0.6, # fraction of each stride in stance
+               sway:float=0.5, # body-sway scale (see `walking_fly`)
+              ) -> np.ndarray:
+    "3D points (T, N, 3) of a fly walking freely on the floor (z = ARENA_FLOOR_Z) of a circular arena centred on the origin."
+    if not radius > 0: raise InputError(f"radius (of the arena) must be positive, got {radius}")
+    if speed is not None and not speed >= 0: raise InputError(f"speed must be >= 0, got {speed}")
+    body = walking_fly(n_frames, fps=fps, stride_hz=stride_hz, seed=seed, skeleton=skeleton, duty=duty, sway=sway,
+                       floor_z=ARENA_FLOOR_Z)
+    if speed is None:
+        claws = [i for i, n in enumerate((skeleton or fly38()).point_names) if n.endswith("_claw")]
+        C = body[:, claws]
+        on = (np.abs(C[..., 2] - ARENA_FLOOR_Z) < 1e-9)[1:] & (np.abs(C[..., 2] - ARENA_FLOOR_Z) < 1e-9)[:-1]
+        v = -np.diff(C[..., 0], axis=0) * fps
+        speed = float(np.median(v[on])) if on.any() else 0.0
+    pos, heading = _arena_path(n_frames, fps, speed, radius, turn_rate, np.random.default_rng([int(seed), 0xA2E]))
+    c, s = np.cos(heading)[:, None], np.sin(heading)[:, None]
+    out = body.copy()
+    out[..., 0] = c * body[..., 0] - s * body[..., 1] + pos[:, :1]
+    out[..., 1] = s * body[..., 0] + c * body[..., 1] + pos[:, 1:]
+    return out
+
+# %% ../nbs/07_synth.ipynb #6ef05e84
+def arena_rig(image_size=(256, 256), # (H, W) of every camera
+              field:float=20.0, # width of the floor the top camera sees at its centre, world units
+              n_ring:int=3, # oblique cameras around the arena
+              ring_elevation_deg:float=50.0, # their elevation above the floor
+              distance:float=200.0, # every camera's distance from the arena centre, world units
+              radius:float=ARENA_RADIUS, # the arena the ring cameras must see whole
+             ) -> CameraGroup:
+    "A top camera over the arena centre and `n_ring` oblique cameras around it, all looking at the floor's centre."
+    from deeperfly_nb.cameras import look_at
+    H, W = image_size
+    centre = np.array([0.0, 0.0, ARENA_FLOOR_Z])
+    cams = [look_at("top", centre + [0, 0, distance], target=centre, up=(0, 1, 0), focal_px=W * distance / field, image_size=image_size)]
+    f_ring = min(H, W) * distance / (2.2 * radius)
+    for k in range(n_ring):
+        cams.append(ring_camera(f"ring{k}", 360.0 * k / n_ring + 30.0, ring_elevation_deg, distance, focal_px=f_ring,
+                                image_size=image_size, target=centre))
+    return CameraGroup(cams)

@@ -69,3 +69,7 @@ def test_cropzoom_run_caches_each_stage(project):
     now = stages(out)
     assert now["detector"] == first["detector"] and now["pose2d"] != first["pose2d"]
     assert np.allclose(pd.read_csv(out / "crops" / "rh_bbox.csv", index_col=0).h, 240)
+    # the inspect report draws the boxes over time
+    p = run("inspect", "out/results.h5", "--plot", "out/report.html", cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Crop boxes over time (cropzoom)" in (out / "report.html").read_text()

@@ -1,5 +1,6 @@
-"""Synthetic rendering (deeperfly_nb.render): determinism, occlusion by depth order, keypoints on the drawn
-joints, the written recording read back, bad input, speed (printed) and a coarse realism check."""
+"""Synthetic rendering (deeperfly_nb.synth_footage): determinism, occlusion by depth order, keypoints on the drawn
+joints, the written recording read back, bad input, speed (printed), a coarse realism check, and the free arena
+(truth on the drawn fly, the fly crossing the frame)."""
 import time
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from scipy.spatial.transform import Rotation
 from deeperfly_nb import synth
 from deeperfly_nb.core import InputError
 from deeperfly_nb.skeleton import Skeleton, fly38
-from deeperfly_nb.render import (Look, crop_cameras, load_ground_truth, perturb_rig_in_frame, render_frames,
+from deeperfly_nb.synth_footage import (Look, crop_cameras, load_ground_truth, perturb_rig_in_frame, render_arena, render_frames,
                                  render_recording, resize_cameras, sample_look, synth_recording)
 from conftest import SHARED_DATA
 
@@ -144,3 +145,50 @@ def test_intensities_resemble_the_real_sample():
     assert abs((real < 10).mean() - (syn < 10).mean()) < 0.15          # the black background
     for q in (50, 90):
         assert abs(np.percentile(real, q) - np.percentile(syn, q)) < 40, q
+
+
+TOP = synth.arena_rig().subset(["top"])
+
+
+def test_arena_truth_lies_on_the_drawn_fly():
+    rec = render_arena(n_frames=5, seed=13, cameras=TOP, **QUIET)
+    np.testing.assert_allclose(rec.pts2d, TOP.project(rec.pts3d), atol=1e-9)
+    floor_only, _ = render_frames(TOP, rec.pts3d + [500.0, 0, 0], seed=13, look=rec.look, native_scale=1.0)
+    from scipy.ndimage import maximum_filter
+    changed = maximum_filter(np.abs(rec.frames.astype(int) - floor_only), size=(1, 1, 3, 3))   # (1, T, H, W)
+    ix = np.round(rec.pts2d[0, ..., 0]).astype(int).clip(0, 255)
+    iy = np.round(rec.pts2d[0, ..., 1]).astype(int).clip(0, 255)
+    under = changed[0, np.arange(5)[:, None], iy, ix]                                       # (T, N)
+    vis = rec.visible[0]
+    legs = np.array([n[1] in "fmh" and n[2] == "_" for n in SK.point_names])
+    assert vis[:, legs].sum() > 60                        # thin legs seen from above are mostly visible
+    assert (under[vis] > 8).all(), under[vis].min()       # within a pixel of every visible keypoint the fly is drawn
+    far = rec.pts2d[0] + [6.0, 0]                         # 6 px beside the truth: floor (or another part) there, often
+    fx, fy = np.round(far[..., 0]).astype(int).clip(0, 255), np.round(far[..., 1]).astype(int).clip(0, 255)
+    assert (changed[0, np.arange(5)[:, None], fy, fx][vis & legs] <= 8).mean() > 0.2
+
+
+def test_arena_fly_walks_across_the_frame_and_the_truth_follows_it():
+    rec = render_arena(n_frames=40, seed=21, cameras=TOP)          # the sampled look: noise, blur, flicker
+    centre = np.nanmean(rec.truth_pts2d()[0], axis=1)              # (T, 2) the fly's keypoints' centre in the top view
+    assert np.linalg.norm(centre - centre[0], axis=-1).max() > 60  # it crosses a good part of the 256-px frame
+    import cv2
+    body = [i for i, n in enumerate(SK.point_names) if n.endswith("body_coxa") or "stripe" in n]
+    body_xy = rec.pts2d[0][:, body].mean(1)                        # (T, 2) thorax and abdomen: the bright bulk of the fly
+    inner = [t for t in range(40) if ((body_xy[t] > 15) & (body_xy[t] < 240)).all()]
+    assert len(inner) > 20
+    for t in inner[::2]:                                           # the brightest blob of each frame is the fly's body
+        img = cv2.GaussianBlur(rec.frames[0, t].astype(np.float32), (0, 0), 3.0)
+        y, x = np.unravel_index(np.argmax(img), img.shape)
+        assert np.hypot(x - body_xy[t, 0], y - body_xy[t, 1]) < 8, (t, (x, y), body_xy[t])
+    again = render_arena(n_frames=40, seed=21, cameras=TOP)
+    np.testing.assert_array_equal(again.frames, rec.frames)        # reproducible from the seed
+
+
+def test_arena_truth_drops_points_that_leave_the_frame():
+    narrow = synth.arena_rig(field=6.0).subset(["top"])            # a 6-unit field: the fly walks out of it
+    rec = render_arena(n_frames=30, seed=3, cameras=narrow, radius=6.0)
+    inside = ((rec.pts2d >= -0.5) & (rec.pts2d <= 255.5)).all(-1)
+    assert 0 < inside.mean() < 1
+    np.testing.assert_array_equal(np.isfinite(rec.truth_pts2d()).all(-1), inside)
+    assert not rec.visible[~inside].any()
