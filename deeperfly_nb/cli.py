@@ -108,7 +108,9 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.pipeline import reconstruct
     config = _load_config(args.config)
     t0 = time.perf_counter()
-    source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
+    io_cfg = config.model.interop                        # [interop]: the defaults of --map and --view-pattern
+    source = foreign_points2d(args.source, config, _name_map(args.map) or io_cfg.name_map or None,
+                              args.view_pattern or io_cfg.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config,
                          do_bundle_adjust=False if args.no_bundle_adjust else None, triangulation=args.triangulation)
     s = result.summary()
@@ -166,7 +168,7 @@ def _ground_truth_summary(args, result) -> tuple:
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
-    from deeperfly_nb.results import PoseResult, format_ground_truth, format_summary, quality_warnings
+    from deeperfly_nb.results import PoseResult, format_ground_truth, format_refinement, format_summary, quality_warnings
     result = PoseResult.load(args.result)
     summary = result.summary()
     truth, gt = _ground_truth_summary(args, result)
@@ -174,6 +176,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     if args.json: print(json.dumps(summary, indent=1, default=_jsonable))
     else:
         print(format_summary(summary))
+        if "refinement" in result.meta: print(format_refinement(result.meta["refinement"], result.skeleton.point_names))
         for w in quality_warnings(summary): print(f"warning: {w}")
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
         elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
@@ -444,8 +447,8 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s = sub.add_parser("reconstruct", help="2D keypoints (deeperfly .h5, DeepFly3D .pkl, SLEAP, NWB, DeepLabCut) -> bundle adjustment -> triangulation -> results.h5")
     s.add_argument("source", nargs="+", help="2D source: a deeperfly .h5, a DeepFly3D df3d_result*.pkl or a folder holding one; "
                                              "a SLEAP .slp, NWB .nwb or movement .nc; or DeepLabCut CSVs, one per view (paths or a glob)")
-    s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point (repeatable)")
-    s.add_argument("--view-pattern", default="{view}", help="how a view shows in per-view file names: {view} or {index} (default: {view})")
+    s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point (repeatable; default: [interop] name_map)")
+    s.add_argument("--view-pattern", help="how a view shows in per-view file names: {view} or {index} (default: [interop] view_pattern)")
     s.add_argument("-c", "--config", help="config TOML (default: the packaged DeepFly3D rig config)")
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
     s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the config's rig as is")

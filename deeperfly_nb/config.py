@@ -9,11 +9,11 @@ __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS'
            'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS',
            'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig',
            'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig',
-           'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'ConfigModel',
-           'default_config_text', 'Config', 'write_config']
+           'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig',
+           'InteropConfig', 'ConfigModel', 'default_config_text', 'Config', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
-import difflib, inspect, json, os, re, tomllib, types
+import dataclasses, difflib, inspect, json, os, re, tomllib, types
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -25,6 +25,7 @@ from .core import ConfigError, InputError, did_you_mean, atomic_path, ConfigTabl
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
+from .refinement import REPROJ_LOSSES, RefineOptions
 from .bundle_adjustment import BundleAdjustOptions, bundle_adjust_cameras, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
 from .plan import (MODEL_CLASSES, DetectionPlan, ConfigWarning, check_ops, check_weights, plan_problems,
                                warn_problems, check_cropzoom, CROPZOOM_KEYS)
@@ -109,6 +110,7 @@ class PipelineConfig(_Table):
     pose2d: bool = _field(True, "true or false")
     bundle_adjustment: bool = _field(True, "true or false")
     triangulation: bool = _field(True, "true or false")
+    refinement: bool = _field(False, "true or false (the [refinement] stage after triangulation)")
     visualization: bool = _field(True, "true or false")
     fps: _PosFloat|None = _field(None, "a positive number (frames per second)")
     fallback_fps: _PosFloat = _field(100.0, "a positive number (frames per second when neither fps nor the footage gives one)")
@@ -390,12 +392,40 @@ class TriangulationConfig(_Table):
             raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRIANGULATION_METHODS)}{did_you_mean(v, TRIANGULATION_METHODS)}")
         return v
 
+_REF = {f.name: f.default for f in dataclasses.fields(RefineOptions)}       # `[refinement]` defaults = RefineOptions'
+
+class RefinementConfig(_Table):
+    "`[refinement]`: options of `refinement.refine_3d` (defaults = `RefineOptions`'); on with `[pipeline] refinement = true`."
+    smooth_order: Annotated[int, Field(ge=1, le=4, strict=True)] = _field(_REF["smooth_order"], "an integer 1-4 (1 velocity, 2 acceleration, 3 jerk)")
+    smooth_weight: Annotated[float, Field(ge=0)] = _field(_REF["smooth_weight"], "a number >= 0 (0: no smoothness term)")
+    bone_weight: Annotated[float, Field(ge=0)] = _field(_REF["bone_weight"], "a number >= 0 (0: no bone-length term)")
+    loss: str = _field(_REF["loss"], f"one of {', '.join(REPROJ_LOSSES)}")
+    scale_px: _PosFloat = _field(_REF["scale_px"], "a positive number (pixels): the robust loss's scale")
+    min_confidence: _UnitFloat = _field(_REF["min_confidence"], "a number in [0, 1]")
+    chunk_frames: Annotated[int, Field(ge=8, strict=True)] = _field(_REF["chunk_frames"], "an integer >= 8 (frames solved together)")
+    overlap_frames: Annotated[int, Field(ge=0, strict=True)] = _field(_REF["overlap_frames"], "an integer >= 0 (frames shared by chunks)")
+    bone_priors: Union[str, dict[str, Union[_PosFloat, Annotated[list[_PosFloat], Field(min_length=2, max_length=2)]]]] = _field(
+        _REF["bone_priors"], '"joint" (lengths estimated), or {"a-b" = length or [mean, std]} per bone')
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v):
+        if v not in REPROJ_LOSSES: raise ValueError(f"unknown loss {v!r}; allowed: {', '.join(REPROJ_LOSSES)}{did_you_mean(v, REPROJ_LOSSES)}")
+        return v
+
+class InteropConfig(_Table):
+    "`[interop]`: reading other tools' 2D (SLEAP, NWB, DeepLabCut): keypoint names and per-view file names."
+    name_map: dict[str, str] = _field(dict, '{foreign keypoint name = "skeleton point"}')
+    view_pattern: str = _field("{view}", 'how a view shows in per-view file names: "{view}" or e.g. "camera_{index}"')
+
 class ConfigModel(_Table):
     "The whole config file."
     skeleton: SkeletonConfig = _field(..., "a [skeleton] table")
     cameras: Annotated[dict[str, CameraConfig], Field(min_length=1)] = _field(..., "one [cameras.<view>] table per camera")
     bundle_adjustment: BundleAdjustmentConfig = _field(BundleAdjustmentConfig, "a [bundle_adjustment] table")
     triangulation: TriangulationConfig = _field(TriangulationConfig, "a [triangulation] table")
+    refinement: RefinementConfig = _field(RefinementConfig, "a [refinement] table")
+    interop: InteropConfig = _field(InteropConfig, "an [interop] table")
     pipeline: PipelineConfig = _field(PipelineConfig, "a [pipeline] table")
     sources: list[SourceConfig] = _field(list, "an array of [[sources]] tables (name, pattern)")
     pose2d: Pose2dConfig = _field(Pose2dConfig, "a [pose2d] table")
@@ -775,6 +805,11 @@ def bundle_adjust_kwargs(self:Config, skeleton:Skeleton|None=None, # default: th
 def triangulate_kwargs(self:Config) -> dict:
     "Keyword arguments for `triangulate`."
     return self.triangulation.model_dump()
+
+@patch
+def refine_options(self:Config):
+    "The `refinement.RefineOptions` of the `[refinement]` table."
+    return RefineOptions(**self.model.refinement.model_dump())
 
 # %% ../nbs/10_config.ipynb #5d99b642
 def write_config(path:str|Path, # where to write, e.g. 'config.toml'

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from . import __version__
 from .core import InputError, atomic_path
-from .results import (PoseResult, format_summary, format_ground_truth, ground_truth_error, ground_truth_report, reprojection_histogram,
+from .results import (PoseResult, format_summary, format_ground_truth, format_refinement, ground_truth_error, ground_truth_report, reprojection_histogram,
                                   skeleton_3d_figure, views_figure)
 from .drawing import point_colors_u8
 
@@ -158,6 +158,7 @@ def _report_summary(result:PoseResult, # the result
                    ) -> str:
     "`deeperfly inspect`'s text summary of the result, with the errors against the truth when given."
     summary = format_summary(result.summary())
+    if result.meta.get("refinement"): summary += "\n\n" + format_refinement(result.meta["refinement"], result.skeleton.point_names)
     if truth is None: return summary
     if not isinstance(truth, PoseResult): gt = {"3d": ground_truth_error(result, truth), "2d": None}
     else: gt = ground_truth_report(result, truth)

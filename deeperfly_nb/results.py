@@ -21,7 +21,7 @@ from .triangulation import reprojection_error
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity', 'format_summary',
            'quality_warnings', 'ground_truth_error', 'ground_truth_error_2d', 'format_ground_truth',
-           'ground_truth_report', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
+           'ground_truth_report', 'format_refinement', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
 
 # %% ../nbs/05_results.ipynb #55642505
 def _json_normalise(d, name:str) -> dict:
@@ -431,6 +431,26 @@ def ground_truth_report(result:PoseResult, # the result to score
     same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
     return {"3d": g3, "2d": g2}
+
+# %% ../nbs/05_results.ipynb #a0645ee3
+def format_refinement(rec:dict|None, # result.meta["refinement"] (see `run.refinement_summary`), or None
+                      point_names=(), # (N,) the skeleton's point names, for the largest shifts
+                      top:int=5, # how many bones and points to list
+                     ) -> str:
+    "Human-readable lines of what refinement did to a result ('' when it was not refined)."
+    if not rec: return ""
+    arr = lambda k: np.array([np.nan if x is None else x for x in rec[k]], float)
+    b0, b1, shift = arr("bone_cv_before"), arr("bone_cv_after"), arr("shift_median")
+    med = lambda a: 100 * np.nanmedian(a) if np.isfinite(a).any() else float("nan")
+    lines = [f"refinement: bone-length CV median {med(b0):.2f}% -> {med(b1):.2f}% over {int(np.isfinite(b1).sum())} bones; "
+             f"{100 * rec['filled_frac']:.1f}% of point-frames filled in (seen by fewer than 2 views); median reprojection "
+             f"{rec['reproj_median_px_before']:.2f} -> {rec['reproj_median_px_after']:.2f} px"]
+    for i in np.argsort(-np.nan_to_num(b0 - b1, nan=-np.inf))[:top]:
+        if np.isfinite(b0[i]): lines.append(f"  {rec['bone_names'][i]:<28} CV {100 * b0[i]:5.2f}% -> {100 * b1[i]:5.2f}%")
+    if len(point_names) == len(shift) and np.isfinite(shift).any():
+        lines.append("  points moved most (median shift, world units): " + ", ".join(
+            f"{point_names[i]} {shift[i]:.3g}" for i in np.argsort(-np.nan_to_num(shift, nan=-1))[:top]))
+    return "\n".join(lines)
 
 # %% ../nbs/05_results.ipynb #cd7f5a87
 def reprojection_histogram(result:PoseResult, # a result with pts3d or reproj_error

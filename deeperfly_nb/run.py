@@ -17,6 +17,7 @@ from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPAC
                                 disk_full_error, ensure_free_space)
 from .config import Config, DEVICE_PATTERN
 from .cameras import CameraGroup
+from .triangulation import reprojection_error
 from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
@@ -25,13 +26,13 @@ __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 
            'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
            'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs', 'owned_outputs',
            'check_no_foreign_outputs', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_upstream',
-           'load_upstream', 'result_provenance', 'result_content', 'RunReport', 'config_snapshot', 'run_recording',
-           'find_recordings', 'BatchReport', 'run']
+           'load_upstream', 'result_provenance', 'result_content', 'refinement_summary', 'RunReport', 'config_snapshot',
+           'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
 
-STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "visualization")
+STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "refinement", "visualization")
 STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, resume blocks
 
 def fingerprint(obj, # any JSON-able description of a stage's inputs
@@ -52,9 +53,9 @@ def array_digest(*arrays, # numpy arrays (or None)
     return h.hexdigest()
 
 # %% ../nbs/19_run.ipynb #90a3a79d
-STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "bundle_adjustment": 2, "triangulation": 2, "visualization": 2}  # bump when run's own code for a stage changes
+STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "refinement": 1, "bundle_adjustment": 2, "triangulation": 2, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
-                 "triangulation": ("pipeline", "results"), "visualization": ("visualization",)}
+                 "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"), "visualization": ("visualization",)}
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
 _IMPORT = re.compile(r"from\s+(?:\.|deeperfly_nb\.)(\w+)\s+import|from\s+(?:\.|deeperfly_nb)\s+import\s+([\w, ]+)")
 
@@ -223,7 +224,7 @@ def planned_outputs(config:Config, # the run's config
         plan = config.detection_plan()
         if len(plan.stages()) > 1: names += ["detector.h5", *[f"crops/{plan.pathways[i].name}_bbox.csv" for i in plan.stages()[-1]]]
     if p.bundle_adjustment: names.append("cameras.toml")
-    names.append("results.h5")
+    names += ["triangulated.h5", "refinement.h5", "results.h5"] if p.triangulation and p.refinement else ["results.h5"]
     if p.visualization: names += [v.filename for v in config.visualization.videos]
     return names
 
@@ -419,7 +420,7 @@ def _detector_outcome(ctx:RunContext, fp:str, upstream:dict|None, det, seconds:f
 def _write_boxes(ctx:RunContext, boxes:dict) -> list:
     "crops/<pathway>_bbox.csv for every cropzoom pathway: the boxes its crops were cut with."
     from deeperfly_nb.cropzoom import write_bbox_csv
-    (ctx.out / "crops").mkdir(exist_ok=True)
+    if boxes: (ctx.out / "crops").mkdir(exist_ok=True)
     return [write_bbox_csv(ctx.out / "crops" / f"{name}_bbox.csv", b, 0) for name, b in sorted(boxes.items())]
 
 # %% ../nbs/19_run.ipynb #77208849
@@ -496,11 +497,12 @@ def _bundle_adjustment_stage(ctx:RunContext, p2d:Pose2D) -> tuple:
 
 # %% ../nbs/19_run.ipynb #beab7dc7
 def result_provenance(ctx:RunContext, # the run
+                      refined:bool=False, # the result of the refinement stage (else: of triangulation)
                      ) -> dict:
-    "What results.h5 records about how it was made: the config tables it depends on, the recording, frames and fps."
-    cfg = ctx.config.to_dict()
-    used = {k: v for k, v in cfg.items() if k != "visualization"}
-    used["pipeline"] = {k: v for k, v in cfg["pipeline"].items() if k != "visualization"}
+    "What a result records about how it was made: the config tables it depends on, the recording, frames and fps."
+    cfg, skip = ctx.config.to_dict(), {"visualization", "interop"} | (set() if refined else {"refinement"})
+    used = {k: v for k, v in cfg.items() if k not in skip}
+    used["pipeline"] = {k: v for k, v in cfg["pipeline"].items() if k not in skip}
     return {"config": used, "recording": str(ctx.recording), "fps_source": ctx.fps_source,
             "frames": {"first": 0, "max_frames": ctx.max_frames}}
 
@@ -511,6 +513,8 @@ def result_content(res:PoseResult, # a result
                         "cameras": res.cameras.to_dict(), "skeleton": res.skeleton.to_dict(), "fps": res.fps})
 
 # %% ../nbs/19_run.ipynb #4e631b85
+def _refines(config:Config) -> bool: return config.pipeline.triangulation and config.pipeline.refinement
+
 def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:dict) -> PoseResult:
     "The PoseResult of the run: 2D, rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
@@ -523,8 +527,8 @@ def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:di
     return res
 
 def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOutcome) -> tuple:
-    "Triangulate and save results.h5: (PoseResult, outcome)."
-    cfg, path = ctx.config.to_dict(), ctx.out / "results.h5"
+    "Triangulate and save results.h5 (triangulated.h5 when refinement follows): (PoseResult, outcome)."
+    cfg, path = ctx.config.to_dict(), ctx.out / ("triangulated.h5" if _refines(ctx.config) else "results.h5")
     fp = fingerprint({"stage": "triangulation", "code": code_version("triangulation"), "pose2d": p2d.content,
                       "rig": rig.content, "triangulation": cfg["triangulation"] if ctx.config.pipeline.triangulation else "off",
                       "fps": ctx.fps, "provenance": result_provenance(ctx)})
@@ -538,6 +542,38 @@ def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:St
             "reprojection_error_px": {k: e[k] for k in ("median", "p95", "n")} if e else None,
             "bone_length_cv_median": (s.get("bone_length_cv") or {}).get("median")}
     return _stage(ctx, "triangulation", fp, compute, lambda: PoseResult.load(path))
+
+# %% ../nbs/19_run.ipynb #d48437d1
+def refinement_summary(info:dict, # `refine_3d`'s info
+                      ) -> dict:
+    "The JSON-able record of a refinement: per-bone CV before/after, per-point median shift, filled share, reprojection."
+    num = lambda a: [None if not np.isfinite(x) else round(float(x), 6) for x in np.asarray(a, float)]
+    return {"bone_names": list(info["bone_names"]), "bone_cv_before": num(info["bone_cv_before"]),
+            "bone_cv_after": num(info["bone_cv_after"]), "shift_median": num(info["shift_median"]),
+            "filled_frac": float(info["filled_frac"]), "reproj_median_px_before": info["reproj_median_px_before"],
+            "reproj_median_px_after": info["reproj_median_px_after"]}
+
+def _refinement_stage(ctx:RunContext, tri_result:PoseResult, tri:StageOutcome) -> tuple:
+    "Refine the triangulated 3D into results.h5 (and refinement.h5: the filled point-frames): (PoseResult, outcome)."
+    from deeperfly_nb.refinement import refine_3d
+    path, fpath = ctx.out / "results.h5", ctx.out / "refinement.h5"
+    fp = fingerprint({"stage": "refinement", "code": code_version("refinement"), "triangulation": tri.content,
+                      "refinement": ctx.config.to_dict()["refinement"], "provenance": result_provenance(ctx, refined=True)})
+    def compute():
+        r = tri_result
+        pts3d, info = refine_3d(r.cameras, r.pts2d, r.conf, r.pts3d, r.skeleton, ctx.config.refine_options())
+        summary = refinement_summary(info)
+        res = PoseResult(r.pts2d, r.conf, r.cameras, r.skeleton, pts3d=pts3d, reproj_error=reprojection_error(r.cameras, pts3d, r.pts2d),
+                         fps=r.fps, meta={**r.meta, "refinement": summary},
+                         provenance={**r.provenance, **result_provenance(ctx, refined=True), "frames": r.provenance.get("frames")})
+        with atomic_hdf5(fpath) as f: f["filled"] = np.asarray(info["filled"], bool)
+        res.save(path)
+        res = PoseResult.load(path)
+        cv = lambda a: float(np.nanmedian([x for x in a if x is not None])) if any(x is not None for x in a) else None
+        return res, [path, fpath], result_content(res), {"bone_length_cv_median_before": cv(summary["bone_cv_before"]),
+                                                        "bone_length_cv_median_after": cv(summary["bone_cv_after"]),
+                                                        "filled_frac": summary["filled_frac"]}
+    return _stage(ctx, "refinement", fp, compute, lambda: PoseResult.load(path))
 
 # %% ../nbs/19_run.ipynb #589b2521
 def _video_fingerprint(ctx:RunContext, vc, p2d:Pose2D, result_key:str) -> str:
@@ -639,11 +675,15 @@ def _check_run_args(recording:Path, max_frames):
         raise InputError(f"max_frames (--max-frames) must be a positive number of frames, got {max_frames!r}")
 
 def _run_stages(ctx:RunContext) -> tuple:
-    "The four stages in order: ([StageOutcome], PoseResult)."
+    "The stages in order: ([StageOutcome], PoseResult)."
     p2d, o2d = _pose2d_stage(ctx)
     cams, oba = _bundle_adjustment_stage(ctx, p2d)
     result, otri = _triangulation_stage(ctx, p2d, cams, oba)
-    return [*o2d, oba, otri, *_visualization_stage(ctx, result, p2d, otri)], result
+    done = [*o2d, oba, otri]
+    if _refines(ctx.config):
+        result, otri = _refinement_stage(ctx, result, otri)
+        done.append(otri)
+    return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
