@@ -1,0 +1,227 @@
+"Tests of deeperfly_nb.lifting: LiftPose3D's workflow (bad input, masking, resume, checkpoints, augmentation, libraries)."
+import json
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from deeperfly_nb import lifting as L
+from deeperfly_nb.core import ConfigError, InputError
+from deeperfly_nb.results import PoseResult
+from deeperfly_nb.skeleton import fly38, bone_lengths, skeleton_from_dict
+from deeperfly_nb.synth import walking_fly, default_rig, observe, default_visibility
+from deeperfly_nb.triangulation import triangulate
+
+FLY = fly38()
+ROOTS, TARGETS = L.fly_roots(FLY)
+CAM = default_rig()["rm"]
+SMALL = {"epochs": 3, "linear_size": 64}
+
+
+def in_cam(X, cam=CAM): return X @ cam.rmat.T + cam.tvec
+
+
+@pytest.fixture(scope="module")
+def data():
+    lib = {f"r{s}": walking_fly(150, seed=s) for s in range(12)}
+    held = walking_fly(150, seed=99)
+    return ({k: CAM.project(v) for k, v in lib.items()}, {k: in_cam(v) for k, v in lib.items()},
+            CAM.project(held), in_cam(held))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory, torch_one_thread):
+    l2, l3, h2, h3 = data
+    out = tmp_path_factory.mktemp("lifter")
+    return L.train(l2, h2, l3, h3, ROOTS, TARGETS, training_kwargs=SMALL, output_folder=out, skeleton=FLY)
+
+
+def test_lifter_beats_baselines_on_held_out(trained, data):
+    "A small lifter beats the mean pose and the nearest neighbour of its own library on a held-out recording."
+    l2, l3, h2, h3 = data
+    rts = h3[:, list(ROOTS)]
+    err = lambda p: L.lift_errors(h3, p, ROOTS, TARGETS)["euclid"]
+    lifted = err(L.lift(trained, h2, roots_3d=rts))
+    mean = err(L.mean_pose_baseline(trained.stats, len(h2), rts))
+    nn = err(L.nearest_neighbour_baseline(trained.stats, np.concatenate(list(l2.values())), np.concatenate(list(l3.values())), h2, rts))
+    assert lifted < 0.7 * mean, (lifted, mean, nn)          # in-distribution the nearest neighbour is strong (see the bench for real data)
+
+
+def test_files_log_and_best_checkpoint(trained):
+    "Everything train writes is there (no temporaries left), and ckpt_best is the epoch with the lowest validation error."
+    names = sorted(p.name for p in trained.folder.iterdir())
+    assert names == ["ckpt_best.pth", "ckpt_last.pth", "lifter.json", "test_data.npz", "train_log.csv"], names
+    log = L.read_log(trained.folder)
+    assert list(log["epoch"]) == [1, 2, 3]
+    best = torch.load(trained.folder / "ckpt_best.pth", weights_only=True)["epoch"]
+    assert best == int(log["epoch"][np.argmin(log["err_val"])])
+    rec = json.loads((trained.folder / "lifter.json").read_text())
+    assert rec["skeleton"]["name"] == "fly38" and rec["stats"]["roots"] == list(ROOTS) and rec["stats_digest"] == trained.stats.digest
+
+
+def test_lift_matches_reference_path(trained, data):
+    "`lift` (fused layers, float32 torch normalisation) equals normalise -> network -> denormalise_3d."
+    _, _, h2, h3 = data
+    rts = h3[:40, list(ROOTS)]
+    fast = L.lift(trained, h2[:40], roots_3d=rts)
+    ref = L.lift(trained, L.normalise(h2[:40], trained.stats), roots_3d=rts)
+    ok = np.isfinite(ref)
+    assert (np.isfinite(fast) == ok).all() and ok.sum() == 40 * 30 * 3
+    np.testing.assert_allclose(fast[ok], ref[ok], atol=1e-4)
+    np.testing.assert_allclose(L.lift(L.load_lifter(trained.folder), h2[:40], roots_3d=rts), fast, atol=1e-6)
+
+
+def test_conf_below_threshold_is_unseen(trained, data):
+    _, _, h2, _ = data
+    p = h2[:5].copy(); conf = np.ones(p.shape[:2]); conf[:, 7] = 0.1
+    p_nan = p.copy(); p_nan[:, 7] = np.nan
+    np.testing.assert_allclose(L.lift(trained, p, conf, min_confidence=0.5), L.lift(trained, p_nan), atol=1e-6)
+
+
+def test_test_and_load_test_results(trained, data):
+    "test() on the data given to train, and on new dict data; load_test_results returns the same structure."
+    e = L.test(trained.folder)
+    gt, pred = L.load_test_results(trained.folder)
+    np.testing.assert_allclose(gt, data[3])
+    assert e["euclid"] == pytest.approx(L.lift_errors(gt, pred, ROOTS, TARGETS)["euclid"])
+    L.test(trained.folder, {"a": data[2][:10]}, {"a": data[3][:10]})
+    gt, pred = L.load_test_results(trained.folder)
+    assert list(gt) == ["a"] and pred["a"].shape == (10, 38, 3)
+
+
+def test_resume_continues(data, tmp_path, torch_one_thread):
+    l2, l3, _, _ = data
+    kw = dict(output_folder=tmp_path, skeleton=FLY)
+    L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={**SMALL, "epochs": 1}, **kw)
+    step1, first = torch.load(tmp_path / "ckpt_last.pth", weights_only=True)["step"], L.read_log(tmp_path)
+    L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={**SMALL, "epochs": 2, "resume": True}, **kw)
+    log = L.read_log(tmp_path)
+    assert list(log["epoch"]) == [1, 2] and log["seconds"][0] == first["seconds"][0]     # epoch 1 is the first run's, not redone
+    assert torch.load(tmp_path / "ckpt_last.pth", weights_only=True)["step"] == 2 * step1 > 0
+    other = {k: v * 1.1 for k, v in l3.items()}
+    with pytest.raises(InputError, match="cannot resume .*statistics"):
+        L.train(l2, None, other, None, ROOTS, TARGETS, training_kwargs={**SMALL, "epochs": 3, "resume": True}, **kw)
+
+
+def test_masked_keypoints_do_not_train(tmp_path, torch_one_thread):
+    """Targets masked by train_keypts (here overwritten with garbage 50 units off) and NaN targets stay out of
+    the statistics and the loss: the lifter still places those joints."""
+    l2, l3, keep = {}, {}, {}
+    for s in range(12):
+        X = walking_fly(150, seed=s)
+        b, m = in_cam(X), np.ones(X.shape[:2], bool)
+        sel = np.arange(len(X)) % 2 == 1
+        b[sel, 4] += 50.0; m[sel, 4] = False                      # lf claw: masked and garbage
+        b[np.arange(len(X)) % 3 == 0, 9] = np.nan                 # lm claw: sometimes unknown
+        l2[f"r{s}"], l3[f"r{s}"], keep[f"r{s}"] = CAM.project(X), b, m
+    lf = L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={"epochs": 3, "linear_size": 64}, train_keypts=keep,
+                 output_folder=tmp_path)
+    assert np.isfinite(L.read_log(tmp_path)["loss_train"]).all()
+    held = walking_fly(150, seed=99)
+    h2, h3 = CAM.project(held), in_cam(held)
+    e = L.lift_errors(h3, L.lift(lf, h2, roots_3d=h3[:, list(ROOTS)]), ROOTS, TARGETS)["euclid_per_joint"]
+    assert e[3] < 0.3 and e[7] < 0.3, e                           # lf claw and lm claw are the 4th and 8th targets
+
+
+def test_bad_input_messages(trained, data, tmp_path):
+    "Issue 13 item 5: each bad input is a clear error naming the array or file."
+    l2, l3, h2, h3 = data
+    kw = dict(training_kwargs={"epochs": 1, "linear_size": 16}, output_folder=tmp_path)
+    with pytest.raises(InputError, match=r"train_2d\['r0'\] has 30 joints but train_3d\['r0'\] has 38"):
+        L.train({k: v[:, :30] for k, v in l2.items()}, None, l3, None, ROOTS, TARGETS, **kw)
+    nan3 = dict(l3); nan3["r3"] = l3["r3"].copy(); nan3["r3"][[4, 9]] = np.nan
+    with pytest.raises(InputError, match=r"train_3d\['r3'\]: 2 pose\(s\) are all NaN \(first: \[4, 9\]\)"):
+        L.train(l2, None, nan3, None, ROOTS, TARGETS, **kw)
+    with pytest.raises(InputError, match="test_2d: 1 pose"):
+        t2 = h2.copy(); t2[0] = np.nan; L.train(l2, t2, l3, h3, ROOTS, TARGETS, **kw)
+    with pytest.raises(InputError, match=r"roots: joint 38 is not in the skeleton \(joints 0..37\)"):
+        L.train(l2, None, l3, None, [0, 38], [[1], [2]], **kw)
+    with pytest.raises(InputError, match="'l_thorax' is not a point of the skeleton 'fly38'"):
+        L.train(l2, None, l3, None, ["l_thorax"], [[1]], skeleton=FLY, **kw)
+    with pytest.raises(InputError, match=r"target sets overlap: joint 3 is in target_sets\[0\] and target_sets\[1\]"):
+        L.train(l2, None, l3, None, [0, 5], [[1, 2, 3], [3, 6]], **kw)
+    other = L.normalise(h2, L.fit_stats(h2, h3, ROOTS, TARGETS))
+    with pytest.raises(InputError, match="pts2d was normalised with statistics .* but lifter .* uses"):
+        L.lift(trained, other)
+    half = skeleton_from_dict({"name": "half", "points": list(FLY.point_names[:19]), "bones": [[0, 1]]})
+    with pytest.raises(InputError, match="was trained for skeleton 'fly38' \\(38 points\\), not for skeleton 'half' \\(19 points\\)"):
+        L.load_lifter(trained.folder, skeleton=half)
+    with pytest.raises(InputError, match="pts2d has 19 joints but lifter .* was trained for 38"):
+        L.lift(trained, h2[:, :19])
+    with pytest.raises(InputError, match="lifter.json is missing"):
+        L.load_lifter(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="lifting.epoch is not a lifting option"):
+        L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={"epoch": 2}, output_folder=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_unavailable_is_a_config_error(data, tmp_path):
+    l2, l3, _, _ = data
+    with pytest.raises(ConfigError, match="lifting.device is 'cuda' but CUDA is not available"):
+        L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={"device": "cuda"}, output_folder=tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(trained, data):
+    lc = L.load_lifter(trained.folder, device="cuda")
+    np.testing.assert_allclose(L.lift(lc, data[2][:100]), L.lift(trained, data[2][:100]), atol=1e-3)
+
+
+def test_augmentations():
+    X = walking_fly(40, seed=3)
+    rng = np.random.default_rng(1)
+    p2, p3 = L.apply_augmentation([L.project_to_cam(CAM)], None, X, rng)
+    np.testing.assert_allclose(p2, CAM.project(X)); np.testing.assert_allclose(p3, in_cam(X))
+    cam10 = CAM.replace(rmat=CAM.rmat @ Rotation.from_euler("z", 10, degrees=True).as_matrix().T)
+    q2, q3 = L.apply_augmentation([L.random_project(CAM, [[10, 10], [0, 0], [0, 0]])], None, X, rng)
+    np.testing.assert_allclose(q2, cam10.project(X), atol=1e-6); np.testing.assert_allclose(q3, in_cam(X, cam10), atol=1e-9)
+    # random angles stay inside their ranges: the implied camera rotation is at most the combined range
+    r2, r3 = L.apply_augmentation([L.random_project(CAM, [[-5, 5], [-3, 3], [0, 0]])], None, X, rng)
+    ang = [np.degrees(np.arccos(np.clip((np.trace(np.linalg.lstsq(in_cam(X[i]) - in_cam(X[i]).mean(0), r3[i] - r3[i].mean(0), rcond=None)[0]) - 1) / 2, -1, 1)))
+           for i in range(len(X))]
+    assert 0 < max(ang) <= np.hypot(5, 3) + 1e-6 and np.ptp(ang) > 0.5
+    _, y3 = L.apply_augmentation([L.perturb_pose(FLY, 0.25)], None, X, rng)
+    ratio = bone_lengths(FLY, y3) / bone_lengths(FLY, X)
+    assert 0.75 - 1e-9 <= ratio.min() < 0.8 and 1.2 < ratio.max() <= 1.25 + 1e-9
+    np.testing.assert_allclose(y3[:, list(ROOTS)], X[:, list(ROOTS)])
+    n2, _ = L.apply_augmentation([L.add_noise(3.0)], p2, p3, rng)
+    assert abs(np.std(n2 - p2) - 3.0) < 0.1
+    # combined: perturb, project, noise -- the 2D are the noisy projections of the perturbed 3D
+    c2, c3 = L.apply_augmentation([L.perturb_pose(FLY, 0.1), L.project_to_cam(CAM), L.add_noise(0.0)], None, X, np.random.default_rng(5))
+    _, z3 = L.apply_augmentation([L.perturb_pose(FLY, 0.1)], None, X, np.random.default_rng(5))
+    np.testing.assert_allclose(c2, CAM.project(z3)); np.testing.assert_allclose(c3, in_cam(z3))
+    with pytest.raises(InputError, match="put a projection"):
+        L.check_augmentation([L.project_to_cam(CAM), L.perturb_pose(FLY)], True)
+    with pytest.raises(InputError, match="train_2d is None"):
+        L.check_augmentation([L.add_noise(1.0)], False)
+
+
+def test_library_from_results():
+    rig = default_rig()
+    truth = walking_fly(30, seed=4)
+    obs = observe(rig, truth, default_visibility(), noise_px=0.5, seed=4)
+    X = triangulate(rig, obs.pts2d, obs.conf); X[3] = np.nan
+    res = PoseResult(obs.pts2d, obs.conf, rig, FLY, pts3d=X)
+    l2, l3 = L.library_from_results({"exp": res}, camera="lm")
+    assert l3["exp"].shape == (29, 38, 3)                                      # the all-NaN frame is dropped
+    keep = np.delete(np.arange(30), 3)
+    np.testing.assert_allclose(l3["exp"], in_cam(X[keep], rig["lm"]))
+    np.testing.assert_allclose(l2["exp"], rig["lm"].project(X[keep]))
+    d2, _ = L.library_from_results([res], camera="lm", detections=True)
+    np.testing.assert_array_equal(d2["0"], obs.pts2d[5][keep])
+    c2, c3 = L.library_from_results([res], camera=CAM)
+    np.testing.assert_allclose(c3["0"], in_cam(X[keep]))
+    w2, w3 = L.library_from_results(res)
+    assert w2 is None; np.testing.assert_allclose(w3["0"], X[keep])
+    with pytest.raises(InputError, match="has no view 'rx'"):
+        L.library_from_results([res], camera="rx")
+    with pytest.raises(InputError, match="has no 3D points"):
+        L.library_from_results([PoseResult(obs.pts2d, obs.conf, rig, FLY)])
+
+
+def test_figures(trained, data):
+    gt, pred = data[3], L.lift(trained, data[2])
+    assert len(L.training_log_figure(trained.folder).data) >= 3
+    assert len(L.error_figure(gt, pred, ROOTS, TARGETS, FLY).data) == 24
+    assert len(L.movie_figure(pred[:12], FLY, trailing=5, trailing_keypts=[4, 9]).frames) == 12
+    assert len(L.pose_figure(gt, pred, 0, FLY).data) == 4
