@@ -10,12 +10,13 @@ import argparse, json, logging, os, platform, sys, time, traceback
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, disk_full_error
+from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error
 
 # %% auto #0
 __all__ = ['FOREIGN_2D', 'TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'foreign_points2d', 'cmd_reconstruct',
            'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames',
-           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'make_parser', 'main']
+           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'make_parser',
+           'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -529,6 +530,49 @@ def _add_crop_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("-o", "--out", help="output CSV (default: PREDICTIONS_remapped.csv)")
     s.set_defaults(func=cmd_remap)
 
+# %% ../nbs/20_cli.ipynb #fd110ffd
+def cmd_lift(args, # the parsed command line (see `make_parser`)
+            ) -> int:
+    "Lift one view's 2D to 3D with a trained lifter; write results.h5."
+    from deeperfly_nb.lifting import lift, load_lifter
+    from deeperfly_nb.results import PoseResult
+    from deeperfly_nb.pipeline import load_points2d, prepare_output_dir
+    config = _load_config(args.config)
+    src = Path(args.source[0])
+    if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
+    else:
+        pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern or "{view}") or load_points2d(src)
+        base = PoseResult(pts.pts2d, pts.conf, config.camera_group(image_sizes={k: v for k, v in pts.image_sizes.items()} or None),
+                          config.skeleton(), fps=pts.fps)
+    names = list(base.view_names)
+    view = args.view or names[0]
+    if view not in names: raise InputError(f"--view {view!r} is not a view of {src}; views: {names}{did_you_mean(view, names)}")
+    v, lifter = names.index(view), load_lifter(args.model, skeleton=base.skeleton)
+    cam = base.cameras[v]
+    pts_cam = lift(lifter, base.pts2d[v], base.conf[v], min_confidence=args.min_confidence)
+    pts3d = (pts_cam - np.asarray(cam.tvec, float)) @ np.asarray(cam.rmat, float)      # camera frame -> world
+    out = prepare_output_dir(args.out)
+    res = PoseResult(base.pts2d, base.conf, base.cameras, base.skeleton, pts3d=pts3d, fps=base.fps,
+                     meta={**base.meta, "lifting": {"model": str(Path(args.model).resolve()), "view": view}},
+                     provenance={**base.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}})
+    res.save(out / "results.h5")
+    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {view!r} with {lifter}")
+    return 0
+
+def _add_lift_parser(sub, # the subparsers of `make_parser`
+                    ):
+    "Add `lift`."
+    s = sub.add_parser("lift", help="single camera: lift one view's 2D to 3D with a trained lifter (LiftPose3D) -> results.h5")
+    s.add_argument("source", nargs="+", help="a deeperfly result (.h5), or another tool's 2D (as reconstruct reads it)")
+    s.add_argument("-m", "--model", required=True, help="the lifter's folder (lifting.train's output_folder)")
+    s.add_argument("--view", help="the view to lift (default: the first)")
+    s.add_argument("--min-confidence", type=float, default=0.0, help="2D points below this confidence count as unseen")
+    s.add_argument("-c", "--config", help="config TOML for 2D files without a rig (default: the packaged one)")
+    s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point")
+    s.add_argument("--view-pattern", help="how a view shows in per-view file names")
+    s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
+    s.set_defaults(func=cmd_lift)
+
 # %% ../nbs/20_cli.ipynb #0590ae69
 def make_parser() -> argparse.ArgumentParser:
     "The `deeperfly` argument parser: -v/-q before or after the command, one subparser per command."
@@ -545,7 +589,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     _add_init_parser(sub); _add_run_parser(sub); _add_inspect_parser(sub); _add_other_parsers(sub); _add_train_parser(sub)
-    _add_crop_parsers(sub)
+    _add_crop_parsers(sub); _add_lift_parser(sub)
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161

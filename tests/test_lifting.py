@@ -225,3 +225,20 @@ def test_figures(trained, data):
     assert len(L.error_figure(gt, pred, ROOTS, TARGETS, FLY).data) == 24
     assert len(L.movie_figure(pred[:12], FLY, trailing=5, trailing_keypts=[4, 9]).frames) == 12
     assert len(L.pose_figure(gt, pred, 0, FLY).data) == 4
+
+
+def test_deeperfly_lift_cli_writes_world_3d(trained, data, tmp_path):
+    "Issue 13: `deeperfly lift RESULT -m LIFTER --view rm` writes results.h5 whose 3D, in world coordinates, is near the truth."
+    from deeperfly_nb.cli import main
+    held = walking_fly(150, seed=99)
+    rig = default_rig()
+    pts2d = np.stack([c.project(held) for c in rig])                      # every view's exact 2D; only rm is lifted
+    PoseResult(pts2d, np.ones(pts2d.shape[:3]), rig, FLY).save(tmp_path / "pose2d.h5")
+    assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rm", "-o", str(tmp_path / "out")]) == 0
+    res = PoseResult.load(tmp_path / "out" / "results.h5")
+    assert res.meta["lifting"]["view"] == "rm" and res.pts3d.shape == held.shape
+    tgt = [j for t in TARGETS for j in t]
+    err = np.nanmedian(np.linalg.norm(res.pts3d[:, tgt] - held[:, tgt], axis=-1))
+    mean_pose = np.nanmedian(np.linalg.norm(held[:, tgt].mean(0) - held[:, tgt], axis=-1))
+    assert err < mean_pose, (err, mean_pose)                                 # world frame, not the camera's
+    assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rn", "-o", str(tmp_path / "o2")]) == 2
