@@ -13,10 +13,9 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error
 
 # %% auto #0
-__all__ = ['FOREIGN_2D', 'TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'foreign_points2d', 'cmd_reconstruct',
-           'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames',
-           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'make_parser',
-           'main']
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames',
+           'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
+           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -64,8 +63,6 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
     return 0
 
 # %% ../nbs/20_cli.ipynb #084d61dd
-FOREIGN_2D = (".slp", ".nwb", ".nc", ".csv")      # suffixes `reconstruct` reads through `interop.read_points2d`
-
 def cmd_export(args, # the parsed command line (see `make_parser`)
               ) -> int:
     "Write a saved result in another tool's format, chosen by the destination's name."
@@ -84,34 +81,15 @@ def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
     if bad: raise InputError(f"--map takes FOREIGN=POINT, got {bad}")
     return dict(p.split("=") for p in pairs) if pairs else None
 
-# %% ../nbs/20_cli.ipynb #5763421a
-def foreign_points2d(sources:list, # the source argument(s): one file or folder, several per-view files, or a glob
-                     config, # the Config (skeleton and views)
-                     name_map:dict|None=None, # {foreign keypoint: skeleton point}
-                     view_pattern:str="{view}", # how a view appears in per-view file names
-                    ):
-    "A `pipeline.Points2D` read through `interop`, or None when `load_points2d` reads the source itself."
-    from deeperfly_nb.pipeline import Points2D
-    from deeperfly_nb.interop import read_points2d
-    first = Path(sources[0])
-    globbed = any(c in str(first) for c in "*?[")
-    if len(sources) == 1 and not globbed and (first.is_dir() or first.suffix.lower() not in FOREIGN_2D): return None
-    skeleton = config.skeleton()
-    pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,
-                                      name_map=name_map, pattern=view_pattern)
-    return Points2D(pts2d, conf, list(config.view_names), {}, None, tuple(skeleton.point_names), first,
-                    {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}})
-
 # %% ../nbs/20_cli.ipynb #b673d4c1
 def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "2D source -> bundle adjustment -> triangulation -> results.h5."
     from deeperfly_nb.pipeline import reconstruct
+    from deeperfly_nb.run import foreign_points2d
     config = _load_config(args.config)
     t0 = time.perf_counter()
-    io_cfg = config.model.interop                        # [interop]: the defaults of --map and --view-pattern
-    source = foreign_points2d(args.source, config, _name_map(args.map) or io_cfg.name_map or None,
-                              args.view_pattern or io_cfg.view_pattern) or args.source[0]
+    source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config,
                          do_bundle_adjust=False if args.no_bundle_adjust else None, triangulation=args.triangulation)
     s = result.summary()
@@ -537,11 +515,12 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.lifting import lift, load_lifter
     from deeperfly_nb.results import PoseResult
     from deeperfly_nb.pipeline import load_points2d, prepare_output_dir
+    from deeperfly_nb.run import foreign_points2d
     config = _load_config(args.config)
     src = Path(args.source[0])
     if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
     else:
-        pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern or "{view}") or load_points2d(src)
+        pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(src)
         base = PoseResult(pts.pts2d, pts.conf, config.camera_group(image_sizes={k: v for k, v in pts.image_sizes.items()} or None),
                           config.skeleton(), fps=pts.fps)
     names = list(base.view_names)

@@ -22,12 +22,13 @@ from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'SNAPSHOT', 'fingerprint',
-           'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'SNAPSHOT',
+           'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
            'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs', 'owned_outputs',
-           'check_no_foreign_outputs', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_upstream',
-           'load_upstream', 'result_provenance', 'result_content', 'refinement_summary', 'RunReport', 'config_snapshot',
-           'run_recording', 'find_recordings', 'BatchReport', 'run']
+           'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext', 'prepare_run',
+           'StageOutcome', 'Pose2D', 'save_upstream', 'load_upstream', 'result_provenance', 'result_content',
+           'refinement_summary', 'RunReport', 'config_snapshot', 'run_recording', 'find_recordings', 'BatchReport',
+           'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -251,6 +252,39 @@ def check_no_foreign_outputs(config:Config, # the run's config
             raise InputError(f"{p} exists and was not written by deeperfly run: refusing to replace it; "
                              f"move it, or choose another output folder with -o")
 
+# %% ../nbs/19_run.ipynb #e921c969
+FOREIGN_2D = (".slp", ".nwb", ".nc", ".csv")      # suffixes read through `interop.read_points2d`
+
+def foreign_points2d(sources:list, # one file or folder, several per-view files, or a glob
+                     config:Config, # the skeleton and views
+                     name_map:dict|None=None, # {foreign keypoint: skeleton point} (default: [interop] name_map)
+                     view_pattern:str|None=None, # how a view appears in per-view file names (default: [interop] view_pattern)
+                    ):
+    "A `pipeline.Points2D` read through `interop`, or None when `load_points2d` reads the source itself."
+    from deeperfly_nb.pipeline import Points2D
+    from deeperfly_nb.interop import read_points2d
+    first = Path(sources[0])
+    globbed = any(c in str(first) for c in "*?[")
+    if len(sources) == 1 and not globbed and (first.is_dir() or first.suffix.lower() not in FOREIGN_2D): return None
+    skeleton, io_cfg = config.skeleton(), config.model.interop
+    pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,
+                                      name_map=name_map or io_cfg.name_map or None, pattern=view_pattern or io_cfg.view_pattern)
+    return Points2D(pts2d, conf, list(config.view_names), {}, None, tuple(skeleton.point_names), first,
+                    {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}})
+
+def recording_points2d(recording:Path, # a recording folder (or a 2D file)
+                       config:Config, # the run's config
+                      ):
+    "The recording's 2D: its deeperfly / DeepFly3D file, else the one other tool's file (or per-view CSVs) in it."
+    try: return load_points2d(recording)
+    except InputError as e:
+        if not Path(recording).is_dir(): raise
+        found = {s: sorted(Path(recording).glob(f"*{s}")) for s in FOREIGN_2D}
+        one = [f[0] for s, f in found.items() if s != ".csv" and len(f) == 1]
+        if one: return foreign_points2d([one[0]], config)
+        if found[".csv"]: return foreign_points2d([str(p) for p in found[".csv"]], config)
+        raise e
+
 # %% ../nbs/19_run.ipynb #601b6aaa
 @dataclass(frozen=True)
 class RunContext:
@@ -301,7 +335,7 @@ def prepare_run(config:Config, # the run's config
         footage_fps = next((r.fps for r in readers.values() if r.fps), None)
         inputs += [f for r in readers.values() for f in (getattr(r, "files", None) or [r.path])]
     else:
-        points = match_views(load_points2d(recording), config.view_names)
+        points = match_views(recording_points2d(recording, config), config.view_names)
         footage_fps = points.fps
         inputs.append(points.path)
     try:
@@ -718,7 +752,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
 def _has_footage(config:Config, folder:Path) -> bool:
     "Does `folder` hold footage of at least one source (or, with [pipeline] pose2d off, a 2D file)?"
     if not config.pipeline.pose2d:
-        try: load_points2d(folder); return True
+        try: recording_points2d(folder, config); return True
         except InputError: return False
     return any(next(folder.glob(p), None) is not None for s in config.detection_plan().sources for p in s.patterns)
 

@@ -53,3 +53,17 @@ def test_export_refuses_unknown_format_and_bad_map(tmp_path):
     assert not (tmp_path / "out.xyz").exists()
     p = cli("reconstruct", "a.csv", "--map", "nose", cwd=tmp_path)
     assert p.returncode == 2 and "--map takes FOREIGN=POINT" in p.stderr
+
+
+def test_run_reads_another_tools_2d_in_the_recording(tmp_path, sized_config):
+    "[pipeline] pose2d = false: the recording's 2D may be a SLEAP file (or one DeepLabCut CSV per view)."
+    rec = tmp_path / "rec"; rec.mkdir()
+    assert cli("export", POINTS2D, rec / "pred.slp", cwd=tmp_path).returncode == 0
+    cfg = sized_config.read_text().replace("pose2d = true ", "pose2d = false").replace("visualization = true ", "visualization = false")
+    (tmp_path / "config.toml").write_text(cfg)
+    p = cli("run", rec, "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    own = cli("reconstruct", POINTS2D, "-c", sized_config, "-o", "own", "-q", cwd=tmp_path)
+    assert own.returncode == 0, own.stderr
+    np.testing.assert_allclose(PoseResult.load(tmp_path / "out" / "results.h5").pts3d,
+                               PoseResult.load(tmp_path / "own" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
