@@ -6,7 +6,9 @@ _API = {"Config": "config", "Skeleton": "skeleton", "Camera": "cameras", "Camera
         "triangulate": "triangulation", "reprojection_error": "triangulation",
         "bundle_adjust_cameras": "bundle_adjustment", "run_from_points2d": "pipeline", "load_points2d": "pipeline",
         "reconstruct": "pipeline", "PoseResult": "results", "read_df3d_result": "df3d",
-        "run_recording": "run", "open_reader": "io"}
+        "run_recording": "run", "open_reader": "io",
+        "CropOptions": "cropzoom", "boxes_from_points": "cropzoom", "refine_3d": "refinement", "RefineOptions": "refinement",
+        "export_result": "interop", "read_points2d": "interop", "load_lifter": "lifting", "lift": "lifting"}
 __all__ = ["__version__", *_API]
 
 def __getattr__(name):
