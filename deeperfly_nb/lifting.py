@@ -149,7 +149,8 @@ def _safe_std(x:np.ndarray) -> np.ndarray:
 
 def fit_stats(pts2d:np.ndarray, # (N, J, 2) training inputs
               pts3d:np.ndarray, # (N, J, 3) training targets
-              roots:tuple, target_sets:tuple, # from `check_roots`
+              roots:tuple, # (R,) root joint of each target set, from `check_roots`
+              target_sets:tuple, # R tuples of target joints, from `check_roots`
              ) -> LiftStats:
     "NaN-aware mean and std of the root-relative targets, and the mean root positions."
     J = pts3d.shape[1]
@@ -167,7 +168,9 @@ def _stats_to_dict(self:LiftStats) -> dict:
     return {"roots": list(self.roots), "target_sets": [list(t) for t in self.target_sets], "n_joints": self.n_joints,
             **{k: np.asarray(getattr(self, k)).tolist() for k in ("mean_2d", "std_2d", "mean_3d", "std_3d", "root_mean_3d")}}
 
-def _stats_from_dict(d:dict) -> LiftStats:
+def _stats_from_dict(d:dict, # as made by `LiftStats.to_dict`
+                    ) -> LiftStats:
+    "`LiftStats` from a dict made by `to_dict`."
     return LiftStats(tuple(d["roots"]), tuple(map(tuple, d["target_sets"])), int(d["n_joints"]),
                      *(np.asarray(d[k], dtype=float) for k in ("mean_2d", "std_2d", "mean_3d", "std_3d", "root_mean_3d")))
 
@@ -181,9 +184,9 @@ LiftStats.to_dict, LiftStats.from_dict, LiftStats.digest = _stats_to_dict, stati
 @dataclass(frozen=True, eq=False)
 class NormalisedPoses:
     "Flat z-scored root-relative targets (N, K*D), NaN where unknown, tagged with the statistics' digest."
-    values: np.ndarray
+    values: np.ndarray  # (N, K*D) normalised coordinates, NaN where unknown
     dim: int            # 2 or 3
-    stats_digest: str
+    stats_digest: str   # `LiftStats.digest` of the statistics that made it
 
 def normalise(pts:np.ndarray, # (N, J, D) poses
               stats:LiftStats, # the lifter's statistics
@@ -196,7 +199,7 @@ def normalise(pts:np.ndarray, # (N, J, D) poses
 
 # %% ../nbs/08b_lifting.ipynb #67eff8ec
 def denormalise_3d(z:np.ndarray, # (N, K*3) normalised network outputs
-                   stats:LiftStats,
+                   stats:LiftStats, # the lifter's statistics
                    roots_3d:np.ndarray|None=None, # (N, R, 3) root positions; None: the training mean
                   ) -> np.ndarray:
     "3D poses (N, J, 3): targets placed relative to their roots; joints in no target set are NaN."
@@ -220,14 +223,25 @@ class _Residual(nn.Module):
 
 class LiftNet(nn.Module):
     "Residual MLP from flat normalised 2D (n_in) to flat normalised 3D (n_out)."
-    def __init__(self, n_in:int, n_out:int, linear_size:int=1024, num_stage:int=2, dropout:float=0.5):
+    def __init__(self,
+                 n_in:int, # input width: K*2 normalised 2D coordinates
+                 n_out:int, # output width: K*3 normalised 3D coordinates
+                 linear_size:int=1024, # width of the hidden layers
+                 num_stage:int=2, # number of residual blocks
+                 dropout:float=0.5, # dropout probability after every hidden layer
+                ):
+        "Input layer, `num_stage` residual blocks of two layers each, linear output; Kaiming-initialised."
         super().__init__()
         self.inp = nn.Sequential(nn.Linear(n_in, linear_size), nn.BatchNorm1d(linear_size), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.stages = nn.Sequential(*[_Residual(linear_size, dropout) for _ in range(num_stage)])
         self.out = nn.Linear(linear_size, n_out)
         for m in self.modules():
             if isinstance(m, nn.Linear): nn.init.kaiming_normal_(m.weight)
-    def forward(self, x): return self.out(self.stages(self.inp(x)))
+    def forward(self,
+                x:torch.Tensor, # (B, n_in) normalised 2D
+               ) -> torch.Tensor:
+        "(B, n_out) normalised 3D."
+        return self.out(self.stages(self.inp(x)))
 
 # %% ../nbs/08b_lifting.ipynb #69246333
 def _fold(lin:nn.Linear, bn:nn.BatchNorm1d|None=None) -> tuple:
@@ -238,13 +252,16 @@ def _fold(lin:nn.Linear, bn:nn.BatchNorm1d|None=None) -> tuple:
         W, b = W * g[:, None], (b - bn.running_mean.float()) * g + bn.bias.detach().float()
     return W.t().contiguous(), b.contiguous()
 
-def fused_layers(net:LiftNet) -> list:
+def fused_layers(net:LiftNet, # a trained network (its BatchNorm running statistics are folded in)
+                ) -> list:
     "[(W^T, b)] for the input layer, two per residual block, and the output layer."
     out = [_fold(net.inp[0], net.inp[1])]
     for st in net.stages: out += [_fold(st.body[0], st.body[1]), _fold(st.body[4], st.body[5])]
     return out + [_fold(net.out)]
 
-def fused_forward(layers:list, x:torch.Tensor) -> torch.Tensor:
+def fused_forward(layers:list, # from `fused_layers`
+                  x:torch.Tensor, # (B, n_in) normalised 2D, float32, on the layers' device
+                 ) -> torch.Tensor:
     "The network's eval-mode output from `fused_layers`."
     (W, b), h = layers[0], None
     h = torch.addmm(b, x, W).clamp_min_(0)
@@ -262,13 +279,13 @@ class LiftOptions:
     num_stage:int=2             # residual blocks
     dropout:float=0.5           # dropout probability
     epochs:int=20               # total epochs (a resumed run continues up to this)
-    batch_size:int=64
+    batch_size:int=64           # poses per optimisation step
     lr:float=1e-3               # Adam learning rate
     lr_gamma:float=0.96         # exponential decay factor ...
     lr_decay_steps:int=100_000  # ... applied over this many steps
     max_norm:float=1.0          # gradient-norm clip
     val_fraction:float=0.1      # training poses held out to pick the best checkpoint
-    seed:int=0
+    seed:int=0                  # seeds the split, augmentation, shuffling and initial weights
     device:str="cpu"            # 'cpu', 'cuda', 'cuda:1', ...
     resume:bool=False           # continue from output_folder's last checkpoint
 
@@ -299,7 +316,7 @@ def lift_options(training_kwargs:dict|LiftOptions|None=None, # LiftPose3D-style 
 class Augmentation:
     "One augmentation step: its kind and its parameters."
     kind: str        # 'add_noise', 'perturb_pose', 'project_to_cam' or 'random_project'
-    params: dict
+    params: dict     # the step's settings, JSON-ready (saved with the lifter)
 
     @property
     def projects(self) -> bool:
@@ -368,7 +385,7 @@ def _project(p:dict, pts3d:np.ndarray, rot=None) -> tuple:
 def apply_augmentation(augs, # a list of `Augmentation`s
                        pts2d:np.ndarray|None, # (N, J, 2), or None when a step projects
                        pts3d:np.ndarray, # (N, J, 3)
-                       rng:np.random.Generator,
+                       rng:np.random.Generator, # draws the noise, angles and bone scales
                       ) -> tuple:
     "The augmented `(pts2d, pts3d)`."
     for a in augs:
@@ -490,7 +507,8 @@ def _save_log(rows:list, path:Path):
     buf = io.StringIO(); w = csv.DictWriter(buf, LOG_FIELDS); w.writeheader(); w.writerows(rows)
     with atomic_path(path) as tmp: tmp.write_text(buf.getvalue())
 
-def read_log(output_folder) -> dict:
+def read_log(output_folder, # a folder written by `train`
+            ) -> dict:
     "The training log as {column: array}, one entry per epoch."
     p = Path(output_folder) / "train_log.csv"
     if not p.is_file(): raise InputError(f"{p}: no training log (is {output_folder} a lifter folder?)")
@@ -618,12 +636,12 @@ def train(train_2d, # [N, J, 2] (or dict of experiments) inputs; None (ignored) 
 @dataclass(eq=False)
 class Lifter:
     "A trained lifter: network (eval mode), statistics, skeleton and where it came from."
-    net: LiftNet
-    stats: LiftStats
-    skeleton: Skeleton|None
-    folder: Path
-    record: dict
-    device: torch.device
+    net: LiftNet               # the network, in eval mode on `device`
+    stats: LiftStats           # normalisation statistics of its training data
+    skeleton: Skeleton|None    # the skeleton it was trained for, if saved
+    folder: Path               # the folder it was loaded from
+    record: dict               # the contents of lifter.json (options, augmentation, statistics)
+    device: torch.device       # where it runs
     layers: list|None = None   # `fused_layers(net)`, made on first use
     def __repr__(self):
         sk = self.skeleton.name if self.skeleton else f"{self.stats.n_joints} joints"
@@ -661,9 +679,9 @@ def load_lifter(folder, # a folder written by `train`
 def lift(lifter:Lifter, # from `train` or `load_lifter`
          pts2d, # (N, J, 2) or (J, 2) pixels (or a `NormalisedPoses` made with the lifter's statistics)
          conf=None, # (N, J) confidences; points below `min_confidence` (or NaN) are treated as unseen
-         min_confidence:float=0.0,
+         min_confidence:float=0.0, # threshold on `conf`
          roots_3d=None, # (N, R, 3) where the roots are, when known; default: their mean in the library
-         batch_size:int=16384,
+         batch_size:int=16384, # poses per network call
         ) -> np.ndarray:
     "3D poses (N, J, 3) (or (J, 3)) in the training camera's frame; joints in no target set are NaN."
     st = lifter.stats
@@ -705,7 +723,8 @@ def _lift_batches(lifter:Lifter, p:np.ndarray, roots_3d, batch:int) -> np.ndarra
 # %% ../nbs/08b_lifting.ipynb #e32c2185
 def lift_errors(gt:np.ndarray, # (N, J, 3) truth
                 pred:np.ndarray, # (N, J, 3) prediction
-                roots, target_sets, # as for training
+                roots, # one root joint per target set, as for training
+                target_sets, # joints relative to each root, as for training
                ) -> dict:
     "Per-joint and mean errors of root-relative targets: Euclidean ('euclid') and LiftPose3D's mean absolute coordinate ('abs')."
     roots, ts = check_roots(roots, target_sets, gt.shape[1])
@@ -725,10 +744,11 @@ def mean_pose_baseline(stats:LiftStats, # a lifter's statistics (the library's m
     return denormalise_3d(np.zeros((n, len(stats.mean_3d))), stats, roots_3d)
 
 def nearest_neighbour_baseline(stats:LiftStats, # statistics to normalise with
-                               lib_2d:np.ndarray, lib_3d:np.ndarray, # (M, J, 2), (M, J, 3): the library
+                               lib_2d:np.ndarray, # (M, J, 2) the library's 2D poses
+                               lib_3d:np.ndarray, # (M, J, 3) the library's 3D poses
                                pts2d:np.ndarray, # (n, J, 2) poses to lift
                                roots_3d=None, # (n, R, 3) root positions; default: their mean
-                               chunk:int=1024,
+                               chunk:int=1024, # query poses per distance computation (bounds memory)
                               ) -> np.ndarray:
     "(n, J, 3): for each pose, the library's 3D pose whose normalised 2D is nearest (NaN counts as the mean)."
     L = np.nan_to_num(normalise(lib_2d, stats).values); Q = np.nan_to_num(normalise(pts2d, stats).values)
@@ -748,7 +768,7 @@ def _load_test_data(folder:Path) -> tuple:
 def test(output_folder, # a folder written by `train`
          test_2d=None, # [N, J, 2] or dict; None: the test data given to `train`
          test_3d=None, # [N, J, 3] or dict, matching test_2d
-         device:str="cpu",
+         device:str="cpu", # where to run the lifter
         ) -> dict:
     "Lift the test poses (roots placed from the truth, as LiftPose3D does), write test_results.npz, return `lift_errors`."
     folder = Path(output_folder); lifter = load_lifter(folder, device)
@@ -802,7 +822,7 @@ def library_from_results(results, # a PoseResult, or a list/dict of them
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
 def training_log_figure(output_folder, # a folder written by `train`
-                        units:str="world units",
+                        units:str="world units", # label of the error axis
                        ):
     "Plotly figure: training/validation loss (left axis) and validation/test error (right axis) per epoch."
     import plotly.graph_objects as go
@@ -817,10 +837,13 @@ def training_log_figure(output_folder, # a folder written by `train`
     return fig
 
 # %% ../nbs/08b_lifting.ipynb #2daac3d0
-def error_figure(gt, pred, # (N, J, 3) truth and prediction
-                 roots, target_sets, # as for training
+def error_figure(gt, # (N, J, 3) truth
+                 pred, # (N, J, 3) prediction
+                 roots, # one root joint per target set, as for training
+                 target_sets, # joints relative to each root, as for training
                  skeleton:Skeleton|None=None, # names the joints
-                 units:str="world units", scale:float=1.0, # divide errors by `scale` (e.g. a leg length, units='leg lengths')
+                 units:str="world units", # label of the error axis
+                 scale:float=1.0, # divide errors by `scale` (e.g. a leg length, units='leg lengths')
                  metric:str="euclid", # 'euclid' or 'abs'
                 ):
     "Plotly box plot of the per-joint error distribution of lifted poses."
@@ -841,10 +864,11 @@ def _bone_lines(skeleton:Skeleton|None, pts:np.ndarray, bones=None) -> np.ndarra
     if not b: return np.zeros((0, 3))
     return np.concatenate([np.stack([pts[a], pts[c], np.full(3, np.nan)]) for a, c in b])
 
-def pose_figure(gt, pred, # (N, J, 3)
+def pose_figure(gt, # (N, J, 3) truth
+                pred, # (N, J, 3) prediction
                 t:int=0, # the frame
-                skeleton:Skeleton|None=None,
-                title:str="Truth (grey) and lifted (red): drag to rotate",
+                skeleton:Skeleton|None=None, # draws the bones and names the points
+                title:str="Truth (grey) and lifted (red): drag to rotate", # figure title
                ):
     "Plotly 3D figure of frame `t`: the truth and the prediction, bones drawn."
     import plotly.graph_objects as go
@@ -859,7 +883,7 @@ def pose_figure(gt, pred, # (N, J, 3)
 
 # %% ../nbs/08b_lifting.ipynb #8965e3f8
 def movie_figure(pred, # (T, J, 3) poses to animate
-                 skeleton:Skeleton|None=None,
+                 skeleton:Skeleton|None=None, # draws the bones
                  trailing:int=10, # length of the trails, frames
                  trailing_keypts=(), # joints that leave a trail (e.g. the claws)
                  fps:float=20.0, # playback rate
