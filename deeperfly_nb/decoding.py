@@ -14,8 +14,9 @@ import torch
 from .core import InputError
 
 # %% auto #0
-__all__ = ['DECODERS', 'gaussian_heatmaps', 'heatmap_to_points_torch', 'heatmap_to_points', 'argmax_peaks_torch', 'Decoder',
-           'get_decoder', 'normalized_peaks_to_original_pixels', 'route_channels_to_points_in_views']
+__all__ = ['DECODERS', 'gaussian_heatmaps', 'heatmap_to_points_torch', 'heatmap_to_points', 'decode_topk_torch', 'decode_topk',
+           'argmax_peaks_torch', 'Decoder', 'get_decoder', 'normalized_peaks_to_original_pixels',
+           'route_channels_to_points_in_views']
 
 # %% ../nbs/13_decoding.ipynb #64ea769f
 def gaussian_heatmaps(xy_norm, # (..., J, 2) normalized (u, v) points, NaN = absent
@@ -108,6 +109,48 @@ def heatmap_to_points(heatmaps, # (..., J, Hh, Ww) numpy array or tensor
     t = heatmaps if isinstance(heatmaps, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(heatmaps))
     xy, conf = heatmap_to_points_torch(t, smooth_sigma, refine)
     return xy.cpu().numpy(), conf.cpu().numpy()
+
+# %% ../nbs/13_decoding.ipynb #7c0d0001
+def decode_topk_torch(heatmaps:torch.Tensor, # (..., J, Hh, Ww) heatmaps on any device
+                      k:int, # peaks per map
+                      smooth_sigma:float=1.0, # blur before finding and refining peaks, in cells (0: none)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The k highest local maxima of each map: normalized (u, v) (..., J, k, 2) float64 and scores (..., J, k), best first; NaN / 0 where a map has fewer."
+    if heatmaps.ndim < 3: raise InputError(f"heatmaps must have shape (..., J, Hh, Ww), got {tuple(heatmaps.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise InputError(f"k must be an integer >= 1, got {k!r}")
+    *lead, H, W = heatmaps.shape
+    m = heatmaps.reshape(-1, H, W)
+    m = m.float() if m.dtype in (torch.float16, torch.bfloat16) or not m.is_floating_point() else m
+    finite = torch.isfinite(m.flatten(1).sum(1))
+    if not bool(finite.all()): m = torch.where(finite[:, None, None], m, torch.zeros((), dtype=m.dtype, device=m.device))
+    s = _smooth(m, smooth_sigma) if smooth_sigma > 0 else m
+    peak = (s >= torch.nn.functional.max_pool2d(s[:, None], 3, stride=1, padding=1)[:, 0]) & (s > 0)
+    top, flat = torch.where(peak, s, torch.full_like(s, -float("inf"))).flatten(1).topk(min(k, H * W), dim=1)
+    iy, ix = flat // W, flat % W
+    rep = lambda a: a.repeat_interleave(flat.shape[1], 0)
+    step = _log_taylor_offsets(rep(s), ix.flatten(), iy.flatten())
+    if smooth_sigma > 0:        # near the border, step on the raw map (as heatmap_to_points_torch does)
+        r = int(3 * smooth_sigma + 0.5)
+        near = ((ix < r) | (ix > W - 1 - r) | (iy < r) | (iy > H - 1 - r)).flatten()
+        if near.any(): step = torch.where(near[:, None], _log_taylor_offsets(rep(m), ix.flatten(), iy.flatten()), step)
+    xy = (torch.stack([ix, iy], -1).double() + step.reshape(*ix.shape, 2) + 0.5) / torch.tensor([W, H], dtype=torch.float64, device=m.device)
+    score = m.flatten(1).gather(1, flat).double().clamp(0, 1)
+    ok = torch.isfinite(top) & finite[:, None]
+    xy = torch.where(ok[..., None], xy, torch.full_like(xy, float("nan")))
+    score = torch.where(ok, score, torch.zeros_like(score))
+    if flat.shape[1] < k:
+        xy = torch.cat([xy, xy.new_full((xy.shape[0], k - flat.shape[1], 2), float("nan"))], 1)
+        score = torch.cat([score, score.new_zeros((score.shape[0], k - flat.shape[1]))], 1)
+    return xy.reshape(*lead, k, 2), score.reshape(*lead, k)
+
+def decode_topk(heatmaps, # (..., J, Hh, Ww) numpy array or tensor
+                k:int, # peaks per map
+                smooth_sigma:float=1.0, # blur before finding and refining peaks, in cells (0: none)
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "Numpy front end of `decode_topk_torch`: (..., J, k, 2) normalized peaks and (..., J, k) scores, float64."
+    t = heatmaps if isinstance(heatmaps, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(heatmaps))
+    xy, score = decode_topk_torch(t, k, smooth_sigma)
+    return xy.cpu().numpy(), score.cpu().numpy()
 
 # %% ../nbs/13_decoding.ipynb #4384c07e
 def argmax_peaks_torch(heatmaps:torch.Tensor, # (..., J, Hh, Ww) heatmaps on any device
