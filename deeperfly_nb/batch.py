@@ -14,66 +14,15 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from .core import ConfigError, InputError, ConfigTable, config_field, did_you_mean, atomic_path
-from .config import Config
+from .config import Config, ClusterConfig, KIND_KEYS
 from .pipeline import prepare_output_dir
 from .run import OutputLock, RunReport, find_recordings, run_recording
 
 # %% auto #0
-__all__ = ['KIND_KEYS', 'SUMMARY_FIELDS', 'ClusterTable', 'ClusterConfig', 'cluster_config', 'RecordingOutcome',
-           'outcome_from_report', 'failed_outcome', 'BatchOptions', 'run_one', 'Step', 'uses_gpu', 'recording_steps',
-           'call_step', 'sleep_stage', 'stub_steps', 'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary',
-           'local_workers', 'cluster_from_config', 'connect', 'open_client', 'run_folder']
-
-# %% ../nbs/19a_batch.ipynb #117d21cb
-_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")                 # SLURM's [D-]HH:MM[:SS]
-_ADDRESS = re.compile(r"^(tcp|tls|ucx)://[^\s/:]+:\d{1,5}$")
-_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])$", re.IGNORECASE)
-_PosInt = Annotated[int, Field(gt=0)]
-KIND_KEYS = {"local": ("workers", "threads_per_worker", "memory", "gpus"),
-             "scheduler": ("address", "connect_timeout_s"),
-             "slurm": ("queue", "account", "cores", "memory", "walltime", "gpus", "processes", "workers", "threads_per_worker",
-                       "job_extra", "prologue", "log_directory")}   # the keys each kind of cluster reads (besides `kind`)
-
-# %% ../nbs/19a_batch.ipynb #28f93a75
-class ClusterTable(ConfigTable):
-    "The keys of `[cluster]` and their types (`ClusterConfig` adds the checks between them)."
-    kind: Literal["local", "scheduler", "slurm"] = config_field("local", '"local", "scheduler" or "slurm"')
-    workers: Annotated[int, Field(ge=0)]|None = config_field(None, "a whole number >= 0 (worker processes; 0: in this process)")
-    threads_per_worker: _PosInt = config_field(1, "a positive whole number")
-    memory: str|None = config_field(None, 'a size such as "8GB" (per worker; per job with slurm)')
-    gpus: Annotated[int, Field(ge=0)] = config_field(0, "a whole number >= 0 (GPU slots per worker)")
-    address: str|None = config_field(None, 'a scheduler address "tcp://host:port"')
-    connect_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = config_field(10.0, "a positive number of seconds")
-    queue: str|None = config_field(None, "a SLURM partition name")
-    account: str|None = config_field(None, "a SLURM account name")
-    cores: _PosInt|None = config_field(None, "a positive whole number (CPU cores per job)")
-    walltime: str|None = config_field(None, 'a SLURM time limit "[D-]HH:MM[:SS]"')
-    processes: _PosInt = config_field(1, "a positive whole number (worker processes per job)")
-    job_extra: list[str] = config_field(list, 'a list of #SBATCH options, e.g. ["--constraint=a100"]')
-    prologue: list[str] = config_field(list, 'a list of shell lines run before the worker, e.g. ["module load cuda"]')
-    log_directory: str|None = config_field(None, "a folder for the jobs' logs")
-
-# %% ../nbs/19a_batch.ipynb #6a740b5c
-def _check_format(v, pattern, what:str):
-    if v is not None and not pattern.fullmatch(v): raise ValueError(f"expected {what}, got {v!r}")
-    return v
-
-class ClusterConfig(ClusterTable):
-    "`[cluster]`: where `deeperfly run` runs many recordings: local processes, an existing Dask scheduler, or SLURM jobs."
-    @field_validator("walltime")
-    def _walltime(cls, v): return _check_format(v, _WALLTIME, 'a SLURM time limit "[D-]HH:MM[:SS]", e.g. "02:00:00"')
-    @field_validator("address")
-    def _address(cls, v): return _check_format(v, _ADDRESS, 'a scheduler address "tcp://host:port"')
-    @field_validator("memory")
-    def _memory(cls, v): return _check_format(v, _MEMORY, 'a size such as "8GB" or "16GiB"')
-
-    @model_validator(mode="after")
-    def _kind_keys(self):
-        stray = sorted(k for k in self.model_fields_set - {"kind"} if k not in KIND_KEYS[self.kind])
-        if stray: raise ValueError(f"{', '.join(stray)} not used by kind = {self.kind!r} (it reads {', '.join(KIND_KEYS[self.kind])})")
-        if self.kind == "scheduler" and self.address is None: raise ValueError('kind = "scheduler" needs address = "tcp://host:port"')
-        if self.kind == "slurm" and self.memory is None: raise ValueError('kind = "slurm" needs memory (per job, e.g. "16GB")')
-        return self
+__all__ = ['SUMMARY_FIELDS', 'cluster_config', 'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'BatchOptions',
+           'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps',
+           'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers', 'cluster_from_config',
+           'connect', 'open_client', 'run_folder']
 
 # %% ../nbs/19a_batch.ipynb #40a5cae0
 def _cluster_problem(err:dict) -> str:
@@ -123,7 +72,8 @@ def outcome_from_report(rep:RunReport, # what `run_recording` returned
                             {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
                             tri.get("bone_length_cv_median"), worker=_where())
 
-def failed_outcome(recording, out_dir, # the recording and its output folder
+def failed_outcome(recording, # the recording folder
+                   out_dir, # its output folder
                    error:BaseException, # what went wrong
                    seconds:float=0.0, # time spent before it failed
                   ) -> RecordingOutcome:
@@ -180,8 +130,10 @@ def recording_steps(config:Config, # the run's config
 
 # %% ../nbs/19a_batch.ipynb #6f5a5318
 def call_step(step:Step, # the step to run
-              recording:Path, out:Path, # the recording and its output folder
-              config:Config, options:BatchOptions, # the run's config and options
+              recording:Path, # the recording folder
+              out:Path, # its output folder
+              config:Config, # the run's config
+              options:BatchOptions, # the batch's options
               previous:RecordingOutcome|None=None, # the previous step's outcome
              ) -> RecordingOutcome:
     "Run `step` unless the recording already failed; an exception becomes a failed outcome (the batch goes on)."
@@ -193,7 +145,12 @@ def call_step(step:Step, # the step to run
 # %% ../nbs/19a_batch.ipynb #b056a173
 def sleep_stage(stage:str, # the stage it stands for
                 seconds:float, # how long it "works"
-                recording, out, config, options, previous=None):
+                recording, # the recording folder (recorded, not read)
+                out, # its output folder (recorded, not written)
+                config, # the run's config (unused: a stub)
+                options, # the batch's options (unused: a stub)
+                previous=None, # the previous step's outcome, extended with this stage
+               ):
     "A stub stage: sleeps, and adds itself to the outcome's stages (for measuring the graph and the scheduler)."
     t0 = time.perf_counter()
     time.sleep(seconds)

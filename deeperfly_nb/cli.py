@@ -47,12 +47,31 @@ def _print_run_report(r):
         from deeperfly_nb.results import quality_warnings
         for w in quality_warnings(r.result.summary()): logging.getLogger("deeperfly").warning(w)   # -q silences it
 
+def _run_on_dask(args, config, overwrite) -> int:
+    "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
+    from deeperfly_nb.batch import BatchOptions, KIND_KEYS, cluster_config, run_folder
+    cc = config.model.cluster
+    table = {k: v for k, v in cc.model_dump().items() if v != type(cc).model_fields[k].get_default(call_default_factory=True)}
+    if args.scheduler: table = {"kind": "scheduler", "address": args.scheduler}
+    elif args.cluster: table = {k: v for k, v in table.items() if k in KIND_KEYS[args.cluster]} | {"kind": args.cluster}
+    if args.workers is not None and table.get("kind", "local") != "scheduler": table["workers"] = args.workers
+    opts = BatchOptions(("all",) if overwrite == "all" else tuple(overwrite), args.max_frames, args.device, args.wait,
+                        progress=not args.quiet and not args.no_progress)
+    if not args.verbose: logging.getLogger("distributed").setLevel(logging.WARNING)
+    outcomes = run_folder(args.recording, args.out, config, cluster_config(table, "--workers/--scheduler/--cluster and [cluster]"), opts)
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} recordings done; summary: {Path(args.out) / 'summary.csv'} and summary.html")
+    for o in failed: print(f"  {o.recording}: {o.error}", file=sys.stderr)
+    return 3 if failed else 0
+
 def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
     config = _load_config(args.config)
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
+    if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
+        return _run_on_dask(args, config, overwrite)
     rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
               progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
     for r in rep.reports: _print_run_report(r)
@@ -396,6 +415,10 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--device", help='torch device for detection: "cpu", "cuda", "cuda:N" or "mps" (default: [pose2d] device, else auto)')
     s.add_argument("--wait", action="store_true", help="if another run is using the output folder, wait for it (default: refuse)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    many = s.add_argument_group("many recordings on Dask (default: one after another in this process)")
+    many.add_argument("--workers", type=int, help="run the recordings on N local worker processes (0: here, one after another)")
+    many.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask cluster, e.g. tcp://host:8786")
+    many.add_argument("--cluster", choices=["local", "slurm"], help="where to run many recordings (slurm: dask-jobqueue jobs from [cluster])")
     s.set_defaults(func=cmd_run)
 
 def _add_inspect_parser(sub, # the subparsers of `make_parser`

@@ -6,11 +6,12 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS',
-           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS',
+           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS',
            'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig',
            'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig',
            'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig',
-           'InteropConfig', 'ConfigModel', 'default_config_text', 'Config', 'write_config']
+           'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel', 'default_config_text', 'Config',
+           'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
 import dataclasses, difflib, inspect, json, os, re, tomllib, types
@@ -418,6 +419,55 @@ class InteropConfig(_Table):
     name_map: dict[str, str] = _field(dict, '{foreign keypoint name = "skeleton point"}')
     view_pattern: str = _field("{view}", 'how a view shows in per-view file names: "{view}" or e.g. "camera_{index}"')
 
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")                 # SLURM's [D-]HH:MM[:SS]
+_ADDRESS = re.compile(r"^(tcp|tls|ucx)://[^\s/:]+:\d{1,5}$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])$", re.IGNORECASE)
+KIND_KEYS = {"local": ("workers", "threads_per_worker", "memory", "gpus"),
+             "scheduler": ("address", "connect_timeout_s"),
+             "slurm": ("queue", "account", "cores", "memory", "walltime", "gpus", "processes", "workers", "threads_per_worker",
+                       "job_extra", "prologue", "log_directory")}   # the keys each kind of cluster reads (besides `kind`)
+
+class ClusterTable(_Table):
+    "The keys of `[cluster]` and their types (`ClusterConfig` adds the checks between them)."
+    kind: Literal["local", "scheduler", "slurm"] = _field("local", '"local", "scheduler" or "slurm"')
+    workers: Annotated[int, Field(ge=0)]|None = _field(None, "a whole number >= 0 (worker processes; 0: in this process)")
+    threads_per_worker: _PosInt = _field(1, "a positive whole number")
+    memory: str|None = _field(None, 'a size such as "8GB" (per worker; per job with slurm)')
+    gpus: Annotated[int, Field(ge=0)] = _field(0, "a whole number >= 0 (GPU slots per worker)")
+    address: str|None = _field(None, 'a scheduler address "tcp://host:port"')
+    connect_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = _field(10.0, "a positive number of seconds")
+    queue: str|None = _field(None, "a SLURM partition name")
+    account: str|None = _field(None, "a SLURM account name")
+    cores: _PosInt|None = _field(None, "a positive whole number (CPU cores per job)")
+    walltime: str|None = _field(None, 'a SLURM time limit "[D-]HH:MM[:SS]"')
+    processes: _PosInt = _field(1, "a positive whole number (worker processes per job)")
+    job_extra: list[str] = _field(list, 'a list of #SBATCH options, e.g. ["--constraint=a100"]')
+    prologue: list[str] = _field(list, 'a list of shell lines run before the worker, e.g. ["module load cuda"]')
+    log_directory: str|None = _field(None, "a folder for the jobs' logs")
+
+def _check_format(v, pattern, what:str):
+    "`v` (a string or None) when it matches `pattern`; else a ValueError saying what was expected."
+    if v is not None and not pattern.fullmatch(v): raise ValueError(f"expected {what}, got {v!r}")
+    return v
+
+class ClusterConfig(ClusterTable):
+    "`[cluster]`: where `deeperfly run` runs many recordings: local processes, an existing Dask scheduler, or SLURM jobs."
+    @field_validator("walltime")
+    def _walltime(cls, v): return _check_format(v, _WALLTIME, 'a SLURM time limit "[D-]HH:MM[:SS]", e.g. "02:00:00"')
+    @field_validator("address")
+    def _address(cls, v): return _check_format(v, _ADDRESS, 'a scheduler address "tcp://host:port"')
+    @field_validator("memory")
+    def _memory(cls, v): return _check_format(v, _MEMORY, 'a size such as "8GB" or "16GiB"')
+
+    @model_validator(mode="after")
+    def _kind_keys(self):
+        stray = sorted(k for k in self.model_fields_set - {"kind"}      # a key left at its default is not "used" (to_dict writes all)
+                       if k not in KIND_KEYS[self.kind] and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
+        if stray: raise ValueError(f"{', '.join(stray)} not used by kind = {self.kind!r} (it reads {', '.join(KIND_KEYS[self.kind])})")
+        if self.kind == "scheduler" and self.address is None: raise ValueError('kind = "scheduler" needs address = "tcp://host:port"')
+        if self.kind == "slurm" and self.memory is None: raise ValueError('kind = "slurm" needs memory (per job, e.g. "16GB")')
+        return self
+
 class ConfigModel(_Table):
     "The whole config file."
     skeleton: SkeletonConfig = _field(..., "a [skeleton] table")
@@ -426,6 +476,7 @@ class ConfigModel(_Table):
     triangulation: TriangulationConfig = _field(TriangulationConfig, "a [triangulation] table")
     refinement: RefinementConfig = _field(RefinementConfig, "a [refinement] table")
     interop: InteropConfig = _field(InteropConfig, "an [interop] table")
+    cluster: ClusterConfig = _field(ClusterConfig, "a [cluster] table")
     pipeline: PipelineConfig = _field(PipelineConfig, "a [pipeline] table")
     sources: list[SourceConfig] = _field(list, "an array of [[sources]] tables (name, pattern)")
     pose2d: Pose2dConfig = _field(Pose2dConfig, "a [pose2d] table")

@@ -84,7 +84,8 @@ def build(cls:RefineOptions, options:RefineOptions|None=None, # start from these
 class RefinementError(DeeperflyError, ValueError):
     "Refinement cannot run on what it was given (the message says what and why)."
 
-def bone_names(skeleton:Skeleton) -> list:
+def bone_names(skeleton:Skeleton, # whose bones are named
+              ) -> list:
     "Names 'a-b' of the skeleton's bones, in `skeleton.bones` order."
     return [f"{skeleton.point_names[a]}-{skeleton.point_names[b]}" for a, b in skeleton.bone_array]
 
@@ -140,12 +141,15 @@ def project_with_jacobian(cameras:CameraGroup, # the rig
     return np.stack([xd, yd], -1) * f + pp, D @ P @ R
 
 # %% ../nbs/04c_refinement.ipynb #b78bcba7
-def pixels_per_unit(cameras:CameraGroup) -> float:
+def pixels_per_unit(cameras:CameraGroup, # the rig
+                   ) -> float:
     "How many pixels one world unit spans at the rig's look-at point, in a typical (median) camera."
     d = np.linalg.norm(cameras.positions - look_at_point(cameras), axis=1)
     return float(np.median(cameras.intrs[:, :2].mean(1) / d))
 
-def difference_matrix(T:int, n:int) -> sp.csr_matrix:
+def difference_matrix(T:int, # number of frames (columns)
+                      n:int, # order of the difference (1 velocity, 2 acceleration, ...)
+                     ) -> sp.csr_matrix:
     "(T - n, T) sparse n-th forward difference over time."
     coef = np.array([(-1) ** (n - j) * comb(n, j) for j in range(n + 1)], float)
     return sp.diags(coef, np.arange(n + 1), shape=(max(T - n, 0), T), format="csr")
@@ -171,8 +175,10 @@ class ChunkProblem:
                  weight, # (V, Tc, N) weights of the squared reprojection residuals (0 = unused)
                  X0, # (Tc, N, 3) start, finite for the points solved (NaN: a point left out)
                  bones, # (B, 2) point pairs
-                 prior_mean, prior_std, # (B,) bone priors (see `resolve_bone_priors`)
-                 opts:RefineOptions):
+                 prior_mean, # (B,) prior bone lengths, world units (NaN: estimated; see `resolve_bone_priors`)
+                 prior_std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
+                 opts:RefineOptions, # weights, losses and scales of the terms
+                ):
         self.cameras, self.opts, self.k_px = cameras, opts, pixels_per_unit(cameras)
         Tc, N = X0.shape[:2]
         active = np.isfinite(X0).all((0, 2))
@@ -242,14 +248,18 @@ def _terms(self:ChunkProblem, x):
 
 # %% ../nbs/04c_refinement.ipynb #da8b4e2e
 @patch
-def residuals(self:ChunkProblem, x) -> np.ndarray:
+def residuals(self:ChunkProblem,
+              x, # (n_x,) unknowns: the (Tc * Na, 3) points flattened, then the estimated bone lengths
+             ) -> np.ndarray:
     "All residuals (pixels): reprojection, then smoothness, fill and priors, then bones."
     r, _, rb, *_ = self._terms(x)
     rs, _ = _robust(self.S @ x, self.opts.smooth_loss, self.opts.smooth_scale_px)
     return np.concatenate([r, rs, self.J_const @ x - self.c0, rb])
 
 @patch
-def jacobian(self:ChunkProblem, x) -> sp.csr_matrix:
+def jacobian(self:ChunkProblem,
+             x, # (n_x,) unknowns, as in `residuals`
+            ) -> sp.csr_matrix:
     "The sparse Jacobian of `residuals`: analytic, assembled from vectorised entries."
     _, Jp, rb, u, a, b = self._terms(x)
     M, nx, Q = len(self.obs_i), 3 * self.X0.shape[0], len(rb)
@@ -280,14 +290,21 @@ def interpolate_missing(pts3d, # (T, N, 3) points, NaN = missing
     X[:, ~ok.any(0)] = np.nan
     return X
 
-def chunk_bounds(T:int, chunk:int, overlap:int) -> list:
+def chunk_bounds(T:int, # number of frames of the recording
+                 chunk:int, # frames per chunk (at most; the chunks are evened out)
+                 overlap:int, # frames shared by consecutive chunks (< chunk)
+                ) -> list:
     "[(start, stop)] of chunks of about `chunk` frames covering 0..T, consecutive ones sharing `overlap` frames."
     if T <= chunk: return [(0, T)]
     n = int(np.ceil((T - overlap) / (chunk - overlap)))
     L = int(np.ceil((T + (n - 1) * overlap) / n))
     return [(i * (L - overlap), min(T, i * (L - overlap) + L)) for i in range(n)]
 
-def blend_weights(start:int, stop:int, T:int, overlap:int) -> np.ndarray:
+def blend_weights(start:int, # the chunk's first frame
+                  stop:int, # one past its last frame
+                  T:int, # number of frames of the recording
+                  overlap:int, # frames shared with each neighbouring chunk
+                 ) -> np.ndarray:
     "(stop - start,) cross-fade weights of a chunk: ramps over the shared frames, summing to 1 with the neighbours'."
     w = np.ones(stop - start)
     ramp = np.arange(1, overlap + 1) / (overlap + 1)
@@ -311,7 +328,8 @@ def _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton:Skeleton, o:RefineO
 
 def detection_weights(p, # (V, Tc, N, 2) pixels of some frames
                       c, # (V, Tc, N) their confidences, or None
-                      o:RefineOptions) -> np.ndarray:
+                      o:RefineOptions, # its min_confidence and weigh_by_confidence
+                     ) -> np.ndarray:
     "(V, Tc, N) weight of each detection's squared residual; 0 = unusable (NaN pixel or confidence, or below min_confidence)."
     if c is None: return np.isfinite(p).all(-1).astype(float)
     with np.errstate(invalid="ignore"):
@@ -319,7 +337,15 @@ def detection_weights(p, # (V, Tc, N, 2) pixels of some frames
         return np.where(usable, (np.clip(c, 1e-6, None) if o.weigh_by_confidence else 1.0), 0.0)
 
 # %% ../nbs/04c_refinement.ipynb #f456621b
-def solve_chunk(cameras:CameraGroup, p, w, X0, bones, mean, std, o:RefineOptions) -> tuple:
+def solve_chunk(cameras:CameraGroup, # the rig
+                p, # (V, Tc, N, 2) pixels of the chunk, NaN = unseen
+                w, # (V, Tc, N) detection weights (`detection_weights`; 0 = unused)
+                X0, # (Tc, N, 3) start (gaps interpolated); NaN for a point never seen
+                bones, # (B, 2) point index pairs of the bones
+                mean, # (B,) prior bone lengths, world units (NaN: estimated)
+                std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
+                o:RefineOptions, # weights, losses and solver caps
+               ) -> tuple:
     "Refined points (Tc, N, 3) of one chunk and the solver's (nfev, status); the start where nothing is observed."
     if not (w > 0).any() or not np.isfinite(X0).any(): return X0, (0, -10)
     prob = ChunkProblem(cameras, p, w, X0, bones, mean, std, o)
@@ -334,7 +360,8 @@ def solve_chunk(cameras:CameraGroup, p, w, X0, bones, mean, std, o:RefineOptions
     X[:, prob.active] = x[:prob.X0.size].reshape(X0.shape[0], prob.Na, 3)
     return X, (res.nfev, res.status)
 
-def polish_filled(prob:ChunkProblem, x, # the solution of the whole chunk
+def polish_filled(prob:ChunkProblem, # the chunk's problem
+                  x, # the solution of the whole chunk
                   idx, # the unknowns of the filled points (seen by fewer than two views)
                   o:RefineOptions, # its max_nfev and (4 x) lsmr_maxiter cap the work
                  ) -> np.ndarray:
@@ -376,7 +403,13 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
     return out, _info(cameras, p, c, X0, out, n_views, skeleton, runs, blocks, o)
 
 # %% ../nbs/04c_refinement.ipynb #2aefbcff
-def median_reprojection_px(cameras:CameraGroup, X, p, c, blocks, o:RefineOptions) -> float:
+def median_reprojection_px(cameras:CameraGroup, # the rig
+                           X, # (T, N, 3) points, world units
+                           p, # (V, T, N, 2) pixel detections, NaN = unseen
+                           c, # (V, T, N) confidences, or None
+                           blocks, # [(start, stop)] frame ranges measured one at a time
+                           o:RefineOptions, # its min_confidence says which detections are usable
+                          ) -> float:
     "Median reprojection error (px) of the usable detections, block by block (a 0.01 px histogram: memory stays flat)."
     edges = np.append(np.arange(0, 200, 0.01), np.inf)
     counts = np.zeros(len(edges) - 1)

@@ -534,7 +534,7 @@ def result_provenance(ctx:RunContext, # the run
                       refined:bool=False, # the result of the refinement stage (else: of triangulation)
                      ) -> dict:
     "What a result records about how it was made: the config tables it depends on, the recording, frames and fps."
-    cfg, skip = ctx.config.to_dict(), {"visualization", "interop"} | (set() if refined else {"refinement"})
+    cfg, skip = ctx.config.to_dict(), {"visualization", "interop", "cluster"} | (set() if refined else {"refinement"})
     used = {k: v for k, v in cfg.items() if k not in skip}
     used["pipeline"] = {k: v for k, v in cfg["pipeline"].items() if k not in skip}
     return {"config": used, "recording": str(ctx.recording), "fps_source": ctx.fps_source,
