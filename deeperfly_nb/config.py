@@ -376,7 +376,7 @@ class BundleAdjustmentConfig(_Table):
     @classmethod
     def _lsq(cls, v): return _check_least_squares(v)
 
-# %% ../nbs/10_config.ipynb #b3e4759d
+# %% ../nbs/10_config.ipynb #150421f0
 class TriangulationConfig(_Table):
     "`[triangulation]`: options of `triangulate` (defaults = its signature's)."
     method: str = _field(_default(_TRI_DEFAULTS, "method", "triangulate"), f"one of {', '.join(TRIANGULATION_METHODS)}")
@@ -393,6 +393,7 @@ class TriangulationConfig(_Table):
             raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRIANGULATION_METHODS)}{did_you_mean(v, TRIANGULATION_METHODS)}")
         return v
 
+# %% ../nbs/10_config.ipynb #19821200
 _REF = {f.name: f.default for f in dataclasses.fields(RefineOptions)}       # `[refinement]` defaults = RefineOptions'
 
 class RefinementConfig(_Table):
@@ -414,11 +415,13 @@ class RefinementConfig(_Table):
         if v not in REPROJ_LOSSES: raise ValueError(f"unknown loss {v!r}; allowed: {', '.join(REPROJ_LOSSES)}{did_you_mean(v, REPROJ_LOSSES)}")
         return v
 
+# %% ../nbs/10_config.ipynb #edf6ef32
 class InteropConfig(_Table):
     "`[interop]`: reading other tools' 2D (SLEAP, NWB, DeepLabCut): keypoint names and per-view file names."
     name_map: dict[str, str] = _field(dict, '{foreign keypoint name = "skeleton point"}')
     view_pattern: str = _field("{view}", 'how a view shows in per-view file names: "{view}" or e.g. "camera_{index}"')
 
+# %% ../nbs/10_config.ipynb #06abd1aa
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")                 # SLURM's [D-]HH:MM[:SS]
 _ADDRESS = re.compile(r"^(tcp|tls|ucx)://[^\s/:]+:\d{1,5}$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])$", re.IGNORECASE)
@@ -468,6 +471,7 @@ class ClusterConfig(ClusterTable):
         if self.kind == "slurm" and self.memory is None: raise ValueError('kind = "slurm" needs memory (per job, e.g. "16GB")')
         return self
 
+# %% ../nbs/10_config.ipynb #30e027f1
 class ConfigModel(_Table):
     "The whole config file."
     skeleton: SkeletonConfig = _field(..., "a [skeleton] table")
