@@ -12,6 +12,9 @@ from deeperfly_nb.synth import default_rig, default_visibility, walking_fly, obs
 from deeperfly_nb.triangulation import triangulate, reprojection_error
 from deeperfly_nb.decoding import gaussian_heatmaps, decode_topk
 from deeperfly_nb.refinement import RefineOptions, refine_3d, select_peaks, RefinementError
+import sys, pathlib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+from bench_refinement import swap_legs   # the same injected leg swaps as the bench
 
 FLY = Skeleton.fly38()
 DF3D_REPROJ_MEDIAN_PX = 2.57     # DeepFly3D's own result on this recording (../shared/data/README.md)
@@ -46,30 +49,12 @@ def test_real_deepfly3d_bone_cv(df3d_pkl):
     test_close_cv = np.allclose(info["bone_cv_after"], cv1, equal_nan=True)
     assert test_close_cv                                     # the info dict reports the same numbers
 
-def _swap_legs(obs, frac:float, seed:int):
-    "Swap `frac` of the reported leg detections with the same joint on the neighbouring leg (front<->middle, middle<->hind), in place."
-    rng = np.random.default_rng(seed)
-    names = FLY.point_names
-    partner = {i: names.index(n[0] + {"f": "m", "m": "h", "h": "m"}[n[1]] + n[2:]) for i, n in enumerate(names) if n[1:3] in ("f_", "m_", "h_")}
-    legs = np.array(sorted(partner))
-    V, T, _ = obs.visible.shape
-    k = int(round(frac * obs.visible.sum() / 2))                 # each swap spoils two detections
-    v, t, i = rng.integers(0, V, 8 * k), rng.integers(0, T, 8 * k), legs[rng.integers(0, len(legs), 8 * k)]
-    j = np.array([partner[a] for a in i])
-    ok = obs.visible[v, t, i] & obs.visible[v, t, j] & ~obs.outlier[v, t, i] & ~obs.outlier[v, t, j]
-    _, first = np.unique(np.stack([v, t, np.minimum(i, j)])[:, ok], axis=1, return_index=True)
-    sel = np.flatnonzero(ok)[np.sort(first)][:k]
-    v, t, i, j = v[sel], t[sel], i[sel], j[sel]
-    obs.pts2d[v, t, i], obs.pts2d[v, t, j] = obs.pts2d[v, t, j].copy(), obs.pts2d[v, t, i].copy()
-    obs.outlier[v, t, i] = obs.outlier[v, t, j] = True
-    return obs
-
 @pytest.fixture(scope="module")
 def walking():
     "The walking fly, 1 px noise, 20% occlusion and 5% gross errors: 2.5% jumps (observe's outliers) and 2.5% leg swaps."
     rig, truth = default_rig(), walking_fly(200, seed=3)
     obs = observe(rig, truth, visibility=default_visibility(rig.names, FLY), noise_px=1.0, outlier_frac=0.025, occlusion_frac=0.2, seed=3)
-    obs = _swap_legs(obs, 0.025, seed=4)
+    obs = swap_legs(obs, 0.025, seed=4)
     return rig, truth, obs
 
 def test_synthetic_walking_fly(walking):
