@@ -67,3 +67,14 @@ def test_run_reads_another_tools_2d_in_the_recording(tmp_path, sized_config):
     assert own.returncode == 0, own.stderr
     np.testing.assert_allclose(PoseResult.load(tmp_path / "out" / "results.h5").pts3d,
                                PoseResult.load(tmp_path / "own" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
+
+
+def test_reconstruct_from_deeperflys_own_nwb_needs_no_config(tmp_path, sized_config):
+    "An NWB file deeperfly wrote carries its rig, image sizes included: reconstruct reads it with the packaged config."
+    assert cli("export", POINTS2D, "s.nwb", cwd=tmp_path).returncode == 0
+    p = cli("reconstruct", "s.nwb", "-o", "nwb", "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    q = cli("reconstruct", POINTS2D, "-c", sized_config, "-o", "own", "-q", cwd=tmp_path)
+    assert q.returncode == 0, q.stderr
+    np.testing.assert_allclose(PoseResult.load(tmp_path / "nwb" / "results.h5").pts3d,
+                               PoseResult.load(tmp_path / "own" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
