@@ -369,6 +369,18 @@ def _detect_chunk(plan:DetectionPlan, models:dict, frames:dict, a:int, batch_siz
         route_channels_to_points_in_views(xy, c, plan.pathways[i].mapping, pts2d[:, a:a + t], conf[:, a:a + t])
     return t
 
+# %% ../nbs/14_inference.ipynb #d17e6d3f
+def _stream_blocks(q:queue.Queue, blocks:list, block:int, done:set, bar, resume_dir, pts2d, conf, detect_chunk):
+    "Detect the decoded chunks from `q` (`detect_chunk(first frame, frames)` -> frames done), saving each finished block."
+    while (item := q.get()) is not _DONE:
+        if isinstance(item, BaseException): raise item
+        (a, frames), bl = item, blocks[item[0] // block]
+        if bl in done: continue
+        bar.update(t := detect_chunk(a, frames))
+        if a + t == bl[1]:
+            if resume_dir is not None: _save_block(resume_dir, *bl, pts2d, conf)
+            done.add(bl)
+
 # %% ../nbs/14_inference.ipynb #b9911ca9
 def detect_2d(plan:DetectionPlan, # the detection plan
               models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
@@ -398,19 +410,13 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         up, crop_sets = _earlier_stages(plan, models, readers, n, upstream, boxes, cameras, chunk_frames, batch_size, progress)
         blocks, done, pts2d, conf = _blocks(plan, n, block, resume_dir, resume_key)
         last, crops = _last_stage(plan, up, crop_sets, pts2d, conf)     # (None, None) unless the plan crops
-        todo = [bl for bl in blocks if bl not in done]
         bar = tqdm(total=n, initial=sum(b - a for a, b in done), unit="frame", desc="detect 2D", disable=not progress)
-        if todo:
+        if any(bl not in done for bl in blocks):
             srcs = set(readers) if last is None else {plan.pathways[i].source for i in last}
-            q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, todo[0][0], stop)
-            while (item := q.get()) is not _DONE:
-                if isinstance(item, BaseException): raise item
-                (a, frames), bl = item, blocks[item[0] // block]
-                if bl in done: continue
-                bar.update(t := _detect_chunk(plan, models, frames, a, batch_size, pts2d, conf, last, crops))
-                if a + t == bl[1]:
-                    if resume_dir is not None: _save_block(resume_dir, *bl, pts2d, conf)
-                    done.add(bl)
+            start = next(bl for bl in blocks if bl not in done)[0]
+            q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, start, stop)
+            _stream_blocks(q, blocks, block, done, bar, resume_dir, pts2d, conf,
+                           lambda a, frames: _detect_chunk(plan, models, frames, a, batch_size, pts2d, conf, last, crops))
         bar.close()
         missing = [bl for bl in blocks if bl not in done]
         if missing: raise InputError(f"{footage_dir}: the footage ended before frame {missing[0][0]} of {n}")
