@@ -707,23 +707,30 @@ def _remove_partial_files(out:Path) -> list:
     return stale
 
 # %% ../nbs/19_run.ipynb #3abb3a06
-def _check_run_args(recording:Path, max_frames):
+def _check_run_args(recording:Path, max_frames, until):
     if not recording.exists(): raise InputError(f"{recording}: no such recording folder")
     if not recording.is_dir(): raise InputError(f"{recording}: is a file; expected a recording folder holding the footage")
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
         raise InputError(f"max_frames (--max-frames) must be a positive number of frames, got {max_frames!r}")
+    if until is not None and until not in STAGES:
+        raise InputError(f"until={until!r}: expected one of the stages {', '.join(STAGES)}")
 
-def _run_stages(ctx:RunContext) -> tuple:
-    "The stages in order: ([StageOutcome], PoseResult)."
+def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
+    "The stages in order, stopping after `until` (None: all): ([StageOutcome], PoseResult or None)."
+    stop = STAGES.index(until or STAGES[-1])
     p2d, o2d = _pose2d_stage(ctx)
+    if stop <= STAGES.index("pose2d"): return o2d, None
     cams, oba = _bundle_adjustment_stage(ctx, p2d)
+    if stop <= STAGES.index("bundle_adjustment"): return [*o2d, oba], None
     result, otri = _triangulation_stage(ctx, p2d, cams, oba)
     done = [*o2d, oba, otri]
-    if _refines(ctx.config):
+    if _refines(ctx.config) and stop >= STAGES.index("refinement"):
         result, otri = _refinement_stage(ctx, result, otri)
         done.append(otri)
+    if stop < STAGES.index("visualization"): return done, result
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
+# %% ../nbs/19_run.ipynb #e94d347e
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
                   config:Config|None=None, # the config (default: the packaged one)
@@ -732,22 +739,24 @@ def run_recording(recording, # the recording's folder (footage matched by the co
                   progress:bool=True, # progress bars
                   device=None, # torch device for detection (default: [pose2d] device, else CUDA if available, else CPU)
                   wait:bool=False, # wait for another run on the same output folder to finish (default: refuse)
+                  until:str|None=None, # stop after this stage (one of `STAGES`; None: run them all)
                  ) -> RunReport:
     "Run the pipeline on one recording: detect 2D, bundle-adjust, triangulate, render videos — reusing cached stages."
     t0, config, recording = time.perf_counter(), config or Config.default(), Path(recording)
-    _check_run_args(recording, max_frames)
+    _check_run_args(recording, max_frames, until)
     forced = _forced(overwrite)
     out = prepare_output_dir(out_dir)
     try:
         with OutputLock(out, wait=wait):
             _remove_partial_files(out)
             ctx = prepare_run(config, recording, out, max_frames, device, progress, forced)
-            try: stages, result = _run_stages(ctx)
+            try: stages, result = _run_stages(ctx, until)
             finally:
                 for r in ctx.readers.values(): r.close()
                 try: ctx.digests.save()                  # only a memo: losing it costs re-reading, nothing more
                 except (OSError, DeeperflyError): pass
-            with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(config))
+            if until in (None, STAGES[-1]):              # the snapshot describes a finished run's results.h5
+                with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(config))
     except OSError as e:                                 # a full disk met outside `atomic_path` (the lock, a video)
         if isinstance(e, DeeperflyError) or e.errno not in NO_SPACE_ERRNOS: raise
         raise disk_full_error(out) from None
