@@ -326,6 +326,8 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
     r = summary["reprojection_error_px"]
     if r is not None:
         lines.append(f"{'all':<{w}}  {'':>8}  {'':>10}  {_fmt(r['median'], '.2f', ' px'):>13}  {_fmt(r['p95'], '.2f', ' px'):>10}  {r['n']:>7}")
+        lines.append("(detected: the share of frame-point pairs a view reports; a camera that sees one side of the animal"
+                     " reports about half)")
         worst = sorted(((p["median"], n) for n, p in r["per_point"].items() if p["median"] is not None), reverse=True)[:n_worst]
         if worst: lines += ["", "largest median reprojection error:"] + [f"  {n:<{max(len(x) for _, x in worst)}}  {m:.2f} px" for m, n in worst]
     b = summary["bone_length_cv"]
