@@ -16,62 +16,14 @@ from .io import VideoWriter, open_reader
 from .cropzoom import (CropOptions, CropBoxes, BBOX_COLUMNS, boxes_from_points, to_crop, from_crop, crop_frames,
                                   write_bbox_csv, read_bbox_csv, check_model_input)
 from .plan import DetectionPlan, ModelSpec
-from .labels import LabelSet, ArrayFrames, read_image_file
+from .labels import LabelSet, ArrayFrames, KeypointTable, read_image_file, read_keypoints_csv
 from .interop import dlc_frame
 
 # %% auto #0
-__all__ = ['KeypointTable', 'read_keypoints_csv', 'write_keypoints_csv', 'detections_from_csv', 'detector_spec', 'detector_plan',
-           'detections_from_model', 'detect_images', 'check_boxes_in_frame', 'crop_size_for', 'crop_video',
-           'load_detections', 'crop_recording', 'read_bbox_table', 'write_bbox_table', 'remap_predictions',
-           'label_boxes', 'label_detections', 'crop_labels', 'crop_label_set', 'label_set_boxes']
-
-# %% ../nbs/16b_crop_files.ipynb #17e0a4b8
-@dataclass(frozen=True, eq=False)
-class KeypointTable:
-    "One DeepLabCut / lightning-pose keypoint file: points per row (frame or image) and bodypart."
-    xy:np.ndarray # (T, K, 2) pixels, NaN = no point
-    likelihood:np.ndarray|None # (T, K) confidences, or None for a labels file (x, y only)
-    names:list # (K,) bodypart names
-    index:list # (T,) row labels: frame numbers (int) or image paths (str)
-    scorer:str="deeperfly" # the scorer header row
-
-    def __post_init__(self):
-        T, K = len(self.index), len(self.names)
-        if np.shape(self.xy) != (T, K, 2): raise InputError(f"KeypointTable: xy must be ({T}, {K}, 2) (rows, bodyparts, xy), got {np.shape(self.xy)}")
-        if self.likelihood is not None and np.shape(self.likelihood) != (T, K):
-            raise InputError(f"KeypointTable: likelihood must be ({T}, {K}), got {np.shape(self.likelihood)}")
-
-# %% ../nbs/16b_crop_files.ipynb #63a21b5e
-def _row_labels(df, lead:int) -> list:
-    "Row labels: the index joined with `lead` path columns, as ints when every label is an integer."
-    parts = [df.index.astype(str)] + [df.iloc[:, j].astype(str) for j in range(lead)]
-    labels = ["/".join(p for p in ps if p and p != "nan") for ps in zip(*parts)]
-    try: return [int(s) for s in labels]
-    except ValueError: return labels
-
-def read_keypoints_csv(path, # a DeepLabCut / lightning-pose CSV: header rows scorer, bodyparts, coords
-                      ) -> KeypointTable:
-    "The file's points, likelihoods (None when it has none), bodypart names and row labels."
-    import pandas as pd
-    path = Path(path)
-    if not path.is_file(): raise InputError(f"{path}: no such keypoint CSV file")
-    with open(path, encoding="utf-8-sig") as fh: heads = [fh.readline().split(",")[0].strip().lower() for _ in range(3)]
-    if heads != ["scorer", "bodyparts", "coords"]:
-        raise InputError(f"{path}: expected the header rows scorer, bodyparts, coords (first cells {heads})")
-    try: df = pd.read_csv(path, header=[0, 1, 2], index_col=0, encoding="utf-8-sig")
-    except (ValueError, pd.errors.ParserError) as e: raise InputError(f"{path}: not a readable keypoint CSV ({e})") from None
-    coords = [str(c).strip() for c in df.columns.get_level_values(2)]
-    lead = next((j for j, c in enumerate(coords) if c in ("x", "y", "likelihood")), len(coords))
-    names = list(dict.fromkeys(str(b) for b in df.columns.get_level_values(1)[lead:]))
-    col = {(str(b), c): j for j, (b, c) in enumerate(zip(df.columns.get_level_values(1), coords)) if j >= lead}
-    missing = [f"{b}/{c}" for b in names for c in "xy" if (b, c) not in col]
-    if not names or missing: raise InputError(f"{path}: every bodypart needs x and y columns; missing {missing or 'all'}")
-    try: arr = df.iloc[:, lead:].apply(pd.to_numeric, errors="raise").to_numpy(float)
-    except (ValueError, TypeError) as e: raise InputError(f"{path}: a keypoint cell is not a number ({e})") from None
-    get = lambda c: np.stack([arr[:, col[b, c] - lead] for b in names], -1)
-    lik = get("likelihood") if all((b, "likelihood") in col for b in names) else None
-    return KeypointTable(np.stack([get("x"), get("y")], -1), lik, names, _row_labels(df, lead),
-                         str(df.columns.get_level_values(0)[lead]))
+__all__ = ['write_keypoints_csv', 'detections_from_csv', 'detector_spec', 'detector_plan', 'detections_from_model',
+           'detect_images', 'check_boxes_in_frame', 'crop_size_for', 'crop_video', 'load_detections', 'crop_recording',
+           'read_bbox_table', 'write_bbox_table', 'remap_predictions', 'label_boxes', 'label_detections', 'crop_labels',
+           'crop_label_set', 'label_set_boxes']
 
 # %% ../nbs/16b_crop_files.ipynb #81a61d1c
 def write_keypoints_csv(path, # the .csv to write

@@ -17,14 +17,16 @@ from .core import InputError, atomic_path, check_shape, did_you_mean
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup
 from .results import PoseResult
+from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
 __all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'EXPORTERS', 'NameMatch', 'match_names', 'place',
-           'match_view_files', 'stack_views', 'dlc_frame', 'write_dlc', 'exact_csv', 'read_dlc_predictions',
-           'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp', 'read_slp',
-           'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration', 'read_anipose_calibration',
-           'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement', 'from_movement',
-           'read_movement_file', 'write_movement', 'export_format', 'export_result', 'read_points2d', 'load_foreign']
+           'match_view_files', 'stack_views', 'dlc_frame', 'write_dlc', 'exact_csv', 'read_dlc_table',
+           'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp',
+           'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
+           'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
+           'from_movement', 'read_movement_file', 'write_movement', 'export_format', 'export_result', 'read_points2d',
+           'load_foreign']
 
 # %% ../nbs/16a_interop.ipynb #7104fed2
 def _need(module:str, # the module to import
@@ -166,26 +168,31 @@ def exact_csv(pd, # the pandas module
     "pandas.read_csv options that parse floats back to the very double written (pandas 3 does so by default)."
     return {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
-def _dlc_table(path:Path):
-    "The prediction table of a DeepLabCut CSV or HDF5 file, first individual only."
-    pd = _need("pandas", "pandas", "DeepLabCut files")
-    if not path.is_file(): raise InputError(f"DeepLabCut file {path} does not exist")
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, encoding="utf-8-sig") as fh: heads = [fh.readline().split(",")[0].strip().lower() for _ in range(4)]
-            if heads[:3] != ["scorer", "bodyparts", "coords"] and heads != ["scorer", "individuals", "bodyparts", "coords"]:
-                raise InputError(f"{path}: expected DeepLabCut's header rows scorer, bodyparts, coords (first cells {heads[:3]})")
-            df = pd.read_csv(path, header=list(range(4 if heads[1] == "individuals" else 3)), index_col=0, **exact_csv(pd))
-        else:
-            _need("tables", "tables", "DeepLabCut .h5 files")
-            df = pd.read_hdf(path)
+def _dlc_h5_table(path:Path) -> KeypointTable:
+    "DeepLabCut's HDF5 twin of a prediction CSV, as the CSV reader gives it (first individual only)."
+    pd = _need("pandas", "pandas", "DeepLabCut files"); _need("tables", "tables", "DeepLabCut .h5 files")
+    try: df = pd.read_hdf(path)
     except (ValueError, OSError, KeyError, TypeError) as e: raise InputError(f"{path}: not a readable DeepLabCut prediction file ({e})") from None
+    who = None
     if "individuals" in df.columns.names:
-        first = df.columns.get_level_values("individuals")[0]
+        who = df.columns.get_level_values("individuals")[0]
         if df.columns.get_level_values("individuals").nunique() > 1:
-            warnings.warn(f"{path}: a multi-animal file; only the first individual {first!r} is read", stacklevel=3)
-        df = df.xs(first, axis=1, level="individuals")
-    return df
+            warnings.warn(f"{path}: a multi-animal file; only the first individual {who!r} is read", stacklevel=3)
+        df = df.xs(who, axis=1, level="individuals")
+    coords, parts = df.columns.get_level_values(-1), list(dict.fromkeys(df.columns.get_level_values(-2)))
+    col = {(b, c): j for j, (b, c) in enumerate(zip(df.columns.get_level_values(-2), coords))}
+    if any((b, c) not in col for b in parts for c in "xy"): raise InputError(f"{path}: every bodypart needs x and y columns")
+    arr = df.to_numpy(dtype=float)
+    get = lambda c: np.stack([arr[:, col[b, c]] for b in parts], -1)
+    lik = get("likelihood") if all((b, "likelihood") in col for b in parts) else None
+    return KeypointTable(np.stack([get("x"), get("y")], -1), lik, parts, list(df.index), str(df.columns.get_level_values(0)[0]), who)
+
+def read_dlc_table(path, # a DeepLabCut / lightning-pose prediction .csv, or DeepLabCut's .h5
+                  ) -> KeypointTable:
+    "One view's prediction file as a `labels.KeypointTable` (the CSV through deeperfly's one CSV reader)."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"DeepLabCut file {path} does not exist")
+    return read_keypoints_csv(path) if path.suffix.lower() == ".csv" else _dlc_h5_table(path)
 
 # %% ../nbs/16a_interop.ipynb #4e8adb89
 def read_dlc_predictions(path, # a DeepLabCut / lightning-pose prediction .csv or DeepLabCut .h5 of one view
@@ -193,16 +200,10 @@ def read_dlc_predictions(path, # a DeepLabCut / lightning-pose prediction .csv o
                          name_map:dict|None=None, # {bodypart: skeleton point}
                         ) -> tuple:
     "(pts (T, N, 2), conf (T, N), info) from one view's prediction file; info lists unmapped and missing names."
-    path = Path(path)
-    df = _dlc_table(path)
-    coords = df.columns.get_level_values(-1)
-    parts = list(dict.fromkeys(df.columns.get_level_values(-2)))
-    if not {"x", "y"} <= set(coords): raise InputError(f"{path}: expected x and y columns, found coords {sorted(set(coords))}")
-    match = match_names(parts, skeleton, name_map, str(path))
-    arr, col = df.to_numpy(dtype=float), {(b, c): j for j, (b, c) in enumerate(zip(df.columns.get_level_values(-2), coords))}
-    def get(c): return np.stack([arr[:, col[b, c]] if (b, c) in col else np.full(len(arr), np.nan) for b in parts], -1)
-    pts = np.stack([place(get("x"), match, skeleton.n_points), place(get("y"), match, skeleton.n_points)], -1)
-    lik = get("likelihood") if "likelihood" in set(coords) else np.where(np.isfinite(get("x")), 1.0, 0.0)
+    t = read_dlc_table(path)
+    match = match_names(t.names, skeleton, name_map, str(path))
+    pts = np.stack([place(t.xy[..., 0], match, skeleton.n_points), place(t.xy[..., 1], match, skeleton.n_points)], -1)
+    lik = t.likelihood if t.likelihood is not None else np.where(np.isfinite(t.xy[..., 0]), 1.0, 0.0)
     conf = place(lik, match, skeleton.n_points, fill=0.0)
     return pts, conf, {"file": str(path), "format": "DeepLabCut", "unmapped": list(match.unmapped), "missing": list(match.missing)}
 

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/labels.html.md"""
 
 # %% ../nbs/16_labels.ipynb #649d69d4
 from __future__ import annotations
-import csv, difflib, hashlib, json, tempfile
+import csv, difflib, hashlib, json, tempfile, warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
@@ -18,10 +18,10 @@ from . import io
 
 # %% auto #0
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
-           'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'read_dlc_csv',
-           'MergedFrames', 'merge_labels', 'view_patterns', 'labels_from_df3d', 'channel_names', 'model_of_plan',
-           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'labels_from_render',
-           'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
+           'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
+           'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'labels_from_df3d',
+           'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples',
+           'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -403,44 +403,91 @@ def load_labels(path, # a label file written by LabelSet.save
     try: return LabelSet(pts, views, sk, store, frame_ids=ids, visible=vis, meta={**meta, "source": str(path)})
     except InputError as e: raise InputError(f"{path}: {e}") from None
 
+# %% ../nbs/16_labels.ipynb #kpt0cd01
+@dataclass(frozen=True, eq=False)
+class KeypointTable:
+    "One DeepLabCut / lightning-pose keypoint file: points per row (frame or image) and bodypart."
+    xy:np.ndarray # (T, K, 2) pixels, NaN = no point
+    likelihood:np.ndarray|None # (T, K) confidences, or None for a labels file (x, y only)
+    names:list # (K,) bodypart names
+    index:list # (T,) row labels: frame numbers (int) or image paths (str)
+    scorer:str="deeperfly" # the scorer header row
+    individual:str|None=None # the individual read from a multi-animal file (None: a single-animal file)
+
+    def __post_init__(self):
+        T, K = len(self.index), len(self.names)
+        if np.shape(self.xy) != (T, K, 2): raise InputError(f"KeypointTable: xy must be ({T}, {K}, 2) (rows, bodyparts, xy), got {np.shape(self.xy)}")
+        if self.likelihood is not None and np.shape(self.likelihood) != (T, K):
+            raise InputError(f"KeypointTable: likelihood must be ({T}, {K}), got {np.shape(self.likelihood)}")
+
 # %% ../nbs/16_labels.ipynb #335c9b07
+def _header_rows(path:Path, rows:list) -> dict:
+    "{header name: row} of a DeepLabCut CSV: scorer, (individuals,) bodyparts, coords."
+    heads = [r[0].strip().lower() if r else "" for r in rows[:4]]
+    if heads[:3] == ["scorer", "bodyparts", "coords"]: return {"scorer": 0, "bodyparts": 1, "coords": 2}
+    if heads == ["scorer", "individuals", "bodyparts", "coords"]: return {"scorer": 0, "individuals": 1, "bodyparts": 2, "coords": 3}
+    raise InputError(f"{path}: expected the header rows scorer, bodyparts, coords (DeepLabCut / lightning-pose layout; "
+                     f"first cells {heads[:3]})")
+
+def _keypoint_columns(path:Path, rows:list, h:dict) -> tuple:
+    "(first coordinate column, {bodypart: {'x': column, 'y': column, ...}}, individual read or None)."
+    coords = [c.strip().lower() for c in rows[h["coords"]]]
+    first = next((j for j, c in enumerate(coords) if c in ("x", "y", "likelihood")), 0)
+    if first == 0: raise InputError(f"{path}: expected a row-label column, then x / y columns; coords row is {rows[h['coords']][:6]}")
+    ind = [c.strip() for c in rows[h["individuals"]]] if "individuals" in h else None
+    who = ind[first] if ind else None
+    if ind and len({c for c in ind[first:] if c}) > 1:
+        warnings.warn(f"{path}: a multi-animal file; only the first individual {who!r} is read", stacklevel=3)
+    parts, cols = rows[h["bodyparts"]], {}
+    for j in range(first, len(coords)):
+        if ind and ind[j] != who: continue
+        if coords[j] not in ("x", "y", "likelihood"):
+            raise InputError(f"{path}: column {j + 1} has coords {rows[h['coords']][j]!r}; expected x, y (or likelihood)")
+        cols.setdefault(parts[j].strip() if j < len(parts) else "", {})[coords[j]] = j
+    bad = [b for b, c in cols.items() if not {"x", "y"} <= set(c)]
+    if bad: raise InputError(f"{path}: every bodypart needs x and y columns; {bad} lack one")
+    return first, cols, who
+
+# %% ../nbs/16_labels.ipynb #d8b244f7
 def _cell_float(s:str, where:str) -> float:
     s = s.strip()
     if s == "" or s.lower() == "nan": return np.nan
     try: return float(s)
     except ValueError: raise InputError(f"{where}: {s!r} is not a number") from None
 
-def _dlc_columns(path:Path, rows:list) -> tuple:
-    "(index of the first coordinate column, {bodypart: {'x': column, 'y': column, ...}}) from a DeepLabCut CSV's header rows."
-    if len(rows) < 4: raise InputError(f"{path}: expected 3 header rows (scorer, bodyparts, coords) and labeled rows; got {len(rows)} rows")
-    heads = [r[0].strip().lower() if r else "" for r in rows[:4]]
-    if "individuals" in heads: raise InputError(f"{path}: multi-animal DeepLabCut files (an 'individuals' header row) are not supported; export one animal")
-    coords = [c.strip().lower() for c in rows[2]]
-    if heads[2] != "coords" or not {"x", "y"} <= set(coords):
-        raise InputError(f"{path}: the third header row must be 'coords' with x / y columns (DeepLabCut layout); got {rows[2][:6]}")
-    first = next(i for i, c in enumerate(coords) if c in ("x", "y", "likelihood"))
-    if first == 0: raise InputError(f"{path}: no image-path column before the x / y columns")
-    parts, cols = [b.strip() for b in rows[1]], {}
-    for j in range(first, len(coords)):
-        if coords[j] not in ("x", "y", "likelihood"):
-            raise InputError(f"{path}: column {j + 1} has coords {rows[2][j]!r}; expected x, y (or likelihood)")
-        cols.setdefault(parts[j] if j < len(parts) else "", {})[coords[j]] = j
-    bad = [b for b, c in cols.items() if not {"x", "y"} <= set(c)]
-    if bad: raise InputError(f"{path}: bodypart(s) {bad} lack an x or a y column")
-    return first, cols
+def _cells(path:Path, body:list, columns:list, n_head:int) -> np.ndarray:
+    "(R, C) floats of `columns` of the body rows, converted at once; empty = NaN; a bad cell is named by its row."
+    try: return np.array([r[j].strip() or "nan" for r in body for j in columns], float).reshape(len(body), len(columns))
+    except ValueError:
+        for k, r in enumerate(body):
+            for j in columns: _cell_float(r[j], f"{path} row {k + n_head + 1}")
+        raise
 
-# %% ../nbs/16_labels.ipynb #d8b244f7
-def _dlc_rows(path:Path, rows:list, first:int, cols:dict) -> tuple:
-    "(image paths (R,), keypoints (R, K, 2) with NaN where a cell is empty) of a DeepLabCut CSV's labeled rows."
-    body = [r for r in rows[3:] if any(c.strip() for c in r)]
-    short = [k + 4 for k, r in enumerate(body) if len(r) < len(rows[2])]
-    if short: raise InputError(f"{path}: row(s) {short[:5]} have fewer cells than the header ({len(rows[2])})")
-    images = ["/".join(c.strip() for c in r[:first] if c.strip()) for r in body]
-    dup = sorted({i for i in images if images.count(i) > 1})
-    if dup: raise InputError(f"{path}: image(s) labeled twice: {dup[:3]}")
-    pts = np.array([[[_cell_float(r[c["x"]], f"{path} row {k + 4}"), _cell_float(r[c["y"]], f"{path} row {k + 4}")]
-                     for c in cols.values()] for k, r in enumerate(body)]).reshape(len(body), len(cols), 2)
-    return images, pts
+def _row_labels(body:list, first:int) -> list:
+    "Row labels: the leading cells joined with '/', as ints when every label is an integer."
+    labels = ["/".join(c.strip() for c in r[:first] if c.strip()) for r in body]
+    try: return [int(s) for s in labels]
+    except ValueError: return labels
+
+# %% ../nbs/16_labels.ipynb #kpt0cd02
+def read_keypoints_csv(path, # a DeepLabCut / lightning-pose CSV: header rows scorer, (individuals,) bodyparts, coords
+                      ) -> KeypointTable:
+    "The reader of DeepLabCut / lightning-pose CSVs, labels and predictions: points, likelihoods (None when absent), names, row labels."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such keypoint CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh: rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as e: raise InputError(f"{path}: not a readable CSV ({e})") from None
+    h = _header_rows(path, rows)
+    first, cols, who = _keypoint_columns(path, rows, h)
+    n_head, width = len(h), len(rows[h["coords"]])
+    body = [r for r in rows[n_head:] if any(c.strip() for c in r)]
+    short = [k + n_head + 1 for k, r in enumerate(body) if len(r) < width]
+    if short: raise InputError(f"{path}: row(s) {short[:5]} have fewer cells than the header ({width})")
+    get = lambda c: _cells(path, body, [cs[c] for cs in cols.values()], n_head)
+    lik = get("likelihood") if all("likelihood" in cs for cs in cols.values()) else None
+    return KeypointTable(np.stack([get("x"), get("y")], -1), lik, list(cols), _row_labels(body, first),
+                         rows[h["scorer"]][first].strip(), who)
 
 # %% ../nbs/16_labels.ipynb #67ce314b
 def read_dlc_csv(path, # a DeepLabCut CollectedData_*.csv or a lightning-pose CSV (3 header rows: scorer, bodyparts, coords)
@@ -453,20 +500,23 @@ def read_dlc_csv(path, # a DeepLabCut CollectedData_*.csv or a lightning-pose CS
     "Labels from a DeepLabCut / lightning-pose CSV: one labeled image per row, one view; empty cells = unlabeled."
     path = Path(path)
     if not path.is_file(): raise InputError(f"label file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh: rows = list(csv.reader(fh))
-    first, cols = _dlc_columns(path, rows)
-    images, pts = _dlc_rows(path, rows, first, cols)
+    t = read_keypoints_csv(path)
+    if t.individual is not None:
+        raise InputError(f"{path}: multi-animal DeepLabCut files (an 'individuals' header row) are not supported as labels; export one animal")
+    images = [str(i) for i in t.index]
+    dup = sorted({i for i in images if images.count(i) > 1})
+    if dup: raise InputError(f"{path}: image(s) labeled twice: {dup[:3]}")
     if image_root is None:
         image_root = next((c for c in [path.parent, *list(path.parents)[1:4]] if images and (c / images[0]).is_file()), path.parent)
     views = list(view_names) if view_names is not None else [view]
     if view not in views: raise InputError(f"view {view!r} is not in view_names {views}")
-    P = np.full((len(views), len(images), len(cols), 2), np.nan)
-    P[views.index(view)] = pts
+    P = np.full((len(views), len(images), len(t.names), 2), np.nan)
+    P[views.index(view)] = t.xy
     try:
-        return labels_from_points(P, [(point_map or {}).get(b, b) for b in cols], views,
+        return labels_from_points(P, [(point_map or {}).get(b, b) for b in t.names], views,
                                   FileFrames({view: [Path(image_root) / im for im in images]}), skeleton or fly38(),
                                   frame_ids=[f"{view}:{im}" for im in images],
-                                  meta={"source": str(path), "format": "DeepLabCut CSV", "scorer": rows[0][first].strip()})
+                                  meta={"source": str(path), "format": "DeepLabCut CSV", "scorer": t.scorer})
     except InputError as e: raise InputError(f"{path}: {e}") from None
 
 # %% ../nbs/16_labels.ipynb #14091a9f
