@@ -119,13 +119,18 @@ def check_boxes_in_frame(boxes:CropBoxes, # the boxes (their image_hw: the raw f
                          where:str, # names the source in the message (the detections file)
                          image_hws=None, # optional (T, 2) frame sizes, one per frame of view 0 (labelled images)
                         ) -> None:
-    "Raise an InputError naming the first box (view, frame) that lies entirely outside its frame."
+    "Raise an InputError naming the first box (view, frame) that lies entirely outside its frame; warn when boxes exceed it."
     x0, y0 = boxes.corner_px[..., 0] - 0.5, boxes.corner_px[..., 1] - 0.5
     h, w = boxes.hw_px[..., 0], boxes.hw_px[..., 1]
     for v in range(boxes.n_views):
         hw = np.asarray(image_hws, float) if image_hws is not None else boxes.image_hw[v]
         if hw is None: continue
         H, W = np.broadcast_to(hw, (boxes.n_frames, 2)).T
+        big = (h[v] > H) & (w[v] > W)
+        if big.mean() > 0.5:
+            warnings.warn(f"{where}: the crop boxes of view {v} are larger than the {int(H[0])}x{int(W[0])} frame in "
+                          f"{big.mean():.0%} of frames (median {np.nanmedian(h[v]):.0f}x{np.nanmedian(w[v]):.0f} px): the crops are "
+                          "mostly padding; a smaller crop_ratio (or crop_size) zooms in on the animal", stacklevel=2)
         out = (x0[v] + w[v] <= -0.5) | (x0[v] >= W - 0.5) | (y0[v] + h[v] <= -0.5) | (y0[v] >= H - 0.5)
         if out.any():
             t = int(np.flatnonzero(out)[0])
