@@ -15,17 +15,17 @@ from torch import nn
 from scipy.spatial.transform import Rotation
 from .core import ConfigError, InputError, ModelError, atomic_path, check_shape, did_you_mean
 from .skeleton import Skeleton, fly38, skeleton_from_dict, skeleton_to_dict
-from .cameras import Camera
+from .cameras import Camera, look_at
 from .results import PoseResult
 
 # %% auto #0
-__all__ = ['FLY_LEGS_ORDER', 'FLY_LEG_CHAIN', 'LOG_FIELDS', 'check_roots', 'fly_roots', 'as_experiments', 'check_pairs',
-           'LiftStats', 'fit_stats', 'NormalisedPoses', 'normalise', 'denormalise_3d', 'LiftNet', 'fused_layers',
-           'fused_forward', 'LiftOptions', 'lift_options', 'Augmentation', 'add_noise', 'project_to_cam',
-           'random_project', 'perturb_pose', 'apply_augmentation', 'check_augmentation', 'read_log', 'train', 'Lifter',
-           'load_lifter', 'lift', 'lift_errors', 'mean_pose_baseline', 'nearest_neighbour_baseline', 'test',
-           'load_test_results', 'library_from_results', 'training_log_figure', 'error_figure', 'pose_figure',
-           'movie_figure']
+__all__ = ['FLY_LEGS_ORDER', 'FLY_LEG_CHAIN', 'LOG_FIELDS', 'MOVIE_COLOURS', 'check_roots', 'fly_roots', 'as_experiments',
+           'check_pairs', 'LiftStats', 'fit_stats', 'NormalisedPoses', 'normalise', 'denormalise_3d', 'LiftNet',
+           'fused_layers', 'fused_forward', 'LiftOptions', 'lift_options', 'Augmentation', 'add_noise',
+           'project_to_cam', 'random_project', 'perturb_pose', 'apply_augmentation', 'check_augmentation',
+           'mirror_pairs', 'mirror_poses', 'read_log', 'train', 'Lifter', 'load_lifter', 'lift', 'lift_errors',
+           'mean_pose_baseline', 'nearest_neighbour_baseline', 'test', 'load_test_results', 'library_from_results',
+           'training_log_figure', 'error_figure', 'pose_figure', 'movie_figure', 'movie_camera', 'movie_mp4']
 
 # %% ../nbs/08b_lifting.ipynb #120ed2c5
 def _point_indices(names, n_joints:int, skeleton:Skeleton|None, what:str) -> tuple:
@@ -421,6 +421,32 @@ def check_augmentation(augs, # the steps, in order
         if a.kind == "add_noise" and first_proj is None and not have_2d: raise InputError(f"aug[{i}] add_noise needs 2D poses")
     return augs
 
+# %% ../nbs/08b_lifting.ipynb #83e2b6fb
+def mirror_pairs(skeleton:Skeleton, # points named 'l…' and 'r…' (e.g. 'lf_claw', 'rf_claw') form the pairs
+                ) -> np.ndarray:
+    "(J,) index of each point's mirror partner (itself for unpaired points)."
+    n = list(skeleton.point_names)
+    swap = lambda s: ("r" + s[1:]) if s[:1] == "l" else ("l" + s[1:]) if s[:1] == "r" else s
+    perm = np.array([n.index(swap(s)) if swap(s) in n else i for i, s in enumerate(n)])
+    if (perm == np.arange(len(n))).all(): raise InputError(f"skeleton {skeleton.name!r} has no left/right point pairs (names 'l…'/'r…')")
+    return perm
+
+def mirror_poses(pts3d:np.ndarray, # (N, J, 3) poses, any frame
+                 skeleton:Skeleton, # names the left/right pairs
+                ) -> np.ndarray:
+    "(N, J, 3) mirror images: reflected in the sagittal plane fitted to all the poses, left/right labels swapped."
+    X = check_shape(pts3d, "pts3d", (None, skeleton.n_points, 3)).astype(float)
+    perm = mirror_pairs(skeleton)
+    pair = perm != np.arange(len(perm))
+    sign = np.where(np.array([s[:1] == "l" for s in np.array(skeleton.point_names)[pair]]), 1.0, -1.0)
+    across = (X[:, pair] - X[:, perm[pair]]) * sign[:, None]                     # right to left, every pair
+    if not np.isfinite(across).all(-1).any(): raise InputError("mirror_poses: no frame has both points of a left/right pair")
+    normal = np.nanmean(across.reshape(-1, 3), axis=0)
+    normal /= np.linalg.norm(normal)                                             # points to the left
+    offset = np.nanmean((X[:, pair] + X[:, perm[pair]]) / 2 @ normal)            # the plane: x . normal = offset
+    Y = X - 2 * ((X @ normal) - offset)[..., None] * normal
+    return Y[:, perm]
+
 # %% ../nbs/08b_lifting.ipynb #a5ddb914
 def _concat(d:dict|None) -> np.ndarray|None:
     return None if d is None else np.concatenate([d[k] for k in sorted(d)])
@@ -793,31 +819,38 @@ def load_test_results(output_folder, # a folder where `test` ran
     return (gt[""], pr[""]) if list(gt) == [""] else (gt, pr)
 
 # %% ../nbs/08b_lifting.ipynb #edbd753e
+def _library_arrays(k, r:PoseResult, X:np.ndarray, camera, detections:bool, joints) -> tuple:
+    "(2D or None, 3D) of one result's world poses `X` seen by `camera`, empty frames dropped."
+    if camera is None: p2, Xc = None, X
+    else:
+        cam = camera
+        if isinstance(camera, str):
+            if camera not in r.view_names: raise InputError(f"results[{k!r}] has no view {camera!r}{did_you_mean(camera, r.view_names)}; views are {r.view_names}")
+            cam = r.cameras[camera]
+        Xc = X @ cam.rmat.T + cam.tvec
+        p2 = r.pts2d[r.view_names.index(camera)] if detections else cam.project(X)
+    js = range(X.shape[1]) if joints is None else joints
+    keep = np.setdiff1d(np.arange(len(X)), _empty_poses(Xc, js))
+    if p2 is not None: keep = np.setdiff1d(keep, _empty_poses(p2, js))
+    return (None if p2 is None else p2[keep]), Xc[keep]
+
 def library_from_results(results, # a PoseResult, or a list/dict of them
                          camera:Camera|str|None=None, # a Camera, a view name, or None (world 3D, no 2D)
                          detections:bool=False, # with a view name: that view's detections instead of re-projections
                          joints=None, # joints that must not all be NaN in a kept frame (default: all)
+                         mirror:bool=False, # also each result's mirror images (`mirror_poses`), as '{name}_mirror'
                         ) -> tuple:
     "(pts2d dict or None, pts3d dict): `{name: (T', J, 2)}` and `{name: (T', J, 3)}` per result."
     items = results.items() if isinstance(results, dict) else enumerate([results] if isinstance(results, PoseResult) else results)
+    if detections and not isinstance(camera, str): raise InputError("detections=True needs camera to be a view name")
+    if detections and mirror: raise InputError("mirror=True needs re-projections: a mirror image has no detections (detections=False)")
     out2, out3 = {}, {}
     for k, r in items:
         if not isinstance(r, PoseResult): raise InputError(f"results[{k!r}] is a {type(r).__name__}, not a PoseResult")
         if r.pts3d is None: raise InputError(f"results[{k!r}] has no 3D points (pts3d is None); triangulate it first")
-        X = r.pts3d
-        if camera is None: p2, Xc = None, X
-        else:
-            cam = camera
-            if isinstance(camera, str):
-                if camera not in r.view_names: raise InputError(f"results[{k!r}] has no view {camera!r}{did_you_mean(camera, r.view_names)}; views are {r.view_names}")
-                cam = r.cameras[camera]
-            Xc = X @ cam.rmat.T + cam.tvec
-            p2 = r.pts2d[r.view_names.index(camera)] if detections and isinstance(camera, str) else cam.project(X)
-        if detections and not isinstance(camera, str): raise InputError("detections=True needs camera to be a view name")
-        keep = np.setdiff1d(np.arange(len(X)), _empty_poses(Xc, range(X.shape[1]) if joints is None else joints))
-        if p2 is not None: keep = np.setdiff1d(keep, _empty_poses(p2, range(X.shape[1]) if joints is None else joints))
-        out3[str(k)] = Xc[keep]
-        if p2 is not None: out2[str(k)] = p2[keep]
+        for name, X in [(str(k), r.pts3d)] + ([(f"{k}_mirror", mirror_poses(r.pts3d, r.skeleton))] if mirror else []):
+            p2, out3[name] = _library_arrays(k, r, X, camera, detections, joints)
+            if p2 is not None: out2[name] = p2
     return (out2 or None), out3
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
@@ -907,3 +940,73 @@ def movie_figure(pred, # (T, J, 3) poses to animate
     fig.update_layout(scene=scene, showlegend=False, height=480, updatemenus=[dict(type="buttons", buttons=[play])],
                       sliders=[dict(steps=[dict(method="animate", label=str(t), args=[[str(t)], dict(mode="immediate")]) for t in range(T)])])
     return fig
+
+# %% ../nbs/08b_lifting.ipynb #83d736f3
+def movie_camera(pts3d:np.ndarray, # (..., 3) every point the camera must frame
+                 size_px=(480, 640), # (H, W) of the images
+                 azimuth_deg:float=-60.0, # direction of the camera from the poses' centre, about `up`
+                 elevation_deg:float=25.0, # angle above the plane normal to `up`
+                 up=(0.0, 0.0, 1.0), # the poses' up direction (world: z; a camera frame: (0, -1, 0))
+                 margin:float=0.9, # fraction of the half-image the poses may fill
+                ) -> Camera:
+    "A virtual `Camera` looking at the centre of `pts3d` from the given direction, framing all of it."
+    P = np.asarray(pts3d, dtype=float).reshape(-1, 3); P = P[np.isfinite(P).all(1)]
+    if not len(P): raise InputError("movie_camera: every point is NaN; nothing to frame")
+    c = (P.min(0) + P.max(0)) / 2; r = max(float(np.linalg.norm(P - c, axis=1).max()), 1e-9)
+    u = np.asarray(up, dtype=float); u /= np.linalg.norm(u)
+    a = np.cross(u, [1.0, 0, 0] if abs(u[0]) < 0.9 else [0, 1.0, 0]); a /= np.linalg.norm(a); b = np.cross(u, a)
+    az, el = np.deg2rad(azimuth_deg), np.deg2rad(elevation_deg)
+    direction = np.cos(el) * (np.cos(az) * a + np.sin(az) * b) + np.sin(el) * u
+    dist = 10 * r                                                                 # a long lens: little perspective
+    focal = margin * min(size_px) / 2 * np.sqrt(dist ** 2 - r ** 2) / r
+    return look_at("movie", c + dist * direction, c, up=u, focal_px=focal, image_size=tuple(size_px))
+
+# %% ../nbs/08b_lifting.ipynb #50798070
+def _draw_movie_frame(cam:Camera, size_px, layers, skeleton:Skeleton|None, trails, label:str) -> np.ndarray:
+    "(H, W, 3) uint8 RGB: white, each `(pts (J, 3), colour)` layer's bones and points, `(polyline (M, 3), colour)` trails."
+    import cv2
+    img = np.full((*size_px, 3), 255, np.uint8)
+    pix = lambda X: cam.project(np.asarray(X, dtype=float)) * 16                 # cv2 draws with 4 fractional bits
+    at = lambda p: tuple(int(round(v)) for v in p)
+    def seg(p, q, col):
+        if np.isfinite(p).all() and np.isfinite(q).all(): cv2.line(img, at(p), at(q), col, 2, cv2.LINE_AA, 4)
+    for line, col in trails:
+        q = pix(line)
+        for a, b in zip(q[:-1], q[1:]): seg(a, b, col)
+    for pts, col in layers:
+        q = pix(pts)
+        for i, j in (skeleton.bones if skeleton is not None else ()): seg(q[i], q[j], col)
+        for p in q[np.isfinite(q).all(1)]: cv2.circle(img, at(p), 3 * 16, col, -1, cv2.LINE_AA, 4)
+    cv2.putText(img, label, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (60, 60, 60), 1, cv2.LINE_AA)
+    return img
+
+# %% ../nbs/08b_lifting.ipynb #e3e68309
+MOVIE_COLOURS = {"truth": (150, 150, 150), "pred": (220, 20, 60), "trail": (65, 105, 225)}   # RGB
+
+def movie_mp4(pred, # (T, J, 3) poses to draw (e.g. lifted)
+              path, # the .mp4 to write
+              skeleton:Skeleton|None=None, # draws the bones
+              gt=None, # (T, J, 3) truth drawn in grey, optional
+              trailing:int=10, # length of the trails, frames
+              trailing_keypts=(), # joints of `pred` that leave a trail (e.g. the claws)
+              fps:float=20.0, # frame rate of the video
+              size_px=(480, 640), # (H, W) of the video
+              orbit_deg:float=0.0, # the camera turns about `up` by this much over the movie
+              crf:int=18, # x264 quality
+              **view, # `movie_camera` settings: azimuth_deg, elevation_deg, up, margin
+             ) -> Path:
+    "Write a 3D movie of `pred` (and `gt`) with trailing keypoints to an MP4, through `deeperfly_nb.io.VideoWriter`."
+    from deeperfly_nb.io import VideoWriter
+    P = check_shape(pred, "pred", (None, None, 3)).astype(float)
+    G = None if gt is None else check_shape(gt, "gt", (("frames", len(P)), ("points", P.shape[1]), 3)).astype(float)
+    if skeleton is not None and skeleton.n_points != P.shape[1]: raise InputError(f"pred has {P.shape[1]} points but skeleton {skeleton.name!r} has {skeleton.n_points}")
+    tk = _point_indices(trailing_keypts, P.shape[1], skeleton, "trailing_keypts")
+    everything = P if G is None else np.concatenate([P, G])
+    az0 = view.pop("azimuth_deg", -60.0)
+    with VideoWriter(path, fps, crf=crf, preset="veryfast") as w:
+        for t in range(len(P)):
+            cam = movie_camera(everything, size_px, azimuth_deg=az0 + orbit_deg * t / max(1, len(P) - 1), **view)
+            layers = ([] if G is None else [(G[t], MOVIE_COLOURS["truth"])]) + [(P[t], MOVIE_COLOURS["pred"])]
+            trails = [(P[max(0, t - trailing):t + 1, j], MOVIE_COLOURS["trail"]) for j in tk]
+            w.write(_draw_movie_frame(cam, tuple(size_px), layers, skeleton, trails, f"frame {t}" + ("   grey: truth, red: lifted" if G is not None else "")))
+    return Path(path)

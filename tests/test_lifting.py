@@ -217,6 +217,14 @@ def test_library_from_results():
         L.library_from_results([res], camera="rx")
     with pytest.raises(InputError, match="has no 3D points"):
         L.library_from_results([PoseResult(obs.pts2d, obs.conf, rig, FLY)])
+    m2, m3 = L.library_from_results({"exp": res}, camera="lm", mirror=True)
+    assert sorted(m3) == ["exp", "exp_mirror"] and m3["exp_mirror"].shape == (29, 38, 3)
+    lf, rf = FLY.point_names.index("lf_claw"), FLY.point_names.index("rf_claw")
+    flipped = X[keep][:, lf] * np.array([1.0, -1.0, 1.0])                     # the synthetic fly's plane is y = 0
+    assert np.abs(m3["exp_mirror"][:, rf] - in_cam(flipped, rig["lm"])).max() < 0.03
+    np.testing.assert_allclose(m2["exp_mirror"], rig["lm"].project(L.mirror_poses(X, FLY)[keep]))
+    with pytest.raises(InputError, match="mirror image has no detections"):
+        L.library_from_results([res], camera="lm", detections=True, mirror=True)
 
 
 def test_figures(trained, data):
@@ -242,3 +250,46 @@ def test_deeperfly_lift_cli_writes_world_3d(trained, data, tmp_path):
     mean_pose = np.nanmedian(np.linalg.norm(held[:, tgt].mean(0) - held[:, tgt], axis=-1))
     assert err < mean_pose, (err, mean_pose)                                 # world frame, not the camera's
     assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rn", "-o", str(tmp_path / "o2")]) == 2
+
+
+def test_mirror_poses_reflects_in_the_sagittal_plane():
+    "The synthetic fly's sagittal plane is y = 0: its mirror image is y negated with l/r swapped, in any rigid frame."
+    X = walking_fly(200, seed=5)
+    names = list(FLY.point_names)
+    partner = [names.index({"l": "r", "r": "l"}[n[0]] + n[1:]) for n in names]
+    expected = X[:, partner] * np.array([1.0, -1.0, 1.0])
+    assert np.abs(L.mirror_poses(X, FLY) - expected).max() < 0.02       # the plane is fitted, to ~0.5% of a leg
+    assert np.abs(L.mirror_poses(in_cam(X), FLY) - in_cam(expected)).max() < 0.02
+    np.testing.assert_allclose(L.mirror_poses(L.mirror_poses(X, FLY), FLY), X, atol=1e-9)
+
+
+def test_mirror_poses_bad_input():
+    X = walking_fly(5, seed=5)
+    with pytest.raises(InputError, match="pts3d"): L.mirror_poses(X[:, :30], FLY)
+    lone = skeleton_from_dict({"name": "lone", "points": ["head", "tail"], "bones": [["head", "tail"]]})
+    with pytest.raises(InputError, match="no left/right point pairs"): L.mirror_poses(np.zeros((2, 2, 3)), lone)
+    with pytest.raises(InputError, match="no frame has both"): L.mirror_poses(np.full_like(X, np.nan), FLY)
+
+
+def test_movie_mp4_frames_colours_and_errors(tmp_path):
+    "The MP4 has a frame per pose at the asked size; truth grey, prediction crimson, trails blue; bad input named."
+    from deeperfly_nb.io import open_reader
+    X = in_cam(walking_fly(8, seed=2))
+    pred = X + 0.05
+    path = L.movie_mp4(pred, tmp_path / "m.mp4", FLY, gt=X, trailing=5, trailing_keypts=["lf_claw"], size_px=(200, 300), up=(0, -1, 0))
+    with open_reader(path) as r:
+        assert (len(r), r.frame_size) == (8, (200, 300))
+        last = r[7].astype(int)
+    near = lambda rgb: (np.abs(last - np.array(rgb)).sum(-1) < 60).sum()
+    blue = (last[..., 2] - last[..., 0] > 50) & (last[..., 2] - last[..., 1] > 30)
+    assert near((220, 20, 60)) > 100 and near((150, 150, 150)) > 100 and blue.sum() > 10, (near((220, 20, 60)), near((150, 150, 150)), blue.sum())
+    path2 = L.movie_mp4(pred, tmp_path / "alone.mp4", FLY, size_px=(200, 300))
+    with open_reader(path2) as r: alone = r[7].astype(int)
+    assert (np.abs(alone - 150).sum(-1) < 60).sum() < near((150, 150, 150)) / 10          # no truth, (almost) no grey
+    cam = L.movie_camera(X, (200, 300), up=(0, -1, 0))
+    px = cam.project(X.reshape(-1, 3))
+    assert (px >= 0).all() and (px[:, 0] < 300).all() and (px[:, 1] < 200).all()                      # every point is in the frame
+    with pytest.raises(InputError, match="gt"): L.movie_mp4(pred, tmp_path / "x.mp4", FLY, gt=X[:5])
+    with pytest.raises(InputError, match="skeleton"): L.movie_mp4(pred[:, :30], tmp_path / "x.mp4", FLY)
+    with pytest.raises(InputError, match=r"\.mp4|video"): L.movie_mp4(pred, tmp_path / "x.txt", FLY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.mp4", "m.mp4"]
