@@ -11,6 +11,9 @@ from math import comb
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import least_squares
+from scipy.linalg import cholesky_banded, LinAlgError
+from scipy.linalg.lapack import dtbtrs
+from scipy.sparse.csgraph import connected_components
 from fastcore.basics import patch
 from .core import DeeperflyError, ConfigError, InputError, did_you_mean, check_shape
 from .cameras import CameraGroup
@@ -19,24 +22,26 @@ from .gauge import look_at_point
 from .triangulation import triangulate, reprojection_error
 
 # %% auto #0
-__all__ = ['REPROJ_LOSSES', 'RefineOptions', 'RefinementError', 'bone_names', 'resolve_bone_priors', 'project_with_jacobian',
-           'pixels_per_unit', 'difference_matrix', 'ChunkProblem', 'interpolate_missing', 'chunk_bounds',
-           'blend_weights', 'detection_weights', 'solve_chunk', 'polish_filled', 'refine_3d', 'median_reprojection_px',
+__all__ = ['REPROJ_LOSSES', 'SOLVERS', 'RefineOptions', 'RefinementError', 'bone_names', 'resolve_bone_priors',
+           'project_with_jacobian', 'pixels_per_unit', 'difference_matrix', 'ChunkProblem', 'solve_banded',
+           'interpolate_missing', 'chunk_bounds', 'blend_weights', 'chunk_anchors', 'chunk_start', 'detection_weights',
+           'solve_chunk', 'polish_filled', 'refine_3d', 'median_reprojection_px', 'median_columns', 'bone_cv_blocks',
            'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d', 'select_peaks',
            'kalman_smooth_3d']
 
 # %% ../nbs/04c_refinement.ipynb #093b2b11
-REPROJ_LOSSES = ("soft_l1", "huber", "linear")
+REPROJ_LOSSES = ("soft_l1", "huber", "linear", "cauchy")
+SOLVERS = ("banded", "lsq")
 
 @dataclass(frozen=True)
 class RefineOptions:
     "The options of `refine_3d`, with their defaults (the `[refinement]` config table reads them)."
     smooth_order: int = 3 # n of the n-th time difference that is kept small (1 velocity, 2 acceleration, 3 jerk)
     smooth_weight: float = 0.3 # weight of the smoothness term; 1 = one pixel per pixel of n-th difference
-    smooth_loss: str = "soft_l1" # robust loss of the smoothness residuals (fast swings are allowed): soft_l1, huber or linear
+    smooth_loss: str = "soft_l1" # robust loss of the smoothness residuals (fast swings are allowed): soft_l1, huber, cauchy or linear
     smooth_scale_px: float = 0.3 # its scale, pixels of n-th difference
     bone_weight: float = 1.0 # weight of the bone-length term; 1 = one pixel per pixel of length change (0: off)
-    loss: str = "soft_l1" # robust loss of the reprojection residuals: soft_l1, huber or linear
+    loss: str = "cauchy" # robust loss of the reprojection residuals: cauchy (gross errors lose all pull), soft_l1, huber or linear
     scale_px: float = 2.0 # scale of the robust loss, pixels
     min_confidence: float = 0.0 # detections with a lower (or NaN) confidence are unused
     weigh_by_confidence: bool = True # weight each detection's squared residual by its confidence
@@ -45,9 +50,11 @@ class RefineOptions:
     bone_priors: object = "joint" # "joint" (estimated), or {"a-b": length or [mean, std]}, or (B,) / (B, 2) array
     prior_weight: float = 1.0 # weight of mean ± std priors: a deviation of one std costs one pixel per frame
     fill_weight: float = 1e-3 # weak pull towards the (interpolated) start, so unseen stretches are well-posed
-    max_nfev: int = 5 # cap on least-squares iterations per chunk (the default weights need a few; smooth options ~30)
+    max_nfev: int = 5 # cap on the iterations per chunk ("banded" converges in a few; "lsq" needs ~30 for the smooth options)
     ftol: float = 1e-3 # stop when the cost improves by less than this fraction
-    lsmr_maxiter: int = 15 # cap on the inner LSMR iterations of each step (inexact steps, much faster)
+    lsmr_maxiter: int = 15 # (solver "lsq") cap on the inner LSMR iterations of each step (inexact steps, much faster)
+    smooth_point_weights: object = None # (N,) multipliers of smooth_weight per point (e.g. stronger for slow points), None: all 1
+    solver: str = "banded" # "banded": Levenberg-Marquardt with exact banded steps (fast); "lsq": scipy's least_squares with LSMR steps
     def __post_init__(self): self.check()
 
 # %% ../nbs/04c_refinement.ipynb #18689bf8
@@ -64,8 +71,13 @@ def check(self:RefineOptions):
                     ("prior_weight", self.prior_weight >= 0), ("fill_weight", self.fill_weight > 0),
                     ("max_nfev", isint(self.max_nfev) and self.max_nfev >= 1),
                     ("lsmr_maxiter", isint(self.lsmr_maxiter) and self.lsmr_maxiter >= 1),
-                    ("smooth_loss", self.smooth_loss in REPROJ_LOSSES), ("smooth_scale_px", self.smooth_scale_px > 0), ("ftol", 0 < self.ftol < 1)):
+                    ("smooth_loss", self.smooth_loss in REPROJ_LOSSES), ("smooth_scale_px", self.smooth_scale_px > 0), ("ftol", 0 < self.ftol < 1),
+                    ("solver", self.solver in SOLVERS)):
         if not ok: raise ConfigError(f"refinement.{key}: invalid value {getattr(self, key)!r}")
+    if self.smooth_point_weights is not None:
+        w = np.asarray(self.smooth_point_weights, dtype=float)
+        if w.ndim != 1 or not (np.isfinite(w) & (w >= 0)).all():
+            raise ConfigError(f"refinement.smooth_point_weights: expected one finite weight >= 0 per point, got {self.smooth_point_weights!r}")
     bp = self.bone_priors
     if isinstance(bp, str) and bp != "joint":
         raise ConfigError(f"refinement.bone_priors: {bp!r}; expected \"joint\", a table {{\"a-b\" = length or [mean, std]}} or an array")
@@ -116,16 +128,13 @@ def resolve_bone_priors(priors, # "joint", {"a-b": length | [mean, std]}, (B,) l
     return mean, std
 
 # %% ../nbs/04c_refinement.ipynb #18aeb511
-def project_with_jacobian(cameras:CameraGroup, # the rig
-                          X, # (M, 3) world points
-                          view, # (M,) the view each point is projected into
-                         ) -> tuple:
-    "Pixels (M, 2) of each point in its view, and their derivatives (M, 2, 3) with respect to the point."
-    R, t = cameras.rmats[view], cameras.tvecs[view]
-    Xc = np.einsum("mij,mj->mi", R, X) + t
+def _project_view(cameras:CameraGroup, v:int, X):
+    "Pixels (M, 2) of points X (M, 3) in view v, and their derivatives (M, 2, 3)."
+    R = cameras.rmats[v]
+    Xc = X @ R.T + cameras.tvecs[v]
     iz = 1.0 / Xc[:, 2]
     x, y = Xc[:, 0] * iz, Xc[:, 1] * iz
-    k1, k2, p1, p2, k3 = cameras.dists[view].T
+    k1, k2, p1, p2, k3 = cameras.dists[v]
     r2 = x * x + y * y
     radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
     drad = k1 + r2 * (2 * k2 + 3 * k3 * r2)
@@ -134,11 +143,25 @@ def project_with_jacobian(cameras:CameraGroup, # the rig
     a = radial + 2 * x * x * drad + 2 * p1 * y + 6 * p2 * x       # d xd / dx
     b = 2 * x * y * drad + 2 * p1 * x + 2 * p2 * y                # d xd / dy = d yd / dx
     c = radial + 2 * y * y * drad + 6 * p1 * y + 2 * p2 * x       # d yd / dy
-    f, pp = cameras.intrs[view, :2], cameras.intrs[view, 2:]
-    D = np.stack([np.stack([a, b], -1) * f[:, :1], np.stack([b, c], -1) * f[:, 1:]], -2)      # (M, 2, 2)
-    P = np.zeros((len(view), 2, 3))
-    P[:, 0, 0] = P[:, 1, 1] = iz; P[:, 0, 2] = -x * iz; P[:, 1, 2] = -y * iz
-    return np.stack([xd, yd], -1) * f + pp, D @ P @ R
+    fx, fy, cx, cy = cameras.intrs[v]
+    DP = np.empty((len(X), 2, 3))                                  # d(pixels)/d(camera coordinates)
+    DP[:, 0, 0], DP[:, 0, 1], DP[:, 0, 2] = fx * a * iz, fx * b * iz, -fx * iz * (a * x + b * y)
+    DP[:, 1, 0], DP[:, 1, 1], DP[:, 1, 2] = fy * b * iz, fy * c * iz, -fy * iz * (b * x + c * y)
+    return np.stack([xd * fx + cx, yd * fy + cy], -1), (DP.reshape(-1, 3) @ R).reshape(-1, 2, 3)
+
+def project_with_jacobian(cameras:CameraGroup, # the rig
+                          X, # (M, 3) world points
+                          view, # (M,) the view each point is projected into
+                         ) -> tuple:
+    "Pixels (M, 2) of each point in its view, and their derivatives (M, 2, 3) with respect to the point (one matrix product per view)."
+    view = np.asarray(view)
+    order = np.argsort(view, kind="stable")
+    bounds = np.searchsorted(view[order], np.arange(len(cameras) + 1))
+    uv, J = np.empty((len(view), 2)), np.empty((len(view), 2, 3))
+    for v in range(len(cameras)):
+        sel = order[bounds[v]:bounds[v + 1]]
+        if len(sel): uv[sel], J[sel] = _project_view(cameras, v, X[sel])
+    return uv, J
 
 # %% ../nbs/04c_refinement.ipynb #b78bcba7
 def pixels_per_unit(cameras:CameraGroup, # the rig
@@ -155,17 +178,27 @@ def difference_matrix(T:int, # number of frames (columns)
     return sp.diags(coef, np.arange(n + 1), shape=(max(T - n, 0), T), format="csr")
 
 # %% ../nbs/04c_refinement.ipynb #05ee954a
+def _rho(z, loss:str):
+    "The robust function rho(z) of squared scaled residuals z and its derivative rho'(z) (scipy's conventions)."
+    if loss == "soft_l1": return 2 * (np.sqrt(1 + z) - 1), 1 / np.sqrt(1 + z)
+    if loss == "cauchy": return np.log1p(z), 1 / (1 + z)
+    big = z > 1                                                   # huber
+    sz = np.sqrt(np.where(big, z, 1.0))
+    return np.where(big, 2 * sz - 1, z), np.where(big, 1 / sz, 1.0)
+
 def _robust(r, loss:str, scale:float):
     "Square-root form r' (0.5 sum r'^2 is scipy's robust cost) and dr'/dr of residuals r."
     if loss == "linear": return r, np.ones_like(r)
     z = (r / scale) ** 2
-    if loss == "soft_l1": rho, d = 2 * (np.sqrt(1 + z) - 1), 1 / np.sqrt(1 + z)
-    else:
-        big = z > 1
-        sz = np.sqrt(np.where(big, z, 1.0))
-        rho, d = np.where(big, 2 * sz - 1, z), np.where(big, 1 / sz, 1.0)
+    rho, d = _rho(z, loss)
     sq = np.sqrt(np.maximum(rho, 1e-300))
     return np.sign(r) * scale * sq, np.where(z > 1e-12, d * np.abs(r) / (scale * sq), 1.0)
+
+def _irls(r, loss:str, scale:float) -> tuple:
+    "Robust cost 0.5 s^2 sum rho((r/s)^2) of residuals r and the IRLS weights rho'((r/s)^2) of their squares."
+    if loss == "linear": return 0.5 * float((r * r).sum()), np.ones_like(r)
+    rho, d = _rho((r / scale) ** 2, loss)
+    return 0.5 * scale ** 2 * float(rho.sum()), d
 
 # %% ../nbs/04c_refinement.ipynb #785b4791
 class ChunkProblem:
@@ -202,7 +235,10 @@ def _constant_rows(self:ChunkProblem):
     nx = 3 * P
     self.n_x = nx + len(self.est)
     n = min(o.smooth_order, Tc - 1)
-    S = (sp.kron(difference_matrix(Tc, n), sp.identity(3 * self.Na), format="csr") * (o.smooth_weight * self.k_px)
+    self.n_smooth = n if o.smooth_weight > 0 else 0              # order of the smoothness term (0: none)
+    pw = np.ones(self.Na) if o.smooth_point_weights is None else np.asarray(o.smooth_point_weights, float)[self.active]
+    self.point_weights = pw                                          # (Na,) smoothness multipliers
+    S = (sp.kron(difference_matrix(Tc, n), sp.diags(np.repeat(pw, 3)), format="csr") * (o.smooth_weight * self.k_px)
          if n >= 1 else sp.csr_matrix((0, nx)))
     F = sp.identity(nx, format="csr") * (o.fill_weight * self.k_px)
     m, s = self.mean[self.est], self.std[self.est]
@@ -277,6 +313,177 @@ def jacobian(self:ChunkProblem,
     _, ds = _robust(self.S @ x, self.opts.smooth_loss, self.opts.smooth_scale_px)
     return sp.vstack([Jr, sp.diags(ds) @ self.S, self.J_const, Jb], format="csr")
 
+# %% ../nbs/04c_refinement.ipynb #92f2db9e
+def _band(nx:int, qi, qj) -> np.ndarray:
+    "Flat positions, in lower band storage (rows |qi - qj|, columns min(qi, qj), nx columns), of entries (qi, qj)."
+    lo, hi = np.minimum(qi, qj), np.maximum(qi, qj)
+    return ((hi - lo) * nx + lo).ravel()
+
+@patch
+def banded_layout(self:ChunkProblem):
+    "Band order of the point unknowns: `q3` (Tc, Na, 3) their index, `comps` [(offset, size, kd, estimated bones)] per skeleton component, `kd` the widest."
+    Tc, Na = self.shape[0], self.Na
+    a, b = self.col[self.bones[:, 0]], self.col[self.bones[:, 1]]
+    ncomp, lab = connected_components(sp.coo_matrix((np.ones(len(a)), (a, b)), shape=(Na, Na)), directed=False)
+    size = np.bincount(lab, minlength=ncomp)
+    loc = np.empty(Na, int)
+    loc[np.argsort(lab, kind="stable")] = np.arange(Na) - np.repeat(np.cumsum(size) - size, size)
+    off = 3 * Tc * (np.cumsum(size) - size)
+    self.q3 = (off[lab] + 3 * (np.arange(Tc)[:, None] * size[lab] + loc))[..., None] + np.arange(3)
+    kds = np.maximum(3 * size * self.n_smooth, 3 * size - 1)      # smoothness: same point and axis n frames on; bones: same frame
+    est_comp = lab[a[self.est]]
+    self.comps = [(off[i], 3 * Tc * size[i], kds[i], np.flatnonzero(est_comp == i)) for i in range(ncomp)]
+    self.kd = int(kds.max())
+    self._band_positions()
+    return self
+
+@patch
+def _band_positions(self:ChunkProblem):
+    "Band and gradient positions of all terms, in the order `normal_equations` lists their values."
+    Tc, nx, n, q3 = self.shape[0], 3 * self.X0.shape[0], self.n_smooth, self.q3
+    ii, jj = np.tril_indices(3)
+    qo = q3.reshape(-1, 3)[self.obs_i]                                        # (M, 3)
+    band, grad = [_band(nx, qo[:, ii], qo[:, jj]), q3.ravel()], [qo.ravel(), q3.ravel()]
+    if n:                                                   # smoothness: per frame, and per lag 0..n between frames
+        grad.append(q3.ravel())
+        band += [_band(nx, q3[lag:], q3[:Tc - lag]) for lag in range(n + 1)]
+    qa, qb = q3[:, self.col[self.bones[:, 0]]], q3[:, self.col[self.bones[:, 1]]]      # (Tc, B, 3)
+    band += [_band(nx, qa[..., ii], qa[..., jj]), _band(nx, qb[..., ii], qb[..., jj]), _band(nx, qa[..., :, None], qb[..., None, :])]
+    grad += [qa.ravel(), qb.ravel()]
+    E = len(self.est)
+    col = np.broadcast_to(np.arange(E)[:, None], (Tc, E, 3)).ravel()
+    self._cpos = np.concatenate([qa[:, self.est].ravel() * E + col, qb[:, self.est].ravel() * E + col])
+    self._bpos, self._gpos = np.concatenate(band), np.concatenate(grad)
+
+# %% ../nbs/04c_refinement.ipynb #f2819603
+@patch
+def _smooth_coef(self:ChunkProblem) -> np.ndarray:
+    "(n + 1, Na, 1) coefficients of the n-th difference, in pixels per world unit, times smooth_weight and each point's multiplier."
+    n = self.n_smooth
+    c = np.array([(-1) ** (n - j) * comb(n, j) for j in range(n + 1)], float) * (self.opts.smooth_weight * self.k_px)
+    return c[:, None, None] * self.point_weights[None, :, None]
+
+@patch
+def normal_equations(self:ChunkProblem,
+                     X, # (Tc * Na, 3) points
+                     L, # (B,) bone lengths
+                     proj, # (pixels, Jacobian) of the observations at X (`project_with_jacobian`)
+                    ) -> tuple:
+    "IRLS Gauss-Newton system at (X, L): band (kd + 1, 3P) and gradient (3P,) of the points, then the bone-length blocks C (3P, E), D (E,), gradient (E,)."
+    o, Tc, nx = self.opts, self.shape[0], X.size
+    (uv, Jp), (ii, jj) = proj, np.tril_indices(3)
+    r = (uv - self.obs_uv) * self.obs_w[:, None]
+    d = _irls(r, o.loss, o.scale_px)[1]
+    Jw = Jp * self.obs_w[:, None, None]
+    fw = (o.fill_weight * self.k_px) ** 2
+    Jd = Jw * d[..., None]
+    band = [np.stack([Jd[:, 0, i] * Jw[:, 0, j] + Jd[:, 1, i] * Jw[:, 1, j] for i, j in zip(ii, jj)], 1).ravel(), np.full(nx, fw)]
+    grad = [(Jd[:, 0] * r[:, :1] + Jd[:, 1] * r[:, 1:]).ravel(), (fw * (X - self.X0)).ravel()]
+    Xt, n = X.reshape(Tc, self.Na, 3), self.n_smooth
+    if n:
+        coef = self._smooth_coef()
+        rs = sum(coef[i] * Xt[i:Tc - n + i] for i in range(n + 1))
+        ds = _irls(rs, o.smooth_loss, o.smooth_scale_px)[1]
+        G = np.zeros_like(Xt)
+        for i in range(n + 1): G[i:Tc - n + i] += coef[i] * ds * rs
+        grad.append(G.ravel())
+        for lag in range(n + 1):                          # frames f and f + lag: sum over the differences holding both
+            Hl = np.zeros((Tc - lag, *Xt.shape[1:]))
+            for j in range(n + 1 - lag): Hl[j:Tc - n + j] += coef[j] * coef[j + lag] * ds
+            band.append(Hl.ravel())
+    C, D, gL = self._bone_normal(Xt, L, band, grad)
+    ab = np.bincount(self._bpos, np.concatenate(band), minlength=(self.kd + 1) * nx).reshape(self.kd + 1, nx)
+    return ab, np.bincount(self._gpos, np.concatenate(grad), minlength=nx), C, D, gL
+
+# %% ../nbs/04c_refinement.ipynb #7355740c
+@patch
+def _bone_normal(self:ChunkProblem, Xt, L, band:list, grad:list) -> tuple:
+    "Append the bone term's band values and gradient to `band` and `grad`; the bone-length blocks C (3P, E), D (E,), gradient (E,)."
+    E, nx, Tc = len(self.est), Xt.size, len(Xt)
+    bw, (ii, jj) = self.opts.bone_weight * self.k_px, np.tril_indices(3)
+    diff = Xt[:, self.col[self.bones[:, 0]]] - Xt[:, self.col[self.bones[:, 1]]]
+    ln = np.linalg.norm(diff, axis=-1)
+    u = diff / np.maximum(ln, 1e-12)[..., None]
+    rb = bw * (ln - L)
+    U = np.stack([bw * bw * u[..., i] * u[..., j] for i, j in zip(ii, jj)], -1).ravel()       # (Tc, B, 6) lower triangles
+    band += [U, U, -bw * bw * (u[..., :, None] * u[..., None, :]).ravel()]
+    gb = ((bw * rb)[..., None] * u).ravel()
+    grad += [gb, -gb]
+    ue = (bw * bw * u[:, self.est]).ravel()
+    C = np.bincount(self._cpos, np.concatenate([-ue, ue]), minlength=nx * E).reshape(nx, E)
+    D, gL = np.full(E, Tc * bw * bw), -bw * rb[:, self.est].sum(0)
+    if len(self.prior_rows):
+        e, ps2 = self.est[self.prior_rows], self.prior_scale ** 2
+        D[self.prior_rows] += ps2
+        gL[self.prior_rows] += ps2 * (L[e] - self.mean[e])
+    return C, D, gL
+
+# %% ../nbs/04c_refinement.ipynb #78b097f9
+@patch
+def cost_at(self:ChunkProblem,
+            X, # (Tc * Na, 3) points
+            L, # (B,) bone lengths (the held ones at their prior mean)
+           ) -> tuple:
+    "The cost (half the sum of the squared `residuals`) at (X, L), and the projection (pixels, Jacobian) it needed."
+    o, k, Tc, n = self.opts, self.k_px, self.shape[0], self.n_smooth
+    proj = project_with_jacobian(self.cameras, X[self.obs_i], self.obs_v)
+    cost = _irls((proj[0] - self.obs_uv) * self.obs_w[:, None], o.loss, o.scale_px)[0]
+    cost += 0.5 * (o.fill_weight * k) ** 2 * float(((X - self.X0) ** 2).sum())
+    Xt = X.reshape(Tc, self.Na, 3)
+    if n:
+        coef = self._smooth_coef()
+        cost += _irls(sum(coef[i] * Xt[i:Tc - n + i] for i in range(n + 1)), o.smooth_loss, o.smooth_scale_px)[0]
+    ln = np.linalg.norm(Xt[:, self.col[self.bones[:, 0]]] - Xt[:, self.col[self.bones[:, 1]]], axis=-1)
+    cost += 0.5 * float(((o.bone_weight * k * (ln - L)) ** 2).sum())
+    e = self.est[self.prior_rows]
+    return cost + 0.5 * float(((self.prior_scale * (L[e] - self.mean[e])) ** 2).sum()), proj
+
+@patch
+def start_lengths(self:ChunkProblem) -> np.ndarray:
+    "(B,) start bone lengths: as `x0` (median over the chunk, or the prior mean)."
+    L = np.nan_to_num(self.mean.copy())
+    L[self.est] = self.x0()[self.X0.size:]
+    return L
+
+# %% ../nbs/04c_refinement.ipynb #fca417a7
+def _lm_step(prob:ChunkProblem, ab, g, C, D, gL, lam:float) -> tuple:
+    "Damped Gauss-Newton step: points (3P,, band order) and estimated bone lengths (E,), component by component, the lengths by their Schur complement."
+    dx, dL = np.empty_like(g), np.zeros(len(gL))
+    for off, sz, kd, bi in prob.comps:
+        blk = ab[:kd + 1, off:off + sz].copy()
+        blk[0] *= 1 + lam
+        f = cholesky_banded(blk, lower=True, check_finite=False)                   # H = F Fᵀ
+        Z = dtbtrs(f, np.asfortranarray(np.column_stack([g[off:off + sz], C[off:off + sz][:, bi]])), uplo="L")[0]   # F⁻¹ [g, C]
+        if len(bi):
+            S = np.diag(D[bi] * (1 + lam)) - Z[:, 1:].T @ Z[:, 1:]                  # D - Cᵀ H⁻¹ C
+            dL[bi] = np.linalg.solve(S, Z[:, 1:].T @ Z[:, 0] - gL[bi])
+        dx[off:off + sz] = dtbtrs(f, -Z[:, 0] - Z[:, 1:] @ dL[bi], uplo="L", trans="T")[0]
+    return dx, dL
+
+def solve_banded(prob:ChunkProblem, # the chunk's problem
+                 o:RefineOptions, # max_nfev caps the iterations; ftol stops them
+                ) -> tuple:
+    "Levenberg-Marquardt on the IRLS Gauss-Newton equations, banded: points (Tc * Na, 3), bone lengths (B,), iterations, status (2: converged, 0: max_nfev reached, 4: no step lowers the cost)."
+    prob.banded_layout()
+    X, L, lam, status, it = prob.X0.copy(), prob.start_lengths(), 1e-4, 0, 0
+    cost, proj = prob.cost_at(X, L)
+    rows = prob.q3.reshape(-1, 3)
+    while it < o.max_nfev and status == 0:
+        it += 1
+        system = prob.normal_equations(X, L, proj)
+        for _ in range(8):
+            try: dx, dL = _lm_step(prob, *system, lam)
+            except (LinAlgError, np.linalg.LinAlgError): lam *= 10; continue
+            Xn, Ln = X + dx[rows], L.copy()
+            Ln[prob.est] += dL
+            cn, pn = prob.cost_at(Xn, Ln)
+            if cn <= cost: break
+            lam *= 10
+        else: status = 4; break
+        status = 2 if cost - cn <= o.ftol * cost else 0
+        X, L, cost, proj, lam = Xn, Ln, cn, pn, max(lam / 10, 1e-9)
+    return X, L, it, status
+
 # %% ../nbs/04c_refinement.ipynb #e795d9a5
 def interpolate_missing(pts3d, # (T, N, 3) points, NaN = missing
                        ) -> np.ndarray:
@@ -312,6 +519,41 @@ def blend_weights(start:int, # the chunk's first frame
     if stop < T and overlap: w[-overlap:] = ramp[::-1]
     return w
 
+# %% ../nbs/04c_refinement.ipynb #8811ccf1
+def chunk_anchors(pts3d, # (T, N, 3) points, NaN = missing
+                  bounds, # [(start, stop)] of the chunks, starts and stops increasing
+                 ) -> tuple:
+    "Per chunk, per point, the last frame seen before it and the first after it: lists of (frames (N,), positions (N, 3)); frame -1 = none. One pass each way, a chunk's frames at a time."
+    T, N = pts3d.shape[:2]
+    def scan(ranges):
+        t, x, out = np.full(N, -1), np.full((N, 3), np.nan), []
+        for a, b, last in ranges:
+            if b > a:
+                ok = np.isfinite(pts3d[a:b]).all(-1)
+                has = np.flatnonzero(ok.any(0))
+                i = a + (b - a - 1 - np.argmax(ok[::-1, has], 0) if last else np.argmax(ok[:, has], 0))
+                t[has], x[has] = i, pts3d[i, has]
+            out.append((t.copy(), x.copy()))
+        return out
+    starts, stops = [s for s, _ in bounds], [e for _, e in bounds]
+    before = scan([(a, b, True) for a, b in zip([0] + starts[:-1], starts)])
+    after = scan([(a, b, False) for a, b in zip(stops[::-1], ([T] + stops[::-1])[:-1])])
+    return before, after[::-1]
+
+def chunk_start(pts3d, # (T, N, 3) points, NaN = missing
+                start:int, stop:int, # the chunk's frames
+                before, after, # its `chunk_anchors`
+               ) -> np.ndarray:
+    "Start (stop - start, N, 3) of a chunk: gaps linearly interpolated in time, also towards the nearest frames seen outside it (as `interpolate_missing` on the whole recording)."
+    X = np.array(pts3d[start:stop], dtype=float)
+    ok, t = np.isfinite(X).all(-1), np.arange(start, stop)
+    for n in np.flatnonzero(~ok.all(0)):
+        tt = np.concatenate([before[0][n:n + 1], t[ok[:, n]], after[0][n:n + 1]])
+        xx = np.concatenate([before[1][n:n + 1], X[ok[:, n], n], after[1][n:n + 1]])[tt >= 0]
+        tt = tt[tt >= 0]
+        X[:, n] = np.stack([np.interp(t, tt, xx[:, c]) for c in range(3)], -1) if len(tt) else np.nan
+    return X
+
 # %% ../nbs/04c_refinement.ipynb #716e4a20
 def _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton:Skeleton, o:RefineOptions):
     "Validate shapes and options against the skeleton: pixels (V, T, N, 2), confidences (or None) and the start, not copied."
@@ -321,6 +563,9 @@ def _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton:Skeleton, o:RefineO
     T = p.shape[1]
     X0 = check_shape(pts3d_init, "pts3d_init", (("frames", T), ("points", skeleton.n_points), 3))
     c = None if conf is None else check_shape(conf, "conf", (("views", V), ("frames", T), ("points", skeleton.n_points)))
+    if o.smooth_point_weights is not None and len(o.smooth_point_weights) != skeleton.n_points:
+        raise ConfigError(f"refinement.smooth_point_weights has {len(o.smooth_point_weights)} weights but skeleton {skeleton.name!r} "
+                          f"has {skeleton.n_points} points")
     if o.bone_weight > 0 and not len(skeleton.bones):
         raise ConfigError(f"refinement.bone_weight is {o.bone_weight} but skeleton {skeleton.name!r} has no bones; "
                           "set bone_weight = 0 or give the skeleton bones")
@@ -346,17 +591,21 @@ def solve_chunk(cameras:CameraGroup, # the rig
                 std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
                 o:RefineOptions, # weights, losses and solver caps
                ) -> tuple:
-    "Refined points (Tc, N, 3) of one chunk and the solver's (nfev, status); the start where nothing is observed."
+    "Refined points (Tc, N, 3) of one chunk and the solver's (iterations, status); the start where nothing is observed."
     if not (w > 0).any() or not np.isfinite(X0).any(): return X0, (0, -10)
     prob = ChunkProblem(cameras, p, w, X0, bones, mean, std, o)
     if len(prob.obs_i) == 0: return X0, (0, -10)
+    X = np.full(X0.shape, np.nan)
+    if o.solver == "banded":
+        Xa, _, nit, status = solve_banded(prob, o)
+        X[:, prob.active] = Xa.reshape(X0.shape[0], prob.Na, 3)
+        return X, (nit, status)
     res = least_squares(prob.residuals, prob.x0(), jac=prob.jacobian, method="trf", tr_solver="lsmr",
                         x_scale="jac", loss="linear", ftol=o.ftol, xtol=1e-10, gtol=1e-10, max_nfev=o.max_nfev,
                         tr_options={"maxiter": o.lsmr_maxiter})
     x = res.x
     fill = np.flatnonzero(np.repeat(((w > 0).sum(0) < 2)[:, prob.active].ravel(), 3))
     if len(fill): x = polish_filled(prob, x, fill, o)
-    X = np.full(X0.shape, np.nan)
     X[:, prob.active] = x[:prob.X0.size].reshape(X0.shape[0], prob.Na, 3)
     return X, (res.nfev, res.status)
 
@@ -365,7 +614,7 @@ def polish_filled(prob:ChunkProblem, # the chunk's problem
                   idx, # the unknowns of the filled points (seen by fewer than two views)
                   o:RefineOptions, # its max_nfev and (4 x) lsmr_maxiter cap the work
                  ) -> np.ndarray:
-    "Solve again for the filled points alone, the others held: only smoothness and bones place them, which the inexact steps converge slowly."
+    "(`solver=\"lsq\"`) Solve again for the filled points alone, the others held: only smoothness and bones place them, which the inexact steps converge slowly."
     def full(z): y = x.copy(); y[idx] = z; return y
     res = least_squares(lambda z: prob.residuals(full(z)), x[idx], jac=lambda z: prob.jacobian(full(z))[:, idx], method="trf",
                         tr_solver="lsmr", x_scale="jac", ftol=1e-8, xtol=1e-10, gtol=1e-10, max_nfev=o.max_nfev,
@@ -384,23 +633,27 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
     o = options or RefineOptions()
     p, c, X0 = _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton, o)
     T = p.shape[1]
+    cc = lambda s, e: None if c is None else c[:, s:e]
     blocks = [(s, min(T, s + o.chunk_frames)) for s in range(0, T, o.chunk_frames)]
-    n_views = np.concatenate([(detection_weights(p[:, s:e], None if c is None else c[:, s:e], o) > 0).sum(0) for s, e in blocks])
-    if not n_views.any(): raise RefinementError("refinement: no usable detection (all NaN, or confidences NaN / below min_confidence)")
+    filled, usable = np.zeros(X0.shape[:2], bool), False
+    for s, e in blocks:
+        n_views = (detection_weights(p[:, s:e], cc(s, e), o) > 0).sum(0)
+        filled[s:e], usable = n_views < 2, usable or bool(n_views.any())
+    if not usable: raise RefinementError("refinement: no usable detection (all NaN, or confidences NaN / below min_confidence)")
     mean, std = resolve_bone_priors(o.bone_priors, skeleton)
     bones = skeleton.bone_array
     if o.bone_weight == 0: bones, mean, std = bones[:0], mean[:0], std[:0]
-    Xi = interpolate_missing(X0)
+    bounds = chunk_bounds(T, o.chunk_frames, o.overlap_frames)
     out, wsum, runs = np.zeros(X0.shape), np.zeros(T), []
-    for s, e in chunk_bounds(T, o.chunk_frames, o.overlap_frames):
-        w = detection_weights(p[:, s:e], None if c is None else c[:, s:e], o)
-        Xc, run = solve_chunk(cameras, p[:, s:e], w, Xi[s:e], bones, mean, std, o)
+    for (s, e), before, after in zip(bounds, *chunk_anchors(X0, bounds)):
+        Xc, run = solve_chunk(cameras, p[:, s:e], detection_weights(p[:, s:e], cc(s, e), o), chunk_start(X0, s, e, before, after),
+                              bones, mean, std, o)
         bw = blend_weights(s, e, T, o.overlap_frames)
         out[s:e] += bw[:, None, None] * Xc
         wsum[s:e] += bw
         runs.append((s, e, *run))
     out /= wsum[:, None, None]
-    return out, _info(cameras, p, c, X0, out, n_views, skeleton, runs, blocks, o)
+    return out, _info(cameras, p, c, X0, out, filled, skeleton, runs, blocks, o)
 
 # %% ../nbs/04c_refinement.ipynb #2aefbcff
 def median_reprojection_px(cameras:CameraGroup, # the rig
@@ -420,18 +673,59 @@ def median_reprojection_px(cameras:CameraGroup, # the rig
     i = int(np.searchsorted(np.cumsum(counts), counts.sum() / 2))
     return float(edges[i] + 0.005) if i < len(counts) - 1 else float("inf")
 
-def _info(cameras, p, c, X0, X, n_views, skeleton, runs, blocks, o) -> dict:
-    "What refinement did: filled points, per-point shift, bone-length CV and reprojection error before and after, the chunks' runs."
-    import warnings
-    filled = (n_views < 2) & np.isfinite(X).all(-1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        cv0 = skeleton.bone_length_cv(X0) if len(skeleton.bones) else np.zeros(0)
-        cv1 = skeleton.bone_length_cv(X) if len(skeleton.bones) else np.zeros(0)
-        L = np.nanmedian(skeleton.bone_lengths(X), 0) if len(skeleton.bones) else np.zeros(0)
-        shift = np.nanmedian(np.linalg.norm(X - X0, axis=-1), 0)
-    return dict(filled=filled, filled_frac=float(filled.mean()), shift_median=shift, bone_names=bone_names(skeleton),
-                bone_cv_before=cv0, bone_cv_after=cv1, bone_lengths=L,
+# %% ../nbs/04c_refinement.ipynb #1fe1f65a
+def median_columns(values, # values(start, stop) -> (stop - start, K) array (NaN = none)
+                   blocks, # [(start, stop)] row ranges
+                   bins:int=16384, # log-spaced bins between each column's smallest and largest positive value
+                  ) -> np.ndarray:
+    "(K,) median of every column of a tall array given block by block: two passes, a histogram (relative precision ~0.1%), memory flat in the rows. Zeros count in the lowest bin."
+    lo = hi = None; seen = False
+    for s, e in blocks:
+        v = values(s, e)
+        seen = seen | np.isfinite(v).any(0)
+        v = np.where(v > 0, v, np.nan)
+        with np.errstate(all="ignore"):
+            l, h = np.fmin.reduce(v, 0), np.fmax.reduce(v, 0)
+        lo, hi = (l, h) if lo is None else (np.fmin(lo, l), np.fmax(hi, h))
+    llo = np.log(lo); span = np.maximum(np.log(hi) - llo, 1e-12)
+    K = len(llo); counts = np.zeros(K * bins)
+    for s, e in blocks:
+        v = values(s, e); ok = np.isfinite(v) & np.isfinite(llo)
+        with np.errstate(all="ignore"): i = np.clip(((np.log(v) - llo) / span * bins), 0, bins - 1)
+        i = np.where(v > 0, i, 0).astype(int)
+        counts += np.bincount((np.arange(K) * bins + i)[ok], minlength=K * bins)
+    cum = np.cumsum(counts.reshape(K, bins), 1)
+    j = np.argmax(cum >= cum[:, -1:] / 2, 1)
+    return np.where(cum[:, -1] > 0, np.exp(llo + (j + 0.5) / bins * span), np.where(seen, 0.0, np.nan))
+
+def bone_cv_blocks(skeleton:Skeleton, # its bones are measured
+                   X, # (T, N, 3) points
+                   blocks, # [(start, stop)] frame ranges measured one at a time
+                  ) -> np.ndarray:
+    "`Skeleton.bone_length_cv` of X (B,), block by block (sums shifted by a first length: memory flat, same numbers)."
+    B = len(skeleton.bones)
+    n, s1, s2, K = np.zeros(B), np.zeros(B), np.zeros(B), np.full(B, np.nan)
+    for s, e in blocks:
+        L = skeleton.bone_lengths(X[s:e]); ok = np.isfinite(L)
+        new = np.isnan(K) & ok.any(0)
+        K[new] = L[np.argmax(ok[:, new], 0), np.flatnonzero(new)]
+        d = np.where(ok, L - np.nan_to_num(K), 0.0)
+        n, s1, s2 = n + ok.sum(0), s1 + d.sum(0), s2 + (d * d).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = s1 / n
+        cv = np.sqrt(np.maximum(s2 / n - m * m, 0)) / (K + m)
+    return np.where(n >= 2, cv, np.nan)
+
+# %% ../nbs/04c_refinement.ipynb #dea0d07e
+def _info(cameras, p, c, X0, X, filled, skeleton, runs, blocks, o) -> dict:
+    "What refinement did: filled points, per-point shift, bone-length CV and reprojection error before and after, the chunks' runs (all block by block)."
+    for s, e in blocks: filled[s:e] &= np.isfinite(X[s:e]).all(-1)
+    has_bones = len(skeleton.bones) > 0
+    return dict(filled=filled, filled_frac=float(filled.mean()), bone_names=bone_names(skeleton),
+                shift_median=median_columns(lambda s, e: np.linalg.norm(X[s:e] - X0[s:e], axis=-1), blocks),
+                bone_cv_before=bone_cv_blocks(skeleton, X0, blocks) if has_bones else np.zeros(0),
+                bone_cv_after=bone_cv_blocks(skeleton, X, blocks) if has_bones else np.zeros(0),
+                bone_lengths=median_columns(lambda s, e: skeleton.bone_lengths(X[s:e]), blocks) if has_bones else np.zeros(0),
                 reproj_median_px_before=median_reprojection_px(cameras, X0, p, c, blocks, o),
                 reproj_median_px_after=median_reprojection_px(cameras, X, p, c, blocks, o),
                 chunks=[dict(start=s, stop=e, nfev=n, status=st) for s, e, n, st in runs])
