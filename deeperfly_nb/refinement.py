@@ -541,8 +541,10 @@ def chunk_anchors(pts3d, # (T, N, 3) points, NaN = missing
     return before, after[::-1]
 
 def chunk_start(pts3d, # (T, N, 3) points, NaN = missing
-                start:int, stop:int, # the chunk's frames
-                before, after, # its `chunk_anchors`
+                start:int, # the chunk's first frame
+                stop:int, # the frame after its last
+                before, # its `chunk_anchors`: the nearest frames seen before it
+                after, # and after it
                ) -> np.ndarray:
     "Start (stop - start, N, 3) of a chunk: gaps linearly interpolated in time, also towards the nearest frames seen outside it (as `interpolate_missing` on the whole recording)."
     X = np.array(pts3d[start:stop], dtype=float)

@@ -387,7 +387,8 @@ def check_names(self:FlyModel, names, # joint names of an angle series
     return np.array([self.model.jnt_qposadr[self.model.joint(n).id] for n in names])
 
 @patch
-def mirror_sign(self:FlyModel, names) -> np.ndarray:
+def mirror_sign(self:FlyModel, names, # joint names of the model
+               ) -> np.ndarray:
     "(J,) +1 for joints about the y axis (unchanged by a left-right mirror), -1 for joints about x or z (reversed)."
     axes = np.array([self.model.jnt_axis[self.model.joint(n).id] for n in names])
     return np.where(np.abs(axes[:, 1]) > 0.5, 1.0, -1.0)
@@ -413,7 +414,8 @@ def keypoints_mm(self:FlyModel) -> np.ndarray:
     return self.data.xpos[self.kp_body] + np.einsum("nij,nj->ni", R, self.kp_offset)
 
 @patch
-def set_ball_top(self:FlyModel, z_mm:float):
+def set_ball_top(self:FlyModel, z_mm:float, # height of the ball's top, mm in the model frame
+                ):
     "Move the ball so that its top is at height `z_mm` (under the thorax)."
     self.model.body_pos[self.model.body("ball").id] = [0, 0, z_mm - self.ball_radius_mm]
 
@@ -443,7 +445,10 @@ def _set_gl_camera(scene, cam:Camera, units_per_mm:float, near:float, far:float)
 # %% ../nbs/15a_synth_mujoco.ipynb #43a8195f
 class GLView:
     "An offscreen OpenGL context of one image size that renders a model through deeperfly cameras: RGB and depth."
-    def __init__(self, model, height:int, width:int):
+    def __init__(self, model, # the mujoco.MjModel to render
+                 height:int, # image height, pixels
+                 width:int, # image width, pixels
+                ):
         mj = import_mujoco()
         if width > model.vis.global_.offwidth or height > model.vis.global_.offheight:
             raise InputError(f"a {height}x{width} image exceeds the scene's offscreen buffer "
@@ -457,6 +462,7 @@ class GLView:
         self.scene.flags[mj.mjtRndFlag.mjRND_SKYBOX] = 0
         self.scene.flags[mj.mjtRndFlag.mjRND_HAZE] = 0
     def close(self):
+        "Free the OpenGL context and its buffers (the view cannot render afterwards)."
         if self.con is not None: self.ctx.make_current(); self.con.free(); self.ctx.free(); self.con = None
 
 # %% ../nbs/15a_synth_mujoco.ipynb #8ccb154e
@@ -483,7 +489,8 @@ def render(self:GLView, data, # mujoco.MjData of the posed model
 
 # %% ../nbs/15a_synth_mujoco.ipynb #251d68da
 def sphere_centroid(gray, # (H, W) image
-                    u:float, v:float, # where the sphere should be, pixels
+                    u:float, # where the sphere should be: x, pixels
+                    v:float, # and y, pixels
                     r:int=20, # half-size of the window, pixels
                    ) -> tuple:
     "Intensity-weighted centroid (x, y) of the window around (u, v) (anti-aliased edges count by coverage)."
