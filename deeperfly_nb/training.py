@@ -24,8 +24,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'photometric',
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
-           'train_detector', 'model_config_lines', 'crop_labels_for_model', 'train_from_labels', 'make_bundled_model',
-           'finetune_on_df3d']
+           'train_detector', 'model_config_lines', 'crop_labels_for_model', 'read_label_files', 'train_from_labels',
+           'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -688,8 +688,22 @@ def crop_labels_for_model(label_set, # a LabelSet in raw pixels
     boxes = label_set_boxes(label_set, opts, tuple(input_hw), detector=detector_model)
     return crop_label_set(label_set, boxes, tuple(input_hw))
 
+# %% ../nbs/17_training.ipynb #c3d53169
+def read_label_files(files:list, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl, a run's corrections.h5
+                     config, # the `config.Config` whose skeleton and detection plan the labels serve
+                     view:str|None=None, # the view of CSV label files
+                     images=None, # the recording folder of DeepFly3D label files
+                     frames=None, # the frames of DeepFly3D label files (default all)
+                    ) -> list:
+    "One `labels.LabelSet` per file; a reviewer's corrections sidecar (`review`) gives the corrected frames of its run."
+    from deeperfly_nb.labels import read_labels
+    from deeperfly_nb.corrections import is_corrections_file, labels_from_sidecar
+    plan = config.detection_plan()
+    return [labels_from_sidecar(f, config) if is_corrections_file(f) else
+            read_labels(f, view=view, skeleton=config.skeleton(), images=images, frames=frames, plan=plan) for f in files]
+
 # %% ../nbs/17_training.ipynb #e4332a4f
-def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl
+def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl, a run's corrections.h5
                       out_dir, # the run folder
                       config=None, # the deeperfly Config (or its path) whose detection plan the model serves; default: the packaged one
                       model:str|None=None, # which model of the plan to train (default: its only one)
@@ -704,13 +718,13 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
                      ) -> TrainResult:
     "Read labels, make the plan's pathway samples, train (`train_detector`), and write RUN_DIR/use_model.toml."
     from deeperfly_nb.config import Config
-    from deeperfly_nb.labels import read_labels, pathway_samples, concat_samples, model_of_plan
+    from deeperfly_nb.labels import pathway_samples, concat_samples, model_of_plan
     cfg = Config.default() if config is None else (config if isinstance(config, Config) else Config.load(config))
     plan, train_cfg = cfg.detection_plan(), TrainConfig.from_dict(settings)
     model = model_of_plan(plan, model)
     files = [label_files] if isinstance(label_files, (str, Path)) else list(label_files)
     if not files: raise InputError("no label files given")
-    sets = [read_labels(f, view=view, skeleton=cfg.skeleton(), images=images, frames=frames, plan=plan) for f in files]
+    sets = read_label_files(files, cfg, view, images, frames)
     if detector_model is not None or crop_options is not None:      # the pose model learns on crops around the animal
         sets = [crop_labels_for_model(s, plan.models[model].input_size, detector_model, crop_options) for s in sets]
     names = [Path(f).stem for f in files]

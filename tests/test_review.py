@@ -204,6 +204,10 @@ def test_corrections_become_training_labels(recording, out, tmp_path):
     ls2 = labels_from_sidecar(out / CORRECTIONS)
     np.testing.assert_array_equal(ls2.pts2d, ls.pts2d)
     np.testing.assert_array_equal(ls2.frames.read("lf", [1])[0], img)
+    from deeperfly_nb.config import Config                   # and `train_from_labels` reads it like any label file
+    from deeperfly_nb.training import read_label_files
+    ls3, = read_label_files([out / CORRECTIONS], Config.default())
+    np.testing.assert_array_equal(ls3.pts2d, ls.pts2d)
 
 
 def test_correcting_corrupted_points_restores_the_uncorrupted_3d(recording, tmp_path):
