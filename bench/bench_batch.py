@@ -1,8 +1,12 @@
 """Many recordings on Dask (issue 17): throughput, scheduling overhead, and a simulated 500-recording run.
 
 1. Throughput: N short synthetic recordings (6 frames, the tiny random detector of tests/conftest.py) run by
-   `batch.run_many` in this process, and on a LocalCluster of 1 and 2 single-threaded worker processes
-   (cluster start-up timed apart). Recordings per minute.
+   `batch.run_many` (a chain of tasks per recording: detection, geometry, videos) in this process, on
+   `batch.local_cluster`s of 1 and 2 single-threaded worker processes, and on a plain `LocalCluster` of 2 (Dask's
+   nanny environment, MALLOC_TRIM_THRESHOLD_ set), with and without `run_many`'s worker plugin (mallopt). Cluster
+   start-up and one warm-up recording per worker (like the in-process warm-up run) are timed apart: steady state.
+   Recordings per minute, and CPU seconds per recording (the machine may be shared: CPU seconds compare fairly,
+   wall time does not).
 2. Scheduling overhead per task: `run_many` with sleep-0 stub steps on many recordings (1 and 4 chained steps
    per recording) on 2 workers: (wall - slept / workers) / tasks.
 3. A simulated 500-recording run: 4 chained sleep-based stub stages per recording (2,000 tasks) on 2 workers;
@@ -29,14 +33,30 @@ def recordings(root:Path, n:int) -> tuple:
     tiny_recording(root / "w")
     return Config.load(root / "w" / "config.toml"), [synth_recording(root / "recs" / f"rec{i}", n_frames=6, seed=100 + i) for i in range(n)]
 
-def cluster(n_workers:int):
-    "(LocalCluster, Client, seconds to start them) with n single-threaded worker processes."
+def warm_worker(recording, config, root):
+    "Run one recording in this worker process (imports, first-call costs), as the in-process warm-up run does."
+    from deeperfly_nb.run import run_recording
+    run_recording(recording, Path(root) / f"warm-{os.getpid()}", config, progress=False)
+    return os.getpid()
+
+def no_plugin():
+    "A worker plugin that does nothing: `run_many` without deeperfly's worker setup, for comparison."
+    from distributed.diagnostics.plugin import WorkerPlugin
+    class Nothing(WorkerPlugin):
+        name = "deeperfly-keep-freed-memory"
+    return Nothing()
+
+def cluster(n_workers:int, dask_env:bool=False, warm=None):
+    """(LocalCluster, Client, seconds to start and warm them) with n single-threaded worker processes: deeperfly's
+    `batch.local_cluster`, or (`dask_env`) a plain `LocalCluster` whose nannies set Dask's MALLOC_TRIM_THRESHOLD_."""
     from distributed import LocalCluster
-    from deeperfly_nb.batch import connect
+    from deeperfly_nb.batch import connect, local_cluster
     t0 = time.perf_counter()
-    lc = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    lc = (LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) if dask_env
+          else local_cluster(n_workers, 1, dashboard_address=None))
     client = connect(lc)
     client.wait_for_workers(n_workers)
+    if warm is not None: client.run(warm_worker, *warm)              # steady state: every worker has run a recording
     return lc, client, time.perf_counter() - t0
 
 def throughput(root:Path, config, recs:list) -> dict:
@@ -45,16 +65,26 @@ def throughput(root:Path, config, recs:list) -> dict:
     quiet, out = BatchOptions(progress=False), {}
     run_many(recs[:1], config, None, root / "warmup", quiet)              # imports torch, reads the weights once
     t0 = time.perf_counter(); o = run_many(recs, config, None, root / "here", quiet)
-    out["in_process"] = {"seconds": time.perf_counter() - t0, "done": sum(x.status == "done" for x in o), "stage_median_s": stage_medians(o)}
-    for n in (1, 2):
-        lc, client, start = cluster(n)
+    out["in_process"] = {"seconds": time.perf_counter() - t0, **outcome_numbers(o)}
+    import deeperfly_nb.batch as batch
+    plugin = batch.worker_setup_plugin
+    cases = (("workers_1", 1, False, True), ("workers_2", 2, False, True), ("workers_2_dask_default_env", 2, True, True),
+             ("workers_2_dask_default_env_no_plugin", 2, True, False))
+    for name, n, dask_env, with_plugin in cases:
+        batch.worker_setup_plugin = plugin if with_plugin else no_plugin
+        lc, client, start = cluster(n, dask_env, (recs[0], config, root / f"warm_{name}"))
         try:
-            t0 = time.perf_counter(); o = run_many(recs, config, client, root / f"workers{n}", quiet)
-            out[f"workers_{n}"] = {"seconds": time.perf_counter() - t0, "cluster_start_s": start,
-                                   "done": sum(x.status == "done" for x in o), "stage_median_s": stage_medians(o)}
-        finally: client.close(); lc.close()
+            t0 = time.perf_counter(); o = run_many(recs, config, client, root / name, quiet)
+            out[name] = {"seconds": time.perf_counter() - t0, "cluster_start_s": round(start, 2), **outcome_numbers(o)}
+        finally: client.close(); lc.close(); batch.worker_setup_plugin = plugin
     for v in out.values(): v["recordings_per_min"] = round(60 * len(recs) / v["seconds"], 2); v["seconds"] = round(v["seconds"], 2)
     return out
+
+def outcome_numbers(outcomes:list) -> dict:
+    "Recordings done, CPU seconds per recording (median; the processes running its steps) and stage medians."
+    import statistics
+    return {"done": sum(x.status == "done" for x in outcomes), "cpu_s_per_recording": round(statistics.median(x.cpu_seconds for x in outcomes), 2),
+            "stage_median_s": stage_medians(outcomes)}
 
 def stage_medians(outcomes:list) -> dict:
     "{stage: median seconds} over the recordings that ran it."

@@ -16,13 +16,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .core import ConfigError, InputError, ConfigTable, config_field, did_you_mean, atomic_path
 from .config import Config, ClusterConfig, KIND_KEYS
 from .pipeline import prepare_output_dir
-from .run import OutputLock, RunReport, find_recordings, run_recording
+from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, run_recording
 
 # %% auto #0
-__all__ = ['SUMMARY_FIELDS', 'cluster_config', 'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'BatchOptions',
-           'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps',
-           'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers', 'cluster_from_config',
-           'connect', 'open_client', 'run_folder']
+__all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'cluster_config',
+           'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes', 'BatchOptions', 'run_one',
+           'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps', 'check_gpu_workers',
+           'run_many', 'summary_rows', 'write_summary', 'local_workers', 'local_cluster', 'cluster_from_config',
+           'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client', 'run_folder']
 
 # %% ../nbs/19a_batch.ipynb #40a5cae0
 def _cluster_problem(err:dict) -> str:
@@ -52,25 +53,27 @@ class RecordingOutcome:
     recording: str                                  # the recording folder
     out_dir: str                                    # its output folder
     status: str                                     # 'done' or 'failed'
-    seconds: float = 0.0                            # wall time of its run (all attempts' last)
+    seconds: float = 0.0                            # wall time of its steps (of each step's last attempt), summed
     stages: dict = field(default_factory=dict)      # {stage: [status, seconds]}, in pipeline order
     reprojection_error_px: float|None = None        # median reprojection error (pixels)
     reprojection_error_p95_px: float|None = None    # its 95th percentile
     bone_length_cv: float|None = None               # median coefficient of variation of the bone lengths
     error: str|None = None                          # 'ErrorType: message' of a failed recording
-    worker: str|None = None                         # where it ran (host:pid)
+    worker: str|None = None                         # where its last step ran (host:pid)
+    cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed
 
 def _where() -> str: return f"{socket.gethostname()}:{os.getpid()}"
 
 # %% ../nbs/19a_batch.ipynb #16340f4d
 def outcome_from_report(rep:RunReport, # what `run_recording` returned
+                        cpu_seconds:float=0.0, # CPU time it took
                        ) -> RecordingOutcome:
     "The summary-table row of a finished recording (quality numbers from the triangulation stage's record)."
     tri = next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
     err = tri.get("reprojection_error_px") or {}
     return RecordingOutcome(str(rep.recording), str(rep.out_dir), "done", rep.seconds,
                             {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
-                            tri.get("bone_length_cv_median"), worker=_where())
+                            tri.get("bone_length_cv_median"), worker=_where(), cpu_seconds=round(cpu_seconds, 3))
 
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder
@@ -81,6 +84,17 @@ def failed_outcome(recording, # the recording folder
     msg = " ".join(line.strip() for line in str(error).strip().splitlines())     # one line: a row of the table
     return RecordingOutcome(str(recording), str(out_dir), "failed", round(seconds, 3),
                             error=f"{type(error).__name__}: {msg}", worker=_where())
+
+def merge_outcomes(previous:RecordingOutcome|None, # the outcome of the recording's earlier steps
+                   new:RecordingOutcome, # the outcome of its next step
+                  ) -> RecordingOutcome:
+    "`new` with the stages `previous` recorded kept as they were (a later step finds them cached) and the times summed."
+    if previous is None: return new
+    stages = {**previous.stages, **{s: v for s, v in new.stages.items() if s not in previous.stages}}
+    keep = lambda k: getattr(new, k) if getattr(new, k) is not None else getattr(previous, k)
+    return replace(new, stages=stages, seconds=round(previous.seconds + new.seconds, 3),
+                   cpu_seconds=round(previous.cpu_seconds + new.cpu_seconds, 3),
+                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv")})
 
 # %% ../nbs/19a_batch.ipynb #a303670f
 @dataclass(frozen=True)
@@ -96,25 +110,31 @@ def run_one(recording:Path, # the recording folder
             out:Path, # its output folder
             config:Config, # the run's config
             options:BatchOptions, # the batch's options
-            previous:RecordingOutcome|None=None, # the outcome of the recording's previous step (unused: one step)
+            previous:RecordingOutcome|None=None, # the outcome of the recording's earlier steps (merged into this one's)
+            until:str|None=None, # stop after this stage (one of `run.STAGES`; None: finish the recording)
+            stages:tuple=STAGES, # the stages this step computes: `options.overwrite` recomputes only these here
            ) -> RecordingOutcome:
-    "Run one recording (`run_recording`, cached stages, per-recording lock); errors become a failed outcome."
-    t0 = time.perf_counter()
-    overwrite = "all" if "all" in options.overwrite else options.overwrite
-    try: rep = run_recording(recording, out, config, overwrite=overwrite, max_frames=options.max_frames, progress=False,
-                             device=options.device, wait=True)   # wait: a lost worker's attempt may still hold the lock
+    "Run a recording up to `until` (`run_recording`: cached stages, per-recording lock); errors become a failed outcome."
+    t0, c0 = time.perf_counter(), time.process_time()
+    forced = sorted(forced_stages("all" if "all" in options.overwrite else options.overwrite) & set(stages))
+    try: rep = run_recording(recording, out, config, overwrite=forced, max_frames=options.max_frames, progress=False,
+                             device=options.device, wait=True, until=until)   # wait: a lost worker's attempt may hold the lock
     except Exception as e:
         logging.getLogger("deeperfly").error("recording %s failed: %s", Path(recording).name, e)
-        return failed_outcome(recording, out, e, time.perf_counter() - t0)
-    return outcome_from_report(rep)
+        return merge_outcomes(previous, failed_outcome(recording, out, e, time.perf_counter() - t0))
+    return merge_outcomes(previous, outcome_from_report(rep, time.process_time() - c0))
 
 # %% ../nbs/19a_batch.ipynb #64338f65
 @dataclass(frozen=True)
 class Step:
     "One task per recording: `fn(recording, out, config, options, previous) -> RecordingOutcome`."
-    name: str                        # the task's name (its key prefix in the dashboard)
+    name: str                        # the task's name (its key prefix in the dashboard; no '-')
     fn: Callable                     # a module-level function (or a partial of one): workers import it
     gpu: bool = False                # needs a GPU slot (detection on CUDA)
+
+STEP_STAGES = {"detection": ("detector", "pose2d"),                                  # the steps of a recording and
+               "geometry": ("bundle_adjustment", "triangulation", "lifting", "refinement"),   # the stages each one computes
+               "visualization": ("visualization",)}
 
 def uses_gpu(config:Config, # the run's config
              device:str|None=None, # the --device given (None: [pose2d] device)
@@ -125,8 +145,18 @@ def uses_gpu(config:Config, # the run's config
 def recording_steps(config:Config, # the run's config
                     options:BatchOptions, # the batch's options
                    ) -> list:
-    "The steps of one recording: today one, `run_recording`, on a GPU slot when detection runs on CUDA."
-    return [Step("run", run_one, gpu=uses_gpu(config, options.device))]
+    """A recording's chain of steps (`STEP_STAGES`), each `run_recording` up to its last stage: detection (on a GPU slot
+    when it runs on CUDA), geometry, visualization. A step with nothing to compute joins the next; the last finishes the run."""
+    p = config.pipeline
+    on = {"detection": p.pose2d, "geometry": True, "visualization": p.visualization and bool(config.visualization.videos)}
+    groups, owned = [], ()
+    for name, stages in STEP_STAGES.items():            # a step that is off hands its stages to the next one on
+        owned += stages
+        if on[name]: groups.append((name, owned)); owned = ()
+    if owned: groups[-1] = (groups[-1][0], groups[-1][1] + owned)
+    last, gpu = len(groups) - 1, uses_gpu(config, options.device)
+    return [Step(name, partial(run_one, until=None if i == last else stages[-1], stages=stages), gpu=gpu and name == "detection")
+            for i, (name, stages) in enumerate(groups)]
 
 # %% ../nbs/19a_batch.ipynb #6f5a5318
 def call_step(step:Step, # the step to run
@@ -234,7 +264,9 @@ def run_many(recordings:list, # recording folders
     outs, steps = _out_dirs(recordings, out_root), steps or recording_steps(config, options)
     check_gpu_workers(client, steps)
     with OutputLock(out_root, wait=options.wait):   # a second batch on the same folder refuses (or waits) here
-        if client is not None: logging.getLogger("deeperfly").info("Dask dashboard: %s", client.dashboard_link)
+        if client is not None:
+            client.register_plugin(worker_setup_plugin())     # workers keep freed memory (see `keep_freed_memory`)
+            logging.getLogger("deeperfly").info("Dask dashboard: %s", client.dashboard_link)
         with tqdm(total=len(recordings), desc="recordings", unit="rec", disable=not options.progress) as bar:
             run = _run_here if client is None else partial(_run_dask, client)
             done = run(recordings, outs, config, options, steps, bar, on_result or (lambda o: None))
@@ -242,14 +274,14 @@ def run_many(recordings:list, # recording folders
     return done
 
 # %% ../nbs/19a_batch.ipynb #20ce6634
-SUMMARY_FIELDS = ("recording", "status", "seconds", "reprojection_error_px", "reprojection_error_p95_px",
+SUMMARY_FIELDS = ("recording", "status", "seconds", "cpu_seconds", "reprojection_error_px", "reprojection_error_p95_px",
                   "bone_length_cv", "error", "out_dir", "worker")
 
 def summary_rows(outcomes:list, # [RecordingOutcome]
                 ) -> tuple:
     "(column names, rows of dicts): the fixed fields, then `<stage>_s` and `<stage>_status` for every stage seen."
     stages = list(dict.fromkeys(s for o in outcomes for s in o.stages))
-    cols = [*SUMMARY_FIELDS[:3], *(f"{s}_s" for s in stages), *(f"{s}_status" for s in stages), *SUMMARY_FIELDS[3:]]
+    cols = [*SUMMARY_FIELDS[:4], *(f"{s}_s" for s in stages), *(f"{s}_status" for s in stages), *SUMMARY_FIELDS[4:]]
     rows = []
     for o in outcomes:
         r = {k: getattr(o, k) for k in SUMMARY_FIELDS}
@@ -316,6 +348,21 @@ def _slurm_cluster(cc:ClusterConfig):
                         scheduler_options={"dashboard_address": ":0"})
 
 # %% ../nbs/19a_batch.ipynb #02b16f52
+WORKER_ENV_DROPPED = ("MALLOC_TRIM_THRESHOLD_",)   # set by Dask's nannies by default; it makes detection ~1.6x costlier
+
+def local_cluster(n_workers:int, # worker processes
+                  threads_per_worker:int=1, # threads of each
+                  **kwargs, # more `LocalCluster` arguments (resources, memory_limit, dashboard_address)
+                 ):
+    """A `LocalCluster` of worker processes whose environment is this process's (OMP/MKL/OpenBLAS at one thread each),
+    without Dask's `MALLOC_TRIM_THRESHOLD_`: setting it fixes glibc's mmap threshold at 128 KiB, so every large array
+    detection allocates is mapped, page-faulted and unmapped again (measured: 1.6x the CPU seconds per recording)."""
+    import dask
+    from distributed import LocalCluster
+    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k not in WORKER_ENV_DROPPED}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):   # the nannies read it when they are made
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, **kwargs)
+
 def cluster_from_config(cc:ClusterConfig, # the validated [cluster] table
                         n_recordings:int=2, # how many recordings the batch has (sizes a default local cluster)
                        ):
@@ -324,10 +371,29 @@ def cluster_from_config(cc:ClusterConfig, # the validated [cluster] table
     if cc.kind == "slurm": return _slurm_cluster(cc)
     n = local_workers(cc, n_recordings)
     if n == 0: return None
-    from distributed import LocalCluster
     kw = {"memory_limit": cc.memory} if cc.memory else {}
-    return LocalCluster(n_workers=n, threads_per_worker=cc.threads_per_worker, processes=True,
-                        resources={"GPU": cc.gpus} if cc.gpus else None, dashboard_address=":0", **kw)
+    return local_cluster(n, cc.threads_per_worker, resources={"GPU": cc.gpus} if cc.gpus else None, dashboard_address=":0", **kw)
+
+# %% ../nbs/19a_batch.ipynb #b4dda4e3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # glibc's mallopt parameter numbers
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse (trim and mmap thresholds raised), undoing Dask's `MALLOC_TRIM_THRESHOLD_`
+    in a worker started with it (SLURM jobs, an existing scheduler's workers). True when set (Linux with glibc)."""
+    import ctypes, sys
+    if not sys.platform.startswith("linux"): return False
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+def worker_setup_plugin():
+    "A Dask `WorkerPlugin` that runs `keep_freed_memory` in every worker, present and future (restarted ones too)."
+    from distributed.diagnostics.plugin import WorkerPlugin
+    class KeepFreedMemory(WorkerPlugin):
+        "deeperfly's worker setup: `batch.keep_freed_memory`."
+        name = "deeperfly-keep-freed-memory"
+        def setup(self, worker): keep_freed_memory()
+    return KeepFreedMemory()
 
 # %% ../nbs/19a_batch.ipynb #e0711b2c
 def connect(target, # a cluster object or a scheduler address

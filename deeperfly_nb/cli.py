@@ -534,11 +534,10 @@ def _add_crop_parsers(sub, # the subparsers of `make_parser`
 # %% ../nbs/20_cli.ipynb #fd110ffd
 def cmd_lift(args, # the parsed command line (see `make_parser`)
             ) -> int:
-    "Lift one view's 2D to 3D with a trained lifter; write results.h5."
-    from deeperfly_nb.lifting import lift, load_lifter
+    "Lift one view's 2D to 3D with a trained lifter (`run.lift_view`, as `deeperfly run` with a `[lifting]` table); write results.h5."
     from deeperfly_nb.results import PoseResult
     from deeperfly_nb.pipeline import load_points2d, prepare_output_dir
-    from deeperfly_nb.run import foreign_points2d
+    from deeperfly_nb.run import foreign_points2d, lift_view
     config = _load_config(args.config)
     src = Path(args.source[0])
     if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
@@ -546,19 +545,11 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
         pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(src)
         base = PoseResult(pts.pts2d, pts.conf, config.camera_group(image_sizes={k: v for k, v in pts.image_sizes.items()} or None),
                           config.skeleton(), fps=pts.fps)
-    names = list(base.view_names)
-    view = args.view or names[0]
-    if view not in names: raise InputError(f"--view {view!r} is not a view of {src}; views: {names}{did_you_mean(view, names)}")
-    v, lifter = names.index(view), load_lifter(args.model, skeleton=base.skeleton)
-    cam = base.cameras[v]
-    pts_cam = lift(lifter, base.pts2d[v], base.conf[v], min_confidence=args.min_confidence)
-    pts3d = (pts_cam - np.asarray(cam.tvec, float)) @ np.asarray(cam.rmat, float)      # camera frame -> world
+    res = lift_view(base, args.model, args.view, args.min_confidence, key=f"--view (views of {src})")
+    res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
     out = prepare_output_dir(args.out)
-    res = PoseResult(base.pts2d, base.conf, base.cameras, base.skeleton, pts3d=pts3d, fps=base.fps,
-                     meta={**base.meta, "lifting": {"model": str(Path(args.model).resolve()), "view": view}},
-                     provenance={**base.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}})
     res.save(out / "results.h5")
-    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {view!r} with {lifter}")
+    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.meta['lifting']['view']!r} with {args.model}")
     return 0
 
 def _add_lift_parser(sub, # the subparsers of `make_parser`

@@ -6,12 +6,12 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS',
-           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS',
-           'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig',
+           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KALMAN_MODELS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE',
+           'PRESETS', 'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig',
            'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig',
            'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig',
-           'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel', 'default_config_text', 'Config',
-           'write_config']
+           'FiltersConfig', 'LiftingConfig', 'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel',
+           'default_config_text', 'Config', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
 import dataclasses, difflib, inspect, json, os, re, tomllib, types
@@ -395,9 +395,12 @@ class TriangulationConfig(_Table):
 
 # %% ../nbs/10_config.ipynb #19821200
 _REF = {f.name: f.default for f in dataclasses.fields(RefineOptions)}       # `[refinement]` defaults = RefineOptions'
+KALMAN_MODELS = ("off", "velocity", "acceleration")                        # `[refinement] kalman`
 
 class RefinementConfig(_Table):
-    "`[refinement]`: options of `refinement.refine_3d` (defaults = `RefineOptions`'); on with `[pipeline] refinement = true`."
+    """`[refinement]`: options of `refinement.refine_3d` (defaults = `RefineOptions`') and of the 3D Kalman/RTS smoother
+    after it (`refinement.kalman_smooth_3d`); on with `[pipeline] refinement = true`."""
+    least_squares: bool = _field(True, "true or false (the spatiotemporal least squares, refine_3d)")
     smooth_order: Annotated[int, Field(ge=1, le=4, strict=True)] = _field(_REF["smooth_order"], "an integer 1-4 (1 velocity, 2 acceleration, 3 jerk)")
     smooth_weight: Annotated[float, Field(ge=0)] = _field(_REF["smooth_weight"], "a number >= 0 (0: no smoothness term)")
     bone_weight: Annotated[float, Field(ge=0)] = _field(_REF["bone_weight"], "a number >= 0 (0: no bone-length term)")
@@ -408,11 +411,47 @@ class RefinementConfig(_Table):
     overlap_frames: Annotated[int, Field(ge=0, strict=True)] = _field(_REF["overlap_frames"], "an integer >= 0 (frames shared by chunks)")
     bone_priors: Union[str, dict[str, Union[_PosFloat, Annotated[list[_PosFloat], Field(min_length=2, max_length=2)]]]] = _field(
         _REF["bone_priors"], '"joint" (lengths estimated), or {"a-b" = length or [mean, std]} per bone')
+    kalman: Literal["off", "velocity", "acceleration"] = _field("off", '"off", "velocity" or "acceleration" (3D Kalman/RTS smoother, last)')
+    kalman_noise_std: _PosFloat|None = _field(None, "a positive number (world units; default: estimated from the data)")
+    kalman_process_std: _PosFloat|None = _field(None, "a positive number (world units per frame; default: kalman_noise_std)")
 
     @field_validator("loss")
     @classmethod
     def _loss(cls, v):
         if v not in REPROJ_LOSSES: raise ValueError(f"unknown loss {v!r}; allowed: {', '.join(REPROJ_LOSSES)}{did_you_mean(v, REPROJ_LOSSES)}")
+        return v
+
+class FiltersConfig(_Table):
+    """`[filters]`: 2D filters applied to the detections before triangulation (bundle adjustment reads them unfiltered);
+    each off by default. `refinement.confidence_threshold`, then `refinement.median_filter_2d`."""
+    min_confidence: _UnitFloat = _field(0.0, "a number in [0, 1] (detections below it become unseen; 0: off)")
+    median_window: Annotated[int, Field(ge=0, strict=True)] = _field(0, "0 (off) or an odd number of frames >= 3")
+    median_threshold_px: _PosFloat = _field(20.0, "a positive number (pixels from the running median)")
+
+    @field_validator("median_window")
+    @classmethod
+    def _window(cls, v):
+        if v != 0 and (v < 3 or v % 2 == 0): raise ValueError(f"expected 0 (off) or an odd number of frames >= 3, got {v}")
+        return v
+
+    @property
+    def active(self) -> bool:
+        "Does any filter change the 2D?"
+        return self.min_confidence > 0 or self.median_window > 0
+
+# %% ../nbs/10_config.ipynb #2c46ce47
+class LiftingConfig(_Table):
+    """`[lifting]`: one camera's 2D lifted to 3D by a trained lifter (LiftPose3D, `lifting.train`) instead of triangulation;
+    `deeperfly run` lifts when the config has this table."""
+    model: str = _field(..., "the lifter's folder (lifting.train's output_folder; relative to the config file)")
+    view: str|None = _field(None, "the camera to lift (default: the only camera)")
+    min_confidence: _UnitFloat = _field(0.0, "a number in [0, 1] (2D points below it count as unseen)")
+    device: str = _field("cpu", '"cpu", "cuda", "cuda:N" or "mps"')
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not DEVICE_PATTERN.fullmatch(v): raise ValueError(f'expected "cpu", "cuda", "cuda:N" or "mps", got {v!r}')
         return v
 
 # %% ../nbs/10_config.ipynb #edf6ef32
@@ -479,6 +518,8 @@ class ConfigModel(_Table):
     bundle_adjustment: BundleAdjustmentConfig = _field(BundleAdjustmentConfig, "a [bundle_adjustment] table")
     triangulation: TriangulationConfig = _field(TriangulationConfig, "a [triangulation] table")
     refinement: RefinementConfig = _field(RefinementConfig, "a [refinement] table")
+    filters: FiltersConfig = _field(FiltersConfig, "a [filters] table")
+    lifting: LiftingConfig|None = _field(None, "a [lifting] table (model, view, min_confidence, device)")
     interop: InteropConfig = _field(InteropConfig, "an [interop] table")
     cluster: ClusterConfig = _field(ClusterConfig, "a [cluster] table")
     pipeline: PipelineConfig = _field(PipelineConfig, "a [pipeline] table")
@@ -633,6 +674,14 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
     mv = tri.get("min_views") if isinstance(tri, dict) else None
     pipe = data.get("pipeline", {})
     tri_on = not isinstance(pipe, dict) or pipe.get("triangulation", True) is not False
+    lifting = data.get("lifting")
+    if isinstance(lifting, dict) and cams and _ok(problems, "lifting"):
+        view = lifting.get("view")
+        if view is None and len(cams) > 1:
+            out.append(("lifting.view", f"needed: the rig has {len(cams)} cameras ({', '.join(cams)}); name the one to lift"))
+        elif view is not None and view not in cams:
+            out.append(("lifting.view", f"{view!r} is not a camera; cameras are {', '.join(cams)}{did_you_mean(view, cams)}"))
+    tri_on = tri_on and not isinstance(lifting, dict)          # lifting replaces triangulation
     if cams and tri_on and isinstance(mv, int) and mv > len(cams) and _ok(problems, "triangulation.min_views"):
         out.append(("triangulation.min_views", f"{mv} but the rig has only {len(cams)} camera{'s' if len(cams) > 1 else ''}"))
     if cams and model is not None and _ok(problems, "visualization"):
@@ -864,7 +913,14 @@ def triangulate_kwargs(self:Config) -> dict:
 @patch
 def refine_options(self:Config):
     "The `refinement.RefineOptions` of the `[refinement]` table."
-    return RefineOptions(**self.model.refinement.model_dump())
+    return RefineOptions(**self.model.refinement.model_dump(exclude={"least_squares", "kalman", "kalman_noise_std", "kalman_process_std"}))
+
+@patch
+def lifter_folder(self:Config) -> Path|None:
+    "The `[lifting] model` folder (relative paths start at the config file's folder), or None without a `[lifting]` table."
+    if self.model.lifting is None: return None
+    p = Path(self.model.lifting.model).expanduser()
+    return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
 
 # %% ../nbs/10_config.ipynb #5d99b642
 def write_config(path:str|Path, # where to write, e.g. 'config.toml'

@@ -7,14 +7,14 @@ Docs: https://deeperfly.github.io/deeperfly/run.html.md"""
 # %% ../nbs/19_run.ipynb #ec75fb30
 from __future__ import annotations
 import fcntl, json, logging, os, re, shutil, socket, time, tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
 from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_hdf5, atomic_path,
-                                disk_full_error, ensure_free_space)
+                                disk_full_error, ensure_free_space, did_you_mean)
 from .config import Config, DEVICE_PATTERN
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
@@ -22,18 +22,18 @@ from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'SNAPSHOT',
-           'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
-           'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs', 'owned_outputs',
-           'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext', 'prepare_run',
-           'StageOutcome', 'Pose2D', 'save_upstream', 'load_upstream', 'result_provenance', 'result_content',
-           'refinement_summary', 'RunReport', 'config_snapshot', 'run_recording', 'find_recordings', 'BatchReport',
-           'run']
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'LIFTER_FILES',
+           'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh',
+           'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs',
+           'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext',
+           'prepare_run', 'StageOutcome', 'Pose2D', 'save_upstream', 'load_upstream', 'result_provenance',
+           'result_content', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
+           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
 
-STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "refinement", "visualization")
+STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "lifting", "refinement", "visualization")
 STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, resume blocks
 
 def fingerprint(obj, # any JSON-able description of a stage's inputs
@@ -54,9 +54,9 @@ def array_digest(*arrays, # numpy arrays (or None)
     return h.hexdigest()
 
 # %% ../nbs/19_run.ipynb #90a3a79d
-STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "refinement": 1, "bundle_adjustment": 2, "triangulation": 2, "visualization": 2}  # bump when run's own code for a stage changes
+STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "refinement": 2, "bundle_adjustment": 2, "triangulation": 3, "lifting": 1, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
-                 "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"), "visualization": ("visualization",)}
+                 "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"), "lifting": ("lifting", "results"), "visualization": ("visualization",)}
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
 _IMPORT = re.compile(r"from\s+(?:\.|deeperfly_nb\.)(\w+)\s+import|from\s+(?:\.|deeperfly_nb)\s+import\s+([\w, ]+)")
 
@@ -224,7 +224,7 @@ def planned_outputs(config:Config, # the run's config
     if p.pose2d:                                     # a cropzoom plan: the detector's points and the crops' boxes
         plan = config.detection_plan()
         if len(plan.stages()) > 1: names += ["detector.h5", *[f"crops/{plan.pathways[i].name}_bbox.csv" for i in plan.stages()[-1]]]
-    if p.bundle_adjustment: names.append("cameras.toml")
+    if p.bundle_adjustment and config.model.lifting is None: names.append("cameras.toml")
     names += ["triangulated.h5", "refinement.h5", "results.h5"] if p.triangulation and p.refinement else ["results.h5"]
     if p.visualization: names += [v.filename for v in config.visualization.videos]
     return names
@@ -508,6 +508,21 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
     return p2d, [*detector, outcome]
 
 
+# %% ../nbs/19_run.ipynb #effde16f
+def _apply_corrections(ctx:RunContext, p2d:Pose2D) -> tuple:
+    """The 2D with the output folder's corrections sidecar (`corrections.CORRECTIONS`, hand-made fixes from review)
+    applied over the detections, when there is one: (Pose2D, [outcome]). The corrected arrays' digest is the content key
+    later stages read, so adding or editing a correction re-runs bundle adjustment and what follows, never detection."""
+    from deeperfly_nb.corrections import CORRECTIONS, apply_corrections, corrections_digest, read_corrections
+    path = ctx.out / CORRECTIONS
+    if not path.is_file(): return p2d, []
+    cs = read_corrections(path, ctx.config.view_names, ctx.config.skeleton().point_names, p2d.pts2d.shape[1],
+                          image_sizes=p2d.image_sizes or None)     # this folder's own sidecar: valid over re-run detections too
+    pts2d, conf = apply_corrections(p2d.pts2d, p2d.conf, cs)
+    summary = {"count": len(cs), "unseen": sum(c.unseen for c in cs), "digest": corrections_digest(cs)}
+    log.info("corrections: applying %d hand-made correction(s) from %s", len(cs), path.name)
+    return replace(p2d, pts2d=pts2d, conf=conf), [StageOutcome("corrections", "applied", 0.0, None, [CORRECTIONS], summary, summary["digest"])]
+
 # %% ../nbs/19_run.ipynb #1d511b9c
 def _cameras_toml(cameras:CameraGroup) -> str:
     import tomli_w
@@ -520,7 +535,7 @@ def _bundle_adjustment_stage(ctx:RunContext, p2d:Pose2D) -> tuple:
     "Refine the config's rig on the animal into cameras.toml (or keep it when [pipeline] bundle_adjustment is off): (rig, outcome)."
     config, cfg = ctx.config, ctx.config.to_dict()
     cams0 = config.camera_group(image_sizes=p2d.image_sizes or None)
-    if not config.pipeline.bundle_adjustment:
+    if not config.pipeline.bundle_adjustment or config.model.lifting is not None:     # one lifted camera: nothing to adjust
         return cams0, StageOutcome("bundle_adjustment", "disabled", content=_rig_content(cams0))
     fp = fingerprint({"stage": "bundle_adjustment", "code": code_version("bundle_adjustment"), "cameras": cfg["cameras"],
                       "skeleton": cfg["skeleton"], "bundle_adjustment": cfg["bundle_adjustment"], "pose2d": p2d.content})
@@ -554,33 +569,104 @@ def result_content(res:PoseResult, # a result
 # %% ../nbs/19_run.ipynb #4e631b85
 def _refines(config:Config) -> bool: return config.pipeline.triangulation and config.pipeline.refinement
 
+def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersConfig`)
+                    pts2d, # (V, T, N, 2) pixels, NaN = unseen
+                    conf, # (V, T, N) confidences
+                   ) -> tuple:
+    "(pts2d, conf, {filter: detections it dropped}) after the confidence threshold, then the running-median filter."
+    from deeperfly_nb.refinement import confidence_threshold, median_filter_2d
+    seen = lambda p: int(np.isfinite(p).all(-1).sum())
+    dropped = {}
+    if filters.min_confidence > 0:
+        n = seen(pts2d); pts2d, conf = confidence_threshold(pts2d, conf, filters.min_confidence)
+        dropped["min_confidence"] = n - seen(pts2d)
+    if filters.median_window > 0:
+        n = seen(pts2d); pts2d, conf = median_filter_2d(pts2d, conf, filters.median_window, filters.median_threshold_px)
+        dropped["median"] = n - seen(pts2d)
+    return pts2d, conf, dropped
+
 def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:dict) -> PoseResult:
-    "The PoseResult of the run: 2D, rig and, when [pipeline] triangulation is on, 3D."
+    "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
-    meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps}
+    pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf)
+    meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps,
+            **({"filters": {"dropped": dropped}} if dropped else {})}
     if config.pipeline.triangulation:
-        res = triangulate_points2d(cameras, config.skeleton(), p2d.pts2d, p2d.conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
-    else: res = PoseResult(p2d.pts2d, p2d.conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta)
+        res = triangulate_points2d(cameras, config.skeleton(), pts2d, conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
+    else: res = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta)
     res.provenance.update(result_provenance(ctx))
     res.provenance["frames"]["count"] = res.n_frames
     return res
+
+def _result_summary(res:PoseResult) -> dict:
+    "The numbers a 3D stage records: reprojection error (median, p95, n) and the median bone-length CV."
+    s = res.summary()
+    e = s.get("reprojection_error_px")
+    return {"reprojection_error_px": {k: e[k] for k in ("median", "p95", "n")} if e else None,
+            "bone_length_cv_median": (s.get("bone_length_cv") or {}).get("median")}
 
 def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOutcome) -> tuple:
     "Triangulate and save results.h5 (triangulated.h5 when refinement follows): (PoseResult, outcome)."
     cfg, path = ctx.config.to_dict(), ctx.out / ("triangulated.h5" if _refines(ctx.config) else "results.h5")
     fp = fingerprint({"stage": "triangulation", "code": code_version("triangulation"), "pose2d": p2d.content,
                       "rig": rig.content, "triangulation": cfg["triangulation"] if ctx.config.pipeline.triangulation else "off",
-                      "fps": ctx.fps, "provenance": result_provenance(ctx)})
+                      "filters": cfg["filters"], "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name})
     def compute():
         res = _triangulate(ctx, p2d, cameras, rig.summary)
         res.save(path)
         res = PoseResult.load(path)                                  # exactly what a reuse reads
-        s = res.summary()
-        e = s.get("reprojection_error_px")
-        return res, [path], result_content(res), {
-            "reprojection_error_px": {k: e[k] for k in ("median", "p95", "n")} if e else None,
-            "bone_length_cv_median": (s.get("bone_length_cv") or {}).get("median")}
+        return res, [path], result_content(res), _result_summary(res)
     return _stage(ctx, "triangulation", fp, compute, lambda: PoseResult.load(path))
+
+# %% ../nbs/19_run.ipynb #435b41ba
+LIFTER_FILES = ("lifter.json", "ckpt_best.pth")   # what `lifting.load_lifter` reads from a lifter's folder
+
+def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
+              model, # the lifter's folder (`lifting.train`'s output_folder)
+              view:str|None=None, # the view to lift (None: the first)
+              min_confidence:float=0.0, # 2D points below it count as unseen
+              device:str="cpu", # where the lifter runs
+              key:str="--view", # where `view` was given, for the message
+             ) -> PoseResult:
+    "`base` with 3D lifted from one view's 2D (`lifting.lift`), moved from that camera's frame into the world's."
+    from deeperfly_nb.lifting import lift, load_lifter
+    names = list(base.view_names)
+    view = view or names[0]
+    if view not in names: raise InputError(f"{key} = {view!r} is not a view of the 2D; views: {names}{did_you_mean(view, names)}")
+    v, lifter = names.index(view), load_lifter(model, device=device, skeleton=base.skeleton)
+    cam = base.cameras[v]
+    pts_cam = lift(lifter, base.pts2d[v], base.conf[v], min_confidence=min_confidence)
+    pts3d = (pts_cam - np.asarray(cam.tvec, float)) @ np.asarray(cam.rmat, float)      # camera frame -> world
+    return PoseResult(base.pts2d, base.conf, base.cameras, base.skeleton, pts3d=pts3d, fps=base.fps,
+                      reproj_error=reprojection_error(base.cameras, pts3d, base.pts2d),
+                      meta={**base.meta, "lifting": {"model": str(Path(model).resolve()), "view": view}}, provenance=dict(base.provenance))
+
+def _lifter_digests(ctx:RunContext, folder:Path) -> dict:
+    "{file: content digest} of what loading the lifter reads; a clear error when the folder is not a lifter's."
+    if not folder.is_dir(): raise InputError(f"[lifting] model = {str(folder)!r}: no such folder (expected a lifter trained by lifting.train)")
+    missing = [n for n in LIFTER_FILES if not (folder / n).is_file()]
+    if missing: raise InputError(f"[lifting] model = {str(folder)!r} is not a lifter's folder: {', '.join(missing)} missing")
+    return {n: ctx.digests.digest(folder / n) for n in LIFTER_FILES}
+
+# %% ../nbs/19_run.ipynb #7fa76dcd
+def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOutcome) -> tuple:
+    "Lift one camera's 2D (after `[filters]`) with `[lifting]`'s lifter into results.h5 (triangulated.h5 when refinement follows): (PoseResult, outcome)."
+    config, cfg = ctx.config, ctx.config.to_dict()
+    lc, folder = config.model.lifting, config.lifter_folder()
+    path = ctx.out / ("triangulated.h5" if _refines(config) else "results.h5")
+    fp = fingerprint({"stage": "lifting", "code": code_version("lifting"), "pose2d": p2d.content, "rig": rig.content,
+                      "lifting": cfg["lifting"], "lifter": _lifter_digests(ctx, folder), "filters": cfg["filters"],
+                      "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name})
+    def compute():
+        pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf)
+        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **({"filters": {"dropped": dropped}} if dropped else {})}
+        base = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta, provenance=result_provenance(ctx))
+        res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
+        res.provenance["frames"]["count"] = res.n_frames
+        res.save(path)
+        res = PoseResult.load(path)                                  # exactly what a reuse reads
+        return res, [path], result_content(res), _result_summary(res)
+    return _stage(ctx, "lifting", fp, compute, lambda: PoseResult.load(path))
 
 # %% ../nbs/19_run.ipynb #d48437d1
 def refinement_summary(info:dict, # `refine_3d`'s info
@@ -592,15 +678,43 @@ def refinement_summary(info:dict, # `refine_3d`'s info
             "filled_frac": float(info["filled_frac"]), "reproj_median_px_before": info["reproj_median_px_before"],
             "reproj_median_px_after": info["reproj_median_px_after"]}
 
+def _smoothing_info(r:PoseResult, X, info:dict|None, options) -> dict:
+    "refine_3d's info for 3D `X` refined from `r.pts3d` in more steps (or none): filled, shift, bone CV and reprojection before/after."
+    from deeperfly_nb.refinement import bone_names, median_reprojection_px
+    X0, T = r.pts3d, r.n_frames
+    filled = ~np.isfinite(X0).all(-1) & np.isfinite(X).all(-1)
+    if info is not None: filled |= np.asarray(info["filled"], bool)
+    with np.errstate(invalid="ignore"): shift = np.linalg.norm(X - X0, axis=-1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shift_median = np.nanmedian(shift, axis=0)                   # (points or bones never seen: NaN, quietly)
+        cv_before, cv_after = r.skeleton.bone_length_cv(X0), r.skeleton.bone_length_cv(X)
+    blocks = [(0, T)]
+    return dict(filled=filled, filled_frac=float(filled.mean()), bone_names=bone_names(r.skeleton),
+                shift_median=shift_median, bone_cv_before=cv_before, bone_cv_after=cv_after,
+                reproj_median_px_before=median_reprojection_px(r.cameras, X0, r.pts2d, r.conf, blocks, options),
+                reproj_median_px_after=median_reprojection_px(r.cameras, X, r.pts2d, r.conf, blocks, options))
+
+def refine_points3d(r:PoseResult, # a result with 3D (triangulated or lifted)
+                    config:Config, # its [refinement] table says what runs
+                   ) -> tuple:
+    "(pts3d, info): `refinement.refine_3d` (`least_squares`), then the 3D Kalman/RTS smoother (`kalman`); info as refine_3d's."
+    from deeperfly_nb.refinement import refine_3d, kalman_smooth_3d
+    rc, options = config.model.refinement, config.refine_options()
+    X, info = (refine_3d(r.cameras, r.pts2d, r.conf, r.pts3d, r.skeleton, options) if rc.least_squares else (r.pts3d, None))
+    if rc.kalman == "off" and info is not None: return X, info
+    if rc.kalman != "off": X = kalman_smooth_3d(X, rc.kalman, rc.kalman_noise_std, rc.kalman_process_std)
+    return X, _smoothing_info(r, X, info, options)
+
 def _refinement_stage(ctx:RunContext, tri_result:PoseResult, tri:StageOutcome) -> tuple:
-    "Refine the triangulated 3D into results.h5 (and refinement.h5: the filled point-frames): (PoseResult, outcome)."
-    from deeperfly_nb.refinement import refine_3d
+    "Refine the triangulated (or lifted) 3D into results.h5 (and refinement.h5: the filled point-frames): (PoseResult, outcome)."
     path, fpath = ctx.out / "results.h5", ctx.out / "refinement.h5"
     fp = fingerprint({"stage": "refinement", "code": code_version("refinement"), "triangulation": tri.content,
                       "refinement": ctx.config.to_dict()["refinement"], "provenance": result_provenance(ctx, refined=True)})
     def compute():
         r = tri_result
-        pts3d, info = refine_3d(r.cameras, r.pts2d, r.conf, r.pts3d, r.skeleton, ctx.config.refine_options())
+        pts3d, info = refine_points3d(r, ctx.config)
         summary = refinement_summary(info)
         res = PoseResult(r.pts2d, r.conf, r.cameras, r.skeleton, pts3d=pts3d, reproj_error=reprojection_error(r.cameras, pts3d, r.pts2d),
                          fps=r.fps, meta={**r.meta, "refinement": summary},
@@ -690,7 +804,8 @@ def config_snapshot(config:Config, # the run's config
             if p is not None: m["weights"] = str(Path(p).resolve())
     return "# the config of the last finished run in this folder (deeperfly run), every default filled in\n" + tomli_w.dumps(d)
 
-def _forced(overwrite) -> frozenset:
+def forced_stages(overwrite, # stage names, 'all' or True (every stage), or () (none)
+                 ) -> frozenset:
     "The stages to recompute: those named and every stage after the first named ('all' or True: every stage)."
     if overwrite is True or overwrite == "all": return frozenset(STAGES)
     names = set(overwrite or ())
@@ -718,16 +833,20 @@ def _check_run_args(recording:Path, max_frames, until):
 def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     "The stages in order, stopping after `until` (None: all): ([StageOutcome], PoseResult or None)."
     stop = STAGES.index(until or STAGES[-1])
+    reached = lambda stage: stop >= STAGES.index(stage)
     p2d, o2d = _pose2d_stage(ctx)
-    if stop <= STAGES.index("pose2d"): return o2d, None
+    p2d, ocorr = _apply_corrections(ctx, p2d)
+    o2d = [*o2d, *ocorr]
+    if not reached("bundle_adjustment"): return o2d, None
     cams, oba = _bundle_adjustment_stage(ctx, p2d)
-    if stop <= STAGES.index("bundle_adjustment"): return [*o2d, oba], None
-    result, otri = _triangulation_stage(ctx, p2d, cams, oba)
+    lifts = ctx.config.model.lifting is not None
+    if not reached("lifting" if lifts else "triangulation"): return [*o2d, oba], None
+    result, otri = (_lifting_stage if lifts else _triangulation_stage)(ctx, p2d, cams, oba)
     done = [*o2d, oba, otri]
-    if _refines(ctx.config) and stop >= STAGES.index("refinement"):
+    if _refines(ctx.config) and reached("refinement"):
         result, otri = _refinement_stage(ctx, result, otri)
         done.append(otri)
-    if stop < STAGES.index("visualization"): return done, result
+    if not reached("visualization"): return done, result
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
 # %% ../nbs/19_run.ipynb #e94d347e
@@ -744,7 +863,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     "Run the pipeline on one recording: detect 2D, bundle-adjust, triangulate, render videos — reusing cached stages."
     t0, config, recording = time.perf_counter(), config or Config.default(), Path(recording)
     _check_run_args(recording, max_frames, until)
-    forced = _forced(overwrite)
+    forced = forced_stages(overwrite)
     out = prepare_output_dir(out_dir)
     try:
         with OutputLock(out, wait=wait):

@@ -11,8 +11,8 @@ import h5py, numpy as np, pytest
 from deeperfly_nb.core import ConfigError, InputError
 from deeperfly_nb.config import Config
 from deeperfly_nb.run import OutputLock, STATE_DIR, read_record
-from deeperfly_nb.batch import (BatchOptions, ClusterConfig, cluster_config, cluster_from_config, connect, open_client,
-                                run_many)
+from deeperfly_nb.batch import (BatchOptions, ClusterConfig, cluster_config, cluster_from_config, connect, local_cluster,
+                                open_client, run_many)
 from conftest import tiny_recording
 
 distributed = pytest.importorskip("distributed")
@@ -34,8 +34,9 @@ def batch(tmp_path_factory, torch_one_thread):
 @pytest.fixture(scope="module")
 def client():
     "A LocalCluster of 2 single-threaded worker processes (each restarted by its nanny if it dies)."
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+    with local_cluster(2, 1, dashboard_address=None) as lc:
         c = connect(lc)
+        assert set(c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {None}   # deeperfly's workers
         yield c
         c.close()
 
@@ -92,9 +93,29 @@ def test_dask_run_is_bit_identical_to_sequential(batch, client, tmp_path):
     assert len({o.worker for o in outcomes}) == 2                       # both workers took recordings
     assert [Path(o.recording) for o in outcomes] == batch["recs"]       # reported in input order
     assert_same_results(batch["seq"], tmp_path / "dask", [r.name for r in batch["recs"]])
+    statuses = lambda os_: [{s: v[0] for s, v in o.stages.items()} for o in os_]
+    assert statuses(outcomes) == statuses(batch["outcomes"])            # every stage ran, in its own step's task
     rows = (tmp_path / "dask" / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + N_RECORDINGS and all(",done," in r for r in rows[1:])
     assert "<table>" in (tmp_path / "dask" / "summary.html").read_text()
+
+def test_one_task_per_stage_group_records_every_stage(batch, tmp_path):
+    "Each step ran its stages (detection, then geometry); a forced stage re-runs in its own step only."
+    first = batch["outcomes"][0]
+    assert {s: v[0] for s, v in first.stages.items()} == {"pose2d": "ran", "bundle_adjustment": "ran", "triangulation": "ran",
+                                                          "visualization": "disabled"}, first.stages
+    assert first.cpu_seconds > 0 and all(v[1] > 0 for v in first.stages.values() if v[0] == "ran")
+    rec = batch["recs"][0]
+    shutil.copytree(batch["seq"] / rec.name, tmp_path / "out" / rec.name)
+    again = run_many([rec], batch["config"], None, tmp_path / "out", QUIET)[0]
+    assert {s: v[0] for s, v in again.stages.items() if s != "visualization"} == dict.fromkeys(
+        ["pose2d", "bundle_adjustment", "triangulation"], "reused"), again.stages
+    forced = run_many([rec], batch["config"], None, tmp_path / "out", BatchOptions(overwrite=("triangulation",), progress=False))[0]
+    assert [forced.stages[s][0] for s in ("pose2d", "bundle_adjustment", "triangulation")] == ["reused", "reused", "ran"], forced.stages
+    forced = run_many([rec], batch["config"], None, tmp_path / "out", BatchOptions(overwrite=("pose2d",), progress=False))[0]
+    assert [forced.stages[s][0] for s in ("pose2d", "bundle_adjustment", "triangulation")] == ["ran"] * 3, forced.stages
+    assert read_record(tmp_path / "out" / rec.name, "pose2d")["seconds"] == forced.stages["pose2d"][1]   # detected once, not again by geometry
+    assert_same_results(batch["seq"], tmp_path / "out", [rec.name])
 
 # 2. a worker killed mid-run ----------------------------------------------------------------------------------
 

@@ -49,3 +49,45 @@ def test_refinement_stage_is_cached_and_reported(tmp_path):
     assert PoseResult.load(out / "results.h5").provenance["config"]["refinement"]["smooth_weight"] == 1.0
     p = run("inspect", "out/results.h5", cwd=tmp_path)
     assert p.returncode == 0 and "refinement: bone-length CV median" in p.stdout, p.stdout[-2000:]
+
+
+def _ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
+
+
+def test_filters_and_kalman_are_wired_and_fingerprinted(tmp_path, torch_one_thread):
+    "[filters] (2D, before triangulation) re-run triangulation and refinement only; [refinement] kalman re-runs refinement only."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.pipeline import load_points2d
+    from deeperfly_nb.refinement import kalman_smooth_3d
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=24)
+    d["pipeline"].update(pose2d=False, refinement=False)
+    rec, out = tmp_path / "rec", tmp_path / "out"
+    go = lambda: run_recording(rec, out, Config.from_dict(d), progress=False)
+    assert _ran(go()) == ["bundle_adjustment", "triangulation"]
+    d["pipeline"]["refinement"] = True                                # the triangulated 3D moves to triangulated.h5
+    assert _ran(go()) == ["triangulation", "refinement"]
+    base = PoseResult.load(out / "results.h5")
+    conf0 = load_points2d(rec).conf                                   # the recording's own 2D file
+    cut = float(np.nanquantile(conf0, 0.3))                           # drops about 30% of the detections
+    with np.errstate(invalid="ignore"): low = ~(conf0 >= cut)         # (a NaN confidence counts as low)
+    d["filters"] = {"min_confidence": cut, "median_window": 5, "median_threshold_px": 15.0}
+    assert _ran(go()) == ["triangulation", "refinement"]              # bundle adjustment reads the unfiltered 2D
+    tri = PoseResult.load(out / "triangulated.h5")
+    assert np.isnan(tri.pts2d[low]).all() and low.sum() > 0
+    dropped = tri.meta["filters"]["dropped"]
+    assert dropped["min_confidence"] == int((low & np.isfinite(load_points2d(rec).pts2d).all(-1)).sum()), dropped
+    assert tri.provenance["config"]["filters"]["median_window"] == 5
+    assert _ran(go()) == []                                           # cached
+    filtered = PoseResult.load(out / "results.h5")
+    d["refinement"] = {"kalman": "velocity"}
+    assert _ran(go()) == ["refinement"]
+    smoothed = PoseResult.load(out / "results.h5")
+    jerk = lambda X: np.nanmedian(np.abs(np.diff(X, 2, axis=0)))
+    assert jerk(smoothed.pts3d) < jerk(filtered.pts3d), (jerk(smoothed.pts3d), jerk(filtered.pts3d))
+    d["refinement"] = {"kalman": "velocity", "least_squares": False}  # the smoother alone, on the triangulated 3D
+    assert _ran(go()) == ["refinement"]
+    only = PoseResult.load(out / "results.h5")
+    np.testing.assert_allclose(only.pts3d, kalman_smooth_3d(PoseResult.load(out / "triangulated.h5").pts3d, "velocity"), equal_nan=True)
+    assert only.meta["refinement"]["filled_frac"] >= 0 and len(only.meta["refinement"]["bone_cv_after"]) == len(base.skeleton.bones)
+    assert not np.array_equal(base.pts3d, filtered.pts3d, equal_nan=True)

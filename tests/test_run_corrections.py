@@ -1,0 +1,52 @@
+"""`deeperfly run` applies the review's corrections sidecar (`OUT/corrections.h5`) after the 2D stage: bundle adjustment
+and later stages re-run on the corrected 2D (their fingerprints follow its content), detection never does."""
+import numpy as np
+import pytest
+
+from conftest import tiny_recording
+from deeperfly_nb.config import Config
+from deeperfly_nb.core import InputError
+from deeperfly_nb.corrections import CORRECTIONS, Correction, Corrections, write_corrections
+from deeperfly_nb.results import PoseResult
+from deeperfly_nb.run import run_recording
+
+
+def ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
+
+
+def test_corrections_rerun_only_downstream_stages(tmp_path, torch_one_thread):
+    d = tiny_recording(tmp_path, n_frames=6)
+    d["pipeline"]["visualization"] = False
+    config, rec, out = Config.from_dict(d), tmp_path / "rec", tmp_path / "out"
+    assert ran(run_recording(rec, out, config, progress=False)) == ["pose2d", "bundle_adjustment", "triangulation"]
+    before = PoseResult.load(out / "results.h5")
+    raw = PoseResult.load(out / "pose2d.h5")
+    views, points = list(config.view_names), list(config.skeleton().point_names)
+    cs = Corrections(views, points, raw.n_frames, "fly38")
+    cs.add(Correction("rf", 2, points[3], 123.25, 45.5))
+    cs.add(Correction("lh", 4, points[7], float("nan"), float("nan")))      # marked unseen
+    write_corrections(out / CORRECTIONS, cs)
+    rep = run_recording(rec, out, config, progress=False)
+    assert ran(rep) == ["bundle_adjustment", "triangulation"], rep         # detection is reused
+    assert {s.stage: s.status for s in rep.stages}["corrections"] == "applied"
+    after = PoseResult.load(out / "results.h5")
+    v, n = views.index("rf"), 3
+    np.testing.assert_array_equal(after.pts2d[v, 2, n], [123.25, 45.5]); assert after.conf[v, 2, n] == 1.0
+    assert np.isnan(after.pts2d[views.index("lh"), 4, 7]).all() and after.conf[views.index("lh"), 4, 7] == 0.0
+    untouched = np.ones(raw.conf.shape, bool); untouched[v, 2, n] = untouched[views.index("lh"), 4, 7] = False
+    np.testing.assert_array_equal(after.pts2d[untouched], raw.pts2d[untouched])
+    np.testing.assert_array_equal(PoseResult.load(out / "pose2d.h5").pts2d, raw.pts2d, "the detections file stays as detected")
+    assert ran(run_recording(rec, out, config, progress=False)) == []        # the same corrections: cached
+    (out / CORRECTIONS).unlink()
+    assert ran(run_recording(rec, out, config, progress=False)) == ["bundle_adjustment", "triangulation"]
+    np.testing.assert_array_equal(PoseResult.load(out / "results.h5").pts3d, before.pts3d)
+
+
+def test_a_sidecar_of_another_recording_is_refused(tmp_path, torch_one_thread):
+    d = tiny_recording(tmp_path, n_frames=6)
+    d["pipeline"].update(visualization=False, pose2d=False)                  # the recording's 2D file: no detection
+    config, out = Config.from_dict(d), tmp_path / "out"
+    out.mkdir()
+    write_corrections(out / CORRECTIONS, Corrections(list(config.view_names), list(config.skeleton().point_names), 50, "fly38"))
+    with pytest.raises(InputError, match="corrections.h5 belongs to another recording or skeleton: it is for 50 frames"):
+        run_recording(tmp_path / "rec", out, config, progress=False)
