@@ -180,8 +180,15 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html
-        path = write_report_html(args.plot, result, truth=truth, extra_figures=crop_box_figures(Path(args.result).parent))
-        if not args.json: print(f"wrote {path}")
+        from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure
+        diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
+        extra = [*crop_box_figures(Path(args.result).parent), diagnostics_figure(diag)]
+        path = write_report_html(args.plot, result, truth=truth, extra_figures=extra)
+        if not args.json:
+            print("frames to check (or label) first, by the label-free diagnostics:")
+            for w in diag.worst_frames(10):
+                print(f"  frame {w['frame']:>6}  score {w['score']:6.1f}  ({w['measure']} {w['value']:.2f} at {w['view']}/{w['point']})")
+            print(f"wrote {path}")
     return 0
 
 def _jsonable(x):
@@ -220,7 +227,15 @@ def _check_codecs() -> tuple:
 def _check_weights() -> tuple:
     from deeperfly_nb.detector import cache_dir, bundled_weights
     p = bundled_weights("fly_synthetic")
-    return True, f"bundled model {p.name} ({p.stat().st_size / 1e6:.1f} MB); download cache {cache_dir()}"
+    return True, f"bundled model {p.name} ({p.stat().st_size / 1e6:.1f} MB); weights a config gives by URL are cached in {cache_dir()}"
+
+def _check_mujoco_renderer() -> tuple:
+    "The optional MuJoCo renderer of NeuroMechFly (`synth_mujoco`): never a failure; says what is missing."
+    import importlib.metadata as md
+    from deeperfly_nb.synth_mujoco import assets_status
+    try: lib = f"mujoco {md.version('mujoco')}"
+    except md.PackageNotFoundError: lib = "mujoco not installed (optional: pip install -e '.[mujoco]')"
+    return True, f"{lib}; {assets_status()['message']}"
 
 # %% ../nbs/20_cli.ipynb #65af0b31
 def _check_bundled_model() -> tuple:
@@ -242,7 +257,7 @@ def _doctor_checks(quick:bool=False) -> list:
     "[(check, ok, detail)] for this installation."
     checks = [("python", lambda: (sys.version_info >= (3, 11), platform.python_version())),
               ("deeperfly", lambda: (True, deeperfly_nb.__version__)), ("libraries", _check_libraries),
-              ("device", _check_device), ("video", _check_codecs), ("weights", _check_weights),
+              ("device", _check_device), ("video", _check_codecs), ("weights", _check_weights), ("renderer", _check_mujoco_renderer),
               ("config", lambda: (True, repr(__import__("deeperfly_nb.config", fromlist=["Config"]).Config.default())))]
     if not quick: checks.append(("bundled model", _check_bundled_model))
     out = []
@@ -299,13 +314,38 @@ def parse_settings(items, # ['key=value', ...]; value in TOML syntax, dotted key
         d[last] = v
     return out
 
+# %% ../nbs/20_cli.ipynb #62950f7d
+def _train(args, # the parsed `train` command line
+           files:list, # the label files
+           out:Path, # the run folder
+           frames, # DeepFly3D frames (or None)
+           settings:dict, # TrainConfig settings
+          ):
+    "`semisupervised.train_semisupervised` with --unlabelled, else `training.train_from_labels` (cropzoom included)."
+    from deeperfly_nb.training import train_from_labels
+    common = dict(config=args.config, model=args.model, view=args.view, images=args.images, frames=frames, resume=args.resume,
+                  progress=not args.quiet and not args.no_progress)
+    cropping = bool(args.detector_model or args.crop_ratio or args.crop_size)
+    if not args.unlabelled:
+        return train_from_labels(files, out, detector_model=args.detector_model,
+                                 crop_options=crop_options_from_args(args) if cropping else None, **common, **settings)
+    if cropping: raise InputError("--unlabelled cannot be combined with cropzoom training (--detector-model, --crop_ratio, --crop_size)")
+    from deeperfly_nb.semisupervised import train_semisupervised, parse_losses, parse_loss_weights
+    from deeperfly_nb.results import PoseResult
+    missing = [u for u in args.unlabelled if not Path(u).exists()]
+    if missing: raise InputError(f"--unlabelled recording(s) not found: {', '.join(missing)}")
+    opts = {"losses": parse_losses(args.losses), "weights": parse_loss_weights(args.loss_weight)}
+    return train_semisupervised(files, [Path(u) for u in args.unlabelled], out, options=opts,
+                                cameras=PoseResult.load(args.cameras) if args.cameras else "config",
+                                bones=PoseResult.load(args.bones_from) if args.bones_from else None, **common, **settings)
+
 # %% ../nbs/20_cli.ipynb #f6b34834
 def cmd_train(args, # the parsed command line (see `make_parser`)
              ) -> int:
-    "Train (or fine-tune) the config's detector on label files: `training.train_from_labels`."
+    "Train (or fine-tune) the config's detector on label files, and on unlabelled recordings with --unlabelled."
     import tomllib
     from deeperfly_nb.core import ConfigError
-    from deeperfly_nb.training import TrainConfig, train_from_labels
+    from deeperfly_nb.training import TrainConfig
     files = [Path(f) for f in args.labels]
     missing = [str(f) for f in files if not f.exists()]
     if missing: raise InputError(f"label file(s) not found: {', '.join(missing)}")
@@ -326,11 +366,7 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     TrainConfig.from_dict(settings)                          # bad settings fail here, before any label is read
     frames = parse_frames(args.frames) if args.frames else None
     t0 = time.perf_counter()
-    try:
-        crop = crop_options_from_args(args) if args.detector_model or args.crop_ratio or args.crop_size else None
-        res = train_from_labels(files, out, config=args.config, model=args.model, view=args.view, images=args.images,
-                                frames=frames, resume=args.resume, progress=not args.quiet and not args.no_progress,
-                                detector_model=args.detector_model, crop_options=crop, **settings)
+    try: res = _train(args, files, out, frames, settings)
     except KeyboardInterrupt:
         if (out / "last.pt").exists():
             print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)
@@ -360,6 +396,10 @@ TRAIN_EXAMPLES = """examples:
   deeperfly train labels.h5 -o runs/scratch --init none --steps 5000 --set lr=2e-3 --set warmup_steps=200
   # cropzoom: the pose model learns on crops that a detector model draws around the animal (lightning-pose's recipe)
   deeperfly train labels.csv --view top -o runs/pose --detector-model runs/det/model.pt --crop_ratio 2
+  # the frames a reviewer corrected (deeperfly_nb.review) in a run's output folder
+  deeperfly train out/corrections.h5 -o runs/corrected
+  # semi-supervised: the same labels, plus losses without labels on unlabelled recordings
+  deeperfly train df3d_output/df3d_result.pkl --frames 0-4 -o runs/semi --unlabelled recordings/fly2 --loss-weight pca=0.05
 
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
 paste it over the model's table in your config (deeperfly init writes a config to edit)."""
@@ -374,7 +414,8 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
                                    "(mirrored cameras mirrored). Writes RUN_DIR/model.pt, last.pt (resumable), best.pt, log.jsonl "
                                    "and use_model.toml.",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("labels", nargs="+", help="label files: .h5 (deeperfly), .csv (DeepLabCut / lightning-pose), .pkl (DeepFly3D)")
+    s.add_argument("labels", nargs="+", help="label files: .h5 (deeperfly), .csv (DeepLabCut / lightning-pose), .pkl (DeepFly3D), "
+                                              "a run's corrections.h5 (the reviewer's)")
     s.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="the run folder")
     s.add_argument("-c", "--config", help="config TOML whose detection plan the model serves (default: the packaged one)")
     s.add_argument("--model", help="which model of the plan to train (default: the plan's only one)")
@@ -397,6 +438,14 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     crop.add_argument("--crop_size", "--crop-size", type=float, help="a fixed box of this many pixels")
     crop.add_argument("--anchor_points", "--anchor-points", nargs="+", metavar="NAME", help="keypoints whose mean is the box centre")
     crop.add_argument("--smooth-frames", type=int, default=1, help=argparse.SUPPRESS)
+    semi = s.add_argument_group("semi-supervised: losses without labels on unlabelled recordings (the semisupervised module)")
+    semi.add_argument("--unlabelled", nargs="+", metavar="RECORDING", help="recording folders (matched by the config's sources) "
+                                                                         "whose frames train the losses without labels")
+    semi.add_argument("--losses", default="temporal,multiview,pca,bones,consistency",
+                      help="comma-separated among temporal, multiview, pca_multiview, pca, bones, consistency (default: all but pca_multiview)")
+    semi.add_argument("--loss-weight", action="append", default=[], metavar="NAME=W", help="a loss's weight, repeatable (defaults: semisupervised.LOSS_DEFAULTS)")
+    semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
+    semi.add_argument("--bones-from", metavar="RESULTS_H5", help="a results.h5 whose 3D gives the bone-length prior (default: the labels triangulated)")
     s.set_defaults(func=cmd_train)
 
 # %% ../nbs/20_cli.ipynb #4c4f0bd8
@@ -603,7 +652,8 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     "Entry point of the `deeperfly` command; returns (and, as a script, exits with) the exit code."
     args = make_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    other = logging.DEBUG if args.verbose else max(level, logging.WARNING)      # other libraries' INFO lines (numexpr, ...) only with -v
+    logging.basicConfig(level=other, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("deeperfly").setLevel(level)
     try:
         return args.func(args)

@@ -253,3 +253,22 @@ def test_train_on_crops_from_a_detector_model(tmp_path, capsys):
     assert crop["detector_model"] == str(bundled) and "crop_ratio=3.0" in crop["crop_options"]
     assert main(["train", str(csv_path), "--view", "lh", "-o", str(tmp_path / "r2"), "--crop_ratio", "0.5", *TINY]) == 2
     assert "crop_ratio" in capsys.readouterr().err and not (tmp_path / "r2" / "model.pt").exists()
+
+
+def test_train_with_unlabelled_recordings_logs_every_loss(tmp_path, capsys):
+    "`--unlabelled` trains the losses without labels on a recording's frames too: every chosen loss is in the log, per step."
+    import json
+    from deeperfly_nb.synth_footage import synth_recording
+    csv_path = dlc_project(tmp_path / "proj")
+    rec = synth_recording(tmp_path / "rec", n_frames=4, seed=5)
+    run = tmp_path / "semi"
+    argv = ["train", str(csv_path), "--view", "lh", "-o", str(run), *TINY, "--unlabelled", str(rec),
+            "--losses", "temporal,consistency", "--loss-weight", "temporal=0.5"]
+    assert main(argv) == 0, capsys.readouterr().err
+    steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"loss_temporal"' in l]
+    assert len(steps) == 3 and all(np.isfinite(s["loss_temporal"]) and np.isfinite(s["loss_consistency"]) for s in steps)
+    assert "loss_pca" not in steps[0]
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(tmp_path / "x"), *TINY, "--unlabelled", str(tmp_path / "nowhere")]) == 2
+    assert "--unlabelled recording(s) not found" in capsys.readouterr().err
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(tmp_path / "y"), *TINY, "--unlabelled", str(rec), "--losses", "temporl"]) == 2
+    assert "temporl" in capsys.readouterr().err
