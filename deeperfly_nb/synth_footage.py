@@ -23,7 +23,7 @@ from . import synth
 __all__ = ['BODY_PARTS', 'WING_PARTS', 'LEG_RADII', 'LEG_ALBEDO', 'ANTENNA_BASE', 'THORAX_POINTS', 'STRIPE_POINTS',
            'REFERENCE_PX_PER_UNIT', 'VIS_MARGIN', 'ARENA_LOOK', 'resize_cameras', 'crop_cameras', 'fly_poses', 'Look',
            'sample_look', 'render_frames', 'perturb_rig_in_frame', 'SynthRender', 'render_recording', 'synth_recording',
-           'load_ground_truth', 'render_arena']
+           'write_ground_truth', 'write_points2d', 'load_ground_truth', 'render_arena']
 
 # %% ../nbs/15_synth_footage.ipynb #2f6fb092
 def resize_cameras(cameras:CameraGroup, # the rig (every camera needs its image_size)
@@ -759,38 +759,51 @@ def synth_recording(out_dir, # folder to write into (created if needed)
                     **kwargs, # passed to `render_recording` (scale, gait_seed, skip_frames, stride_hz, sway, look, Look fields, ...)
                    ) -> Path:
     "Render a synthetic recording into `out_dir`: camera_{c}.mp4, ground_truth.h5, points2d.h5 and config.toml; returns the folder."
-    import h5py
     from deeperfly_nb.config import default_config_text
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rec = render_recording(n_frames, seed=seed, rig_rot_deg=rig_rot_deg, rig_focal_frac=rig_focal_frac, fps=fps, **kwargs)
     for v in range(len(rec.cameras)): _write_video(out / f"camera_{v}.mp4", rec.frames[v], fps=fps, crf=crf, preset=preset)
-    with atomic_path(out / "ground_truth.h5") as tmp:
+    write_ground_truth(out / "ground_truth.h5", rec)
+    with atomic_path(out / "config.toml") as tmp: tmp.write_text(default_config_text(), encoding="utf-8")
+    if points2d: write_points2d(out / "points2d.h5", rec, seed)
+    return out
+
+# %% ../nbs/15_synth_footage.ipynb #7b71b0e2
+def write_ground_truth(path, # ground_truth.h5 to write (atomically)
+                       rec:SynthRender, # the render
+                       visible_rule:str="in frame and not occluded", # how `visible` was decided, recorded in the file
+                      ) -> Path:
+    "The render's truth as a PoseResult, plus a `render` group: every point's exact projection, visibility, and what each view reports."
+    import h5py
+    with atomic_path(path) as tmp:
         rec.to_result().save(tmp)
         with h5py.File(tmp, "a") as f:
             g = f.create_group("render")
-            g.attrs["content"] = ("pts2d_all: exact projections of every point; visible: in frame and not occluded; "
+            g.attrs["content"] = (f"pts2d_all: exact projections of every point; visible: {visible_rule}; "
                                   "reported: the points each view's detector reports (DeepFly3D's rule)")
             g.create_dataset("pts2d_all", data=rec.pts2d, compression="gzip", shuffle=True)
             g.create_dataset("visible", data=rec.visible, compression="gzip")
             g.create_dataset("reported", data=rec.reported)
-    with atomic_path(out / "config.toml") as tmp: tmp.write_text(default_config_text(), encoding="utf-8")
-    if points2d: _write_points2d(out / "points2d.h5", rec, seed)
-    return out
+    return Path(path)
 
-# %% ../nbs/15_synth_footage.ipynb #7b71b0e2
-def _write_points2d(path, rec, seed:int):
+def write_points2d(path, # points2d.h5 to write
+                   rec:SynthRender, # the render
+                   seed:int, # seeds the noise
+                   what:str="the rendered fly", # what was rendered, for the file's description
+                  ) -> Path:
     "Simulated detector output (1 px noise, 2% gross errors, occluded points unseen) on the nominal rig: points2d.h5."
     from deeperfly_nb.synth import observe, default_rig
     ob = observe(rec.cameras, rec.pts3d, visibility=rec.reported, noise_px=1.0, outlier_frac=0.02, seed=seed)
     pts = np.where(rec.visible[..., None], ob.pts2d, np.nan)
     conf = np.where(np.isfinite(pts).all(-1), ob.conf, np.nan)
-    nominal = resize_cameras(default_rig(), size=rec.cameras[0].image_size)       # the config's rig, at the render's size
+    nominal = resize_cameras(default_rig(), size=rec.cameras[0].image_size) if len(rec.cameras) == 7 else rec.cameras   # the config's rig
     PoseResult(pts2d=pts, conf=conf, cameras=nominal, skeleton=rec.skeleton, fps=rec.fps,
                meta={"synthetic": True, "seed": seed, "noise_px": 1.0, "outlier_frac": 0.02,
-                     "content": "simulated 2D detections of the rendered fly (nominal rig; the truth is in ground_truth.h5), "
+                     "content": f"simulated 2D detections of {what} (nominal rig; the truth is in ground_truth.h5), "
                                 "for `deeperfly reconstruct`"}).save(path)
+    return Path(path)
 
 # %% ../nbs/15_synth_footage.ipynb #6fe1aa6c
 def load_ground_truth(path, # ground_truth.h5, or the folder holding it

@@ -16,7 +16,7 @@ from .skeleton import FLY_LEG_JOINTS, fly38
 from .cameras import Camera, CameraGroup
 from .results import PoseResult
 from . import synth
-from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras
+from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, write_ground_truth, write_points2d
 
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
@@ -741,28 +741,6 @@ def render_recording_mujoco(n_frames:int=16, # frames T
     rec.meta.update(scale=scale, rig_rot_deg=rig_rot_deg, rig_focal_frac=rig_focal_frac, n_frames=int(n_frames))
     return rec
 
-# %% ../nbs/15a_synth_mujoco.ipynb #4ce677d7
-def _write_ground_truth(path:Path, rec:SynthRender):
-    import h5py
-    with atomic_path(path) as tmp:
-        rec.to_result().save(tmp)
-        with h5py.File(tmp, "a") as f:
-            g = f.create_group("render")
-            g.attrs["content"] = ("pts2d_all: exact projections of every point; visible: in frame and not occluded (depth buffer); "
-                                  "reported: the points each view's detector reports (DeepFly3D's rule)")
-            g.create_dataset("pts2d_all", data=rec.pts2d, compression="gzip", shuffle=True)
-            g.create_dataset("visible", data=rec.visible, compression="gzip")
-            g.create_dataset("reported", data=rec.reported)
-
-def _write_points2d(path:Path, rec:SynthRender, seed:int):
-    "Simulated detections (1 px noise, 2% gross errors, occluded points unseen) on the nominal rig."
-    ob = synth.observe(rec.cameras, rec.pts3d, visibility=rec.reported, noise_px=1.0, outlier_frac=0.02, seed=seed)
-    pts = np.where(rec.visible[..., None], ob.pts2d, np.nan)
-    nominal = resize_cameras(synth.default_rig(), size=rec.cameras[0].image_size) if len(rec.cameras) == 7 else rec.cameras
-    PoseResult(pts2d=pts, conf=np.where(np.isfinite(pts).all(-1), ob.conf, np.nan), cameras=nominal, skeleton=rec.skeleton, fps=rec.fps,
-               meta={"synthetic": True, "seed": seed, "noise_px": 1.0, "outlier_frac": 0.02,
-                     "content": "simulated 2D detections of the rendered NeuroMechFly (the truth is in ground_truth.h5)"}).save(path)
-
 # %% ../nbs/15a_synth_mujoco.ipynb #6bfc9c99
 def synth_recording_mujoco(out_dir, # folder to write into (created if needed)
                            n_frames:int=16, # frames T
@@ -788,7 +766,7 @@ def synth_recording_mujoco(out_dir, # folder to write into (created if needed)
         for t in range(n_frames if images else 0):
             with atomic_path(out / f"camera_{v}_img_{t}.jpg") as tmp:
                 tmp.write_bytes(cv2.imencode(".jpg", fr[t][..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
-    _write_ground_truth(out / "ground_truth.h5", rec)
+    write_ground_truth(out / "ground_truth.h5", rec, "in frame and not occluded (depth buffer)")
     with atomic_path(out / "config.toml") as tmp: tmp.write_text(default_config_text(), encoding="utf-8")
-    if points2d: _write_points2d(out / "points2d.h5", rec, seed)
+    if points2d: write_points2d(out / "points2d.h5", rec, seed, "the rendered NeuroMechFly")
     return out
