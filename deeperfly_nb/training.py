@@ -24,8 +24,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'photometric',
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
-           'train_detector', 'model_config_lines', 'crop_labels_for_model', 'read_label_files', 'train_from_labels',
-           'make_bundled_model', 'finetune_on_df3d']
+           'run_trainer', 'train_detector', 'model_config_lines', 'crop_labels_for_model', 'read_label_files',
+           'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -628,6 +628,29 @@ def _check_crop(cfg:TrainConfig, samples:SampleSet):
     if any(c > s for c, s in zip(cfg.crop_hw, samples.input_size)):
         raise ConfigError(f"crop_hw {list(cfg.crop_hw)} is larger than the model input {list(samples.input_size)}")
 
+# %% ../nbs/17_training.ipynb #5ead66a8
+def run_trainer(t:Trainer, # a Trainer (or a subclass), resumed or fresh
+                resume:bool=False, # continue from the run folder's last.pt
+                progress:bool=True, # a tqdm progress bar
+                callback=None, # callback(step, loss) after every step (after any checkpoint of that step)
+               ) -> TrainResult:
+    "The training loop: steps, log lines, held-out evaluation and checkpoints on the trainer's schedule; the exported result."
+    from tqdm.auto import tqdm
+    cfg = t.cfg
+    if resume: t.resume()
+    if cfg.channels_last: t.net = t.net.to(memory_format=torch.channels_last)
+    s, bar, t_log = t.state, tqdm(total=cfg.steps, initial=t.state.step, desc="train", unit="step", disable=not progress), time.perf_counter()
+    while s.step < cfg.steps and not s.stopped:
+        loss = t.train_step(); bar.update(1)
+        if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+            bar.set_postfix(loss=f"{t.log_line(time.perf_counter() - t_log)['loss']:.4f}"); t_log = time.perf_counter()
+        evaluated = bool(len(t.val_idx)) and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
+        if evaluated: bar.set_postfix(val_px=f"{t.evaluate_held_out()['median_px']:.2f}"); t_log = time.perf_counter()
+        if s.step % cfg.checkpoint_every == 0 or evaluated or s.step == cfg.steps or s.stopped: t.checkpoint()
+        if callback is not None: callback(s.step, loss)
+    bar.close()
+    return t.export()
+
 # %% ../nbs/17_training.ipynb #e916323e
 def train_detector(samples:SampleSet, # training + validation samples (split by frame inside)
                    out_dir, # the run folder (created): last.pt, best.pt, model.pt, log.jsonl
@@ -639,25 +662,12 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
                    metadata:dict|None=None, # extra 'data' metadata for the checkpoints (e.g. the data recipe)
                   ) -> TrainResult:
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
-    from tqdm.auto import tqdm
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
     out = _run_folder(out_dir, resume)
     _check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
         t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata)
-        if resume: t.resume()
-        if cfg.channels_last: t.net = t.net.to(memory_format=torch.channels_last)
-        s, bar, t_log = t.state, tqdm(total=cfg.steps, initial=t.state.step, desc="train", unit="step", disable=not progress), time.perf_counter()
-        while s.step < cfg.steps and not s.stopped:
-            loss = t.train_step(); bar.update(1)
-            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
-                bar.set_postfix(loss=f"{t.log_line(time.perf_counter() - t_log)['loss']:.4f}"); t_log = time.perf_counter()
-            evaluated = bool(len(t.val_idx)) and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
-            if evaluated: bar.set_postfix(val_px=f"{t.evaluate_held_out()['median_px']:.2f}"); t_log = time.perf_counter()
-            if s.step % cfg.checkpoint_every == 0 or evaluated or s.step == cfg.steps or s.stopped: t.checkpoint()
-            if callback is not None: callback(s.step, loss)
-        bar.close()
-        return t.export()
+        return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
 def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
