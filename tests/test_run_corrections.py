@@ -50,3 +50,43 @@ def test_a_sidecar_of_another_recording_is_refused(tmp_path, torch_one_thread):
     write_corrections(out / CORRECTIONS, Corrections(list(config.view_names), list(config.skeleton().point_names), 50, "fly38"))
     with pytest.raises(InputError, match="corrections.h5 belongs to another recording or skeleton: it is for 50 frames"):
         run_recording(tmp_path / "rec", out, config, progress=False)
+
+
+def test_the_reviewer_restores_corrupted_points_of_the_bundled_example(tmp_path, torch_one_thread):
+    """Issue 18's loop end to end on the bundled example: a few points of one view corrupted in the recording's 2D, moved
+    back in the `Reviewer`, then `deeperfly run` again: only the stages after the 2D re-run and the 3D error against the
+    truth is the uncorrupted run's."""
+    import shutil
+    from deeperfly_nb.review import Reviewer
+    from deeperfly_nb.results import ground_truth_error
+    from deeperfly_nb.testing import repo_root
+    ex = repo_root() / "examples" / "data"
+    d = Config.default().to_dict(); d["pipeline"].update(pose2d=False, visualization=False)
+    config, truth = Config.from_dict(d), PoseResult.load(ex / "ground_truth.h5")
+    clean, bad = tmp_path / "clean", tmp_path / "bad"
+    for rec in (clean, bad):
+        rec.mkdir()
+        for f in ex.glob("camera_*.mp4"): (rec / f.name).symlink_to(f)
+    shutil.copy(ex / "points2d.h5", clean / "points2d.h5")
+    det = PoseResult.load(ex / "points2d.h5")
+    v = det.view_names.index("rf")
+    hits = [(t, n) for t in (5, 17, 40) for n in np.flatnonzero(np.isfinite(det.pts2d[v, t]).all(-1))[:2]]
+    pts = det.pts2d.copy()
+    for t, n in hits: pts[v, t, n] += (60.0, -40.0)
+    PoseResult(pts, det.conf, det.cameras, det.skeleton, fps=det.fps, meta=det.meta).save(bad / "points2d.h5")
+    err = lambda out: ground_truth_error(PoseResult.load(out / "results.h5"), truth.pts3d)["overall"]["median"]
+    run_recording(clean, tmp_path / "out_clean", config, progress=False)
+    run_recording(bad, tmp_path / "out_bad", config, progress=False)
+    e_clean, e_bad = err(tmp_path / "out_clean"), err(tmp_path / "out_bad")
+    ts, ns = np.array(hits).T
+    X_clean = PoseResult.load(tmp_path / "out_clean" / "results.h5").pts3d
+    moved = lambda out: np.linalg.norm(PoseResult.load(out / "results.h5").pts3d[ts, ns] - X_clean[ts, ns], axis=-1).max()
+    assert e_bad > e_clean and moved(tmp_path / "out_bad") > 0.02, (e_bad, e_clean, moved(tmp_path / "out_bad"))
+    print(f"median 3D error: clean {e_clean:.6f}, corrupted {e_bad:.6f}; corrupted points off by up to {moved(tmp_path / 'out_bad'):.4f}")
+    rv = Reviewer(tmp_path / "out_bad")
+    for t, n in hits: rv.move("rf", t, int(n), *det.pts2d[v, t, n])
+    rep = run_recording(bad, tmp_path / "out_bad", config, progress=False)
+    assert ran(rep) == ["bundle_adjustment", "triangulation"], rep
+    np.testing.assert_allclose(err(tmp_path / "out_bad"), e_clean, rtol=1e-3)   # moved points get confidence 1: not bit-equal
+    assert moved(tmp_path / "out_bad") < 1e-3
+    np.testing.assert_allclose(PoseResult.load(tmp_path / "out_bad" / "results.h5").pts3d, X_clean, atol=1e-3)
