@@ -403,10 +403,13 @@ def read_nwb_points2d(path, # an NWB file with ndx-pose PoseEstimation(s)
                       name_map:dict|None=None, # {series name: skeleton point}
                       pattern:str="{view}", # how a view shows in a PoseEstimation's (or its device's) name
                      ) -> tuple:
-    "(pts2d (V, T, N, 2), conf (V, T, N), info) from the PoseEstimations of an NWB file, one per view."
+    "(pts2d (V, T, N, 2), conf (V, T, N), info) from the PoseEstimations of an NWB file, one per view; info has the image sizes deeperfly wrote."
     path = Path(path)
     with _nwb_open(path) as io:
-        _, single = _nwb_pose(io.read(), path)
+        nwb = io.read()
+        _, single = _nwb_pose(nwb, path)
+        ex = _nwb_extras_of(nwb)                          # deeperfly's own files carry the rig's image sizes
+        sizes = {v: tuple(s) for v, s in zip(ex.get("view_names") or [], ex.get("image_sizes") or []) if s is not None and v in view_names}
         per_view, unmapped = {}, set()
         for pe in single:
             names = [pe.name] + ([pe.device.name] if pe.device is not None else [])
@@ -419,7 +422,8 @@ def read_nwb_points2d(path, # an NWB file with ndx-pose PoseEstimation(s)
             per_view[hits.pop()] = (place(p, match, skeleton.n_points, axis=1), place(c, match, skeleton.n_points, fill=0.0), f"{path} ({pe.name})")
             unmapped |= set(match.unmapped)
     pts2d, conf = stack_views(per_view, view_names, skeleton.n_points)
-    return pts2d, conf, {"file": str(path), "format": "NWB", "views": [v for v in view_names if v in per_view], "unmapped": sorted(unmapped)}
+    return pts2d, conf, {"file": str(path), "format": "NWB", "views": [v for v in view_names if v in per_view], "unmapped": sorted(unmapped),
+                         "image_sizes": sizes}
 
 # %% ../nbs/16a_interop.ipynb #7e597506
 def write_slp(result:PoseResult, # the result whose 2D to write

@@ -269,11 +269,7 @@ def foreign_points2d(sources:list, # one file or folder, several per-view files,
     skeleton, io_cfg = config.skeleton(), config.model.interop
     pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,
                                       name_map=name_map or io_cfg.name_map or None, pattern=view_pattern or io_cfg.view_pattern)
-    sizes = {}
-    if len(sources) == 1 and first.suffix.lower() == ".nwb":      # deeperfly's own NWB files carry the rig: its image sizes
-        from deeperfly_nb.interop import read_nwb
-        try: sizes = {c.name: tuple(c.image_size) for c in read_nwb(first).cameras if c.image_size is not None}
-        except InputError: sizes = {}
+    sizes = info.pop("image_sizes", {})                         # deeperfly's own NWB files carry the rig's image sizes
     return Points2D(pts2d, conf, list(config.view_names), sizes, None, tuple(skeleton.point_names), first,
                     {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}})
 
