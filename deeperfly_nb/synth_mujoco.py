@@ -345,7 +345,7 @@ class FlyModel:
     ball_radius_mm: float      # the ball
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c8f84148
-def build_fly(look:MjLook|None=None, # materials, lights, ball texture (default: `MjLook()`)
+def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
               seed:int=0, # draws the ball's texture
               assets:str|Path|None=None, # the assets folder (default: `assets_dir()`)
               ball_radius_mm:float=synth.BALL_RADIUS, # the ball, mm
