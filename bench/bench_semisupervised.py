@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/bench_semisupervised.py domain-shift [--steps 300] [--runs sup,all,...]
     OMP_NUM_THREADS=1 python bench/bench_semisupervised.py diagnostics
     OMP_NUM_THREADS=1 python bench/bench_semisupervised.py cost
+    OMP_NUM_THREADS=1 python bench/bench_semisupervised.py real [--steps 100] [--zero-steps 60] [--runs sup,semi,zero]
 
 domain-shift ('what it must show' 1): labels from 6 synthetic recordings x 8 frames rendered with look A (the
 default `Look()`), unlabelled frames from 4 recordings x 32 frames with look B (another light, gain, gamma, noise,
@@ -27,6 +28,23 @@ cost ('what it must show' 5): images per second of a supervised step (batch 8) a
 the same number of images (one time point: 2 frames x 8 pathways = 16 images, plus their 8 augmented copies for
 consistency; and without consistency), and peak traced memory while drawing batches from a 20- and a 200-frame
 image-folder recording.
+
+real ('what it must show' 2 and 3, real footage, CPU): the bundled model (`bundled:fly_synthetic`) fine-tuned on the
+real DeepFly3D sample (`../shared/data/deepfly3d_sample`, 15 frames x 7 cameras) with DeepFly3D's own 2D as labels
+for frames 0-4 only (`labels.labels_from_df3d`, as bench/finetune_real.py, through `training.REAL_FINETUNE`'s settings
+with fewer steps). Frames 10-14 are held out: they are never labelled nor unlabelled training frames. Arms, same seed,
+same steps, same labelled batches: `sup` (labels alone), `semi` (labels, and after a supervised warm-up of --semi-start
+steps, chosen beforehand because the bundled model starts ~120 px off, temporal, multiview and bones on unlabelled
+frames 0-9 of the sample, served from a folder of links to its camera_{c}_img_{t}.jpg for t < 10, and the 64 frames of
+`../shared/data/deeperfly_example`), `zero` (no labels at all: supervised weight 0, temporal + multiview only, on the
+same unlabelled frames; frames 0-4's labels are never read). The multiview loss uses DeepFly3D's calibration of the
+sample for both recordings (the config's nominal rig reprojects DeepFly3D's own 2D with a median of ~11 px against
+~2.6 px through DeepFly3D's cameras: too far off for a 5 px epsilon; the example recording has no calibration of its
+own, and it is the same rig and image size). Consistency is left out (it costs 8 more 256 x 512 forward/backward
+passes a step). Reported per view: the median distance of the last weights' held-out detections (decoded as at
+inference) to DeepFly3D's 2D, before and after; and the 3D bone-length coefficient of variation (median over bones)
+after bundle adjustment (`pipeline.run_from_points2d`, starting from DeepFly3D's calibration) of the model's
+detections of all 15 frames, beside the same measure of DeepFly3D's own 2D.
 
 Writes bench/results/semisupervised_*.json (merged per run, so an interrupted sweep keeps its finished runs).
 """
@@ -60,7 +78,16 @@ def _renders(seeds, n, look):
 
 
 def _merge(path: Path, key: str, value):
+    "Set d[key] = value in the JSON at path (locked: arms may run in parallel processes)."
+    import fcntl
     from deeperfly_nb.core import atomic_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_locked(path, key, value, atomic_path)
+
+
+def _merge_locked(path: Path, key: str, value, atomic_path):
     d = json.loads(path.read_text()) if path.exists() else {}
     d[key] = value
     d["machine"] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
@@ -235,16 +262,128 @@ def cost(args):
                                                          "steps": res, "peak_traced_mb_by_recording_frames": mem})
 
 
+SHARED = ROOT / ".." / "shared" / "data"
+DF3D_PKL = (SHARED / "deepfly3d_sample" / "df3d_output" / "df3d_result.pkl").resolve()
+EXAMPLE = (SHARED / "deeperfly_example").resolve()
+LAB_FRAMES, UNL_FRAMES, TEST_FRAMES = range(0, 5), range(0, 10), range(10, 15)
+
+
+def _per_view(np, ev, plan):
+    "{view: median px} of an evaluation's pathways (one view per pathway in the default plan)."
+    return {plan.view_names[plan.pathway(k).view_indices[0]]: round(float(v), 2) for k, v in ev.per_pathway().items()}
+
+
+def _detections(np, net, S, plan):
+    "(V, T, N, 2) detections and (V, T, N) confidences of every sample of S, raw pixels."
+    from deeperfly_nb.training import evaluate
+    from deeperfly_nb.semisupervised import model_pathways
+    ev, pws = evaluate(net, S), model_pathways(plan)
+    pts, cf = np.full((plan.n_views, len(S.frame_keys), plan.n_points, 2), np.nan), np.zeros((plan.n_views, len(S.frame_keys), plan.n_points))
+    for s in range(len(S)):
+        for c, v, p in pws[S.pathway[s]].mapping:
+            if np.isnan(pts[v, S.frame[s], p, 0]): pts[v, S.frame[s], p], cf[v, S.frame[s], p] = ev.pred_px[s, c], ev.conf[s, c]
+    return pts, cf
+
+
+def _bone_cv(np, cams, skeleton, pts2d, conf):
+    "Median bone-length CV (%) after bundle adjustment + DLT, over all frames and over the held-out ones."
+    from deeperfly_nb.pipeline import run_from_points2d
+    r = run_from_points2d(cams, skeleton, pts2d, conf)
+    ba = r.meta.get("bundle_adjustment", {})
+    test = list(TEST_FRAMES)
+    return {"bone_cv_median_pct": round(100 * float(np.nanmedian(skeleton.bone_length_cv(r.pts3d))), 2),
+            "bone_cv_median_pct_frames_10_14": round(100 * float(np.nanmedian(skeleton.bone_length_cv(r.pts3d[test]))), 2),
+            "reproj_median_px": round(float(np.nanmedian(r.reproj_error)), 2),
+            "ba_median_reproj_before_after_px": [ba.get("median_reproj_before"), ba.get("median_reproj_after")]}
+
+
+def real(args):
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.df3d import read_df3d_result
+    from deeperfly_nb.labels import labels_from_df3d, pathway_samples
+    from deeperfly_nb.training import REAL_FINETUNE, evaluate
+    from deeperfly_nb.detector import load_checkpoint, build_network
+    from deeperfly_nb.semisupervised import UnlabelledFrames, SemiOptions, semi_priors, semi_train_detector
+    if not DF3D_PKL.exists() or not EXAMPLE.exists():
+        print(f"the real data ({DF3D_PKL}, {EXAMPLE}) is missing; nothing to do", file=sys.stderr); return 1
+    cfg_d, df3d = Config.default(), read_df3d_result(DF3D_PKL)
+    plan, cams, sk = cfg_d.detection_plan(), df3d.cameras, df3d.skeleton
+    S = pathway_samples(labels_from_df3d(DF3D_PKL, frames=list(LAB_FRAMES) + list(TEST_FRAMES), plan=plan), plan)
+    A = pathway_samples(labels_from_df3d(DF3D_PKL, frames=range(15), plan=plan), plan)          # all frames: for the 3D
+    test_keys = [f"frame {t}" for t in TEST_FRAMES]
+    cfg = {**REAL_FINETUNE, "init": "bundled:fly_synthetic", "steps": args.steps, "warmup_steps": min(30, max(1, args.steps // 10)),
+           "val_frames": test_keys, "eval_every": args.steps, "checkpoint_every": 25, "num_threads": 1, "seed": args.seed}
+    out = Path(args.out) if args.out else RESULTS / "semisupervised_real.json"
+    test_idx = np.flatnonzero(np.isin(np.array(S.frame_keys)[S.frame], test_keys))
+    with tempfile.TemporaryDirectory() as d:
+        sample = Path(d) / "deepfly3d_sample_frames_0_9"; sample.mkdir()
+        for c in range(7):
+            for t in UNL_FRAMES: (sample / f"camera_{c}_img_{t}.jpg").symlink_to(DF3D_PKL.parents[1] / f"camera_{c}_img_{t}.jpg")
+        frames = UnlabelledFrames([sample, EXAMPLE], plan, cameras=[cams, cams])
+        for name in args.runs.split(","):
+            if name == "before":
+                from deeperfly_nb.detector import bundled_weights
+                m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
+                ev = evaluate(m0, S, test_idx)
+                p2, c2 = _detections(np, m0, A, plan)
+                row = {"test_per_view_px": _per_view(np, ev, plan), "test_median_px": round(ev.summary()["median_px"], 2)}
+                ref = _bone_cv(np, cams, sk, df3d.pts2d, np.where(np.isfinite(df3d.pts2d[..., 0]), 1.0, 0.0))
+                _merge(out, "deepfly3d_own_2d", ref); print("DeepFly3D's own 2D:", ref, flush=True)
+                try: row.update(_bone_cv(np, cams, sk, p2, c2))
+                except Exception as e: row["bone_cv_error"] = f"{type(e).__name__}: {e}"
+                print("before", row, flush=True); _merge(out, "before", row); continue
+            o = {"sup": SemiOptions(losses=()),
+                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start),
+                 "zero": SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0)}[name]
+            c = {**cfg, "steps": args.zero_steps, "eval_every": args.zero_steps,
+                 "warmup_steps": min(30, max(1, args.zero_steps // 10))} if name == "zero" else cfg
+            pri = semi_priors(S, plan, o, frames, label_cameras=cams, skeleton=sk) if o.losses else {}
+            t1 = time.perf_counter()
+            res = semi_train_detector(S, frames, Path(d) / name, c, o, pri, progress=False, callback=_progress(name, c["steps"]))
+            secs = time.perf_counter() - t1
+            net = build_network(load_checkpoint(Path(d) / name / "last.pt")[0])        # the last weights: no choice on the test frames
+            ev = evaluate(net, S, test_idx)
+            p2, c2 = _detections(np, net, A, plan)
+            row = {"command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_semisupervised.py"] + sys.argv[1:]),
+                   "options": o.to_dict(), "train": c, "test_per_view_px": _per_view(np, ev, plan),
+                   "test_median_px": round(ev.summary()["median_px"], 2), "seconds": round(secs, 1),
+                   "seconds_per_step": round(secs / c["steps"], 2), "last_log": [h for h in res.history if "loss" in h][-1]}
+            try: row.update(_bone_cv(np, cams, sk, p2, c2))
+            except Exception as e: row["bone_cv_error"] = f"{type(e).__name__}: {e}"
+            print(name, {k: v for k, v in row.items() if k not in ("options", "train")}, flush=True)
+            _merge(out, name + args.suffix, row)
+    _merge(out, "setup" + args.suffix, {"command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_semisupervised.py"] + sys.argv[1:]),
+                          "labelled_frames": list(LAB_FRAMES), "test_frames": list(TEST_FRAMES),
+                          "unlabelled": {"deepfly3d_sample frames": list(UNL_FRAMES), "deeperfly_example frames": frames.lengths[1]},
+                          "cameras_for_multiview": "DeepFly3D's calibration of deepfly3d_sample (for both recordings)",
+                          "samples": str(S)})
+    return 0
+
+
+def _progress(name, steps):
+    t0 = time.perf_counter()
+    def cb(step, loss):
+        if step in (1, 2, 5) or step % 10 == 0: print(f"  {name} step {step}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return cb
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["domain-shift", "diagnostics", "cost"])
+    ap.add_argument("what", choices=["domain-shift", "diagnostics", "cost", "real"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0, help="domain-shift: the training seed (weights, batches, unlabelled draws)")
-    ap.add_argument("--runs", default="sup,all,zero,temporal,multiview,pca,bones,consistency,pca_multiview")
+    ap.add_argument("--runs", default=None, help="domain-shift: sup,all,zero,<loss>,all-<loss>,...; real: before,sup,semi,zero")
+    ap.add_argument("--out", default=None, help="real: the JSON to write (default bench/results/semisupervised_real.json)")
+    ap.add_argument("--semi-start", type=int, default=60, help="real: the semi arm's supervised warm-up, steps (its losses join then)")
+    ap.add_argument("--suffix", default="", help="real: appended to the JSON keys of the runs (e.g. @300 for a second step count)")
+    ap.add_argument("--zero-steps", type=int, default=60, help="real: steps of the zero-label run")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    {"domain-shift": domain_shift, "diagnostics": diagnostics, "cost": cost}[args.what](args)
-    return 0
+    if args.runs is None:
+        args.runs = "before,sup,semi,zero" if args.what == "real" else "sup,all,zero,temporal,multiview,pca,bones,consistency,pca_multiview"
+    return {"domain-shift": domain_shift, "diagnostics": diagnostics, "cost": cost, "real": real}[args.what](args) or 0
 
 
 if __name__ == "__main__":

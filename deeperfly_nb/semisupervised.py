@@ -398,6 +398,7 @@ class SemiOptions:
     warp_rotation_deg: float = 10.0   # consistency: rotation range of the augmented copy
     warp_scale: tuple = (0.9, 1.1)    # consistency: zoom range
     warp_translate_px: float = 8.0    # consistency: shift range, model-input pixels
+    supervised_weight: float = 1.0    # weight of the supervised heatmap loss; 0 = zero-label mode (no labelled batch is drawn)
 
     def __post_init__(self):
         object.__setattr__(self, "losses", tuple(self.losses))
@@ -410,6 +411,11 @@ class SemiOptions:
             if bad: raise ConfigError(f"semi-supervised {what}: expected numbers >= 0, got {bad}")
         if not (isinstance(self.frames_per_step, int) and self.frames_per_step >= 1): raise ConfigError(f"frames_per_step must be an integer >= 1, got {self.frames_per_step!r}")
         if not (isinstance(self.frame_gap, int) and self.frame_gap >= 1): raise ConfigError(f"frame_gap must be an integer >= 1, got {self.frame_gap!r}")
+        sw = self.supervised_weight
+        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not math.isfinite(sw) or sw < 0:
+            raise ConfigError(f"supervised_weight must be a number >= 0, got {sw!r}")
+        if sw == 0 and not self.losses: raise ConfigError("supervised_weight 0 (zero labels) needs at least one loss without labels")
+        if sw == 0 and self.start_step: raise ConfigError(f"supervised_weight 0 (zero labels) cannot wait for a supervised warm-up: start_step must be 0, got {self.start_step}")
         if not 0 < self.pca_variance <= 1: raise ConfigError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
 
 # %% ../nbs/17a_semisupervised.ipynb #193f6766
@@ -622,17 +628,19 @@ def unsupervised_losses(self:SemiTrainer, step:int, # the step (seeds the frames
 # %% ../nbs/17a_semisupervised.ipynb #d18126a5
 @patch
 def train_step(self:SemiTrainer) -> float:
-    "Do step `state.step`: supervised heatmap loss + weighted unsupervised losses; returns the total."
+    "Do step `state.step`: weighted supervised heatmap loss (none in zero-label mode) + weighted unsupervised losses; returns the total."
     cfg, s, o, t0 = self.cfg, self.state, self.opts, time.perf_counter()
-    rng = np.random.default_rng([cfg.seed, 0xA, s.step])                       # training's own streams: same labelled batches
-    idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
-    x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride)
-    if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
     self.net.train()
-    parts = {"supervised": heatmap_loss(self.net(x), tgt, m, cfg.sigma_cells)}
+    parts = {}
+    if o.supervised_weight > 0:                                                # zero-label mode draws no labelled batch
+        rng = np.random.default_rng([cfg.seed, 0xA, s.step])                   # training's own streams: same labelled batches
+        idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
+        x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride)
+        if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        parts["supervised"] = heatmap_loss(self.net(x), tgt, m, cfg.sigma_cells)
     if o.losses and s.step >= o.start_step: parts.update(self.unsupervised_losses(s.step))
-    total = parts["supervised"] + sum(o.weight(k) * v for k, v in parts.items() if k != "supervised")
+    total = sum((o.supervised_weight if k == "supervised" else o.weight(k)) * v for k, v in parts.items())
     vals = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
     bad = [k for k, v in vals.items() if k != "loss" and not math.isfinite(v)] or ([] if math.isfinite(vals["loss"]) else ["loss"])
     if bad: self.stop_on_nan(bad, vals)

@@ -227,3 +227,28 @@ def test_train_semisupervised_from_files(data, tmp_path):
                                progress=False, **{**TINY, "steps": 2, "crop_hw": (192, 320)})
     assert (tmp_path / "run" / "use_model.toml").exists() and res.steps == 2
     assert {"loss_temporal", "loss_pca_multiview"} <= set(res.history[-1])
+
+
+def test_zero_label_mode_never_reads_labels(data, tmp_path, monkeypatch):
+    "supervised_weight 0: no labelled batch is drawn, the labels do not change the weights, the unsupervised losses do."
+    lab, unl, frames, samples = data
+    uf = UnlabelledFrames([frames], PLAN, cameras=unl.cameras)
+    opts = SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0, conf_min=0.0)
+    a = _run(samples, uf, tmp_path / "a", opts, {}, cfg={"steps": 2, "seed": 3})
+    moved = samples.subset(np.ones(len(samples), bool))
+    moved.source_keypoints = moved.source_keypoints + 37.0                # other labels: must not matter
+    moved.keypoints = moved.keypoints + 9.0
+    def no_batch(*a, **k): raise AssertionError("zero-label mode drew a labelled batch")
+    monkeypatch.setattr(ss, "make_batch", no_batch)
+    b = _run(moved, uf, tmp_path / "b", opts, {}, cfg={"steps": 2, "seed": 3})
+    wa, wb = torch.load(a.model_path, weights_only=True)["state_dict"], torch.load(b.model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    logs = [r for r in a.history if "loss" in r]
+    assert "loss_supervised" not in logs[-1] and {"loss_temporal", "loss_multiview"} <= set(logs[-1])
+    assert logs[-1]["loss"] == pytest.approx(0.01 * logs[-1]["loss_temporal"] + 0.01 * logs[-1]["loss_multiview"], rel=1e-6)
+    monkeypatch.undo()
+    sup = _run(samples, uf, tmp_path / "c", SemiOptions(losses=("temporal",)), {}, cfg={"steps": 2, "seed": 3})
+    assert "loss_supervised" in [r for r in sup.history if "loss" in r][-1]
+    with pytest.raises(ConfigError, match="needs at least one loss without labels"): SemiOptions(losses=(), supervised_weight=0)
+    with pytest.raises(ConfigError, match="start_step must be 0"): SemiOptions(losses=("temporal",), supervised_weight=0, start_step=5)
+    with pytest.raises(ConfigError, match="supervised_weight must be a number >= 0"): SemiOptions(supervised_weight=-1)
