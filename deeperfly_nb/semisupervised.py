@@ -16,7 +16,7 @@ from .core import ConfigError, InputError, ModelError, atomic_path
 from .cameras import CameraGroup
 from .plan import DetectionPlan, Transform
 from .labels import SampleSet, resize_to_input, model_of_plan
-from .training import (TrainConfig, Trainer, TrainResult, make_batch, heatmap_loss, batch_indices, torch_threads,
+from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, check_crop, run_trainer, make_batch, heatmap_loss, batch_indices, torch_threads,
                                    photometric, read_run_checkpoint)
 
 # %% auto #0
@@ -697,16 +697,6 @@ def resume(self:SemiTrainer):
     Trainer.resume(self)
 
 # %% ../nbs/17a_semisupervised.ipynb #945da8c6
-def _run_folder(out_dir, resume:bool) -> Path:
-    "The run folder, created; refuses to start over a run (without resume) or to resume nothing (as training does)."
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir(): raise InputError(f"training output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "last.pt").exists() and not resume:
-        raise InputError(f"{out} already holds a training run (last.pt); pass resume=True to continue it, or choose a new folder")
-    if resume and not (out / "last.pt").exists(): raise InputError(f"cannot resume: {out / 'last.pt'} does not exist")
-    return out
-
 def semi_train_detector(samples:SampleSet, # labelled samples (split by frame inside)
                         frames:UnlabelledFrames, # the unlabelled recordings
                         out_dir, # the run folder: last.pt, best.pt, model.pt, log.jsonl
@@ -719,30 +709,16 @@ def semi_train_detector(samples:SampleSet, # labelled samples (split by frame in
                         metadata:dict|None=None, # extra checkpoint metadata
                        ) -> TrainResult:
     "`training.train_detector` with the losses without labels: resumable, evaluated on held-out labelled frames."
-    from tqdm.auto import tqdm
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
     o = options or SemiOptions()
-    out = _run_folder(out_dir, resume)
-    if any(c > s for c, s in zip(cfg.crop_hw, samples.input_size)):
-        raise ConfigError(f"crop_hw {list(cfg.crop_hw)} is larger than the model input {list(samples.input_size)}")
+    out = prepare_run_folder(out_dir, resume)
+    check_crop(cfg, samples)
     if tuple(samples.input_size) != tuple(frames.input_hw):
         raise InputError(f"labelled samples are at input size {tuple(samples.input_size)}, the unlabelled frames at {frames.input_hw}: use one plan")
     priors = priors if priors is not None else semi_priors(samples, frames.plan, o, frames, frames.model)
     with torch_threads(cfg.num_threads):
         t = SemiTrainer(samples, cfg, out, samples.meta.get("mean", 0.22), metadata, frames, o, priors)
-        if resume: t.resume()
-        if cfg.channels_last: t.net = t.net.to(memory_format=torch.channels_last)
-        s, bar, t_log = t.state, tqdm(total=cfg.steps, initial=t.state.step, desc="train", unit="step", disable=not progress), time.perf_counter()
-        while s.step < cfg.steps and not s.stopped:
-            loss = t.train_step(); bar.update(1)
-            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
-                bar.set_postfix(loss=f"{t.log_line(time.perf_counter() - t_log)['loss']:.4f}"); t_log = time.perf_counter()
-            evaluated = bool(len(t.val_idx)) and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
-            if evaluated: bar.set_postfix(val_px=f"{t.evaluate_held_out()['median_px']:.2f}"); t_log = time.perf_counter()
-            if s.step % cfg.checkpoint_every == 0 or evaluated or s.step == cfg.steps or s.stopped: t.checkpoint()
-            if callback is not None: callback(s.step, loss)
-        bar.close()
-        return t.export()
+        return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17a_semisupervised.ipynb #b2ac717d
 @dataclass(eq=False)
@@ -904,8 +880,8 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
                         ) -> TrainResult:
     "Semi-supervised training of the plan's detector: labelled samples + losses without labels on unlabelled recordings."
     from deeperfly_nb.config import Config
-    from deeperfly_nb.labels import read_labels, pathway_samples, concat_samples
-    from deeperfly_nb.training import model_config_lines
+    from deeperfly_nb.labels import pathway_samples, concat_samples
+    from deeperfly_nb.training import model_config_lines, read_label_files
     cfg = Config.default() if config is None else (config if isinstance(config, Config) else Config.load(config))
     plan, train_cfg = cfg.detection_plan(), TrainConfig.from_dict(settings)
     model = model_of_plan(plan, model)
@@ -915,7 +891,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
     else:
         files = [labels] if isinstance(labels, (str, Path)) else list(labels)
         if not files: raise InputError("no label files given")
-        sets = [read_labels(f, view=view, skeleton=cfg.skeleton(), images=images, frames=frames, plan=plan) for f in files]
+        sets = read_label_files(files, cfg, view, images, frames)
         samples = concat_samples([pathway_samples(s, plan, model, name=f"{k}_{Path(f).stem}" if len(files) > 1 else "")
                                   for k, (s, f) in enumerate(zip(sets, files))])
     recs = list(unlabelled) if isinstance(unlabelled, (list, tuple)) else [unlabelled]

@@ -24,8 +24,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'photometric',
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
-           'run_trainer', 'train_detector', 'model_config_lines', 'crop_labels_for_model', 'read_label_files',
-           'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
+           'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
+           'crop_labels_for_model', 'read_label_files', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -614,7 +614,9 @@ def export(self:Trainer) -> TrainResult:
     return TrainResult(model_path, self.out, final, s.history, s.step, s.stopped, s.train_seconds, ips)
 
 # %% ../nbs/17_training.ipynb #8c20f9df
-def _run_folder(out_dir, resume:bool) -> Path:
+def prepare_run_folder(out_dir, # the run folder
+                       resume:bool, # continue the run in it
+                      ) -> Path:
     "The run folder, created; refuses to start over a run (without resume) or to resume nothing."
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"training output {out} exists and is not a folder")
@@ -624,7 +626,10 @@ def _run_folder(out_dir, resume:bool) -> Path:
     if resume and not (out / "last.pt").exists(): raise InputError(f"cannot resume: {out / 'last.pt'} does not exist")
     return out
 
-def _check_crop(cfg:TrainConfig, samples:SampleSet):
+def check_crop(cfg:TrainConfig, # the training settings
+               samples:SampleSet, # the samples they train on
+              ):
+    "A `ConfigError` when the training crop is larger than the model's input."
     if any(c > s for c, s in zip(cfg.crop_hw, samples.input_size)):
         raise ConfigError(f"crop_hw {list(cfg.crop_hw)} is larger than the model input {list(samples.input_size)}")
 
@@ -663,8 +668,8 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
                   ) -> TrainResult:
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
-    out = _run_folder(out_dir, resume)
-    _check_crop(cfg, samples)
+    out = prepare_run_folder(out_dir, resume)
+    check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
         t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata)
         return run_trainer(t, resume, progress, callback)
