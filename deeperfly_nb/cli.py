@@ -180,9 +180,9 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html
-        from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure
+        from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure, worst_frames_table
         diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
-        extra = [*crop_box_figures(Path(args.result).parent), diagnostics_figure(diag)]
+        extra = [*crop_box_figures(Path(args.result).parent), worst_frames_table(diag), diagnostics_figure(diag)]
         path = write_report_html(args.plot, result, truth=truth, extra_figures=extra)
         if not args.json:
             print("frames to check (or label) first, by the label-free diagnostics:")
@@ -217,7 +217,7 @@ def _check_libraries() -> tuple:
 def _check_device() -> tuple:
     import torch
     if torch.cuda.is_available(): return True, f"CUDA: {torch.cuda.get_device_name(0)} (detection runs on the GPU)"
-    return True, f"CPU only, {torch.get_num_threads()} threads (detection runs on the CPU; a GPU is much faster)"
+    return True, f"CPU only, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''} (detection runs on the CPU; a GPU is much faster)"
 
 def _check_codecs() -> tuple:
     import av
@@ -227,7 +227,7 @@ def _check_codecs() -> tuple:
 def _check_weights() -> tuple:
     from deeperfly_nb.detector import cache_dir, bundled_weights
     p = bundled_weights("fly_synthetic")
-    return True, f"bundled model {p.name} ({p.stat().st_size / 1e6:.1f} MB); weights a config gives by URL are cached in {cache_dir()}"
+    return True, f"bundled model {p.name} ({p.stat().st_size / 1e6:.1f} MB); weights a config names by https URL (with their sha256) would be cached in {cache_dir()}"
 
 def _check_mujoco_renderer() -> tuple:
     "The optional MuJoCo renderer of NeuroMechFly (`synth_mujoco`): never a failure; says what is missing."
@@ -395,7 +395,7 @@ TRAIN_EXAMPLES = """examples:
   # from random weights instead (thousands of steps: hours on a CPU)
   deeperfly train labels.h5 -o runs/scratch --init none --steps 5000 --set lr=2e-3 --set warmup_steps=200
   # cropzoom: the pose model learns on crops that a detector model draws around the animal (lightning-pose's recipe)
-  deeperfly train labels.csv --view top -o runs/pose --detector-model runs/det/model.pt --crop_ratio 2
+  deeperfly train labels.csv -c config.toml --view top -o runs/pose --detector-model runs/det/model.pt --crop_ratio 2
   # the frames a reviewer corrected (deeperfly_nb.review) in a run's output folder
   deeperfly train out/corrections.h5 -o runs/corrected
   # semi-supervised: the same labels, plus losses without labels on unlabelled recordings

@@ -26,7 +26,7 @@ __all__ = ['LOSS_DEFAULTS', 'LOSS_NAMES', 'soft_argmax', 'input_to_source_matrix
            'singleview_priors', 'points_multiview_priors', 'multiview_priors', 'pca_loss', 'BonePrior', 'bone_prior',
            'bone_loss', 'random_warp', 'consistency_loss', 'SemiOptions', 'UnlabelledFrames', 'plan_with_input_size',
            'semi_priors', 'SemiTrainer', 'semi_train_detector', 'Diagnostics', 'diagnose', 'result_diagnostics',
-           'diagnostics_figure', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
+           'diagnostics_figure', 'worst_frames_table', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
 
 # %% ../nbs/17a_semisupervised.ipynb #8ffdabf4
 def soft_argmax(heatmaps:torch.Tensor, # (..., C, h, w) heatmaps
@@ -824,6 +824,21 @@ def diagnostics_figure(diag:Diagnostics, # from `diagnose`
     fig.add_trace(go.Scatter(x=top, y=diag.score[top], mode="markers", marker=dict(color="red", size=8), name=f"worst {top_frac:.0%}"), 2, 1)
     fig.update_layout(height=620, margin=dict(l=60, r=20, t=40, b=40), showlegend=True)
     fig.update_xaxes(title_text="frame", row=2, col=1)
+    return fig
+
+# %% ../nbs/17a_semisupervised.ipynb #820f8156
+def worst_frames_table(diag:Diagnostics, # from `diagnose`
+                       k:int=10, # how many frames
+                      ):
+    "Plotly table of `Diagnostics.worst_frames(k)`: frame, score, and the worst entry's measure, value, view and point."
+    import plotly.graph_objects as go
+    rows = diag.worst_frames(k)
+    cols = ["frame", "score", "measure", "value", "view", "point"]
+    cells = [[r["frame"] for r in rows], [f"{r['score']:.1f}" for r in rows], [r["measure"] for r in rows],
+             [f"{r['value']:.2f}" for r in rows], [r["view"] for r in rows], [r["point"] for r in rows]]
+    fig = go.Figure(go.Table(header=dict(values=cols, align="left"), cells=dict(values=cells, align="left")))
+    fig.update_layout(title=f"frames to check (or label) first: the {len(rows)} worst by the label-free diagnostics",
+                      height=90 + 28 * len(rows), margin=dict(l=20, r=20, t=50, b=10))
     return fig
 
 # %% ../nbs/17a_semisupervised.ipynb #6ec1808b

@@ -294,7 +294,8 @@ def split_by_frame(samples:SampleSet, # the samples
     else:
         if not 0 <= val_frac < 1: raise InputError(f"val_frac must be in [0, 1), got {val_frac}")
         k = int(math.ceil(val_frac * n)) if val_frac > 0 else 0
-        if val_frac > 0 and k >= n: raise InputError(f"only {n} labeled frame(s): cannot hold out {val_frac:.0%} of them and still train")
+        if val_frac > 0 and k >= n: raise InputError(f"only {n} labeled frame(s): cannot hold out {val_frac:.0%} of them and still train "
+                                             "(set val_frac=0 to train on all of them: `--set val_frac=0`)")
         val = np.zeros(n, bool); val[np.random.default_rng([int(seed), 0x5B1]).permutation(n)[:k]] = True
     is_val = val[samples.frame]
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
