@@ -404,6 +404,7 @@ TRAIN_EXAMPLES = """examples:
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
 paste it over the model's table in your config (deeperfly init writes a config to edit)."""
 
+# %% ../nbs/20_cli.ipynb #67fd24e1
 def _add_train_parser(sub, # the subparsers of `make_parser`
                      ):
     "Add the `train` command (see the `training` module)."

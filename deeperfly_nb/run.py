@@ -581,6 +581,7 @@ def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersCo
         dropped["median"] = n - seen(pts2d)
     return pts2d, conf, dropped
 
+# %% ../nbs/19_run.ipynb #fc7654f1
 def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:dict) -> PoseResult:
     "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
@@ -703,6 +704,7 @@ def refine_points3d(r:PoseResult, # a result with 3D (triangulated or lifted)
     if rc.kalman != "off": X = kalman_smooth_3d(X, rc.kalman, rc.kalman_noise_std, rc.kalman_process_std)
     return X, _smoothing_info(r, X, info, options)
 
+# %% ../nbs/19_run.ipynb #8a3e4266
 def _refinement_stage(ctx:RunContext, tri_result:PoseResult, tri:StageOutcome) -> tuple:
     "Refine the triangulated (or lifted) 3D into results.h5 (and refinement.h5: the filled point-frames): (PoseResult, outcome)."
     path, fpath = ctx.out / "results.h5", ctx.out / "refinement.h5"

@@ -877,6 +877,7 @@ def _rig_for(rec, cams, cfg, plan):
         return cfg.camera_group(sizes)
     raise InputError(f"cameras: expected a CameraGroup, a PoseResult, 'config' or None, got {type(cams).__name__}")
 
+# %% ../nbs/17a_semisupervised.ipynb #5a13368c
 def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl) or a SampleSet
                          unlabelled, # recordings: folders the plan's sources match, or {view: (T, H, W[, 3]) frames}
                          out_dir, # the run folder
