@@ -26,8 +26,8 @@ __all__ = ['REPROJ_LOSSES', 'SOLVERS', 'RefineOptions', 'RefinementError', 'bone
            'project_with_jacobian', 'pixels_per_unit', 'difference_matrix', 'ChunkProblem', 'solve_banded',
            'interpolate_missing', 'chunk_bounds', 'blend_weights', 'chunk_anchors', 'chunk_start', 'detection_weights',
            'solve_chunk', 'polish_filled', 'refine_3d', 'median_reprojection_px', 'median_columns', 'bone_cv_blocks',
-           'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d', 'select_peaks',
-           'kalman_smooth_3d']
+           'refinement_info', 'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d',
+           'select_peaks', 'kalman_smooth_3d']
 
 # %% ../nbs/04c_refinement.ipynb #093b2b11
 REPROJ_LOSSES = ("soft_l1", "huber", "linear", "cauchy")
@@ -655,7 +655,7 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
         wsum[s:e] += bw
         runs.append((s, e, *run))
     out /= wsum[:, None, None]
-    return out, _info(cameras, p, c, X0, out, filled, skeleton, runs, blocks, o)
+    return out, refinement_info(cameras, p, c, X0, out, filled, skeleton, runs, blocks, o)
 
 # %% ../nbs/04c_refinement.ipynb #2aefbcff
 def median_reprojection_px(cameras:CameraGroup, # the rig
@@ -719,7 +719,17 @@ def bone_cv_blocks(skeleton:Skeleton, # its bones are measured
     return np.where(n >= 2, cv, np.nan)
 
 # %% ../nbs/04c_refinement.ipynb #dea0d07e
-def _info(cameras, p, c, X0, X, filled, skeleton, runs, blocks, o) -> dict:
+def refinement_info(cameras, # the rig
+                    p, # (V, T, N, 2) the detections
+                    c, # (V, T, N) their confidences
+                    X0, # (T, N, 3) the 3D before
+                    X, # (T, N, 3) the 3D after
+                    filled, # (T, N) bool: points the refinement filled in (kept where X is finite)
+                    skeleton:Skeleton, # its bones
+                    runs, # [(start, stop, iterations, status)] of the chunks solved (() when none)
+                    blocks, # [(start, stop)] frame blocks the statistics are computed over (memory flat in T)
+                    o:RefineOptions, # the options (the reprojection weighting)
+                   ) -> dict:
     "What refinement did: filled points, per-point shift, bone-length CV and reprojection error before and after, the chunks' runs (all block by block)."
     for s, e in blocks: filled[s:e] &= np.isfinite(X[s:e]).all(-1)
     has_bones = len(skeleton.bones) > 0

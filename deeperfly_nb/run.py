@@ -101,8 +101,10 @@ def write_record(out:Path, # the output folder
                 ) -> dict:
     "Record a finished stage: its fingerprint, its outputs' content digests, its content key, how long it took."
     out = Path(out)
+    t = time.time()                              # to the millisecond: two runs within one second stay told apart
     rec = {"stage": stage, "fingerprint": fp, "content": content, "seconds": round(seconds, 3),
-           "deeperfly_version": deeperfly_nb.__version__, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "deeperfly_version": deeperfly_nb.__version__,
+           "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
            "outputs": {str(Path(p).relative_to(out)): digests.digest(p) for p in outputs}, "summary": summary or {}}
     (out / STATE_DIR).mkdir(exist_ok=True)
     with atomic_path(_record_path(out, stage)) as tmp: tmp.write_text(json.dumps(rec, indent=1, default=str))
@@ -676,22 +678,14 @@ def refinement_summary(info:dict, # `refine_3d`'s info
             "reproj_median_px_after": info["reproj_median_px_after"]}
 
 def _smoothing_info(r:PoseResult, X, info:dict|None, options) -> dict:
-    "refine_3d's info for 3D `X` refined from `r.pts3d` in more steps (or none): filled, shift, bone CV and reprojection before/after."
-    from deeperfly_nb.refinement import bone_names, median_reprojection_px
-    X0, T = r.pts3d, r.n_frames
-    filled = ~np.isfinite(X0).all(-1) & np.isfinite(X).all(-1)
+    "refine_3d's info for 3D `X` refined from `r.pts3d` in more steps (or none): `refinement.refinement_info` over the whole run."
+    from deeperfly_nb.refinement import refinement_info
+    filled = ~np.isfinite(r.pts3d).all(-1) & np.isfinite(X).all(-1)
     if info is not None: filled |= np.asarray(info["filled"], bool)
-    with np.errstate(invalid="ignore"): shift = np.linalg.norm(X - X0, axis=-1)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        shift_median = np.nanmedian(shift, axis=0)                   # (points or bones never seen: NaN, quietly)
-        cv_before, cv_after = r.skeleton.bone_length_cv(X0), r.skeleton.bone_length_cv(X)
-    blocks = [(0, T)]
-    return dict(filled=filled, filled_frac=float(filled.mean()), bone_names=bone_names(r.skeleton),
-                shift_median=shift_median, bone_cv_before=cv_before, bone_cv_after=cv_after,
-                reproj_median_px_before=median_reprojection_px(r.cameras, X0, r.pts2d, r.conf, blocks, options),
-                reproj_median_px_after=median_reprojection_px(r.cameras, X, r.pts2d, r.conf, blocks, options))
+    T, step = r.n_frames, options.chunk_frames
+    blocks = [(s, min(s + step, T)) for s in range(0, T, step)]
+    out = refinement_info(r.cameras, r.pts2d, r.conf, r.pts3d, X, filled, r.skeleton, [], blocks, options)
+    return {**out, "chunks": info["chunks"]} if info is not None else out
 
 def refine_points3d(r:PoseResult, # a result with 3D (triangulated or lifted)
                     config:Config, # its [refinement] table says what runs
