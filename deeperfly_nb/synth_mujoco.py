@@ -1,4 +1,4 @@
-"""Realistic synthetic flies: the NeuroMechFly body (micro-CT meshes) posed by recorded walking kinematics, rendered by MuJoCo through any `CameraGroup` above a textured ball, with the 38 fly38 keypoints, depth-buffer visibility and exact 2D/3D ground truth.
+"""Realistic synthetic flies: the NeuroMechFly body (micro-CT meshes) posed by recorded walking kinematics or by deeperfly's own gait (through inverse kinematics), rendered by MuJoCo through any `CameraGroup` above a textured ball, with the 38 fly38 keypoints, depth-buffer visibility and exact 2D/3D ground truth.
 
 Docs: https://deeperfly.github.io/deeperfly/synth_mujoco.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/synth_mujoco.html.md"""
 
 # %% ../nbs/15a_synth_mujoco.ipynb #d0e794e1
 from __future__ import annotations
-import hashlib, importlib, json, os, pickle, shutil, subprocess, sys, tempfile, warnings, zipfile
+import hashlib, importlib, json, os, pickle, shutil, subprocess, sys, tempfile, time, warnings, zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
@@ -21,10 +21,12 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'HOLDER_GAP_MM',
-           'VIS_MARGIN_MM', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco',
-           'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk', 'walk_angles', 'FlyModel', 'build_fly',
-           'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response',
-           'distortion_maps', 'render_views', 'remap_distorted', 'place_ball', 'render_fly', 'render_recording_mujoco',
+           'VIS_MARGIN_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
+           'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk',
+           'walk_angles', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook',
+           'sample_mj_look', 'camera_response', 'distortion_maps', 'render_views', 'remap_distorted', 'joint_limits',
+           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
+           'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'render_recording_mujoco',
            'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
@@ -648,6 +650,217 @@ def remap_distorted(rgb, # (H, W, 3) pinhole render
     return (cv2.remap(rgb, *maps, cv2.INTER_LINEAR, borderValue=0),
             cv2.remap(depth.astype(np.float32), *maps, cv2.INTER_NEAREST, borderValue=np.inf).astype(np.float64))
 
+# %% ../nbs/15a_synth_mujoco.ipynb #877311b2
+IK_LEGS = ("LF", "LM", "LH", "RF", "RM", "RH")   # NeuroMechFly's legs, in fly38's order lf lm lh rf rm rh
+IK_MARGIN_DEG = 30.0   # joint limits reach this far beyond the recorded walk's range (the MJCF sets none)
+
+@patch
+def leg_joint_names(self:FlyModel) -> tuple:
+    "The leg DOFs that IK fits, read from the MJCF: the hinges of each leg's Coxa, Femur, Tibia and Tarsus1 bodies, LF..RH."
+    m, out = self.model, []
+    for leg in IK_LEGS:
+        bodies = {m.body(f"{leg}{b}").id for b in ("Coxa", "Femur", "Tibia", "Tarsus1")}
+        out += [n for n in self.joint_names if m.jnt_bodyid[m.joint(n).id] in bodies]
+    return tuple(out)
+
+def joint_limits(fly:FlyModel, # the scene
+                 names, # (J,) joint names
+                 joint_angles:JointAngles|None=None, # the recording the fallback reads (default: the shipped walk)
+                 margin_deg:float=IK_MARGIN_DEG, # widening of the recorded range, each way
+                ) -> tuple:
+    "(lo, hi) (J,) radians: the MJCF's range where it has one, else the recorded range (mirror included) ± margin, else ±π."
+    m, ja = fly.model, joint_angles if joint_angles is not None else load_joint_angles()
+    col, sign = {n: i for i, n in enumerate(ja.names)}, fly.mirror_sign(names)
+    lo, hi = np.full(len(names), -np.pi), np.full(len(names), np.pi)
+    for k, n in enumerate(names):
+        j = m.joint(n).id
+        if m.jnt_limited[j]: lo[k], hi[k] = m.jnt_range[j]; continue
+        seen = [ja.angles[:, col[n]]] if n in col else []
+        if _swap_side(n) in col: seen.append(sign[k] * ja.angles[:, col[_swap_side(n)]])
+        if seen: a = np.concatenate(seen); lo[k], hi[k] = a.min() - np.deg2rad(margin_deg), a.max() + np.deg2rad(margin_deg)
+    return lo, hi
+
+# %% ../nbs/15a_synth_mujoco.ipynb #37a63681
+def _rigid(src, dst) -> tuple:
+    "(R, t): the rotation and shift that best take points src (n, 3) onto dst (n, 3) (Kabsch)."
+    ms, md = src.mean(0), dst.mean(0)
+    U, _, Vt = np.linalg.svd((dst - md).T @ (src - ms))
+    R = U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt
+    return R, md - R @ ms
+
+def targets_in_model(pts3d, # (T, 38, 3) fly38 points in any units and frame with x forward, y left, z up (e.g. `synth.walking_fly`)
+                     fly:FlyModel, # the scene
+                    ) -> tuple:
+    "((T, 38, 3) targets in the model's frame, mm; {'scale', 'shift_mm', 'coxa_offset_mm'}): sway removed, scaled, legs anchored."
+    sk, P = fly38(), np.asarray(pts3d, float)
+    if P.ndim != 3 or P.shape[1:] != (sk.n_points, 3): raise InputError(f"targets must be (T, {sk.n_points}, 3) fly38 points, got {P.shape}")
+    legs = np.array([sk.index([f"{l.lower()}_{j}" for j in FLY_LEG_JOINTS]) for l in IK_LEGS])   # (6, 5)
+    bc = legs[:, 0]
+    bad = np.flatnonzero(~np.isfinite(P[:, bc]).all(axis=(1, 2)))
+    if len(bad): raise InputError(f"targets: the six body-coxa points must be finite in every frame (they set the body's frame); not in frames {bad[:8].tolist()}")
+    ref = P[:, bc].mean(0)
+    P = np.stack([P[f] @ R.T + t for f in range(len(P)) for R, t in [_rigid(P[f, bc], ref)]])     # (1) sway removed
+    fly.pose(np.zeros(0, int), np.zeros(0)); M = fly.keypoints_mm()[bc]
+    a, b = ref - ref.mean(0), M - M.mean(0)
+    s = float((a * b).sum() / (a * a).sum()); shift = M.mean(0) - s * ref.mean(0)
+    out = s * P + shift                                                                           # (2) scale and shift
+    off = M - out[:, bc].mean(0)
+    out[:, legs] += (M - out[:, bc])[:, :, None]                                                  # (3) each leg on its coxa
+    return out, dict(scale=s, shift_mm=shift.tolist(), coxa_offset_mm=np.linalg.norm(off, axis=1).round(4).tolist())
+
+# %% ../nbs/15a_synth_mujoco.ipynb #c8093dad
+@dataclass(frozen=True)
+class IKParams:
+    "Settings of `fit_joint_angles`."
+    margin_deg: float = IK_MARGIN_DEG    # joint limits beyond the recorded range (see `joint_limits`)
+    loss: str = "soft_l1"                # robust loss of scipy.optimize.least_squares ('linear': plain least squares)
+    f_scale_mm: float = 0.05             # residual (mm) beyond which the robust loss grows linearly
+    max_nfev: int = 200                  # function evaluations per frame at most
+
+@dataclass(eq=False)
+class IKFit:
+    "Joint angles fitted to target keypoints, with what the body then shows and how far it is from the targets."
+    names: tuple                 # (J,) joint names
+    angles: np.ndarray           # (T, J) radians
+    pts3d_mm: np.ndarray         # (T, 38, 3) fly38 points of the posed body, model frame, mm
+    targets_mm: np.ndarray       # (T, 38, 3) the targets, model frame, mm
+    residual_mm: np.ndarray      # (T, 6, 4) |body - target| per leg (lf..rh) and joint (coxa_femur..claw); NaN: no target
+    leg_length_mm: np.ndarray    # (6,) the model's legs, coxa + femur + tibia + tarsus, mm
+    frames_per_s: float = 0.0    # speed of the fit
+
+# %% ../nbs/15a_synth_mujoco.ipynb #0afe67e2
+@patch
+def moved_by(self:FlyModel, jids, # (J,) joint ids
+             kp, # (K,) fly38 indices of points
+            ) -> np.ndarray:
+    "(K, J) bool: joint j moves point k (the joint's body is the point's body or one of its ancestors)."
+    m = self.model
+    def chain(b):
+        while b > 0: yield b; b = m.body_parentid[b]
+    return np.array([[m.jnt_bodyid[j] in set(chain(self.kp_body[k])) for j in jids] for k in kp])
+
+@patch
+def points_and_jacobian(self:FlyModel, qadr, # (J,) qpos addresses of the fitted joints
+                        jids, # (J,) their joint ids
+                        angles, # (J,) radians
+                        kp, # (K,) fly38 indices of the points
+                        moves, # (K, J) from `moved_by`
+                       ) -> tuple:
+    "Pose with `angles`; ((K, 3) points mm, (3K, J) their exact derivatives: w × (p − a) for each hinge above a point)."
+    self.pose(qadr, angles)
+    X = self.keypoints_mm()[kp]
+    a, w = self.data.xanchor[jids], self.data.xaxis[jids]
+    J = np.cross(w[None], X[:, None] - a[None]) * moves[..., None]             # (K, J, 3)
+    return X, J.transpose(0, 2, 1).reshape(3 * len(kp), len(jids))
+
+# %% ../nbs/15a_synth_mujoco.ipynb #75bc5c4e
+def fit_joint_angles(fly:FlyModel, # the scene
+                     targets_mm, # (T, 38, 3) fly38 targets in the model's frame, mm (from `targets_in_model`); NaN: none
+                     names=None, # (J,) joints to fit (default: `fly.leg_joint_names()`)
+                     start=None, # (J,) angles to start the first frame from (default: the recorded walk's mean)
+                     params:IKParams=IKParams(), # limits, loss
+                     joint_angles:JointAngles|None=None, # the recording behind the limits and the start (default: the shipped walk)
+                    ) -> IKFit:
+    "Per frame, the joint angles whose leg points best match the targets (robust, bounded, warm-started); see the text above."
+    from scipy.optimize import least_squares
+    sk, Y = fly38(), np.asarray(targets_mm, float)
+    if Y.ndim != 3 or Y.shape[1:] != (sk.n_points, 3): raise InputError(f"targets_mm must be (T, {sk.n_points}, 3), got {Y.shape}")
+    ja = joint_angles if joint_angles is not None else load_joint_angles()
+    names = tuple(names) if names is not None else fly.leg_joint_names()
+    qadr, jids = fly.check_names(names), np.array([fly.model.joint(n).id for n in names])
+    lo, hi = joint_limits(fly, names, ja, params.margin_deg)
+    legs = np.array([sk.index([f"{l.lower()}_{j}" for j in FLY_LEG_JOINTS]) for l in IK_LEGS])   # (6, 5)
+    kp = legs[:, 1:].ravel()                                                    # the 24 points the joints move
+    moves = fly.moved_by(jids, kp)
+    if start is None:
+        col = {n: i for i, n in enumerate(ja.names)}
+        start = np.array([ja.angles[:, col[n]].mean() if n in col else 0.0 for n in names])
+    q = np.clip(np.asarray(start, float), lo + 1e-9, hi - 1e-9)
+    A, t0 = np.zeros((len(Y), len(names))), time.perf_counter()
+    for f in range(len(Y)):
+        seen = np.isfinite(Y[f, kp]).all(1)                                    # the points with a target
+        ok, free = np.repeat(seen, 3), moves[seen].any(0)                       # their rows; the joints that move them
+        if free.any():
+            y, x, last = Y[f, kp].ravel()[ok], q.copy(), {}
+            def full(v): x[free] = v; return x
+            def fk(v):                                                         # one forward kinematics per x (res, then jac)
+                if last.get("v") is None or not np.array_equal(last["v"], v):
+                    last.update(v=v.copy(), out=fly.points_and_jacobian(qadr, jids, full(v), kp, moves))
+                return last["out"]
+            def res(v): return fk(v)[0].ravel()[ok] - y
+            def jac(v): return fk(v)[1][ok][:, free]
+            q = full(least_squares(res, q[free], jac=jac, bounds=(lo[free], hi[free]), loss=params.loss,
+                                   f_scale=params.f_scale_mm, method="trf", max_nfev=params.max_nfev).x).copy()
+        A[f] = q
+    fps = len(Y) / max(time.perf_counter() - t0, 1e-9)
+    return _ik_result(fly, names, qadr, A, Y, legs, fps)
+
+# %% ../nbs/15a_synth_mujoco.ipynb #a2ee510d
+def _ik_result(fly, names, qadr, A, Y, legs, fps) -> IKFit:
+    "Pose every frame, read the body's points, and measure them against the targets."
+    X = []
+    for a in A: fly.pose(qadr, a); X.append(fly.keypoints_mm())
+    X = np.array(X)
+    Yl = Y[:, legs[:, 1:]]
+    res = np.where(np.isfinite(Yl).all(-1), np.linalg.norm(X[:, legs[:, 1:]] - Yl, axis=-1), np.nan)   # (T, 6, 4), NaN: no target
+    fly.pose(np.zeros(0, int), np.zeros(0)); R = fly.keypoints_mm()
+    length = np.linalg.norm(np.diff(R[legs], axis=1), axis=-1).sum(1)                   # along the straight rest leg
+    return IKFit(tuple(names), A, X, Y, res, length, float(fps))
+
+@patch
+def summary(self:IKFit) -> dict:
+    "Residual per joint (coxa_femur..claw): median and 90th percentile in mm and in % of the leg's length, over frames and legs."
+    pct = self.residual_mm / self.leg_length_mm[None, :, None] * 100
+    out = {}
+    for j, name in enumerate(FLY_LEG_JOINTS[1:]):
+        r, p = self.residual_mm[:, :, j], pct[:, :, j]
+        out[name] = dict(median_mm=float(np.nanmedian(r)), p90_mm=float(np.nanpercentile(r, 90)),
+                         median_pct=float(np.nanmedian(p)), p90_pct=float(np.nanpercentile(p, 90)))
+    out["all"] = dict(median_mm=float(np.nanmedian(self.residual_mm)), median_pct=float(np.nanmedian(pct)),
+                      frames_per_s=self.frames_per_s)
+    return out
+
+# %% ../nbs/15a_synth_mujoco.ipynb #867ed99d
+@dataclass(frozen=True)
+class GaitParams:
+    "deeperfly's own gait (`synth.walking_fly`) to drive the body with, instead of the recorded walk."
+    stride_hz: float = 8.0    # stride frequency, Hz (the generator varies it by ±5% with the seed)
+    duty: float = 0.6         # fraction of each stride in stance, 0.3-0.9
+    sway: float = 0.0         # the generator's body sway (removed by the fit: the model's thorax is fixed)
+    seed: int = 0             # the generator's phases, stride lengths and lifts
+
+def sample_gait(seed:int=0, # draws the gait
+                vary:float=1.0, # spread (0: the defaults)
+               ) -> GaitParams:
+    "A random but plausible `GaitParams`: stride 8 Hz × 0.6–1.6, duty 0.6 ± 0.1."
+    rng = np.random.default_rng([int(seed), 0x6A17])
+    if vary == 0: return GaitParams(seed=int(seed))
+    return GaitParams(stride_hz=float(8.0 * np.exp(vary * rng.uniform(np.log(0.6), np.log(1.6)))),
+                      duty=float(np.clip(0.6 + vary * rng.uniform(-0.1, 0.1), 0.3, 0.9)), seed=int(seed))
+
+def gait_angles(fly:FlyModel, # the scene
+                n_frames:int, # frames T
+                fps:float, # frame rate
+                gait:GaitParams=GaitParams(), # the generator's settings
+                params:IKParams=IKParams(), # the fit's settings
+                joint_angles:JointAngles|None=None, # the recording behind the limits (default: the shipped walk)
+               ) -> tuple:
+    "(names, (T, J) angles, `IKFit`): `synth.walking_fly`'s gait mapped into the model (`targets_in_model`) and fitted."
+    W = synth.walking_fly(n_frames, fps, gait.stride_hz, gait.seed, duty=gait.duty, sway=gait.sway)
+    targets, _ = targets_in_model(W, fly)
+    fit = fit_joint_angles(fly, targets, params=params, joint_angles=joint_angles)
+    return fit.names, fit.angles, fit
+
+def stance_turn(claws_mm, # (T, L, 3) claw positions, model frame
+                fps:float, # frame rate
+                radius_mm:float, # the ball's radius
+               ) -> np.ndarray:
+    "(T,) ball turn (radians) that moves the ball's top backward as fast as the claws in stance (each claw's lower half of heights)."
+    vx = np.gradient(claws_mm[..., 0], axis=0) * fps                             # (T, L) mm/s
+    stance = claws_mm[..., 2] <= np.median(claws_mm[..., 2], axis=0)
+    speed = -float(np.median(vx[stance])) if stance.any() and len(claws_mm) > 1 else 0.0
+    return -max(speed, 0.0) * np.arange(len(claws_mm)) / fps / radius_mm
+
 # %% ../nbs/15a_synth_mujoco.ipynb #9f53f242
 def place_ball(fly:FlyModel, # the scene
                qadr, # (J,) qpos addresses of the angles' joints
@@ -681,6 +894,17 @@ def _check_views_see_fly(cameras:CameraGroup, pts3d):
                          f"check their rmat/tvec (they must look at the world origin, where the fly is) and units_per_mm")
 
 # %% ../nbs/15a_synth_mujoco.ipynb #5f01bcea
+def recording_angles(fly:FlyModel, # the scene
+                     ja:JointAngles, # the recording (replayed, or behind the IK's limits)
+                     n_frames:int, # frames T
+                     fps:float, # frame rate
+                     walk:WalkParams, # how the recording is replayed (when gait is None)
+                     gait:GaitParams|None=None, # drive the body with deeperfly's gait generator instead
+                    ) -> tuple:
+    "(names, (T, J) angles, the `IKFit` or None): the replayed recording, or the generator's gait through IK."
+    if gait is None: return (*walk_angles(ja, n_frames, fps, walk, fly.mirror_sign(ja.names)), None)
+    return gait_angles(fly, n_frames, fps, gait, joint_angles=ja)
+
 def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs its image_size
                n_frames:int=8, # frames T
                seed:int=0, # draws the look, the ball's texture, the walk and the noise
@@ -692,6 +916,7 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
                units_per_mm:float=DEFAULT_UNITS_PER_MM, # world units per mm (see "Scale" above)
                native_scale:float=1.0, # resolution relative to the rig's native one (scales blur and noise)
                assets:str|Path|None=None, # the assets folder
+               gait:GaitParams|bool|None=None, # deeperfly's own gait instead of the recording (True: `sample_gait(seed, vary)`)
                **overrides, # MjLook fields, e.g. noise_std=0, rgb=True
               ) -> SynthRender:
     "Film the NeuroMechFly fly walking on the ball through `cameras`; frames, visibility and the exact ground truth."
@@ -699,21 +924,24 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
     no_size = [c.name for c in cameras if c.image_size is None]
     if no_size: raise InputError(f"render_fly needs the image_size of every camera; missing for {no_size}")
     look = replace(look, **overrides) if look is not None else sample_mj_look(seed, vary, **overrides)
-    walk = walk or sample_walk(seed, vary)
+    walk, gait = walk or sample_walk(seed, vary), sample_gait(seed, vary) if gait is True else (gait or None)
     ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
     size = tuple(max(c.image_size[i] for c in cameras) for i in range(2))
     fly = build_fly(look, seed, assets, synth.BALL_RADIUS / units_per_mm, size)
     qadr = fly.check_names(ja.names, ja.source)
-    names, A = walk_angles(ja, n_frames, fps, walk, fly.mirror_sign(ja.names))
+    names, A, fit = recording_angles(fly, ja, n_frames, fps, walk, gait)
     qadr = fly.check_names(names, ja.source)
     top, turn = place_ball(fly, qadr, A, fps, np.random.default_rng([int(seed), 0xBA]))
+    if fit is not None: turn = stance_turn(fit.pts3d_mm[:, fly38().index([f"{l}_claw" for l in synth.FLY_LEGS])], fps, fly.ball_radius_mm)
     fly.set_ball_top(top)
     fly.pose(qadr, A[0]); _check_views_see_fly(cameras, fly.keypoints_mm()[None] * units_per_mm)
     frames, visible, X = render_views(fly, cameras, qadr, A, turn, look, seed, units_per_mm, native_scale)
     sk = fly38()
     meta = {"synthetic": True, "renderer": f"mujoco {import_mujoco().__version__} ({os.environ.get('MUJOCO_GL')})",
-            "model": f"NeuroMechFly from flygym {FLYGYM_VERSION} (Apache-2.0)", "kinematics": ja.source, "seed": int(seed),
-            "walk": asdict(walk), "look": look.to_dict(), "units_per_mm": units_per_mm, "ball_top_mm": top, "fps": fps,
+            "model": f"NeuroMechFly from flygym {FLYGYM_VERSION} (Apache-2.0)", "seed": int(seed),
+            "kinematics": ja.source if fit is None else "synth.walking_fly through inverse kinematics (fit_joint_angles)",
+            **({"walk": asdict(walk)} if fit is None else {"gait": asdict(gait), "ik": fit.summary()["all"]}),
+            "look": look.to_dict(), "units_per_mm": units_per_mm, "ball_top_mm": top, "fps": fps,
             "visibility": f"in frame and not occluded (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})"}
     return SynthRender(frames, visible, cameras.project(X), np.ones((len(cameras), sk.n_points), bool), X, cameras, sk, look, float(fps), meta)
 
@@ -727,7 +955,7 @@ def render_recording_mujoco(n_frames:int=16, # frames T
                             rig_rot_deg:float=0.3, # turn of each true camera from the nominal ring
                             rig_focal_frac:float=0.01, # relative focal-length error of each true camera
                             fps:float=100.0, # frame rate
-                            **kwargs, # passed to `render_fly` (look, walk, vary, joint_angles, units_per_mm, MjLook fields)
+                            **kwargs, # passed to `render_fly` (look, walk, gait, vary, joint_angles, units_per_mm, MjLook fields)
                            ) -> SynthRender:
     "Like `synth_footage.render_recording`, with the NeuroMechFly body: a (perturbed) DeepFly3D rig filming it, exact truth kept."
     if cameras is None:

@@ -1,6 +1,7 @@
 """MuJoCo renderer of the NeuroMechFly body (deeperfly_nb.synth_mujoco): the camera model against deeperfly's projection,
-keypoints on the rendered fly, left-right mirroring, determinism, the recording written and read back, and bad input
-(missing assets, joint angles for another model, a camera that sees nothing of the fly).
+keypoints on the rendered fly, left-right mirroring, determinism, the recording written and read back, bad input
+(missing assets, joint angles for another model, a camera that sees nothing of the fly), and deeperfly's own gait driving
+the body through inverse kinematics (known angles recovered, the generator's gait fitted, bad targets, the truth written).
 
 Needs the `mujoco` package and the NeuroMechFly assets; a fresh machine fetches the assets once from the package index
 (`python -m deeperfly_nb.synth_mujoco fetch-assets`); without either, the tests that render skip and say why."""
@@ -12,7 +13,7 @@ import pytest
 from deeperfly_nb import synth
 from deeperfly_nb.cameras import CameraGroup
 from deeperfly_nb.core import InputError, ModelError
-from deeperfly_nb.skeleton import fly38
+from deeperfly_nb.skeleton import FLY_LEG_JOINTS, fly38
 from deeperfly_nb.synth_footage import load_ground_truth, resize_cameras
 from deeperfly_nb import synth_mujoco as sm
 
@@ -229,3 +230,109 @@ def test_ball_touches_the_stance_claws_for_any_walk(assets, walk):
         fly.pose(qadr, A[1]); X = fly.keypoints_mm()[claws]
         gaps = np.linalg.norm(X - [0, 0, top - fly.ball_radius_mm], axis=-1) - fly.ball_radius_mm
         assert np.sort(gaps)[0] < 0.15                                  # some claw is on (or in) the ball in a middle frame
+
+
+# --- deeperfly's own gait through inverse kinematics ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ikfly(assets):
+    return sm.build_fly(sm.MjLook(), 0, assets)
+
+
+def _pose_points(fly, names, A):
+    qadr, X = fly.check_names(names), []
+    for a in A: fly.pose(qadr, a); X.append(fly.keypoints_mm())
+    return np.array(X)
+
+
+def test_ik_recovers_known_angles(ikfly, walk):
+    """The body posed with random angles anywhere in the middle 80% of each joint's limits; its own keypoints as targets;
+    the fit starts from the recorded mean pose (then from the previous, unrelated pose). Angles and points come back to
+    1e-4 rad and 1e-5 mm: far below anything visible (1 px is about 0.005 mm at the rig's 960x480), and above the solver's
+    stopping tolerances (measured: at most 9e-7 rad and 8e-8 mm over 24 poses)."""
+    names = ikfly.leg_joint_names()
+    assert len(names) == 42 and names == walk.names                  # 7 DOFs per leg, read from the MJCF: the recorded ones
+    lo, hi = sm.joint_limits(ikfly, names, walk)
+    true = lo + (hi - lo) * np.random.default_rng(11).uniform(0.1, 0.9, (6, len(names)))
+    P = _pose_points(ikfly, names, true)
+    fit = sm.fit_joint_angles(ikfly, P, joint_angles=walk)
+    assert np.abs(fit.angles - true).max() < 1e-4, np.abs(fit.angles - true).max()
+    assert np.abs(fit.pts3d_mm - P).max() < 1e-5
+    assert np.abs(_pose_points(ikfly, names, fit.angles) - P).max() < 1e-5      # re-posed independently of the fit's own report
+
+
+def test_targets_keep_the_generators_leg_shapes(ikfly):
+    "targets_in_model only scales, turns (sway) and shifts: each leg's segments keep the generator's lengths times one scale."
+    W = synth.walking_fly(20, 100.0, seed=3, sway=1.0)
+    T, info = sm.targets_in_model(W, ikfly)
+    s = info["scale"]
+    for leg in synth.FLY_LEGS:
+        idx = SK.index([f"{leg}_{j}" for j in FLY_LEG_JOINTS])
+        seg = np.linalg.norm(np.diff(T[:, idx], axis=1), axis=-1)
+        np.testing.assert_allclose(seg, s * np.linalg.norm(np.diff(W[:, idx], axis=1), axis=-1), rtol=1e-9)
+        np.testing.assert_allclose(seg[:, 0], s * synth.LEG_GEOMETRY[leg[1]]["lengths"][0], rtol=1e-9)   # the generator's coxa
+    ikfly.pose(np.zeros(0, int), np.zeros(0)); rest = ikfly.keypoints_mm()
+    bc = SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])
+    np.testing.assert_allclose(T[:, bc], np.broadcast_to(rest[bc], T[:, bc].shape), atol=1e-9)   # legs hang on the model's coxae
+    base = np.array([np.multiply(synth.LEG_GEOMETRY[l[1]]["base"], [1, 1 if l[0] == "l" else -1, 1]) for l in synth.FLY_LEGS])
+    a, b = base - base.mean(0), rest[bc] - rest[bc].mean(0)            # the generator's coxae without sway, the model's
+    assert abs(s - (a * b).sum() / (a * a).sum()) < 0.01 * s            # the least-squares scale, up to the sway's mean
+
+
+def test_generator_gait_fits_the_body(ikfly, walk):
+    """walking_fly's gait fitted: median keypoint residual < 0.08 mm (3.3% of a leg), every residual < 0.2 mm. Measured
+    over stride 4-16 Hz, duty 0.5-0.7, two seeds: median 0.065-0.067 mm (2.7%), max 0.151 mm. It cannot reach 0: the
+    generator's tarsi are ~0.7x NeuroMechFly's relative to the femur, so ~0.15-0.2 mm of length is spread along each leg."""
+    names, A, fit = sm.gait_angles(ikfly, 30, 100.0, sm.GaitParams(stride_hz=11.0, duty=0.55, seed=5), joint_angles=walk)
+    lo, hi = sm.joint_limits(ikfly, names, walk)
+    assert A.shape == (30, 42) and (A >= lo - 1e-9).all() and (A <= hi + 1e-9).all()
+    P = _pose_points(ikfly, names, A)
+    legs = SK.index([f"{l}_{j}" for l in synth.FLY_LEGS for j in FLY_LEG_JOINTS[1:]])
+    r = np.linalg.norm(P[:, legs] - fit.targets_mm[:, legs], axis=-1)       # recomputed from the angles, not the fit's report
+    assert np.median(r) < 0.08 and r.max() < 0.2, (np.median(r), r.max())
+    assert np.median(r / np.repeat(fit.leg_length_mm, 4)[None]) < 0.033
+    claws = SK.index([f"{l}_claw" for l in synth.FLY_LEGS])
+    assert np.ptp(P[:, claws, 0], axis=0).min() > 0.3                    # the claws really stride (generator: ~0.6 mm)
+    thc = [i for i, n in enumerate(names) if "Coxa" in n]               # ThC yaw/pitch/roll: slow in the generator's gait
+    assert np.abs(np.diff(A[:, thc], axis=0)).max() < 0.5                # warm-started: no flip to another yaw/pitch/roll branch (~pi);
+                                                                          # measured 0.27 rad here, 0.35 at 16 Hz (tarsi do swing fast)
+
+
+def test_ik_bad_targets(ikfly, walk):
+    "Wrong shape and a missing body-coxa are errors; other missing targets are left out; out-of-reach ones stop at the limits."
+    names = ikfly.leg_joint_names()
+    with pytest.raises(InputError, match=r"targets_mm must be \(T, 38, 3\)"): sm.fit_joint_angles(ikfly, np.zeros((3, 30, 3)), joint_angles=walk)
+    W = synth.walking_fly(4, 100.0, seed=1)
+    W[2, SK.index(["rm_body_coxa"])[0]] = np.nan
+    with pytest.raises(InputError, match=r"body-coxa.*frames \[2\]"): sm.targets_in_model(W, ikfly)
+    P = _pose_points(ikfly, names, walk.angles[[0, 40, 80]])
+    Q = P.copy()
+    Q[1, SK.index(["lf_claw"])[0]] = np.nan                              # one missing point: fitted without it
+    rh = SK.index([f"rh_{j}" for j in FLY_LEG_JOINTS[1:]])
+    Q[2, rh] = np.inf                                                     # a whole leg missing: it keeps the previous angles
+    fit = sm.fit_joint_angles(ikfly, Q, joint_angles=walk)
+    assert np.isnan(fit.residual_mm[1, 0, 3]) and np.nanmax(fit.residual_mm[:2]) < 1e-5
+    rhj = [i for i, n in enumerate(names) if "RH" in n]
+    np.testing.assert_allclose(fit.angles[2, rhj], fit.angles[1, rhj])
+    assert np.isnan(fit.residual_mm[2, 5]).all() and np.nanmax(fit.residual_mm[2]) < 1e-5
+    far = P[:1].copy(); far[0, :, 2] -= 5.0                               # 5 mm below reach
+    fit = sm.fit_joint_angles(ikfly, far, joint_angles=walk)
+    lo, hi = sm.joint_limits(ikfly, names, walk)
+    assert (fit.angles >= lo - 1e-9).all() and (fit.angles <= hi + 1e-9).all() and np.nanmedian(fit.residual_mm) > 1.0
+
+
+def test_gait_recording_truth_is_the_body(assets, walk, tmp_path):
+    "render_fly(gait=...) films the fitted body and writes its keypoints (not the generator's) as the truth."
+    cams = resize_cameras(synth.default_rig().subset(["rm", "lf"]), 0.2)
+    g = sm.GaitParams(stride_hz=9.0, seed=6)
+    rec = sm.render_fly(cams, 3, seed=6, joint_angles=walk, gait=g, noise_std=0)
+    fly = sm.build_fly(sm.MjLook(), 0, assets)
+    names, A, fit = sm.gait_angles(fly, 3, 100.0, g, joint_angles=walk)
+    upm = rec.meta["units_per_mm"]
+    np.testing.assert_allclose(rec.pts3d, _pose_points(fly, names, A) * upm, atol=1e-9)
+    legs = SK.index([f"{l}_{j}" for l in synth.FLY_LEGS for j in FLY_LEG_JOINTS[1:]])
+    assert np.abs(rec.pts3d[:, legs] - fit.targets_mm[:, legs] * upm).max() > 0.02     # not the generator's targets
+    assert rec.meta["gait"]["stride_hz"] == 9.0 and rec.meta["ik"]["median_mm"] < 0.08 and "walk" not in rec.meta
+    out = sm.synth_recording_mujoco(tmp_path / "g", n_frames=2, seed=3, scale=0.15, points2d=False, gait=True)
+    res, _ = load_ground_truth(out)
+    assert res.pts3d.shape == (2, 38, 3) and 4.8 <= res.meta["gait"]["stride_hz"] <= 12.8
