@@ -6,12 +6,12 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS',
-           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KALMAN_MODELS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE',
-           'PRESETS', 'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig',
-           'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig',
-           'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig',
-           'FiltersConfig', 'LiftingConfig', 'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel',
-           'default_config_text', 'Config', 'write_config']
+           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KALMAN_MODELS', 'PEAK_SELECTIONS', 'KIND_KEYS',
+           'DEFAULT_CONFIG_FILE', 'PRESETS', 'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig',
+           'SourceConfig', 'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig',
+           'VideoConfig', 'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig',
+           'RefinementConfig', 'FiltersConfig', 'LiftingConfig', 'InteropConfig', 'ClusterTable', 'ClusterConfig',
+           'ConfigModel', 'default_config_text', 'Config', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
 import dataclasses, difflib, inspect, json, os, re, tomllib, types
@@ -26,7 +26,7 @@ from .core import ConfigError, InputError, did_you_mean, atomic_path, ConfigTabl
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
-from .refinement import REPROJ_LOSSES, RefineOptions
+from .refinement import REPROJ_LOSSES, RefineOptions, select_peaks, viterbi_filter_2d
 from .bundle_adjustment import BundleAdjustOptions, bundle_adjust_cameras, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
 from .plan import (MODEL_CLASSES, DetectionPlan, ConfigWarning, check_ops, check_weights, plan_problems,
                                warn_problems, check_cropzoom, CROPZOOM_KEYS)
@@ -421,9 +421,18 @@ class RefinementConfig(_Table):
         if v not in REPROJ_LOSSES: raise ValueError(f"unknown loss {v!r}; allowed: {', '.join(REPROJ_LOSSES)}{did_you_mean(v, REPROJ_LOSSES)}")
         return v
 
+_VITERBI, _SELECT = signature_defaults(viterbi_filter_2d), signature_defaults(select_peaks)
+PEAK_SELECTIONS = ("top1", "viterbi", "multiview")                        # `[filters] peaks`
+
 class FiltersConfig(_Table):
-    """`[filters]`: 2D filters applied to the detections before triangulation (bundle adjustment reads them unfiltered);
-    each off by default. `refinement.confidence_threshold`, then `refinement.median_filter_2d`."""
+    """`[filters]`: 2D steps applied to the detections before triangulation (bundle adjustment reads them unfiltered), each
+    off by default, in this order: the peak selection (`peaks`: `refinement.viterbi_filter_2d` or `refinement.select_peaks`
+    over the detector's `top_k` candidate peaks), `refinement.confidence_threshold`, then `refinement.median_filter_2d`."""
+    peaks: str = _field("top1", '"top1" (the best peak), "viterbi" (anipose\'s 2D Viterbi filter) or "multiview" (select_peaks with the rig)')
+    top_k: Annotated[int, Field(ge=1, strict=True)] = _field(3, 'an integer, >= 2 unless peaks = "top1" (candidate peaks per view and point)')
+    viterbi_jump_px: _PosFloat = _field(_VITERBI["jump_px"], "a positive number (pixels: a frame-to-frame jump of this size costs 1)")
+    multiview_sigma_px: _PosFloat = _field(_SELECT["sigma_px"], "a positive number (pixels: this far from the other views' consensus costs 1)")
+    multiview_jump_px: _PosFloat = _field(_SELECT["jump_px"], "a positive number (pixels: a frame-to-frame jump of this size costs 1)")
     min_confidence: _UnitFloat = _field(0.0, "a number in [0, 1] (detections below it become unseen; 0: off)")
     median_window: Annotated[int, Field(ge=0, strict=True)] = _field(0, "0 (off) or an odd number of frames >= 3")
     median_threshold_px: _PosFloat = _field(20.0, "a positive number (pixels from the running median)")
@@ -434,10 +443,28 @@ class FiltersConfig(_Table):
         if v != 0 and (v < 3 or v % 2 == 0): raise ValueError(f"expected 0 (off) or an odd number of frames >= 3, got {v}")
         return v
 
+    @field_validator("peaks")
+    @classmethod
+    def _peaks(cls, v):
+        if v not in PEAK_SELECTIONS:
+            raise ValueError(f"unknown peak selection {v!r}; allowed: {', '.join(PEAK_SELECTIONS)}{did_you_mean(v, PEAK_SELECTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _top_k(self):
+        if self.peaks != "top1" and self.top_k < 2:
+            raise ValueError(f"peaks = {self.peaks!r} chooses among candidate peaks: top_k must be >= 2, got {self.top_k}")
+        return self
+
+    @property
+    def candidates(self) -> int:
+        "Candidate peaks per (view, point) that detection must keep for the peak selection (0: none, for \"top1\")."
+        return 0 if self.peaks == "top1" else self.top_k
+
     @property
     def active(self) -> bool:
         "Does any filter change the 2D?"
-        return self.min_confidence > 0 or self.median_window > 0
+        return self.peaks != "top1" or self.min_confidence > 0 or self.median_window > 0
 
 # %% ../nbs/10_config.ipynb #2c46ce47
 class LiftingConfig(_Table):

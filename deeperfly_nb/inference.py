@@ -36,15 +36,17 @@ def _runs(batch:list) -> list:
         else: runs.append([k, t, t + 1])
     return [tuple(r) for r in runs]
 
-def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict, batch_size:int, crops=None, frame0:int=0) -> dict:
-    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} for the pathways `idx` sharing one model (`crops`: see `_model_input`)."
-    from deeperfly_nb.decoding import get_decoder, normalized_peaks_to_original_pixels   # torch: only when detecting
+def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict, batch_size:int, crops=None, frame0:int=0,
+               top_k:int=0) -> dict:
+    """{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} for the pathways `idx` sharing one model (`crops`: see
+    `_model_input`); with `top_k`, also (cands (T, C, top_k, 2) raw source pixels, scores (T, C, top_k)) of `decode_topk_torch`."""
+    from deeperfly_nb.decoding import get_decoder, decode_topk_torch   # torch: only when detecting
     pws = [plan.pathways[i] for i in idx]
     model = models[pws[0].model]
     decoder = get_decoder(getattr(model, "decoder", "subpixel"), f"model {model.spec.name!r}")
-    T, C = len(frames_by_source[pws[0].source]), model.n_out_channels
-    xy, cf = np.empty((len(pws), T, C, 2)), np.empty((len(pws), T, C))
-    items = [(k, t) for k in range(len(pws)) for t in range(T)]       # (pathway, frame), in batches that may span pathways
+    T, C, P = len(frames_by_source[pws[0].source]), model.n_out_channels, len(pws)
+    out = [np.empty((P, T, C, 2)), np.empty((P, T, C))] + ([np.empty((P, T, C, top_k, 2)), np.empty((P, T, C, top_k))] if top_k else [])
+    items = [(k, t) for k in range(P) for t in range(T)]               # (pathway, frame), in batches that may span pathways
     for b in range(0, len(items), batch_size):
         runs = _runs(items[b:b + batch_size])
         frames = np.concatenate([_model_input(pws[k], frames_by_source[pws[k].source], t0, t1, crops.get(idx[k]), frame0)
@@ -52,15 +54,15 @@ def _run_group(plan:DetectionPlan, models:dict, idx:list, frames_by_source:dict,
         x, hm = model.buffers(len(frames))                             # allocated once per batch size, then reused
         model.heatmaps(model.prepare(frames, out=x), out=hm)
         pn, c = (v.cpu().numpy() for v in decoder.decode(hm))
+        if top_k: pk, sk = (v.cpu().numpy() for v in decode_topk_torch(hm, top_k))
         j = 0
         for k, t0, t1 in runs:
-            src_hw = frames_by_source[pws[k].source].shape[1:3]
-            crop = crops.get(idx[k]) if crops else None
-            px = (normalized_peaks_to_original_pixels(pn[j:j + t1 - t0], pws[k].transform, model.input_size, src_hw) if crop is None
-                  else _crop_to_raw(pn[j:j + t1 - t0], pws[k], model.input_size, crop, frame0 + t0, frame0 + t1))
-            xy[k, t0:t1], cf[k, t0:t1] = px + decoder.pixel_offset, c[j:j + t1 - t0]
+            crop, src_hw = crops.get(idx[k]) if crops else None, frames_by_source[pws[k].source].shape[1:3]
+            raw = lambda p: _peaks_to_raw(p[j:j + t1 - t0], pws[k], model.input_size, src_hw, crop, frame0 + t0, frame0 + t1)
+            out[0][k, t0:t1], out[1][k, t0:t1] = raw(pn) + decoder.pixel_offset, c[j:j + t1 - t0]
+            if top_k: out[2][k, t0:t1], out[3][k, t0:t1] = raw(pk), sk[j:j + t1 - t0]    # sub-pixel peaks: no offset
             j += t1 - t0
-    return {i: (xy[k], cf[k]) for k, i in enumerate(idx)}
+    return {i: tuple(a[k] for a in out) for k, i in enumerate(idx)}
 
 # %% ../nbs/14_inference.ipynb #ebc11a89
 def _box_frames(boxes, a:int, b:int):
@@ -80,6 +82,14 @@ def _crop_to_raw(xy_norm, pw, input_size:tuple, crop, a:int, b:int) -> np.ndarra
     from deeperfly_nb.decoding import normalized_peaks_to_original_pixels
     px = normalized_peaks_to_original_pixels(xy_norm, pw.transform, input_size, crop.out_hw)
     return from_crop(px[None], _box_frames(crop, a, b))[0]
+
+def _peaks_to_raw(xy_norm, pw, input_size:tuple, src_hw:tuple, crop, a:int, b:int) -> np.ndarray:
+    "Normalized peaks (t, C, ..., 2) of recording frames a..b -> raw source pixels: the resize and preprocessing undone, or the crop's."
+    from deeperfly_nb.decoding import normalized_peaks_to_original_pixels
+    flat = np.asarray(xy_norm).reshape(len(xy_norm), -1, 2)             # (t, C * K, 2): every frame's peaks share its box
+    px = (normalized_peaks_to_original_pixels(flat, pw.transform, input_size, src_hw) if crop is None
+          else _crop_to_raw(flat, pw, input_size, crop, a, b))
+    return px.reshape(np.shape(xy_norm))
 
 # %% ../nbs/14_inference.ipynb #8863bb42
 def _one_view(b, v:int):
@@ -149,33 +159,62 @@ def _check_windows(plan:DetectionPlan, windows:dict) -> int:
     if len(set(lengths.values())) > 1: raise InputError(f"windows have different frame counts {lengths}; synchronize them first")
     return next(iter(lengths.values()))
 
-def _detect_pathways(plan:DetectionPlan, models:dict, idx:list, windows:dict, batch_size:int, crops=None, frame0:int=0) -> dict:
-    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C))} of the pathways `idx` over frames in memory."
+def _detect_pathways(plan:DetectionPlan, models:dict, idx:list, windows:dict, batch_size:int, crops=None, frame0:int=0,
+                     top_k:int=0) -> dict:
+    "{pathway index: (xy (T, C, 2) raw source pixels, conf (T, C)[, cands, scores])} of the pathways `idx` over frames in memory."
     sizes = {s: windows[s].shape[1:3] for s in {plan.pathways[i].source for i in idx}}
     out = {}
-    for g in _groups(plan, sizes, idx): out.update(_run_group(plan, models, g, windows, batch_size, crops, frame0))
+    for g in _groups(plan, sizes, idx): out.update(_run_group(plan, models, g, windows, batch_size, crops, frame0, top_k))
     return out
 
+# %% ../nbs/14_inference.ipynb #5b7e0c11
+def _new_arrays(V:int, T:int, N:int, top_k:int=0) -> dict:
+    "{pts2d (V, T, N, 2), conf (V, T, N)[, cands (V, T, N, top_k, 2), scores (V, T, N, top_k)]}, all NaN."
+    a = {"pts2d": np.full((V, T, N, 2), np.nan), "conf": np.full((V, T, N), np.nan)}
+    if top_k: a.update(cands=np.full((V, T, N, top_k, 2), np.nan), scores=np.full((V, T, N, top_k), np.nan))
+    return a
+
+def _route(o:tuple, mapping, arrays:dict, a:int=0, b:int|None=None):
+    "Write one pathway's output o = (xy, conf[, cands, scores]) into frames a..b of `arrays` by its mapping rows (channel, view, point)."
+    from deeperfly_nb.decoding import route_channels_to_points_in_views as route
+    route(o[0], o[1], mapping, arrays["pts2d"][:, a:b], arrays["conf"][:, a:b])
+    if "cands" in arrays and len(o) > 2:        # the candidate axis joins the frame axis in front of the channels
+        route(np.swapaxes(o[2], 1, 2), np.swapaxes(o[3], 1, 2), mapping,
+              np.moveaxis(arrays["cands"][:, a:b], 3, 2), np.moveaxis(arrays["scores"][:, a:b], 3, 2))
+
+def _fill_single(arrays:dict):
+    "A seen point without candidates gets itself as its only candidate (in place)."
+    if "cands" not in arrays: return
+    lone = np.isfinite(arrays["pts2d"]).all(-1) & ~np.isfinite(arrays["cands"][..., 0, :]).all(-1)
+    arrays["cands"][lone, 0], arrays["scores"][lone, 0] = arrays["pts2d"][lone], arrays["conf"][lone]
+
+def _check_top_k(top_k) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise InputError(f"top_k must be an integer >= 0 (0: keep only the best peak), got {top_k!r}")
+    return int(top_k)
+
+# %% ../nbs/14_inference.ipynb #c0d1a7e3
 def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways, routing)
                     models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
                     windows:dict, # {source name: (T, H, W, 3) uint8 frames}
                     batch_size:int=16, # images per forward pass
                     cameras=None, # the rig (CameraGroup, view order), for centre = "3d" cropzoom pathways
+                    top_k:int=0, # also keep the top_k best peaks of every heatmap as candidates (0: only the best)
                    ) -> tuple:
-    "Detect 2D keypoints in synchronized frames: (pts2d (V, T, N, 2) pixels, conf (V, T, N)), NaN where unseen."
-    from deeperfly_nb.decoding import route_channels_to_points_in_views
-    T = _check_windows(plan, windows)
-    pts2d = np.full((plan.n_views, T, plan.n_points, 2), np.nan)
-    conf = np.full((plan.n_views, T, plan.n_points), np.nan)
+    """Detect 2D keypoints in synchronized frames: (pts2d (V, T, N, 2) pixels, conf (V, T, N)), NaN where unseen; with
+    `top_k`, also (cands (V, T, N, top_k, 2) pixels, scores (V, T, N, top_k)), best first."""
+    T, top_k = _check_windows(plan, windows), _check_top_k(top_k)
+    arrays = _new_arrays(plan.n_views, T, plan.n_points, top_k)
     outputs, sizes, boxes = {}, {s: windows[s].shape[1:3] for s in windows}, {}
     stages = plan.stages()            # one stage unless the plan crops: then each stage's boxes come from the one before
     for k, stage in enumerate(stages):
-        crops = _stage_crops(plan, stage, outputs, sizes, boxes, cameras)
-        got = _detect_pathways(plan, models, stage, windows, batch_size, crops)
-        if k < len(stages) - 1: got = {i: (xy.astype(np.float32), c.astype(np.float32)) for i, (xy, c) in got.items()}   # as detect_2d keeps them
+        crops, last = _stage_crops(plan, stage, outputs, sizes, boxes, cameras), k == len(stages) - 1
+        got = _detect_pathways(plan, models, stage, windows, batch_size, crops, top_k=top_k if last else 0)
+        if not last: got = {i: (o[0].astype(np.float32), o[1].astype(np.float32)) for i, o in got.items()}   # as detect_2d keeps them
         outputs.update({plan.pathways[i].name: o for i, o in got.items()})
-    for name, (xy, c) in outputs.items(): route_channels_to_points_in_views(xy, c, plan.pathway(name).mapping, pts2d, conf)
-    return pts2d, conf
+    for name, o in outputs.items(): _route(o, plan.pathway(name).mapping, arrays)
+    _fill_single(arrays)
+    return tuple(arrays.values())
 
 # %% ../nbs/14_inference.ipynb #3b5edd10
 @dataclass
@@ -192,6 +231,8 @@ class Detections:
     meta: dict = field(default_factory=dict)   # anything else worth keeping
     upstream: dict = field(default_factory=dict)   # cropzoom plans: {pathway name: (xy (T, C, 2) raw px, conf (T, C)) float32} of every earlier stage
     boxes: dict = field(default_factory=dict)      # cropzoom plans: {cropzoom pathway name: CropBoxes (one view, T frames)}
+    cands: np.ndarray|None = None  # with top_k: (V, T, N, K, 2) raw view pixels of the K best heatmap peaks, best first, NaN = none
+    scores: np.ndarray|None = None # with top_k: (V, T, N, K) their heatmap values
 
 def open_sources(plan:DetectionPlan, # the plan whose sources to open
                  footage_dir, # the recording's folder
@@ -237,12 +278,12 @@ def _decode(readers:dict, n:int, chunk:int, start:int, q:queue.Queue, stop:threa
         put(e)
 
 # %% ../nbs/14_inference.ipynb #d528482d
-def _manifest(resume_key:str, n:int, block:int, plan:DetectionPlan) -> dict:
+def _manifest(resume_key:str, n:int, block:int, plan:DetectionPlan, top_k:int=0) -> dict:
     return {"key": resume_key, "n_frames": n, "block_frames": block, "views": list(plan.view_names),
-            "n_points": plan.n_points}
+            "n_points": plan.n_points, "top_k": top_k}
 
-def _load_blocks(resume_dir:Path, manifest:dict, blocks:list, pts2d, conf) -> set:
-    "Fill pts2d/conf from finished blocks in resume_dir; forget every block if the manifest differs."
+def _load_blocks(resume_dir:Path, manifest:dict, blocks:list, arrays:dict) -> set:
+    "Fill `arrays` {pts2d, conf[, cands, scores]} from finished blocks in resume_dir; forget every block if the manifest differs."
     resume_dir.mkdir(parents=True, exist_ok=True)
     mpath = resume_dir / "manifest.json"
     old = None
@@ -258,32 +299,31 @@ def _load_blocks(resume_dir:Path, manifest:dict, blocks:list, pts2d, conf) -> se
         p = resume_dir / f"block_{a:09d}_{b:09d}.npz"
         if not p.exists(): continue
         try:
-            with np.load(p) as z: bp, bc = z["pts2d"], z["conf"]
-            if bp.shape != pts2d[:, a:b].shape or bc.shape != conf[:, a:b].shape: raise ValueError("shape")
+            with np.load(p) as z: got = {k: z[k] for k in arrays}
+            if any(got[k].shape != arrays[k][:, a:b].shape for k in arrays): raise ValueError("shape")
         except Exception:          # unreadable: recompute it
             p.unlink(missing_ok=True); continue
-        pts2d[:, a:b], conf[:, a:b] = bp, bc
+        for k in arrays: arrays[k][:, a:b] = got[k]
         done.add((a, b))
     if done:
         n_done, first_todo = sum(b - a for a, b in done), min((a for a, b in blocks if (a, b) not in done), default=None)
         log.info("detection: resuming an interrupted run: %d of %d frames already detected (in %s)%s", n_done,
-                 pts2d.shape[1], resume_dir, f"; continuing from frame {first_todo}" if first_todo is not None else "")
+                 arrays["pts2d"].shape[1], resume_dir, f"; continuing from frame {first_todo}" if first_todo is not None else "")
     return done
 
-def _save_block(resume_dir:Path, a:int, b:int, pts2d, conf):
+def _save_block(resume_dir:Path, a:int, b:int, arrays:dict):
     with atomic_path(resume_dir / f"block_{a:09d}_{b:09d}.npz") as tmp:
-        with open(tmp, "wb") as f: np.savez(f, pts2d=pts2d[:, a:b], conf=conf[:, a:b])
+        with open(tmp, "wb") as f: np.savez(f, **{k: v[:, a:b] for k, v in arrays.items()})
 
 # %% ../nbs/14_inference.ipynb #7ce49475
 log = logging.getLogger("deeperfly")
 
-def _blocks(plan:DetectionPlan, n:int, block:int, resume_dir:Path|None, resume_key:str) -> tuple:
-    "(blocks [(a, b)], done blocks, pts2d (V, n, N, 2), conf (V, n, N)): NaN arrays, filled from resume_dir's finished blocks."
-    V, N = plan.n_views, plan.n_points
-    pts2d, conf = np.full((V, n, N, 2), np.nan), np.full((V, n, N), np.nan)
+def _blocks(plan:DetectionPlan, n:int, block:int, resume_dir:Path|None, resume_key:str, top_k:int=0) -> tuple:
+    "(blocks [(a, b)], done blocks, arrays {pts2d, conf[, cands, scores]} over n frames): NaN, filled from resume_dir's finished blocks."
+    arrays = _new_arrays(plan.n_views, n, plan.n_points, top_k)
     blocks = [(a, min(a + block, n)) for a in range(0, n, block)]
-    done = set() if resume_dir is None else _load_blocks(resume_dir, _manifest(resume_key, n, block, plan), blocks, pts2d, conf)
-    return blocks, done, pts2d, conf
+    done = set() if resume_dir is None else _load_blocks(resume_dir, _manifest(resume_key, n, block, plan, top_k), blocks, arrays)
+    return blocks, done, arrays
 
 def _start_decoding(readers:dict, n:int, chunk:int, start:int, stop:threading.Event) -> tuple:
     "(queue, thread): the background decoder, started at frame `start`."
@@ -352,25 +392,26 @@ def _earlier_stages(plan:DetectionPlan, models:dict, readers:dict, n:int, upstre
     return outputs, boxes
 
 # %% ../nbs/14_inference.ipynb #978b4513
-def _last_stage(plan:DetectionPlan, outputs:dict, boxes:dict, pts2d, conf) -> tuple:
-    "(pathway indices of a cropping plan's last stage, {index: CropBoxes}), the earlier stages' points routed into pts2d/conf; else (None, None)."
-    from deeperfly_nb.decoding import route_channels_to_points_in_views
+def _last_stage(plan:DetectionPlan, outputs:dict, boxes:dict, arrays:dict) -> tuple:
+    "(pathway indices of a cropping plan's last stage, {index: CropBoxes}), the earlier stages' points routed into `arrays`; else (None, None)."
     if len(plan.stages()) == 1: return None, None
-    for name, (xy, c) in outputs.items(): route_channels_to_points_in_views(xy, c, plan.pathway(name).mapping, pts2d, conf)
+    for name, o in outputs.items(): _route(o, plan.pathway(name).mapping, arrays)
     last = plan.stages()[-1]
     return last, {i: boxes[plan.pathways[i].name] for i in last if plan.pathways[i].crop_from is not None}
 
-def _detect_chunk(plan:DetectionPlan, models:dict, frames:dict, a:int, batch_size:int, pts2d, conf, last=None, crops=None) -> int:
-    "Detect a decoded chunk (first frame `a`) into pts2d/conf: the whole plan, or the `last` stage of a cropping plan; its length."
-    from deeperfly_nb.decoding import route_channels_to_points_in_views
+def _detect_chunk(plan:DetectionPlan, models:dict, frames:dict, a:int, batch_size:int, arrays:dict, last=None, crops=None,
+                  top_k:int=0) -> int:
+    "Detect a decoded chunk (first frame `a`) into `arrays`: the whole plan, or the `last` stage of a cropping plan; its length."
     t = len(next(iter(frames.values())))
-    if last is None: pts2d[:, a:a + t], conf[:, a:a + t] = detect_sequence(plan, models, frames, batch_size); return t
-    for i, (xy, c) in _detect_pathways(plan, models, last, frames, batch_size, crops, a).items():
-        route_channels_to_points_in_views(xy, c, plan.pathways[i].mapping, pts2d[:, a:a + t], conf[:, a:a + t])
+    if last is None:
+        for k, v in zip(arrays, detect_sequence(plan, models, frames, batch_size, top_k=top_k)): arrays[k][:, a:a + t] = v
+        return t
+    for i, o in _detect_pathways(plan, models, last, frames, batch_size, crops, a, top_k).items():
+        _route(o, plan.pathways[i].mapping, arrays, a, a + t)
     return t
 
 # %% ../nbs/14_inference.ipynb #d17e6d3f
-def _stream_blocks(q:queue.Queue, blocks:list, block:int, done:set, bar, resume_dir, pts2d, conf, detect_chunk):
+def _stream_blocks(q:queue.Queue, blocks:list, block:int, done:set, bar, resume_dir, arrays:dict, detect_chunk):
     "Detect the decoded chunks from `q` (`detect_chunk(first frame, frames)` -> frames done), saving each finished block."
     while (item := q.get()) is not _DONE:
         if isinstance(item, BaseException): raise item
@@ -378,7 +419,7 @@ def _stream_blocks(q:queue.Queue, blocks:list, block:int, done:set, bar, resume_
         if bl in done: continue
         bar.update(t := detect_chunk(a, frames))
         if a + t == bl[1]:
-            if resume_dir is not None: _save_block(resume_dir, *bl, pts2d, conf)
+            if resume_dir is not None: _save_block(resume_dir, *bl, arrays)
             done.add(bl)
 
 # %% ../nbs/14_inference.ipynb #b9911ca9
@@ -395,11 +436,13 @@ def detect_2d(plan:DetectionPlan, # the detection plan
               upstream:dict|None=None, # cropzoom plans: {pathway name: (xy, conf)} of earlier stages already computed (not rerun)
               boxes:dict|None=None, # cropzoom plans: {cropzoom pathway name: CropBoxes} already made (used as they are)
               cameras=None, # centre = "3d" cropzoom: the rig (CameraGroup, view order), or {view: (H, W)} -> it (`config.camera_group`)
+              top_k:int=0, # also keep the top_k best peaks of every heatmap (`Detections.cands`, `.scores`; 0: only the best)
              ) -> Detections:
     "Stream a recording through the plan in bounded memory: every source decoded once, in chunks, in the background."
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     if chunk_frames < 1 or batch_size < 1: raise InputError(f"chunk_frames and batch_size must be >= 1, got {chunk_frames}, {batch_size}")
+    top_k = _check_top_k(top_k)
     readers = open_sources(plan, footage_dir)
     stop, worker = threading.Event(), None
     try:
@@ -408,21 +451,23 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         n, block = int(n), -(-max(block_frames, chunk_frames) // chunk_frames) * chunk_frames
         resume_dir = Path(resume_dir) if resume_dir is not None else None
         up, crop_sets = _earlier_stages(plan, models, readers, n, upstream, boxes, cameras, chunk_frames, batch_size, progress)
-        blocks, done, pts2d, conf = _blocks(plan, n, block, resume_dir, resume_key)
-        last, crops = _last_stage(plan, up, crop_sets, pts2d, conf)     # (None, None) unless the plan crops
+        blocks, done, arrays = _blocks(plan, n, block, resume_dir, resume_key, top_k)
+        last, crops = _last_stage(plan, up, crop_sets, arrays)     # (None, None) unless the plan crops
         bar = tqdm(total=n, initial=sum(b - a for a, b in done), unit="frame", desc="detect 2D", disable=not progress)
         if any(bl not in done for bl in blocks):
             srcs = set(readers) if last is None else {plan.pathways[i].source for i in last}
             start = next(bl for bl in blocks if bl not in done)[0]
             q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, start, stop)
-            _stream_blocks(q, blocks, block, done, bar, resume_dir, pts2d, conf,
-                           lambda a, frames: _detect_chunk(plan, models, frames, a, batch_size, pts2d, conf, last, crops))
+            _stream_blocks(q, blocks, block, done, bar, resume_dir, arrays,
+                           lambda a, frames: _detect_chunk(plan, models, frames, a, batch_size, arrays, last, crops, top_k))
         bar.close()
         missing = [bl for bl in blocks if bl not in done]
         if missing: raise InputError(f"{footage_dir}: the footage ended before frame {missing[0][0]} of {n}")
         sizes, fps = _footage_facts(plan, readers)
-        return Detections(pts2d, conf, list(plan.view_names), sizes, fps, {s: str(r.path) for s, r in readers.items()},
-                          n, round(time.perf_counter() - t0, 3), upstream=up, boxes=crop_sets)
+        _fill_single(arrays)
+        return Detections(arrays["pts2d"], arrays["conf"], list(plan.view_names), sizes, fps, {s: str(r.path) for s, r in readers.items()},
+                          n, round(time.perf_counter() - t0, 3), upstream=up, boxes=crop_sets,
+                          cands=arrays.get("cands"), scores=arrays.get("scores"))
     finally:
         stop.set()
         if worker is not None: worker.join(timeout=5)

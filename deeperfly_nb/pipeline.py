@@ -47,7 +47,7 @@ def find_points2d_file(folder:Path, # the recording folder to search (its top le
                       ) -> Path:
     "The single 2D source in `folder` (points2d.h5, a deeperfly .h5, or a DeepFly3D df3d_result*.pkl)."
     for pattern in _SOURCE_GLOBS:
-        hits = sorted(p for p in folder.glob(pattern) if p.is_file() and p.name != "ground_truth.h5")
+        hits = sorted(p for p in folder.glob(pattern) if p.is_file() and p.name not in ("ground_truth.h5", "pose2d_candidates.h5"))
         if len(hits) == 1: return hits[0]
         if len(hits) > 1: raise InputError(f"{folder}: several 2D sources match {pattern!r}: {[h.name for h in hits]}; pass one file")
     raise InputError(f"{folder}: no 2D source found; expected points2d.h5, a deeperfly result (.h5) or a DeepFly3D df3d_result*.pkl")

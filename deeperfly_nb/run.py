@@ -22,13 +22,14 @@ from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'LIFTER_FILES',
-           'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh',
-           'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'check_device', 'planned_outputs',
-           'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext',
-           'prepare_run', 'StageOutcome', 'Pose2D', 'save_upstream', 'load_upstream', 'result_provenance',
-           'result_content', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
-           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'CANDIDATES',
+           'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record',
+           'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'check_device',
+           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d',
+           'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates',
+           'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance',
+           'result_content', 'select_points2d', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d',
+           'RunReport', 'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -54,7 +55,7 @@ def array_digest(*arrays, # numpy arrays (or None)
     return h.hexdigest()
 
 # %% ../nbs/19_run.ipynb #90a3a79d
-STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 3, "refinement": 2, "bundle_adjustment": 2, "triangulation": 3, "lifting": 1, "visualization": 2}  # bump when run's own code for a stage changes
+STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 4, "refinement": 2, "bundle_adjustment": 2, "triangulation": 4, "lifting": 2, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
                  "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"), "lifting": ("lifting", "results"), "visualization": ("visualization",)}
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
@@ -223,6 +224,7 @@ def planned_outputs(config:Config, # the run's config
     "The files a run of `config` writes in its output folder (relative names)."
     p = config.pipeline
     names = ["pose2d.h5"] if p.pose2d else []
+    if p.pose2d and config.model.filters.candidates: names.append(CANDIDATES)   # the candidate peaks a [filters] peak selection reads
     if p.pose2d:                                     # a cropzoom plan: the detector's points and the crops' boxes
         plan = config.detection_plan()
         if len(plan.stages()) > 1: names += ["detector.h5", *[f"crops/{plan.pathways[i].name}_bbox.csv" for i in plan.stages()[-1]]]
@@ -389,12 +391,19 @@ class Pose2D:
     conf: np.ndarray                # (V, T, N) confidences
     image_sizes: dict               # {view: (H, W)} of the footage
     footage_fps: float|None = None  # what the footage says, for the record
+    cands: np.ndarray|None = None   # (V, T, N, K, 2) candidate peaks, best first (only when [filters] peaks selects among them)
+    scores: np.ndarray|None = None  # (V, T, N, K) their heatmap values
 
     @property
     def content(self) -> str:
         "The key later stages' fingerprints take: the arrays and image sizes."
         return fingerprint({"arrays": array_digest(self.pts2d, self.conf),
                             "image_sizes": {k: list(v) for k, v in sorted(self.image_sizes.items())}})
+
+    @property
+    def candidates_content(self) -> str|None:
+        "The key of the candidate peaks (None without them), for the fingerprints of the stages that select among them."
+        return None if self.cands is None else array_digest(self.cands, self.scores)
 
     @classmethod
     def from_result(cls, res:PoseResult, # a 2D PoseResult, as in pose2d.h5
@@ -403,16 +412,68 @@ class Pose2D:
         return cls(res.pts2d, res.conf, {c.name: tuple(c.image_size) for c in res.cameras if c.image_size is not None},
                    res.meta.get("footage_fps"))
 
+# %% ../nbs/19_run.ipynb #7a1c4d22
+CANDIDATES = "pose2d_candidates.h5"   # in the output folder: the detector's candidate peaks, when [filters] peaks needs them
+
+def save_candidates(path, # pose2d_candidates.h5
+                    cands, # (V, T, N, K, 2) raw view pixels, best first, NaN = none
+                    scores, # (V, T, N, K) their heatmap values
+                    view_names:list, # (V,) the views, in order
+                   ) -> Path:
+    "Write candidate peaks (atomically)."
+    with atomic_hdf5(path) as f:
+        f["cands"], f["scores"] = np.asarray(cands, float), np.asarray(scores, float)
+        f.attrs["view_names"] = json.dumps(list(view_names))
+    return Path(path)
+
+def load_candidates(path, # a file `save_candidates` wrote
+                    view_names:list, # the views wanted, in this order
+                    top_k:int, # the best top_k peaks of each (view, frame, point)
+                    shape:tuple|None=None, # the (V, T, N) of the 2D they go with
+                   ) -> tuple:
+    "(cands (V, T, N, top_k, 2), scores (V, T, N, top_k)) in `view_names`' order; an InputError says what does not fit."
+    import h5py
+    try:
+        with h5py.File(path, "r") as f: names, c, s = json.loads(f.attrs["view_names"]), f["cands"][()], f["scores"][()]
+    except (OSError, KeyError, ValueError) as e: raise InputError(f"{path}: not a candidate-peaks file of deeperfly run ({e})") from None
+    missing = [v for v in view_names if v not in names]
+    if missing: raise InputError(f"{path}: no candidate peaks for view(s) {missing}; it has {names}")
+    if c.ndim != 5 or c.shape[3] < top_k:
+        raise InputError(f"{path}: holds {c.shape[3] if c.ndim == 5 else 'no'} candidate peaks per point; [filters] top_k = {top_k} needs more")
+    idx = [names.index(v) for v in view_names]
+    c, s = c[idx][..., :top_k, :], s[idx][..., :top_k]
+    if shape is not None and c.shape[:3] != tuple(shape):
+        raise InputError(f"{path}: candidate peaks for {c.shape[:3]} (views, frames, points); the 2D has {tuple(shape)}")
+    return c, s
+
+def stored_candidates(out:Path, # the output folder
+                     ) -> int:
+    "How many candidate peaks per point the recorded pose2d stage kept (0: none)."
+    if CANDIDATES not in (read_record(out, "pose2d") or {}).get("outputs", {}): return 0
+    import h5py
+    try:
+        with h5py.File(Path(out) / CANDIDATES, "r") as f: return int(f["cands"].shape[3])
+    except (OSError, KeyError, IndexError): return 0
+
 # %% ../nbs/19_run.ipynb #504b3641
 def _pose2d_from_file(ctx:RunContext) -> tuple:
-    "[pipeline] pose2d off: the 2D of the recording's 2D file (no stage runs): (Pose2D, outcome)."
+    """[pipeline] pose2d off: the 2D of the recording's 2D file (no stage runs), with the candidate peaks saved beside it
+    (`CANDIDATES`) when `[filters] peaks` selects among them: (Pose2D, outcome)."""
     config = ctx.config
     points = ctx.points2d                                # read and matched to the rig by `prepare_run`
     cams = config.camera_group(image_sizes={n: s for n, s in points.image_sizes.items() if n in config.view_names} or None)
     sizes = {c.name: tuple(c.image_size) for c in cams if c.image_size is not None}
-    p2d = Pose2D(points.pts2d, points.conf, sizes, points.fps)
+    p2d, k = Pose2D(points.pts2d, points.conf, sizes, points.fps), config.model.filters.candidates
+    fp = {"from_file": ctx.digests.digest(points.path)}
+    if k:                                                # the peak selection: the candidates beside the 2D file
+        cpath = Path(points.path).parent / CANDIDATES
+        if not cpath.is_file():
+            raise InputError(f'[filters] peaks = "{config.model.filters.peaks}" chooses among candidate peaks, but the 2D comes from '
+                             f'{points.path} and there is no {CANDIDATES} beside it: detect with [pipeline] pose2d = true, or set peaks = "top1"')
+        p2d.cands, p2d.scores = load_candidates(cpath, config.view_names, k, p2d.pts2d.shape[:3])
+        fp["candidates"] = ctx.digests.digest(cpath)
     return p2d, StageOutcome("pose2d", "disabled", summary={"read_from": str(points.path)}, content=p2d.content,
-                             fingerprint=fingerprint({"from_file": ctx.digests.digest(points.path)}))
+                             fingerprint=fingerprint(fp))
 
 # %% ../nbs/19_run.ipynb #59999fa5
 def _detector_fingerprint(ctx:RunContext, plan) -> str:
@@ -471,16 +532,18 @@ def _pose2d_fingerprint(ctx:RunContext, plan) -> str:
                         "weights": {n: weights_digest(plan.models[n], ctx.digests, memo)
                                     for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
 
+# %% ../nbs/19_run.ipynb #5d8a3c66
 def _pose2d_stage(ctx:RunContext) -> tuple:
     """Detect 2D in the footage into pose2d.h5 (or read a 2D file when [pipeline] pose2d is off): (Pose2D, [outcomes]) —
     a cropzoom plan's detector stage first."""
     if not ctx.config.pipeline.pose2d: p2d, o = _pose2d_from_file(ctx); return p2d, [o]
     from deeperfly_nb.inference import detect_2d
-    config, plan, path = ctx.config, ctx.config.detection_plan(), ctx.out / "pose2d.h5"
-    crop = len(plan.stages()) > 1
+    config, plan, path, cpath = ctx.config, ctx.config.detection_plan(), ctx.out / "pose2d.h5", ctx.out / CANDIDATES
+    crop, top_k = len(plan.stages()) > 1, config.model.filters.candidates
     fp, dfp = _pose2d_fingerprint(ctx, plan), _detector_fingerprint(ctx, plan) if crop else None
     reuse_detector = crop and "detector" not in ctx.forced and is_fresh(ctx.out, "detector", dfp, ctx.digests)
     detector = []
+    if top_k and stored_candidates(ctx.out) < top_k: ctx = replace(ctx, forced=ctx.forced | {"pose2d"})   # detect them once
     def compute():
         from deeperfly_nb.detector import load_models
         opts = config.pose2d
@@ -489,19 +552,25 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
         det = detect_2d(plan, models, ctx.recording, chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
                         max_frames=ctx.max_frames, progress=ctx.progress, resume_dir=ctx.state / "pose2d_blocks",
                         resume_key=fp, block_frames=8 * opts.chunk_frames, upstream=upstream,
-                        cameras=config.camera_group if crop else None)
+                        cameras=config.camera_group if crop else None, top_k=top_k)
         if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
         res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=det.fps,
                          meta={"stage": "pose2d", "sources": det.sources, "footage_fps": det.fps,
                                "models": {n: str(m.weights_path) for n, m in models.items()}})
         res.save(path)
+        if top_k: save_candidates(cpath, det.cands, det.scores, det.view_names)
+        else: cpath.unlink(missing_ok=True)                        # candidates of an older detection are not this one's
         shutil.rmtree(ctx.state / "pose2d_blocks", ignore_errors=True)
         seen = np.isfinite(det.pts2d).all(-1)
-        p2d = Pose2D.from_result(res)
-        return p2d, [path, *_write_boxes(ctx, det.boxes)], p2d.content, {
+        p2d = replace(Pose2D.from_result(res), cands=det.cands, scores=det.scores)
+        return p2d, [path, *([cpath] if top_k else []), *_write_boxes(ctx, det.boxes)], p2d.content, {"candidates": top_k,
             "frames": det.n_frames, "seconds_detection": det.seconds, "frames_per_second": round(det.n_frames / max(det.seconds, 1e-9), 2),
             "median_confidence": float(np.nanmedian(det.conf[seen])) if seen.any() else None}
-    p2d, outcome = _stage(ctx, "pose2d", fp, compute, lambda: Pose2D.from_result(PoseResult.load(path)))
+    def load():
+        p2d = Pose2D.from_result(PoseResult.load(path))
+        if top_k: p2d.cands, p2d.scores = load_candidates(cpath, plan.view_names, top_k, p2d.pts2d.shape[:3])
+        return p2d
+    p2d, outcome = _stage(ctx, "pose2d", fp, compute, load)
     if crop and not detector: detector.append(_detector_outcome(ctx, dfp, {}, None, 0.0))   # the whole 2D was reused
     return p2d, [*detector, outcome]
 
@@ -519,7 +588,21 @@ def _apply_corrections(ctx:RunContext, p2d:Pose2D) -> tuple:
     pts2d, conf = apply_corrections(p2d.pts2d, p2d.conf, cs)
     summary = {"count": len(cs), "unseen": sum(c.unseen for c in cs), "digest": corrections_digest(cs)}
     log.info("corrections: applying %d hand-made correction(s) from %s", len(cs), path.name)
-    return replace(p2d, pts2d=pts2d, conf=conf), [StageOutcome("corrections", "applied", 0.0, None, [CORRECTIONS], summary, summary["digest"])]
+    return pin_corrections(p2d, pts2d, conf), [StageOutcome("corrections", "applied", 0.0, None, [CORRECTIONS], summary, summary["digest"])]
+
+def pin_corrections(p2d:Pose2D, # the detections
+                    pts2d, # (V, T, N, 2) the corrected 2D
+                    conf, # (V, T, N) its confidences
+                   ) -> Pose2D:
+    "`p2d` with the corrected 2D; a corrected (view, frame, point) keeps one candidate peak, the correction, so no selection undoes it."
+    out = replace(p2d, pts2d=pts2d, conf=conf)
+    if p2d.cands is None: return out
+    same = lambda a, b: (a == b) | (np.isnan(a) & np.isnan(b))
+    changed = ~same(p2d.pts2d, pts2d).all(-1) | ~same(p2d.conf, conf)
+    c, s = p2d.cands.copy(), p2d.scores.copy()
+    c[changed], s[changed] = np.nan, 0.0
+    c[changed, 0], s[changed, 0] = pts2d[changed], conf[changed]
+    return replace(out, cands=c, scores=s)
 
 # %% ../nbs/19_run.ipynb #1d511b9c
 def _cameras_toml(cameras:CameraGroup) -> str:
@@ -567,14 +650,45 @@ def result_content(res:PoseResult, # a result
 # %% ../nbs/19_run.ipynb #4e631b85
 def _refines(config:Config) -> bool: return config.pipeline.triangulation and config.pipeline.refinement
 
+def select_points2d(filters, # the config's `[filters]` table: `peaks`, `top_k` and their scales
+                    pts2d, # (V, T, N, 2) the detector's best peaks, pixels, NaN = unseen
+                    conf, # (V, T, N) their confidences
+                    cands=None, # (V, T, N, K, 2) candidate peaks, best first, K >= top_k (needed unless peaks = "top1")
+                    scores=None, # (V, T, N, K) their scores
+                    cameras=None, # the rig (CameraGroup), for peaks = "multiview"
+                    skeleton=None, # whose bones it weighs, for peaks = "multiview"
+                   ) -> tuple:
+    """(pts2d, conf, detections moved to another peak) after `[filters] peaks`: where the selection keeps candidate 0, the
+    detection as it was; elsewhere the chosen candidate and its score."""
+    from deeperfly_nb.refinement import select_peaks, viterbi_filter_2d
+    if filters.peaks == "top1": return pts2d, conf, 0
+    if cands is None: raise InputError(f'[filters] peaks = "{filters.peaks}" chooses among candidate peaks, but the 2D has none')
+    c, s = np.asarray(cands)[..., :filters.top_k, :], np.asarray(scores)[..., :filters.top_k]
+    if filters.peaks == "viterbi": picked, score = viterbi_filter_2d(c, s, jump_px=filters.viterbi_jump_px)
+    else:
+        if cameras is None or len(cameras) < 2:
+            raise ConfigError('[filters] peaks = "multiview" weighs the other views, and this run has one camera; use "viterbi"')
+        picked, score, _ = select_peaks(cameras, c, s, skeleton, sigma_px=filters.multiview_sigma_px, jump_px=filters.multiview_jump_px)
+    gap = np.linalg.norm(c - picked[..., None, :], axis=-1)
+    first = np.where(np.isfinite(gap), gap, np.inf).argmin(-1) == 0      # candidate 0 (or nothing) chosen: the detection stays
+    moved = int((~first & np.isfinite(picked).all(-1)).sum())
+    return np.where(first[..., None], pts2d, picked), np.where(first, conf, score), moved
+
+# %% ../nbs/19_run.ipynb #2d5b7a44
 def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersConfig`)
                     pts2d, # (V, T, N, 2) pixels, NaN = unseen
                     conf, # (V, T, N) confidences
+                    cands=None, # (V, T, N, K, 2) candidate peaks (for `[filters] peaks`; see `select_points2d`)
+                    scores=None, # (V, T, N, K) their scores
+                    cameras=None, # the rig, for peaks = "multiview"
+                    skeleton=None, # its bones, for peaks = "multiview"
                    ) -> tuple:
-    "(pts2d, conf, {filter: detections it dropped}) after the confidence threshold, then the running-median filter."
+    """(pts2d, conf, {filter: detections it dropped, or for "peaks" moved to another peak}) after the peak selection, the
+    confidence threshold, then the running-median filter."""
     from deeperfly_nb.refinement import confidence_threshold, median_filter_2d
     seen = lambda p: int(np.isfinite(p).all(-1).sum())
     dropped = {}
+    if filters.peaks != "top1": pts2d, conf, dropped["peaks"] = select_points2d(filters, pts2d, conf, cands, scores, cameras, skeleton)
     if filters.min_confidence > 0:
         n = seen(pts2d); pts2d, conf = confidence_threshold(pts2d, conf, filters.min_confidence)
         dropped["min_confidence"] = n - seen(pts2d)
@@ -587,7 +701,7 @@ def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersCo
 def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:dict) -> PoseResult:
     "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
-    pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf)
+    pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
     meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps,
             **({"filters": {"dropped": dropped}} if dropped else {})}
     if config.pipeline.triangulation:
@@ -609,7 +723,8 @@ def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:St
     cfg, path = ctx.config.to_dict(), ctx.out / ("triangulated.h5" if _refines(ctx.config) else "results.h5")
     fp = fingerprint({"stage": "triangulation", "code": code_version("triangulation"), "pose2d": p2d.content,
                       "rig": rig.content, "triangulation": cfg["triangulation"] if ctx.config.pipeline.triangulation else "off",
-                      "filters": cfg["filters"], "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name})
+                      "filters": cfg["filters"], "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name,
+                      **({"candidates": p2d.candidates_content} if ctx.config.model.filters.candidates else {})})
     def compute():
         res = _triangulate(ctx, p2d, cameras, rig.summary)
         res.save(path)
@@ -655,9 +770,10 @@ def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOut
     path = ctx.out / ("triangulated.h5" if _refines(config) else "results.h5")
     fp = fingerprint({"stage": "lifting", "code": code_version("lifting"), "pose2d": p2d.content, "rig": rig.content,
                       "lifting": cfg["lifting"], "lifter": _lifter_digests(ctx, folder), "filters": cfg["filters"],
-                      "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name})
+                      "fps": ctx.fps, "provenance": result_provenance(ctx), "file": path.name,
+                      **({"candidates": p2d.candidates_content} if config.model.filters.candidates else {})})
     def compute():
-        pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf)
+        pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
         meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **({"filters": {"dropped": dropped}} if dropped else {})}
         base = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta, provenance=result_provenance(ctx))
         res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
