@@ -297,6 +297,24 @@ def _bone_cv(np, cams, skeleton, pts2d, conf):
             "ba_median_reproj_before_after_px": [ba.get("median_reproj_before"), ba.get("median_reproj_after")]}
 
 
+def _example_rig(np, weights, plan, cams, sk):
+    """deeperfly_example's own rig: the labels-only model's detections of its 64 frames, bundle-adjusted from DeepFly3D's
+    calibration of the sample (what a user gets from `deeperfly run` on the recording with that model)."""
+    import copy, dataclasses
+    from deeperfly_nb.detector import load_models
+    from deeperfly_nb.inference import detect_2d
+    from deeperfly_nb.pipeline import run_from_points2d
+    name = plan.pathways[0].model
+    plan = copy.copy(plan)
+    plan.models = {**plan.models, name: dataclasses.replace(plan.models[name], weights=str(weights), sha256=None)}
+    det = detect_2d(plan, load_models(plan, device="cpu"), EXAMPLE, progress=False)
+    r = run_from_points2d(cams, sk, det.pts2d, det.conf)
+    ba = r.meta["bundle_adjustment"]
+    return r.cameras, {"example_cameras": "bundle-adjusted from DeepFly3D's calibration on the sup model's detections",
+                       "median_reproj_px_df3d_cameras": ba.get("median_reproj_before"), "median_reproj_px_adjusted": ba.get("median_reproj_after"),
+                       "bone_cv_median_pct": round(100 * float(np.nanmedian(sk.bone_length_cv(r.pts3d))), 2)}
+
+
 def real(args):
     import numpy as np, torch
     torch.set_num_threads(1)
@@ -318,10 +336,12 @@ def real(args):
     out = Path(args.out) if args.out else RESULTS / "semisupervised_real.json"
     test_idx = np.flatnonzero(np.isin(np.array(S.frame_keys)[S.frame], test_keys))
     with tempfile.TemporaryDirectory() as d:
-        sample = Path(d) / "deepfly3d_sample_frames_0_9"; sample.mkdir()
+        sample = Path(d) / f"deepfly3d_sample_frames_0_{args.sample_unlabelled - 1}"; sample.mkdir()
         for c in range(7):
-            for t in UNL_FRAMES: (sample / f"camera_{c}_img_{t}.jpg").symlink_to(DF3D_PKL.parents[1] / f"camera_{c}_img_{t}.jpg")
-        frames = UnlabelledFrames([sample, EXAMPLE], plan, cameras=[cams, cams])
+            for t in range(args.sample_unlabelled): (sample / f"camera_{c}_img_{t}.jpg").symlink_to(DF3D_PKL.parents[1] / f"camera_{c}_img_{t}.jpg")
+        recs = {"both": [sample, EXAMPLE], "sample": [sample], "example": [EXAMPLE]}[args.unlabelled]
+        ex_cams, calib = cams, {"example_cameras": "DeepFly3D's calibration of deepfly3d_sample"}
+        frames = UnlabelledFrames(recs, plan, cameras=[cams if r is sample else ex_cams for r in recs])
         for name in args.runs.split(","):
             if name == "before":
                 from deeperfly_nb.detector import bundled_weights
@@ -334,9 +354,14 @@ def real(args):
                 try: row.update(_bone_cv(np, cams, sk, p2, c2))
                 except Exception as e: row["bone_cv_error"] = f"{type(e).__name__}: {e}"
                 print("before", row, flush=True); _merge(out, "before", row); continue
+            if name != "sup" and args.example_cameras == "ba" and EXAMPLE in recs and ex_cams is cams:
+                if not (Path(d) / "sup" / "model.pt").exists(): raise SystemExit("--example-cameras ba needs the sup run first in --runs")
+                ex_cams, calib = _example_rig(np, Path(d) / "sup" / "model.pt", plan, cams, sk)
+                print("deeperfly_example calibrated:", calib, flush=True); _merge(out, "example_calibration" + args.suffix, calib)
+                frames = UnlabelledFrames(recs, plan, cameras=[cams if r is sample else ex_cams for r in recs])
             o = {"sup": SemiOptions(losses=()),
-                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start),
-                 "zero": SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0)}[name]
+                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start, recording_share=args.share),
+                 "zero": SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0, recording_share=args.share)}[name]
             c = {**cfg, "steps": args.zero_steps, "eval_every": args.zero_steps,
                  "warmup_steps": min(30, max(1, args.zero_steps // 10))} if name == "zero" else cfg
             pri = semi_priors(S, plan, o, frames, label_cameras=cams, skeleton=sk) if o.losses else {}
@@ -356,8 +381,8 @@ def real(args):
             _merge(out, name + args.suffix, row)
     _merge(out, "setup" + args.suffix, {"command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_semisupervised.py"] + sys.argv[1:]),
                           "labelled_frames": list(LAB_FRAMES), "test_frames": list(TEST_FRAMES),
-                          "unlabelled": {"deepfly3d_sample frames": list(UNL_FRAMES), "deeperfly_example frames": frames.lengths[1]},
-                          "cameras_for_multiview": "DeepFly3D's calibration of deepfly3d_sample (for both recordings)",
+                          "unlabelled": {str(n): L for n, L in zip(frames.names, frames.lengths)}, "sample_unlabelled_frames": f"0-{args.sample_unlabelled - 1}",
+                          "cameras_for_multiview": {"deepfly3d_sample": "DeepFly3D's calibration", **calib},
                           "samples": str(S)})
     return 0
 
@@ -378,6 +403,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="real: the JSON to write (default bench/results/semisupervised_real.json)")
     ap.add_argument("--semi-start", type=int, default=60, help="real: the semi arm's supervised warm-up, steps (its losses join then)")
     ap.add_argument("--suffix", default="", help="real: appended to the JSON keys of the runs (e.g. @300 for a second step count)")
+    ap.add_argument("--sample-unlabelled", type=int, default=len(UNL_FRAMES), choices=[10, 15],
+                    help="real: the sample's first frames served unlabelled: 10 (frames 10-14 stay unseen) or 15 (transductive: the held-out frames' images, never their labels)")
+    ap.add_argument("--share", default="length", choices=["length", "equal"], help="real: how the unlabelled recordings share the draws (SemiOptions.recording_share)")
+    ap.add_argument("--unlabelled", default="both", choices=["both", "sample", "example"], help="real: the unlabelled recordings")
+    ap.add_argument("--example-cameras", default="df3d", choices=["df3d", "ba"],
+                    help="real: deeperfly_example's rig for the multiview loss: DeepFly3D's calibration of the sample, or bundle-adjusted on the sup run's detections")
     ap.add_argument("--zero-steps", type=int, default=60, help="real: steps of the zero-label run")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -334,7 +334,7 @@ def _train(args, # the parsed `train` command line
     from deeperfly_nb.results import PoseResult
     missing = [u for u in args.unlabelled if not Path(u).exists()]
     if missing: raise InputError(f"--unlabelled recording(s) not found: {', '.join(missing)}")
-    opts = {"losses": parse_losses(args.losses), "weights": parse_loss_weights(args.loss_weight)}
+    opts = {"losses": parse_losses(args.losses), "weights": parse_loss_weights(args.loss_weight), "recording_share": args.unlabelled_share}
     return train_semisupervised(files, [Path(u) for u in args.unlabelled], out, options=opts,
                                 cameras=PoseResult.load(args.cameras) if args.cameras else "config",
                                 bones=PoseResult.load(args.bones_from) if args.bones_from else None, **common, **settings)
@@ -445,6 +445,8 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     semi.add_argument("--losses", default="temporal,multiview,pca,bones,consistency",
                       help="comma-separated among temporal, multiview, pca_multiview, pca, bones, consistency (default: all but pca_multiview)")
     semi.add_argument("--loss-weight", action="append", default=[], metavar="NAME=W", help="a loss's weight, repeatable (defaults: semisupervised.LOSS_DEFAULTS)")
+    semi.add_argument("--unlabelled-share", choices=("length", "equal"), default="length",
+                      help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally")
     semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
     semi.add_argument("--bones-from", metavar="RESULTS_H5", help="a results.h5 whose 3D gives the bone-length prior (default: the labels triangulated)")
     s.set_defaults(func=cmd_train)

@@ -20,13 +20,14 @@ from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, ch
                                    photometric, read_run_checkpoint)
 
 # %% auto #0
-__all__ = ['LOSS_DEFAULTS', 'LOSS_NAMES', 'soft_argmax', 'input_to_source_matrix', 'apply_affine', 'model_pathways',
-           'routing_index', 'route', 'RigTensors', 'rig_tensors', 'distort_t', 'project_t', 'triangulate_t',
-           'hinge_mean', 'temporal_loss', 'multiview_loss', 'PcaPrior', 'fit_pca', 'pca_residual', 'label_points',
-           'singleview_priors', 'points_multiview_priors', 'multiview_priors', 'pca_loss', 'BonePrior', 'bone_prior',
-           'bone_loss', 'random_warp', 'consistency_loss', 'SemiOptions', 'UnlabelledFrames', 'plan_with_input_size',
-           'semi_priors', 'SemiTrainer', 'semi_train_detector', 'Diagnostics', 'diagnose', 'result_diagnostics',
-           'diagnostics_figure', 'worst_frames_table', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
+__all__ = ['LOSS_DEFAULTS', 'LOSS_NAMES', 'RECORDING_SHARES', 'soft_argmax', 'input_to_source_matrix', 'apply_affine',
+           'model_pathways', 'routing_index', 'route', 'RigTensors', 'rig_tensors', 'distort_t', 'project_t',
+           'triangulate_t', 'hinge_mean', 'temporal_loss', 'multiview_loss', 'PcaPrior', 'fit_pca', 'pca_residual',
+           'label_points', 'singleview_priors', 'points_multiview_priors', 'multiview_priors', 'pca_loss', 'BonePrior',
+           'bone_prior', 'bone_loss', 'random_warp', 'consistency_loss', 'SemiOptions', 'UnlabelledFrames',
+           'plan_with_input_size', 'semi_priors', 'SemiTrainer', 'semi_train_detector', 'Diagnostics', 'diagnose',
+           'result_diagnostics', 'diagnostics_figure', 'worst_frames_table', 'parse_losses', 'parse_loss_weights',
+           'train_semisupervised']
 
 # %% ../nbs/17a_semisupervised.ipynb #8ffdabf4
 def soft_argmax(heatmaps:torch.Tensor, # (..., C, h, w) heatmaps
@@ -382,6 +383,7 @@ LOSS_DEFAULTS = {   # name: (weight, epsilon, what epsilon is)
     "consistency": (0.01, 3.0, "model-input pixels between the predictions on a frame and on its augmented copy, mapped back"),
 }
 LOSS_NAMES = tuple(LOSS_DEFAULTS)
+RECORDING_SHARES = ("length", "equal")   # how unlabelled recordings share the draws
 
 @dataclass(frozen=True)
 class SemiOptions:
@@ -399,6 +401,7 @@ class SemiOptions:
     warp_scale: tuple = (0.9, 1.1)    # consistency: zoom range
     warp_translate_px: float = 8.0    # consistency: shift range, model-input pixels
     supervised_weight: float = 1.0    # weight of the supervised heatmap loss; 0 = zero-label mode (no labelled batch is drawn)
+    recording_share: str = "length"   # unlabelled recordings drawn in proportion to their length, or "equal" (each as often)
 
     def __post_init__(self):
         object.__setattr__(self, "losses", tuple(self.losses))
@@ -417,6 +420,7 @@ class SemiOptions:
         if sw == 0 and not self.losses: raise ConfigError("supervised_weight 0 (zero labels) needs at least one loss without labels")
         if sw == 0 and self.start_step: raise ConfigError(f"supervised_weight 0 (zero labels) cannot wait for a supervised warm-up: start_step must be 0, got {self.start_step}")
         if not 0 < self.pca_variance <= 1: raise ConfigError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
+        if self.recording_share not in RECORDING_SHARES: raise ConfigError(f"recording_share: expected one of {RECORDING_SHARES}, got {self.recording_share!r}")
 
 # %% ../nbs/17a_semisupervised.ipynb #193f6766
 @patch
@@ -466,9 +470,11 @@ class UnlabelledFrames:
                  model:str|None=None, # the model being trained
                  cameras=None, # a CameraGroup for all recordings, a list of one per recording (None entries allowed), or None
                  gap:int=1, # frames between the pair
+                 share:str="length", # how often each recording is drawn: "length" (in proportion to its length) or "equal"
                 ):
         if not isinstance(recordings, (list, tuple)) or not recordings: raise InputError("no unlabelled recordings given")
-        self.plan, self.model, self.gap = plan, model_of_plan(plan, model), int(gap)
+        if share not in RECORDING_SHARES: raise InputError(f"share: expected one of {RECORDING_SHARES}, got {share!r}")
+        self.plan, self.model, self.gap, self.share = plan, model_of_plan(plan, model), int(gap), share
         self.pws, self.input_hw = model_pathways(plan, model), tuple(plan.models[self.model].input_size)
         self.readers = [_open_recording(r, plan, self.pws) for r in recordings]
         self.names = [str(r) if not isinstance(r, dict) else f"frames {i}" for i, r in enumerate(recordings)]
@@ -487,9 +493,9 @@ class UnlabelledFrames:
 def draw(self:UnlabelledFrames, rng:np.random.Generator, # draws the time points
          n:int, # how many
         ) -> list:
-    "[(recording, t)]: recordings in proportion to their length, t uniform in [0, length - gap)."
+    "[(recording, t)]: recordings in proportion to their length (or equally often, `share='equal'`), t uniform in [0, length - gap)."
     L = np.array(self.lengths, float) - self.gap
-    rec = rng.choice(len(L), size=n, p=L / L.sum())
+    rec = rng.choice(len(L), size=n, p=L / L.sum() if self.share == "length" else np.full(len(L), 1 / len(L)))
     return [(int(r), int(rng.integers(0, L[r]))) for r in rec]
 
 @patch
@@ -505,8 +511,8 @@ def read(self:UnlabelledFrames, rec:int, # recording index
 
 @patch
 def fingerprint(self:UnlabelledFrames) -> str:
-    "What a resumed run must find again: the recordings, their lengths and the gap."
-    return json.dumps([self.names, self.lengths, self.gap])
+    "What a resumed run must find again: the recordings, their lengths, the gap (and the share when not 'length')."
+    return json.dumps([self.names, self.lengths, self.gap] + ([self.share] if self.share != "length" else []))
 
 # %% ../nbs/17a_semisupervised.ipynb #6bc28054
 def plan_with_input_size(plan:DetectionPlan, # the detection plan
@@ -914,7 +920,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
     need_rig = bool(set(o.losses) & {"multiview", "bones"})
     cams = cameras if isinstance(cameras, (list, tuple)) else [cameras] * len(recs)
     rigs = [_rig_for(r, c, cfg, plan) if need_rig else None for r, c in zip(recs, cams)]
-    fr = UnlabelledFrames(recs, plan, model, rigs, o.frame_gap)
+    fr = UnlabelledFrames(recs, plan, model, rigs, o.frame_gap, o.recording_share)
     pri = semi_priors(samples, plan, o, fr, model, bones, label_cameras or (rigs[0] if bones is None and "bones" in o.losses else None), cfg.skeleton())
     res = semi_train_detector(samples, fr, out_dir, train_cfg, o, pri, resume=resume, progress=progress,
                               metadata={"unlabelled": [str(r) if not isinstance(r, dict) else "frames in memory" for r in recs]})

@@ -130,6 +130,19 @@ def test_unlabelled_frames_spread_and_bad_input(data, tmp_path):
     with pytest.raises(ConfigError, match="name=weight"): parse_loss_weights(["temporal:1"])
 
 
+def test_recordings_share_the_draws_by_length_or_equally(data):
+    "A long and a short recording: 'length' draws them 7:2 (their usable lengths), 'equal' 1:1."
+    lab, unl, frames, samples = data
+    short = {v: f[:3] for v, f in frames.items()}                      # 8 frames -> 7 usable pairs; 3 -> 2
+    for share, want in (("length", 7 / 9), ("equal", 0.5)):
+        uf = UnlabelledFrames([frames, short], PLAN, share=share)
+        recs = np.array([r for r, _ in uf.draw(np.random.default_rng(1), 4000)])
+        assert abs((recs == 0).mean() - want) < 0.03, (share, (recs == 0).mean())
+    assert UnlabelledFrames([frames], PLAN, share="equal").fingerprint() != UnlabelledFrames([frames], PLAN).fingerprint()
+    with pytest.raises(InputError, match="share"): UnlabelledFrames([frames], PLAN, share="uniform")
+    with pytest.raises(ConfigError, match="recording_share"): SemiOptions(recording_share="uniform")
+
+
 def test_preprocessing_matches_labelled_samples(data):
     "An unlabelled frame goes through the same pathway preprocessing as a labelled sample of the same frame."
     lab, unl, frames, samples = data

@@ -263,8 +263,10 @@ def test_train_with_unlabelled_recordings_logs_every_loss(tmp_path, capsys):
     rec = synth_recording(tmp_path / "rec", n_frames=4, seed=5)
     run = tmp_path / "semi"
     argv = ["train", str(csv_path), "--view", "lh", "-o", str(run), *TINY, "--unlabelled", str(rec),
-            "--losses", "temporal,consistency", "--loss-weight", "temporal=0.5"]
+            "--losses", "temporal,consistency", "--loss-weight", "temporal=0.5", "--unlabelled-share", "equal"]
     assert main(argv) == 0, capsys.readouterr().err
+    import torch
+    assert torch.load(run / "last.pt", weights_only=False)["deeperfly"]["semi"]["options"]["recording_share"] == "equal"
     steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"loss_temporal"' in l]
     assert len(steps) == 3 and all(np.isfinite(s["loss_temporal"]) and np.isfinite(s["loss_consistency"]) for s in steps)
     assert "loss_pca" not in steps[0]
