@@ -470,11 +470,9 @@ class UnlabelledFrames:
                  model:str|None=None, # the model being trained
                  cameras=None, # a CameraGroup for all recordings, a list of one per recording (None entries allowed), or None
                  gap:int=1, # frames between the pair
-                 share:str="length", # how often each recording is drawn: "length" (in proportion to its length) or "equal"
                 ):
         if not isinstance(recordings, (list, tuple)) or not recordings: raise InputError("no unlabelled recordings given")
-        if share not in RECORDING_SHARES: raise InputError(f"share: expected one of {RECORDING_SHARES}, got {share!r}")
-        self.plan, self.model, self.gap, self.share = plan, model_of_plan(plan, model), int(gap), share
+        self.plan, self.model, self.gap = plan, model_of_plan(plan, model), int(gap)
         self.pws, self.input_hw = model_pathways(plan, model), tuple(plan.models[self.model].input_size)
         self.readers = [_open_recording(r, plan, self.pws) for r in recordings]
         self.names = [str(r) if not isinstance(r, dict) else f"frames {i}" for i, r in enumerate(recordings)]
@@ -492,10 +490,12 @@ class UnlabelledFrames:
 @patch
 def draw(self:UnlabelledFrames, rng:np.random.Generator, # draws the time points
          n:int, # how many
+         share:str="length", # how often each recording is drawn: "length" (in proportion to its length) or "equal"
         ) -> list:
-    "[(recording, t)]: recordings in proportion to their length (or equally often, `share='equal'`), t uniform in [0, length - gap)."
+    "[(recording, t)]: recordings in proportion to their length (or equally often), t uniform in [0, length - gap)."
+    if share not in RECORDING_SHARES: raise InputError(f"share: expected one of {RECORDING_SHARES}, got {share!r}")
     L = np.array(self.lengths, float) - self.gap
-    rec = rng.choice(len(L), size=n, p=L / L.sum() if self.share == "length" else np.full(len(L), 1 / len(L)))
+    rec = rng.choice(len(L), size=n, p=L / L.sum() if share == "length" else np.full(len(L), 1 / len(L)))
     return [(int(r), int(rng.integers(0, L[r]))) for r in rec]
 
 @patch
@@ -511,8 +511,8 @@ def read(self:UnlabelledFrames, rec:int, # recording index
 
 @patch
 def fingerprint(self:UnlabelledFrames) -> str:
-    "What a resumed run must find again: the recordings, their lengths, the gap (and the share when not 'length')."
-    return json.dumps([self.names, self.lengths, self.gap] + ([self.share] if self.share != "length" else []))
+    "What a resumed run must find again: the recordings, their lengths and the gap."
+    return json.dumps([self.names, self.lengths, self.gap])
 
 # %% ../nbs/17a_semisupervised.ipynb #6bc28054
 def plan_with_input_size(plan:DetectionPlan, # the detection plan
@@ -613,7 +613,7 @@ def unsupervised_losses(self:SemiTrainer, step:int, # the step (seeds the frames
     "{loss name: tensor} on the unlabelled frames of step `step` (unweighted)."
     o, fr, L, pr = self.opts, self.frames, set(self.opts.losses), self.priors
     rng = np.random.default_rng([self.cfg.seed, 0x5E, step])
-    draws = fr.draw(rng, o.frames_per_step)
+    draws = fr.draw(rng, o.frames_per_step, o.recording_share)
     imgs = np.stack([fr.read(r, t) for r, t in draws])                       # (U, 2, P, h, w, 3)
     U, _, P, h, w, _ = imgs.shape
     xy, cf = self.soft_points(imgs.reshape(-1, h, w, 3))
@@ -920,7 +920,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
     need_rig = bool(set(o.losses) & {"multiview", "bones"})
     cams = cameras if isinstance(cameras, (list, tuple)) else [cameras] * len(recs)
     rigs = [_rig_for(r, c, cfg, plan) if need_rig else None for r, c in zip(recs, cams)]
-    fr = UnlabelledFrames(recs, plan, model, rigs, o.frame_gap, o.recording_share)
+    fr = UnlabelledFrames(recs, plan, model, rigs, o.frame_gap)
     pri = semi_priors(samples, plan, o, fr, model, bones, label_cameras or (rigs[0] if bones is None and "bones" in o.losses else None), cfg.skeleton())
     res = semi_train_detector(samples, fr, out_dir, train_cfg, o, pri, resume=resume, progress=progress,
                               metadata={"unlabelled": [str(r) if not isinstance(r, dict) else "frames in memory" for r in recs]})

@@ -130,17 +130,22 @@ def test_unlabelled_frames_spread_and_bad_input(data, tmp_path):
     with pytest.raises(ConfigError, match="name=weight"): parse_loss_weights(["temporal:1"])
 
 
-def test_recordings_share_the_draws_by_length_or_equally(data):
-    "A long and a short recording: 'length' draws them 7:2 (their usable lengths), 'equal' 1:1."
+def test_recordings_share_the_draws_by_length_or_equally(data, tmp_path):
+    "A long and a short recording: 'length' draws them 7:2 (their usable lengths), 'equal' 1:1 — and the trainer draws as its options say."
     lab, unl, frames, samples = data
-    short = {v: f[:3] for v, f in frames.items()}                      # 8 frames -> 7 usable pairs; 3 -> 2
+    uf = UnlabelledFrames([frames, {v: f[:3] for v, f in frames.items()}], PLAN)     # 8 frames -> 7 usable pairs; 3 -> 2
     for share, want in (("length", 7 / 9), ("equal", 0.5)):
-        uf = UnlabelledFrames([frames, short], PLAN, share=share)
-        recs = np.array([r for r, _ in uf.draw(np.random.default_rng(1), 4000)])
+        recs = np.array([r for r, _ in uf.draw(np.random.default_rng(1), 4000, share)])
         assert abs((recs == 0).mean() - want) < 0.03, (share, (recs == 0).mean())
-    assert UnlabelledFrames([frames], PLAN, share="equal").fingerprint() != UnlabelledFrames([frames], PLAN).fingerprint()
-    with pytest.raises(InputError, match="share"): UnlabelledFrames([frames], PLAN, share="uniform")
+    with pytest.raises(InputError, match="share"): uf.draw(np.random.default_rng(1), 4, "uniform")
     with pytest.raises(ConfigError, match="recording_share"): SemiOptions(recording_share="uniform")
+    seen = []
+    class Spy(UnlabelledFrames):
+        def draw(self, rng, n, share="length"): seen.append(share); return super().draw(rng, n, share)
+    spy = Spy([frames, {v: f[:3] for v, f in frames.items()}], PLAN)
+    o = SemiOptions(losses=("temporal",), recording_share="equal")
+    semi_train_detector(samples, spy, tmp_path / "share", dict(TINY, steps=1), o, {}, progress=False)
+    assert seen == ["equal"]
 
 
 def test_preprocessing_matches_labelled_samples(data):
