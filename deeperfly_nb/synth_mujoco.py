@@ -1,4 +1,4 @@
-"""Realistic synthetic flies: the NeuroMechFly body (micro-CT meshes) posed by recorded walking kinematics or by deeperfly's own gait (through inverse kinematics), rendered by MuJoCo through any `CameraGroup` above a textured ball, with the 38 fly38 keypoints, depth-buffer visibility and exact 2D/3D ground truth.
+"""Realistic synthetic flies: the NeuroMechFly body (micro-CT meshes) posed by recorded walking kinematics or by deeperfly's own gait (through inverse kinematics), with folded wings and a pigmented body, rendered by MuJoCo through any `CameraGroup` above a textured ball or walking freely on an arena's floor, with the 38 fly38 keypoints, depth-buffer visibility and exact 2D/3D ground truth.
 
 Docs: https://deeperfly.github.io/deeperfly/synth_mujoco.html.md"""
 
@@ -20,14 +20,16 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
-           'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'HOLDER_GAP_MM',
-           'VIS_MARGIN_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
+           'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
+           'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'HOLDER_GAP_MM', 'SCENES', 'VIS_MARGIN_MM',
+           'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
            'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk',
-           'walk_angles', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook',
-           'sample_mj_look', 'camera_response', 'distortion_maps', 'render_views', 'remap_distorted', 'joint_limits',
-           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
-           'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'render_recording_mujoco',
-           'synth_recording_mujoco']
+           'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid',
+           'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit',
+           'render_views', 'remap_distorted', 'joint_limits', 'targets_in_model', 'IKParams', 'IKFit',
+           'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles', 'stance_speed', 'stance_turn', 'place_ball',
+           'recording_angles', 'render_fly', 'arena_path', 'walking_speed', 'stance_level', 'render_arena_mujoco',
+           'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -240,24 +242,35 @@ def _swap_side(name:str) -> str:
     return f"{head}_{side}{tail[1:]}" if side else name
 
 # %% ../nbs/15a_synth_mujoco.ipynb #b037a01b
-BODY_GRAY, EYE_GRAY, WING_ALPHA = 0.85, 0.45, 0.05     # default materials (albedo 0-1; the raised wings nearly transparent)
+BODY_GRAY, EYE_GRAY, WING_ALPHA = 0.85, 0.45, 0.3     # default materials (albedo 0-1; the folded wings translucent)
 THORAX_HEIGHT_MM = 0.3     # the thorax's centre sits this far above the world origin (so the fly and the ball's top fill the view)
 DEFAULT_UNITS_PER_MM = 0.9  # world units per mm: on deeperfly's default rig (208 px/unit) the fly then has the real sample's size in pixels
 STANCE_CLAWS = 3              # the ball is placed so that, in the median frame, this many claws touch (or sink into) its surface
 
 # %% ../nbs/15a_synth_mujoco.ipynb #070d363c
-def _speckle(rng, h:int, w:int, contrast:float, blob_px:float) -> np.ndarray:
-    "A (h, w, 3) uint8 gray speckle texture: smoothed noise, mean 0.5, relative std `contrast`."
+def _speckle(rng, h:int, w:int, contrast:float, blob_px:float, wrap:bool=False) -> np.ndarray:
+    "A (h, w, 3) uint8 gray speckle texture: smoothed noise, mean 0.5, relative std `contrast` (`wrap`: seamless when tiled)."
     import cv2
-    n = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), blob_px, borderType=cv2.BORDER_REFLECT)
+    from scipy.ndimage import gaussian_filter
+    z = rng.standard_normal((h, w)).astype(np.float32)
+    n = gaussian_filter(z, blob_px, mode="wrap") if wrap else cv2.GaussianBlur(z, (0, 0), blob_px, borderType=cv2.BORDER_REFLECT)
     img = 0.5 * (1 + contrast * n / (n.std() + 1e-9))
     return np.repeat((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
 
-def _add_props(spec, mj, look, rng, ball_radius_mm:float, max_size:tuple):
-    "Ball (textured, on a ball joint), holder, key light, head light, materials and buffer size, added to the spec in place."
+def _add_view(spec, mj, look, max_size:tuple):
+    "Buffer size, quality, key light and the camera's head light, added to the spec in place."
     spec.visual.global_.offwidth, spec.visual.global_.offheight = int(max_size[1]), int(max_size[0])
     spec.visual.quality.offsamples = 4
     spec.visual.quality.numslices, spec.visual.quality.numstacks = 160, 80     # a smooth ball
+    az, el = np.deg2rad(look.light_azimuth_deg), np.deg2rad(look.light_elevation_deg)
+    to_fly = -np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
+    spec.worldbody.add_light(name="key", type=mj.mjtLightType.mjLIGHT_DIRECTIONAL, pos=-20 * to_fly, dir=to_fly,
+                             diffuse=[look.key] * 3, specular=[0.15 * look.key] * 3, ambient=[0, 0, 0], castshadow=False)
+    hl = spec.visual.headlight
+    hl.ambient, hl.diffuse, hl.specular, hl.active = [look.ambient] * 3, [look.headlight] * 3, [0.1] * 3, 1
+
+def _add_props(spec, mj, look, rng, ball_radius_mm:float):
+    "The tethered scene's ball (textured, on a ball joint) and holder (a bar and a rod), added to the spec in place."
     tex = spec.add_texture(name="ball_tex", type=mj.mjtTexture.mjTEXTURE_CUBE, width=512, height=512, nchannel=3)
     tex.data = _speckle(rng, 512, 512, look.ball_texture, look.ball_grain_px).tobytes()   # one speckle image on each face of the cube map
     spec.add_material(name="ball_mat", textures=["", "ball_tex"], rgba=[look.ball_albedo] * 3 + [1], specular=0.05, shininess=0.1,
@@ -270,26 +283,124 @@ def _add_props(spec, mj, look, rng, ball_radius_mm:float, max_size:tuple):
                             material="holder_mat", contype=0, conaffinity=0)
     spec.worldbody.add_geom(name="holder_rod", type=mj.mjtGeom.mjGEOM_CYLINDER, pos=[-0.2, 0, 0.6], size=[0.09, 0.3, 0],
                             material="holder_mat", contype=0, conaffinity=0)           # both moved by `_place_holder`
-    az, el = np.deg2rad(look.light_azimuth_deg), np.deg2rad(look.light_elevation_deg)
-    to_fly = -np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
-    spec.worldbody.add_light(name="key", type=mj.mjtLightType.mjLIGHT_DIRECTIONAL, pos=-20 * to_fly, dir=to_fly,
-                             diffuse=[look.key] * 3, specular=[0.15 * look.key] * 3, ambient=[0, 0, 0], castshadow=False)
-    hl = spec.visual.headlight
-    hl.ambient, hl.diffuse, hl.specular, hl.active = [look.ambient] * 3, [look.headlight] * 3, [0.1] * 3, 1
+
+# %% ../nbs/15a_synth_mujoco.ipynb #fde0d039
+def _add_floor(spec, mj, look, rng, floor_mm:float, half_mm:float):
+    "The arena's floor: a square plane at height `floor_mm`, `half_mm` from its centre to each side, mottled like the ball."
+    tex = spec.add_texture(name="floor_tex", type=mj.mjtTexture.mjTEXTURE_2D, width=512, height=512, nchannel=3)
+    tex.data = _speckle(rng, 512, 512, look.ball_texture, 2 + 2 * look.ball_grain_px, wrap=True).tobytes()
+    spec.add_material(name="floor_mat", textures=["", "floor_tex"], texrepeat=[1 / 6, 1 / 6], texuniform=True,   # 512 texels per 6 mm
+                      rgba=[look.ball_albedo] * 3 + [1], specular=0.05, shininess=0.1, emission=0.5 * look.ball_glow)
+    spec.worldbody.add_geom(name="floor", type=mj.mjtGeom.mjGEOM_PLANE, pos=[0, 0, floor_mm], size=[half_mm, half_mm, 0.5],
+                            material="floor_mat", contype=0, conaffinity=0, group=2)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #2d4c9c16
+THORAX_BODIES, ABDOMEN_BODIES = ("Thorax",), ("A1A2", "A3", "A4", "A5", "A6")   # NeuroMechFly's body groups that get their own pigment
+
+def eye_rgb(look) -> list:
+    "The eyes' colour: `eye_gray`, reddened by `eye_red` (0: gray; wild-type eyes are brick red)."
+    return list(np.clip(look.eye_gray * np.array([1 + 0.8 * look.eye_red, 1 - 0.5 * look.eye_red, 1 - 0.5 * look.eye_red]), 0, 1))
+
 def _paint_fly(spec, mj, look):
-    "Materials of the fly: body gray, darker eyes, transparent wings; no collisions (we only pose and render)."
+    "Materials per body group: legs and head `body_gray`, thorax `thorax_gray`, eyes `eye_rgb`, translucent wings; no collisions."
     for g in spec.geoms:
         g.contype = g.conaffinity = 0
         name = g.name or ""
-        if name.endswith("Eye"): g.rgba = [look.eye_gray] * 3 + [1]
+        if name.endswith("Eye"): g.rgba = eye_rgb(look) + [1]
         elif name.endswith("Wing"): g.rgba = [look.body_gray] * 3 + [look.wing_alpha]
         elif name.endswith("Haltere"): g.rgba = [look.body_gray] * 3 + [0.6]
+        elif name in THORAX_BODIES: g.rgba = [look.thorax_gray] * 3 + [1]
         else: g.rgba = [look.body_gray] * 3 + [1]
         g.group = 1
     for t in list(spec.textures):
         if t.type == mj.mjtTexture.mjTEXTURE_SKYBOX: spec.delete(t)        # no sky: a black background
+
+# %% ../nbs/15a_synth_mujoco.ipynb #c4a4f532
+WING_CLEARANCE_MM = {"R": 0.01, "L": 0.04}   # folded wings rest this far above the abdomen (the left over the right)
+
+def _height_map(P, cell:float=0.02) -> tuple:
+    "((nx, ny) max height of points P (n, 3) per cell of an xy grid, a 3x3 max filter closing gaps; the grid's origin)."
+    from scipy.ndimage import maximum_filter
+    lo = P[:, :2].min(0) - 3.0
+    i = np.floor((P[:, :2] - lo) / cell).astype(int)
+    H = np.full(i.max(0) + int(6.0 / cell), -np.inf)
+    np.maximum.at(H, (i[:, 0], i[:, 1]), P[:, 2])
+    return maximum_filter(H, size=3), lo
+
+def _height_at(hmap, P, cell:float=0.02) -> np.ndarray:
+    "(n,) the height map under points P (n, 3); -inf outside it."
+    H, lo = hmap
+    i = np.floor((P[:, :2] - lo) / cell).astype(int)
+    ok = (i >= 0).all(1) & (i < H.shape).all(1)
+    out = np.full(len(P), -np.inf); out[ok] = H[i[ok, 0], i[ok, 1]]
+    return out
+
+# %% ../nbs/15a_synth_mujoco.ipynb #e32eb3a1
+def _world_points(m, d, body:str) -> np.ndarray:
+    "Mesh vertices (n, 3) of `body` in the world frame of the current pose."
+    b = m.body(body).id
+    return _mesh_points(m, body) @ d.xmat[b].reshape(3, 3).T + d.xpos[b]
+
+def fold_wings(m, d, look):
+    "Fold both wings back over the abdomen (see above): sets the wing bodies' `body_quat` in `m`; call after `mj_kinematics`."
+    from scipy.spatial.transform import Rotation
+    mj = import_mujoco()
+    hmap = _height_map(np.concatenate([_world_points(m, d, b) for b in ABDOMEN_BODIES]))
+    for side, s in (("R", -1.0), ("L", 1.0)):
+        b = m.body(f"{side}Wing").id
+        hinge, R0, V = d.xpos[b].copy(), d.xmat[b].reshape(3, 3).copy(), _mesh_points(m, f"{side}Wing")[::3]
+        _, _, ax = np.linalg.svd(V - V.mean(0))
+        aL = ax[0] * np.sign(ax[0] @ V[np.argmax(np.linalg.norm(V, axis=1))])     # the long axis, towards the tip
+        nL = ax[2] * np.sign((R0 @ ax[2])[2])                                   # the plane's normal, dorsal side up
+        yaw, roof = np.deg2rad(look.wing_yaw_deg), np.deg2rad(look.wing_roof_deg)
+        aW = np.array([-np.cos(yaw), -s * np.sin(yaw), 0.0])                     # backward and inward
+        nW = np.array([0.0, s * np.sin(roof), np.cos(roof)]); nW -= aW * (aW @ nW)
+        Rt = Rotation.align_vectors([aW, nW / np.linalg.norm(nW)], [aL, nL], weights=[np.inf, 1])[0].as_matrix()
+        lat, far = np.cross([0, 0, 1.0], aW) / np.linalg.norm(np.cross([0, 0, 1.0], aW)), np.linalg.norm(V, axis=1) > 0.3
+        def turned(deg): return Rotation.from_rotvec(np.deg2rad(deg) * lat).as_matrix() @ Rt
+        pitch = next((p for p in np.arange(30.0, -30.0, -0.5)                  # from tip down to tip up: the first that clears
+                      if ((V[far] @ turned(p).T + hinge)[:, 2] >= _height_at(hmap, V[far] @ turned(p).T + hinge) + WING_CLEARANCE_MM[side]).all()), -30.0)
+        R = turned(pitch - look.wing_lift_deg)
+        q = Rotation.from_matrix(d.xmat[m.body_parentid[b]].reshape(3, 3).T @ R).as_quat()
+        m.body_quat[b] = [q[3], q[0], q[1], q[2]]
+    mj.mj_kinematics(m, d)
+
+# %% ../nbs/15a_synth_mujoco.ipynb #d3674e73
+BAND_OFFSET_MM = 0.004   # the pigment decals float this far outside the abdomen's surface
+
+def _mesh_faces(m, body:str) -> tuple:
+    "(vertices (n, 3) in the body's frame, faces (f, 3)) of the body's mesh geom named like the body."
+    from scipy.spatial.transform import Rotation
+    g = m.geom(body).id
+    k = m.geom_dataid[g]
+    v = m.mesh_vert[m.mesh_vertadr[k]: m.mesh_vertadr[k] + m.mesh_vertnum[k]]
+    f = m.mesh_face[m.mesh_faceadr[k]: m.mesh_faceadr[k] + m.mesh_facenum[k]]
+    q = m.geom_quat[g]
+    return Rotation.from_quat([q[1], q[2], q[3], q[0]]).apply(v) + m.geom_pos[g], f
+
+def _add_bands(spec, mj, m0, look):
+    "Dark tergite bands (see above) added to the spec as decal meshes on the abdominal bodies; `m0` is the spec compiled without them."
+    d0 = mj.MjData(m0); mj.mj_kinematics(m0, d0)
+    front = None
+    for seg in ABDOMEN_BODIES:
+        v, f = _mesh_faces(m0, seg)
+        b = m0.body(seg).id
+        w = v @ d0.xmat[b].reshape(3, 3).T + d0.xpos[b]                      # as built: x forward, z up
+        back, front = w[:, 0].min(), w[:, 0].max() if front is None else front  # its exposed part: back to the previous one's back
+        band = (w[:, 0] < back + look.band_frac * (front - back)) & (w[:, 2] > w[:, 2].min() + 0.35 * np.ptp(w[:, 2]))   # the exposed part's back, upper 2/3
+        front = back
+        faces = f[band[f].all(1)]
+        if len(faces) == 0: continue
+        fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+        n = np.zeros_like(v)
+        for i in range(3): np.add.at(n, f[:, i], fn)                          # area-weighted vertex normals
+        n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
+        used = np.unique(faces); new = np.full(len(v), -1); new[used] = np.arange(len(used))
+        mesh = spec.add_mesh(name=f"{seg}_band", uservert=(v[used] + BAND_OFFSET_MM * n[used]).ravel().tolist(),
+                             userface=new[faces].ravel().tolist())
+        mesh.inertia = mj.mjtMeshInertia.mjMESH_INERTIA_SHELL
+        spec.body(seg).add_geom(name=f"{seg}_band", type=mj.mjtGeom.mjGEOM_MESH, meshname=f"{seg}_band", mass=0, group=1,
+                                rgba=[look.band_gray] * 3 + [1], contype=0, conaffinity=0)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #5f4c90e8
 def _mesh_points(m, body:str) -> np.ndarray:
@@ -298,7 +409,7 @@ def _mesh_points(m, body:str) -> np.ndarray:
     b = m.body(body).id
     pts = []
     for g in np.flatnonzero(m.geom_bodyid == b):
-        if m.geom_dataid[g] < 0: continue
+        if m.geom_dataid[g] < 0 or m.geom(g).name.endswith("_band"): continue      # the pigment decals are not anatomy
         k = m.geom_dataid[g]
         v = m.mesh_vert[m.mesh_vertadr[k]: m.mesh_vertadr[k] + m.mesh_vertnum[k]]
         q = m.geom_quat[g]
@@ -344,36 +455,53 @@ class FlyModel:
     kp_body: np.ndarray        # (N,) body id of each fly38 point
     kp_offset: np.ndarray      # (N, 3) the point in its body's frame, mm
     look: object               # the `MjLook` it was built with
-    ball_radius_mm: float      # the ball
+    ball_radius_mm: float|None # the ball (None: the arena's scene, no ball)
+    floor_mm: float|None = None          # height of the arena's floor, mm (None: the tethered scene)
+    home_pos: np.ndarray|None = None     # (3,) FlyBody's position as built; `place_body` moves the body from there
+    home_quat: np.ndarray|None = None    # (4,) and its orientation (w, x, y, z)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c8f84148
+SCENES = ("tethered", "arena")   # above a ball under a holder; walking on a flat floor
+
 def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
-              seed:int=0, # draws the ball's texture
+              seed:int=0, # draws the ball's (or floor's) texture
               assets:str|Path|None=None, # the assets folder (default: `assets_dir()`)
               ball_radius_mm:float=synth.BALL_RADIUS, # the ball, mm
               max_size:tuple=(480, 960), # (H, W): the largest image it will render
+              scene:str="tethered", # one of SCENES
+              floor_mm:float=synth.ARENA_FLOOR_Z / DEFAULT_UNITS_PER_MM, # the arena's floor height, mm (scene "arena")
+              floor_half_mm:float=30.0, # the arena's floor reaches this far from its centre, mm
              ) -> FlyModel:
-    "Compile the NeuroMechFly scene (fly, ball, holder, lights) with its thorax centre THORAX_HEIGHT_MM above the origin."
+    "Compile the NeuroMechFly scene (fly with pigment and folded wings; ball and holder, or a floor; lights), thorax centre THORAX_HEIGHT_MM above the origin."
+    if scene not in SCENES: raise InputError(f"scene must be one of {SCENES}, got {scene!r}")
     mj, look = import_mujoco(), look or MjLook()
     spec = mj.MjSpec.from_file(str(require_assets(assets) / NMF_MJCF))
     spec.compiler.fusestatic = False                       # keep Thorax and the abdomen as bodies (the stripes hang on them)
     _paint_fly(spec, mj, look)
-    _add_props(spec, mj, look, np.random.default_rng([int(seed), 0xBA11]), ball_radius_mm, max_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)       # flygym's MJCF uses a deprecated 'meaninertia'
+        _add_bands(spec, mj, spec.compile(), look)         # the bands are cut from the compiled meshes
+        rng = np.random.default_rng([int(seed), 0xBA11])
+        _add_view(spec, mj, look, max_size)
+        if scene == "tethered": _add_props(spec, mj, look, rng, ball_radius_mm)
+        else: _add_floor(spec, mj, look, rng, floor_mm, floor_half_mm)
         m = spec.compile()
     d = mj.MjData(m)
     mj.mj_kinematics(m, d)
+    fold_wings(m, d, look)
     lo, hi = (f(_mesh_points(m, "Thorax"), axis=0) for f in (np.min, np.max))
     centre = d.xpos[m.body("Thorax").id] + d.xmat[m.body("Thorax").id].reshape(3, 3) @ ((lo + hi) / 2)
     centre[1] = 0.0                                        # the model's plane of symmetry stays the world's y = 0
-    m.body_pos[m.body("FlyBody").id] -= centre - [0, 0, THORAX_HEIGHT_MM]   # the thorax's centre just above the world origin
+    root = m.body("FlyBody").id
+    m.body_pos[root] -= centre - [0, 0, THORAX_HEIGHT_MM]   # the thorax's centre just above the world origin
     mj.mj_kinematics(m, d)
-    _place_holder(m, d, HOLDER_GAP_MM)
+    if scene == "tethered": _place_holder(m, d, HOLDER_GAP_MM)
     names = fly38().point_names
     anchors = [_keypoint_anchor(m, p) for p in names]
     joints = tuple(m.joint(j).name for j in range(m.njnt) if m.jnt_type[j] == mj.mjtJoint.mjJNT_HINGE)
-    return FlyModel(m, d, joints, np.array([m.body(b).id for b, _ in anchors]), np.array([o for _, o in anchors]), look, float(ball_radius_mm))
+    return FlyModel(m, d, joints, np.array([m.body(b).id for b, _ in anchors]), np.array([o for _, o in anchors]), look,
+                    float(ball_radius_mm) if scene == "tethered" else None, float(floor_mm) if scene == "arena" else None,
+                    m.body_pos[root].copy(), m.body_quat[root].copy())
 
 # %% ../nbs/15a_synth_mujoco.ipynb #04698f34
 @patch
@@ -399,14 +527,15 @@ def mirror_sign(self:FlyModel, names, # joint names of the model
 @patch
 def pose(self:FlyModel, qadr, # (J,) qpos addresses (from `check_names`)
          angles, # (J,) radians
-         ball_turn_rad:float=0.0, # the ball's turn about the y axis (it rolls back under a fly walking forward)
+         ball_turn_rad:float=0.0, # the ball's turn about the y axis (it rolls back under a fly walking forward); ignored in the arena
         ):
     "Set the fly's joint angles and the ball's turn, and run forward kinematics."
     mj, m, d = import_mujoco(), self.model, self.data
     d.qpos[:] = 0
     d.qpos[qadr] = angles
-    b = m.jnt_qposadr[m.joint("ball_rot").id]
-    d.qpos[b:b + 4] = [np.cos(ball_turn_rad / 2), 0, np.sin(ball_turn_rad / 2), 0]
+    if self.ball_radius_mm is not None:
+        b = m.jnt_qposadr[m.joint("ball_rot").id]
+        d.qpos[b:b + 4] = [np.cos(ball_turn_rad / 2), 0, np.sin(ball_turn_rad / 2), 0]
     mj.mj_kinematics(m, d)
 
 @patch
@@ -420,6 +549,22 @@ def set_ball_top(self:FlyModel, z_mm:float, # height of the ball's top, mm in th
                 ):
     "Move the ball so that its top is at height `z_mm` (under the thorax)."
     self.model.body_pos[self.model.body("ball").id] = [0, 0, z_mm - self.ball_radius_mm]
+
+# %% ../nbs/15a_synth_mujoco.ipynb #096453cc
+@patch
+def place_body(self:FlyModel, shift_mm, # (3,) where the thorax's centre line moves: x, y, and up, mm
+               heading_rad:float=0.0, # turn about the vertical through the thorax's centre (0: facing +x)
+               tilt=None, # (3, 3) a rotation applied first (about the model's origin), e.g. to level the stance claws
+              ):
+    "Move the whole fly rigidly from where `build_fly` put it (the next `pose` applies it): tilt, turn by heading, shift."
+    c, s = np.cos(heading_rad), np.sin(heading_rad)
+    R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ (np.eye(3) if tilt is None else np.asarray(tilt, float))
+    from scipy.spatial.transform import Rotation
+    q = Rotation.from_matrix(R).as_quat()
+    mj, root, out = import_mujoco(), self.model.body("FlyBody").id, np.zeros(4)
+    mj.mju_mulQuat(out, np.array([q[3], q[0], q[1], q[2]]), self.home_quat)
+    self.model.body_pos[root] = R @ self.home_pos + np.asarray(shift_mm, float)
+    self.model.body_quat[root] = out
 
 # %% ../nbs/15a_synth_mujoco.ipynb #bedd6e1f
 def gl_frustum(cam:Camera, # the camera (image_size needed)
@@ -526,8 +671,15 @@ class MjLook:
     body_gray: float = BODY_GRAY        # the fly's albedo
     eye_gray: float = EYE_GRAY          # the eyes' albedo
     wing_alpha: float = WING_ALPHA      # opacity of the wings
-    ball_albedo: float = 0.75           # the ball's albedo
-    ball_texture: float = 0.15          # relative std of the ball's speckle
+    thorax_gray: float = 0.7            # the thorax's albedo (a little darker than the legs)
+    band_gray: float = 0.3              # the albedo of the dark band at the back of each abdominal segment (tergite)
+    band_frac: float = 0.6              # the share of each segment's length, from its back, that its band covers
+    eye_red: float = 0.6                # redness of the eyes in RGB renders (0: gray; see `eye_rgb`)
+    wing_yaw_deg: float = 7.0           # the folded wings point this far inward from straight back
+    wing_roof_deg: float = 3.0          # their planes tilt this far from flat, outer edge lower
+    wing_lift_deg: float = 1.0          # and they are raised this far above resting on the abdomen
+    ball_albedo: float = 0.75           # the ball's albedo (and the arena floor's)
+    ball_texture: float = 0.15          # relative std of the ball's (and floor's) speckle
     ball_grain_px: float = 0.8          # size of the speckle's grains, texels (512 per quarter of the ball)
     ball_glow: float = 0.5              # the ball's emission (the real ball is lit from all around)
     holder_brightness: float = 0.45     # the holder's albedo
@@ -550,18 +702,22 @@ def sample_mj_look(seed:int=0, # draws the recording's look
                    vary:float=1.0, # spread around the defaults (0: exactly the defaults)
                    **fixed, # MjLook fields to set instead of drawing them
                   ) -> MjLook:
-    "A random but plausible `MjLook`: light direction and strengths, materials, ball texture, exposure, noise, blur, compression."
+    "A random but plausible `MjLook`: light, materials and pigment, wing posture, ball texture, exposure, noise, blur, compression."
     bad = sorted(set(fixed) - {f.name for f in fields(MjLook)})
     if bad: raise InputError(f"unknown look setting(s) {bad}; allowed: {[f.name for f in fields(MjLook)]}")
     rng, b = np.random.default_rng([int(seed), 0x100C]), MjLook()
     def j(lo, hi): return 1 + vary * rng.uniform(lo, hi)
     d = dict(light_azimuth_deg=b.light_azimuth_deg + vary * rng.uniform(-90, 90), light_elevation_deg=b.light_elevation_deg + vary * rng.uniform(-25, 30),
              key=b.key * j(-0.4, 0.4), headlight=b.headlight * j(-0.3, 0.3), ambient=b.ambient * j(-0.5, 0.5),
-             body_gray=min(1.0, b.body_gray * j(-0.25, 0.15)), eye_gray=b.eye_gray * j(-0.3, 0.3), wing_alpha=float(np.clip(b.wing_alpha + vary * rng.uniform(-0.05, 0.15), 0, 1)),
+             body_gray=min(1.0, b.body_gray * j(-0.25, 0.15)), eye_gray=b.eye_gray * j(-0.3, 0.3), wing_alpha=float(np.clip(b.wing_alpha + vary * rng.uniform(-0.15, 0.15), 0, 1)),
              ball_albedo=b.ball_albedo * j(-0.2, 0.15), ball_texture=b.ball_texture * j(-0.5, 0.8), ball_glow=b.ball_glow * j(-0.4, 0.4), ball_grain_px=b.ball_grain_px * j(-0.3, 1.0),
              holder_brightness=b.holder_brightness * j(-0.4, 0.4), holder_glare=b.holder_glare * j(-0.5, 0.5),
              gain=b.gain * j(-0.2, 0.25), gamma=b.gamma * j(-0.15, 0.15), noise_std=b.noise_std * j(-0.5, 1.0),
              blur_px=b.blur_px * j(-0.4, 0.8), jpeg_quality=int(rng.integers(60, 96)) if vary and rng.random() < 0.5 else None)
+    d.update(thorax_gray=min(1.0, b.thorax_gray * j(-0.3, 0.2)), band_gray=b.band_gray * j(-0.4, 0.6),
+             band_frac=b.band_frac + vary * rng.uniform(-0.15, 0.15), eye_red=float(np.clip(b.eye_red + vary * rng.uniform(-0.3, 0.3), 0, 1)),
+             wing_yaw_deg=b.wing_yaw_deg + vary * rng.uniform(-3, 3), wing_roof_deg=b.wing_roof_deg + vary * rng.uniform(-3, 5),
+             wing_lift_deg=b.wing_lift_deg + vary * rng.uniform(-1, 3))
     d.update(fixed)
     return MjLook(**d)
 
@@ -589,6 +745,7 @@ def camera_response(rgb, # (H, W, 3) uint8 rendered radiance
 
 # %% ../nbs/15a_synth_mujoco.ipynb #0c55cbca
 VIS_MARGIN_MM = 0.12   # a keypoint may lie this far (mm) behind the surface around it and still count as seen
+FLOOR_EPS_MM = 0.005   # in the arena, a pixel is the fly's where the depth buffer is this far in front of the floor
 
 def distortion_maps(cam:Camera, # a camera with image_size
                    ) -> tuple|None:
@@ -600,11 +757,31 @@ def distortion_maps(cam:Camera, # a camera with image_size
     p = n * cam.intr[:2] + cam.intr[2:]
     return p[..., 0].astype(np.float32), p[..., 1].astype(np.float32)
 
-def _visible(uv, z_mm, depth, margin_mm:float) -> np.ndarray:
-    "(N,) bool: in the frame, in front of the camera, and at most margin_mm behind the 3x3 neighbourhood's farthest surface."
+def floor_depth(cam:Camera, # a camera with image_size
+                floor_mm:float, # the floor's height in the model, mm
+                units_per_mm:float=1.0, # world units per model mm
+               ) -> np.ndarray:
+    "(H, W) depth (along the optical axis, model mm) of the infinite plane z = floor_mm at every pixel of the pinhole image; inf where the ray misses it."
+    H, W = cam.image_size
+    fx, fy, cx, cy = cam.intr
+    yy, xx = np.mgrid[0:H, 0:W].astype(float)
+    ray = np.stack([(xx - cx) / fx, (yy - cy) / fy, np.ones_like(xx)], -1) @ cam.rmat       # world direction per unit depth
+    C = -cam.rmat.T @ cam.tvec / units_per_mm
+    with np.errstate(divide="ignore", invalid="ignore"): z = (floor_mm - C[2]) / ray[..., 2]
+    return np.where(np.isfinite(z) & (z > 0), z, np.inf)
+
+def fly_limit(floor_depth_mm, # (H, W) the floor's depth (from `floor_depth`)
+             ) -> np.ndarray:
+    "(H, W) depth below which a pixel is the fly's: the floor's, less FLOOR_EPS_MM and the floor's slope over 0.75 px in x and y (the depth buffer holds one multisample, up to ~0.4 px off the pixel's centre)."
+    with np.errstate(invalid="ignore"): gy, gx = np.gradient(np.where(np.isfinite(floor_depth_mm), floor_depth_mm, np.nan))
+    return floor_depth_mm - FLOOR_EPS_MM - np.nan_to_num(0.75 * (np.abs(gx) + np.abs(gy)), nan=0.0)
+
+def _visible(uv, z_mm, depth, margin_mm:float, fly_px=None) -> np.ndarray:
+    "(N,) bool: in the frame, in front, at most margin_mm behind the 3x3 neighbourhood's farthest surface (given `fly_px`: farthest fly pixel; none: unseen)."
     import cv2
     H, W = depth.shape
-    far = cv2.dilate(np.where(np.isfinite(depth), depth, 1e30).astype(np.float32), np.ones((3, 3), np.uint8))
+    surface = np.where(np.isfinite(depth), depth, 1e30) if fly_px is None else np.where(fly_px, depth, -1e30)   # the arena: the fly's own
+    far = cv2.dilate(surface.astype(np.float32), np.ones((3, 3), np.uint8))
     inside = np.isfinite(uv).all(1) & (z_mm > 0) & (uv[:, 0] >= -0.5) & (uv[:, 1] >= -0.5) & (uv[:, 0] < W - 0.5) & (uv[:, 1] < H - 0.5)
     ix, iy = np.clip(np.round(uv[:, 0]), 0, W - 1).astype(int), np.clip(np.round(uv[:, 1]), 0, H - 1).astype(int)
     return inside & (z_mm <= far[iy, ix] + margin_mm)
@@ -620,14 +797,19 @@ def render_views(fly:FlyModel, # the scene (from `build_fly`)
                  units_per_mm:float=DEFAULT_UNITS_PER_MM, # world units per model mm
                  blur_scale:float=1.0, # resolution relative to the rig's native one
                  vis_margin_mm:float=VIS_MARGIN_MM, # see `VIS_MARGIN_MM`
+                 body_path=None, # per frame (shift_mm (3,), heading_rad, tilt (3, 3)) for `FlyModel.place_body` (the arena); None: as built
                 ) -> tuple:
     "frames (V, T, H, W[, 3]) uint8, visible (V, T, N) bool, pts3d (T, N, 3) world units."
     T, V, N = len(angles), len(cameras), len(fly.kp_body)
     views, maps = {}, [distortion_maps(c) for c in cameras]
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 0x5E45]).spawn(V)]
     frames, visible, pts3d = [[None] * T for _ in range(V)], np.zeros((V, T, N), bool), np.zeros((T, N, 3))
+    floors = [None if fly.floor_mm is None else floor_depth(c, fly.floor_mm, units_per_mm) for c in cameras]   # the floor never moves
+    floors = [f if f is None or mp is None else remap_distorted(np.zeros(f.shape + (3,), np.uint8), f, mp)[1] for f, mp in zip(floors, maps)]
+    floors = [None if f is None else fly_limit(f) for f in floors]
     try:
         for t in range(T):
+            if body_path is not None: fly.place_body(*body_path[t])
             fly.pose(qadr, angles[t], ball_turn_rad[t])
             X = fly.keypoints_mm(); pts3d[t] = X * units_per_mm
             for v, cam in enumerate(cameras):
@@ -635,7 +817,8 @@ def render_views(fly:FlyModel, # the scene (from `build_fly`)
                 rgb, depth = gv.render(fly.data, cam, units_per_mm)
                 if maps[v] is not None: rgb, depth = remap_distorted(rgb, depth, maps[v])
                 z_mm = (pts3d[t] @ cam.rmat[2] + cam.tvec[2]) / units_per_mm
-                visible[v, t] = _visible(cam.project(pts3d[t]), z_mm, depth, vis_margin_mm)
+                fly_px = None if floors[v] is None else depth < floors[v]      # the arena: the fly's pixels
+                visible[v, t] = _visible(cam.project(pts3d[t]), z_mm, depth, vis_margin_mm, fly_px)
                 frames[v][t] = camera_response(rgb, look, rngs[v], blur_scale)
     finally:
         for gv in views.values(): gv.close()
@@ -844,22 +1027,29 @@ def gait_angles(fly:FlyModel, # the scene
                 gait:GaitParams=GaitParams(), # the generator's settings
                 params:IKParams=IKParams(), # the fit's settings
                 joint_angles:JointAngles|None=None, # the recording behind the limits (default: the shipped walk)
+                floor_z:float|None=None, # the generator's claws step on a flat floor at this z (its units) instead of a ball
                ) -> tuple:
     "(names, (T, J) angles, `IKFit`): `synth.walking_fly`'s gait mapped into the model (`targets_in_model`) and fitted."
-    W = synth.walking_fly(n_frames, fps, gait.stride_hz, gait.seed, duty=gait.duty, sway=gait.sway)
+    W = synth.walking_fly(n_frames, fps, gait.stride_hz, gait.seed, duty=gait.duty, sway=gait.sway, floor_z=floor_z)
     targets, _ = targets_in_model(W, fly)
     fit = fit_joint_angles(fly, targets, params=params, joint_angles=joint_angles)
     return fit.names, fit.angles, fit
+
+# %% ../nbs/15a_synth_mujoco.ipynb #3f8d22ca
+def stance_speed(claws_mm, # (T, L, 3) claw positions, model frame
+                 fps:float, # frame rate
+                ) -> float:
+    "How fast (mm/s, >= 0) the claws in stance (each claw's lower half of heights) move backward: the speed the fly walks at."
+    vx = np.gradient(claws_mm[..., 0], axis=0) * fps if len(claws_mm) > 1 else np.zeros(claws_mm.shape[:2])   # (T, L) mm/s
+    stance = claws_mm[..., 2] <= np.median(claws_mm[..., 2], axis=0)
+    return max(-float(np.median(vx[stance])), 0.0) if stance.any() and len(claws_mm) > 1 else 0.0
 
 def stance_turn(claws_mm, # (T, L, 3) claw positions, model frame
                 fps:float, # frame rate
                 radius_mm:float, # the ball's radius
                ) -> np.ndarray:
-    "(T,) ball turn (radians) that moves the ball's top backward as fast as the claws in stance (each claw's lower half of heights)."
-    vx = np.gradient(claws_mm[..., 0], axis=0) * fps                             # (T, L) mm/s
-    stance = claws_mm[..., 2] <= np.median(claws_mm[..., 2], axis=0)
-    speed = -float(np.median(vx[stance])) if stance.any() and len(claws_mm) > 1 else 0.0
-    return -max(speed, 0.0) * np.arange(len(claws_mm)) / fps / radius_mm
+    "(T,) ball turn (radians) that moves the ball's top backward as fast as the claws in stance."
+    return -stance_speed(claws_mm, fps) * np.arange(len(claws_mm)) / fps / radius_mm
 
 # %% ../nbs/15a_synth_mujoco.ipynb #9f53f242
 def place_ball(fly:FlyModel, # the scene
@@ -900,10 +1090,11 @@ def recording_angles(fly:FlyModel, # the scene
                      fps:float, # frame rate
                      walk:WalkParams, # how the recording is replayed (when gait is None)
                      gait:GaitParams|None=None, # drive the body with deeperfly's gait generator instead
+                     floor_z:float|None=None, # the generator's claws step on a flat floor at this z (the arena) instead of a ball
                     ) -> tuple:
     "(names, (T, J) angles, the `IKFit` or None): the replayed recording, or the generator's gait through IK."
     if gait is None: return (*walk_angles(ja, n_frames, fps, walk, fly.mirror_sign(ja.names)), None)
-    return gait_angles(fly, n_frames, fps, gait, joint_angles=ja)
+    return gait_angles(fly, n_frames, fps, gait, joint_angles=ja, floor_z=floor_z)
 
 def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs its image_size
                n_frames:int=8, # frames T
@@ -945,6 +1136,106 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
             "visibility": f"in frame and not occluded (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})"}
     return SynthRender(frames, visible, cameras.project(X), np.ones((len(cameras), sk.n_points), bool), X, cameras, sk, look, float(fps), meta)
 
+# %% ../nbs/15a_synth_mujoco.ipynb #8d89e6f2
+def arena_path(n_frames:int, # frames T
+               fps:float, # frame rate
+               speed:float, # walking speed, world units/s
+               radius:float=synth.ARENA_RADIUS, # the arena's radius, world units
+               turn_rate:float=1.5, # typical turning rate, rad/s
+               seed:int=0, # draws the path
+              ) -> tuple:
+    "(xy (T, 2) world units, heading (T,) radians): the path `synth.arena_walk` takes at `speed`, read off its points."
+    kw = dict(fps=fps, seed=seed, stride_hz=8.0, duty=0.6, sway=0.0)
+    a = synth.walking_fly(n_frames, floor_z=synth.ARENA_FLOOR_Z, **kw)[..., :2]                 # (T, N, 2) in place
+    b = synth.arena_walk(n_frames, radius=radius, speed=speed, turn_rate=turn_rate, **kw)[..., :2]   # the same, carried
+    ac, bc = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    heading = np.arctan2((ac[..., 0] * bc[..., 1] - ac[..., 1] * bc[..., 0]).sum(1), (ac * bc).sum((1, 2)))
+    c, s = np.cos(heading)[:, None], np.sin(heading)[:, None]
+    m = a.mean(1)
+    return b.mean(1) - np.concatenate([c * m[:, :1] - s * m[:, 1:], s * m[:, :1] + c * m[:, 1:]], 1), heading
+
+def walking_speed(fly:FlyModel, # the scene
+                  ja:JointAngles, # the recording
+                  duration_s:float, # how long the recording lasts
+                  walk:WalkParams, # its replay (when gait is None)
+                  gait:GaitParams|None=None, # or the generator's gait
+                  fps:float=500.0, # sampled this densely
+                 ) -> float:
+    "mm/s: how fast the claws in stance push backward (`stance_speed`), from the angles (or the generator's targets) sampled at `fps`."
+    n, claws = int(np.clip(duration_s * fps, 50, 1000)), fly38().index([f"{l}_claw" for l in synth.FLY_LEGS])
+    if gait is not None:
+        W = synth.walking_fly(n, fps, gait.stride_hz, gait.seed, duty=gait.duty, sway=gait.sway, floor_z=synth.ARENA_FLOOR_Z)
+        return stance_speed(targets_in_model(W, fly)[0][:, claws], fps)
+    names, A = walk_angles(ja, n, fps, walk, fly.mirror_sign(ja.names))
+    qadr, C = fly.check_names(names, ja.source), []
+    for a in A: fly.pose(qadr, a); C.append(fly.keypoints_mm()[claws])
+    return stance_speed(np.array(C), fps)
+
+# %% ../nbs/15a_synth_mujoco.ipynb #13cd411b
+def stance_level(fly:FlyModel, # the scene (arena)
+                 qadr, # (J,) qpos addresses
+                 A, # (T, J) angles
+                ) -> tuple:
+    "(tilt (3, 3), (T,) lift mm): the tilt that levels the stance claws' best plane, and per frame the lift that puts the lowest claw on the floor."
+    from scipy.spatial.transform import Rotation
+    claws, P = fly38().index([f"{l}_claw" for l in synth.FLY_LEGS]), []
+    fly.place_body(np.zeros(3))
+    for a in A: fly.pose(qadr, a); P.append(fly.keypoints_mm()[claws])
+    P = np.array(P)                                                           # (T, 6, 3)
+    Q = P[P[..., 2] <= np.median(P[..., 2], axis=0)]                           # claws in stance
+    c = np.linalg.lstsq(np.c_[np.ones(len(Q)), Q[:, :2]], Q[:, 2], rcond=None)[0] if len(Q) >= 3 else np.zeros(3)
+    n = np.array([-c[1], -c[2], 1.0]) / np.linalg.norm([-c[1], -c[2], 1.0])    # the plane's normal
+    tilt = Rotation.align_vectors([[0, 0, 1.0]], [n])[0].as_matrix()
+    return tilt, fly.floor_mm - (P @ tilt.T)[..., 2].min(1)
+
+# %% ../nbs/15a_synth_mujoco.ipynb #a930722f
+def render_arena_mujoco(n_frames:int=64, # frames T
+                        seed:int=0, # seeds the look, the floor's texture, the walk, the path and the noise
+                        cameras:CameraGroup|None=None, # the rig at its native resolution; None: `synth.arena_rig(radius=radius)`
+                        scale:float=1.0, # render at this fraction of the rig's resolution
+                        fps:float=25.0, # frame rate
+                        radius:float=synth.ARENA_RADIUS, # arena radius, world units
+                        turn_rate:float=1.5, # typical turning rate, rad/s
+                        look:MjLook|None=None, # the appearance (None: `sample_mj_look(seed, vary)`)
+                        walk:WalkParams|None=None, # how the recording is replayed (None: `sample_walk(seed, vary)`)
+                        gait:GaitParams|bool|None=True, # deeperfly's gait on a flat floor (True: `sample_gait(seed, vary)`); None/False: the recorded walk
+                        vary:float=1.0, # spread of the sampled look, walk and gait
+                        joint_angles:JointAngles|str|Path|None=None, # the kinematics (default: the shipped walking recording)
+                        units_per_mm:float=DEFAULT_UNITS_PER_MM, # world units per mm
+                        assets:str|Path|None=None, # the assets folder
+                        **overrides, # MjLook fields
+                       ) -> SynthRender:
+    "Like `synth_footage.render_arena`, with the NeuroMechFly body walking and turning on the arena's floor; the exact truth kept."
+    cameras = cameras if cameras is not None else synth.arena_rig(radius=radius)
+    if not isinstance(cameras, CameraGroup) or any(c.image_size is None for c in cameras):
+        raise InputError("render_arena_mujoco needs a CameraGroup with every camera's image_size")
+    if scale != 1: cameras = resize_cameras(cameras, scale)
+    look = replace(look, **overrides) if look is not None else sample_mj_look(seed, vary, **overrides)
+    walk, gait = walk or sample_walk(seed, vary), sample_gait(seed, vary) if gait is True else (gait or None)
+    ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
+    fly = build_fly(look, seed, assets, max_size=tuple(max(c.image_size[i] for c in cameras) for i in range(2)), scene="arena",
+                    floor_mm=synth.ARENA_FLOOR_Z / units_per_mm, floor_half_mm=2 * radius / units_per_mm + 5)
+    fly.check_names(ja.names, ja.source)
+    names, A, fit = recording_angles(fly, ja, n_frames, fps, walk, gait, floor_z=synth.ARENA_FLOOR_Z)
+    qadr = fly.check_names(names, ja.source)
+    tilt, lift = stance_level(fly, qadr, A)
+    speed = walking_speed(fly, ja, n_frames / fps, walk, gait)
+    xy, heading = arena_path(n_frames, fps, speed * units_per_mm, radius, turn_rate, seed)
+    path = [(np.r_[xy[t] / units_per_mm, lift[t]], heading[t], tilt) for t in range(len(A))]
+    fly.place_body(*path[0]); fly.pose(qadr, A[0]); _check_views_see_fly(cameras, fly.keypoints_mm()[None] * units_per_mm)
+    frames, visible, X = render_views(fly, cameras, qadr, A, np.zeros(len(A)), look, seed, units_per_mm, scale, body_path=path)
+    meta = {"synthetic": True, "scene": "arena", "content": "ground truth of a rendered free-arena recording: rig, exact 3D, "
+                                                            "noise-free 2D of the points in frame (NaN elsewhere)",
+            "renderer": f"mujoco {import_mujoco().__version__} ({os.environ.get('MUJOCO_GL')})",
+            "model": f"NeuroMechFly from flygym {FLYGYM_VERSION} (Apache-2.0)", "seed": int(seed), "n_frames": int(n_frames),
+            "kinematics": ja.source if fit is None else "synth.walking_fly on a flat floor through inverse kinematics (fit_joint_angles)",
+            **({"walk": asdict(walk)} if fit is None else {"gait": asdict(gait), "ik": fit.summary()["all"]}),
+            "fps": fps, "radius": radius, "turn_rate": turn_rate, "speed_units_s": speed * units_per_mm, "scale": scale,
+            "look": look.to_dict(), "units_per_mm": units_per_mm,
+            "visibility": f"in frame, not occluded and on the fly's pixels (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})"}
+    return SynthRender(frames, visible, cameras.project(X), np.ones((len(cameras), fly38().n_points), bool), X, cameras, fly38(),
+                       look, float(fps), meta)
+
 # %% ../nbs/15a_synth_mujoco.ipynb #f79b6ccd
 FLY_BOX = ((-1.8, 1.4), (-1.3, 1.3), (-1.0, 0.9))   # (x, y, z) world ranges (default units) the walking fly stays within
 
@@ -973,21 +1264,24 @@ def render_recording_mujoco(n_frames:int=16, # frames T
 def synth_recording_mujoco(out_dir, # folder to write into (created if needed)
                            n_frames:int=16, # frames T
                            seed:int=0, # seeds everything (see `render_recording_mujoco`)
-                           fps:float=100.0, # frame rate
+                           fps:float|None=None, # frame rate (default: 100 tethered, 25 in the arena)
                            crf:int=18, # H.264 quality
                            preset:str="veryfast", # x264 speed/size trade-off
                            points2d:bool=True, # also write points2d.h5 (simulated detections)
                            images:bool=False, # also write camera_{c}_img_{t}.jpg (DeepFly3D's naming)
-                           **kwargs, # passed to `render_recording_mujoco`
+                           scene:str="tethered", # "tethered": `render_recording_mujoco`; "arena": `render_arena_mujoco`
+                           **kwargs, # passed to the renderer
                           ) -> Path:
     "Render a NeuroMechFly recording into `out_dir` with the files `synth_footage.synth_recording` writes; returns the folder."
+    if scene not in SCENES: raise InputError(f"scene must be one of {SCENES}, got {scene!r}")
+    fps = float(fps or (100.0 if scene == "tethered" else 25.0))
     import cv2
     from deeperfly_nb.config import default_config_text
     from deeperfly_nb.io import write_video
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording_mujoco: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    rec = render_recording_mujoco(n_frames, seed=seed, fps=fps, **kwargs)
+    rec = (render_recording_mujoco if scene == "tethered" else render_arena_mujoco)(n_frames, seed=seed, fps=fps, **kwargs)
     for v in range(len(rec.cameras)):
         fr = rec.frames[v] if rec.frames.ndim == 5 else np.repeat(rec.frames[v][..., None], 3, axis=-1)
         write_video(out / f"camera_{v}.mp4", fr, fps=fps, crf=crf, preset=preset)

@@ -336,3 +336,189 @@ def test_gait_recording_truth_is_the_body(assets, walk, tmp_path):
     out = sm.synth_recording_mujoco(tmp_path / "g", n_frames=2, seed=3, scale=0.15, points2d=False, gait=True)
     res, _ = load_ground_truth(out)
     assert res.pts3d.shape == (2, 38, 3) and 4.8 <= res.meta["gait"]["stride_hz"] <= 12.8
+
+
+# --- the free arena, folded wings, pigment (issue 19) -------------------------------------------------
+
+def _fly_only_depth(fly, cam, upm):
+    "Depth of the fly alone (the floor's geom group hidden) through cam: finite exactly on the fly's pixels."
+    gv = sm.GLView(fly.model, *cam.image_size)
+    gv.opt.geomgroup[2] = 0
+    try: return gv.render(fly.data, cam, upm)[1]
+    finally: gv.close()
+
+
+def test_arena_seen_keypoints_lie_on_the_fly(assets, walk):
+    """In the arena, every keypoint called visible has the fly itself (a render with the floor hidden) within a pixel and is
+    not behind its surface there (0.25 mm); 90%+ have the fly's surface at their depth within 2 px (the others: tarsi thinner
+    than a pixel, in front of other parts of the fly). The body walks and turns between frames."""
+    cams = synth.arena_rig(image_size=(200, 200), field=6.0).subset(["top", "ring0"])   # zoomed: the fly ~80 px long
+    upm = sm.DEFAULT_UNITS_PER_MM
+    fly = sm.build_fly(sm.MjLook(), 0, assets, max_size=(200, 200), scene="arena")
+    names, A = sm.walk_angles(walk, 3, 100.0, sm.WalkParams(start_s=0.2))
+    qadr = fly.check_names(names)
+    tilt, lift = sm.stance_level(fly, qadr, A)
+    path = [(np.array([0.8 * t - 0.8, 0.3 * t, lift[t]]), 0.6 * t, tilt) for t in range(3)]
+    frames, vis, X = sm.render_views(fly, cams, qadr, A, np.zeros(3), sm.MjLook(**QUIET), units_per_mm=upm, body_path=path)
+    on_limb = []
+    for t in range(3):
+        fly.place_body(*path[t]); fly.pose(qadr, A[t])
+        np.testing.assert_allclose(fly.keypoints_mm() * upm, X[t], atol=1e-12)
+        for v, cam in enumerate(cams):
+            depth, uv = _fly_only_depth(fly, cam, upm), cam.project(X[t])
+            z = (X[t] @ cam.rmat[2] + cam.tvec[2]) / upm
+            for n in np.flatnonzero(vis[v, t]):
+                x, y = np.round(uv[n]).astype(int)
+                assert np.isfinite(depth[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]).any(), (t, cam.name, SK.point_names[n])   # the fly is there
+                win = depth[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3]
+                fly_win = np.where(np.isfinite(win), win, np.nan)
+                assert np.nanmax(fly_win) > z[n] - 0.25, (t, cam.name, SK.point_names[n])       # not behind the fly's surface there
+                on_limb.append(np.nanmin(np.abs(fly_win - z[n])) < 0.25)                      # at the point's depth (as on the ball)
+    assert len(on_limb) > 3 * 2 * 38 * 0.35, len(on_limb)
+    assert np.mean(on_limb) > 0.9, np.mean(on_limb)             # the rest: sub-pixel tarsi in front of other parts of the fly
+    top = vis[0].mean()
+    assert 0.3 < top < 0.9, top                                                  # the top view hides the points under the body
+    assert not vis[0][:, SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])].any()   # e.g. every body-coxa joint
+    c = X[:, SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])].mean(1)
+    np.testing.assert_allclose(np.diff(c[:, :2], axis=0), np.diff(X[:, :, :2].mean(1), axis=0), atol=0.15)  # the whole fly moves
+    assert np.linalg.norm(c[-1, :2] - c[0, :2]) > 1.5                            # 1.6 mm apart (x 0.9 units/mm)
+
+
+def test_arena_recording_walks_the_path_with_claws_on_the_floor(assets, walk):
+    """render_arena_mujoco (the generator's gait on a flat floor, through IK): the fly moves along the path at its legs'
+    speed, turns, shows in the top view where its truth says; no claw ever sinks into the floor, the lowest touches it in
+    every frame and the stance claws stay near it (measured: median 0.04 mm, 75th percentile 0.05 mm above it)."""
+    rig = synth.arena_rig(image_size=(160, 160)).subset(["top"])
+    rec = sm.render_arena_mujoco(n_frames=16, seed=2, cameras=rig, joint_angles=walk, **QUIET)
+    assert rec.meta["scene"] == "arena" and rec.frames.shape == (1, 16, 160, 160) and "gait" in rec.meta
+    np.testing.assert_allclose(rec.pts2d, rig.project(rec.pts3d))
+    bc = SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])
+    c = rec.pts3d[:, bc].mean(1)                                                # (T, 3) the thorax's centre
+    step = np.linalg.norm(np.diff(c[:, :2], axis=0), axis=-1) * rec.fps         # units/s
+    assert 0.7 * rec.meta["speed_units_s"] < np.median(step) < 1.3 * rec.meta["speed_units_s"], (np.median(step), rec.meta["speed_units_s"])
+    assert rec.meta["speed_units_s"] > 3.0                                      # a walking fly: several mm/s
+    axis = rec.pts3d[:, SK.index(["l_antenna"])[0], :2] - rec.pts3d[:, SK.index(["l_stripe_3"])[0], :2]
+    assert np.ptp(np.unwrap(np.arctan2(axis[:, 1], axis[:, 0]))) > 0.05         # it turns
+    upm = rec.meta["units_per_mm"]
+    claws = (rec.pts3d[:, SK.index([f"{l}_claw" for l in synth.FLY_LEGS]), 2] - synth.ARENA_FLOOR_Z) / upm   # (T, 6) mm above the floor
+    assert claws.min() > -1e-9 and np.abs(claws.min(1)).max() < 1e-9            # never below; the lowest on it, every frame
+    stance = claws <= np.median(claws, axis=0)
+    assert np.median(claws[stance]) < 0.08 and np.percentile(claws[stance], 75) < 0.1, (np.median(claws[stance]), np.percentile(claws[stance], 75))
+    import cv2
+    img = rec.frames[0].astype(np.float32)
+    truth = rec.pts2d[0].mean(1)                                                # the keypoints' centre (the fly is ~20 px long here)
+    yy, xx = np.mgrid[0:160, 0:160]
+    for t in range(3):                                                          # frame t against frame 15 - t: the fly has moved on
+        s = 15 - t
+        assert np.hypot(*(truth[t] - truth[s])) > 16
+        changed = cv2.morphologyEx((np.abs(img[t] - img[s]) > 25).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+        for a, b in ((t, s), (s, t)):                                          # the changed pixels nearer where the fly is in a
+            near = changed & (np.hypot(xx - truth[a, 0], yy - truth[a, 1]) < np.hypot(xx - truth[b, 0], yy - truth[b, 1]))
+            assert near.sum() > 20 and np.hypot(xx[near].mean() - truth[a, 0], yy[near].mean() - truth[a, 1]) < 4, (a, near.sum())
+
+
+def test_arena_recorded_walk_stance_claws_near_the_floor(assets, walk):
+    """The recorded walk (its claws stood on a ball) after `stance_level`: no claw below the floor, the lowest on it, the
+    stance claws hovering (measured over two replays: median 0.18-0.23 mm, 75th percentile 0.27-0.35 mm above it)."""
+    fly = sm.build_fly(sm.MjLook(), 0, assets, scene="arena")
+    cl = SK.index([f"{l}_claw" for l in synth.FLY_LEGS])
+    for seed in (2, 5):
+        names, A = sm.walk_angles(walk, 16, 25.0, sm.sample_walk(seed), fly.mirror_sign(walk.names))
+        qadr = fly.check_names(names)
+        tilt, lift = sm.stance_level(fly, qadr, A)
+        P = []
+        for t in range(16): fly.place_body(np.array([1.0, -2.0, lift[t]]), 0.7 * t, tilt); fly.pose(qadr, A[t]); P.append(fly.keypoints_mm()[cl])
+        h = np.array(P)[..., 2] - fly.floor_mm
+        assert h.min() > -1e-9 and np.abs(h.min(1)).max() < 1e-9
+        stance = h <= np.median(h, axis=0)
+        assert np.median(h[stance]) < 0.3 and np.percentile(h[stance], 75) < 0.45, (seed, np.median(h[stance]), np.percentile(h[stance], 75))
+
+
+def test_arena_recording_written_like_render_arena(assets, tmp_path):
+    out = sm.synth_recording_mujoco(tmp_path / "a", n_frames=2, seed=1, scene="arena", scale=0.5, gait=sm.GaitParams(seed=1))
+    res, extra = load_ground_truth(out)
+    assert res.pts3d.shape == (2, 38, 3) and extra["visible"].shape == (4, 2, 38) and res.meta["scene"] == "arena"
+    assert res.fps == 25.0 and res.cameras.names == synth.arena_rig().names
+    assert extra["reported"].all()                                              # every view reports every point, as render_arena
+    with pytest.raises(InputError, match="scene"): sm.synth_recording_mujoco(tmp_path / "b", 1, scene="moon")
+
+
+def _world_mesh(fly, body):
+    "Mesh vertices of the body's anatomical geoms (not the pigment decals), world frame of the current pose."
+    from scipy.spatial.transform import Rotation
+    m, d = fly.model, fly.data
+    b, pts = m.body(body).id, []
+    for g in np.flatnonzero(m.geom_bodyid == b):
+        k = m.geom_dataid[g]
+        if k < 0 or m.geom(g).name.endswith("_band"): continue
+        v = m.mesh_vert[m.mesh_vertadr[k]: m.mesh_vertadr[k] + m.mesh_vertnum[k]]
+        q = m.geom_quat[g]
+        pts.append(Rotation.from_quat([q[1], q[2], q[3], q[0]]).apply(v) + m.geom_pos[g])
+    return np.concatenate(pts) @ d.xmat[b].reshape(3, 3).T + d.xpos[b]
+
+
+def test_wings_fold_over_the_abdomen(assets):
+    """Folded: each wing lies over the abdomen: within its width + 0.15 mm (measured 0.04-0.10 beyond; the model's own
+    spread wings 0.29 beyond), across the dorsal midline, pointing backward within 15 deg, never more than 0.01 mm into the
+    abdomen and resting on it (median 0.28-0.35 mm above the abdomen's surface under it: the rigid wing clears the
+    abdomen's front hump and the abdomen tapers down behind it)."""
+    for seed in (0, 5):
+        look = sm.MjLook() if seed == 0 else sm.sample_mj_look(seed)
+        fly = sm.build_fly(look, seed, assets, scene="arena")
+        fly.pose(np.zeros(0, int), np.zeros(0))
+        ab = np.concatenate([_world_mesh(fly, b) for b in sm.ABDOMEN_BODIES])
+        half_width = np.abs(ab[:, 1]).max()
+        for side in "LR":
+            W = _world_mesh(fly, f"{side}Wing")
+            hinge = fly.data.xpos[fly.model.body(f"{side}Wing").id]
+            tip = W[np.argmax(np.linalg.norm(W - hinge, axis=1))]
+            d = (tip - hinge) / np.linalg.norm(tip - hinge)
+            assert np.degrees(np.arccos(-d[0])) < 15, (seed, side, d)
+            assert np.abs(W[:, 1]).max() < half_width + 0.15, (seed, side, np.abs(W[:, 1]).max(), half_width)
+            assert W[:, 1].min() < -0.05 and W[:, 1].max() > 0.05, (seed, side)                 # across the midline
+            over = [w for w in W[np.linalg.norm(W - hinge, axis=1) > 0.3][::7]]
+            gaps = []
+            for w in over:
+                near = ab[np.hypot(ab[:, 0] - w[0], ab[:, 1] - w[1]) < 0.03]
+                if len(near): gaps.append(w[2] - near[:, 2].max())
+            gaps = np.array(gaps)
+            assert len(gaps) > 100 and gaps.min() > -0.01, (seed, side, gaps.min())
+            assert np.median(gaps) < 0.4, (seed, side, np.median(gaps))
+
+
+def test_pigment_bands_darken_the_abdomen(assets):
+    """Seen from above (wings clear, no noise), the dorsal midline of the abdomen crosses at least 3 dark bands (3+ image
+    rows each), 40+ gray levels darker than its pale parts (measured: ~100); under the default translucent wings still 3,
+    15+ levels darker (measured: ~28); without pigment, none (shading alone: dips of 1-2 rows)."""
+    from deeperfly_nb.cameras import look_at
+    def profile(**kw):
+        look = sm.MjLook(**QUIET, **kw)
+        fly = sm.build_fly(look, 0, assets, max_size=(240, 240), scene="arena")
+        fly.pose(np.zeros(0, int), np.zeros(0))
+        ab = np.concatenate([_world_mesh(fly, b) for b in sm.ABDOMEN_BODIES])
+        c = ab.mean(0)
+        cam = look_at("top", c + [0, 0, 40], target=c, up=(1, 0, 0), focal_px=8000, image_size=(240, 240))
+        img, _, _ = sm.render_views(fly, CameraGroup([cam]), np.zeros(0, int), np.zeros((1, 0)), np.zeros(1), look, units_per_mm=1.0)
+        strip = ab[np.abs(ab[:, 1]) < 0.15]                                     # along the dorsal midline, +-0.15 mm
+        xbin = np.round(strip[:, 0] / 0.02).astype(int)
+        top = np.array([strip[xbin == b, 2].max() for b in xbin])
+        strip = strip[strip[:, 2] > top - 0.05]                                 # its upper surface
+        uv = np.round(cam.project(strip)).astype(int)
+        uv = uv[((uv >= 0) & (uv < 240)).all(1)]
+        g = img[0, 0].astype(float)
+        prof = np.array([np.median(g[r, uv[uv[:, 1] == r, 0]]) for r in np.unique(uv[:, 1])])
+        return prof
+    def bands(prof, margin):
+        "(dark runs of 3+ rows, their mean depth below the pale level) along the abdomen, its tip's last 10% left out (shading)."
+        prof = prof[: int(0.9 * len(prof))]
+        pale = np.percentile(prof, 80)
+        dark = np.r_[0, (prof < pale - margin).astype(int), 0]
+        starts, ends = np.flatnonzero(np.diff(dark) == 1), np.flatnonzero(np.diff(dark) == -1)
+        long = [(a, b) for a, b in zip(starts, ends) if b - a >= 3]
+        return len(long), (pale - np.mean(np.concatenate([prof[a:b] for a, b in long]))) if long else 0.0
+    runs, contrast = bands(profile(wing_alpha=0.0), 40)
+    assert runs >= 3, (runs, contrast)
+    runs, contrast = bands(profile(), 15)
+    assert runs >= 3, (runs, contrast)
+    runs, _ = bands(profile(wing_alpha=0.0, band_gray=sm.BODY_GRAY), 40)
+    assert runs == 0, runs
