@@ -22,7 +22,7 @@ import scipy.optimize
 import tomli_w
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, did_you_mean, atomic_path, ConfigTable as _Table, config_field as _field
+from .core import ConfigError, InputError, did_you_mean, one_of, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
@@ -179,9 +179,7 @@ class ModelConfig(_Table):
     @field_validator("class_")
     @classmethod
     def _cls(cls, v):
-        if v not in MODEL_CLASSES:
-            raise ValueError(f"unknown model class {v!r}; allowed: {', '.join(MODEL_CLASSES)}{did_you_mean(v, MODEL_CLASSES)}")
-        return v
+        return one_of(v, MODEL_CLASSES, "model class")
     @model_validator(mode="after")
     def _weights(self):
         problems = check_weights(self.weights, self.sha256)
@@ -389,9 +387,7 @@ class TriangulationConfig(_Table):
     @field_validator("method")
     @classmethod
     def _method(cls, v):
-        if v not in TRIANGULATION_METHODS:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRIANGULATION_METHODS)}{did_you_mean(v, TRIANGULATION_METHODS)}")
-        return v
+        return one_of(v, TRIANGULATION_METHODS, "method")
 
 # %% ../nbs/10_config.ipynb #19821200
 _REF = {f.name: f.default for f in dataclasses.fields(RefineOptions)}       # `[refinement]` defaults = RefineOptions'
@@ -418,8 +414,7 @@ class RefinementConfig(_Table):
     @field_validator("loss")
     @classmethod
     def _loss(cls, v):
-        if v not in REPROJ_LOSSES: raise ValueError(f"unknown loss {v!r}; allowed: {', '.join(REPROJ_LOSSES)}{did_you_mean(v, REPROJ_LOSSES)}")
-        return v
+        return one_of(v, REPROJ_LOSSES, "loss")
 
 _VITERBI, _SELECT = signature_defaults(viterbi_filter_2d), signature_defaults(select_peaks)
 PEAK_SELECTIONS = ("top1", "viterbi", "multiview")                        # `[filters] peaks`
@@ -446,9 +441,7 @@ class FiltersConfig(_Table):
     @field_validator("peaks")
     @classmethod
     def _peaks(cls, v):
-        if v not in PEAK_SELECTIONS:
-            raise ValueError(f"unknown peak selection {v!r}; allowed: {', '.join(PEAK_SELECTIONS)}{did_you_mean(v, PEAK_SELECTIONS)}")
-        return v
+        return one_of(v, PEAK_SELECTIONS, "peak selection")
 
     @model_validator(mode="after")
     def _top_k(self):

@@ -14,9 +14,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'DiskFullError',
-           'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache', 'check_shape',
-           'ConfigTable', 'config_field']
+__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
+           'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache',
+           'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -38,6 +38,14 @@ def did_you_mean(word, # a name that was not found
     "' (did you mean 'x'?)' for the closest of `choices`, or ''."
     m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {m[0]!r}?)" if m else ""
+
+def one_of(value, # a value read from a config or the command line
+           choices, # the values allowed
+           what:str, # what the value is, e.g. "peak selection"
+          ):
+    "`value` if it is one of `choices`, else a ValueError naming them (and the closest): the message of every choice check."
+    if value not in choices: raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(choices)}{did_you_mean(value, choices)}")
+    return value
 
 # %% ../nbs/00_core.ipynb #539f16b8
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
