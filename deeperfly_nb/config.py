@@ -416,6 +416,7 @@ class RefinementConfig(_Table):
     def _loss(cls, v):
         return one_of(v, REPROJ_LOSSES, "loss")
 
+# %% ../nbs/10_config.ipynb #8b3649ed
 _VITERBI, _SELECT = signature_defaults(viterbi_filter_2d), signature_defaults(select_peaks)
 PEAK_SELECTIONS = ("top1", "viterbi", "multiview")                        # `[filters] peaks`
 

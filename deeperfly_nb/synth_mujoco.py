@@ -1096,6 +1096,7 @@ def recording_angles(fly:FlyModel, # the scene
     if gait is None: return (*walk_angles(ja, n_frames, fps, walk, fly.mirror_sign(ja.names)), None)
     return gait_angles(fly, n_frames, fps, gait, joint_angles=ja, floor_z=floor_z)
 
+# %% ../nbs/15a_synth_mujoco.ipynb #2cdf0928
 def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs its image_size
                n_frames:int=8, # frames T
                seed:int=0, # draws the look, the ball's texture, the walk and the noise
