@@ -676,18 +676,6 @@ def stop_on_nan(self:SemiTrainer, bad:list, # the losses that are not finite
 
 # %% ../nbs/17a_semisupervised.ipynb #c0ec1a52
 @patch
-def log_line(self:SemiTrainer, seconds:float, # wall time since the last log line
-            ) -> dict:
-    "Append the log line of the steps since the last one: step, epoch, loss (total), loss_<name> for each loss, lr, images/s."
-    s, cfg = self.state, self.cfg
-    keys = list(dict.fromkeys(k for p in s.pending for k in p))
-    rec = {"step": s.step, "epoch": round(s.step * cfg.batch_size / len(self.train_idx), 3),
-           **{("loss" if k == "loss" else f"loss_{k}"): float(np.mean([p[k] for p in s.pending if k in p])) for k in keys},
-           "lr": self.opt.param_groups[0]["lr"], "images_per_s": round(len(s.pending) * cfg.batch_size / max(seconds, 1e-9), 2)}
-    s.history.append(rec); s.pending = []
-    return rec
-
-@patch
 def resume_record(self:SemiTrainer) -> dict:
     "training's resume record, plus the semi-supervised options and the unlabelled recordings."
     return {**Trainer.resume_record(self), "semi": {"options": self.opts.to_dict(), "unlabelled": self.frames.fingerprint()}}

@@ -572,9 +572,12 @@ def train_step(self:Trainer) -> float:
 @patch
 def log_line(self:Trainer, seconds:float, # wall time since the last log line
             ) -> dict:
-    "Append the log line of the steps since the last one."
+    "Append the log line of the steps since the last one: step, epoch, loss, loss_<part> for each part a step reported as a dict, lr, images/s."
     s, cfg = self.state, self.cfg
-    rec = {"step": s.step, "epoch": round(s.step * cfg.batch_size / len(self.train_idx), 3), "loss": float(np.mean(s.pending)),
+    steps = [p if isinstance(p, dict) else {"loss": p} for p in s.pending]     # a step's loss, or {"loss": total, part: value}
+    keys = list(dict.fromkeys(k for p in steps for k in p))
+    rec = {"step": s.step, "epoch": round(s.step * cfg.batch_size / len(self.train_idx), 3),
+           **{("loss" if k == "loss" else f"loss_{k}"): float(np.mean([p[k] for p in steps if k in p])) for k in keys},
            "lr": self.opt.param_groups[0]["lr"], "images_per_s": round(len(s.pending) * cfg.batch_size / max(seconds, 1e-9), 2)}
     s.history.append(rec); s.pending = []
     return rec
