@@ -1,0 +1,71 @@
+"""Issue 19, claim 2 (partial, CPU): how far fine-tuning the bundled detector on MuJoCo renders brings it on real footage.
+
+    OMP_NUM_THREADS=1 python bench/bench_mujoco_finetune.py --recordings 24 --frames 4 --steps 1500 --run /tmp/mj_ft
+
+Renders `--recordings` short recordings of the NeuroMechFly body (`synth_mujoco.render_recording_mujoco` at the rig's
+full 960 x 480, seeds 3000..: every other one driven by deeperfly's own gait through inverse kinematics (`gait=True`),
+the others by the recorded walk; random looks, wings and pigment), makes the default plan's pathway samples from their
+exact 2D, and fine-tunes `bundled:fly_synthetic` on them for `--steps` (`training.train_detector`, resumable: run it
+again with the same --run to continue). Evaluated with `training.evaluate` on the real DeepFly3D sample, frames 0-14,
+against DeepFly3D's own 2D (never trained on), per view, before and after; and on the held-out 10% of the renders.
+Writes bench/results/mujoco_finetune.json. Nothing here is asserted. No GPU: one torch thread.
+"""
+from __future__ import annotations
+import argparse, json, os, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DF3D_PKL = (ROOT.parent / "shared" / "data" / "deepfly3d_sample" / "df3d_output" / "df3d_result.pkl").resolve()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recordings", type=int, default=24)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.core import atomic_path
+    from deeperfly_nb.detector import build_network, bundled_weights, load_checkpoint
+    from deeperfly_nb.labels import concat_samples, labels_from_df3d, labels_from_render, pathway_samples
+    from deeperfly_nb.synth_mujoco import render_recording_mujoco
+    from deeperfly_nb.training import evaluate, train_detector
+    if not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on", file=sys.stderr); return 1
+    plan = Config.default().detection_plan()
+    real = pathway_samples(labels_from_df3d(DF3D_PKL, frames=range(15), plan=plan), plan)
+    def per_view(ev):
+        return {plan.view_names[plan.pathway(k).view_indices[0]]: round(float(v), 2) for k, v in ev.per_pathway().items()}
+    t0 = time.perf_counter(); sets = []
+    for i in range(args.recordings):
+        rec = render_recording_mujoco(args.frames, seed=3000 + i, gait=True if i % 2 else None)
+        sets.append(pathway_samples(labels_from_render(rec, name=f"mj{i}"), plan))
+    S, render_s = concat_samples(sets), time.perf_counter() - t0
+    print(f"rendered {args.recordings} x {args.frames} frames in {render_s:.0f} s: {S}", flush=True)
+    m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
+    before = evaluate(m0, real)
+    cfg = dict(steps=args.steps, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
+               eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=1, init="bundled:fly_synthetic")
+    t1 = time.perf_counter()
+    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False,
+                         callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
+    net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
+    after = evaluate(net, real)
+    row = {"command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+           "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
+           "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
+           "real_before": {"median_px": round(before.summary()["median_px"], 2), "per_view": per_view(before)},
+           "real_after": {"median_px": round(after.summary()["median_px"], 2), "per_view": per_view(after)},
+           "renders_held_out": [h for h in res.history if "val_median_px" in h][-1:],
+           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": os.getloadavg()}
+    print(json.dumps(row, indent=1), flush=True)
+    with atomic_path(Path(args.out)) as tmp: tmp.write_text(json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
