@@ -297,7 +297,8 @@ def _add_floor(spec, mj, look, rng, floor_mm:float, half_mm:float):
 # %% ../nbs/15a_synth_mujoco.ipynb #2d4c9c16
 THORAX_BODIES, ABDOMEN_BODIES = ("Thorax",), ("A1A2", "A3", "A4", "A5", "A6")   # NeuroMechFly's body groups that get their own pigment
 
-def eye_rgb(look) -> list:
+def eye_rgb(look, # an MjLook (its eye_gray and eye_red)
+           ) -> list:
     "The eyes' colour: `eye_gray`, reddened by `eye_red` (0: gray; wild-type eyes are brick red)."
     return list(np.clip(look.eye_gray * np.array([1 + 0.8 * look.eye_red, 1 - 0.5 * look.eye_red, 1 - 0.5 * look.eye_red]), 0, 1))
 
@@ -341,7 +342,10 @@ def _world_points(m, d, body:str) -> np.ndarray:
     b = m.body(body).id
     return _mesh_points(m, body) @ d.xmat[b].reshape(3, 3).T + d.xpos[b]
 
-def fold_wings(m, d, look):
+def fold_wings(m, # the MuJoCo model (its wing bodies' body_quat are set)
+               d, # its data, after mj_kinematics
+               look, # an MjLook (its wing_yaw_deg, wing_roof_deg, wing_lift_deg)
+              ):
     "Fold both wings back over the abdomen (see above): sets the wing bodies' `body_quat` in `m`; call after `mj_kinematics`."
     from scipy.spatial.transform import Rotation
     mj = import_mujoco()
