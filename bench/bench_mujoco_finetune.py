@@ -23,6 +23,10 @@ def main(argv=None) -> int:
     ap.add_argument("--recordings", type=int, default=24)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--units-per-mm", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="world units per NeuroMechFly mm, drawn uniformly per recording (default: synth_mujoco.DEFAULT_UNITS_PER_MM): "
+                         "how large the fly stands in the rig's views")
+    ap.add_argument("--aug-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="training's zoom augmentation range (default Augment's)")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -42,20 +46,22 @@ def main(argv=None) -> int:
         return {plan.view_names[plan.pathway(k).view_indices[0]]: round(float(v), 2) for k, v in ev.per_pathway().items()}
     t0 = time.perf_counter(); sets = []
     for i in range(args.recordings):
-        rec = render_recording_mujoco(args.frames, seed=3000 + i, gait=True if i % 2 else None)
+        upm = {} if args.units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*args.units_per_mm))}
+        rec = render_recording_mujoco(args.frames, seed=3000 + i, gait=True if i % 2 else None, **upm)
         sets.append(pathway_samples(labels_from_render(rec, name=f"mj{i}"), plan))
     S, render_s = concat_samples(sets), time.perf_counter() - t0
     print(f"rendered {args.recordings} x {args.frames} frames in {render_s:.0f} s: {S}", flush=True)
     m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
     before = evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
-               eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=1, init="bundled:fly_synthetic")
+               eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=1, init="bundled:fly_synthetic",
+               **({"augment": {"scale": list(args.aug_scale)}} if args.aug_scale else {}))
     t1 = time.perf_counter()
     res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False,
                          callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
     net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
     after = evaluate(net, real)
-    row = {"command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": {"median_px": round(before.summary()["median_px"], 2), "per_view": per_view(before)},
