@@ -360,7 +360,8 @@ def real(args):
                 print("deeperfly_example calibrated:", calib, flush=True); _merge(out, "example_calibration" + args.suffix, calib)
                 frames = UnlabelledFrames(recs, plan, cameras=[cams if r is sample else ex_cams for r in recs])
             o = {"sup": SemiOptions(losses=()),
-                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start, recording_share=args.share),
+                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start, recording_share=args.share,
+                                     outlier_px=args.outlier_px),
                  "zero": SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0, recording_share=args.share)}[name]
             c = {**cfg, "steps": args.zero_steps, "eval_every": args.zero_steps,
                  "warmup_steps": min(30, max(1, args.zero_steps // 10))} if name == "zero" else cfg
@@ -406,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-unlabelled", type=int, default=len(UNL_FRAMES), choices=[10, 15],
                     help="real: the sample's first frames served unlabelled: 10 (frames 10-14 stay unseen) or 15 (transductive: the held-out frames' images, never their labels)")
     ap.add_argument("--share", default="length", choices=["length", "equal"], help="real: how the unlabelled recordings share the draws (SemiOptions.recording_share)")
+    ap.add_argument("--outlier-px", type=float, default=None, help="real: SemiOptions.outlier_px of the semi arm (views this far from the others' triangulation are dropped)")
     ap.add_argument("--unlabelled", default="both", choices=["both", "sample", "example"], help="real: the unlabelled recordings")
     ap.add_argument("--example-cameras", default="df3d", choices=["df3d", "ba"],
                     help="real: deeperfly_example's rig for the multiview loss: DeepFly3D's calibration of the sample, or bundle-adjusted on the sup run's detections")

@@ -83,9 +83,10 @@ def _open_writer(writer, # a factory (path, fps, crf) -> writer, or None for io.
     return VideoWriter(path, fps=fps, crf=crf, **kw)
 
 def _progress(total:int, desc:str, enabled:bool):
-    "A tqdm bar counting frames (disabled: it shows nothing)."
+    "A tqdm bar counting frames (disabled: it shows nothing); in a terminal it vanishes when done, in a log it stays one line."
+    import sys
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, leave=not sys.stderr.isatty())
 
 # %% ../nbs/18c_overlay_video.ipynb #d924fec8
 class MemoryWriter:

@@ -22,12 +22,12 @@ from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, ch
 # %% auto #0
 __all__ = ['LOSS_DEFAULTS', 'LOSS_NAMES', 'RECORDING_SHARES', 'soft_argmax', 'input_to_source_matrix', 'apply_affine',
            'model_pathways', 'routing_index', 'route', 'RigTensors', 'rig_tensors', 'distort_t', 'project_t',
-           'triangulate_t', 'hinge_mean', 'temporal_loss', 'multiview_loss', 'PcaPrior', 'fit_pca', 'pca_residual',
-           'label_points', 'singleview_priors', 'points_multiview_priors', 'multiview_priors', 'pca_loss', 'BonePrior',
-           'bone_prior', 'bone_loss', 'random_warp', 'consistency_loss', 'SemiOptions', 'UnlabelledFrames',
-           'plan_with_input_size', 'semi_priors', 'SemiTrainer', 'semi_train_detector', 'Diagnostics', 'diagnose',
-           'result_diagnostics', 'diagnostics_figure', 'worst_frames_table', 'parse_losses', 'parse_loss_weights',
-           'train_semisupervised']
+           'triangulate_t', 'hinge_mean', 'temporal_loss', 'drop_outlier_views', 'multiview_loss', 'PcaPrior',
+           'fit_pca', 'pca_residual', 'label_points', 'singleview_priors', 'points_multiview_priors',
+           'multiview_priors', 'pca_loss', 'BonePrior', 'bone_prior', 'bone_loss', 'random_warp', 'consistency_loss',
+           'SemiOptions', 'UnlabelledFrames', 'plan_with_input_size', 'semi_priors', 'SemiTrainer',
+           'semi_train_detector', 'Diagnostics', 'diagnose', 'result_diagnostics', 'diagnostics_figure',
+           'worst_frames_table', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
 
 # %% ../nbs/17a_semisupervised.ipynb #8ffdabf4
 def soft_argmax(heatmaps:torch.Tensor, # (..., C, h, w) heatmaps
@@ -168,15 +168,34 @@ def temporal_loss(pts_a:torch.Tensor, # (..., V, N, 2) points at frame t (raw pi
     return hinge_mean(d, eps_px, seen & (conf_a.detach() > conf_min) & (conf_b.detach() > conf_min)), d
 
 # %% ../nbs/17a_semisupervised.ipynb #4960c7d1
+def drop_outlier_views(rig:RigTensors, # the rig of the frames
+                       pts:torch.Tensor, # (..., V, N, 2) predictions (raw pixels)
+                       w:torch.Tensor, # (..., V, N) the views that vote (1) or not (0)
+                       outlier_px:float, # a view whose reprojection error exceeds this is dropped, the worst first
+                      ) -> torch.Tensor:
+    "`w` with, per point, the worst view dropped and the point re-triangulated while a view's error exceeds `outlier_px`."
+    with torch.no_grad():
+        pts, w = pts.detach().to(torch.float64), w.clone()
+        for _ in range(w.shape[-2] - 1):
+            err = (project_t(rig, triangulate_t(rig, pts, w)) - pts).norm(dim=-1)
+            err = torch.where((w > 0) & torch.isfinite(err), err, torch.zeros_like(err))
+            worst, at = err.max(-2)                                                     # (..., N)
+            if not (worst > outlier_px).any(): break
+            drop = torch.nn.functional.one_hot(at, w.shape[-2]).movedim(-1, -2).bool() & (worst > outlier_px)[..., None, :]
+            w = torch.where(drop, torch.zeros_like(w), w)
+    return w
+
 def multiview_loss(rig:RigTensors, # the rig of the frames
                    pts:torch.Tensor, # (..., V, N, 2) predictions (raw pixels)
                    conf:torch.Tensor, # (..., V, N) confidences
                    seen, # (V, N) bool: the detector reports the point in the view
                    eps_px:float=5.0, # reprojection errors up to this many pixels are free
                    conf_min:float=0.3, # views below this confidence do not vote (and are not penalised)
+                   outlier_px:float|None=None, # views further than this from the others' triangulation neither vote nor are penalised (None: all count)
                   ) -> tuple:
     "(loss, reprojection error (..., V, N) px, X (..., N, 3), ok (..., N)): each point triangulated from its confident views, reprojected, compared."
     w = (seen & (conf.detach() > conf_min)).to(torch.float64)
+    if outlier_px is not None: w = drop_outlier_views(rig, pts, w, outlier_px)
     ok = w.sum(-2) >= 2
     X = triangulate_t(rig, pts, w)
     err = (project_t(rig, X) - pts.to(torch.float64)).norm(dim=-1)
@@ -402,6 +421,7 @@ class SemiOptions:
     warp_translate_px: float = 8.0    # consistency: shift range, model-input pixels
     supervised_weight: float = 1.0    # weight of the supervised heatmap loss; 0 = zero-label mode (no labelled batch is drawn)
     recording_share: str = "length"   # unlabelled recordings drawn in proportion to their length, or "equal" (each as often)
+    outlier_px: float|None = None     # multiview/bones: views this far (raw px) from the others' triangulation neither vote nor are penalised
 
     def __post_init__(self):
         object.__setattr__(self, "losses", tuple(self.losses))
@@ -420,6 +440,8 @@ class SemiOptions:
         if sw == 0 and not self.losses: raise ConfigError("supervised_weight 0 (zero labels) needs at least one loss without labels")
         if sw == 0 and self.start_step: raise ConfigError(f"supervised_weight 0 (zero labels) cannot wait for a supervised warm-up: start_step must be 0, got {self.start_step}")
         if not 0 < self.pca_variance <= 1: raise ConfigError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
+        if self.outlier_px is not None and (isinstance(self.outlier_px, bool) or not isinstance(self.outlier_px, (int, float)) or not self.outlier_px > 0):
+            raise ConfigError(f"outlier_px must be a number > 0 or None, got {self.outlier_px!r}")
         if self.recording_share not in RECORDING_SHARES: raise ConfigError(f"recording_share: expected one of {RECORDING_SHARES}, got {self.recording_share!r}")
 
 # %% ../nbs/17a_semisupervised.ipynb #193f6766
@@ -623,7 +645,7 @@ def unsupervised_losses(self:SemiTrainer, step:int, # the step (seeds the frames
     out = {}
     if "temporal" in L: out["temporal"] = temporal_loss(pts[:, 0], pts[:, 1], conf[:, 0], conf[:, 1], seen, o.epsilon("temporal"), o.conf_min)[0]
     if L & {"multiview", "bones"}:
-        mv = [multiview_loss(fr.rigs[r], pts[i], conf[i], seen, o.epsilon("multiview"), o.conf_min) for i, (r, _) in enumerate(draws)]
+        mv = [multiview_loss(fr.rigs[r], pts[i], conf[i], seen, o.epsilon("multiview"), o.conf_min, o.outlier_px) for i, (r, _) in enumerate(draws)]
         if "multiview" in L: out["multiview"] = torch.stack([m[0] for m in mv]).mean()
         if "bones" in L: out["bones"] = torch.stack([bone_loss(m[2], m[3], pr["bones"], o.epsilon("bones"))[0] for m in mv]).mean()
     if "pca" in L: out["pca"] = pca_loss(pr["pca"], pts, conf, o.epsilon("pca"))[0]
