@@ -703,8 +703,7 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         elif view is not None and view not in cams:
             out.append(("lifting.view", f"{view!r} is not a camera; cameras are {', '.join(cams)}{did_you_mean(view, cams)}"))
     tri_on = tri_on and not isinstance(lifting, dict)          # lifting replaces triangulation
-    filt = data.get("filters")
-    if cams and len(cams) == 1 and isinstance(filt, dict) and filt.get("peaks") == "multiview" and _ok(problems, "filters.peaks"):
+    if cams and len(cams) == 1 and isinstance(f := data.get("filters"), dict) and f.get("peaks") == "multiview" and _ok(problems, "filters.peaks"):
         out.append(("filters.peaks", '"multiview" weighs the other views, and the rig has one camera; use "viterbi" or "top1"'))
     if cams and tri_on and isinstance(mv, int) and mv > len(cams) and _ok(problems, "triangulation.min_views"):
         out.append(("triangulation.min_views", f"{mv} but the rig has only {len(cams)} camera{'s' if len(cams) > 1 else ''}"))
