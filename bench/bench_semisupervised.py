@@ -46,6 +46,12 @@ inference) to DeepFly3D's 2D, before and after; and the 3D bone-length coefficie
 after bundle adjustment (`pipeline.run_from_points2d`, starting from DeepFly3D's calibration) of the model's
 detections of all 15 frames, beside the same measure of DeepFly3D's own 2D.
 
+The real arms' variants (flags): --unlabelled sample|example|both; --share length|equal (SemiOptions.recording_share);
+--frames-per-step N (time points a step; 2 with --share equal puts both recordings in every step); --example-cameras
+df3d|ba|none (the example's rig: DeepFly3D's calibration of the sample, that bundle-adjusted on the example, or none,
+when the example gets only the losses without cameras); --outlier-px; --bn-frozen; --semi-losses. Measured 2026-12-03,
+seeds 0 / 1: labels alone 5.66 / 5.59 px; `--share equal --frames-per-step 2 --example-cameras none` 5.33 / 5.44 px.
+
 Writes bench/results/semisupervised_*.json (merged per run, so an interrupted sweep keeps its finished runs).
 """
 from __future__ import annotations
@@ -341,6 +347,8 @@ def real(args):
             for t in range(args.sample_unlabelled): (sample / f"camera_{c}_img_{t}.jpg").symlink_to(DF3D_PKL.parents[1] / f"camera_{c}_img_{t}.jpg")
         recs = {"both": [sample, EXAMPLE], "sample": [sample], "example": [EXAMPLE]}[args.unlabelled]
         ex_cams, calib = cams, {"example_cameras": "DeepFly3D's calibration of deepfly3d_sample"}
+        if args.example_cameras == "none":
+            ex_cams, calib = None, {"example_cameras": "none: multiview and bones skip it (missing_cameras='skip'), temporal only"}
         frames = UnlabelledFrames(recs, plan, cameras=[cams if r is sample else ex_cams for r in recs])
         for name in args.runs.split(","):
             if name == "before":
@@ -360,8 +368,10 @@ def real(args):
                 print("deeperfly_example calibrated:", calib, flush=True); _merge(out, "example_calibration" + args.suffix, calib)
                 frames = UnlabelledFrames(recs, plan, cameras=[cams if r is sample else ex_cams for r in recs])
             o = {"sup": SemiOptions(losses=()),
-                 "semi": SemiOptions(losses=("temporal", "multiview", "bones"), start_step=args.semi_start, recording_share=args.share,
-                                     outlier_px=args.outlier_px),
+                 "semi": SemiOptions(losses=tuple(args.semi_losses.split(",")), start_step=args.semi_start, recording_share=args.share,
+                                     frames_per_step=args.frames_per_step,
+                                     outlier_px=args.outlier_px, missing_cameras="skip" if ex_cams is None else "error",
+                                     bn_from_unlabelled=not args.bn_frozen),
                  "zero": SemiOptions(losses=("temporal", "multiview"), supervised_weight=0.0, recording_share=args.share)}[name]
             c = {**cfg, "steps": args.zero_steps, "eval_every": args.zero_steps,
                  "warmup_steps": min(30, max(1, args.zero_steps // 10))} if name == "zero" else cfg
@@ -409,8 +419,11 @@ def main(argv=None) -> int:
     ap.add_argument("--share", default="length", choices=["length", "equal"], help="real: how the unlabelled recordings share the draws (SemiOptions.recording_share)")
     ap.add_argument("--outlier-px", type=float, default=None, help="real: SemiOptions.outlier_px of the semi arm (views this far from the others' triangulation are dropped)")
     ap.add_argument("--unlabelled", default="both", choices=["both", "sample", "example"], help="real: the unlabelled recordings")
-    ap.add_argument("--example-cameras", default="df3d", choices=["df3d", "ba"],
-                    help="real: deeperfly_example's rig for the multiview loss: DeepFly3D's calibration of the sample, or bundle-adjusted on the sup run's detections")
+    ap.add_argument("--example-cameras", default="df3d", choices=["df3d", "ba", "none"],
+                    help="real: deeperfly_example's rig for the multiview loss: DeepFly3D's calibration of the sample, bundle-adjusted on the sup run's detections, or none (multiview and bones skip it)")
+    ap.add_argument("--semi-losses", default="temporal,multiview,bones", help="real: the semi arm's unsupervised losses")
+    ap.add_argument("--frames-per-step", type=int, default=1, help="real: SemiOptions.frames_per_step of the semi arm (2 with --share equal: both recordings in every step)")
+    ap.add_argument("--bn-frozen", action="store_true", help="real: the semi arm's unlabelled frames leave BatchNorm's running statistics alone (SemiOptions.bn_from_unlabelled=False)")
     ap.add_argument("--zero-steps", type=int, default=60, help="real: steps of the zero-label run")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

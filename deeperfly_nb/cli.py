@@ -294,6 +294,7 @@ def parse_frames(text:str, # e.g. '0-9' or '0,3,5-7'
 
 def parse_settings(items, # ['key=value', ...]; value in TOML syntax, dotted keys go into tables (augment.rotation_deg=20)
                     base:dict|None=None, # settings to update
+                    flag:str="--set", # the option the items came from (for error messages)
                    ) -> dict:
     "Training settings from `--set key=value` items (values read as TOML: 3, 2e-3, [128, 256], true, 'text'; bare words as text)."
     import tomllib
@@ -302,14 +303,14 @@ def parse_settings(items, # ['key=value', ...]; value in TOML syntax, dotted key
     for item in items or []:
         key, eq, val = item.partition("=")
         key = key.strip()
-        if not eq or not key: raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-3")
+        if not eq or not key: raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} {'lr=1e-3' if flag == '--set' else 'start_step=100'}")
         try: v = tomllib.loads(f"v = {val.strip()}")["v"]
         except tomllib.TOMLDecodeError: v = val.strip()
         if v == "none": v = None
         *path, last = key.split(".")
         d = out
         for k in path:
-            if not isinstance(d.setdefault(k, {}), dict): raise ConfigError(f"--set {item!r}: {k!r} is not a table of settings")
+            if not isinstance(d.setdefault(k, {}), dict): raise ConfigError(f"{flag} {item!r}: {k!r} is not a table of settings")
             d = d[k]
         d[last] = v
     return out
@@ -334,9 +335,14 @@ def _train(args, # the parsed `train` command line
     from deeperfly_nb.results import PoseResult
     missing = [u for u in args.unlabelled if not Path(u).exists()]
     if missing: raise InputError(f"--unlabelled recording(s) not found: {', '.join(missing)}")
-    opts = {"losses": parse_losses(args.losses), "weights": parse_loss_weights(args.loss_weight), "recording_share": args.unlabelled_share}
+    unc = {Path(u).resolve() for u in args.uncalibrated or []}
+    stray = [u for u in args.uncalibrated or [] if Path(u).resolve() not in {Path(v).resolve() for v in args.unlabelled}]
+    if stray: raise InputError(f"--uncalibrated {', '.join(stray)}: not among the --unlabelled recordings ({', '.join(args.unlabelled)})")
+    opts = parse_settings(args.semi_set, {"losses": parse_losses(args.losses), "weights": parse_loss_weights(args.loss_weight),
+                                          "recording_share": args.unlabelled_share, "missing_cameras": "skip" if args.uncalibrated else "error"}, "--semi-set")
+    rig = PoseResult.load(args.cameras) if args.cameras else "config"
     return train_semisupervised(files, [Path(u) for u in args.unlabelled], out, options=opts,
-                                cameras=PoseResult.load(args.cameras) if args.cameras else "config",
+                                cameras=[None if Path(u).resolve() in unc else rig for u in args.unlabelled],
                                 bones=PoseResult.load(args.bones_from) if args.bones_from else None, **common, **settings)
 
 # %% ../nbs/20_cli.ipynb #f6b34834
@@ -400,6 +406,9 @@ TRAIN_EXAMPLES = """examples:
   deeperfly train out/corrections.h5 -o runs/corrected
   # semi-supervised: the same labels, plus losses without labels on unlabelled recordings
   deeperfly train df3d_output/df3d_result.pkl --frames 0-4 -o runs/semi --unlabelled recordings/fly2 --loss-weight pca=0.05
+  # another fly filmed on an uncalibrated rig beside the labelled one: both in every step, the multiview and bones losses on the first only
+  deeperfly train fly1/df3d_output/df3d_result.pkl --frames 0-4 -o runs/semi2 --unlabelled fly1/ fly2/ --uncalibrated fly2/ \\
+      --losses temporal,multiview,bones --unlabelled-share equal --semi-set frames_per_step=2 --semi-set start_step=100
 
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
 paste it over the model's table in your config (deeperfly init writes a config to edit)."""
@@ -448,7 +457,11 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     semi.add_argument("--unlabelled-share", choices=("length", "equal"), default="length",
                       help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally")
     semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
+    semi.add_argument("--uncalibrated", nargs="+", metavar="RECORDING", help="--unlabelled recordings the rig does not fit (another "
+                      "session, a moved camera): the multiview and bones losses skip them, the others still use them")
     semi.add_argument("--bones-from", metavar="RESULTS_H5", help="a results.h5 whose 3D gives the bone-length prior (default: the labels triangulated)")
+    semi.add_argument("--semi-set", action="append", default=[], metavar="KEY=VALUE", help="a semi-supervised option (semisupervised.SemiOptions), "
+                      "TOML value: --semi-set start_step=100 --semi-set frames_per_step=2; repeatable")
     s.set_defaults(func=cmd_train)
 
 # %% ../nbs/20_cli.ipynb #4c4f0bd8

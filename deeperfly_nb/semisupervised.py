@@ -7,6 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/semisupervised.html.md"""
 # %% ../nbs/17a_semisupervised.ipynb #e466f758
 from __future__ import annotations
 import copy, json, math, time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np
@@ -26,8 +27,8 @@ __all__ = ['LOSS_DEFAULTS', 'LOSS_NAMES', 'RECORDING_SHARES', 'soft_argmax', 'in
            'fit_pca', 'pca_residual', 'label_points', 'singleview_priors', 'points_multiview_priors',
            'multiview_priors', 'pca_loss', 'BonePrior', 'bone_prior', 'bone_loss', 'random_warp', 'consistency_loss',
            'SemiOptions', 'UnlabelledFrames', 'plan_with_input_size', 'semi_priors', 'SemiTrainer',
-           'semi_train_detector', 'Diagnostics', 'diagnose', 'result_diagnostics', 'diagnostics_figure',
-           'worst_frames_table', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
+           'frozen_bn_statistics', 'semi_train_detector', 'Diagnostics', 'diagnose', 'result_diagnostics',
+           'diagnostics_figure', 'worst_frames_table', 'parse_losses', 'parse_loss_weights', 'train_semisupervised']
 
 # %% ../nbs/17a_semisupervised.ipynb #8ffdabf4
 def soft_argmax(heatmaps:torch.Tensor, # (..., C, h, w) heatmaps
@@ -404,6 +405,7 @@ LOSS_DEFAULTS = {   # name: (weight, epsilon, what epsilon is)
 LOSS_NAMES = tuple(LOSS_DEFAULTS)
 RECORDING_SHARES = ("length", "equal")   # how unlabelled recordings share the draws
 
+# %% ../nbs/17a_semisupervised.ipynb #037f1241
 @dataclass(frozen=True)
 class SemiOptions:
     "The unsupervised part of a semi-supervised run (stored in its checkpoints; a resumed run must use the same)."
@@ -420,8 +422,10 @@ class SemiOptions:
     warp_scale: tuple = (0.9, 1.1)    # consistency: zoom range
     warp_translate_px: float = 8.0    # consistency: shift range, model-input pixels
     supervised_weight: float = 1.0    # weight of the supervised heatmap loss; 0 = zero-label mode (no labelled batch is drawn)
-    recording_share: str = "length"   # unlabelled recordings drawn in proportion to their length, or "equal" (each as often)
+    recording_share: str = "length"   # unlabelled recordings drawn in proportion to their length, or "equal" (in turn: frames_per_step >= their number puts each in every step)
     outlier_px: float|None = None     # multiview/bones: views this far (raw px) from the others' triangulation neither vote nor are penalised
+    missing_cameras: str = "error"    # a recording without cameras under multiview/bones: "error", or "skip" (it gets only the losses that need none)
+    bn_from_unlabelled: bool = True   # unlabelled frames move BatchNorm's running statistics (False: only the labelled batches do)
 
     def __post_init__(self):
         object.__setattr__(self, "losses", tuple(self.losses))
@@ -443,6 +447,7 @@ class SemiOptions:
         if self.outlier_px is not None and (isinstance(self.outlier_px, bool) or not isinstance(self.outlier_px, (int, float)) or not self.outlier_px > 0):
             raise ConfigError(f"outlier_px must be a number > 0 or None, got {self.outlier_px!r}")
         if self.recording_share not in RECORDING_SHARES: raise ConfigError(f"recording_share: expected one of {RECORDING_SHARES}, got {self.recording_share!r}")
+        if self.missing_cameras not in ("error", "skip"): raise ConfigError(f"missing_cameras: expected 'error' or 'skip', got {self.missing_cameras!r}")
 
 # %% ../nbs/17a_semisupervised.ipynb #193f6766
 @patch
@@ -514,10 +519,11 @@ def draw(self:UnlabelledFrames, rng:np.random.Generator, # draws the time points
          n:int, # how many
          share:str="length", # how often each recording is drawn: "length" (in proportion to its length) or "equal"
         ) -> list:
-    "[(recording, t)]: recordings in proportion to their length (or equally often), t uniform in [0, length - gap)."
+    "[(recording, t)]: recordings in proportion to their length (or in turn, each once per round), t uniform in [0, length - gap)."
     if share not in RECORDING_SHARES: raise InputError(f"share: expected one of {RECORDING_SHARES}, got {share!r}")
     L = np.array(self.lengths, float) - self.gap
-    rec = rng.choice(len(L), size=n, p=L / L.sum() if share == "length" else np.full(len(L), 1 / len(L)))
+    if share == "length": rec = rng.choice(len(L), size=n, p=L / L.sum())
+    else: rec = np.concatenate([rng.permutation(len(L)) for _ in range(-(-n // len(L)))])[:n]   # n >= k: every recording in every step
     return [(int(r), int(rng.integers(0, L[r]))) for r in rec]
 
 @patch
@@ -561,8 +567,10 @@ def semi_priors(samples:SampleSet, # labelled samples
     out, L = {}, set(options.losses)
     if L & {"multiview", "bones"}:
         bad = [n for n, r in zip(frames.names, frames.rigs) if r is None]
-        if bad: raise InputError(f"the {'multiview' if 'multiview' in L else 'bones'} loss needs calibrated cameras for every unlabelled "
-                                 f"recording; {bad} have none (pass cameras=...), or use 'pca_multiview' for an uncalibrated rig")
+        if bad and (options.missing_cameras == "error" or len(bad) == len(frames.names)):
+            raise InputError(f"the {'multiview' if 'multiview' in L else 'bones'} loss needs calibrated cameras for "
+                             f"{'every' if options.missing_cameras == 'error' else 'at least one'} unlabelled recording; {bad} have none "
+                             f"(pass cameras=..., or missing_cameras='skip' to leave them out of these losses), or use 'pca_multiview' for an uncalibrated rig")
     if "pca" in L: out["pca"] = singleview_priors(samples, plan, model, options.pca_variance)
     if "pca_multiview" in L:
         out["pca_multiview"] = multiview_priors(samples, plan, model)
@@ -603,6 +611,20 @@ class SemiTrainer(Trainer):
         for k, pw in enumerate(frames.pws): self.used[k, torch.as_tensor(np.array(pw.channels))] = True
         self.mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
 
+# %% ../nbs/17a_semisupervised.ipynb #d338c622
+@contextmanager
+def frozen_bn_statistics(net:torch.nn.Module, # the network
+                         frozen:bool=True, # False: a no-op
+                        ):
+    "Within the block, BatchNorm layers in training mode normalise by the batch but leave their running statistics unchanged."
+    bns = [m for m in net.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))] if frozen else []
+    saved = [m.momentum for m in bns]
+    for m in bns: m.momentum = 0.0          # running = (1 - 0) * running + 0 * batch
+    try: yield
+    finally:
+        for m, mom in zip(bns, saved): m.momentum = mom
+
+
 # %% ../nbs/17a_semisupervised.ipynb #38ddeb89
 @patch
 def soft_points(self:SemiTrainer, images:np.ndarray, # (B, h, w, 3) uint8 model-input images
@@ -610,7 +632,8 @@ def soft_points(self:SemiTrainer, images:np.ndarray, # (B, h, w, 3) uint8 model-
     "(xy (B, C, 2) model-input pixels, conf (B, C)) from the last stack, differentiable."
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255 - self.mean_t
     if self.cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-    return soft_argmax(self.net(x)[-1], self.opts.beta, self.net.stride)
+    with frozen_bn_statistics(self.net, not self.opts.bn_from_unlabelled): hm = self.net(x)[-1]
+    return soft_argmax(hm, self.opts.beta, self.net.stride)
 
 @patch
 def consistency(self:SemiTrainer, images:np.ndarray, # (U * P, h, w, 3) uint8 frames, pathway-major within each time point
@@ -644,8 +667,9 @@ def unsupervised_losses(self:SemiTrainer, step:int, # the step (seeds the frames
     pts, conf, seen = route(apply_affine(M, xy.to(torch.float64)), cf, fr.index)   # (U, 2, V, N, 2) raw pixels
     out = {}
     if "temporal" in L: out["temporal"] = temporal_loss(pts[:, 0], pts[:, 1], conf[:, 0], conf[:, 1], seen, o.epsilon("temporal"), o.conf_min)[0]
-    if L & {"multiview", "bones"}:
-        mv = [multiview_loss(fr.rigs[r], pts[i], conf[i], seen, o.epsilon("multiview"), o.conf_min, o.outlier_px) for i, (r, _) in enumerate(draws)]
+    mv = [multiview_loss(fr.rigs[r], pts[i], conf[i], seen, o.epsilon("multiview"), o.conf_min, o.outlier_px)
+          for i, (r, _) in enumerate(draws) if L & {"multiview", "bones"} and fr.rigs[r] is not None]   # recordings without cameras: skipped
+    if mv:
         if "multiview" in L: out["multiview"] = torch.stack([m[0] for m in mv]).mean()
         if "bones" in L: out["bones"] = torch.stack([bone_loss(m[2], m[3], pr["bones"], o.epsilon("bones"))[0] for m in mv]).mean()
     if "pca" in L: out["pca"] = pca_loss(pr["pca"], pts, conf, o.epsilon("pca"))[0]
@@ -668,7 +692,7 @@ def train_step(self:SemiTrainer) -> float:
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         parts["supervised"] = heatmap_loss(self.net(x), tgt, m, cfg.sigma_cells)
     if o.losses and s.step >= o.start_step: parts.update(self.unsupervised_losses(s.step))
-    total = sum((o.supervised_weight if k == "supervised" else o.weight(k)) * v for k, v in parts.items())
+    total = sum(((o.supervised_weight if k == "supervised" else o.weight(k)) * v for k, v in parts.items()), torch.zeros((), requires_grad=True))
     vals = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
     bad = [k for k, v in vals.items() if k != "loss" and not math.isfinite(v)] or ([] if math.isfinite(vals["loss"]) else ["loss"])
     if bad: self.stop_on_nan(bad, vals)
@@ -707,6 +731,7 @@ def resume(self:SemiTrainer):
     "Continue from last.pt: same settings, samples, options and unlabelled recordings required."
     r, want = read_run_checkpoint(self.last)["resume"].get("semi"), {"options": self.opts.to_dict(), "unlabelled": self.frames.fingerprint()}
     if r is None: raise ConfigError(f"cannot resume {self.out}: it is a supervised run (its last.pt has no semi-supervised record)")
+    r = {**r, "options": {**SemiOptions().to_dict(), **r["options"]}}     # options added since the run was saved: their defaults
     if r != want:
         diff = [k for k in want["options"] if r["options"].get(k) != want["options"][k]] + (["unlabelled recordings"] if r["unlabelled"] != want["unlabelled"] else [])
         raise ConfigError(f"cannot resume {self.out}: the semi-supervised setup differs from the run's ({', '.join(diff)})")
@@ -901,7 +926,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
                          options:SemiOptions|dict|None=None, # the unsupervised losses (a dict of SemiOptions fields)
                          cameras="config", # rig(s) of the unlabelled recordings: CameraGroup, PoseResult, 'config', None, or a list of them
                          bones=None, # bone prior: BonePrior, PoseResult or pts3d (default: the labels triangulated with label_cameras)
-                         label_cameras=None, # the labelled frames' rig (default: the first recording's when bones are needed)
+                         label_cameras=None, # the labelled frames' rig (default: the first calibrated recording's when bones are needed)
                          model:str|None=None, # which model of the plan to train (default: its only one)
                          view:str|None=None, # the view of CSV label files
                          images=None, # the recording folder of DeepFly3D label files
@@ -918,7 +943,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
     plan, train_cfg = cfg.detection_plan(), TrainConfig.from_dict(settings)
     model = model_of_plan(plan, model)
     try: o = options if isinstance(options, SemiOptions) else SemiOptions(**(options or {}))
-    except TypeError as e: raise ConfigError(f"semi-supervised options: {e}") from None
+    except TypeError as e: raise ConfigError(f"semi-supervised options: {e}; known: {', '.join(f.name for f in fields(SemiOptions))}") from None
     if isinstance(labels, SampleSet): samples = labels
     else:
         files = [labels] if isinstance(labels, (str, Path)) else list(labels)
@@ -931,7 +956,7 @@ def train_semisupervised(labels, # label files (deeperfly .h5, DeepLabCut/lightn
     cams = cameras if isinstance(cameras, (list, tuple)) else [cameras] * len(recs)
     rigs = [_rig_for(r, c, cfg, plan) if need_rig else None for r, c in zip(recs, cams)]
     fr = UnlabelledFrames(recs, plan, model, rigs, o.frame_gap)
-    pri = semi_priors(samples, plan, o, fr, model, bones, label_cameras or (rigs[0] if bones is None and "bones" in o.losses else None), cfg.skeleton())
+    pri = semi_priors(samples, plan, o, fr, model, bones, label_cameras or (next((r for r in rigs if r is not None), None) if bones is None and "bones" in o.losses else None), cfg.skeleton())
     res = semi_train_detector(samples, fr, out_dir, train_cfg, o, pri, resume=resume, progress=progress,
                               metadata={"unlabelled": [str(r) if not isinstance(r, dict) else "frames in memory" for r in recs]})
     res.config_lines = model_config_lines(res.model_path, model, plan.models[model].cls)

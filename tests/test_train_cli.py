@@ -274,3 +274,40 @@ def test_train_with_unlabelled_recordings_logs_every_loss(tmp_path, capsys):
     assert "--unlabelled recording(s) not found" in capsys.readouterr().err
     assert main(["train", str(csv_path), "--view", "lh", "-o", str(tmp_path / "y"), *TINY, "--unlabelled", str(rec), "--losses", "temporl"]) == 2
     assert "temporl" in capsys.readouterr().err
+
+
+def test_uncalibrated_recordings_skip_the_losses_that_need_cameras(tmp_path, capsys):
+    "`--uncalibrated` names --unlabelled recordings the rig does not fit: multiview skips them, temporal still uses them."
+    import json, torch
+    from deeperfly_nb.synth_footage import synth_recording
+    csv_path = dlc_project(tmp_path / "proj")
+    a, b = synth_recording(tmp_path / "a", n_frames=4, seed=5), synth_recording(tmp_path / "b", n_frames=4, seed=6)
+    base = ["train", str(csv_path), "--view", "lh", *TINY, "--losses", "temporal,multiview", "--unlabelled-share", "equal"]
+    assert main(base + ["-o", str(tmp_path / "x"), "--unlabelled", str(a), "--uncalibrated", str(tmp_path / "c")]) == 2
+    assert "--uncalibrated" in (err := capsys.readouterr().err) and "not among the --unlabelled" in err
+    assert main(base + ["-o", str(tmp_path / "y"), "--unlabelled", str(a), "--uncalibrated", str(a)]) == 2
+    assert "at least one unlabelled recording" in capsys.readouterr().err      # no calibrated recording left for multiview
+    run = tmp_path / "semi"
+    assert main(base + ["-o", str(run), "--unlabelled", str(a), str(b), "--uncalibrated", str(b) + "/", "--steps", "8"]) == 0, capsys.readouterr().err
+    assert torch.load(run / "last.pt", weights_only=False)["deeperfly"]["semi"]["options"]["missing_cameras"] == "skip"
+    steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"loss_temporal"' in l]
+    assert len(steps) >= 4 and 0 < sum("loss_multiview" in s for s in steps) < len(steps)   # steps drawing b have no multiview term
+
+
+def test_semi_set_reaches_the_options(tmp_path, capsys):
+    "`--semi-set key=value` sets a SemiOptions field: two frames per step with equal shares put both recordings in every step."
+    import json, torch
+    from deeperfly_nb.synth_footage import synth_recording
+    csv_path = dlc_project(tmp_path / "proj")
+    a, b = synth_recording(tmp_path / "a", n_frames=4, seed=5), synth_recording(tmp_path / "b", n_frames=4, seed=6)
+    base = ["train", str(csv_path), "--view", "lh", *TINY, "--losses", "temporal,multiview", "--unlabelled", str(a), str(b),
+            "--uncalibrated", str(b), "--unlabelled-share", "equal"]
+    assert main(base + ["-o", str(tmp_path / "x"), "--semi-set", "frames_per_stp=2"]) == 2
+    assert "frames_per_stp" in (err := capsys.readouterr().err) and "frames_per_step" in err      # the unknown key, and the known ones
+    assert main(base + ["-o", str(tmp_path / "y"), "--semi-set", "frames_per_step"]) == 2
+    assert "--semi-set 'frames_per_step': expected key=value" in capsys.readouterr().err
+    run = tmp_path / "semi"
+    assert main(base + ["-o", str(run), "--semi-set", "frames_per_step=2", "--steps", "6"]) == 0, capsys.readouterr().err
+    assert torch.load(run / "last.pt", weights_only=False)["deeperfly"]["semi"]["options"]["frames_per_step"] == 2
+    steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"loss_temporal"' in l]
+    assert len(steps) >= 3 and all("loss_multiview" in s for s in steps)       # a (calibrated) drawn in every step
