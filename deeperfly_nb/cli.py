@@ -455,7 +455,8 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
                       help="comma-separated among temporal, multiview, pca_multiview, pca, bones, consistency (default: all but pca_multiview)")
     semi.add_argument("--loss-weight", action="append", default=[], metavar="NAME=W", help="a loss's weight, repeatable (defaults: semisupervised.LOSS_DEFAULTS)")
     semi.add_argument("--unlabelled-share", choices=("length", "equal"), default="length",
-                      help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally")
+                      help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally, in turn "
+                           "(with --semi-set frames_per_step=N for N recordings, every one in every step)")
     semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
     semi.add_argument("--uncalibrated", nargs="+", metavar="RECORDING", help="--unlabelled recordings the rig does not fit (another "
                       "session, a moved camera): the multiview and bones losses skip them, the others still use them")
