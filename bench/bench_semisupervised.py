@@ -50,7 +50,8 @@ The real arms' variants (flags): --unlabelled sample|example|both; --share lengt
 --frames-per-step N (time points a step; 2 with --share equal puts both recordings in every step); --example-cameras
 df3d|ba|none (the example's rig: DeepFly3D's calibration of the sample, that bundle-adjusted on the example, or none,
 when the example gets only the losses without cameras); --outlier-px; --bn-frozen; --semi-losses. Measured 2026-12-03,
-seeds 0 / 1: labels alone 5.66 / 5.59 px; `--share equal --frames-per-step 2 --example-cameras none` 5.33 / 5.44 px.
+seeds 0 / 1 / 2: labels alone 5.66 / 5.59 / 5.56 px; `--share equal --frames-per-step 2 --example-cameras none`
+5.33 / 5.44 / 5.59 px.
 
 Writes bench/results/semisupervised_*.json (merged per run, so an interrupted sweep keeps its finished runs).
 """
