@@ -413,6 +413,26 @@ TRAIN_EXAMPLES = """examples:
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
 paste it over the model's table in your config (deeperfly init writes a config to edit)."""
 
+# %% ../nbs/20_cli.ipynb #1ad82495
+def _add_semi_arguments(s, # the `train` subparser
+                       ):
+    "Add the semi-supervised group of `train` (see the `semisupervised` module)."
+    semi = s.add_argument_group("semi-supervised: losses without labels on unlabelled recordings (the semisupervised module)")
+    semi.add_argument("--unlabelled", nargs="+", metavar="RECORDING", help="recording folders (matched by the config's sources) "
+                                                                         "whose frames train the losses without labels")
+    semi.add_argument("--losses", default="temporal,multiview,pca,bones,consistency",
+                      help="comma-separated among temporal, multiview, pca_multiview, pca, bones, consistency (default: all but pca_multiview)")
+    semi.add_argument("--loss-weight", action="append", default=[], metavar="NAME=W", help="a loss's weight, repeatable (defaults: semisupervised.LOSS_DEFAULTS)")
+    semi.add_argument("--unlabelled-share", choices=("length", "equal"), default="length",
+                      help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally, in turn "
+                           "(with --semi-set frames_per_step=N for N recordings, every one in every step)")
+    semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
+    semi.add_argument("--uncalibrated", nargs="+", metavar="RECORDING", help="--unlabelled recordings the rig does not fit (another "
+                      "session, a moved camera): the multiview and bones losses skip them, the others still use them")
+    semi.add_argument("--bones-from", metavar="RESULTS_H5", help="a results.h5 whose 3D gives the bone-length prior (default: the labels triangulated)")
+    semi.add_argument("--semi-set", action="append", default=[], metavar="KEY=VALUE", help="a semi-supervised option (semisupervised.SemiOptions), "
+                      "TOML value: --semi-set start_step=100 --semi-set frames_per_step=2; repeatable")
+
 # %% ../nbs/20_cli.ipynb #67fd24e1
 def _add_train_parser(sub, # the subparsers of `make_parser`
                      ):
@@ -448,21 +468,7 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
     crop.add_argument("--crop_size", "--crop-size", type=float, help="a fixed box of this many pixels")
     crop.add_argument("--anchor_points", "--anchor-points", nargs="+", metavar="NAME", help="keypoints whose mean is the box centre")
     crop.add_argument("--smooth-frames", type=int, default=1, help=argparse.SUPPRESS)
-    semi = s.add_argument_group("semi-supervised: losses without labels on unlabelled recordings (the semisupervised module)")
-    semi.add_argument("--unlabelled", nargs="+", metavar="RECORDING", help="recording folders (matched by the config's sources) "
-                                                                         "whose frames train the losses without labels")
-    semi.add_argument("--losses", default="temporal,multiview,pca,bones,consistency",
-                      help="comma-separated among temporal, multiview, pca_multiview, pca, bones, consistency (default: all but pca_multiview)")
-    semi.add_argument("--loss-weight", action="append", default=[], metavar="NAME=W", help="a loss's weight, repeatable (defaults: semisupervised.LOSS_DEFAULTS)")
-    semi.add_argument("--unlabelled-share", choices=("length", "equal"), default="length",
-                      help="how often each unlabelled recording is drawn: in proportion to its length (default) or equally, in turn "
-                           "(with --semi-set frames_per_step=N for N recordings, every one in every step)")
-    semi.add_argument("--cameras", metavar="RESULTS_H5", help="a results.h5 whose rig the unlabelled recordings share (default: the config's [cameras])")
-    semi.add_argument("--uncalibrated", nargs="+", metavar="RECORDING", help="--unlabelled recordings the rig does not fit (another "
-                      "session, a moved camera): the multiview and bones losses skip them, the others still use them")
-    semi.add_argument("--bones-from", metavar="RESULTS_H5", help="a results.h5 whose 3D gives the bone-length prior (default: the labels triangulated)")
-    semi.add_argument("--semi-set", action="append", default=[], metavar="KEY=VALUE", help="a semi-supervised option (semisupervised.SemiOptions), "
-                      "TOML value: --semi-set start_step=100 --semi-set frames_per_step=2; repeatable")
+    _add_semi_arguments(s)
     s.set_defaults(func=cmd_train)
 
 # %% ../nbs/20_cli.ipynb #4c4f0bd8
