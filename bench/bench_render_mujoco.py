@@ -75,8 +75,10 @@ def main():
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["osmesa", "egl"])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--side-by-side-only", action="store_true", help="only redraw the real-beside-synthetic JPEG (no timing; the JSON is left alone)")
     a = ap.parse_args()
     if a.child: print(json.dumps(child(a.child, a.frames))); return
+    if a.side_by_side_only: print(side_by_side(ROOT / "bench" / "results" / "render_mujoco_side_by_side.jpg")); return
     res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, "frames": a.frames, "backends": []}
     for b in a.backends:

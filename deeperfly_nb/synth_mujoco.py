@@ -21,15 +21,15 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
-           'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'HOLDER_GAP_MM', 'SCENES', 'VIS_MARGIN_MM',
-           'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
-           'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk',
-           'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid',
-           'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit',
-           'render_views', 'remap_distorted', 'joint_limits', 'targets_in_model', 'IKParams', 'IKFit',
-           'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles', 'stance_speed', 'stance_turn', 'place_ball',
-           'recording_angles', 'render_fly', 'arena_path', 'walking_speed', 'stance_level', 'render_arena_mujoco',
-           'render_recording_mujoco', 'synth_recording_mujoco']
+           'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'HOLDER_GAP_MM', 'PLATE_GAP_MM', 'PLATE_HALF_MM',
+           'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir',
+           'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles',
+           'WalkParams', 'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum',
+           'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response',
+           'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted', 'joint_limits',
+           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
+           'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path', 'walking_speed',
+           'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -369,6 +369,29 @@ def fold_wings(m, # the MuJoCo model (its wing bodies' body_quat are set)
         m.body_quat[b] = [q[3], q[0], q[1], q[2]]
     mj.mj_kinematics(m, d)
 
+# %% ../nbs/15a_synth_mujoco.ipynb #cd0cf3f0
+def _turn_body(m, body:str, deg:float):
+    "Turn `body` about its own y axis by `deg` (negative: its back end down), in place in `m`."
+    from scipy.spatial.transform import Rotation
+    b, q = m.body(body).id, m.body_quat[m.body(body).id]
+    r = (Rotation.from_quat([q[1], q[2], q[3], q[0]]) * Rotation.from_euler("y", deg, degrees=True)).as_quat()
+    m.body_quat[b] = [r[3], r[0], r[1], r[2]]
+
+def _scale_abdomen(m, scale:float):
+    "Grow the abdomen's segments (meshes, pigment decals and joints) by `scale` about its hinge on the thorax, in place in `m`."
+    for seg in ABDOMEN_BODIES:
+        b = m.body(seg).id
+        if seg != ABDOMEN_BODIES[0]: m.body_pos[b] *= scale
+        for g in np.flatnonzero(m.geom_bodyid == b):
+            m.geom_pos[g] *= scale; m.geom_rbound[g] *= scale; m.geom_aabb[g] *= scale
+            k = m.geom_dataid[g]
+            if k >= 0: m.mesh_vert[m.mesh_vertadr[k]: m.mesh_vertadr[k] + m.mesh_vertnum[k]] *= scale
+
+def _droop_abdomen(m, droop_deg:float, curl_deg:float):
+    "Turn the abdomen down by `droop_deg` at the thorax and each later segment by `curl_deg` more, in place in `m`."
+    _turn_body(m, ABDOMEN_BODIES[0], -droop_deg)
+    for seg in ABDOMEN_BODIES[1:]: _turn_body(m, seg, -curl_deg)
+
 # %% ../nbs/15a_synth_mujoco.ipynb #d3674e73
 BAND_OFFSET_MM = 0.004   # the pigment decals float this far outside the abdomen's surface
 
@@ -439,12 +462,21 @@ def _keypoint_anchor(m, point:str) -> tuple:
 
 # %% ../nbs/15a_synth_mujoco.ipynb #24d2afbe
 HOLDER_GAP_MM = 0.3    # the holder's bar hangs this far above the top of the thorax; a rod joins them
+PLATE_GAP_MM = (0.0, 0.08)   # a plate holder rests this close above the thorax (drawn per recording)
+PLATE_HALF_MM = ((2.5, 4.0), (2.0, 4.0))   # the plate's half-length and half-width, mm (drawn per recording)
 
-def _place_holder(m, d, gap_mm:float):
-    "Move the holder's bar and rod (built at a nominal height) so that the bar is `gap_mm` above the thorax's top."
+def _place_holder(m, d, gap_mm:float, plate_mm:float=0.0, rng=None):
+    """Move the holder's bar and rod (built at a nominal height) so that the bar is `gap_mm` above the thorax's top.
+    With `plate_mm` > 0 the bar becomes a wide plate of that half-thickness resting on the thorax (DeepFly3D's tether plate)."""
     b = m.body("Thorax").id
     top = (_mesh_points(m, "Thorax") @ d.xmat[b].reshape(3, 3).T + d.xpos[b])[:, 2].max()
     bar, rod = m.geom("holder_bar").id, m.geom("holder_rod").id
+    if plate_mm > 0:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        m.geom_size[bar] = [rng.uniform(*PLATE_HALF_MM[0]), rng.uniform(*PLATE_HALF_MM[1]), plate_mm]
+        m.geom_pos[bar][0] += rng.uniform(-0.9, 1.1)                                 # reaching further forward or back
+        m.geom_rbound[bar], m.geom_aabb[bar][3:] = np.linalg.norm(m.geom_size[bar]), m.geom_size[bar]
+        gap_mm = rng.uniform(*PLATE_GAP_MM)
     dz = top + gap_mm - (m.geom_pos[bar][2] - m.geom_size[bar][2])
     m.geom_pos[bar][2] += dz
     m.geom_pos[rod][2] = (top + m.geom_pos[bar][2] - m.geom_size[bar][2]) / 2          # the rod spans the gap
@@ -479,6 +511,7 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
     "Compile the NeuroMechFly scene (fly with pigment and folded wings; ball and holder, or a floor; lights), thorax centre THORAX_HEIGHT_MM above the origin."
     if scene not in SCENES: raise InputError(f"scene must be one of {SCENES}, got {scene!r}")
     mj, look = import_mujoco(), look or MjLook()
+    if not look.abdomen_scale > 0: raise InputError(f"abdomen_scale must be positive, got {look.abdomen_scale}")
     spec = mj.MjSpec.from_file(str(require_assets(assets) / NMF_MJCF))
     spec.compiler.fusestatic = False                       # keep Thorax and the abdomen as bodies (the stripes hang on them)
     _paint_fly(spec, mj, look)
@@ -490,16 +523,20 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
         if scene == "tethered": _add_props(spec, mj, look, rng, ball_radius_mm)
         else: _add_floor(spec, mj, look, rng, floor_mm, floor_half_mm)
         m = spec.compile()
+    if look.abdomen_scale != 1: _scale_abdomen(m, look.abdomen_scale)
     d = mj.MjData(m)
     mj.mj_kinematics(m, d)
     fold_wings(m, d, look)
+    if scene == "tethered" and (look.abdomen_droop_deg or look.abdomen_curl_deg):
+        _droop_abdomen(m, look.abdomen_droop_deg, look.abdomen_curl_deg)      # after the wings: they stay level above it
+        mj.mj_kinematics(m, d)
     lo, hi = (f(_mesh_points(m, "Thorax"), axis=0) for f in (np.min, np.max))
     centre = d.xpos[m.body("Thorax").id] + d.xmat[m.body("Thorax").id].reshape(3, 3) @ ((lo + hi) / 2)
     centre[1] = 0.0                                        # the model's plane of symmetry stays the world's y = 0
     root = m.body("FlyBody").id
     m.body_pos[root] -= centre - [0, 0, THORAX_HEIGHT_MM]   # the thorax's centre just above the world origin
     mj.mj_kinematics(m, d)
-    if scene == "tethered": _place_holder(m, d, HOLDER_GAP_MM)
+    if scene == "tethered": _place_holder(m, d, HOLDER_GAP_MM, look.holder_plate_mm, rng)
     names = fly38().point_names
     anchors = [_keypoint_anchor(m, p) for p in names]
     joints = tuple(m.joint(j).name for j in range(m.njnt) if m.jnt_type[j] == mj.mjtJoint.mjJNT_HINGE)
@@ -682,12 +719,16 @@ class MjLook:
     wing_yaw_deg: float = 7.0           # the folded wings point this far inward from straight back
     wing_roof_deg: float = 3.0          # their planes tilt this far from flat, outer edge lower
     wing_lift_deg: float = 1.0          # and they are raised this far above resting on the abdomen
+    abdomen_scale: float = 1.0          # the abdomen's size relative to the scan's (a gravid female's is larger)
+    abdomen_droop_deg: float = 0.0      # a tethered fly's abdomen hangs down this far at the thorax (tethered scene only)
+    abdomen_curl_deg: float = 0.0       # and each later segment bends down this much more
     ball_albedo: float = 0.75           # the ball's albedo (and the arena floor's)
     ball_texture: float = 0.15          # relative std of the ball's (and floor's) speckle
     ball_grain_px: float = 0.8          # size of the speckle's grains, texels (512 per quarter of the ball)
     ball_glow: float = 0.5              # the ball's emission (the real ball is lit from all around)
     holder_brightness: float = 0.45     # the holder's albedo
     holder_glare: float = 0.6           # the holder's specular strength
+    holder_plate_mm: float = 0.0        # 0: a bar on a rod; > 0: a wide plate of this half-thickness resting on the thorax
     gain: float = 1.0                   # exposure: level = gain · 255 · radiance^gamma
     gamma: float = 1.0                  # contrast curve
     black_level: float = 4.0            # gray levels subtracted after the gain
@@ -703,25 +744,27 @@ class MjLook:
 
 # %% ../nbs/15a_synth_mujoco.ipynb #8667ef6c
 def sample_mj_look(seed:int=0, # draws the recording's look
-                   vary:float=1.0, # spread around the defaults (0: exactly the defaults)
+                   vary:float=1.0, # how far the draws depart from the defaults (0: exactly the defaults)
                    **fixed, # MjLook fields to set instead of drawing them
                   ) -> MjLook:
-    "A random but plausible `MjLook`: light, materials and pigment, wing posture, ball texture, exposure, noise, blur, compression."
+    "A random `MjLook` like DeepFly3D's infrared footage: light, materials and pigment, wings, abdomen, holder, ball, exposure, noise, blur, compression."
     bad = sorted(set(fixed) - {f.name for f in fields(MjLook)})
     if bad: raise InputError(f"unknown look setting(s) {bad}; allowed: {[f.name for f in fields(MjLook)]}")
     rng, b = np.random.default_rng([int(seed), 0x100C]), MjLook()
     def j(lo, hi): return 1 + vary * rng.uniform(lo, hi)
     d = dict(light_azimuth_deg=b.light_azimuth_deg + vary * rng.uniform(-90, 90), light_elevation_deg=b.light_elevation_deg + vary * rng.uniform(-25, 30),
              key=b.key * j(-0.4, 0.4), headlight=b.headlight * j(-0.3, 0.3), ambient=b.ambient * j(-0.5, 0.5),
-             body_gray=min(1.0, b.body_gray * j(-0.25, 0.15)), eye_gray=b.eye_gray * j(-0.3, 0.3), wing_alpha=float(np.clip(b.wing_alpha + vary * rng.uniform(-0.15, 0.15), 0, 1)),
-             ball_albedo=b.ball_albedo * j(-0.2, 0.15), ball_texture=b.ball_texture * j(-0.5, 0.8), ball_glow=b.ball_glow * j(-0.4, 0.4), ball_grain_px=b.ball_grain_px * j(-0.3, 1.0),
-             holder_brightness=b.holder_brightness * j(-0.4, 0.4), holder_glare=b.holder_glare * j(-0.5, 0.5),
-             gain=b.gain * j(-0.2, 0.25), gamma=b.gamma * j(-0.15, 0.15), noise_std=b.noise_std * j(-0.5, 1.0),
+             body_gray=min(1.0, b.body_gray * j(-0.25, 0.15)), eye_gray=min(1.0, b.eye_gray * j(0.3, 1.0)), wing_alpha=float(np.clip(b.wing_alpha * j(-0.3, 1.4), 0, 0.8)),
+             ball_albedo=min(1.0, b.ball_albedo * j(-0.1, 0.45)), ball_texture=b.ball_texture * j(-0.5, 0.8), ball_glow=b.ball_glow * j(-0.3, 1.3), ball_grain_px=b.ball_grain_px * j(-0.3, 1.0),
+             holder_brightness=min(1.0, b.holder_brightness * j(-0.2, 2.0)), holder_glare=b.holder_glare * j(-0.5, 0.5),
+             gain=b.gain * j(-0.1, 0.8), gamma=b.gamma * j(-0.15, 0.15), noise_std=b.noise_std * j(-0.5, 1.0),
              blur_px=b.blur_px * j(-0.4, 0.8), jpeg_quality=int(rng.integers(60, 96)) if vary and rng.random() < 0.5 else None)
-    d.update(thorax_gray=min(1.0, b.thorax_gray * j(-0.3, 0.2)), band_gray=b.band_gray * j(-0.4, 0.6),
-             band_frac=b.band_frac + vary * rng.uniform(-0.15, 0.15), eye_red=float(np.clip(b.eye_red + vary * rng.uniform(-0.3, 0.3), 0, 1)),
+    d.update(thorax_gray=min(1.0, b.thorax_gray * j(-0.3, 0.2)), band_gray=min(1.0, b.band_gray * j(-0.3, 1.6)),
+             band_frac=b.band_frac + vary * rng.uniform(-0.15, 0.15), eye_red=float(np.clip(b.eye_red - vary * rng.uniform(0.4, 0.6), 0, 1)),
              wing_yaw_deg=b.wing_yaw_deg + vary * rng.uniform(-3, 3), wing_roof_deg=b.wing_roof_deg + vary * rng.uniform(-3, 5),
              wing_lift_deg=b.wing_lift_deg + vary * rng.uniform(-1, 3))
+    d.update(abdomen_scale=b.abdomen_scale + vary * rng.uniform(0, 0.35), abdomen_droop_deg=b.abdomen_droop_deg + vary * rng.uniform(15, 40),
+             abdomen_curl_deg=b.abdomen_curl_deg + vary * rng.uniform(0, 8), holder_plate_mm=b.holder_plate_mm + vary * rng.uniform(0.15, 0.6))
     d.update(fixed)
     return MjLook(**d)
 

@@ -326,7 +326,7 @@ def test_gait_recording_truth_is_the_body(assets, walk, tmp_path):
     cams = resize_cameras(synth.default_rig().subset(["rm", "lf"]), 0.2)
     g = sm.GaitParams(stride_hz=9.0, seed=6)
     rec = sm.render_fly(cams, 3, seed=6, joint_angles=walk, gait=g, noise_std=0)
-    fly = sm.build_fly(sm.MjLook(), 0, assets)
+    fly = sm.build_fly(rec.look, 0, assets)                                 # the same abdomen (the look shapes it)
     names, A, fit = sm.gait_angles(fly, 3, 100.0, g, joint_angles=walk)
     upm = rec.meta["units_per_mm"]
     np.testing.assert_allclose(rec.pts3d, _pose_points(fly, names, A) * upm, atol=1e-9)
@@ -414,7 +414,7 @@ def test_arena_recording_walks_the_path_with_claws_on_the_floor(assets, walk):
         changed = cv2.morphologyEx((np.abs(img[t] - img[s]) > 25).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
         for a, b in ((t, s), (s, t)):                                          # the changed pixels nearer where the fly is in a
             near = changed & (np.hypot(xx - truth[a, 0], yy - truth[a, 1]) < np.hypot(xx - truth[b, 0], yy - truth[b, 1]))
-            assert near.sum() > 20 and np.hypot(xx[near].mean() - truth[a, 0], yy[near].mean() - truth[a, 1]) < 4, (a, near.sum())
+            assert near.sum() > 20 and np.hypot(xx[near].mean() - truth[a, 0], yy[near].mean() - truth[a, 1]) < 5, (a, near.sum())   # 4.0 with a fuller abdomen
 
 
 def test_arena_recorded_walk_stance_claws_near_the_floor(assets, walk):
@@ -461,9 +461,8 @@ def test_wings_fold_over_the_abdomen(assets):
     """Folded: each wing lies over the abdomen: within its width + 0.15 mm (measured 0.04-0.10 beyond; the model's own
     spread wings 0.29 beyond), across the dorsal midline, pointing backward within 15 deg, never more than 0.01 mm into the
     abdomen and resting on it (median 0.28-0.35 mm above the abdomen's surface under it: the rigid wing clears the
-    abdomen's front hump and the abdomen tapers down behind it)."""
-    for seed in (0, 5):
-        look = sm.MjLook() if seed == 0 else sm.sample_mj_look(seed)
+    abdomen's front hump and the abdomen tapers down behind it; over seed 5's fuller abdomen, 1.26x, 0.47 mm)."""
+    for seed, look in ((0, sm.MjLook()), (5, sm.sample_mj_look(5, abdomen_scale=1.0)), (5, sm.sample_mj_look(5))):
         fly = sm.build_fly(look, seed, assets, scene="arena")
         fly.pose(np.zeros(0, int), np.zeros(0))
         ab = np.concatenate([_world_mesh(fly, b) for b in sm.ABDOMEN_BODIES])
@@ -483,7 +482,7 @@ def test_wings_fold_over_the_abdomen(assets):
                 if len(near): gaps.append(w[2] - near[:, 2].max())
             gaps = np.array(gaps)
             assert len(gaps) > 100 and gaps.min() > -0.01, (seed, side, gaps.min())
-            assert np.median(gaps) < 0.4, (seed, side, np.median(gaps))
+            assert np.median(gaps) < (0.4 if look.abdomen_scale == 1 else 0.55), (seed, side, look.abdomen_scale, np.median(gaps))
 
 
 def test_pigment_bands_darken_the_abdomen(assets):
