@@ -510,8 +510,10 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
              ) -> FlyModel:
     "Compile the NeuroMechFly scene (fly with pigment and folded wings; ball and holder, or a floor; lights), thorax centre THORAX_HEIGHT_MM above the origin."
     if scene not in SCENES: raise InputError(f"scene must be one of {SCENES}, got {scene!r}")
-    mj, look = import_mujoco(), look or MjLook()
-    if not look.abdomen_scale > 0: raise InputError(f"abdomen_scale must be positive, got {look.abdomen_scale}")
+    look = look or MjLook()
+    if not look.abdomen_scale > 0: raise InputError(f"look.abdomen_scale must be positive, got {look.abdomen_scale}")
+    if not look.holder_plate_mm >= 0: raise InputError(f"look.holder_plate_mm must be >= 0 (0: a bar holder), got {look.holder_plate_mm}")
+    mj = import_mujoco()
     spec = mj.MjSpec.from_file(str(require_assets(assets) / NMF_MJCF))
     spec.compiler.fusestatic = False                       # keep Thorax and the abdomen as bodies (the stripes hang on them)
     _paint_fly(spec, mj, look)
