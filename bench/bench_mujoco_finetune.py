@@ -16,10 +16,8 @@ import argparse, json, os, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Renders are cleaner than footage: wider contrast, gamma, brightness, blur and noise (and a little more zoom and turn)
-# than `training.Augment`'s defaults (on the real sample, same renders: 39.9 px with the defaults, 28.9 px with these).
-STRONG_AUGMENT = {"rotation_deg": 15, "scale": [0.8, 1.25], "translate_px": 32, "brightness": 0.2, "contrast": [0.5, 2.0],
-                  "gamma": [0.5, 2.0], "blur_prob": 0.6, "blur_sigma_px": [0.3, 2.5], "noise_std": [0.0, 0.06]}
+# --strong-augment: `training.Augment.for_renders()`, wider contrast, gamma, brightness, blur and noise (and a little more
+# zoom and turn) than Augment's defaults (on the real sample, same renders: 39.9 px with the defaults, 28.9 px with these).
 DF3D_PKL = (ROOT.parent / "shared" / "data" / "deepfly3d_sample" / "df3d_output" / "df3d_result.pkl").resolve()
 
 
@@ -33,7 +31,7 @@ def main(argv=None) -> int:
                          "how large the fly stands in the rig's views")
     ap.add_argument("--aug-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="training's zoom augmentation range (default Augment's)")
     ap.add_argument("--strong-augment", action="store_true",
-                    help=f"train with wider photometric and geometric augmentation than Augment's defaults: {STRONG_AUGMENT}")
+                    help="train with training.Augment.for_renders(): wider photometric and geometric augmentation than Augment's defaults")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
     from deeperfly_nb.detector import build_network, bundled_weights, load_checkpoint
     from deeperfly_nb.labels import concat_samples, labels_from_df3d, labels_from_render, pathway_samples
     from deeperfly_nb.synth_mujoco import render_recording_mujoco
-    from deeperfly_nb.training import evaluate, train_detector
+    from deeperfly_nb.training import Augment, evaluate, train_detector
     if not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on", file=sys.stderr); return 1
     plan = Config.default().detection_plan()
     real = pathway_samples(labels_from_df3d(DF3D_PKL, frames=range(15), plan=plan), plan)
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
     before = evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
                eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=args.threads, init="bundled:fly_synthetic",
-               **({"augment": {**(STRONG_AUGMENT if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
+               **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))
     t1 = time.perf_counter()
     res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False,

@@ -465,14 +465,14 @@ HOLDER_GAP_MM = 0.3    # the holder's bar hangs this far above the top of the th
 PLATE_GAP_MM = (0.0, 0.08)   # a plate holder rests this close above the thorax (drawn per recording)
 PLATE_HALF_MM = ((2.5, 4.0), (2.0, 4.0))   # the plate's half-length and half-width, mm (drawn per recording)
 
-def _place_holder(m, d, gap_mm:float, plate_mm:float=0.0, rng=None):
+def _place_holder(m, d, gap_mm:float, plate_mm:float, rng):
     """Move the holder's bar and rod (built at a nominal height) so that the bar is `gap_mm` above the thorax's top.
-    With `plate_mm` > 0 the bar becomes a wide plate of that half-thickness resting on the thorax (DeepFly3D's tether plate)."""
+    With `plate_mm` > 0 the bar becomes a wide plate of that half-thickness resting on the thorax (DeepFly3D's tether plate),
+    its size, position and gap drawn from `rng`."""
     b = m.body("Thorax").id
     top = (_mesh_points(m, "Thorax") @ d.xmat[b].reshape(3, 3).T + d.xpos[b])[:, 2].max()
     bar, rod = m.geom("holder_bar").id, m.geom("holder_rod").id
     if plate_mm > 0:
-        rng = rng if rng is not None else np.random.default_rng(0)
         m.geom_size[bar] = [rng.uniform(*PLATE_HALF_MM[0]), rng.uniform(*PLATE_HALF_MM[1]), plate_mm]
         m.geom_pos[bar][0] += rng.uniform(-0.9, 1.1)                                 # reaching further forward or back
         m.geom_rbound[bar], m.geom_aabb[bar][3:] = np.linalg.norm(m.geom_size[bar]), m.geom_size[bar]

@@ -61,6 +61,11 @@ class Augment:
         "No augmentation at all (the crop still centres on the labels)."
         return cls(rotation_deg=0, scale=(1, 1), translate_px=0, brightness=0, contrast=(1, 1), gamma=(1, 1), blur_prob=0,
                    noise_std=(0, 0), flip_pairs=None)
+    @classmethod
+    def for_renders(cls) -> Augment:
+        "Wider look and pose ranges for training on synthetic renders, which are cleaner than footage (sim-to-real)."
+        return cls(rotation_deg=15, scale=(0.8, 1.25), translate_px=32, brightness=0.2, contrast=(0.5, 2.0), gamma=(0.5, 2.0),
+                   blur_prob=0.6, blur_sigma_px=(0.3, 2.5), noise_std=(0.0, 0.06))
     def to_dict(self) -> dict:
         "The settings as JSON-ready values."
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
