@@ -20,8 +20,9 @@ from . import io
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
            'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
            'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'labels_from_df3d',
-           'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples',
-           'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
+           'labels_from_result', 'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples',
+           'pathway_samples', 'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples',
+           'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -605,6 +606,34 @@ def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
     return LabelSet(p, views, src.skeleton, RecordingFrames(images, {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}, fr),
                     frame_ids=[f"frame {int(t)}" for t in fr],
                     meta={"source": src.meta.get("source"), "format": "DeepFly3D result (pseudo-labels)"})
+
+# %% ../nbs/16_labels.ipynb #7814a778
+def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's results.h5), or its path
+                       recording, # the recording folder the result was made from
+                       plan:DetectionPlan|None=None, # gives the footage patterns per view (default: the packaged config's plan)
+                       ransac_threshold_px:float=20.0, # a view agrees when it reprojects this close to the point the agreeing views give
+                       min_views:int=3, # points fewer views agree on stay unlabelled (>= 2; 2 views check only the epipolar line)
+                      ) -> LabelSet:
+    "Multi-view pseudo-labels: each point triangulated from the views that agree (RANSAC), reprojected into every camera that frames it."
+    from deeperfly_nb.results import PoseResult
+    from deeperfly_nb.triangulation import triangulate
+    res = PoseResult.load(result) if isinstance(result, (str, Path)) else result
+    if not (isinstance(min_views, (int, np.integer)) and not isinstance(min_views, bool) and min_views >= 2):
+        raise InputError(f"labels_from_result: min_views must be an integer >= 2, got {min_views!r}")
+    if plan is None:
+        from deeperfly_nb.config import Config
+        plan = Config.default().detection_plan()
+    X = triangulate(res.cameras, res.pts2d, res.conf, method="ransac", ransac_threshold_px=ransac_threshold_px, min_views=min_views)
+    p = res.cameras.project(X)                                                   # (V, T, N, 2)
+    for v, cam in enumerate(res.cameras.cameras):
+        H, W = cam.image_size or (np.inf, np.inf)
+        p[v][~((p[v] >= -0.5) & (p[v] <= [W - 0.5, H - 0.5])).all(-1)] = np.nan    # outside the image: no label
+    pats, views, T = view_patterns(plan), list(res.view_names), res.n_frames
+    return LabelSet(p, views, res.skeleton, RecordingFrames(recording, {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}, np.arange(T)),
+                    frame_ids=[f"frame {t}" for t in range(T)],
+                    meta={"source": str(result) if isinstance(result, (str, Path)) else "PoseResult",
+                          "format": f"multi-view pseudo-labels (RANSAC {ransac_threshold_px:g} px, >= {min_views} views)"})
+
 
 # %% ../nbs/16_labels.ipynb #b220ee2e
 def channel_names(plan:DetectionPlan, # the plan

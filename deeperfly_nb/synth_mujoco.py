@@ -21,15 +21,15 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
-           'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'HOLDER_GAP_MM', 'PLATE_GAP_MM', 'PLATE_HALF_MM',
-           'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir',
-           'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles',
-           'WalkParams', 'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum',
-           'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response',
-           'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted', 'joint_limits',
-           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
-           'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path', 'walking_speed',
-           'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
+           'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'STRIPE_ANCHORS', 'HOLDER_GAP_MM', 'PLATE_GAP_MM',
+           'PLATE_HALF_MM', 'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX',
+           'assets_dir', 'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles',
+           'load_joint_angles', 'WalkParams', 'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel',
+           'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look',
+           'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted',
+           'joint_limits', 'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait',
+           'gait_angles', 'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path',
+           'walking_speed', 'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -443,8 +443,12 @@ def _mesh_points(m, body:str) -> np.ndarray:
         pts.append(Rotation.from_quat([q[1], q[2], q[3], q[0]]).apply(v) + m.geom_pos[g])
     return np.concatenate(pts)
 
-def _keypoint_anchor(m, point:str) -> tuple:
-    "(body name, offset (3,) in its frame, mm) of one fly38 point."
+STRIPE_ANCHORS = {"stripe_1": ("A3", (0.0, 0.15, 0.30)),    # (segment, left stripe's offset from the segment's hinge, mm):
+                  "stripe_2": ("A5", (0.0, 0.15, 0.27)),    # on the dorsal surface, 0.15 mm left of the midline; the right
+                  "stripe_3": ("A6", (-0.23, 0.15, 0.20))}  # stripe mirrors it. The last one is on A6, behind its hinge.
+
+def _keypoint_anchor(m, point:str, abdomen_scale:float=1.0) -> tuple:
+    "(body name, offset (3,) in its frame, mm) of one fly38 point; the stripes' offsets grow with the abdomen."
     side, rest = point.split("_", 1)
     S = side[0].upper()
     if rest in FLY_LEG_JOINTS:
@@ -453,12 +457,9 @@ def _keypoint_anchor(m, point:str) -> tuple:
         axis = m.body_pos[m.body(f"{leg}Tarsus5").id]                   # the chain's direction, from Tarsus4 to Tarsus5
         axis = axis / np.linalg.norm(axis)
         return f"{leg}Tarsus5", axis * (_mesh_points(m, f"{leg}Tarsus5") @ axis).max()
-    if rest == "antenna": return f"{S}Funiculus", _mesh_points(m, f"{S}Funiculus").mean(0)
-    seg = {"stripe_1": "A4", "stripe_2": "A5", "stripe_3": "A6"}[rest]
-    v = _mesh_points(m, seg)
-    front = v[v[:, 0] > v[:, 0].max() - 0.04]                              # a thin slice at the segment's front
-    left = front[np.argmax(front[:, 1] + front[:, 2])]                     # its upper-left edge
-    return seg, left if S == "L" else left * [1, -1, 1]                    # the right one mirrors it (the scan is not exactly symmetric)
+    if rest == "antenna": return f"{S}Pedicel", np.zeros(3)                # the pedicel's hinge on the head
+    seg, off = STRIPE_ANCHORS[rest]
+    return seg, np.array(off) * [1, 1 if S == "L" else -1, 1] * abdomen_scale
 
 # %% ../nbs/15a_synth_mujoco.ipynb #24d2afbe
 HOLDER_GAP_MM = 0.3    # the holder's bar hangs this far above the top of the thorax; a rod joins them
@@ -540,7 +541,7 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
     mj.mj_kinematics(m, d)
     if scene == "tethered": _place_holder(m, d, HOLDER_GAP_MM, look.holder_plate_mm, rng)
     names = fly38().point_names
-    anchors = [_keypoint_anchor(m, p) for p in names]
+    anchors = [_keypoint_anchor(m, p, look.abdomen_scale) for p in names]
     joints = tuple(m.joint(j).name for j in range(m.njnt) if m.jnt_type[j] == mj.mjtJoint.mjJNT_HINGE)
     return FlyModel(m, d, joints, np.array([m.body(b).id for b, _ in anchors]), np.array([o for _, o in anchors]), look,
                     float(ball_radius_mm) if scene == "tethered" else None, float(floor_mm) if scene == "arena" else None,
