@@ -574,10 +574,12 @@ def merge_labels(sets:list, # LabelSets with the same skeleton and unique frame 
 
 # %% ../nbs/16_labels.ipynb #b600beab
 def view_patterns(plan:DetectionPlan, # the detection plan
+                  views=None, # these views, in order (default: those some pathway fills); one no pathway fills gets `camera_{i}*`, i its index
                  ) -> dict:
-    "{view: footage patterns} for every view some pathway fills, through the view's source."
-    pats = plan.source_patterns()
-    return {v: pats[s] for v, s in plan.view_sources().items()}
+    "{view: footage patterns} for every view some pathway fills (or every view of `views`), through the view's source."
+    src = plan.source_patterns()
+    pats = {v: src[s] for v, s in plan.view_sources().items()}
+    return pats if views is None else {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}
 
 def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
                      images=None, # the recording folder (videos or camera_{c}_img_{t}.jpg); default: beside the pkl or one folder up
@@ -591,7 +593,6 @@ def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
     if plan is None:
         from deeperfly_nb.config import Config
         plan = Config.default().detection_plan()
-    pats = view_patterns(plan)
     if images is None:
         if not isinstance(result, (str, Path)): raise InputError("labels_from_df3d: give images= (the recording folder) with a Df3dResult")
         pkl = Path(result)
@@ -603,7 +604,7 @@ def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
     p = src.pts2d[:, fr].copy()
     if min_conf is not None: p[src.conf[:, fr] < min_conf] = np.nan
     views = list(src.cameras.names)
-    return LabelSet(p, views, src.skeleton, RecordingFrames(images, {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}, fr),
+    return LabelSet(p, views, src.skeleton, RecordingFrames(images, view_patterns(plan, views), fr),
                     frame_ids=[f"frame {int(t)}" for t in fr],
                     meta={"source": src.meta.get("source"), "format": "DeepFly3D result (pseudo-labels)"})
 
@@ -628,8 +629,8 @@ def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's 
     for v, cam in enumerate(res.cameras.cameras):
         H, W = cam.image_size or (np.inf, np.inf)
         p[v][~((p[v] >= -0.5) & (p[v] <= [W - 0.5, H - 0.5])).all(-1)] = np.nan    # outside the image: no label
-    pats, views, T = view_patterns(plan), list(res.view_names), res.n_frames
-    return LabelSet(p, views, res.skeleton, RecordingFrames(recording, {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}, np.arange(T)),
+    views, T = list(res.view_names), res.n_frames
+    return LabelSet(p, views, res.skeleton, RecordingFrames(recording, view_patterns(plan, views), np.arange(T)),
                     frame_ids=[f"frame {t}" for t in range(T)],
                     meta={"source": str(result) if isinstance(result, (str, Path)) else "PoseResult",
                           "format": f"multi-view pseudo-labels (RANSAC {ransac_threshold_px:g} px, >= {min_views} views)"})
