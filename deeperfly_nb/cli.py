@@ -1,4 +1,4 @@
-"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `synth`, `train`, `doctor` — thin wrappers over the library.
+"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `export`, `synth`, `train`, `pseudo-label`, `doctor`, `crop`, `remap`, `lift` — thin wrappers over the library.
 
 Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
@@ -15,7 +15,7 @@ from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, dis
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames',
            'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
-           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'make_parser', 'main']
+           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_pseudo_label', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -638,6 +638,41 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
     s.set_defaults(func=cmd_lift)
 
+# %% ../nbs/20_cli.ipynb #75a44646
+def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
+                    ) -> int:
+    "Write a run's multi-view pseudo-labels (`labels.labels_from_result`) to a label file `deeperfly train` reads."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.labels import labels_from_result
+    from deeperfly_nb.results import PoseResult
+    out = Path(args.out)
+    if out.exists() and not args.overwrite: raise InputError(f"{out} exists; give --overwrite to replace it")
+    result = PoseResult.load(args.result)
+    recording = args.recording or result.meta.get("recording")
+    if not recording: raise InputError(f"{args.result} does not name its recording; give --recording")
+    if not Path(recording).is_dir(): raise InputError(f"recording folder {recording} not found; give --recording")
+    plan = (Config.load(args.config) if args.config else Config.default()).detection_plan()
+    labels = labels_from_result(result, recording, plan, args.threshold_px, args.min_views)
+    labels.save(out)
+    n, total = int(labels.labeled.sum()), labels.labeled.size
+    print(f"wrote {out}: {n} labelled keypoints ({100 * n / max(total, 1):.0f}% of views x frames x points) in {labels.n_frames} "
+          f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {args.config}" if args.config else ""))
+    return 0
+
+def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
+                            ):
+    "Add the `pseudo-label` command."
+    s = sub.add_parser("pseudo-label", help="a run's detections, where the views agree, as a label file for `deeperfly train`")
+    s.add_argument("result", help="a results.h5 written by deeperfly run")
+    s.add_argument("-o", "--out", required=True, help="the label file to write (.h5)")
+    s.add_argument("--recording", help="the recording folder the run read (default: the one results.h5 names)")
+    s.add_argument("-c", "--config", help="config TOML whose sources find the footage (default: the packaged one)")
+    s.add_argument("--threshold-px", type=float, default=20.0, help="a view agrees within this reprojection error, pixels (default 20)")
+    s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing label file")
+    s.set_defaults(func=cmd_pseudo_label)
+
+
 # %% ../nbs/20_cli.ipynb #0590ae69
 def make_parser() -> argparse.ArgumentParser:
     "The `deeperfly` argument parser: -v/-q before or after the command, one subparser per command."
@@ -654,7 +689,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     _add_init_parser(sub); _add_run_parser(sub); _add_inspect_parser(sub); _add_other_parsers(sub); _add_train_parser(sub)
-    _add_crop_parsers(sub); _add_lift_parser(sub)
+    _add_crop_parsers(sub); _add_lift_parser(sub); _add_pseudo_label_parser(sub)
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161
