@@ -22,6 +22,13 @@ def _load_config(path):
     from deeperfly_nb.config import Config
     return Config.load(path) if path else Config.default()
 
+def _with_model(config, spec:str|None):
+    "The config with `--model [NAME=]PATH`'s trained model in place of the plan's model NAME (default: its only one)."
+    if not spec: return config
+    from deeperfly_nb.training import with_trained_model
+    name, path = spec.split("=", 1) if "=" in spec and not any(c in spec.split("=", 1)[0] for c in "/\\.") else (None, spec)
+    return with_trained_model(config, path, name)
+
 def cmd_init(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Write a packaged, commented config (`--preset`: deeperfly's default, or DeepFly2D's published weights) to `args.path`."
@@ -68,7 +75,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
-    config = _load_config(args.config)
+    config = _with_model(_load_config(args.config), args.model)
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
@@ -388,6 +395,7 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     print(f"use it: replace the model's [[pose2d.models]] table in your config with these lines "
           f"(also in {res.out_dir / 'use_model.toml'}):")
     print(res.config_lines, end="")
+    print(f"or, without editing a config: deeperfly run RECORDING --model {res.model_path}" + (f" -c {args.config}" if args.config else ""))
     return 0
 
 # %% ../nbs/20_cli.ipynb #701edf3e
@@ -487,6 +495,8 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--device", help='torch device for detection: "cpu", "cuda", "cuda:N" or "mps" (default: [pose2d] device, else auto)')
     s.add_argument("--wait", action="store_true", help="if another run is using the output folder, wait for it (default: refuse)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--model", metavar="[NAME=]PATH", help="detect with this model deeperfly trained (e.g. RUN_DIR/model.pt) "
+                                                         "in place of the config's model NAME (default: its only model)")
     many = s.add_argument_group("many recordings on Dask (default: one after another in this process)")
     many.add_argument("--workers", type=int, help="run the recordings on N local worker processes (0: here, one after another)")
     many.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask cluster, e.g. tcp://host:8786")
@@ -656,7 +666,8 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
     labels.save(out)
     n, total = int(labels.labeled.sum()), labels.labeled.size
     print(f"wrote {out}: {n} labelled keypoints ({100 * n / max(total, 1):.0f}% of views x frames x points) in {labels.n_frames} "
-          f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {args.config}" if args.config else ""))
+          f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {args.config}" if args.config else "")
+          + f"\nthen detect with the new model: deeperfly run {recording} --model RUN_DIR/model.pt" + (f" -c {args.config}" if args.config else ""))
     return 0
 
 def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`

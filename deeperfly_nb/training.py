@@ -25,7 +25,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
            'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
-           'crop_labels_for_model', 'read_label_files', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
+           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'train_from_labels', 'make_bundled_model',
+           'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -691,6 +692,9 @@ def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
     "The config's [[pose2d.models]] table that uses the trained model: name, class, weights (absolute path), input size, channels, mean, decoder."
     path = Path(model_path).resolve()
     _, meta = load_checkpoint(path)
+    missing = [k for k in ("input_size", "channel_names") if k not in meta]
+    if missing: raise ModelError(f"checkpoint {path} has no deeperfly metadata {missing}: not a model deeperfly trained "
+                                 "(a DeepFly2D checkpoint needs its [[pose2d.models]] table written by hand)")
     mean = [float(m) for m in meta.get("mean", [0.22])]
     mean_toml = f"{mean[0]:g}" if len(set(mean)) == 1 else "[" + ", ".join(f"{m:g}" for m in mean) + "]"
     h, w = (int(s) for s in meta["input_size"])
@@ -698,6 +702,22 @@ def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
             f"{json.dumps(model_name)} with this one\n[[pose2d.models]]\nname = {json.dumps(model_name)}\nclass = {json.dumps(model_class)}\n"
             f"weights = {json.dumps(str(path))}\ninput_size = [{h}, {w}]\nn_out_channels = {len(meta['channel_names'])}\nmean = {mean_toml}\n"
             f'decoder = "subpixel"\n')                     # deeperfly trained it: its own sub-pixel decoding
+
+# %% ../nbs/17_training.ipynb #de90778f
+def with_trained_model(config, # a `config.Config`
+                       model_path, # a model deeperfly trained, e.g. RUN_DIR/model.pt
+                       model_name:str|None=None, # the plan's model it replaces (default: the plan's only model)
+                      ):
+    "A copy of `config` whose model `model_name` is the trained one: `model_config_lines`'s table in place of its own."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.labels import model_of_plan
+    import tomllib
+    name = model_of_plan(config.detection_plan(), model_name)
+    d = config.to_dict()
+    models = d["pose2d"]["models"]
+    i = next(k for k, m in enumerate(models) if m["name"] == name)
+    models[i] = tomllib.loads(model_config_lines(model_path, name, models[i]["class"]))["pose2d"]["models"][0]
+    return Config.from_dict(d, f"{config.source} with model {name!r} from {model_path}", config.base_dir)
 
 # %% ../nbs/17_training.ipynb #c8d1a36f
 def crop_labels_for_model(label_set, # a LabelSet in raw pixels

@@ -200,3 +200,25 @@ def test_bad_input(recording, tmp_path):
     try: _bad("run", rec, "-c", cfg, "-o", ro, contains="not writable")
     finally: ro.chmod(0o755)
     assert list(ro.iterdir()) == []
+
+def test_run_with_a_trained_model(recording, reference, tmp_path):
+    "`--model PATH` detects with that checkpoint instead of the config's model, and says so in the result."
+    import torch
+    from deeperfly_nb.detector import bundled_weights
+    ckpt = torch.load(bundled_weights("fly_synthetic"), weights_only=True)
+    g = torch.Generator().manual_seed(0)                   # another model: the bundled one with its weights disturbed
+    ckpt["state_dict"] = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1 else v
+                          for k, v in ckpt["state_dict"].items()}
+    model = tmp_path / "run" / "model.pt"; model.parent.mkdir()
+    torch.save(ckpt, model)
+    out = tmp_path / "out"
+    deeperfly("-q", "run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--max-frames", 4, "--model", model)
+    res, ref = PoseResult.load(out / "results.h5"), PoseResult.load(reference[0] / "results.h5")
+    assert res.provenance["config"]["pose2d"]["models"][0]["weights"] == str(model.resolve())
+    moved = np.linalg.norm(res.pts2d - ref.pts2d[:, :4], axis=-1)
+    assert np.nanmax(moved) > 0.1, np.nanmax(moved)        # its own detections, not the bundled model's
+    _bad("run", recording / "rec", "-c", recording / "config.toml", "-o", tmp_path / "o2", "--model", tmp_path / "none.pt",
+         contains="none.pt does not exist")
+    _bad("run", recording / "rec", "-c", recording / "config.toml", "-o", tmp_path / "o3", "--model", f"lifter={model}",
+         contains="no model 'lifter'")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
