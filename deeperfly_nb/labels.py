@@ -19,10 +19,10 @@ from . import io
 # %% auto #0
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
            'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
-           'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'labels_from_df3d',
-           'labels_from_result', 'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples',
-           'pathway_samples', 'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples',
-           'read_labels']
+           'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
+           'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet',
+           'concat_samples', 'pathway_samples', 'labels_from_render', 'synthetic_recording_params', 'synthetic_samples',
+           'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -581,6 +581,13 @@ def view_patterns(plan:DetectionPlan, # the detection plan
     pats = {v: src[s] for v, s in plan.view_sources().items()}
     return pats if views is None else {v: pats.get(v, (f"camera_{i}*",)) for i, v in enumerate(views)}
 
+def plan_or_default(plan:DetectionPlan|None, # a detection plan, or None
+                   ) -> DetectionPlan:
+    "`plan`, or the packaged config's detection plan when it is None."
+    if plan is not None: return plan
+    from deeperfly_nb.config import Config
+    return Config.default().detection_plan()
+
 def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
                      images=None, # the recording folder (videos or camera_{c}_img_{t}.jpg); default: beside the pkl or one folder up
                      frames=None, # frame indices to use (default all)
@@ -590,9 +597,7 @@ def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
     "DeepFly3D's own 2D detections as pseudo-labels (undetected = NaN), with frame references into its recording."
     from deeperfly_nb.df3d import read_df3d_result
     src = read_df3d_result(result) if isinstance(result, (str, Path)) else result
-    if plan is None:
-        from deeperfly_nb.config import Config
-        plan = Config.default().detection_plan()
+    plan = plan_or_default(plan)
     if images is None:
         if not isinstance(result, (str, Path)): raise InputError("labels_from_df3d: give images= (the recording folder) with a Df3dResult")
         pkl = Path(result)
@@ -621,9 +626,7 @@ def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's 
     res = PoseResult.load(result) if isinstance(result, (str, Path)) else result
     if not (isinstance(min_views, (int, np.integer)) and not isinstance(min_views, bool) and min_views >= 2):
         raise InputError(f"labels_from_result: min_views must be an integer >= 2, got {min_views!r}")
-    if plan is None:
-        from deeperfly_nb.config import Config
-        plan = Config.default().detection_plan()
+    plan = plan_or_default(plan)
     X = triangulate(res.cameras, res.pts2d, res.conf, method="ransac", ransac_threshold_px=ransac_threshold_px, min_views=min_views)
     p = res.cameras.project(X)                                                   # (V, T, N, 2)
     for v, cam in enumerate(res.cameras.cameras):
@@ -871,9 +874,7 @@ def synthetic_samples(seeds, # training recordings' seeds (keep the bundled exam
     "Render one short recording per seed (varied gait, look, rig, wings, H.264 quality) and turn each into pathway samples."
     from tqdm.auto import tqdm
     from deeperfly_nb.synth_footage import render_recording
-    if plan is None:
-        from deeperfly_nb.config import Config
-        plan = Config.default().detection_plan()
+    plan = plan_or_default(plan)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in tqdm(list(seeds), desc="render", disable=not progress):
