@@ -1,6 +1,6 @@
 """Issue 19, claim 2 (partial, CPU): how far fine-tuning the bundled detector on MuJoCo renders brings it on real footage.
 
-    OMP_NUM_THREADS=1 python bench/bench_mujoco_finetune.py --recordings 48 --frames 4 --steps 1500 --strong-augment --self-train 4 --run /tmp/mj_ft
+    OMP_NUM_THREADS=1 python bench/bench_mujoco_finetune.py --recordings 48 --frames 4 --steps 1500 --strong-augment --self-train 5 --run /tmp/mj_ft
 
 Renders `--recordings` short recordings of the NeuroMechFly body (`synth_mujoco.render_recording_mujoco` at the rig's
 full 960 x 480, seeds 3000..: every other one driven by deeperfly's own gait through inverse kinematics (`gait=True`),
@@ -14,7 +14,7 @@ against DeepFly3D's own 2D (never trained on), per view, before and after; and o
 unlabelled `../shared/data/deeperfly_example` (a different fly and recording from the sample): `run.run_recording` with
 the model (default config, no videos), `labels.labels_from_result` on its bundle-adjusted result (RANSAC, >= 3 views
 within 20 px), and `--self-train-steps` more steps on the renders plus those pseudo-labels, from the previous round's
-last weights. Each round is scored on the sample as above; the last model is run on the example once more for its
+last weights (`--pseudo-only`: on the pseudo-labels alone). Each round is scored on the sample as above; the last model is run on the example once more for its
 bone-length CV and reprojection error. The sample's frames are never trained on, labelled or not.
 Writes bench/results/mujoco_finetune.json (or --out). Nothing here is asserted. No GPU: one torch thread.
 """
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     ap.add_argument("--self-train", type=int, default=0, metavar="N", help="rounds of multi-view bootstrapping on the unlabelled example recording")
     ap.add_argument("--self-train-steps", type=int, default=600, help="training steps per self-training round")
+    ap.add_argument("--pseudo-only", action="store_true", help="self-training rounds train on the pseudo-labels alone, without the renders")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
                          callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
     net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
     after = evaluate(net, real)
-    row = {"units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"pseudo_only": args.pseudo_only, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
@@ -123,7 +124,7 @@ def self_train(args, S, plan, real, scored, cfg) -> list:
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
-        train_detector(concat_samples([S, P]), run, c, resume=(run / "last.pt").exists(), progress=False)
+        train_detector(P if args.pseudo_only else concat_samples([S, P]), run, c, resume=(run / "last.pt").exists(), progress=False)
         model = run / "last.pt"
         rounds.append({"round": r, "example_before": ex, "pseudo_labels": str(P), "train": c,
                        "real_after": scored(evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})

@@ -1,4 +1,4 @@
-"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `export`, `synth`, `train`, `pseudo-label`, `doctor`, `crop`, `remap`, `lift` — thin wrappers over the library.
+"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `export`, `synth`, `train`, `pseudo-label`, `self-train`, `doctor`, `crop`, `remap`, `lift` — thin wrappers over the library.
 
 Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
@@ -15,7 +15,8 @@ from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, dis
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames',
            'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
-           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_pseudo_label', 'make_parser', 'main']
+           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_pseudo_label', 'cmd_self_train',
+           'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -684,6 +685,48 @@ def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
     s.set_defaults(func=cmd_pseudo_label)
 
 
+# %% ../nbs/20_cli.ipynb #c0bc0c78
+def cmd_self_train(args, # the parsed command line (see `make_parser`)
+                  ) -> int:
+    "Adapt the config's model to unlabelled recordings: rounds of run -> pseudo-label -> train (`self_training.self_train`)."
+    from deeperfly_nb.labels import concat_samples, model_of_plan, pathway_samples
+    from deeperfly_nb.self_training import SelfTrainOptions, self_train
+    from deeperfly_nb.training import read_label_files
+    config = _with_model(_load_config(args.config), args.model)
+    opts = SelfTrainOptions(rounds=args.rounds, threshold_px=args.threshold_px, min_views=args.min_views,
+                            train=parse_settings(args.set, {"steps": args.steps} if args.steps else {}))
+    plan = config.detection_plan()
+    extra = (concat_samples([pathway_samples(s, plan, model_of_plan(plan, None), name=f"labels{k}_")
+                             for k, s in enumerate(read_label_files(args.labels, config))]) if args.labels else None)
+    t0 = time.perf_counter()
+    res = self_train(args.recordings, args.out, config, opts, extra, progress=not args.quiet and not args.no_progress)
+    for r in res.rounds:
+        scores = "; ".join(f"{k}: reprojection {v['reprojection_median_px']:.2f} px, bone CV {v['bone_cv_median_pct']:.1f}%, "
+                           f"{100 * v['labelled_frac']:.0f}% labelled" for k, v in r["recordings"].items())
+        print(f"round {r['round']}: before it {scores}; trained {r['steps']} steps")
+    print("last model: " + "; ".join(f"{k}: reprojection {v['reprojection_median_px']:.2f} px, bone CV {v['bone_cv_median_pct']:.1f}%"
+                                     for k, v in res.final.items()))
+    print(f"done in {time.perf_counter() - t0:.0f} s; model: {res.model_path} (rounds, runs and label files in {res.out_dir})\n"
+          f"use it: deeperfly run RECORDING --model {res.model_path}" + (f" -c {args.config}" if args.config else ""))
+    return 0
+
+def _add_self_train_parser(sub, # the subparsers of `make_parser`
+                          ):
+    "Add the `self-train` command."
+    s = sub.add_parser("self-train", help="adapt the detector to unlabelled recordings: rounds of run -> pseudo-label -> train (resumable)")
+    s.add_argument("recordings", nargs="+", help="unlabelled recording folders (footage matched by the config's [[sources]])")
+    s.add_argument("-o", "--out", required=True, help="the self-training folder: round_<r>/ (runs, label files, training), final/, rounds.json")
+    s.add_argument("-c", "--config", help="config TOML whose model is adapted (default: the packaged one)")
+    s.add_argument("--model", metavar="[NAME=]PATH", help="start from this model deeperfly trained instead of the config's")
+    s.add_argument("--rounds", type=int, default=3, help="rounds (default 3; the gains usually flatten after 2-3)")
+    s.add_argument("--steps", type=int, help="training steps per round (default 600: ~12 min on one CPU thread)")
+    s.add_argument("--threshold-px", type=float, default=20.0, help="a view agrees within this reprojection error, pixels (default 20)")
+    s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
+    s.add_argument("--labels", nargs="+", metavar="FILE", help="labelled frames mixed into every round (any format `deeperfly train` reads)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting of each round, as for `deeperfly train`")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_self_train)
+
 # %% ../nbs/20_cli.ipynb #0590ae69
 def make_parser() -> argparse.ArgumentParser:
     "The `deeperfly` argument parser: -v/-q before or after the command, one subparser per command."
@@ -700,7 +743,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     _add_init_parser(sub); _add_run_parser(sub); _add_inspect_parser(sub); _add_other_parsers(sub); _add_train_parser(sub)
-    _add_crop_parsers(sub); _add_lift_parser(sub); _add_pseudo_label_parser(sub)
+    _add_crop_parsers(sub); _add_lift_parser(sub); _add_pseudo_label_parser(sub); _add_self_train_parser(sub)
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161
