@@ -13,8 +13,8 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames',
-           'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth',
+           'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
            'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_pseudo_label', 'cmd_self_train',
            'make_parser', 'main']
 
@@ -44,10 +44,18 @@ def cmd_init(args, # the parsed command line (see `make_parser`)
     return 0
 
 # %% ../nbs/20_cli.ipynb #430a0774
+def detector_lines(result, # a PoseResult (its provenance holds the run's config)
+                  ) -> list:
+    "'detector model NAME: WEIGHTS' for each model the result's config names (what made its 2D), from its provenance."
+    models = ((result.provenance.get("config") or {}).get("pose2d") or {}).get("models") or []
+    return [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
+
 def _print_run_report(r):
-    "The stages of one recording's run, and its reprojection error."
+    "The stages of one recording's run, the detector it used, and its reprojection error."
     print(f"{r.recording} -> {r.out_dir} in {r.seconds:.1f} s")
     for s in r.stages: print(f"  {s.stage:<22} {s.status:<8} {s.seconds:6.1f} s  {', '.join(s.outputs)}")
+    if r.result is not None:
+        for line in detector_lines(r.result): print(f"  {line}")
     if r.result is not None and r.result.pts3d is not None:
         e = r.result.summary()["reprojection_error_px"]
         print(f"  reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
@@ -182,6 +190,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     if args.json: print(json.dumps(summary, indent=1, default=_jsonable))
     else:
         print(format_summary(summary))
+        for line in detector_lines(result): print(line)
         if "refinement" in result.meta: print(format_refinement(result.meta["refinement"], result.skeleton.point_names))
         for w in quality_warnings(summary): print(f"warning: {w}")
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
@@ -420,7 +429,8 @@ TRAIN_EXAMPLES = """examples:
       --losses temporal,multiview,bones --unlabelled-share equal --semi-set frames_per_step=2 --semi-set start_step=100
 
 The run prints the [[pose2d.models]] table that uses the new model and writes it to RUN_DIR/use_model.toml:
-paste it over the model's table in your config (deeperfly init writes a config to edit)."""
+paste it over the model's table in your config (deeperfly init writes a config to edit), or detect with the
+model directly: deeperfly run RECORDING --model RUN_DIR/model.pt."""
 
 # %% ../nbs/20_cli.ipynb #1ad82495
 def _add_semi_arguments(s, # the `train` subparser
@@ -674,7 +684,11 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
 def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
                             ):
     "Add the `pseudo-label` command."
-    s = sub.add_parser("pseudo-label", help="a run's detections, where the views agree, as a label file for `deeperfly train`")
+    s = sub.add_parser("pseudo-label", help="a run's detections, where the views agree, as a label file for `deeperfly train`",
+                       description="Write a run's multi-view pseudo-labels: each point where at least --min-views views agree "
+                                   "(RANSAC), reprojected into every view whose pathways detect it, as a label file for "
+                                   "`deeperfly train`; then `deeperfly run --model RUN_DIR/model.pt` detects with the new model. "
+                                   "`deeperfly self-train` runs the whole loop.")
     s.add_argument("result", help="a results.h5 written by deeperfly run")
     s.add_argument("-o", "--out", required=True, help="the label file to write (.h5)")
     s.add_argument("--recording", help="the recording folder the run read (default: the one results.h5 names)")
@@ -706,6 +720,7 @@ def cmd_self_train(args, # the parsed command line (see `make_parser`)
         print(f"round {r['round']}: before it {scores}; trained {r['steps']} steps")
     print("last model: " + "; ".join(f"{k}: reprojection {v['reprojection_median_px']:.2f} px, bone CV {v['bone_cv_median_pct']:.1f}%"
                                      for k, v in res.final.items()))
+    print("(these measure how well the views agree, not accuracy: check the model on a few labelled frames)")
     print(f"done in {time.perf_counter() - t0:.0f} s; model: {res.model_path} (rounds, runs and label files in {res.out_dir})\n"
           f"use it: deeperfly run RECORDING --model {res.model_path}" + (f" -c {args.config}" if args.config else ""))
     return 0

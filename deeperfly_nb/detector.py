@@ -200,6 +200,10 @@ def _read_error(path:Path, e:Exception, expected:str) -> ModelError:
         return ModelError(f"checkpoint {path} holds non-tensor Python objects (it needs {found.group(1)}): deeperfly reads "
                           f"checkpoints as tensors, numbers and strings only and will not execute the pickled code such "
                           f"objects need; save the weights as {expected}, with plain metadata (save_checkpoint does this)")
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            return ModelError(f"{path} is an HDF5 file (a deeperfly result or label file?), not a model checkpoint: "
+                              f"a model is a torch file, e.g. the RUN_DIR/model.pt that `deeperfly train` writes; expected {expected}")
     detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
     msg = (detail.group(1) if detail else text.splitlines()[0] if text else "")[:200]
     return ModelError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {msg}; "

@@ -20,9 +20,9 @@ from . import io
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
            'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
            'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
-           'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan', 'resize_to_input', 'SampleSet',
-           'concat_samples', 'pathway_samples', 'labels_from_render', 'synthetic_recording_params', 'synthetic_samples',
-           'load_samples', 'read_labels']
+           'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan',
+           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'labels_from_render',
+           'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -588,6 +588,18 @@ def plan_or_default(plan:DetectionPlan|None, # a detection plan, or None
     from deeperfly_nb.config import Config
     return Config.default().detection_plan()
 
+def detected_points(plan:DetectionPlan, # the detection plan
+                    views:list, # view names, in the order of the arrays
+                    skeleton:Skeleton, # names the arrays' points
+                   ) -> np.ndarray:
+    "(V, N) bool: the (view, point) pairs some pathway of the plan writes (`[pose2d.output_points]`)."
+    out, names = np.zeros((len(views), skeleton.n_points), bool), list(skeleton.point_names)
+    for pw in plan.pathways:
+        for _, v, q in pw.mapping:
+            vn, pn = plan.view_names[v], plan.point_names[q]
+            if vn in views and pn in names: out[views.index(vn), names.index(pn)] = True
+    return out
+
 def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
                      images=None, # the recording folder (videos or camera_{c}_img_{t}.jpg); default: beside the pkl or one folder up
                      frames=None, # frame indices to use (default all)
@@ -620,7 +632,7 @@ def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's 
                        ransac_threshold_px:float=20.0, # a view agrees when it reprojects this close to the point the agreeing views give
                        min_views:int=3, # points fewer views agree on stay unlabelled (>= 2; 2 views check only the epipolar line)
                       ) -> LabelSet:
-    "Multi-view pseudo-labels: each point triangulated from the views that agree (RANSAC), reprojected into every camera that frames it."
+    "Multi-view pseudo-labels: each point triangulated from the views that agree (RANSAC), reprojected into every camera that frames it and detects it."
     from deeperfly_nb.results import PoseResult
     from deeperfly_nb.triangulation import triangulate
     res = PoseResult.load(result) if isinstance(result, (str, Path)) else result
@@ -633,6 +645,10 @@ def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's 
         H, W = cam.image_size or (np.inf, np.inf)
         p[v][~((p[v] >= -0.5) & (p[v] <= [W - 0.5, H - 0.5])).all(-1)] = np.nan    # outside the image: no label
     views, T = list(res.view_names), res.n_frames
+    routed = detected_points(plan, views, res.skeleton)
+    if not routed.any(): raise InputError(f"labels_from_result: the plan's pathways detect no point in the result's views {views}; "
+                                          "give the plan of the config the run used")
+    p[np.broadcast_to(~routed[:, None], p.shape[:3])] = np.nan                  # a view that never detects the point: no label
     return LabelSet(p, views, res.skeleton, RecordingFrames(recording, view_patterns(plan, views), np.arange(T)),
                     frame_ids=[f"frame {t}" for t in range(T)],
                     meta={"source": str(result) if isinstance(result, (str, Path)) else "PoseResult",

@@ -346,7 +346,8 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                     ) -> list:
     "Warnings (text) when a result's reprojection error or bone-length CV says the detector or rig do not fit the footage."
     out, fix = [], ("the detector may not fit this footage: fine-tune it on a few labelled frames "
-                    "(`deeperfly train`, see the README's 'Your own footage'), or check the rig in [cameras]")
+                    "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
+                    "(`deeperfly self-train`), or check the rig in [cameras]")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
     if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"]:
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")

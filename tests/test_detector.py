@@ -39,7 +39,7 @@ def layout() -> dict:
 
 @pytest.fixture(scope="module")
 def real_frame() -> np.ndarray:
-    if not FRAMES: pytest.skip(f"real DeepFly3D frames not found under {SHARED / 'deepfly3d_sample'}")
+    if not FRAMES: pytest.skip(f"real DeepFly3D frames not found under {SHARED / 'deepfly3d_sample'} (it lives in ../shared/data beside the repository)")
     import cv2
     return cv2.cvtColor(cv2.imread(str(FRAMES[10])), cv2.COLOR_BGR2RGB)
 
@@ -388,7 +388,7 @@ def test_argmax_decoder_is_deepfly2ds_rule(seed, levels):
 
 @pytest.fixture(scope="module")
 def sample_windows():
-    if not FRAMES: pytest.skip(f"real DeepFly3D frames not found under {SHARED / 'deepfly3d_sample'}")
+    if not FRAMES: pytest.skip(f"real DeepFly3D frames not found under {SHARED / 'deepfly3d_sample'} (it lives in ../shared/data beside the repository)")
     import cv2
     plan = Config.default().detection_plan()
     read = lambda c, t: cv2.cvtColor(cv2.imread(str(SHARED / "deepfly3d_sample" / f"camera_{c}_img_{t}.jpg")), cv2.COLOR_BGR2RGB)

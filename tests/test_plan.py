@@ -172,7 +172,7 @@ def test_summary_lists_the_plan(plan):
 
 def test_default_sources_find_the_deepfly3d_sample_both_ways():
     folder = SHARED_DATA / "deepfly3d_sample"
-    if not folder.exists(): pytest.skip(f"shared data not found at {folder}")
+    if not folder.exists(): pytest.skip(f"shared data not found at {folder} (it lives in ../shared/data beside the repository)")
     patterns = Config.default().detection_plan().source_patterns()
     for c, (name, (video, images)) in enumerate(patterns.items()):
         assert (folder / video).is_file() and video == f"camera_{c}.mp4"
