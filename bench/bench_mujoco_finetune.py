@@ -100,13 +100,9 @@ def main(argv=None) -> int:
 def example_run(model, out):
     "Run the default pipeline (no videos) on the example recording with `model`: (results.h5 path, summary numbers)."
     from deeperfly_nb.config import Config
-    from deeperfly_nb.results import PoseResult
     from deeperfly_nb.run import run_recording
-    from deeperfly_nb.training import with_trained_model
-    d = Config.default().to_dict(); d["pipeline"]["visualization"] = False
-    config = with_trained_model(Config.from_dict(d, "the packaged config without videos"), model)
-    run_recording(EXAMPLE, out, config=config, progress=False)
-    sm = PoseResult.load(Path(out) / "results.h5").summary()
+    from deeperfly_nb.self_training import round_config
+    sm = run_recording(EXAMPLE, out, config=round_config(Config.default(), model), progress=False).result.summary()
     return Path(out) / "results.h5", {"reproj_median_px": round(sm["reprojection_error_px"]["median"], 2),
                                       "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
 
