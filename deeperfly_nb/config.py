@@ -407,6 +407,9 @@ class RefinementConfig(_Table):
     overlap_frames: Annotated[int, Field(ge=0, strict=True)] = _field(_REF["overlap_frames"], "an integer >= 0 (frames shared by chunks)")
     bone_priors: Union[str, dict[str, Union[_PosFloat, Annotated[list[_PosFloat], Field(min_length=2, max_length=2)]]]] = _field(
         _REF["bone_priors"], '"joint" (lengths estimated), or {"a-b" = length or [mean, std]} per bone')
+    rigid_groups: list[Annotated[list[str], Field(min_length=2)]] = _field(list(_REF["rigid_groups"]),
+        'a list of groups of point names that move as one rigid body, e.g. the fly\'s six "*_body_coxa" (needs max_nfev >= 20)')
+    max_nfev: Annotated[int, Field(ge=1, strict=True)] = _field(_REF["max_nfev"], "an integer >= 1 (iterations per chunk)")
     kalman: Literal["off", "velocity", "acceleration"] = _field("off", '"off", "velocity" or "acceleration" (3D Kalman/RTS smoother, last)')
     kalman_noise_std: _PosFloat|None = _field(None, "a positive number (world units; default: estimated from the data)")
     kalman_process_std: _PosFloat|None = _field(None, "a positive number (world units per frame; default: kalman_noise_std)")
@@ -415,6 +418,12 @@ class RefinementConfig(_Table):
     @classmethod
     def _loss(cls, v):
         return one_of(v, REPROJ_LOSSES, "loss")
+
+    @model_validator(mode="after")
+    def _rigid_converged(self):
+        if self.rigid_groups and self.max_nfev < 20:
+            raise ValueError(f"rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")
+        return self
 
 # %% ../nbs/10_config.ipynb #8b3649ed
 _VITERBI, _SELECT = signature_defaults(viterbi_filter_2d), signature_defaults(select_peaks)
@@ -936,7 +945,8 @@ def triangulate_kwargs(self:Config) -> dict:
 @patch
 def refine_options(self:Config):
     "The `refinement.RefineOptions` of the `[refinement]` table."
-    return RefineOptions(**self.model.refinement.model_dump(exclude={"least_squares", "kalman", "kalman_noise_std", "kalman_process_std"}))
+    kw = self.model.refinement.model_dump(exclude={"least_squares", "kalman", "kalman_noise_std", "kalman_process_std"})
+    return RefineOptions(**kw | {"rigid_groups": tuple(map(tuple, kw["rigid_groups"]))})
 
 @patch
 def lifter_folder(self:Config) -> Path|None:

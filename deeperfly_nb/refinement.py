@@ -22,12 +22,12 @@ from .gauge import look_at_point
 from .triangulation import triangulate, reprojection_error
 
 # %% auto #0
-__all__ = ['REPROJ_LOSSES', 'SOLVERS', 'RefineOptions', 'RefinementError', 'bone_names', 'resolve_bone_priors',
-           'project_with_jacobian', 'pixels_per_unit', 'difference_matrix', 'ChunkProblem', 'solve_banded',
-           'interpolate_missing', 'chunk_bounds', 'blend_weights', 'chunk_anchors', 'chunk_start', 'detection_weights',
-           'solve_chunk', 'polish_filled', 'refine_3d', 'median_reprojection_px', 'median_columns', 'bone_cv_blocks',
-           'refinement_info', 'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d',
-           'select_peaks', 'kalman_smooth_3d']
+__all__ = ['REPROJ_LOSSES', 'SOLVERS', 'FLY_RIGID_GROUPS', 'RefineOptions', 'RefinementError', 'bone_names',
+           'resolve_bone_priors', 'rigid_pairs', 'project_with_jacobian', 'pixels_per_unit', 'difference_matrix',
+           'ChunkProblem', 'loss_schedule', 'solve_banded', 'interpolate_missing', 'chunk_bounds', 'blend_weights',
+           'chunk_anchors', 'chunk_start', 'detection_weights', 'solve_chunk', 'polish_filled', 'refine_3d',
+           'median_reprojection_px', 'median_columns', 'bone_cv_blocks', 'refinement_info', 'confidence_threshold',
+           'median_filter_2d', 'viterbi', 'viterbi_filter_2d', 'select_peaks', 'kalman_smooth_3d']
 
 # %% ../nbs/04c_refinement.ipynb #093b2b11
 REPROJ_LOSSES = ("soft_l1", "huber", "linear", "cauchy")
@@ -55,6 +55,7 @@ class RefineOptions:
     lsmr_maxiter: int = 15 # (solver "lsq") cap on the inner LSMR iterations of each step (inexact steps, much faster)
     smooth_point_weights: object = None # (N,) multipliers of smooth_weight per point (e.g. stronger for slow points), None: all 1
     solver: str = "banded" # "banded": Levenberg-Marquardt with exact banded steps (fast); "lsq": scipy's least_squares with LSMR steps
+    rigid_groups: tuple = () # groups of point names that move as one rigid body: every pair keeps its distance (like a bone)
     def __post_init__(self): self.check()
 
 # %% ../nbs/04c_refinement.ipynb #18689bf8
@@ -78,6 +79,11 @@ def check(self:RefineOptions):
         w = np.asarray(self.smooth_point_weights, dtype=float)
         if w.ndim != 1 or not (np.isfinite(w) & (w >= 0)).all():
             raise ConfigError(f"refinement.smooth_point_weights: expected one finite weight >= 0 per point, got {self.smooth_point_weights!r}")
+    groups = self.rigid_groups
+    if isinstance(groups, str) or not all(not isinstance(g, str) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups):
+        raise ConfigError(f"refinement.rigid_groups: expected a list of groups, each a list of two or more point names, got {groups!r}")
+    if len(groups) and self.max_nfev < 20:      # measured: 5 iterations leave a rigid fly thorax 2x worse than no group at all
+        raise ConfigError(f"refinement.rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")
     bp = self.bone_priors
     if isinstance(bp, str) and bp != "joint":
         raise ConfigError(f"refinement.bone_priors: {bp!r}; expected \"joint\", a table {{\"a-b\" = length or [mean, std]}} or an array")
@@ -126,6 +132,21 @@ def resolve_bone_priors(priors, # "joint", {"a-b": length | [mean, std]}, (B,) l
     if (mean[given] <= 0).any() or (std[given] < 0).any() or np.isnan(std[given]).any():
         raise ConfigError("refinement.bone_priors: lengths must be > 0 and stds >= 0")
     return mean, std
+
+# %% ../nbs/04c_refinement.ipynb #755e15ac
+FLY_RIGID_GROUPS = (tuple(f"{s}{l}_body_coxa" for s in "lr" for l in "fmh"),        # the thorax
+                    tuple(f"{s}_stripe_{i}" for s in "lr" for i in (1, 2, 3)))      # the abdomen
+
+def rigid_pairs(skeleton:Skeleton, # names the points
+                groups, # groups of point names (`RefineOptions.rigid_groups`)
+               ) -> np.ndarray:
+    "(R, 2) point-index pairs that keep their distance: every pair within each group, less the skeleton's bones and repeats."
+    pairs = set()
+    for g in groups:
+        idx = sorted(set(skeleton.index(list(g), where="refinement.rigid_groups")))
+        pairs |= {(a, b) for i, a in enumerate(idx) for b in idx[i + 1:]}
+    pairs -= {tuple(sorted(b)) for b in skeleton.bones}
+    return np.array(sorted(pairs), dtype=int).reshape(-1, 2)
 
 # %% ../nbs/04c_refinement.ipynb #18aeb511
 def _project_view(cameras:CameraGroup, v:int, X):
@@ -460,15 +481,19 @@ def _lm_step(prob:ChunkProblem, ab, g, C, D, gL, lam:float) -> tuple:
         dx[off:off + sz] = dtbtrs(f, -Z[:, 0] - Z[:, 1:] @ dL[bi], uplo="L", trans="T")[0]
     return dx, dL
 
-def solve_banded(prob:ChunkProblem, # the chunk's problem
-                 o:RefineOptions, # max_nfev caps the iterations; ftol stops them
-                ) -> tuple:
-    "Levenberg-Marquardt on the IRLS Gauss-Newton equations, banded: points (Tc * Na, 3), bone lengths (B,), iterations, status (2: converged, 0: max_nfev reached, 4: no step lowers the cost)."
-    prob.banded_layout()
-    X, L, lam, status, it = prob.X0.copy(), prob.start_lengths(), 1e-4, 0, 0
+def loss_schedule(o:RefineOptions, # its loss and max_nfev
+                 ) -> list:
+    "[(reprojection loss, iterations)]: with `cauchy`, `huber` for the first half of the iterations, then `cauchy`; else the loss alone."
+    if o.loss != "cauchy" or o.max_nfev < 2: return [(o.loss, o.max_nfev)]
+    first = (o.max_nfev + 1) // 2
+    return [("huber", first), ("cauchy", o.max_nfev - first)]
+
+def _levenberg_marquardt(prob:ChunkProblem, X, L, max_it:int, ftol:float) -> tuple:
+    "Iterate from (X, L) under `prob.opts`: points, lengths, iterations, status (2: converged, 0: max_it reached, 4: no step lowers the cost)."
+    lam, status, it = 1e-4, 0, 0
     cost, proj = prob.cost_at(X, L)
     rows = prob.q3.reshape(-1, 3)
-    while it < o.max_nfev and status == 0:
+    while it < max_it and status == 0:
         it += 1
         system = prob.normal_equations(X, L, proj)
         for _ in range(8):
@@ -480,9 +505,22 @@ def solve_banded(prob:ChunkProblem, # the chunk's problem
             if cn <= cost: break
             lam *= 10
         else: status = 4; break
-        status = 2 if cost - cn <= o.ftol * cost else 0
+        status = 2 if cost - cn <= ftol * cost else 0
         X, L, cost, proj, lam = Xn, Ln, cn, pn, max(lam / 10, 1e-9)
     return X, L, it, status
+
+def solve_banded(prob:ChunkProblem, # the chunk's problem
+                 o:RefineOptions, # max_nfev caps the iterations (all phases of `loss_schedule` together); ftol stops each phase
+                ) -> tuple:
+    "Levenberg-Marquardt on the IRLS Gauss-Newton equations, banded, phase by phase of `loss_schedule`: points (Tc * Na, 3), bone lengths (B,), iterations, status of the last phase."
+    prob.banded_layout()
+    X, L, used = prob.X0.copy(), prob.start_lengths(), 0
+    for k, (loss, n) in enumerate(schedule := loss_schedule(o)):
+        prob.opts = replace(o, loss=loss)
+        X, L, it, status = _levenberg_marquardt(prob, X, L, o.max_nfev - used if k == len(schedule) - 1 else n, o.ftol)
+        used += it
+    prob.opts = o
+    return X, L, used, status
 
 # %% ../nbs/04c_refinement.ipynb #e795d9a5
 def interpolate_missing(pts3d, # (T, N, 3) points, NaN = missing
@@ -568,8 +606,8 @@ def _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton:Skeleton, o:RefineO
     if o.smooth_point_weights is not None and len(o.smooth_point_weights) != skeleton.n_points:
         raise ConfigError(f"refinement.smooth_point_weights has {len(o.smooth_point_weights)} weights but skeleton {skeleton.name!r} "
                           f"has {skeleton.n_points} points")
-    if o.bone_weight > 0 and not len(skeleton.bones):
-        raise ConfigError(f"refinement.bone_weight is {o.bone_weight} but skeleton {skeleton.name!r} has no bones; "
+    if o.bone_weight > 0 and not len(skeleton.bones) and not len(o.rigid_groups):
+        raise ConfigError(f"refinement.bone_weight is {o.bone_weight} but skeleton {skeleton.name!r} has no bones (nor rigid_groups); "
                           "set bone_weight = 0 or give the skeleton bones")
     return p, c, X0
 
@@ -602,14 +640,16 @@ def solve_chunk(cameras:CameraGroup, # the rig
         Xa, _, nit, status = solve_banded(prob, o)
         X[:, prob.active] = Xa.reshape(X0.shape[0], prob.Na, 3)
         return X, (nit, status)
-    res = least_squares(prob.residuals, prob.x0(), jac=prob.jacobian, method="trf", tr_solver="lsmr",
-                        x_scale="jac", loss="linear", ftol=o.ftol, xtol=1e-10, gtol=1e-10, max_nfev=o.max_nfev,
-                        tr_options={"maxiter": o.lsmr_maxiter})
-    x = res.x
+    x, nfev = prob.x0(), 0
+    for loss, n in loss_schedule(o):
+        prob.opts, prob._last = replace(o, loss=loss), None           # the residuals' cache is the loss's
+        res = least_squares(prob.residuals, x, jac=prob.jacobian, method="trf", tr_solver="lsmr", x_scale="jac",
+                            loss="linear", ftol=o.ftol, xtol=1e-10, gtol=1e-10, max_nfev=n, tr_options={"maxiter": o.lsmr_maxiter})
+        x, nfev = res.x, nfev + res.nfev
     fill = np.flatnonzero(np.repeat(((w > 0).sum(0) < 2)[:, prob.active].ravel(), 3))
     if len(fill): x = polish_filled(prob, x, fill, o)
     X[:, prob.active] = x[:prob.X0.size].reshape(X0.shape[0], prob.Na, 3)
-    return X, (res.nfev, res.status)
+    return X, (nfev, res.status)
 
 def polish_filled(prob:ChunkProblem, # the chunk's problem
                   x, # the solution of the whole chunk
@@ -643,7 +683,8 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
         filled[s:e], usable = n_views < 2, usable or bool(n_views.any())
     if not usable: raise RefinementError("refinement: no usable detection (all NaN, or confidences NaN / below min_confidence)")
     mean, std = resolve_bone_priors(o.bone_priors, skeleton)
-    bones = skeleton.bone_array
+    rigid = rigid_pairs(skeleton, o.rigid_groups)                     # constant lengths too, estimated, not reported
+    bones, mean, std = np.concatenate([skeleton.bone_array, rigid]), np.append(mean, np.full(len(rigid), np.nan)), np.append(std, np.full(len(rigid), np.inf))
     if o.bone_weight == 0: bones, mean, std = bones[:0], mean[:0], std[:0]
     bounds = chunk_bounds(T, o.chunk_frames, o.overlap_frames)
     out, wsum, runs = np.zeros(X0.shape), np.zeros(T), []

@@ -11,10 +11,10 @@ from deeperfly_nb.skeleton import Skeleton
 from deeperfly_nb.synth import default_rig, default_visibility, walking_fly, observe
 from deeperfly_nb.triangulation import triangulate, reprojection_error
 from deeperfly_nb.decoding import gaussian_heatmaps, decode_topk
-from deeperfly_nb.refinement import RefineOptions, refine_3d, select_peaks, RefinementError
+from deeperfly_nb.refinement import RefineOptions, refine_3d, select_peaks, RefinementError, FLY_RIGID_GROUPS
 import sys, pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-from bench_refinement import swap_legs   # the same injected leg swaps as the bench
+from bench_refinement import swap_legs, recording, SMOOTH   # the same injected leg swaps and "smooth" options as the bench
 
 FLY = Skeleton.fly38()
 DF3D_REPROJ_MEDIAN_PX = 2.57     # DeepFly3D's own result on this recording (../shared/data/README.md)
@@ -74,6 +74,42 @@ def test_synthetic_walking_fly(walking):
     assert med["refined (defaults)"] < med["ransac"] and med["refined (smooth)"] < med["ransac"]
     assert med["dlt"] >= 1.5 * med["refined (smooth)"]
     assert np.nanmax(_err(X_smooth, truth)) < np.nanmax(_err(ransac, truth))
+
+def _point_sets():
+    names = FLY.point_names
+    return ([names.index(n) for n in names if n.endswith("body_coxa")], [names.index(n) for n in names if "stripe" in n])
+
+def test_rigid_groups_on_the_walking_fly(walking):
+    """The thorax (six body-coxa joints) and the abdomen (six stripes) held rigid (`FLY_RIGID_GROUPS`), with the smooth
+    options: the body-coxa joints and stripes come closer to the truth than with the bones alone, and the median 3D
+    error falls further below the DLT's (measured on this input: 1.73x -> 2.07x; issue 14 asks 2.5x)."""
+    rig, truth, obs = walking
+    bc, st = _point_sets()
+    ransac = triangulate(rig, obs.pts2d, obs.conf, method="ransac")
+    alone, _ = refine_3d(rig, obs.pts2d, obs.conf, ransac, FLY, RefineOptions(**SMOOTH))
+    held, info = refine_3d(rig, obs.pts2d, obs.conf, ransac, FLY, RefineOptions(**SMOOTH, rigid_groups=FLY_RIGID_GROUPS))
+    e_dlt, e_alone, e_held = (_err(X, truth) for X in (triangulate(rig, obs.pts2d), alone, held))
+    med = lambda e, idx=slice(None): float(np.nanmedian(e[:, idx]))
+    print(f"\nbody-coxa {med(e_alone, bc):.5f} -> {med(e_held, bc):.5f}, stripes {med(e_alone, st):.5f} -> {med(e_held, st):.5f}; "
+          f"DLT / refined {med(e_dlt) / med(e_alone):.2f}x -> {med(e_dlt) / med(e_held):.2f}x")
+    assert med(e_held, bc) <= 0.7 * med(e_alone, bc) and med(e_held, st) <= 0.8 * med(e_alone, st)
+    assert med(e_dlt) >= 1.9 * med(e_held)
+    assert len(info["bone_names"]) == len(FLY.bones)                 # the report stays the skeleton's bones
+
+def test_graduated_loss_keeps_a_rigid_thorax():
+    """Frames 230-500 of the bench's tuning recording (seed 11), the rigid thorax and the smooth options: with the Cauchy
+    loss from the first step, the first long step pushed the right body-coxa joints ~0.1 units off, where the Cauchy loss
+    has no pull back (one joint ended 0.09 from the truth). Huber first (`loss_schedule`) keeps every body-coxa joint
+    closer to the truth than RANSAC's triangulation."""
+    rig, truth = default_rig(), walking_fly(500, seed=11)
+    obs = recording(rig, truth, 11)
+    p, c, truth = obs.pts2d[:, 230:], obs.conf[:, 230:], truth[230:]
+    bc, _ = _point_sets()
+    ransac = triangulate(rig, p, c, method="ransac")
+    X, _ = refine_3d(rig, p, c, ransac, FLY, RefineOptions(**SMOOTH, rigid_groups=FLY_RIGID_GROUPS))
+    per_joint = np.nanmedian(_err(X, truth)[:, bc], 0)
+    print(f"\nbody-coxa joints, median 3D error: {np.round(per_joint, 4)}; RANSAC's {np.nanmedian(_err(ransac, truth)[:, bc]):.4f}")
+    assert per_joint.max() < 0.5 * np.nanmedian(_err(ransac, truth)[:, bc])
 
 def _front_view_candidates(rig, truth, swap_frac:float, seed:int):
     """Two candidates per detection: in the front view `f` (which sees both sides) from heatmaps with a peak at the point

@@ -49,6 +49,24 @@ def test_refinement_stage_is_cached_and_reported(tmp_path):
     assert PoseResult.load(out / "results.h5").provenance["config"]["refinement"]["smooth_weight"] == 1.0
     p = run("inspect", "out/results.h5", cwd=tmp_path)
     assert p.returncode == 0 and "refinement: bone-length CV median" in p.stdout, p.stdout[-2000:]
+    thorax = [f"{s}{l}_body_coxa" for s in "lr" for l in "fmh"]
+    d["refinement"] = {"rigid_groups": [thorax], "max_nfev": 30}      # a rigid thorax: only refinement re-runs
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
+    p = run("run", "rec", "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rigid = finished(out)
+    assert rigid["triangulation"] == first["triangulation"] and rigid["refinement"] != now["refinement"]
+    res = PoseResult.load(out / "results.h5")
+    assert res.provenance["config"]["refinement"]["rigid_groups"] == [thorax]
+    X = res.pts3d[:, res.skeleton.index(thorax)]
+    span = np.linalg.norm(X[:, :, None] - X[:, None], axis=-1)[:, np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]
+    assert np.nanmedian(np.nanstd(span, 0) / np.nanmean(span, 0)) < 0.01   # the thorax keeps its shape (the truth is rigid)
+    before = (out / "results.h5").stat().st_mtime_ns
+    d["refinement"] = {"rigid_groups": [thorax[:5] + ["rh_body_coxx"]], "max_nfev": 30}
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
+    p = run("run", "rec", "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 2 and "refinement.rigid_groups: unknown point(s) ['rh_body_coxx']" in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and (out / "results.h5").stat().st_mtime_ns == before
 
 
 def _ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
