@@ -771,14 +771,16 @@ def refinement_info(cameras, # the rig
                     blocks, # [(start, stop)] frame blocks the statistics are computed over (memory flat in T)
                     o:RefineOptions, # the options (the reprojection weighting)
                    ) -> dict:
-    "What refinement did: filled points, per-point shift, bone-length CV and reprojection error before and after, the chunks' runs (all block by block)."
+    "What refinement did: filled points, per-point shift, bone-length CV (and the rigid groups' distance CV) and reprojection error before and after, the chunks' runs (all block by block)."
     for s, e in blocks: filled[s:e] &= np.isfinite(X[s:e]).all(-1)
     has_bones = len(skeleton.bones) > 0
+    pairs = Skeleton(skeleton.name, skeleton.point_names, tuple(map(tuple, rigid_pairs(skeleton, o.rigid_groups))), skeleton.limbs, skeleton.limb_colors)
     return dict(filled=filled, filled_frac=float(filled.mean()), bone_names=bone_names(skeleton),
                 shift_median=median_columns(lambda s, e: np.linalg.norm(X[s:e] - X0[s:e], axis=-1), blocks),
                 bone_cv_before=bone_cv_blocks(skeleton, X0, blocks) if has_bones else np.zeros(0),
                 bone_cv_after=bone_cv_blocks(skeleton, X, blocks) if has_bones else np.zeros(0),
                 bone_lengths=median_columns(lambda s, e: skeleton.bone_lengths(X[s:e]), blocks) if has_bones else np.zeros(0),
+                rigid_cv_before=bone_cv_blocks(pairs, X0, blocks), rigid_cv_after=bone_cv_blocks(pairs, X, blocks),
                 reproj_median_px_before=median_reprojection_px(cameras, X0, p, c, blocks, o),
                 reproj_median_px_after=median_reprojection_px(cameras, X, p, c, blocks, o),
                 chunks=[dict(start=s, stop=e, nfev=n, status=st) for s, e, n, st in runs])

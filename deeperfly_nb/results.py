@@ -450,6 +450,8 @@ def format_refinement(rec:dict|None, # result.meta["refinement"] (see `run.refin
              f"{rec['reproj_median_px_before']:.2f} -> {rec['reproj_median_px_after']:.2f} px"]
     for i in np.argsort(-np.nan_to_num(b0 - b1, nan=-np.inf))[:top]:
         if np.isfinite(b0[i]): lines.append(f"  {rec['bone_names'][i]:<28} CV {100 * b0[i]:5.2f}% -> {100 * b1[i]:5.2f}%")
+    r0, r1 = arr("rigid_cv_before") if "rigid_cv_before" in rec else [], arr("rigid_cv_after") if "rigid_cv_after" in rec else []
+    if len(r1): lines.append(f"  rigid groups: distance CV median {med(r0):.2f}% -> {med(r1):.2f}% over {len(r1)} point pairs")
     if len(point_names) == len(shift) and np.isfinite(shift).any():
         lines.append("  points moved most (median shift, world units): " + ", ".join(
             f"{point_names[i]} {shift[i]:.3g}" for i in np.argsort(-np.nan_to_num(shift, nan=-1))[:top]))

@@ -791,7 +791,8 @@ def refinement_summary(info:dict, # `refine_3d`'s info
     return {"bone_names": list(info["bone_names"]), "bone_cv_before": num(info["bone_cv_before"]),
             "bone_cv_after": num(info["bone_cv_after"]), "shift_median": num(info["shift_median"]),
             "filled_frac": float(info["filled_frac"]), "reproj_median_px_before": info["reproj_median_px_before"],
-            "reproj_median_px_after": info["reproj_median_px_after"]}
+            "reproj_median_px_after": info["reproj_median_px_after"],
+            "rigid_cv_before": num(info.get("rigid_cv_before", [])), "rigid_cv_after": num(info.get("rigid_cv_after", []))}
 
 def _smoothing_info(r:PoseResult, X, info:dict|None, options) -> dict:
     "refine_3d's info for 3D `X` refined from `r.pts3d` in more steps (or none): `refinement.refinement_info` over the whole run."

@@ -61,6 +61,8 @@ def test_refinement_stage_is_cached_and_reported(tmp_path):
     X = res.pts3d[:, res.skeleton.index(thorax)]
     span = np.linalg.norm(X[:, :, None] - X[:, None], axis=-1)[:, np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]
     assert np.nanmedian(np.nanstd(span, 0) / np.nanmean(span, 0)) < 0.01   # the thorax keeps its shape (the truth is rigid)
+    p = run("inspect", "out/results.h5", cwd=tmp_path)
+    assert p.returncode == 0 and "rigid groups: distance CV median" in p.stdout and "over 15 point pairs" in p.stdout, p.stdout[-2000:]
     before = (out / "results.h5").stat().st_mtime_ns
     d["refinement"] = {"rigid_groups": [thorax[:5] + ["rh_body_coxx"]], "max_nfev": 30}
     (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
