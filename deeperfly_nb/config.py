@@ -696,6 +696,10 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         out += _unknown_names(pts, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", "bundle_adjustment.points_to_use")
         dup = sorted({p for p in pts if pts.count(p) > 1})
         if dup: out.append(("bundle_adjustment.points_to_use", f"duplicate point(s) {dup}"))
+    groups = ref.get("rigid_groups") if isinstance(ref := data.get("refinement"), dict) else None
+    if skeleton is not None and isinstance(groups, list) and _ok(problems, "refinement.rigid_groups"):
+        for i, g in enumerate(groups):
+            if _strings(g): out += _unknown_names(g, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", f"refinement.rigid_groups[{i}]")
     fixed = ba.get("fixed")
     if cams and _strings(fixed) and _ok(problems, "bundle_adjustment.fixed"):
         out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{did_you_mean(v, cams)}")

@@ -67,7 +67,7 @@ def test_refinement_stage_is_cached_and_reported(tmp_path):
     d["refinement"] = {"rigid_groups": [thorax[:5] + ["rh_body_coxx"]], "max_nfev": 30}
     (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
     p = run("run", "rec", "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
-    assert p.returncode == 2 and "refinement.rigid_groups: unknown point(s) ['rh_body_coxx']" in p.stderr, p.stderr[-3000:]
+    assert p.returncode == 2 and "refinement.rigid_groups[0][5]: 'rh_body_coxx' is not a point of skeleton" in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and (out / "results.h5").stat().st_mtime_ns == before
 
 
