@@ -55,7 +55,7 @@ class RefineOptions:
     lsmr_maxiter: int = 15 # (solver "lsq") cap on the inner LSMR iterations of each step (inexact steps, much faster)
     smooth_point_weights: object = None # (N,) multipliers of smooth_weight per point (e.g. stronger for slow points), None: all 1
     solver: str = "banded" # "banded": Levenberg-Marquardt with exact banded steps (fast); "lsq": scipy's least_squares with LSMR steps
-    rigid_groups: tuple = () # groups of point names that move as one rigid body: every pair keeps its distance (like a bone)
+    rigid_groups: tuple = () # groups of point names that move as one rigid body: every pair keeps its distance (a bone's term and weight)
     def __post_init__(self): self.check()
 
 # %% ../nbs/04c_refinement.ipynb #18689bf8
@@ -683,8 +683,9 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
         filled[s:e], usable = n_views < 2, usable or bool(n_views.any())
     if not usable: raise RefinementError("refinement: no usable detection (all NaN, or confidences NaN / below min_confidence)")
     mean, std = resolve_bone_priors(o.bone_priors, skeleton)
-    rigid = rigid_pairs(skeleton, o.rigid_groups)                     # constant lengths too, estimated, not reported
-    bones, mean, std = np.concatenate([skeleton.bone_array, rigid]), np.append(mean, np.full(len(rigid), np.nan)), np.append(std, np.full(len(rigid), np.inf))
+    rigid = rigid_pairs(skeleton, o.rigid_groups)                     # constant lengths too, estimated jointly
+    bones = np.concatenate([skeleton.bone_array, rigid])
+    mean, std = np.append(mean, np.full(len(rigid), np.nan)), np.append(std, np.full(len(rigid), np.inf))
     if o.bone_weight == 0: bones, mean, std = bones[:0], mean[:0], std[:0]
     bounds = chunk_bounds(T, o.chunk_frames, o.overlap_frames)
     out, wsum, runs = np.zeros(X0.shape), np.zeros(T), []
