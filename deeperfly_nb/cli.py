@@ -703,15 +703,12 @@ def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
 def cmd_self_train(args, # the parsed command line (see `make_parser`)
                   ) -> int:
     "Adapt the config's model to unlabelled recordings: rounds of run -> pseudo-label -> train (`self_training.self_train`)."
-    from deeperfly_nb.labels import concat_samples, model_of_plan, pathway_samples
     from deeperfly_nb.self_training import SelfTrainOptions, self_train
-    from deeperfly_nb.training import read_label_files
+    from deeperfly_nb.training import samples_from_label_files
     config = _with_model(_load_config(args.config), args.model)
     opts = SelfTrainOptions(rounds=args.rounds, threshold_px=args.threshold_px, min_views=args.min_views,
                             train=parse_settings(args.set, {"steps": args.steps} if args.steps else {}))
-    plan = config.detection_plan()
-    extra = (concat_samples([pathway_samples(s, plan, model_of_plan(plan, None), name=f"labels{k}_")
-                             for k, s in enumerate(read_label_files(args.labels, config))]) if args.labels else None)
+    extra = samples_from_label_files(args.labels, config, prefix="labels") if args.labels else None
     t0 = time.perf_counter()
     res = self_train(args.recordings, args.out, config, opts, extra, progress=not args.quiet and not args.no_progress)
     for r in res.rounds:

@@ -25,8 +25,8 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
            'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
            'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
-           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'train_from_labels', 'make_bundled_model',
-           'finetune_on_df3d']
+           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'samples_from_label_files',
+           'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -746,6 +746,30 @@ def read_label_files(files:list, # label files: deeperfly .h5, DeepLabCut/lightn
     return [labels_from_sidecar(f, config) if is_corrections_file(f) else
             read_labels(f, view=view, skeleton=config.skeleton(), images=images, frames=frames, plan=plan) for f in files]
 
+# %% ../nbs/17_training.ipynb #0252e3b5
+def samples_from_label_files(files:list, # label files (any format `read_label_files` reads)
+                             config, # the `config.Config` whose detection plan the samples serve
+                             model:str|None=None, # which model of the plan they train (default: its only one)
+                             view:str|None=None, # the view of CSV label files
+                             images=None, # the recording folder of DeepFly3D label files
+                             frames=None, # the frames of DeepFly3D label files (default all)
+                             detector_model=None, # cropzoom: a detector checkpoint whose boxes crop every labelled frame
+                             crop_options=None, # cropzoom: `cropzoom.CropOptions` of those boxes; without a detector: boxes from the labels
+                             prefix:str="", # the frame keys' first part (then the file's name, when there are several files)
+                            ) -> dict:
+    "The pathway samples (`labels.pathway_samples`) of the plan's `model` from label files, frame keys named by file."
+    from deeperfly_nb.labels import pathway_samples, concat_samples, model_of_plan
+    plan = config.detection_plan()
+    model = model_of_plan(plan, model)
+    if not files: raise InputError("no label files given")
+    sets = read_label_files(files, config, view, images, frames)
+    if detector_model is not None or crop_options is not None:      # the pose model learns on crops around the animal
+        sets = [crop_labels_for_model(s, plan.models[model].input_size, detector_model, crop_options) for s in sets]
+    names = [Path(f).stem for f in files]
+    if len(set(names)) < len(names): names = [f"{k}_{n}" for k, n in enumerate(names)]      # e.g. CollectedData_me.csv of several cameras
+    name = lambda n: "/".join(filter(None, [prefix, n if len(files) > 1 else ""]))
+    return concat_samples([pathway_samples(s, plan, model, name=name(n)) for s, n in zip(sets, names)])
+
 # %% ../nbs/17_training.ipynb #e4332a4f
 def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl, a run's corrections.h5
                       out_dir, # the run folder
@@ -762,18 +786,12 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
                      ) -> TrainResult:
     "Read labels, make the plan's pathway samples, train (`train_detector`), and write RUN_DIR/use_model.toml."
     from deeperfly_nb.config import Config
-    from deeperfly_nb.labels import pathway_samples, concat_samples, model_of_plan
+    from deeperfly_nb.labels import model_of_plan
     cfg = Config.default() if config is None else (config if isinstance(config, Config) else Config.load(config))
     plan, train_cfg = cfg.detection_plan(), TrainConfig.from_dict(settings)
     model = model_of_plan(plan, model)
     files = [label_files] if isinstance(label_files, (str, Path)) else list(label_files)
-    if not files: raise InputError("no label files given")
-    sets = read_label_files(files, cfg, view, images, frames)
-    if detector_model is not None or crop_options is not None:      # the pose model learns on crops around the animal
-        sets = [crop_labels_for_model(s, plan.models[model].input_size, detector_model, crop_options) for s in sets]
-    names = [Path(f).stem for f in files]
-    if len(set(names)) < len(names): names = [f"{k}_{n}" for k, n in enumerate(names)]      # e.g. CollectedData_me.csv of several cameras
-    samples = concat_samples([pathway_samples(s, plan, model, name=n if len(files) > 1 else "") for s, n in zip(sets, names)])
+    samples = samples_from_label_files(files, cfg, model, view, images, frames, detector_model, crop_options)
     meta = {"label_files": [str(f) for f in files]}
     if detector_model is not None or crop_options is not None:
         meta["cropzoom"] = {"detector_model": str(detector_model) if detector_model is not None else None,
