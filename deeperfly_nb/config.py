@@ -665,6 +665,13 @@ def _unknown_names(names, known, what:str, where:str) -> list:
     return [(f"{where}[{i}]", f"{n!r} is not {what}; known: {', '.join(map(str, known))}{did_you_mean(n, known)}")
             for i, n in enumerate(names) if n not in known]
 
+def _rigid_group_problems(data:dict, skeleton, problems) -> list:
+    "[(where, message)] for each name in `[refinement] rigid_groups` that is not a point of the skeleton."
+    groups = ref.get("rigid_groups") if isinstance(ref := data.get("refinement"), dict) else None
+    if skeleton is None or not isinstance(groups, list) or not _ok(problems, "refinement.rigid_groups"): return []
+    return [p for i, g in enumerate(groups) if _strings(g)
+            for p in _unknown_names(g, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", f"refinement.rigid_groups[{i}]")]
+
 def _ok(problems, path:str) -> bool:
     "True if no problem was found at `path`, inside it or in a table containing it."
     for p, _ in problems:
@@ -696,10 +703,6 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         out += _unknown_names(pts, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", "bundle_adjustment.points_to_use")
         dup = sorted({p for p in pts if pts.count(p) > 1})
         if dup: out.append(("bundle_adjustment.points_to_use", f"duplicate point(s) {dup}"))
-    groups = ref.get("rigid_groups") if isinstance(ref := data.get("refinement"), dict) else None
-    if skeleton is not None and isinstance(groups, list) and _ok(problems, "refinement.rigid_groups"):
-        for i, g in enumerate(groups):
-            if _strings(g): out += _unknown_names(g, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", f"refinement.rigid_groups[{i}]")
     fixed = ba.get("fixed")
     if cams and _strings(fixed) and _ok(problems, "bundle_adjustment.fixed"):
         out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{did_you_mean(v, cams)}")
@@ -726,7 +729,7 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
     if srcs or pose2d:
         errors, warns = plan_problems(srcs, pose2d, list(cams) if cams else None, skeleton, ok=lambda p: _ok(problems, p))
         out += errors
-    return out, warns, skeleton
+    return out + _rigid_group_problems(data, skeleton, problems), warns, skeleton
 
 # %% ../nbs/10_config.ipynb #49489c80
 def _validate(data:dict, source:str) -> tuple:

@@ -481,6 +481,7 @@ def _lm_step(prob:ChunkProblem, ab, g, C, D, gL, lam:float) -> tuple:
         dx[off:off + sz] = dtbtrs(f, -Z[:, 0] - Z[:, 1:] @ dL[bi], uplo="L", trans="T")[0]
     return dx, dL
 
+# %% ../nbs/04c_refinement.ipynb #215cc3be
 def loss_schedule(o:RefineOptions, # its loss and max_nfev
                  ) -> list:
     "[(reprojection loss, iterations)]: with `cauchy`, `huber` for the first half of the iterations, then `cauchy`; else the loss alone."
