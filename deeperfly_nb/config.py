@@ -410,6 +410,10 @@ class RefinementConfig(_Table):
     rigid_groups: list[Annotated[list[str], Field(min_length=2)]] = _field(list(_REF["rigid_groups"]),
         'a list of groups of point names that move as one rigid body, e.g. the fly\'s six "*_body_coxa" (needs max_nfev >= 20)')
     max_nfev: Annotated[int, Field(ge=1, strict=True)] = _field(_REF["max_nfev"], "an integer >= 1 (iterations per chunk)")
+    reweight_passes: Annotated[int, Field(ge=0, strict=True)] = _field(_REF["reweight_passes"],
+        "an integer >= 0 (passes that weigh the smoothness per frame and point by the pass before's motion)")
+    reweight_gain: _PosFloat = _field(_REF["reweight_gain"], "a positive number")
+    reweight_floor_px: _PosFloat = _field(_REF["reweight_floor_px"], "a positive number (pixels)")
     kalman: Literal["off", "velocity", "acceleration"] = _field("off", '"off", "velocity" or "acceleration" (3D Kalman/RTS smoother, last)')
     kalman_noise_std: _PosFloat|None = _field(None, "a positive number (world units; default: estimated from the data)")
     kalman_process_std: _PosFloat|None = _field(None, "a positive number (world units per frame; default: kalman_noise_std)")
@@ -420,9 +424,11 @@ class RefinementConfig(_Table):
         return one_of(v, REPROJ_LOSSES, "loss")
 
     @model_validator(mode="after")
-    def _rigid_converged(self):
+    def _options_agree(self):
         if self.rigid_groups and self.max_nfev < 20:
             raise ValueError(f"rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")
+        if self.reweight_passes and self.smooth_weight == 0:
+            raise ValueError("reweight_passes reweighs the smoothness term, which smooth_weight = 0 turns off")
         return self
 
 # %% ../nbs/10_config.ipynb #8b3649ed

@@ -22,12 +22,13 @@ from .gauge import look_at_point
 from .triangulation import triangulate, reprojection_error
 
 # %% auto #0
-__all__ = ['REPROJ_LOSSES', 'SOLVERS', 'FLY_RIGID_GROUPS', 'RefineOptions', 'RefinementError', 'bone_names',
+__all__ = ['REPROJ_LOSSES', 'SOLVERS', 'FLY_RIGID_GROUPS', 'RIGID_HOLD', 'RefineOptions', 'RefinementError', 'bone_names',
            'resolve_bone_priors', 'rigid_pairs', 'project_with_jacobian', 'pixels_per_unit', 'difference_matrix',
            'ChunkProblem', 'loss_schedule', 'solve_banded', 'interpolate_missing', 'chunk_bounds', 'blend_weights',
-           'chunk_anchors', 'chunk_start', 'detection_weights', 'solve_chunk', 'polish_filled', 'refine_3d',
-           'median_reprojection_px', 'median_columns', 'bone_cv_blocks', 'refinement_info', 'confidence_threshold',
-           'median_filter_2d', 'viterbi', 'viterbi_filter_2d', 'select_peaks', 'kalman_smooth_3d']
+           'chunk_anchors', 'chunk_start', 'detection_weights', 'solve_chunk', 'polish_filled', 'solve_chunk_rigid',
+           'refine_pass', 'reweight_rows', 'refine_3d', 'median_reprojection_px', 'median_columns', 'bone_cv_blocks',
+           'refinement_info', 'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d',
+           'select_peaks', 'kalman_smooth_3d']
 
 # %% ../nbs/04c_refinement.ipynb #093b2b11
 REPROJ_LOSSES = ("soft_l1", "huber", "linear", "cauchy")
@@ -56,6 +57,9 @@ class RefineOptions:
     smooth_point_weights: object = None # (N,) multipliers of smooth_weight per point (e.g. stronger for slow points), None: all 1
     solver: str = "banded" # "banded": Levenberg-Marquardt with exact banded steps (fast); "lsq": scipy's least_squares with LSMR steps
     rigid_groups: tuple = () # groups of point names that move as one rigid body: every pair keeps its distance (a bone's term and weight)
+    reweight_passes: int = 0 # passes after the first, each weighing every point's smoothness per frame by the last pass's motion (see `reweight_rows`)
+    reweight_gain: float = 0.75 # a residual's weight is 1 / max(gain * |n-th difference| px, floor) of the pass before
+    reweight_floor_px: float = 0.02 # ... so the largest weight is 1 / floor (a point at rest)
     def __post_init__(self): self.check()
 
 # %% ../nbs/04c_refinement.ipynb #18689bf8
@@ -73,7 +77,8 @@ def check(self:RefineOptions):
                     ("max_nfev", isint(self.max_nfev) and self.max_nfev >= 1),
                     ("lsmr_maxiter", isint(self.lsmr_maxiter) and self.lsmr_maxiter >= 1),
                     ("smooth_loss", self.smooth_loss in REPROJ_LOSSES), ("smooth_scale_px", self.smooth_scale_px > 0), ("ftol", 0 < self.ftol < 1),
-                    ("solver", self.solver in SOLVERS)):
+                    ("solver", self.solver in SOLVERS), ("reweight_passes", isint(self.reweight_passes) and self.reweight_passes >= 0),
+                    ("reweight_gain", self.reweight_gain > 0), ("reweight_floor_px", self.reweight_floor_px > 0)):
         if not ok: raise ConfigError(f"refinement.{key}: invalid value {getattr(self, key)!r}")
     if self.smooth_point_weights is not None:
         w = np.asarray(self.smooth_point_weights, dtype=float)
@@ -84,6 +89,8 @@ def check(self:RefineOptions):
         raise ConfigError(f"refinement.rigid_groups: expected a list of groups, each a list of two or more point names, got {groups!r}")
     if len(groups) and self.max_nfev < 20:      # measured: 5 iterations leave a rigid fly thorax 2x worse than no group at all
         raise ConfigError(f"refinement.rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")
+    if self.reweight_passes and self.smooth_weight == 0:
+        raise ConfigError("refinement.reweight_passes reweighs the smoothness term, which smooth_weight = 0 turns off")
     bp = self.bone_priors
     if isinstance(bp, str) and bp != "joint":
         raise ConfigError(f"refinement.bone_priors: {bp!r}; expected \"joint\", a table {{\"a-b\" = length or [mean, std]}} or an array")
@@ -232,6 +239,8 @@ class ChunkProblem:
                  prior_mean, # (B,) prior bone lengths, world units (NaN: estimated; see `resolve_bone_priors`)
                  prior_std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
                  opts:RefineOptions, # weights, losses and scales of the terms
+                 hold=None, # (N,) multipliers of fill_weight per point: how hard each is held at its start (None: all 1)
+                 smooth_rows=None, # (Tc - n, N) multipliers of each n-th difference's smoothness residual (None: all 1)
                 ):
         self.cameras, self.opts, self.k_px = cameras, opts, pixels_per_unit(cameras)
         Tc, N = X0.shape[:2]
@@ -246,6 +255,9 @@ class ChunkProblem:
         self.bones, self.mean, self.std = bones[keep], prior_mean[keep], prior_std[keep]
         self.est = np.flatnonzero(self.std > 0)                 # bones whose length is an unknown
         self.X0 = X0[:, self.active].reshape(-1, 3)
+        h = np.ones(N) if hold is None else np.asarray(hold, float)
+        self.smooth_rows = None if smooth_rows is None else np.asarray(smooth_rows, float)[:Tc - min(opts.smooth_order, Tc - 1), self.active]
+        self.fill_px = np.tile(h[self.active], Tc) * (opts.fill_weight * self.k_px)      # (Tc * Na,) pull towards the start, pixels per unit
         self._constant_rows()
 
 # %% ../nbs/04c_refinement.ipynb #c05873a6
@@ -259,9 +271,10 @@ def _constant_rows(self:ChunkProblem):
     self.n_smooth = n if o.smooth_weight > 0 else 0              # order of the smoothness term (0: none)
     pw = np.ones(self.Na) if o.smooth_point_weights is None else np.asarray(o.smooth_point_weights, float)[self.active]
     self.point_weights = pw                                          # (Na,) smoothness multipliers
-    S = (sp.kron(difference_matrix(Tc, n), sp.diags(np.repeat(pw, 3)), format="csr") * (o.smooth_weight * self.k_px)
-         if n >= 1 else sp.csr_matrix((0, nx)))
-    F = sp.identity(nx, format="csr") * (o.fill_weight * self.k_px)
+    rw = np.ones((Tc - n, self.Na)) if self.smooth_rows is None else self.smooth_rows
+    S = (sp.diags(np.repeat((rw * pw).ravel(), 3)) @ sp.kron(difference_matrix(Tc, n), sp.identity(3 * self.Na), format="csr")
+         * (o.smooth_weight * self.k_px) if n >= 1 else sp.csr_matrix((0, nx)))
+    F = sp.diags(np.repeat(self.fill_px, 3), format="csr")
     m, s = self.mean[self.est], self.std[self.est]
     pri = np.flatnonzero(np.isfinite(m) & np.isfinite(s))
     self.prior_rows, self.prior_scale = pri, o.prior_weight * np.sqrt(Tc) / np.where(np.isfinite(s), s, 1.0)[pri]
@@ -269,7 +282,7 @@ def _constant_rows(self:ChunkProblem):
     pad = lambda A: sp.hstack([A, sp.csr_matrix((A.shape[0], len(self.est)))], format="csr")
     self.S = pad(S)
     self.J_const = sp.vstack([pad(F), Pm], format="csr")
-    self.c0 = np.concatenate([o.fill_weight * self.k_px * self.X0.ravel(), self.prior_scale * m[pri]])
+    self.c0 = np.concatenate([(self.fill_px[:, None] * self.X0).ravel(), self.prior_scale * m[pri]])
 
 # %% ../nbs/04c_refinement.ipynb #4bd0efcb
 @patch
@@ -382,7 +395,8 @@ def _smooth_coef(self:ChunkProblem) -> np.ndarray:
     "(n + 1, Na, 1) coefficients of the n-th difference, in pixels per world unit, times smooth_weight and each point's multiplier."
     n = self.n_smooth
     c = np.array([(-1) ** (n - j) * comb(n, j) for j in range(n + 1)], float) * (self.opts.smooth_weight * self.k_px)
-    return c[:, None, None] * self.point_weights[None, :, None]
+    w = self.point_weights[:, None] if self.smooth_rows is None else self.smooth_rows[..., None] * self.point_weights[:, None]
+    return c.reshape(-1, *[1] * w.ndim) * w[None]
 
 @patch
 def normal_equations(self:ChunkProblem,
@@ -396,9 +410,9 @@ def normal_equations(self:ChunkProblem,
     r = (uv - self.obs_uv) * self.obs_w[:, None]
     d = _irls(r, o.loss, o.scale_px)[1]
     Jw = Jp * self.obs_w[:, None, None]
-    fw = (o.fill_weight * self.k_px) ** 2
+    fw = self.fill_px[:, None] ** 2
     Jd = Jw * d[..., None]
-    band = [np.stack([Jd[:, 0, i] * Jw[:, 0, j] + Jd[:, 1, i] * Jw[:, 1, j] for i, j in zip(ii, jj)], 1).ravel(), np.full(nx, fw)]
+    band = [np.stack([Jd[:, 0, i] * Jw[:, 0, j] + Jd[:, 1, i] * Jw[:, 1, j] for i, j in zip(ii, jj)], 1).ravel(), np.repeat(fw, 3)]
     grad = [(Jd[:, 0] * r[:, :1] + Jd[:, 1] * r[:, 1:]).ravel(), (fw * (X - self.X0)).ravel()]
     Xt, n = X.reshape(Tc, self.Na, 3), self.n_smooth
     if n:
@@ -449,7 +463,7 @@ def cost_at(self:ChunkProblem,
     o, k, Tc, n = self.opts, self.k_px, self.shape[0], self.n_smooth
     proj = project_with_jacobian(self.cameras, X[self.obs_i], self.obs_v)
     cost = _irls((proj[0] - self.obs_uv) * self.obs_w[:, None], o.loss, o.scale_px)[0]
-    cost += 0.5 * (o.fill_weight * k) ** 2 * float(((X - self.X0) ** 2).sum())
+    cost += 0.5 * float(((self.fill_px[:, None] * (X - self.X0)) ** 2).sum())
     Xt = X.reshape(Tc, self.Na, 3)
     if n:
         coef = self._smooth_coef()
@@ -631,10 +645,12 @@ def solve_chunk(cameras:CameraGroup, # the rig
                 mean, # (B,) prior bone lengths, world units (NaN: estimated)
                 std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
                 o:RefineOptions, # weights, losses and solver caps
+                hold=None, # (N,) multipliers of fill_weight per point (None: all 1), see `ChunkProblem`
+                smooth_rows=None, # (Tc - n, N) multipliers of the smoothness residuals (None: all 1), see `ChunkProblem`
                ) -> tuple:
     "Refined points (Tc, N, 3) of one chunk and the solver's (iterations, status); the start where nothing is observed."
     if not (w > 0).any() or not np.isfinite(X0).any(): return X0, (0, -10)
-    prob = ChunkProblem(cameras, p, w, X0, bones, mean, std, o)
+    prob = ChunkProblem(cameras, p, w, X0, bones, mean, std, o, hold, smooth_rows)
     if len(prob.obs_i) == 0: return X0, (0, -10)
     X = np.full(X0.shape, np.nan)
     if o.solver == "banded":
@@ -664,7 +680,66 @@ def polish_filled(prob:ChunkProblem, # the chunk's problem
                         tr_options={"maxiter": 4 * o.lsmr_maxiter})
     return full(res.x)
 
+# %% ../nbs/04c_refinement.ipynb #a7c3e912
+RIGID_HOLD = 1e4     # stage 2 of `solve_chunk_rigid`: the rigid groups' points held at stage 1 (10 px per px at fill_weight 1e-3)
+
+def solve_chunk_rigid(cameras:CameraGroup, # the rig
+                      p, # (V, Tc, N, 2) pixels of the chunk, NaN = unseen
+                      w, # (V, Tc, N) detection weights (0 = unused)
+                      X0, # (Tc, N, 3) start (gaps interpolated); NaN for a point never seen
+                      bones, # (B, 2) point index pairs of the skeleton's bones
+                      mean, # (B,) their prior lengths, world units (NaN: estimated)
+                      std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
+                      pairs, # (R, 2) point pairs of the rigid groups (`rigid_pairs`), constant lengths estimated jointly
+                      o:RefineOptions, # weights, losses and solver caps
+                      smooth_rows=None, # (Tc - n, N) multipliers of the smoothness residuals (None: all 1)
+                     ) -> tuple:
+    "`solve_chunk` in two stages: the rigid groups' points alone with their pairs, then all points with the skeleton's bones, the rigid ones held."
+    inner = np.zeros(X0.shape[1], bool); inner[np.unique(pairs)] = True
+    nan = lambda m: np.where(m[None, :, None], X0, np.nan)
+    free = np.full(len(pairs), np.nan), np.full(len(pairs), np.inf)
+    XA, runA = solve_chunk(cameras, p, w, nan(inner), np.concatenate([bones, pairs]), np.append(mean, free[0]), np.append(std, free[1]), o,
+                           smooth_rows=smooth_rows)
+    start = np.where(inner[None, :, None] & np.isfinite(XA), XA, X0)
+    XB, runB = solve_chunk(cameras, p, w, start, bones, mean, std, o, np.where(inner, RIGID_HOLD, 1.0), smooth_rows)
+    return XB, (runA[0] + runB[0], runB[1])
+
 # %% ../nbs/04c_refinement.ipynb #cd8d99d3
+def refine_pass(cameras:CameraGroup, # the rig
+                p, # (V, T, N, 2) pixel detections, NaN = unseen (as `refine_3d` checked them)
+                c, # (V, T, N) confidences, or None
+                X0, # (T, N, 3) start, NaN where it failed
+                bones, # (B, 2) point index pairs of the skeleton's bones
+                mean, # (B,) their prior lengths, world units (NaN: estimated)
+                std, # (B,) their stds, world units (inf: no prior, 0: held at the mean)
+                rigid, # (R, 2) point pairs of the rigid groups (`rigid_pairs`)
+                o:RefineOptions, # everything else
+                smooth_rows=None, # (T - n, N) multipliers of every smoothness residual (`reweight_rows`), None: all 1
+               ) -> tuple:
+    "One pass over the recording, chunk by chunk, cross-faded: points (T, N, 3) and [(start, stop, iterations, status)] per chunk."
+    T = p.shape[1]
+    out, wsum, runs = np.zeros(X0.shape), np.zeros(T), []
+    bounds = chunk_bounds(T, o.chunk_frames, o.overlap_frames)
+    for (s, e), before, after in zip(bounds, *chunk_anchors(X0, bounds)):
+        w = detection_weights(p[:, s:e], None if c is None else c[:, s:e], o)
+        args, sr = (cameras, p[:, s:e], w, chunk_start(X0, s, e, before, after), bones, mean, std), None if smooth_rows is None else smooth_rows[s:e]
+        Xc, run = solve_chunk_rigid(*args, rigid, o, sr) if len(rigid) else solve_chunk(*args, o, smooth_rows=sr)
+        bw = blend_weights(s, e, T, o.overlap_frames)
+        out[s:e] += bw[:, None, None] * Xc
+        wsum[s:e] += bw
+        runs.append((s, e, *run))
+    return out / wsum[:, None, None], runs
+
+# %% ../nbs/04c_refinement.ipynb #5e1d7a20
+def reweight_rows(cameras:CameraGroup, # the rig (its pixels per world unit)
+                  pts3d, # (T, N, 3) points of the pass before
+                  o:RefineOptions, # smooth_order, reweight_gain and reweight_floor_px
+                 ) -> np.ndarray:
+    "(T - n, N) weights of the smoothness residuals, 1 / max(gain * |n-th difference| px, floor): large where the motion was polynomial, small in fast swings."
+    d = np.linalg.norm(np.diff(pts3d, o.smooth_order, axis=0), axis=-1) * pixels_per_unit(cameras)
+    return 1 / np.maximum(o.reweight_gain * np.nan_to_num(d, nan=0.0), o.reweight_floor_px)
+
+# %% ../nbs/04c_refinement.ipynb #3b8e0f41
 def refine_3d(cameras:CameraGroup, # the rig (V cameras)
               pts2d, # (V, T, N, 2) pixel detections, NaN = unseen
               conf, # (V, T, N) confidences (NaN = unusable), or None
@@ -676,28 +751,18 @@ def refine_3d(cameras:CameraGroup, # the rig (V cameras)
     o = options or RefineOptions()
     p, c, X0 = _check_inputs(cameras, pts2d, conf, pts3d_init, skeleton, o)
     T = p.shape[1]
-    cc = lambda s, e: None if c is None else c[:, s:e]
     blocks = [(s, min(T, s + o.chunk_frames)) for s in range(0, T, o.chunk_frames)]
     filled, usable = np.zeros(X0.shape[:2], bool), False
     for s, e in blocks:
-        n_views = (detection_weights(p[:, s:e], cc(s, e), o) > 0).sum(0)
+        n_views = (detection_weights(p[:, s:e], None if c is None else c[:, s:e], o) > 0).sum(0)
         filled[s:e], usable = n_views < 2, usable or bool(n_views.any())
     if not usable: raise RefinementError("refinement: no usable detection (all NaN, or confidences NaN / below min_confidence)")
     mean, std = resolve_bone_priors(o.bone_priors, skeleton)
-    rigid = rigid_pairs(skeleton, o.rigid_groups)                     # constant lengths too, estimated jointly
-    bones = np.concatenate([skeleton.bone_array, rigid])
-    mean, std = np.append(mean, np.full(len(rigid), np.nan)), np.append(std, np.full(len(rigid), np.inf))
-    if o.bone_weight == 0: bones, mean, std = bones[:0], mean[:0], std[:0]
-    bounds = chunk_bounds(T, o.chunk_frames, o.overlap_frames)
-    out, wsum, runs = np.zeros(X0.shape), np.zeros(T), []
-    for (s, e), before, after in zip(bounds, *chunk_anchors(X0, bounds)):
-        Xc, run = solve_chunk(cameras, p[:, s:e], detection_weights(p[:, s:e], cc(s, e), o), chunk_start(X0, s, e, before, after),
-                              bones, mean, std, o)
-        bw = blend_weights(s, e, T, o.overlap_frames)
-        out[s:e] += bw[:, None, None] * Xc
-        wsum[s:e] += bw
-        runs.append((s, e, *run))
-    out /= wsum[:, None, None]
+    bones, rigid = skeleton.bone_array, rigid_pairs(skeleton, o.rigid_groups)     # rigid pairs: constant lengths too, estimated jointly
+    if o.bone_weight == 0: bones, mean, std, rigid = bones[:0], mean[:0], std[:0], rigid[:0]
+    out, runs = refine_pass(cameras, p, c, X0, bones, mean, std, rigid, o)
+    for _ in range(o.reweight_passes if T > o.smooth_order else 0):              # each from the last, linear smoothness
+        out, runs = refine_pass(cameras, p, c, out, bones, mean, std, rigid, replace(o, smooth_loss="linear"), reweight_rows(cameras, out, o))
     return out, refinement_info(cameras, p, c, X0, out, filled, skeleton, runs, blocks, o)
 
 # %% ../nbs/04c_refinement.ipynb #2aefbcff

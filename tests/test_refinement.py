@@ -96,6 +96,25 @@ def test_rigid_groups_on_the_walking_fly(walking):
     assert med(e_dlt) >= 1.9 * med(e_held)
     assert len(info["bone_names"]) == len(FLY.bones)                 # the report stays the skeleton's bones
 
+def test_reweighted_smoothness_on_the_walking_fly(walking):
+    """`reweight_passes` (smoothness weighed per frame and point by the pass before's motion) on top of the smooth
+    options with the rigid thorax and abdomen: the median 3D error falls well below that of the same options without
+    reweighting, and well below the DLT's (issue 14 asks 2.5x; the bench measures 1,000 frames). Claws in stance move at
+    a constant velocity, so their error falls too, not only the body's."""
+    rig, truth, obs = walking
+    ransac = triangulate(rig, obs.pts2d, obs.conf, method="ransac")
+    base = dict(SMOOTH, smooth_order=3, smooth_weight=1.0, rigid_groups=FLY_RIGID_GROUPS)
+    once, _ = refine_3d(rig, obs.pts2d, obs.conf, ransac, FLY, RefineOptions(**base))
+    rew, info = refine_3d(rig, obs.pts2d, obs.conf, ransac, FLY, RefineOptions(**base, reweight_passes=3))
+    e_dlt, e_once, e_rew = (_err(X, truth) for X in (triangulate(rig, obs.pts2d), once, rew))
+    claws = [i for i, n in enumerate(FLY.point_names) if n.endswith("claw")]
+    med = lambda e, idx=slice(None): float(np.nanmedian(e[:, idx]))
+    print(f"\nmedian 3D error {med(e_once):.5f} -> {med(e_rew):.5f} (claws {med(e_once, claws):.5f} -> {med(e_rew, claws):.5f}); "
+          f"DLT / refined {med(e_dlt) / med(e_once):.2f}x -> {med(e_dlt) / med(e_rew):.2f}x")
+    assert med(e_rew) <= 0.85 * med(e_once) and med(e_rew, claws) <= 0.95 * med(e_once, claws)
+    assert med(e_dlt) >= 2.4 * med(e_rew)                               # measured here 2.59x
+    assert np.isfinite(rew).all() and len(info["chunks"]) == 1
+
 def test_graduated_loss_keeps_a_rigid_thorax():
     """Frames 230-500 of the bench's tuning recording (seed 11), the rigid thorax and the smooth options: with the Cauchy
     loss from the first step, the first long step pushed the right body-coxa joints ~0.1 units off, where the Cauchy loss
