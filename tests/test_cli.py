@@ -56,6 +56,13 @@ def test_init_writes_a_loadable_config(tmp_path):
 def _config_text():
     return (ROOT / "deeperfly_nb" / "data" / "default_config.toml").read_text()
 
+def test_example_config_is_the_packaged_default(example_dir):
+    """examples/README.md says data/config.toml is the packaged default, as `deeperfly init` writes it: a user who
+    starts from it must find every table (it once lacked [refinement], [filters], [lifting], [interop], [cluster])."""
+    from deeperfly_nb.config import default_config_text
+    assert (example_dir / "config.toml").read_text(encoding="utf-8") == default_config_text(), \
+        "examples/data/config.toml is stale: rewrite it with deeperfly_nb.config.default_config_text()"
+
 def test_typo_in_config_is_rejected_before_any_work(tmp_path, example_dir):
     bad = tmp_path / "bad.toml"
     bad.write_text(_config_text().replace("\n[triangulation]\n", "\n[triangulation]\nransac_treshold = 12\n", 1))
