@@ -71,6 +71,22 @@ def test_refinement_stage_is_cached_and_reported(tmp_path):
     assert "Traceback" not in p.stderr and (out / "results.h5").stat().st_mtime_ns == before
 
 
+def test_refinement_options_with_the_stage_off_are_named(tmp_path):
+    """A [refinement] table that sets options while [pipeline] refinement = false would be silently unused: the run
+    says so (and still runs); with the stage off and no options, nothing is said."""
+    d = tiny_recording(tmp_path, n_frames=8)
+    d["pipeline"].update(pose2d=False, refinement=False, visualization=False)
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
+    p = run("run", "rec", "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0 and "[refinement] sets options" not in p.stderr, p.stderr[-3000:]
+    d["refinement"] = {"reweight_passes": 3, "smooth_weight": 1.0}
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(d))
+    p = run("run", "rec", "-c", "config.toml", "-o", "out", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[refinement] sets options, but the refinement stage is off ([pipeline] refinement = false" in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "out" / "refinement.h5").exists()
+
+
 def _ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
 
 
