@@ -32,7 +32,7 @@ from deeperfly_nb.core import atomic_path
 from deeperfly_nb.skeleton import Skeleton
 from deeperfly_nb.synth import default_rig, default_visibility, walking_fly, observe
 from deeperfly_nb.triangulation import triangulate
-from deeperfly_nb.refinement import RefineOptions, refine_3d, pixels_per_unit, FLY_RIGID_GROUPS
+from deeperfly_nb.refinement import RefineOptions, refine_3d, FLY_RIGID_GROUPS
 
 FLY = Skeleton.fly38()
 SMOOTH = dict(smooth_order=2, smooth_weight=3.0, bone_weight=5.0, max_nfev=30, lsmr_maxiter=30)   # "smooth recording" options

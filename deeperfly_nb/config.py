@@ -391,6 +391,12 @@ class TriangulationConfig(_Table):
 
 # %% ../nbs/10_config.ipynb #19821200
 _REF = {f.name: f.default for f in dataclasses.fields(RefineOptions)}       # `[refinement]` defaults = RefineOptions'
+_NOT_REFINE_OPTIONS = {"least_squares", "kalman", "kalman_noise_std", "kalman_process_std"}   # its keys that are not RefineOptions'
+
+def _refine_kwargs(table) -> dict:
+    "The `RefineOptions` keyword arguments of a `[refinement]` table (the rigid groups as tuples)."
+    kw = table.model_dump(exclude=_NOT_REFINE_OPTIONS)
+    return kw | {"rigid_groups": tuple(map(tuple, kw["rigid_groups"]))}
 KALMAN_MODELS = ("off", "velocity", "acceleration")                        # `[refinement] kalman`
 
 class RefinementConfig(_Table):
@@ -425,10 +431,9 @@ class RefinementConfig(_Table):
 
     @model_validator(mode="after")
     def _options_agree(self):
-        if self.rigid_groups and self.max_nfev < 20:
-            raise ValueError(f"rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")
-        if self.reweight_passes and self.smooth_weight == 0:
-            raise ValueError("reweight_passes reweighs the smoothness term, which smooth_weight = 0 turns off")
+        "Options that contradict each other: `RefineOptions.check` is the one place that knows them."
+        try: RefineOptions(**_refine_kwargs(self))
+        except ConfigError as e: raise ValueError(str(e).removeprefix("refinement.")) from None
         return self
 
 # %% ../nbs/10_config.ipynb #8b3649ed
@@ -735,6 +740,9 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
     if srcs or pose2d:
         errors, warns = plan_problems(srcs, pose2d, list(cams) if cams else None, skeleton, ok=lambda p: _ok(problems, p))
         out += errors
+    if model is not None and not (model.pipeline.triangulation and model.pipeline.refinement) and model.refinement != RefinementConfig():
+        warns.append(("", f"[refinement] sets options, but the refinement stage is off ([pipeline] refinement = "
+                          f"{str(model.pipeline.refinement).lower()}, triangulation = {str(model.pipeline.triangulation).lower()}): they are not used"))
     return out + _rigid_group_problems(data, skeleton, problems), warns, skeleton
 
 # %% ../nbs/10_config.ipynb #49489c80
@@ -958,8 +966,7 @@ def triangulate_kwargs(self:Config) -> dict:
 @patch
 def refine_options(self:Config):
     "The `refinement.RefineOptions` of the `[refinement]` table."
-    kw = self.model.refinement.model_dump(exclude={"least_squares", "kalman", "kalman_noise_std", "kalman_process_std"})
-    return RefineOptions(**kw | {"rigid_groups": tuple(map(tuple, kw["rigid_groups"]))})
+    return RefineOptions(**_refine_kwargs(self.model.refinement))
 
 @patch
 def lifter_folder(self:Config) -> Path|None:

@@ -650,12 +650,6 @@ def result_content(res:PoseResult, # a result
 # %% ../nbs/19_run.ipynb #4e631b85
 def _refines(config:Config) -> bool: return config.pipeline.triangulation and config.pipeline.refinement
 
-def _warn_unused_refinement(config:Config):
-    "Log a warning when `[refinement]` sets options but the stage is off: they would go unused without a word."
-    if _refines(config) or config.model.refinement == type(config.model.refinement)(): return
-    log.warning("[refinement] sets options, but the refinement stage is off ([pipeline] refinement = %s, triangulation = %s): "
-                "they are not used", str(config.pipeline.refinement).lower(), str(config.pipeline.triangulation).lower())
-
 def select_points2d(filters, # the config's `[filters]` table: `peaks`, `top_k` and their scales
                     pts2d, # (V, T, N, 2) the detector's best peaks, pixels, NaN = unseen
                     conf, # (V, T, N) their confidences
@@ -949,7 +943,6 @@ def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     "The stages in order, stopping after `until` (None: all): ([StageOutcome], PoseResult or None)."
     stop = STAGES.index(until or STAGES[-1])
     reached = lambda stage: stop >= STAGES.index(stage)
-    _warn_unused_refinement(ctx.config)
     p2d, o2d = _pose2d_stage(ctx)
     p2d, ocorr = _apply_corrections(ctx, p2d)
     o2d = [*o2d, *ocorr]
