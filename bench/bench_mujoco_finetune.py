@@ -16,7 +16,12 @@ the model (default config, no videos), `labels.labels_from_result` on its bundle
 within 20 px), and `--self-train-steps` more steps on the renders plus those pseudo-labels, from the previous round's
 last weights (`--pseudo-only`: on the pseudo-labels alone). Each round is scored on the sample as above; the last model is run on the example once more for its
 bone-length CV and reprojection error. The sample's frames are never trained on, labelled or not.
-Writes bench/results/mujoco_finetune.json (or --out). Nothing here is asserted. No GPU: one torch thread.
+--threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
+The renders are kept in the run folder (renders_<recordings>x<frames>_<units>_<renderer code digest>.npz) and reused by a
+later call with the same --run. Writes bench/results/mujoco_finetune.json (or --out). Nothing here is asserted.
+
+On a GPU machine (training runs on the GPU when torch sees one; --device chooses), render in parallel and train
+with larger batches, e.g. --workers 14 --batch-size 32 (the renders are the same with any --workers).
 """
 from __future__ import annotations
 import argparse, json, os, sys, time
@@ -43,7 +48,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     ap.add_argument("--self-train", type=int, default=0, metavar="N", help="rounds of multi-view bootstrapping on the unlabelled example recording")
     ap.add_argument("--self-train-steps", type=int, default=600, help="training steps per self-training round")
+    ap.add_argument("--threshold-px", type=float, nargs="+", default=[20.0], metavar="PX",
+                    help="the pseudo-labels' agreement threshold per round (the last one repeats), pixels")
     ap.add_argument("--pseudo-only", action="store_true", help="self-training rounds train on the pseudo-labels alone, without the renders")
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
+    ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
+    ap.add_argument("--batch-size", type=int, default=8, help="training crops per step")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -53,8 +63,7 @@ def main(argv=None) -> int:
     from deeperfly_nb.config import Config
     from deeperfly_nb.core import atomic_path
     from deeperfly_nb.detector import build_network, bundled_weights, load_checkpoint
-    from deeperfly_nb.labels import concat_samples, labels_from_df3d, labels_from_render, pathway_samples
-    from deeperfly_nb.synth_mujoco import render_recording_mujoco
+    from deeperfly_nb.labels import concat_samples, labels_from_df3d, load_samples, pathway_samples
     from deeperfly_nb.training import Augment, evaluate, train_detector
     if not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on", file=sys.stderr); return 1
     plan = Config.default().detection_plan()
@@ -68,20 +77,30 @@ def main(argv=None) -> int:
         return {"median_px": round(ev.summary()["median_px"], 2), "per_view": per_view(ev),
                 "per_group_median_px": {g: round(float(np.nanmedian(E[:, c])), 2) for g, c in groups.items()}}
     t0 = time.perf_counter(); sets = []
-    for i in range(args.recordings):
-        upm = {} if args.units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*args.units_per_mm))}
-        rec = render_recording_mujoco(args.frames, seed=3000 + i, gait=True if i % 2 else None, **upm)
-        sets.append(pathway_samples(labels_from_render(rec, name=f"mj{i}"), plan))
-    S, render_s = concat_samples(sets), time.perf_counter() - t0
+    import hashlib, deeperfly_nb.synth_mujoco as smj
+    code = hashlib.sha256(Path(smj.__file__).read_bytes()).hexdigest()[:10]          # renders of other renderer code are not reused
+    cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
+    if cache.exists(): S = load_samples(cache)
+    else:
+        jobs = [(i, args.frames, args.units_per_mm) for i in range(args.recordings)]
+        if args.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                sets = list(ex.map(render_samples, *zip(*jobs)))
+        else: sets = [render_samples(*j) for j in jobs]
+        S = concat_samples(sets)
+        cache.parent.mkdir(parents=True, exist_ok=True); S.save(cache)
+    render_s = time.perf_counter() - t0
     print(f"rendered {args.recordings} x {args.frames} frames in {render_s:.0f} s: {S}", flush=True)
     m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
     before = evaluate(m0, real)
-    cfg = dict(steps=args.steps, batch_size=8, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
+    cfg = dict(steps=args.steps, batch_size=args.batch_size, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
                eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=args.threads, init="bundled:fly_synthetic",
                **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))
     t1 = time.perf_counter()
-    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False,
+    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False, device=args.device,
                          callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
     net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
     after = evaluate(net, real)
@@ -95,6 +114,18 @@ def main(argv=None) -> int:
     print(json.dumps(row, indent=1), flush=True)
     with atomic_path(Path(args.out)) as tmp: tmp.write_text(json.dumps(row, indent=1) + "\n")
     return 0
+
+
+def render_samples(i:int, frames:int, units_per_mm) -> "SampleSet":
+    "Recording `i`'s pathway samples: seed 3000 + i, every other one driven by deeperfly's gait (run in a worker process)."
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    import numpy as np
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.labels import labels_from_render, pathway_samples
+    from deeperfly_nb.synth_mujoco import render_recording_mujoco
+    upm = {} if units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*units_per_mm))}
+    rec = render_recording_mujoco(frames, seed=3000 + i, gait=True if i % 2 else None, **upm)
+    return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 
 
 def example_run(model, out):
@@ -116,13 +147,14 @@ def self_train(args, S, plan, real, scored, cfg) -> list:
     for r in range(1, args.self_train + 1):
         t0 = time.perf_counter()
         res_path, ex = example_run(model, Path(args.run) / f"example_{r - 1}")
-        P = pathway_samples(labels_from_result(res_path, EXAMPLE, plan), plan, name=f"example{r}_")
+        thr = args.threshold_px[min(r, len(args.threshold_px)) - 1]
+        P = pathway_samples(labels_from_result(res_path, EXAMPLE, plan, thr), plan, name=f"example{r}_")
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
-        train_detector(P if args.pseudo_only else concat_samples([S, P]), run, c, resume=(run / "last.pt").exists(), progress=False)
+        train_detector(P if args.pseudo_only else concat_samples([S, P]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device)
         model = run / "last.pt"
-        rounds.append({"round": r, "example_before": ex, "pseudo_labels": str(P), "train": c,
+        rounds.append({"round": r, "threshold_px": thr, "example_before": ex, "pseudo_labels": str(P), "train": c,
                        "real_after": scored(evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rounds[-1]), flush=True)
     rounds.append({"example_after": example_run(model, Path(args.run) / f"example_{args.self_train}")[1]})

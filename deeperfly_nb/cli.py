@@ -345,8 +345,9 @@ def _train(args, # the parsed `train` command line
                   progress=not args.quiet and not args.no_progress)
     cropping = bool(args.detector_model or args.crop_ratio or args.crop_size)
     if not args.unlabelled:
-        return train_from_labels(files, out, detector_model=args.detector_model,
+        return train_from_labels(files, out, detector_model=args.detector_model, device=args.device,
                                  crop_options=crop_options_from_args(args) if cropping else None, **common, **settings)
+    if args.device not in (None, "cpu"): raise InputError(f"--device {args.device}: training with --unlabelled runs on the CPU")
     if cropping: raise InputError("--unlabelled cannot be combined with cropzoom training (--detector-model, --crop_ratio, --crop_size)")
     from deeperfly_nb.semisupervised import train_semisupervised, parse_losses, parse_loss_weights
     from deeperfly_nb.results import PoseResult
@@ -480,6 +481,7 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
                         "--set augment.rotation_deg=20 --set val_frac=0.2; repeatable")
     s.add_argument("--settings", metavar="FILE", help="training settings from a TOML or JSON file (a [training] table or top level); --set overrides")
     s.add_argument("--threads", type=int, help="CPU threads for training (default 2)")
+    s.add_argument("--device", help='"cpu", "cuda", "cuda:N" or "mps" (default: the config\'s [pose2d] device, else the GPU when torch sees one)')
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     crop = s.add_argument_group("cropzoom: train a pose model on crops around the animal")
     crop.add_argument("--detector-model", help="a detector checkpoint whose boxes crop every labelled frame")

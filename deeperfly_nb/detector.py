@@ -15,14 +15,15 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import InputError, ModelError, atomic_path
+from .core import ConfigError, InputError, ModelError, atomic_path
+from .config import DEVICE_PATTERN
 from .plan import ConfigWarning
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'DECODER_NAMES', 'PreActBottleneck', 'Hourglass', 'HourglassNet', 'infer_architecture',
            'describe_architecture', 'load_checkpoint', 'save_checkpoint', 'build_network', 'cache_dir',
            'cached_weights_path', 'download_weights', 'bundled_weights', 'resolve_weights', 'resize_like_skimage',
-           'FusedHourglass', 'LoadedModel', 'load_model', 'load_models']
+           'FusedHourglass', 'LoadedModel', 'torch_device', 'load_model', 'load_models']
 
 # %% ../nbs/12_detector.ipynb #e1c8e25c
 _log = logging.getLogger("deeperfly")
@@ -671,6 +672,26 @@ def _use_stack(opts:dict, net:HourglassNet, path, what:str) -> int:
         raise ModelError(f"{what}: use_stack = {use_stack} but checkpoint {path} has {net.n_stacks} stack(s) (use_stack counts from 1)")
     return use_stack
 
+# %% ../nbs/12_detector.ipynb #6c3b0597
+def torch_device(device:str|None=None, # "cpu", "cuda", "cuda:N" or "mps"; None: CUDA when available, else the CPU
+                 key:str="device", # where the name was given, for the message
+                ) -> torch.device:
+    "The torch device to run on; a clear error for a name torch would not take, or a GPU this machine lacks."
+    if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device): device = str(device)
+    if not (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
+        raise ConfigError(f"{key} = {device!r}: expected \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"{key} = {device!r}, but torch {torch.__version__} finds no CUDA GPU on this machine; use \"cpu\"")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise InputError(f"{key} = {device!r}, but this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{key} = 'mps', but torch finds no Apple GPU on this machine; use \"cpu\"")
+    return torch.device(device)
+
+
 # %% ../nbs/12_detector.ipynb #fb35b904
 def load_model(spec, # a ModelSpec (name, cls, weights, sha256, input_size, n_out_channels, mean, options, base_dir)
                device=None, # torch device or string; default CUDA when available, else CPU
@@ -683,7 +704,7 @@ def load_model(spec, # a ModelSpec (name, cls, weights, sha256, input_size, n_ou
     if str(spec.cls).lower() not in MODEL_CLASSES:
         raise ModelError(f"{what}: unknown class {spec.cls!r}; known classes: {sorted(MODEL_CLASSES)}")
     opts = _model_options(spec)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch_device(device, f"{what}: device")
     dt = _torch_dtype(dtype)
     if dev.type == "cpu" and dt == torch.float16: raise ModelError(f"{what}: float16 needs a GPU; on the CPU use float32 or bfloat16")
     net, meta, path = _network(spec, opts, what)

@@ -15,7 +15,7 @@ import deeperfly_nb
 from fastcore.basics import patch
 from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space, did_you_mean)
-from .config import Config, DEVICE_PATTERN
+from .config import Config
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
 from .results import PoseResult
@@ -24,12 +24,12 @@ from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_di
 # %% auto #0
 __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'CANDIDATES',
            'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record',
-           'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'check_device',
-           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d',
-           'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates',
-           'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance',
-           'result_content', 'select_points2d', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d',
-           'RunReport', 'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+           'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs',
+           'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext',
+           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
+           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content',
+           'select_points2d', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
+           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -202,22 +202,6 @@ def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps 
         return float(footage_fps), "the footage"
     return float(config.pipeline.fallback_fps), "[pipeline] fallback_fps (the footage records no frame rate)"
 
-# %% ../nbs/19_run.ipynb #c9f329fb
-def check_device(device:str|None, # a torch device name, or None (automatic)
-                 key:str="--device", # where it was given, for the message
-                ):
-    "Refuse a device name torch would not take, or a CUDA device on a machine without one, naming `key`."
-    if device is None: return
-    if not DEVICE_PATTERN.fullmatch(device):
-        raise ConfigError(f"{key} = {device!r}: expected \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"")
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise InputError(f"{key} = {device!r}, but torch {torch.__version__} finds no CUDA GPU on this machine; use \"cpu\"")
-        n = torch.cuda.device_count()
-        if ":" in device and int(device.split(":")[1]) >= n:
-            raise InputError(f"{key} = {device!r}, but this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
-
 # %% ../nbs/19_run.ipynb #b0b392e8
 def planned_outputs(config:Config, # the run's config
                    ) -> list:
@@ -335,7 +319,8 @@ def prepare_run(config:Config, # the run's config
     readers, points = {}, None
     if config.pipeline.pose2d:
         from deeperfly_nb.inference import open_sources
-        check_device(device or config.pose2d.device, "--device" if device else "[pose2d] device")
+        from deeperfly_nb.detector import torch_device
+        torch_device(device or config.pose2d.device, "--device" if device else "[pose2d] device")
         readers = open_sources(config.detection_plan(), recording)   # a missing camera fails here, before any model loads
         footage_fps = next((r.fps for r in readers.values() if r.fps), None)
         inputs += [f for r in readers.values() for f in (getattr(r, "files", None) or [r.path])]

@@ -96,7 +96,7 @@ def run_round(r:int, # the round, from 1
     init = model_path if model_path is not None else resolve_weights(plan.models[name])
     train = rd / "train"
     res = train_detector(concat_samples(sets + ([samples] if samples is not None else [])), train, options.train_config(init),
-                         resume=(train / "last.pt").exists(), progress=progress)
+                         resume=(train / "last.pt").exists(), progress=progress, device=cfg.pose2d.device)   # where it detects
     return {"round": r, "started_from": str(init), "recordings": recs, "model": str(res.model_path), "steps": res.steps,
             "train_seconds": round(res.train_seconds, 1)}
 

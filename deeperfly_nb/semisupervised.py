@@ -604,7 +604,7 @@ class SemiTrainer(Trainer):
                  options:SemiOptions, # the unsupervised losses
                  priors:dict, # from `semi_priors`
                 ):
-        super().__init__(samples, cfg, out, mean, metadata)
+        super().__init__(samples, cfg, out, mean, metadata, device="cpu")   # the losses without labels are written for the CPU
         self.frames, self.opts, self.priors = frames, options, priors
         self.meta["semi"] = {"options": options.to_dict(), "unlabelled": frames.names}
         self.used = torch.zeros(len(frames.pws), samples.n_channels, dtype=torch.bool)   # (P, C) the channels each pathway reports

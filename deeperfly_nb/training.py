@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import ConfigError, InputError, ModelError, atomic_path
-from .detector import HourglassNet, build_network, load_checkpoint, save_checkpoint, resolve_weights
+from .detector import HourglassNet, build_network, load_checkpoint, save_checkpoint, resolve_weights, torch_device
 from .decoding import gaussian_heatmaps, heatmap_to_points, normalized_peaks_to_original_pixels
 from .plan import Transform
 from .labels import SampleSet
@@ -507,12 +507,15 @@ class Trainer:
                  out:Path, # the run folder
                  mean, # the network's input mean (3,)
                  metadata:dict|None, # deeperfly metadata stored in the checkpoints
+                 device=None, # the torch device it trains on (None: CUDA when available, else the CPU)
                 ):
         self.samples, self.cfg, self.out, self.state = samples, cfg, Path(out), RunState()
+        self.device = torch_device(device, "training device")
         self.mean = [float(m) for m in np.broadcast_to(np.asarray(mean, float), (3,))]
         self.train_idx, self.val_idx = split_by_frame(samples, cfg.val_frac, cfg.seed, cfg.val_frames)
         if not len(self.train_idx): raise InputError("no training samples left after holding out the validation frames")
         self.net, init_desc = _initial_network(cfg, samples.n_channels)
+        self.net.to(self.device)                                          # before Adam: its state lives with the weights
         if any(s % self.net.size_multiple for s in cfg.crop_hw):
             raise ConfigError(f"crop_hw {list(cfg.crop_hw)} must be multiples of {self.net.size_multiple} for this network")
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -561,6 +564,7 @@ def train_step(self:Trainer) -> float:
     rng = np.random.default_rng([cfg.seed, 0xA, s.step])
     idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
     x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride)
+    x, tgt, m = (v.to(self.device, non_blocking=True) for v in (x, tgt, m))
     if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
     self.net.train()
@@ -675,13 +679,15 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
                    progress:bool=True, # a tqdm progress bar
                    callback=None, # callback(step, loss) after every step (after any checkpoint of that step)
                    metadata:dict|None=None, # extra 'data' metadata for the checkpoints (e.g. the data recipe)
+                   device=None, # "cpu", "cuda", "cuda:N" or "mps" (None: CUDA when available, else the CPU); a run may resume on another
                   ) -> TrainResult:
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+    dev = torch_device(device, "training device")                       # a GPU this machine lacks: refused before the folder exists
     out = prepare_run_folder(out_dir, resume)
     check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
-        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata)
+        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev)
         return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
@@ -782,6 +788,7 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
                       progress:bool=True, # progress bars
                       detector_model=None, # cropzoom: a detector checkpoint whose boxes crop every labelled frame (lightning-pose's recipe)
                       crop_options=None, # cropzoom: `cropzoom.CropOptions` of those boxes (default: ratio 2); without a detector: boxes from the labels
+                      device=None, # the torch device to train on (default: the config's [pose2d] device, else CUDA when available, else the CPU)
                       **settings, # TrainConfig settings, e.g. steps=600, init=None (random weights), val_frames=[...]
                      ) -> TrainResult:
     "Read labels, make the plan's pathway samples, train (`train_detector`), and write RUN_DIR/use_model.toml."
@@ -796,7 +803,8 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
     if detector_model is not None or crop_options is not None:
         meta["cropzoom"] = {"detector_model": str(detector_model) if detector_model is not None else None,
                             "crop_options": repr(crop_options)}
-    res = train_detector(samples, out_dir, train_cfg, resume=resume, progress=progress, metadata=meta)
+    res = train_detector(samples, out_dir, train_cfg, resume=resume, progress=progress, metadata=meta,
+                         device=cfg.pose2d.device if device is None else device)
     res.config_lines = model_config_lines(res.model_path, model, plan.models[model].cls)
     with atomic_path(res.out_dir / "use_model.toml") as tmp: tmp.write_text(res.config_lines)
     return res
