@@ -25,6 +25,7 @@ with larger batches, e.g. --workers 14 --batch-size 32 (the renders are the same
 """
 from __future__ import annotations
 import argparse, json, os, sys, time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--self-train-steps", type=int, default=600, help="training steps per self-training round")
     ap.add_argument("--threshold-px", type=float, nargs="+", default=[20.0], metavar="PX",
                     help="the pseudo-labels' agreement threshold per round (the last one repeats), pixels")
+    ap.add_argument("--pseudo-repeat", type=int, default=1, metavar="K",
+                    help="each round's pseudo-labelled samples count K times against the renders (a bigger share of every batch)")
     ap.add_argument("--pseudo-only", action="store_true", help="self-training rounds train on the pseudo-labels alone, without the renders")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
                          callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
     net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
     after = evaluate(net, real)
-    row = {"pseudo_only": args.pseudo_only, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
@@ -152,7 +155,7 @@ def self_train(args, S, plan, real, scored, cfg) -> list:
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
-        train_detector(P if args.pseudo_only else concat_samples([S, P]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device)
+        train_detector(P if args.pseudo_only else concat_samples([S] + [replace(P, frame_keys=[f"{k} (copy {j})" for k in P.frame_keys]) for j in range(args.pseudo_repeat)]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device)
         model = run / "last.pt"
         rounds.append({"round": r, "threshold_px": thr, "example_before": ex, "pseudo_labels": str(P), "train": c,
                        "real_after": scored(evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})
