@@ -396,7 +396,7 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
             print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)
         raise
     m = res.metrics
-    print(f"trained {res.steps} steps in {time.perf_counter() - t0:.1f} s ({res.train_seconds:.1f} s in training steps, "
+    print(f"trained {res.steps} steps on {res.device or 'cpu'} in {time.perf_counter() - t0:.1f} s ({res.train_seconds:.1f} s in training steps, "
           f"{res.images_per_s:.1f} images/s){'; stopped early' if res.stopped_early else ''}")
     if m and m.get("n_points"):
         print(f"held-out frames: median {m['median_px']:.2f} px, PCK@5 {100 * m['pck5']:.1f}%, PCK@10 {100 * m['pck10']:.1f}% "
@@ -481,7 +481,7 @@ def _add_train_parser(sub, # the subparsers of `make_parser`
                         "--set augment.rotation_deg=20 --set val_frac=0.2; repeatable")
     s.add_argument("--settings", metavar="FILE", help="training settings from a TOML or JSON file (a [training] table or top level); --set overrides")
     s.add_argument("--threads", type=int, help="CPU threads for training (default 2)")
-    s.add_argument("--device", help='"cpu", "cuda", "cuda:N" or "mps" (default: the config\'s [pose2d] device, else the GPU when torch sees one)')
+    s.add_argument("--device", help='"cpu", "cuda", "cuda:N" or "mps" (default: the config\'s [pose2d] device, else the GPU when torch sees one; with --unlabelled: the CPU)')
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     crop = s.add_argument_group("cropzoom: train a pose model on crops around the animal")
     crop.add_argument("--detector-model", help="a detector checkpoint whose boxes crop every labelled frame")

@@ -392,7 +392,9 @@ def load_labels(path, # a label file written by LabelSet.save
     except OSError as e: raise InputError(f"{path} is not an HDF5 file ({e})") from None
     with f:
         if f.attrs.get("format") != LABELS_FORMAT:
-            raise InputError(f"{path} is not a deeperfly label file (format attribute {f.attrs.get('format')!r}, expected {LABELS_FORMAT!r})")
+            hint = ("; a run's result becomes labels with `deeperfly pseudo-label RESULT.h5 -o labels.h5`"
+                    if f.attrs.get("format") == "deeperfly.PoseResult" else "")
+            raise InputError(f"{path} is not a deeperfly label file (format attribute {f.attrs.get('format')!r}, expected {LABELS_FORMAT!r}){hint}")
         if int(f.attrs.get("version", 0)) > LABELS_VERSION:
             raise InputError(f"{path} is label format version {f.attrs['version']}; this deeperfly reads up to {LABELS_VERSION}")
         sk = skeleton_from_dict(json.loads(f.attrs["skeleton"]), where=f"{path}: skeleton")

@@ -422,6 +422,7 @@ class TrainResult:
     train_seconds: float       # time spent in training steps (evaluation excluded), all sessions together
     images_per_s: float        # training throughput: samples per second of training-step time
     config_lines: str = ""     # the [[pose2d.models]] TOML that uses the model (train_from_labels: also RUN_DIR/use_model.toml)
+    device: str = ""           # the torch device the last session trained on, e.g. 'cpu' or 'cuda:0'
 
 def _log_write(path:Path, records:list):
     with atomic_path(path) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -622,10 +623,10 @@ def export(self:Trainer) -> TrainResult:
                      channels_last=cfg.channels_last).summary() if len(self.val_idx) else {}
     ips = s.step * cfg.batch_size / s.train_seconds if s.train_seconds else float("nan")
     meta = {**self.meta, "metrics": final, "step": s.best["step"] if s.best else s.step, "steps_done": s.step, "stopped_early": s.stopped,
-            "train_seconds": round(s.train_seconds, 1), "images_per_s": round(ips, 2), "log": s.history}
+            "train_seconds": round(s.train_seconds, 1), "images_per_s": round(ips, 2), "device": str(self.device), "log": s.history}
     model_path = save_checkpoint(self.out / "model.pt", self.net.to(memory_format=torch.contiguous_format), meta, epoch=meta["step"])
     _log_write(self.out / "log.jsonl", s.history)
-    return TrainResult(model_path, self.out, final, s.history, s.step, s.stopped, s.train_seconds, ips)
+    return TrainResult(model_path, self.out, final, s.history, s.step, s.stopped, s.train_seconds, ips, device=str(self.device))
 
 # %% ../nbs/17_training.ipynb #8c20f9df
 def prepare_run_folder(out_dir, # the run folder
