@@ -691,6 +691,22 @@ def _ok(problems, path:str) -> bool:
 
 def _strings(v) -> bool: return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
+def _bundle_adjustment_problems(data:dict, skeleton, cams:dict, problems) -> list:
+    "[(key, message)]: [bundle_adjustment] points_to_use that the skeleton lacks or repeats, fixed entries that name no camera."
+    ba, out = data.get("bundle_adjustment", {}), []
+    ba = ba if isinstance(ba, dict) else {}
+    pts = ba.get("points_to_use")
+    if skeleton is not None and _strings(pts) and _ok(problems, "bundle_adjustment.points_to_use"):
+        out += _unknown_names(pts, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", "bundle_adjustment.points_to_use")
+        dup = sorted({p for p in pts if pts.count(p) > 1})
+        if dup: out.append(("bundle_adjustment.points_to_use", f"duplicate point(s) {dup}"))
+    fixed = ba.get("fixed")
+    if cams and _strings(fixed) and _ok(problems, "bundle_adjustment.fixed"):
+        out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{did_you_mean(v, cams)}")
+                for i, e in enumerate(fixed) if (v := e.partition(".")[0]) not in cams and v != "*" and e != "auto"]
+    return out
+
+
 # %% ../nbs/10_config.ipynb #0ee6607a
 def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
     "(problems between tables, warnings, skeleton or None), checked wherever the keys involved are valid on their own."
@@ -707,17 +723,7 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         except ValidationError: pass      # reported already
         except (ConfigError, InputError) as e:
             out.append((f"cameras.{name}", str(e).removeprefix(f"camera {name!r}: ").removeprefix(f"cameras.{name}: ")))
-    ba = data.get("bundle_adjustment", {})
-    ba = ba if isinstance(ba, dict) else {}
-    pts = ba.get("points_to_use")
-    if skeleton is not None and _strings(pts) and _ok(problems, "bundle_adjustment.points_to_use"):
-        out += _unknown_names(pts, skeleton.point_names, f"a point of skeleton {skeleton.name!r}", "bundle_adjustment.points_to_use")
-        dup = sorted({p for p in pts if pts.count(p) > 1})
-        if dup: out.append(("bundle_adjustment.points_to_use", f"duplicate point(s) {dup}"))
-    fixed = ba.get("fixed")
-    if cams and _strings(fixed) and _ok(problems, "bundle_adjustment.fixed"):
-        out += [(f"bundle_adjustment.fixed[{i}]", f"{e!r} names no camera; cameras are {', '.join(cams)}{did_you_mean(v, cams)}")
-                for i, e in enumerate(fixed) if (v := e.partition(".")[0]) not in cams and v != "*" and e != "auto"]
+    out += _bundle_adjustment_problems(data, skeleton, cams, problems)
     tri = data.get("triangulation", {})
     mv = tri.get("min_views") if isinstance(tri, dict) else None
     pipe = data.get("pipeline", {})
