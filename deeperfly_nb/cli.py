@@ -396,7 +396,7 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
             print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)
         raise
     m = res.metrics
-    print(f"trained {res.steps} steps on {res.device or 'cpu'} in {time.perf_counter() - t0:.1f} s ({res.train_seconds:.1f} s in training steps, "
+    print(f"trained {res.steps} steps on {res.device} in {time.perf_counter() - t0:.1f} s ({res.train_seconds:.1f} s in training steps, "
           f"{res.images_per_s:.1f} images/s){'; stopped early' if res.stopped_early else ''}")
     if m and m.get("n_points"):
         print(f"held-out frames: median {m['median_px']:.2f} px, PCK@5 {100 * m['pck5']:.1f}%, PCK@10 {100 * m['pck10']:.1f}% "

@@ -13,6 +13,7 @@ import numpy as np
 from fastcore.basics import patch
 from .core import ConfigError, InputError, atomic_path, check_shape, did_you_mean
 from .skeleton import Skeleton, fly38, skeleton_from_dict
+from .results import FORMAT_NAME as RESULT_FORMAT
 from .plan import DetectionPlan, Transform
 from . import io
 
@@ -393,7 +394,7 @@ def load_labels(path, # a label file written by LabelSet.save
     with f:
         if f.attrs.get("format") != LABELS_FORMAT:
             hint = ("; a run's result becomes labels with `deeperfly pseudo-label RESULT.h5 -o labels.h5`"
-                    if f.attrs.get("format") == "deeperfly.PoseResult" else "")
+                    if f.attrs.get("format") == RESULT_FORMAT else "")
             raise InputError(f"{path} is not a deeperfly label file (format attribute {f.attrs.get('format')!r}, expected {LABELS_FORMAT!r}){hint}")
         if int(f.attrs.get("version", 0)) > LABELS_VERSION:
             raise InputError(f"{path} is label format version {f.attrs['version']}; this deeperfly reads up to {LABELS_VERSION}")

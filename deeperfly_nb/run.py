@@ -319,9 +319,10 @@ def prepare_run(config:Config, # the run's config
     readers, points = {}, None
     if config.pipeline.pose2d:
         from deeperfly_nb.inference import open_sources
-        if (device or config.pose2d.device) not in (None, "cpu"):        # torch is imported only to check a GPU (or a bad name)
+        dev = device or config.pose2d.device
+        if dev not in (None, "cpu"):                                    # torch is imported only to check a GPU (or a bad name)
             from deeperfly_nb.detector import torch_device
-            torch_device(device or config.pose2d.device, "--device" if device else "[pose2d] device")
+            torch_device(dev, "--device" if device else "[pose2d] device")
         readers = open_sources(config.detection_plan(), recording)   # a missing camera fails here, before any model loads
         footage_fps = next((r.fps for r in readers.values() if r.fps), None)
         inputs += [f for r in readers.values() for f in (getattr(r, "files", None) or [r.path])]
