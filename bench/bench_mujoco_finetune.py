@@ -17,6 +17,8 @@ within 20 px), and `--self-train-steps` more steps on the renders plus those pse
 last weights (`--pseudo-only`: on the pseudo-labels alone). Each round is scored on the sample as above; the last model is run on the example once more for its
 bone-length CV and reprojection error. The sample's frames are never trained on, labelled or not.
 --threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
+--style N gives half the training crops the tone of real frames (`training.fourier_style`, Fourier domain adaptation):
+N frames per pathway of the unlabelled example recording (`labels.footage_inputs`), never the sample's.
 The renders are kept in the run folder (renders_<recordings>x<frames>_<units>_<renderer code digest>.npz) and reused by a
 later call with the same --run. Writes bench/results/mujoco_finetune.json (or --out). Nothing here is asserted.
 
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pseudo-repeat", type=int, default=1, metavar="K",
                     help="each round's pseudo-labelled samples count K times against the renders (a bigger share of every batch)")
     ap.add_argument("--pseudo-only", action="store_true", help="self-training rounds train on the pseudo-labels alone, without the renders")
+    ap.add_argument("--style", type=int, default=0, metavar="N",
+                    help="crops take the tone of N frames per pathway of the unlabelled example recording (0: off)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
     ap.add_argument("--batch-size", type=int, default=8, help="training crops per step")
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     from deeperfly_nb.config import Config
     from deeperfly_nb.core import atomic_path
     from deeperfly_nb.detector import build_network, bundled_weights, load_checkpoint
-    from deeperfly_nb.labels import concat_samples, labels_from_df3d, load_samples, pathway_samples
+    from deeperfly_nb.labels import concat_samples, footage_inputs, labels_from_df3d, load_samples, pathway_samples
     from deeperfly_nb.training import Augment, evaluate, train_detector
     if not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on", file=sys.stderr); return 1
     plan = Config.default().detection_plan()
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
         cache.parent.mkdir(parents=True, exist_ok=True); S.save(cache)
     render_s = time.perf_counter() - t0
     print(f"rendered {args.recordings} x {args.frames} frames in {render_s:.0f} s: {S}", flush=True)
+    style = footage_inputs(EXAMPLE, plan, n_frames=args.style) if args.style else None
     m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
     before = evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=args.batch_size, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
@@ -103,17 +108,17 @@ def main(argv=None) -> int:
                **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))
     t1 = time.perf_counter()
-    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False, device=args.device,
+    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False, device=args.device, style_images=style,
                          callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
     net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
     after = evaluate(net, real)
-    row = {"pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
            "renders_held_out": [h for h in res.history if "val_median_px" in h][-1:],
            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": os.getloadavg()}
-    if args.self_train: row["self_train"] = self_train(args, S, plan, real, scored, cfg)
+    if args.self_train: row["self_train"] = self_train(args, S, plan, real, scored, cfg, style)
     print(json.dumps(row, indent=1), flush=True)
     with atomic_path(Path(args.out)) as tmp: tmp.write_text(json.dumps(row, indent=1) + "\n")
     return 0
@@ -141,7 +146,7 @@ def example_run(model, out):
                                       "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
 
 
-def self_train(args, S, plan, real, scored, cfg) -> list:
+def self_train(args, S, plan, real, scored, cfg, style=None) -> list:
     "Rounds of multi-view bootstrapping on the unlabelled example recording (see the module's docstring)."
     from deeperfly_nb.detector import build_network, load_checkpoint
     from deeperfly_nb.labels import concat_samples, labels_from_result, pathway_samples
@@ -155,7 +160,7 @@ def self_train(args, S, plan, real, scored, cfg) -> list:
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
-        train_detector(P if args.pseudo_only else concat_samples([S] + [replace(P, frame_keys=[f"{k} (copy {j})" for k in P.frame_keys]) for j in range(args.pseudo_repeat)]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device)
+        train_detector(P if args.pseudo_only else concat_samples([S] + [replace(P, frame_keys=[f"{k} (copy {j})" for k in P.frame_keys]) for j in range(args.pseudo_repeat)]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device, style_images=style)
         model = run / "last.pt"
         rounds.append({"round": r, "threshold_px": thr, "example_before": ex, "pseudo_labels": str(P), "train": c,
                        "real_after": scored(evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})

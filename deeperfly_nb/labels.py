@@ -22,7 +22,7 @@ __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_
            'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
            'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
            'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan',
-           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'labels_from_render',
+           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs', 'labels_from_render',
            'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
@@ -848,6 +848,31 @@ def pathway_samples(labels:LabelSet, # labeled frames
                      [f"{name}/{labels.frame_ids[f]}" if name else labels.frame_ids[f] for f in uf], channel_names(plan, model),
                      tuple(int(s) for s in spec.input_size),
                      {"model": model, "skeleton": labels.skeleton.name, "mean": list(spec.mean), "labels": repr(labels)})
+
+# %% ../nbs/16_labels.ipynb #7e3581b9
+def footage_inputs(recording, # a recording folder: footage the plan's sources find
+                   plan:DetectionPlan|None=None, # its pathways preprocess the frames (default: the packaged config's plan)
+                   n_frames:int=16, # frames per pathway, evenly spaced through the footage (fewer when it is shorter)
+                   model:str|None=None, # which model's pathways (default: the plan's only model)
+                  ) -> np.ndarray:
+    "(frames · pathways, H, W, K) uint8: unlabelled frames as the model sees them, each pathway's preprocessing at the input size (K = 1 if gray)."
+    plan = plan_or_default(plan); model = model_of_plan(plan, model)
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 1:
+        raise InputError(f"footage_inputs: n_frames must be an integer >= 1, got {n_frames!r}")
+    pathways = [pw for pw in plan.pathways if pw.model == model]
+    zoomed = [pw.name for pw in pathways if pw.crop_from is not None]
+    if zoomed: raise InputError(f"footage_inputs: pathways {zoomed} crop around an upstream pathway's points, which unlabelled footage "
+                                f"lacks; give a plan whose pathways for model {model!r} only mirror, crop and resize")
+    hw, pats, raw, out = tuple(int(s) for s in plan.models[model].input_size), view_patterns(plan), {}, []
+    for pw in pathways:
+        view = plan.view_names[pw.view_indices[0]]
+        if view not in raw:
+            with io.find_source(recording, list(pats[view])) as r:
+                idx = np.unique(np.linspace(0, len(r) - 1, min(int(n_frames), len(r))).round().astype(int))
+                raw[view] = [r[int(t)] for t in idx]
+        out.append(_pathway_inputs(pw, raw[view], np.full((len(raw[view]), 1, 2), np.nan), hw)[0])
+    images = np.concatenate(out)
+    return images[..., :1].copy() if (images[..., :1] == images[..., 1:]).all() else images
 
 # %% ../nbs/16_labels.ipynb #959db8be
 def labels_from_render(rec, # a synth_footage.SynthRender

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/training.html.md"""
 
 # %% ../nbs/17_training.ipynb #649d69d4
 from __future__ import annotations
-import difflib, inspect, json, math, time
+import difflib, hashlib, inspect, json, math, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,12 +21,12 @@ from .labels import SampleSet
 
 # %% auto #0
 __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES', 'RESUME_KEYS', 'BUNDLED_SEEDS',
-           'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'photometric',
-           'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame', 'TrainConfig',
-           'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads', 'RunState', 'Trainer',
-           'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
-           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'samples_from_label_files',
-           'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
+           'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'fourier_style',
+           'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame',
+           'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads',
+           'check_style_images', 'RunState', 'Trainer', 'prepare_run_folder', 'check_crop', 'run_trainer',
+           'train_detector', 'model_config_lines', 'with_trained_model', 'crop_labels_for_model', 'read_label_files',
+           'samples_from_label_files', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -55,6 +55,9 @@ class Augment:
     noise_std: tuple = (0.0, 0.03)      # Gaussian noise std (fraction of full scale)
     flip_pairs: list|None = None        # [[a, b], ...] channels a left-right mirror swaps; None: never mirror
     flip_prob: float = 0.5              # chance of the mirror when flip_pairs is given
+    style_prob: float = 0.5             # chance of taking a frame of real footage's tone (`fourier_style`; only when training gets style images)
+    style_window: tuple = (0.01, 0.1)   # half-size of the block of low frequencies taken, as a fraction of the crop's shorter side
+    style_mix: tuple = (0.5, 1.0)       # how far those frequencies' amplitudes move to the footage's (1: replaced)
 
     def __post_init__(self): _check_settings(self, AUGMENT_RULES, "augment.")
     @classmethod
@@ -88,6 +91,8 @@ AUGMENT_RULES = {   # setting: (test, what a valid value is)
     "contrast": (_pair(_range(0, lo_open=True)), "[lo, hi] with 0 < lo <= hi"), "gamma": (_pair(_range(0, lo_open=True)), "[lo, hi] with 0 < lo <= hi"),
     "blur_prob": (_range(0, 1), "a probability in [0, 1]"), "blur_sigma_px": (_pair(_range(0, lo_open=True)), "[lo, hi] with 0 < lo <= hi"),
     "noise_std": (_pair(_range(0)), "[lo, hi] with 0 <= lo <= hi"), "flip_prob": (_range(0, 1), "a probability in [0, 1]"),
+    "style_prob": (_range(0, 1), "a probability in [0, 1]"), "style_window": (_pair(_range(0, 0.5, lo_open=True)), "[lo, hi] with 0 < lo <= hi <= 0.5"),
+    "style_mix": (_pair(_range(0, 1)), "[lo, hi] with 0 <= lo <= hi <= 1"),
     "flip_pairs": (_optional(lambda v: isinstance(v, (list, tuple)) and all(_pair(_is_int, False)(p) for p in v)),
                    "none or a list of channel pairs [[a, b], ...]")}
 
@@ -133,6 +138,26 @@ def affine_crop(image:np.ndarray, # (H, W, K) uint8 model-input image
     img = cv2.warpAffine(image, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     return img.reshape(h, w, -1).astype(np.float32) / 255, keypoints @ R.T + M[:, 2]
 
+# %% ../nbs/17_training.ipynb #7bb3bc43
+_ANYWHERE = Augment.none()   # a style crop: no zoom or turn, anywhere in the frame (it has no labels to centre on)
+
+def fourier_style(img:np.ndarray, # (h, w, K) float32 in [0, 1]: the training crop
+                  style:np.ndarray, # (h, w, K') float32 in [0, 1]: a crop of real footage (its first channel serves every channel when K' < K)
+                  window:float, # half-size of the block of low frequencies taken, as a fraction of min(h, w), in (0, 0.5]
+                  mix:float, # 1: those amplitudes become the style's; 0: the crop is unchanged
+                 ) -> np.ndarray:
+    "The crop with its lowest frequencies' amplitudes moved to the style's, phases kept (Fourier domain adaptation): (h, w, K) float32 in [0, 1]."
+    h, w, K = img.shape
+    if style.shape[:2] != (h, w): raise InputError(f"fourier_style: the style crop is {style.shape[:2]}, the crop {(h, w)}; expected the same size")
+    sty = style[..., :K] if style.shape[2] >= K else np.repeat(style[..., :1], K, 2)
+    F, S = (np.fft.fftshift(np.fft.fft2(a, axes=(0, 1)), axes=(0, 1)) for a in (img, sty))
+    L, cy, cx = max(1, int(min(h, w) * window)), h // 2, w // 2
+    block = (slice(max(0, cy - L), cy + L + 1), slice(max(0, cx - L), cx + L + 1))
+    A = np.abs(F)
+    A[block] = mix * np.abs(S[block]) + (1 - mix) * A[block]
+    out = np.fft.ifft2(np.fft.ifftshift(A * np.exp(1j * np.angle(F)), axes=(0, 1)), axes=(0, 1)).real
+    return np.clip(out, 0, 1).astype(np.float32)
+
 # %% ../nbs/17_training.ipynb #8d9160ac
 def photometric(img:np.ndarray, # (h, w, K) float32 in [0, 1]
                 rng:np.random.Generator, # draws every change
@@ -157,9 +182,13 @@ def augment_sample(image:np.ndarray, # (H, W, K) uint8 model-input image
                    rng:np.random.Generator, # draws every random choice
                    aug:Augment, # the augmentation ranges
                    crop_hw:tuple, # (h, w) of the crop to return
+                   style:np.ndarray|None=None, # (S, H', W', K') uint8 frames of real footage at the model's input (see `fourier_style`), or None
                   ) -> tuple:
-    "(crop (h, w, K) float32 in [0, 1], keypoints (C, 2) in crop pixels): a random affine crop around the labels, then photometric changes."
+    "(crop (h, w, K) float32 in [0, 1], keypoints (C, 2) in crop pixels): a random affine crop around the labels, maybe a real frame's tone, then photometric changes."
     img, kp = affine_crop(image, keypoints, rng, aug, crop_hw)
+    if style is not None and aug.style_prob and rng.uniform() < aug.style_prob:
+        s = affine_crop(style[rng.integers(len(style))], np.full((1, 2), np.nan), rng, _ANYWHERE, crop_hw)[0]   # a crop anywhere in the frame
+        img = fourier_style(img, s, rng.uniform(*aug.style_window), rng.uniform(*aug.style_mix))
     img = photometric(img, rng, aug)
     if aug.flip_pairs is not None and rng.uniform() < aug.flip_prob:
         img = img[:, ::-1]
@@ -175,9 +204,10 @@ def make_batch(samples:SampleSet, # the samples
                sigma_cells:float, # target Gaussian std, heatmap cells
                mean, # subtracted from the [0, 1] input (one number or 3)
                stride:int=4, # network stride
+               style:np.ndarray|None=None, # (S, H', W', K') uint8 style frames of real footage (see `augment_sample`), or None
               ) -> tuple:
     "(x (B, 3, h, w) float32 tensor, targets (B, C, h/stride, w/stride) tensor, mask (B, C) tensor) for one training step."
-    crops, kps = zip(*(augment_sample(samples.images[i], samples.keypoints[i], rng, aug, crop_hw) for i in idx))
+    crops, kps = zip(*(augment_sample(samples.images[i], samples.keypoints[i], rng, aug, crop_hw, style) for i in idx))
     x = np.stack(crops)
     if x.shape[-1] == 1: x = np.repeat(x, 3, -1)
     mean_t = torch.tensor(np.broadcast_to(np.asarray(mean, np.float32), (3,)).copy()).view(1, 3, 1, 1)
@@ -489,6 +519,17 @@ def torch_threads(n:int|None, # torch CPU threads inside the block (None: leave 
     finally:
         if n: torch.set_num_threads(old)
 
+# %% ../nbs/17_training.ipynb #38d45862
+def check_style_images(style, # (S, H, W, K) uint8 frames of real footage (K = 1 or 3), or None
+                      ) -> np.ndarray|None:
+    "The style images as a C-contiguous array, or None; an `InputError` saying what was expected otherwise."
+    if style is None: return None
+    a = np.asarray(style)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] not in (1, 3) or not len(a) or min(a.shape[1:3]) < 1:
+        raise InputError(f"style_images: expected (S, H, W, 1 or 3) uint8 frames with S >= 1 (e.g. labels.footage_inputs), "
+                         f"got {a.dtype} {a.shape}")
+    return np.ascontiguousarray(a)
+
 # %% ../nbs/17_training.ipynb #fba5cf84
 @dataclass
 class RunState:
@@ -509,8 +550,10 @@ class Trainer:
                  mean, # the network's input mean (3,)
                  metadata:dict|None, # deeperfly metadata stored in the checkpoints
                  device=None, # the torch device it trains on (None: CUDA when available, else the CPU)
+                 style=None, # (S, H, W, K) uint8 frames of real footage whose tone crops may take (see `fourier_style`), or None
                 ):
         self.samples, self.cfg, self.out, self.state = samples, cfg, Path(out), RunState()
+        self.style = check_style_images(style)
         self.device = torch_device(device, "training device")
         self.mean = [float(m) for m in np.broadcast_to(np.asarray(mean, float), (3,))]
         self.train_idx, self.val_idx = split_by_frame(samples, cfg.val_frac, cfg.seed, cfg.val_frames)
@@ -520,12 +563,12 @@ class Trainer:
         if any(s % self.net.size_multiple for s in cfg.crop_hw):
             raise ConfigError(f"crop_hw {list(cfg.crop_hw)} must be multiples of {self.net.size_multiple} for this network")
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.fingerprint = samples.fingerprint()
+        self.fingerprint = samples.fingerprint() + ("" if self.style is None else "+style:" + hashlib.sha256(self.style.tobytes()).hexdigest()[:16])
         self.meta = {"skeleton": samples.meta.get("skeleton"), "channel_names": list(samples.channel_names),
                      "input_size": list(samples.input_size), "mean": self.mean, "training": cfg.to_dict(), "init": init_desc,
                      "data": {"fingerprint": self.fingerprint, "n_samples": len(samples), "n_frames": len(samples.frame_keys),
                               "n_train": len(self.train_idx), "n_val": len(self.val_idx), "pathways": list(samples.pathway_names),
-                              **(metadata or {})}}
+                              **({} if self.style is None else {"style_images": len(self.style)}), **(metadata or {})}}
     @property
     def last(self) -> Path:
         "The resumable checkpoint of the run (RUN_DIR/last.pt)."
@@ -537,8 +580,10 @@ def resume(self:Trainer):
     "Continue from `last.pt`: same settings and samples required."
     ck, cfg = read_run_checkpoint(self.last), self.cfg.to_dict()
     r = ck["resume"]
-    if r["config"] != cfg:
-        diff = sorted(k for k in set(r["config"]) | set(cfg) if r["config"].get(k) != cfg.get(k))
+    try: old = TrainConfig.from_dict(r["config"]).to_dict()      # a run from before a setting existed has that setting's default
+    except ConfigError: old = r["config"]
+    if old != cfg:
+        diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
         raise ConfigError(f"cannot resume {self.out}: the training settings differ from the run's ({', '.join(diff)})")
     if r["fingerprint"] != self.fingerprint: raise InputError(f"cannot resume {self.out}: the samples differ from the ones the run was trained on")
     try:
@@ -564,7 +609,7 @@ def train_step(self:Trainer) -> float:
     cfg, s, t0 = self.cfg, self.state, time.perf_counter()
     rng = np.random.default_rng([cfg.seed, 0xA, s.step])
     idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
-    x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride)
+    x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride, self.style)
     x, tgt, m = (v.to(self.device, non_blocking=True) for v in (x, tgt, m))
     if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
@@ -681,14 +726,16 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
                    callback=None, # callback(step, loss) after every step (after any checkpoint of that step)
                    metadata:dict|None=None, # extra 'data' metadata for the checkpoints (e.g. the data recipe)
                    device=None, # "cpu", "cuda", "cuda:N" or "mps" (None: CUDA when available, else the CPU); a run may resume on another
+                   style_images=None, # (S, H, W, K) uint8 unlabelled frames of real footage at the model's input (`labels.footage_inputs`): crops take their tone (`fourier_style`)
                   ) -> TrainResult:
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
     dev = torch_device(device, "training device")                       # a GPU this machine lacks: refused before the folder exists
+    check_style_images(style_images)                                    # and style images that are no images
     out = prepare_run_folder(out_dir, resume)
     check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
-        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev)
+        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev, style_images)
         return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
