@@ -89,6 +89,22 @@ def test_make_batch_shapes_and_mean(two_frames):
     assert -0.23 <= float(x.min()) and float(x.max()) <= 0.79
 
 
+def test_style_images_give_crops_the_tone_of_real_frames(two_frames):
+    bright = np.full((3, 256, 512, 1), 160, np.uint8)                    # "real footage": a flat, brighter frame
+    always = Augment(**{**Augment.none().to_dict(), "style_prob": 1.0, "style_mix": (1.0, 1.0), "style_window": (0.01, 0.01)})
+    plain, _, _ = make_batch(two_frames, [0, 5], np.random.default_rng(0), always, (128, 256), 1.5, 0.0)
+    styled, t, _ = make_batch(two_frames, [0, 5], np.random.default_rng(0), always, (128, 256), 1.5, 0.0, style=bright)
+    assert float(plain.mean()) < 0.4 and abs(float(styled.mean()) - 160 / 255) < 0.02          # the footage's level ...
+    hp = lambda x: x - torch.nn.functional.avg_pool2d(x, 9, 1, 4, count_include_pad=False)      # ... and the render's edges
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    assert float((hp(styled) - hp(plain))[inner].abs().mean()) < 0.2 * float(hp(plain)[inner].abs().mean())
+    never = Augment(**{**always.to_dict(), "style_prob": 0.0})
+    same, _, _ = make_batch(two_frames, [0, 5], np.random.default_rng(0), never, (128, 256), 1.5, 0.0, style=bright)
+    assert torch.equal(same, plain)                                    # style_prob 0: style images change nothing
+    with pytest.raises(InputError, match="style_images: expected"):
+        train_detector(two_frames, Path("/nonexistent/never_made"), TINY, progress=False, style_images=bright[..., 0])
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 class Oracle(torch.nn.Module):
     "A 'network' that returns each sample's exact targets, in order."
@@ -190,6 +206,21 @@ def test_resume_refuses_other_settings_or_samples(tmp_path, two_frames):
         train_detector(other, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True)
     with pytest.raises(InputError, match="does not exist"):
         train_detector(two_frames, tmp_path / "new", TINY, progress=False, resume=True)
+    style = np.full((2, 256, 512, 1), 90, np.uint8)
+    with pytest.raises(InputError, match="samples differ"):                # other style images: other training data
+        train_detector(two_frames, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True, style_images=style)
+
+
+def test_resume_a_run_from_before_a_setting_existed(tmp_path, two_frames):
+    run = tmp_path / "old"
+    train_detector(two_frames, run, {**TINY, "steps": 2}, progress=False)
+    ck = torch.load(run / "last.pt", weights_only=False)
+    for k in ("style_prob", "style_window", "style_mix"): del ck["resume"]["config"]["augment"][k]   # as an older deeperfly wrote it
+    torch.save(ck, run / "last.pt")
+    res = train_detector(two_frames, run, {**TINY, "steps": 2}, progress=False, resume=True)           # its defaults: the same settings
+    assert res.steps == 2
+    with pytest.raises(ConfigError, match="settings differ.*augment"):
+        train_detector(two_frames, run, {**TINY, "steps": 2, "augment": {"style_prob": 0.2}}, progress=False, resume=True)
 
 
 def test_early_stopping(tmp_path, two_frames):
