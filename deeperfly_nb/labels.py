@@ -855,7 +855,7 @@ def footage_inputs(recording, # a recording folder: footage the plan's sources f
                    n_frames:int=16, # frames per pathway, evenly spaced through the footage (fewer when it is shorter)
                    model:str|None=None, # which model's pathways (default: the plan's only model)
                   ) -> np.ndarray:
-    "(frames · pathways, H, W, K) uint8: unlabelled frames as the model sees them, each pathway's preprocessing at the input size (K = 1 if gray)."
+    "(frames · pathways, H, W, K) uint8, pathway after pathway: unlabelled frames as the model sees them, each pathway's preprocessing at the input size (K = 1 if gray)."
     plan = plan_or_default(plan); model = model_of_plan(plan, model)
     if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 1:
         raise InputError(f"footage_inputs: n_frames must be an integer >= 1, got {n_frames!r}")
@@ -867,7 +867,10 @@ def footage_inputs(recording, # a recording folder: footage the plan's sources f
     for pw in pathways:
         view = plan.view_names[pw.view_indices[0]]
         if view not in raw:
-            with io.find_source(recording, list(pats[view])) as r:
+            try: r = io.find_source(recording, list(pats[view]))
+            except InputError as e: raise InputError(f"footage_inputs: view {view!r}: {e}") from None
+            with r:
+                if not len(r): raise InputError(f"footage_inputs: view {view!r}: {r.name} has no frames")
                 idx = np.unique(np.linspace(0, len(r) - 1, min(int(n_frames), len(r))).round().astype(int))
                 raw[view] = [r[int(t)] for t in idx]
         out.append(_pathway_inputs(pw, raw[view], np.full((len(raw[view]), 1, 2), np.nan), hw)[0])

@@ -142,14 +142,16 @@ def affine_crop(image:np.ndarray, # (H, W, K) uint8 model-input image
 _ANYWHERE = Augment.none()   # a style crop: no zoom or turn, anywhere in the frame (it has no labels to centre on)
 
 def fourier_style(img:np.ndarray, # (h, w, K) float32 in [0, 1]: the training crop
-                  style:np.ndarray, # (h, w, K') float32 in [0, 1]: a crop of real footage (its first channel serves every channel when K' < K)
+                  style:np.ndarray, # (h, w, K') float32 in [0, 1]: a crop of real footage (gray serves every channel; colour, a gray crop as its mean)
                   window:float, # half-size of the block of low frequencies taken, as a fraction of min(h, w), in (0, 0.5]
                   mix:float, # 1: those amplitudes become the style's; 0: the crop is unchanged
                  ) -> np.ndarray:
     "The crop with its lowest frequencies' amplitudes moved to the style's, phases kept (Fourier domain adaptation): (h, w, K) float32 in [0, 1]."
+    if img.ndim != 3 or style.ndim != 3: raise InputError(f"fourier_style: expected (h, w, K) crops, got {img.shape} and {style.shape}")
+    if not (0 < window <= 0.5 and 0 <= mix <= 1): raise InputError(f"fourier_style: expected 0 < window <= 0.5 and 0 <= mix <= 1, got {window}, {mix}")
     h, w, K = img.shape
     if style.shape[:2] != (h, w): raise InputError(f"fourier_style: the style crop is {style.shape[:2]}, the crop {(h, w)}; expected the same size")
-    sty = style[..., :K] if style.shape[2] >= K else np.repeat(style[..., :1], K, 2)
+    sty = style if style.shape[2] == K else np.repeat(style[..., :1], K, 2) if style.shape[2] == 1 else style.mean(2, keepdims=True)
     F, S = (np.fft.fftshift(np.fft.fft2(a, axes=(0, 1)), axes=(0, 1)) for a in (img, sty))
     L, cy, cx = max(1, int(min(h, w) * window)), h // 2, w // 2
     block = (slice(max(0, cy - L), cy + L + 1), slice(max(0, cx - L), cx + L + 1))
@@ -521,6 +523,7 @@ def torch_threads(n:int|None, # torch CPU threads inside the block (None: leave 
 
 # %% ../nbs/17_training.ipynb #38d45862
 def check_style_images(style, # (S, H, W, K) uint8 frames of real footage (K = 1 or 3), or None
+                       crop_hw:tuple|None=None, # the training crop (h, w) the frames must cover, or None
                       ) -> np.ndarray|None:
     "The style images as a C-contiguous array, or None; an `InputError` saying what was expected otherwise."
     if style is None: return None
@@ -528,6 +531,8 @@ def check_style_images(style, # (S, H, W, K) uint8 frames of real footage (K = 1
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] not in (1, 3) or not len(a) or min(a.shape[1:3]) < 1:
         raise InputError(f"style_images: expected (S, H, W, 1 or 3) uint8 frames with S >= 1 (e.g. labels.footage_inputs), "
                          f"got {a.dtype} {a.shape}")
+    if crop_hw is not None and (a.shape[1] < crop_hw[0] or a.shape[2] < crop_hw[1]):
+        raise InputError(f"style_images: frames of {a.shape[1]}x{a.shape[2]} are smaller than the training crop {crop_hw[0]}x{crop_hw[1]}")
     return np.ascontiguousarray(a)
 
 # %% ../nbs/17_training.ipynb #fba5cf84
@@ -553,7 +558,7 @@ class Trainer:
                  style=None, # (S, H, W, K) uint8 frames of real footage whose tone crops may take (see `fourier_style`), or None
                 ):
         self.samples, self.cfg, self.out, self.state = samples, cfg, Path(out), RunState()
-        self.style = check_style_images(style)
+        self.style = check_style_images(style, cfg.crop_hw)
         self.device = torch_device(device, "training device")
         self.mean = [float(m) for m in np.broadcast_to(np.asarray(mean, float), (3,))]
         self.train_idx, self.val_idx = split_by_frame(samples, cfg.val_frac, cfg.seed, cfg.val_frames)
@@ -563,7 +568,8 @@ class Trainer:
         if any(s % self.net.size_multiple for s in cfg.crop_hw):
             raise ConfigError(f"crop_hw {list(cfg.crop_hw)} must be multiples of {self.net.size_multiple} for this network")
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.fingerprint = samples.fingerprint() + ("" if self.style is None else "+style:" + hashlib.sha256(self.style.tobytes()).hexdigest()[:16])
+        self.fingerprint = samples.fingerprint()
+        self.style_digest = None if self.style is None else hashlib.sha256(repr(self.style.shape).encode() + self.style.tobytes()).hexdigest()[:16]
         self.meta = {"skeleton": samples.meta.get("skeleton"), "channel_names": list(samples.channel_names),
                      "input_size": list(samples.input_size), "mean": self.mean, "training": cfg.to_dict(), "init": init_desc,
                      "data": {"fingerprint": self.fingerprint, "n_samples": len(samples), "n_frames": len(samples.frame_keys),
@@ -586,6 +592,9 @@ def resume(self:Trainer):
         diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
         raise ConfigError(f"cannot resume {self.out}: the training settings differ from the run's ({', '.join(diff)})")
     if r["fingerprint"] != self.fingerprint: raise InputError(f"cannot resume {self.out}: the samples differ from the ones the run was trained on")
+    if r.get("style") != self.style_digest:
+        raise InputError(f"cannot resume {self.out}: the style images differ from the run's ({'none' if r.get('style') is None else 'some'} then, "
+                         f"{'none' if self.style is None else len(self.style)} now)")
     try:
         self.net.load_state_dict({k.removeprefix("module."): v for k, v in ck["state_dict"].items()})
         self.opt.load_state_dict(r["optimizer"]); torch.set_rng_state(r["torch_rng"])
@@ -600,7 +609,7 @@ def resume_record(self:Trainer) -> dict:
     s = self.state
     return {"step": s.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(), "history": s.history,
             "pending": s.pending, "best": s.best, "bad_evals": s.bad_evals, "train_seconds": s.train_seconds,
-            "config": self.cfg.to_dict(), "fingerprint": self.fingerprint}
+            "config": self.cfg.to_dict(), "fingerprint": self.fingerprint, "style": self.style_digest}
 
 # %% ../nbs/17_training.ipynb #457bf7a2
 @patch
@@ -731,7 +740,7 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
     dev = torch_device(device, "training device")                       # a GPU this machine lacks: refused before the folder exists
-    check_style_images(style_images)                                    # and style images that are no images
+    check_style_images(style_images, cfg.crop_hw)                       # and style images that are no images
     out = prepare_run_folder(out_dir, resume)
     check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):

@@ -207,7 +207,7 @@ def test_resume_refuses_other_settings_or_samples(tmp_path, two_frames):
     with pytest.raises(InputError, match="does not exist"):
         train_detector(two_frames, tmp_path / "new", TINY, progress=False, resume=True)
     style = np.full((2, 256, 512, 1), 90, np.uint8)
-    with pytest.raises(InputError, match="samples differ"):                # other style images: other training data
+    with pytest.raises(InputError, match=r"style images differ from the run's \(none then, 2 now\)"):   # other style images: other training data
         train_detector(two_frames, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True, style_images=style)
 
 
