@@ -867,12 +867,14 @@ def footage_inputs(recording, # a recording folder: footage the plan's sources f
     for pw in pathways:
         view = plan.view_names[pw.view_indices[0]]
         if view not in raw:
-            try: r = io.find_source(recording, list(pats[view]))
-            except InputError as e: raise InputError(f"footage_inputs: view {view!r}: {e}") from None
-            with r:
-                if not len(r): raise InputError(f"footage_inputs: view {view!r}: {r.name} has no frames")
-                idx = np.unique(np.linspace(0, len(r) - 1, min(int(n_frames), len(r))).round().astype(int))
-                raw[view] = [r[int(t)] for t in idx]
+            store = RecordingFrames(recording, {view: pats[view]}, [])
+            try:
+                try: n = len(store._reader(view))
+                except InputError as e: raise InputError(f"footage_inputs: view {view!r}: {e}") from None
+                if not n: raise InputError(f"footage_inputs: view {view!r}: {store._reader(view).name} has no frames")
+                store.frame_index = np.unique(np.linspace(0, n - 1, min(int(n_frames), n)).round().astype(np.int64))
+                raw[view] = store.read(view, range(len(store.frame_index)))      # nearby frames in one sequential pass
+            finally: store.close()
         out.append(_pathway_inputs(pw, raw[view], np.full((len(raw[view]), 1, 2), np.nan), hw)[0])
     images = np.concatenate(out)
     return images[..., :1].copy() if (images[..., :1] == images[..., 1:]).all() else images
