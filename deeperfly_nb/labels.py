@@ -817,6 +817,10 @@ def _pathway_inputs(pw, raw:list, kp:np.ndarray, input_hw:tuple) -> tuple:
         hw[sel] = size
     return im, ki, hw
 
+def _gray_as_one_channel(images:np.ndarray) -> np.ndarray:
+    "(n, H, W, 1) when the (n, H, W, 3) images are gray (all three channels equal), else the images as they are."
+    return images[..., :1].copy() if (images[..., :1] == images[..., 1:]).all() else images
+
 # %% ../nbs/16_labels.ipynb #658dbf53
 def pathway_samples(labels:LabelSet, # labeled frames
                     plan:DetectionPlan, # the detection plan whose pathways the model serves
@@ -841,8 +845,8 @@ def pathway_samples(labels:LabelSet, # labeled frames
         out.append((k, frames, *_pathway_inputs(pathways[k], [cache[(view, f)] for f in frames], kp, tuple(int(s) for s in spec.input_size)), kp, kv))
     cat = lambda j: np.concatenate([o[j] for o in out])
     images, frames_all = cat(2), cat(1)
-    gray, uf = bool((images[..., :1] == images[..., 1:]).all()), np.unique(frames_all)
-    return SampleSet(images[..., :1].copy() if gray else images, cat(3).astype(np.float32), cat(5), cat(6), cat(4),
+    uf = np.unique(frames_all)
+    return SampleSet(_gray_as_one_channel(images), cat(3).astype(np.float32), cat(5), cat(6), cat(4),
                      np.concatenate([np.full(len(o[1]), o[0]) for o in out]), np.searchsorted(uf, frames_all),
                      [pw.name for pw in pathways], [pw.transform.to_json() for pw in pathways],
                      [f"{name}/{labels.frame_ids[f]}" if name else labels.frame_ids[f] for f in uf], channel_names(plan, model),
@@ -876,8 +880,7 @@ def footage_inputs(recording, # a recording folder: footage the plan's sources f
                 raw[view] = store.read(view, range(len(store.frame_index)))      # nearby frames in one sequential pass
             finally: store.close()
         out.append(_pathway_inputs(pw, raw[view], np.full((len(raw[view]), 1, 2), np.nan), hw)[0])
-    images = np.concatenate(out)
-    return images[..., :1].copy() if (images[..., :1] == images[..., 1:]).all() else images
+    return _gray_as_one_channel(np.concatenate(out))
 
 # %% ../nbs/16_labels.ipynb #959db8be
 def labels_from_render(rec, # a synth_footage.SynthRender
