@@ -23,7 +23,13 @@ The renders are kept in the run folder (renders_<recordings>x<frames>_<units>_<r
 later call with the same --run. Writes bench/results/mujoco_finetune.json (or --out). Nothing here is asserted.
 
 On a GPU machine (training runs on the GPU when torch sees one; --device chooses), render in parallel and train
-with larger batches, e.g. --workers 14 --batch-size 32 (the renders are the same with any --workers).
+with larger batches, e.g. --workers 14 --batch-size 32 --loader-threads 8 (the renders and the weights are the same
+with any --workers and --loader-threads). A machine without ../shared/data (a rented GPU, say) trains with
+--no-real and --style-file F, F written beforehand by --save-style F on a machine with the example recording;
+--render-budget-s S stops rendering after S seconds and keeps the first recordings that finished (the count goes in
+the JSON: --recordings with that count renders the same set again). A model trained there is scored and
+self-trained here with --from-model RUN/last.pt (no training on the renders; self-training still mixes in the
+renders of --recordings).
 """
 from __future__ import annotations
 import argparse, json, os, sys, time
@@ -61,6 +67,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
     ap.add_argument("--batch-size", type=int, default=8, help="training crops per step")
+    ap.add_argument("--loader-threads", type=int, default=0, help="threads making the next batches while the network trains (the weights are the same)")
+    ap.add_argument("--render-budget-s", type=float, default=None, help="stop rendering after this many seconds; keep the first recordings that finished")
+    ap.add_argument("--style-file", default=None, help="style frames from this .npz (written by --save-style) instead of the example recording")
+    ap.add_argument("--save-style", default=None, help="write the --style frames of the example recording to this .npz and stop")
+    ap.add_argument("--no-real", action="store_true", help="no scores on the real sample (for a machine without ../shared/data)")
+    ap.add_argument("--from-model", default=None, help="score and self-train this model instead of training one on the renders")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -72,12 +84,16 @@ def main(argv=None) -> int:
     from deeperfly_nb.detector import build_network, bundled_weights, load_checkpoint
     from deeperfly_nb.labels import concat_samples, footage_inputs, labels_from_df3d, load_samples, pathway_samples
     from deeperfly_nb.training import Augment, evaluate, train_detector
-    if not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on", file=sys.stderr); return 1
     plan = Config.default().detection_plan()
-    real = pathway_samples(labels_from_df3d(DF3D_PKL, frames=range(15), plan=plan), plan)
+    if args.save_style:
+        with atomic_path(Path(args.save_style)) as tmp, open(tmp, "wb") as f: np.savez_compressed(f, style=footage_inputs(EXAMPLE, plan, n_frames=args.style))
+        print(f"wrote {args.save_style}"); return 0
+    if not args.no_real and not DF3D_PKL.exists(): print(f"{DF3D_PKL} is missing: no real footage to evaluate on (--no-real skips it)", file=sys.stderr); return 1
+    real = None if args.no_real else pathway_samples(labels_from_df3d(DF3D_PKL, frames=range(15), plan=plan), plan)
     def per_view(ev):
         return {plan.view_names[plan.pathway(k).view_indices[0]]: round(float(v), 2) for k, v in ev.per_pathway().items()}
     def scored(ev):
+        if ev is None: return None
         E, names = ev.errors_px, ev.channel_names
         groups = {"legs": [c for c, n in enumerate(names) if n[1] == "_" and n[0] in "fmh"], "claws": [c for c, n in enumerate(names) if n.endswith("claw")],
                   "antenna": [c for c, n in enumerate(names) if "antenna" in n], "stripes": [c for c, n in enumerate(names) if "stripe" in n]}
@@ -89,39 +105,59 @@ def main(argv=None) -> int:
     cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
     if cache.exists(): S = load_samples(cache)
     else:
-        jobs = [(i, args.frames, args.units_per_mm) for i in range(args.recordings)]
-        if args.workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                sets = list(ex.map(render_samples, *zip(*jobs)))
-        else: sets = [render_samples(*j) for j in jobs]
+        sets = render_all(args)
+        if len(sets) < args.recordings:                                    # --render-budget-s ran out: name the set by its count
+            args.recordings = len(sets); cache = cache.with_name(f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz")
         S = concat_samples(sets)
         cache.parent.mkdir(parents=True, exist_ok=True); S.save(cache)
     render_s = time.perf_counter() - t0
     print(f"rendered {args.recordings} x {args.frames} frames in {render_s:.0f} s: {S}", flush=True)
-    style = footage_inputs(EXAMPLE, plan, n_frames=args.style) if args.style else None
+    style = np.load(args.style_file)["style"] if args.style_file else footage_inputs(EXAMPLE, plan, n_frames=args.style) if args.style else None
     m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
-    before = evaluate(m0, real)
+    before = real and evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=args.batch_size, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
                eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=args.threads, init="bundled:fly_synthetic",
                **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))
     t1 = time.perf_counter()
-    res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False, device=args.device, style_images=style,
-                         callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
-    net = build_network(load_checkpoint(Path(args.run) / "last.pt")[0])           # the last weights: no choice on the real frames
-    after = evaluate(net, real)
+    if args.from_model: res, model = None, Path(args.from_model)
+    else:
+        res = train_detector(S, args.run, cfg, resume=(Path(args.run) / "last.pt").exists(), progress=False, device=args.device, style_images=style,
+                             loader_threads=args.loader_threads,
+                             callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
+        model = Path(args.run) / "last.pt"                                        # the last weights: no choice on the real frames
+    after = real and evaluate(build_network(load_checkpoint(model)[0]), real)
     row = {"style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
-           "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
+           "from_model": args.from_model, "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
-           "renders_held_out": [h for h in res.history if "val_median_px" in h][-1:],
+           "renders_held_out": [h for h in res.history if "val_median_px" in h][-1:] if res else None,
+           "train_images_per_s": res and round(res.images_per_s, 1), "device": res and res.device,
            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": os.getloadavg()}
-    if args.self_train: row["self_train"] = self_train(args, S, plan, real, scored, cfg, style)
+    if args.self_train: row["self_train"] = self_train(args, S, plan, real, scored, cfg, model, style)
     print(json.dumps(row, indent=1), flush=True)
     with atomic_path(Path(args.out)) as tmp: tmp.write_text(json.dumps(row, indent=1) + "\n")
     return 0
+
+
+def render_all(args) -> list:
+    "The pathway samples of recordings 0.. --recordings, over --workers processes; with --render-budget-s only the first ones done in time."
+    jobs, t0 = [(i, args.frames, args.units_per_mm) for i in range(args.recordings)], time.perf_counter()
+    if args.workers <= 1 and args.render_budget_s is None: return [render_samples(*j) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    sets, ex = [], ProcessPoolExecutor(max(args.workers, 1), mp_context=multiprocessing.get_context("spawn"))
+    futures = [ex.submit(render_samples, *j) for j in jobs]
+    for f in futures:                                                       # in seed order: the set is always recordings 0..K-1
+        left = None if args.render_budget_s is None else args.render_budget_s - (time.perf_counter() - t0)
+        if left is not None and left <= 0 and not f.done(): break
+        try: sets.append(f.result(timeout=left))
+        except TimeoutError: break
+    workers = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in workers: p.terminate()                                        # workers still rendering a recording we no longer want
+    print(f"rendered recordings 0..{len(sets) - 1} of {args.recordings} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return sets
 
 
 def render_samples(i:int, frames:int, units_per_mm) -> "SampleSet":
@@ -146,12 +182,12 @@ def example_run(model, out):
                                       "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
 
 
-def self_train(args, S, plan, real, scored, cfg, style=None) -> list:
-    "Rounds of multi-view bootstrapping on the unlabelled example recording (see the module's docstring)."
+def self_train(args, S, plan, real, scored, cfg, model, style=None) -> list:
+    "Rounds of multi-view bootstrapping on the unlabelled example recording from `model` (see the module's docstring)."
     from deeperfly_nb.detector import build_network, load_checkpoint
     from deeperfly_nb.labels import concat_samples, labels_from_result, pathway_samples
     from deeperfly_nb.training import evaluate, train_detector
-    model, rounds = Path(args.run) / "last.pt", []
+    rounds = []
     for r in range(1, args.self_train + 1):
         t0 = time.perf_counter()
         res_path, ex = example_run(model, Path(args.run) / f"example_{r - 1}")
@@ -160,10 +196,11 @@ def self_train(args, S, plan, real, scored, cfg, style=None) -> list:
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
-        train_detector(P if args.pseudo_only else concat_samples([S] + [replace(P, frame_keys=[f"{k} (copy {j})" for k in P.frame_keys]) for j in range(args.pseudo_repeat)]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device, style_images=style)
+        train_detector(P if args.pseudo_only else concat_samples([S] + [replace(P, frame_keys=[f"{k} (copy {j})" for k in P.frame_keys]) for j in range(args.pseudo_repeat)]), run, c, resume=(run / "last.pt").exists(), progress=False, device=args.device, style_images=style,
+                       loader_threads=args.loader_threads)
         model = run / "last.pt"
         rounds.append({"round": r, "threshold_px": thr, "example_before": ex, "pseudo_labels": str(P), "train": c,
-                       "real_after": scored(evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})
+                       "real_after": scored(real and evaluate(build_network(load_checkpoint(model)[0]), real)), "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rounds[-1]), flush=True)
     rounds.append({"example_after": example_run(model, Path(args.run) / f"example_{args.self_train}")[1]})
     return rounds

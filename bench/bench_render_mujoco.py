@@ -70,17 +70,24 @@ def side_by_side(path:Path):
     return str(path.relative_to(ROOT))
 
 
+def gpu_name():
+    "The first GPU nvidia-smi lists, or None."
+    try: return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.splitlines()[0] or None
+    except (OSError, IndexError, subprocess.SubprocessError): return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["osmesa", "egl"])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--side-by-side-only", action="store_true", help="only redraw the real-beside-synthetic JPEG (no timing; the JSON is left alone)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "render_mujoco.json"), help="where the JSON goes")
     a = ap.parse_args()
     if a.child: print(json.dumps(child(a.child, a.frames))); return
     if a.side_by_side_only: print(side_by_side(ROOT / "bench" / "results" / "render_mujoco_side_by_side.jpg")); return
     res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
-                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, "frames": a.frames, "backends": []}
+                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "gpu": gpu_name()}, "frames": a.frames, "backends": []}
     for b in a.backends:
         r = subprocess.run([sys.executable, __file__, "--child", b, "--frames", str(a.frames)], capture_output=True, text=True)
         line = [l for l in r.stdout.splitlines() if l.startswith("{")]
@@ -89,8 +96,8 @@ def main():
     res["side_by_side"] = side_by_side(ROOT / "bench" / "results" / "render_mujoco_side_by_side.jpg")
     res["machine"]["load_after"] = os.getloadavg()[0]
     res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "render_mujoco.json").write_text(json.dumps(res, indent=1) + "\n")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"{'backend':8} {'size':8} {'raw img/s':>10} {'full img/s':>11} {'full CPU s/img':>15}")
     for b in res["backends"]:
         for s, v in b.get("sizes", {}).items():

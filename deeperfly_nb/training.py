@@ -7,6 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/training.html.md"""
 # %% ../nbs/17_training.ipynb #649d69d4
 from __future__ import annotations
 import difflib, hashlib, inspect, json, math, time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,9 +25,10 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'fourier_style',
            'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame',
            'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads',
-           'check_style_images', 'RunState', 'Trainer', 'prepare_run_folder', 'check_crop', 'run_trainer',
-           'train_detector', 'model_config_lines', 'with_trained_model', 'crop_labels_for_model', 'read_label_files',
-           'samples_from_label_files', 'train_from_labels', 'make_bundled_model', 'finetune_on_df3d']
+           'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'prepare_run_folder', 'check_crop',
+           'run_trainer', 'train_detector', 'model_config_lines', 'with_trained_model', 'crop_labels_for_model',
+           'read_label_files', 'samples_from_label_files', 'train_from_labels', 'make_bundled_model',
+           'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -535,6 +537,14 @@ def check_style_images(style, # (S, H, W, K) uint8 frames of real footage (K = 1
         raise InputError(f"style_images: frames of {a.shape[1]}x{a.shape[2]} are smaller than the training crop {crop_hw[0]}x{crop_hw[1]}")
     return np.ascontiguousarray(a)
 
+# %% ../nbs/17_training.ipynb #2cb49e66
+def check_loader_threads(n, # threads making batches ahead (0: none)
+                        ) -> int:
+    "`n` as an int >= 0; an `InputError` otherwise."
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise InputError(f"loader_threads: expected a whole number >= 0 (0: each step makes its own batch), got {n!r}")
+    return int(n)
+
 # %% ../nbs/17_training.ipynb #fba5cf84
 @dataclass
 class RunState:
@@ -556,8 +566,10 @@ class Trainer:
                  metadata:dict|None, # deeperfly metadata stored in the checkpoints
                  device=None, # the torch device it trains on (None: CUDA when available, else the CPU)
                  style=None, # (S, H, W, K) uint8 frames of real footage whose tone crops may take (see `fourier_style`), or None
+                 loader_threads:int=0, # threads making the next batches while the network trains on this one (0: none)
                 ):
         self.samples, self.cfg, self.out, self.state = samples, cfg, Path(out), RunState()
+        self.loader_threads, self.pool, self.ahead = check_loader_threads(loader_threads), None, {}
         self.style = check_style_images(style, cfg.crop_hw)
         self.device = torch_device(device, "training device")
         self.mean = [float(m) for m in np.broadcast_to(np.asarray(mean, float), (3,))]
@@ -613,13 +625,37 @@ def resume_record(self:Trainer) -> dict:
 
 # %% ../nbs/17_training.ipynb #457bf7a2
 @patch
+def batch(self:Trainer, step:int, # the optimizer step
+         ) -> tuple:
+    "Step `step`'s batch on the CPU: (images (B, K, h, w), target heatmaps (B, C, h', w'), masks (B, C))."
+    cfg = self.cfg
+    rng = np.random.default_rng([cfg.seed, 0xA, step])
+    idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, step)]
+    return make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride, self.style)
+
+# %% ../nbs/17_training.ipynb #9767d30c
+@patch
+def next_batch(self:Trainer) -> tuple:
+    "The batch of step `state.step`: made now, or, with `loader_threads`, taken from the threads that made it ahead."
+    s = self.state.step
+    if not self.loader_threads: return self.batch(s)
+    if self.pool is None: self.pool = ThreadPoolExecutor(self.loader_threads, thread_name_prefix="deeperfly-batches")
+    for k in range(s, min(s + 2 * self.loader_threads, self.cfg.steps)):      # keep two batches per thread in the making
+        if k not in self.ahead: self.ahead[k] = self.pool.submit(self.batch, k)
+    return self.ahead.pop(s).result()
+
+@patch
+def close(self:Trainer):
+    "Stop the batch threads (batches made ahead are dropped)."
+    if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
+    self.pool, self.ahead = None, {}
+
+# %% ../nbs/17_training.ipynb #6709d05b
+@patch
 def train_step(self:Trainer) -> float:
     "Do step `state.step`; returns its loss."
     cfg, s, t0 = self.cfg, self.state, time.perf_counter()
-    rng = np.random.default_rng([cfg.seed, 0xA, s.step])
-    idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
-    x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride, self.style)
-    x, tgt, m = (v.to(self.device, non_blocking=True) for v in (x, tgt, m))
+    x, tgt, m = (v.to(self.device, non_blocking=True) for v in self.next_batch())
     if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
     self.net.train()
@@ -714,15 +750,16 @@ def run_trainer(t:Trainer, # a Trainer (or a subclass), resumed or fresh
     if resume: t.resume()
     if cfg.channels_last: t.net = t.net.to(memory_format=torch.channels_last)
     s, bar, t_log = t.state, tqdm(total=cfg.steps, initial=t.state.step, desc="train", unit="step", disable=not progress), time.perf_counter()
-    while s.step < cfg.steps and not s.stopped:
-        loss = t.train_step(); bar.update(1)
-        if s.step % cfg.log_every == 0 or s.step == cfg.steps:
-            bar.set_postfix(loss=f"{t.log_line(time.perf_counter() - t_log)['loss']:.4f}"); t_log = time.perf_counter()
-        evaluated = bool(len(t.val_idx)) and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
-        if evaluated: bar.set_postfix(val_px=f"{t.evaluate_held_out()['median_px']:.2f}"); t_log = time.perf_counter()
-        if s.step % cfg.checkpoint_every == 0 or evaluated or s.step == cfg.steps or s.stopped: t.checkpoint()
-        if callback is not None: callback(s.step, loss)
-    bar.close()
+    try:
+        while s.step < cfg.steps and not s.stopped:
+            loss = t.train_step(); bar.update(1)
+            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                bar.set_postfix(loss=f"{t.log_line(time.perf_counter() - t_log)['loss']:.4f}"); t_log = time.perf_counter()
+            evaluated = bool(len(t.val_idx)) and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
+            if evaluated: bar.set_postfix(val_px=f"{t.evaluate_held_out()['median_px']:.2f}"); t_log = time.perf_counter()
+            if s.step % cfg.checkpoint_every == 0 or evaluated or s.step == cfg.steps or s.stopped: t.checkpoint()
+            if callback is not None: callback(s.step, loss)
+    finally: t.close(); bar.close()
     return t.export()
 
 # %% ../nbs/17_training.ipynb #e916323e
@@ -736,15 +773,17 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
                    metadata:dict|None=None, # extra 'data' metadata for the checkpoints (e.g. the data recipe)
                    device=None, # "cpu", "cuda", "cuda:N" or "mps" (None: CUDA when available, else the CPU); a run may resume on another
                    style_images=None, # (S, H, W, K) uint8 unlabelled frames of real footage at the model's input (`labels.footage_inputs`): crops take their tone (`fourier_style`)
+                   loader_threads:int=0, # threads making the next batches while the network trains (worth it on a GPU; the weights are the same)
                   ) -> TrainResult:
     "Train a stacked-hourglass detector by heatmap regression on pathway samples: resumable, evaluated on held-out frames."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
     dev = torch_device(device, "training device")                       # a GPU this machine lacks: refused before the folder exists
     check_style_images(style_images, cfg.crop_hw)                       # and style images that are no images
+    check_loader_threads(loader_threads)
     out = prepare_run_folder(out_dir, resume)
     check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
-        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev, style_images)
+        t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev, style_images, loader_threads)
         return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
