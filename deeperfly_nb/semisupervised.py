@@ -17,7 +17,7 @@ from .core import ConfigError, InputError, ModelError, atomic_path
 from .cameras import CameraGroup
 from .plan import DetectionPlan, Transform
 from .labels import SampleSet, resize_to_input, model_of_plan
-from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, check_crop, run_trainer, make_batch, heatmap_loss, batch_indices, torch_threads,
+from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, check_crop, run_trainer, heatmap_loss, torch_threads,
                                    photometric, read_run_checkpoint)
 
 # %% auto #0
@@ -686,9 +686,7 @@ def train_step(self:SemiTrainer) -> float:
     self.net.train()
     parts = {}
     if o.supervised_weight > 0:                                                # zero-label mode draws no labelled batch
-        rng = np.random.default_rng([cfg.seed, 0xA, s.step])                   # training's own streams: same labelled batches
-        idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, s.step)]
-        x, tgt, m = make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride)
+        x, tgt, m = self.batch(s.step)                                         # training's own batch of this step: same labelled batches
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         parts["supervised"] = heatmap_loss(self.net(x), tgt, m, cfg.sigma_cells)
     if o.losses and s.step >= o.start_step: parts.update(self.unsupervised_losses(s.step))

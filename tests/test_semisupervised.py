@@ -257,7 +257,7 @@ def test_zero_label_mode_never_reads_labels(data, tmp_path, monkeypatch):
     moved.source_keypoints = moved.source_keypoints + 37.0                # other labels: must not matter
     moved.keypoints = moved.keypoints + 9.0
     def no_batch(*a, **k): raise AssertionError("zero-label mode drew a labelled batch")
-    monkeypatch.setattr(ss, "make_batch", no_batch)
+    monkeypatch.setattr(ss.SemiTrainer, "batch", no_batch)                # where every labelled batch is drawn
     b = _run(moved, uf, tmp_path / "b", opts, {}, cfg={"steps": 2, "seed": 3})
     wa, wb = torch.load(a.model_path, weights_only=True)["state_dict"], torch.load(b.model_path, weights_only=True)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
