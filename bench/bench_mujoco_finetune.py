@@ -145,19 +145,20 @@ def render_all(args) -> list:
     jobs, t0 = [(i, args.frames, args.units_per_mm) for i in range(args.recordings)], time.perf_counter()
     if args.workers <= 1 and args.render_budget_s is None: return [render_samples(*j) for j in jobs]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    sets, ex = [], ProcessPoolExecutor(max(args.workers, 1), mp_context=multiprocessing.get_context("spawn"))
-    futures = [ex.submit(render_samples, *j) for j in jobs]
-    for f in futures:                                                       # in seed order: the set is always recordings 0..K-1
-        left = None if args.render_budget_s is None else args.render_budget_s - (time.perf_counter() - t0)
-        if left is not None and left <= 0 and not f.done(): break
-        try: sets.append(f.result(timeout=left))
-        except TimeoutError: break
-    workers = list((getattr(ex, "_processes", None) or {}).values())
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in workers: p.terminate()                                        # workers still rendering a recording we no longer want
+    sets, pool = [], multiprocessing.get_context("spawn").Pool(max(args.workers, 1))
+    try:
+        done = pool.imap(_render_job, jobs)                                 # in seed order: the set is always recordings 0..K-1
+        for _ in jobs:
+            left = None if args.render_budget_s is None else max(args.render_budget_s - (time.perf_counter() - t0), 0.001)
+            try: sets.append(done.next(timeout=left))
+            except multiprocessing.TimeoutError: break
+    finally: pool.terminate()                                               # workers still rendering a recording we no longer want
     print(f"rendered recordings 0..{len(sets) - 1} of {args.recordings} in {time.perf_counter() - t0:.0f} s", flush=True)
     return sets
+
+
+def _render_job(job:tuple) -> "SampleSet":
+    return render_samples(*job)
 
 
 def render_samples(i:int, frames:int, units_per_mm) -> "SampleSet":
