@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
     ap.add_argument("--batch-size", type=int, default=8, help="training crops per step")
+    ap.add_argument("--hidden-peak", type=float, default=1.0, help="target peak of the points the render hides from a camera (TrainConfig.hidden_peak; 1: as if seen)")
     ap.add_argument("--loader-threads", type=int, default=0, help="threads making the next batches while the network trains (the weights are the same)")
     ap.add_argument("--render-budget-s", type=float, default=None, help="stop rendering after this many seconds; keep the first recordings that finished")
     ap.add_argument("--style-file", default=None, help="style frames from this .npz (written by --save-style) instead of the example recording")
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
     before = real and evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=args.batch_size, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
                eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=args.threads, init="bundled:fly_synthetic",
+               hidden_peak=args.hidden_peak,
                **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))
     t1 = time.perf_counter()
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
                              callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
         model = Path(args.run) / "last.pt"                                        # the last weights: no choice on the real frames
     after = real and evaluate(build_network(load_checkpoint(model)[0]), real)
-    row = {"style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "from_model": args.from_model, "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),

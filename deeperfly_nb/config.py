@@ -6,12 +6,13 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS',
-           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'KALMAN_MODELS', 'PEAK_SELECTIONS', 'KIND_KEYS',
-           'DEFAULT_CONFIG_FILE', 'PRESETS', 'signature_defaults', 'SkeletonConfig', 'CameraConfig', 'PipelineConfig',
-           'SourceConfig', 'PreprocessorConfig', 'ModelConfig', 'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig',
-           'VideoConfig', 'default_videos', 'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig',
-           'RefinementConfig', 'FiltersConfig', 'LiftingConfig', 'InteropConfig', 'ClusterTable', 'ClusterConfig',
-           'ConfigModel', 'default_config_text', 'Config', 'write_config']
+           'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'TRIANGULATION_POLICY', 'KALMAN_MODELS',
+           'PEAK_SELECTIONS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS', 'signature_defaults', 'SkeletonConfig',
+           'CameraConfig', 'PipelineConfig', 'SourceConfig', 'PreprocessorConfig', 'ModelConfig', 'PathwayConfig',
+           'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig', 'default_videos', 'VisualizationConfig',
+           'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig', 'FiltersConfig', 'LiftingConfig',
+           'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel', 'default_config_text', 'Config',
+           'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
 import dataclasses, difflib, inspect, json, os, re, tomllib, types
@@ -374,12 +375,15 @@ class BundleAdjustmentConfig(_Table):
     @classmethod
     def _lsq(cls, v): return _check_least_squares(v)
 
+# %% ../nbs/10_config.ipynb #036c3b17
+TRIANGULATION_POLICY = dict(weigh_by_confidence=True, min_confidence=0.3)    # the pipeline's triangulation defaults that differ from `triangulate`'s
+
 # %% ../nbs/10_config.ipynb #150421f0
 class TriangulationConfig(_Table):
-    "`[triangulation]`: options of `triangulate` (defaults = its signature's)."
+    "`[triangulation]`: options of `triangulate` (defaults = its signature's, but for `TRIANGULATION_POLICY`)."
     method: str = _field(_default(_TRI_DEFAULTS, "method", "triangulate"), f"one of {', '.join(TRIANGULATION_METHODS)}")
-    weigh_by_confidence: bool = _field(_default(_TRI_DEFAULTS, "weigh_by_confidence", "triangulate"), "true or false")
-    min_confidence: _UnitFloat = _field(_default(_TRI_DEFAULTS, "min_confidence", "triangulate"), "a number in [0, 1]")
+    weigh_by_confidence: bool = _field(TRIANGULATION_POLICY["weigh_by_confidence"], "true or false")
+    min_confidence: _UnitFloat = _field(TRIANGULATION_POLICY["min_confidence"], "a number in [0, 1]")
     ransac_threshold_px: _PosFloat = _field(_default(_TRI_DEFAULTS, "ransac_threshold_px", "triangulate"), "a positive number (pixels)")
     greedy_threshold_px: _PosFloat = _field(_default(_TRI_DEFAULTS, "greedy_threshold_px", "triangulate"), "a positive number (pixels)")
     min_views: Annotated[int, Field(ge=2)] = _field(_default(_TRI_DEFAULTS, "min_views", "triangulate"), "an integer >= 2")

@@ -35,12 +35,15 @@ def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
                     input_hw:tuple, # (h, w) of the network input
                     sigma_cells:float, # Gaussian std in heatmap cells
                     stride:int=4, # input pixels per heatmap cell
+                    peak=None, # (B, C) height of each target's Gaussian (None: 1; 0: an empty map, 'the point is not there')
                    ) -> tuple:
     "(targets (B, C, h/stride, w/stride) float32, mask (B, C) float32: 1 where the channel is labeled)."
     h, w = input_hw
     xy = np.asarray(keypoints, float)
     norm = np.stack([(xy[..., 0] + 0.5) / w, (xy[..., 1] + 0.5) / h], -1)
-    return gaussian_heatmaps(norm, (h // stride, w // stride), sigma_cells), np.isfinite(xy[..., 0]).astype(np.float32)
+    t = gaussian_heatmaps(norm, (h // stride, w // stride), sigma_cells)
+    if peak is not None: t *= np.asarray(peak, np.float32)[..., None, None]
+    return t, np.isfinite(xy[..., 0]).astype(np.float32)
 
 # %% ../nbs/17_training.ipynb #d6bc890d
 @dataclass(frozen=True)
@@ -188,16 +191,17 @@ def augment_sample(image:np.ndarray, # (H, W, K) uint8 model-input image
                    crop_hw:tuple, # (h, w) of the crop to return
                    style:np.ndarray|None=None, # (S, H', W', K') uint8 frames of real footage at the model's input (see `fourier_style`), or None
                   ) -> tuple:
-    "(crop (h, w, K) float32 in [0, 1], keypoints (C, 2) in crop pixels): a random affine crop around the labels, maybe a real frame's tone, then photometric changes."
+    "(crop (h, w, K) float32 in [0, 1], keypoints (C, 2) in crop pixels, order (C,): the input channel each output channel holds): a random affine crop around the labels, maybe a real frame's tone, then photometric changes; a mirror swaps left and right channels."
     img, kp = affine_crop(image, keypoints, rng, aug, crop_hw)
+    order = np.arange(len(kp))
     if style is not None and aug.style_prob and rng.uniform() < aug.style_prob:
         s = affine_crop(style[rng.integers(len(style))], np.full((1, 2), np.nan), rng, _ANYWHERE, crop_hw)[0]   # a crop anywhere in the frame
         img = fourier_style(img, s, rng.uniform(*aug.style_window), rng.uniform(*aug.style_mix))
     img = photometric(img, rng, aug)
     if aug.flip_pairs is not None and rng.uniform() < aug.flip_prob:
-        img = img[:, ::-1]
-        kp = np.stack([crop_hw[1] - 1 - kp[:, 0], kp[:, 1]], -1)[_flip_perm(len(kp), aug.flip_pairs)]
-    return img, kp
+        img, order = img[:, ::-1], _flip_perm(len(kp), aug.flip_pairs)
+        kp = np.stack([crop_hw[1] - 1 - kp[:, 0], kp[:, 1]], -1)[order]
+    return img, kp, order
 
 # %% ../nbs/17_training.ipynb #b268a245
 def make_batch(samples:SampleSet, # the samples
@@ -209,13 +213,15 @@ def make_batch(samples:SampleSet, # the samples
                mean, # subtracted from the [0, 1] input (one number or 3)
                stride:int=4, # network stride
                style:np.ndarray|None=None, # (S, H', W', K') uint8 style frames of real footage (see `augment_sample`), or None
+               hidden_peak:float=1.0, # target height of the points `samples.visible` calls hidden (1: as the visible ones; 0: no peak)
               ) -> tuple:
     "(x (B, 3, h, w) float32 tensor, targets (B, C, h/stride, w/stride) tensor, mask (B, C) tensor) for one training step."
-    crops, kps = zip(*(augment_sample(samples.images[i], samples.keypoints[i], rng, aug, crop_hw, style) for i in idx))
+    crops, kps, orders = zip(*(augment_sample(samples.images[i], samples.keypoints[i], rng, aug, crop_hw, style) for i in idx))
     x = np.stack(crops)
     if x.shape[-1] == 1: x = np.repeat(x, 3, -1)
     mean_t = torch.tensor(np.broadcast_to(np.asarray(mean, np.float32), (3,)).copy()).view(1, 3, 1, 1)
-    t, m = heatmap_targets(np.stack(kps), crop_hw, sigma_cells, stride)
+    peak = np.where(samples.visible[np.asarray(idx)], 1.0, hidden_peak)
+    t, m = heatmap_targets(np.stack(kps), crop_hw, sigma_cells, stride, np.take_along_axis(peak, np.stack(orders), 1))
     return (torch.from_numpy(x).permute(0, 3, 1, 2) - mean_t).contiguous(), torch.from_numpy(t), torch.from_numpy(m)
 
 # %% ../nbs/17_training.ipynb #c9279f09
@@ -355,6 +361,7 @@ class TrainConfig:
     warmup_steps: int = 30              # linear warm-up, then cosine decay ...
     lr_final_frac: float = 0.02         # ... to this fraction of lr at the last step
     sigma_cells: float = 1.5            # target Gaussian std in heatmap cells
+    hidden_peak: float = 1.0            # target peak of points the labels call hidden (occluded in a render): 1 as if seen; lower teaches the confidence to drop
     init: str|None = DEFAULT_INIT       # start from this checkpoint (a path or 'bundled:<name>'); None: random weights
     architecture: dict|None = None      # HourglassNet sizes of a random start (None: RANDOM_ARCHITECTURE); only with init None
     val_frac: float = 0.1               # fraction of labeled frames held out (split by frame)
@@ -385,7 +392,7 @@ TRAIN_RULES = {
     "crop_hw": (_pair(lambda v: _is_int(v) and v >= 1, False), "[h, w]: two positive integers (model-input pixels)"),
     "lr": (_range(0, lo_open=True), "a number > 0"), "weight_decay": (_range(0), "a number >= 0"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"), "lr_final_frac": (_range(0, 1), "a number in [0, 1]"),
-    "sigma_cells": (_range(0, lo_open=True), "a number > 0 (heatmap cells)"),
+    "sigma_cells": (_range(0, lo_open=True), "a number > 0 (heatmap cells)"), "hidden_peak": (_range(0, 1), "a number in [0, 1]"),
     "init": (_optional(lambda v: isinstance(v, str) and v.strip() != ""), 'a checkpoint path, "bundled:<name>", or none (random weights)'),
     "architecture": (_optional(lambda v: isinstance(v, dict) and all(k in _ARCH_SIZES and _is_int(x) and x >= 1 for k, x in v.items())),
                      f"none or a table of positive integers, keys among {_ARCH_SIZES}"),
@@ -631,7 +638,7 @@ def batch(self:Trainer, step:int, # the optimizer step
     cfg = self.cfg
     rng = np.random.default_rng([cfg.seed, 0xA, step])
     idx = self.train_idx[batch_indices(len(self.train_idx), cfg.batch_size, cfg.seed, step)]
-    return make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride, self.style)
+    return make_batch(self.samples, idx, rng, cfg.augment, cfg.crop_hw, cfg.sigma_cells, self.mean, self.net.stride, self.style, cfg.hidden_peak)
 
 # %% ../nbs/17_training.ipynb #9767d30c
 @patch

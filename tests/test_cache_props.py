@@ -31,7 +31,7 @@ def _cfg(d, key, value):
 # name: (config edit (key, value) or a file/code edit, the stages that read the edited thing themselves)
 DIRECT = {
     "triangulation.method": (("triangulation.method", "ransac"), {TRI}),
-    "triangulation.weigh_by_confidence": (("triangulation.weigh_by_confidence", True), {TRI}),
+    "triangulation.weigh_by_confidence": (("triangulation.weigh_by_confidence", False), {TRI}),
     "bundle_adjustment.min_confidence": (("bundle_adjustment.min_confidence", 0.35), {"bundle_adjustment", TRI}),
     "cameras.rf.focal_px": (("cameras.rf.focal_px", 12000.0), {"bundle_adjustment", TRI}),
     "pipeline.fps": (("pipeline.fps", 50.0), {TRI} | VIDEOS),

@@ -88,5 +88,7 @@ def test_the_reviewer_restores_corrupted_points_of_the_bundled_example(tmp_path,
     rep = run_recording(bad, tmp_path / "out_bad", config, progress=False)
     assert ran(rep) == ["bundle_adjustment", "triangulation"], rep
     np.testing.assert_allclose(err(tmp_path / "out_bad"), e_clean, rtol=1e-3)   # moved points get confidence 1: not bit-equal
-    assert moved(tmp_path / "out_bad") < 1e-3
-    np.testing.assert_allclose(PoseResult.load(tmp_path / "out_bad" / "results.h5").pts3d, X_clean, atol=1e-3)
+    # the moved points are back where the clean run put them, within the pull of their confidence 1 (the clean run's
+    # detections had their own) in the confidence-weighted triangulation: a few thousandths, the corruption moved them 0.37
+    assert moved(tmp_path / "out_bad") < 3e-3
+    np.testing.assert_allclose(PoseResult.load(tmp_path / "out_bad" / "results.h5").pts3d, X_clean, atol=3e-3)

@@ -47,7 +47,7 @@ def test_augmentation_keeps_keypoints_on_their_content():
     checked = 0
     for k in range(60):
         kp = np.stack([rng.uniform(40, 470, 3), rng.uniform(30, 225, 3)], -1)
-        crop, out = augment_sample(dot_image(kp), kp, rng, aug, (128, 192))
+        crop, out, _ = augment_sample(dot_image(kp), kp, rng, aug, (128, 192))
         for x, y in out:
             if 3 <= x < 189 and 3 <= y < 125:
                 assert crop[int(round(y)), int(round(x)), 0] > 0.3, (k, x, y)
@@ -58,10 +58,11 @@ def test_augmentation_keeps_keypoints_on_their_content():
 def test_mirror_swaps_the_paired_channels():
     kp = np.array([[200.5, 100.5], [255.5, 127.5], [310.5, 154.5]])
     aug = Augment(**{**Augment.none().to_dict(), "flip_pairs": [[0, 2]], "flip_prob": 1.0})
-    crop, out = augment_sample(dot_image(kp), kp, np.random.default_rng(0), aug, (256, 512))
+    crop, out, order = augment_sample(dot_image(kp), kp, np.random.default_rng(0), aug, (256, 512))
     np.testing.assert_allclose(out, [[511 - 310.5, 154.5], [511 - 255.5, 127.5], [511 - 200.5, 100.5]])
     np.testing.assert_array_equal(crop[..., 0], dot_image(kp)[:, ::-1, 0] / 255)
-    _, never = augment_sample(dot_image(kp), kp, np.random.default_rng(0), Augment.none(), (256, 512))
+    np.testing.assert_array_equal(order, [2, 1, 0])
+    _, never, _ = augment_sample(dot_image(kp), kp, np.random.default_rng(0), Augment.none(), (256, 512))
     np.testing.assert_allclose(never, kp)                       # flip_pairs None: no mirror, whatever the draw
 
 
