@@ -1,7 +1,7 @@
 """Issue 19, claim 3: detectors on held-out synthetic recordings, through the real pipeline.
 
     OMP_NUM_THREADS=1 python bench/bench_held_out.py [--model PATH ...] [--set TABLE.KEY=VALUE ... [--set ...]]
-        [--recordings numpy mujoco example] [--out bench/results/held_out.json]
+        [--recordings numpy mujoco example sample] [--out bench/results/held_out.json]
 
 For each model (default: the bundled `fly_synthetic`; `bundled` names it among others) and each held-out recording:
 
@@ -10,15 +10,17 @@ For each model (default: the bundled `fly_synthetic`; `bundled` names it among o
 - `mujoco`: `synth_mujoco.synth_recording_mujoco` (NeuroMechFly), seed 9001, 16 frames: no training seed of
   bench_mujoco_finetune.py (3000 + i) nor of the bundled model (1000-1059).
 
-Both are written as a user's footage is (H.264), detected with the packaged config's plan, bundle-adjusted from the
-nominal rig and triangulated, as tests/test_bundled_model.py does. Reported: the 2D median and PCK@5 over the
+Both are written as a user's footage is (H.264) and run through `run.run_recording` with the packaged config (its plan,
+its [filters], bundle adjustment from the nominal rig, triangulation; no videos), as `deeperfly run` does. Reported: the 2D median and PCK@5 over the
 visible reported points, per view, and the 3D median error after a similarity alignment in % of the body length
 (antenna to the last stripe). The issue's targets: <= 3 px, >= 90 %, <= 2 %. Also the 3D error with the detections
 of points hidden in a view (by the depth buffer, or not reported by it) dropped before bundle adjustment: an oracle
 for occlusion, what the detections are worth where the point is seen. `--set` changes the packaged config (e.g.
 `triangulation.min_confidence=0.3`); each `--set` is one more config for every model, and the row names its
 changes. `--recordings example` also runs each model and config on the real, unlabelled `deeperfly_example` (from
-../shared/data) and reports its median reprojection error and bone-length CV (claim 2's second measure). Nothing is
+../shared/data) and reports its median reprojection error and bone-length CV (claim 2's second measure);
+`--recordings sample` runs them on DeepFly3D's real sample and reports the median distance of the pipeline's 2D (after
+[filters]) to DeepFly3D's 2D, frames 0-14, per side view (claim 2's first measure, through the pipeline). Nothing is
 asserted here.
 """
 from __future__ import annotations
@@ -28,37 +30,52 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = (ROOT.parent / "shared" / "data" / "deeperfly_example").resolve()
+SAMPLE = (ROOT.parent / "shared" / "data" / "deepfly3d_sample").resolve()
 HELD_OUT = {"numpy": dict(seed=9001, skip_frames=37, n_frames=16), "mujoco": dict(seed=9001, n_frames=16)}
 
 
-def scores(config, folder) -> dict:
-    "2D and 3D errors of `config`'s detector on the synthetic recording in `folder`."
-    from deeperfly_nb.detector import load_models
-    from deeperfly_nb.inference import detect_2d
+def scores(config, folder, out) -> dict:
+    "2D and 3D errors of `config`'s pipeline (`run_recording`, [filters] included; no videos) on the synthetic recording in `folder`."
     from deeperfly_nb.pipeline import run_from_points2d
     from deeperfly_nb.results import align_similarity
+    from deeperfly_nb.run import run_recording
+    from deeperfly_nb.self_training import round_config
     from deeperfly_nb.synth_footage import load_ground_truth
-    plan = config.detection_plan()
-    det = detect_2d(plan, load_models(plan, device="cpu"), folder, progress=False)
+    res = run_recording(folder, out, config=round_config(config), progress=False).result
     truth, extra = load_ground_truth(folder)
     visible = extra["visible"] & extra["reported"][:, None, :]
-    err = np.linalg.norm(det.pts2d - extra["pts2d_all"], axis=-1)
+    err = np.linalg.norm(res.pts2d - extra["pts2d_all"], axis=-1)
     e = err[visible]
-    tri = config.triangulate_kwargs()
-    method, weigh = tri.pop("method"), tri.pop("weigh_by_confidence")
     ref = truth.pts3d
     body = float(np.median(np.linalg.norm(ref[:, 15] - ref[:, 18], axis=-1)))
-    def error_3d(pts2d, conf) -> float:
-        res = run_from_points2d(config.camera_group(image_sizes=(480, 960)), config.skeleton(), pts2d, conf,
-                                bundle_adjust_kwargs=config.bundle_adjust_kwargs(config.skeleton()), triangulation=method,
-                                weigh_by_confidence=weigh, triangulate_kwargs=tri)
-        aligned, *_ = align_similarity(res.pts3d, ref)
+    def error_3d(pts3d) -> float:
+        aligned, *_ = align_similarity(pts3d, ref)
         return round(100 * float(np.nanmedian(np.linalg.norm(aligned - ref, axis=-1))) / body, 2)
+    tri = config.triangulate_kwargs()
+    method, weigh = tri.pop("method"), tri.pop("weigh_by_confidence")
+    seen = run_from_points2d(config.camera_group(image_sizes=(480, 960)), config.skeleton(), np.where(visible[..., None], res.pts2d, np.nan),
+                             np.where(visible, res.conf, 0.0), bundle_adjust_kwargs=config.bundle_adjust_kwargs(config.skeleton()),
+                             triangulation=method, weigh_by_confidence=weigh, triangulate_kwargs=tri)
     return {"median_px": round(float(np.nanmedian(e)), 2), "pck5_pct": round(100 * float((e <= 5).mean()), 1),
             "detected_pct": round(100 * float(np.isfinite(e).mean()), 1),
-            "per_view_px": {v: round(float(np.nanmedian(err[i][visible[i]])), 2) for i, v in enumerate(det.view_names)},
-            "error_3d_pct_body": error_3d(det.pts2d, det.conf),
-            "error_3d_pct_body_seen_only": error_3d(np.where(visible[..., None], det.pts2d, np.nan), np.where(visible, det.conf, 0.0))}
+            "per_view_px": {v: round(float(np.nanmedian(err[i][visible[i]])), 2) for i, v in enumerate(res.cameras.names)},
+            "error_3d_pct_body": error_3d(res.pts3d),
+            "error_3d_pct_body_seen_only": error_3d(seen.pts3d)}
+
+
+def sample_scores(config, out) -> dict:
+    "The pipeline's 2D (after [filters]) against DeepFly3D's 2D on its real sample, frames 0-14, per side view; reprojection and bone CV."
+    from deeperfly_nb.df3d import read_df3d_result
+    from deeperfly_nb.run import run_recording
+    from deeperfly_nb.self_training import round_config
+    ref = read_df3d_result(SAMPLE / "df3d_output" / "df3d_result.pkl")
+    res = run_recording(SAMPLE, out, config=round_config(config), progress=False).result
+    if list(res.cameras.names) != list(ref.cameras.names): raise SystemExit(f"views {res.cameras.names} are not DeepFly3D's {ref.cameras.names}")
+    d = np.linalg.norm(res.pts2d - ref.pts2d, axis=-1)
+    side = [k for k, v in enumerate(res.cameras.names) if v != "f"]              # DeepFly3D's front view is not scored (as in bench_mujoco_finetune.py)
+    sm = res.summary()
+    return {"median_px": round(float(np.nanmedian(d[side])), 2), "per_view_px": {res.cameras.names[k]: round(float(np.nanmedian(d[k])), 1) for k in side},
+            "reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
 
 
 def example_scores(config, out) -> dict:
@@ -89,10 +106,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["bundled"], help="model files (.pt); 'bundled' is fly_synthetic")
     ap.add_argument("--set", nargs="+", action="append", metavar="TABLE.KEY=VALUE", help="changes to the packaged config (VALUE in TOML; 'default': none); once per config to compare")
-    ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "example"], help="what to score on")
+    ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "example", "sample"], help="what to score on")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_out.json"))
     args = ap.parse_args(argv)
     if "example" in args.recordings and not EXAMPLE.is_dir(): print(f"{EXAMPLE} is missing: no real footage for --recordings example", file=sys.stderr); return 1
+    if "sample" in args.recordings and not (SAMPLE / "df3d_output" / "df3d_result.pkl").is_file(): print(f"{SAMPLE} is missing: no DeepFly3D sample for --recordings sample", file=sys.stderr); return 1
     import torch; torch.set_num_threads(1)
     from deeperfly_nb.config import Config
     from deeperfly_nb.core import atomic_path
@@ -106,14 +124,15 @@ def main(argv=None) -> int:
     for m, settings in [(m, s) for m in args.model for s in (args.set or [[]])]:
         config = with_settings(Config.default(), settings)
         config = config if m == "bundled" else with_trained_model(config, m)
-        if "example" in args.recordings:
+        out_dir = lambda name: tmp / f"{name}_{args.model.index(m)}"                # one output folder per model and recording: detection reused across settings
+        real = {"example": ("deeperfly_example", example_scores), "sample": ("deepfly3d_sample", sample_scores)}
+        for name in [r for r in args.recordings if r in real]:
             t0 = time.perf_counter()
-            rows.append({"model": m, "recording": "deeperfly_example", "settings": settings,
-                         **example_scores(config, tmp / f"example_{args.model.index(m)}"), "seconds": round(time.perf_counter() - t0, 1)})
+            rows.append({"model": m, "recording": real[name][0], "settings": settings, **real[name][1](config, out_dir(name)), "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
         for name, folder in folders.items():
             t0 = time.perf_counter()
-            rows.append({"model": m, "recording": name, "settings": settings, **HELD_OUT[name], **scores(config, folder), "seconds": round(time.perf_counter() - t0, 1)})
+            rows.append({"model": m, "recording": name, "settings": settings, **HELD_OUT[name], **scores(config, folder, out_dir(name)), "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
     out = {"rows": rows, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_held_out.py"] + (argv or sys.argv[1:])),
            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

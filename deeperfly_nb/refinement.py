@@ -27,7 +27,7 @@ __all__ = ['REPROJ_LOSSES', 'SOLVERS', 'FLY_RIGID_GROUPS', 'RIGID_HOLD', 'Refine
            'ChunkProblem', 'loss_schedule', 'solve_banded', 'interpolate_missing', 'chunk_bounds', 'blend_weights',
            'chunk_anchors', 'chunk_start', 'detection_weights', 'solve_chunk', 'polish_filled', 'solve_chunk_rigid',
            'refine_pass', 'reweight_rows', 'refine_3d', 'median_reprojection_px', 'median_columns', 'bone_cv_blocks',
-           'refinement_info', 'confidence_threshold', 'median_filter_2d', 'viterbi', 'viterbi_filter_2d',
+           'refinement_info', 'confidence_threshold', 'median_filter_2d', 'viterbi', 'in_windows', 'viterbi_filter_2d',
            'select_peaks', 'kalman_smooth_3d']
 
 # %% ../nbs/04c_refinement.ipynb #093b2b11
@@ -905,16 +905,35 @@ def _jump_costs(cands, # (B, T, K, 2) candidates, NaN = none
     d = np.linalg.norm(cands[:, 1:, None] - cands[:, :-1, :, None], axis=-1)     # (B, T-1, K_prev, K_next)
     return np.nan_to_num(np.minimum((d / scale_px) ** 2, cap), nan=0.0)
 
+# %% ../nbs/04c_refinement.ipynb #7b56a04d
+def in_windows(fn, # fn(lo, hi) -> tuple of arrays with frames on axis 1, for frames [lo, hi)
+               n_frames:int, # frames in the recording
+               window_frames:int, # frames each call of fn reads (at most; `chunk_bounds` evens them out)
+               overlap_frames:int, # frames consecutive windows share; each keeps its half of them
+              ) -> tuple:
+    "`fn`'s outputs over the whole recording, computed window by window and stitched at the middle of each overlap."
+    bounds, parts = chunk_bounds(n_frames, window_frames, overlap_frames), []
+    for i, (lo, hi) in enumerate(bounds):
+        a = lo + overlap_frames // 2 if i else 0
+        b = hi - (overlap_frames - overlap_frames // 2) if i < len(bounds) - 1 else n_frames
+        parts.append([x[:, a - lo:b - lo].copy() for x in fn(lo, hi)])        # a copy: the window's arrays go
+    return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
+
 # %% ../nbs/04c_refinement.ipynb #ded6d21f
 def viterbi_filter_2d(cands, # (V, T, N, K, 2) candidate peaks per detection (e.g. `decoding.decode_topk`, in pixels)
                       scores, # (V, T, N, K) their scores in [0, 1]
                       jump_px:float=20.0, # scale of a frame-to-frame jump (cost 1 at this distance)
                       score_weight:float=1.0, # weight of -log(score)
                       cap:float=25.0, # a jump never costs more than this (so a track can recover)
+                      window_frames:int=2000, # frames filtered at once (memory grows with it, not with the recording)
+                      overlap_frames:int=200, # frames consecutive windows share
                      ) -> tuple:
     "anipose-style 2D Viterbi filter: per (view, point), the sequence of candidates that is confident and moves little. pts2d (V, T, N, 2), conf (V, T, N)."
     c, s = np.asarray(cands, dtype=float), np.asarray(scores, dtype=float)
     V, T, N, K, _ = c.shape
+    if T > window_frames:
+        return in_windows(lambda lo, hi: viterbi_filter_2d(c[:, lo:hi], s[:, lo:hi], jump_px, score_weight, cap, hi - lo),
+                          T, window_frames, overlap_frames)
     b = lambda a: np.moveaxis(a, 2, 1).reshape(V * N, T, *a.shape[3:])
     with np.errstate(divide="ignore", invalid="ignore"):
         unary = np.where(np.isfinite(b(c)).all(-1), -score_weight * np.log(np.clip(b(s), 1e-6, 1)), 1e6)
@@ -932,10 +951,15 @@ def select_peaks(cameras:CameraGroup, # the rig
                  bone_weight:float=0.5, # weight of the 2D bone-length term
                  score_weight:float=0.5, # weight of -log(score)
                  cap:float=25.0, # no single term costs more than this
+                 window_frames:int=2000, # frames selected at once (memory grows with it, not with the recording)
+                 overlap_frames:int=200, # frames consecutive windows share
                 ) -> tuple:
     "Multi-hypothesis peaks: per (view, point), the candidates that agree with the other views, the bones and time. pts2d (V, T, N, 2), conf (V, T, N), picked index (V, T, N)."
     c, s = np.asarray(cands, dtype=float), np.asarray(scores, dtype=float)
     V, T, N, K, _ = c.shape
+    if T > window_frames:
+        return in_windows(lambda lo, hi: select_peaks(cameras, c[:, lo:hi], s[:, lo:hi], skeleton, sigma_px, jump_px, bone_weight, score_weight,
+                                                      cap, hi - lo), T, window_frames, overlap_frames)
     ref = interpolate_missing(triangulate(cameras, c[..., 0, :], s[..., 0], method="ransac"))   # the consensus of the top peaks
     proj = cameras.project(np.nan_to_num(ref))                                                    # (V, T, N, 2)
     cost = np.minimum((np.linalg.norm(c - proj[..., None, :], axis=-1) / sigma_px) ** 2, cap)
