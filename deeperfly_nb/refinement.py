@@ -912,6 +912,8 @@ def in_windows(fn, # fn(lo, hi) -> tuple of arrays with frames on axis 1, for fr
                overlap_frames:int, # frames consecutive windows share; each keeps its half of them
               ) -> tuple:
     "`fn`'s outputs over the whole recording, computed window by window and stitched at the middle of each overlap."
+    if not 0 <= overlap_frames < window_frames:
+        raise InputError(f"window_frames must be more than overlap_frames >= 0, got window_frames={window_frames}, overlap_frames={overlap_frames}")
     bounds, parts = chunk_bounds(n_frames, window_frames, overlap_frames), []
     for i, (lo, hi) in enumerate(bounds):
         a = lo + overlap_frames // 2 if i else 0
