@@ -107,6 +107,8 @@ def write_record(out:Path, # the output folder
            "deeperfly_version": deeperfly_nb.__version__,
            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
            "outputs": {str(Path(p).relative_to(out)): digests.digest(p) for p in outputs}, "summary": summary or {}}
+    prev = read_record(out, stage) or {}         # files this stage wrote under other settings stay its own (see `owned_outputs`)
+    rec["owned"] = sorted(set(prev.get("owned", [])) | set(prev.get("outputs", {})) | set(rec["outputs"]))
     (out / STATE_DIR).mkdir(exist_ok=True)
     with atomic_path(_record_path(out, stage)) as tmp: tmp.write_text(json.dumps(rec, indent=1, default=str))
     return rec
@@ -219,11 +221,11 @@ def planned_outputs(config:Config, # the run's config
 
 def owned_outputs(out:Path, # the output folder
                  ) -> set:
-    "The files in `out` that deeperfly runs wrote (those named in its stage records)."
+    "The files in `out` that deeperfly runs wrote (those named in its stage records, by this run's settings or earlier ones)."
     owned = set()
     for rec in (out / STATE_DIR).glob("*.json"):
-        try: owned.update(json.loads(rec.read_text()).get("outputs", {}))
-        except (OSError, ValueError, AttributeError): continue
+        try: r = json.loads(rec.read_text()); owned.update(r.get("outputs", {})); owned.update(r.get("owned", []))
+        except (OSError, ValueError, AttributeError, TypeError): continue
     return owned
 
 def check_no_foreign_outputs(config:Config, # the run's config
@@ -315,7 +317,8 @@ def prepare_run(config:Config, # the run's config
                ) -> RunContext:
     "Check everything the stages will need — footage, fps, device, outputs, free space — and settle it, before any work."
     digests = DigestCache(out / STATE_DIR / "digests.json")
-    inputs = [config.source] if Path(config.source).is_file() else []
+    try: inputs = [config.source] if Path(config.source).is_file() else []
+    except OSError: inputs = []                          # a config made in Python: its source is a label, maybe no valid path
     readers, points = {}, None
     if config.pipeline.pose2d:
         from deeperfly_nb.inference import open_sources

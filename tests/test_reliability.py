@@ -194,6 +194,16 @@ def test_messages_name_the_key_or_file(work, tmp_path):
     refused("inspect", work / "rec" / "camera_0.mp4", contains="it looks like a video")
     refused("run", work / "rec", "-c", work / "config.toml", "-o", tmp_path / "o", "--max-frames", 0, contains="--max-frames")
 
+def test_a_config_made_in_python_with_a_long_label_runs(work, tmp_path):
+    "A Config's source is only a label when it was made in Python: one too long for a file name must not stop the run."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    base = Config.load(work / "config.toml")
+    config = Config.from_dict(base.to_dict(), "config.toml with " + "refinement.smooth_order=3 " * 20, base.base_dir)
+    report = run_recording(work / "rec", tmp_path / "out", config=config, progress=False, until="triangulation")
+    assert report.result is not None and np.isfinite(report.result.pts3d).any()
+
+
 def test_a_failed_run_keeps_the_snapshot_that_matches_the_result(work, tmp_path):
     out = tmp_path / "out"
     deeperfly("-q", "run", work / "rec", "-c", work / "config.toml", "-o", out)

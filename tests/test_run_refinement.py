@@ -90,6 +90,20 @@ def test_refinement_options_with_the_stage_off_are_named(tmp_path):
 def _ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
 
 
+def test_refinement_turned_off_and_on_again(tmp_path):
+    """Turning [pipeline] refinement off and on again: the second time, triangulated.h5 (written by the first refined
+    run, not by the run in between) is still deeperfly's own, so the run replaces it instead of refusing."""
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=8)
+    d["pipeline"].update(pose2d=False, visualization=False)
+    rec, out = tmp_path / "rec", tmp_path / "out"
+    for refine in (True, False, True):
+        d["pipeline"]["refinement"] = refine
+        assert "triangulation" in _ran(run_recording(rec, out, Config.from_dict(d), progress=False)), refine
+    assert PoseResult.load(out / "results.h5").meta.get("refinement") is not None
+
+
 def test_filters_and_kalman_are_wired_and_fingerprinted(tmp_path, torch_one_thread):
     "[filters] (2D, before triangulation) re-run triangulation and refinement only; [refinement] kalman re-runs refinement only."
     from deeperfly_nb.config import Config
