@@ -708,6 +708,13 @@ def _result_summary(res:PoseResult) -> dict:
     return {"reprojection_error_px": {k: e[k] for k in ("median", "p95", "n")} if e else None,
             "bone_length_cv_median": (s.get("bone_length_cv") or {}).get("median")}
 
+def _drop_refinement_leftovers(out:Path):
+    "Without refinement results.h5 is the 3D itself: an earlier refined run's triangulated.h5 and refinement.h5 would be stale."
+    owned = owned_outputs(out)
+    for name in ("triangulated.h5", "refinement.h5"):
+        if name in owned and (out / name).is_file():
+            (out / name).unlink(); log.info("removed %s: an earlier run's, with refinement on", name)
+
 def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOutcome) -> tuple:
     "Triangulate and save results.h5 (triangulated.h5 when refinement follows): (PoseResult, outcome)."
     cfg, path = ctx.config.to_dict(), ctx.out / ("triangulated.h5" if _refines(ctx.config) else "results.h5")
@@ -718,6 +725,7 @@ def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:St
     def compute():
         res = _triangulate(ctx, p2d, cameras, rig.summary)
         res.save(path)
+        if not _refines(ctx.config): _drop_refinement_leftovers(ctx.out)
         res = PoseResult.load(path)                                  # exactly what a reuse reads
         return res, [path], result_content(res), _result_summary(res)
     return _stage(ctx, "triangulation", fp, compute, lambda: PoseResult.load(path))
@@ -769,6 +777,7 @@ def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOut
         res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
         res.provenance["frames"]["count"] = res.n_frames
         res.save(path)
+        if not _refines(config): _drop_refinement_leftovers(ctx.out)
         res = PoseResult.load(path)                                  # exactly what a reuse reads
         return res, [path], result_content(res), _result_summary(res)
     return _stage(ctx, "lifting", fp, compute, lambda: PoseResult.load(path))

@@ -91,8 +91,8 @@ def _ran(rep) -> list: return [s.stage for s in rep.stages if s.status == "ran"]
 
 
 def test_refinement_turned_off_and_on_again(tmp_path):
-    """Turning [pipeline] refinement off and on again: the second time, triangulated.h5 (written by the first refined
-    run, not by the run in between) is still deeperfly's own, so the run replaces it instead of refusing."""
+    """Turning [pipeline] refinement off and on again: the run without it removes the refined run's triangulated.h5 and
+    refinement.h5 (stale beside its results.h5), and the refined run after it finds no file it did not write."""
     from deeperfly_nb.config import Config
     from deeperfly_nb.run import run_recording
     d = tiny_recording(tmp_path, n_frames=8)
@@ -101,6 +101,7 @@ def test_refinement_turned_off_and_on_again(tmp_path):
     for refine in (True, False, True):
         d["pipeline"]["refinement"] = refine
         assert "triangulation" in _ran(run_recording(rec, out, Config.from_dict(d), progress=False)), refine
+        assert (out / "triangulated.h5").exists() == (out / "refinement.h5").exists() == refine   # no stale 3D beside results.h5
     assert PoseResult.load(out / "results.h5").meta.get("refinement") is not None
 
 
