@@ -120,12 +120,12 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="deeperfly_held_out_"))
     make = {"numpy": lambda: synth_recording(tmp / "numpy", **HELD_OUT["numpy"]), "mujoco": lambda: synth_recording_mujoco(tmp / "mujoco", **HELD_OUT["mujoco"])}
     folders = {name: make[name]() for name in args.recordings if name in make}
+    real = {"example": ("deeperfly_example", example_scores), "sample": ("deepfly3d_sample", sample_scores)}   # real footage: no ground truth
     rows = []
     for m, settings in [(m, s) for m in args.model for s in (args.set or [[]])]:
         config = with_settings(Config.default(), settings)
         config = config if m == "bundled" else with_trained_model(config, m)
         out_dir = lambda name: tmp / f"{name}_{args.model.index(m)}"                # one output folder per model and recording: detection reused across settings
-        real = {"example": ("deeperfly_example", example_scores), "sample": ("deepfly3d_sample", sample_scores)}
         for name in [r for r in args.recordings if r in real]:
             t0 = time.perf_counter()
             rows.append({"model": m, "recording": real[name][0], "settings": settings, **real[name][1](config, out_dir(name)), "seconds": round(time.perf_counter() - t0, 1)})
