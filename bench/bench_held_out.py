@@ -99,7 +99,7 @@ def with_settings(config, settings:list):
         t = d
         for k in tables: t = t.setdefault(k, {})
         t[name] = tomllib.loads(f"v = {value}")["v"]
-    return Config.from_dict(d, f"{config.source} with {' '.join(settings)}", config.base_dir) if settings else config
+    return Config.from_dict(d, f"{config.source} with {' '.join(settings)}", config.base_dir, config.path) if settings else config
 
 
 def main(argv=None) -> int:

@@ -792,9 +792,11 @@ class Config:
                  skeleton:Skeleton, # the skeleton built from model.skeleton
                  source:str="<dict>", # where it came from (named in errors)
                  base_dir:str|Path|None=None, # relative paths in the config (model weights) start here; None: the working folder
+                 path:str|Path|None=None, # the file it was read from (None: made in Python, or from text)
                 ):
         self.model, self._skeleton, self.source = model, skeleton, source
         self.base_dir = None if base_dir is None else Path(base_dir)
+        self.path = None if path is None else Path(path)
 
     def __eq__(self, other): return isinstance(other, Config) and self.to_dict() == other.to_dict()
     __hash__ = None
@@ -808,23 +810,25 @@ class Config:
 def from_dict(cls:Config, d:dict, # the parsed TOML tables
               source:str="<dict>", # named in error messages
               base_dir:str|Path|None=None, # relative paths in the config start here (default: the working folder)
+              path:str|Path|None=None, # the file the tables were read from, if any
              ) -> "Config":
     "Validate a dict of tables; a `ConfigError` lists every problem (warnings go to the log and `warnings`)."
     if not isinstance(d, dict): raise ConfigError(f"{source}: a config must be a table of tables, got {type(d).__name__}")
     model, skeleton, warns = _validate(_plain(d), source)
     warn_problems(warns, source)
-    return cls(model, skeleton, source, base_dir)
+    return cls(model, skeleton, source, base_dir, path)
 
 # %% ../nbs/10_config.ipynb #45d5c3b8
 @patch(cls_method=True)
 def loads(cls:Config, text:str, # TOML text
           source:str="<string>", # named in error messages
           base_dir:str|Path|None=None, # relative paths in the config start here (default: the working folder)
+          path:str|Path|None=None, # the file the text was read from, if any
          ) -> "Config":
     "Parse and validate TOML text."
     try: d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e: raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    return cls.from_dict(d, source, base_dir)
+    return cls.from_dict(d, source, base_dir, path)
 
 @patch(cls_method=True)
 def load(cls:Config, path:str|Path, # the config file
@@ -836,7 +840,7 @@ def load(cls:Config, path:str|Path, # the config file
                           + "; `deeperfly init config.toml` writes a commented default")
     try: text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e: raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-    return cls.loads(text, str(path), base_dir=path.resolve().parent)
+    return cls.loads(text, str(path), base_dir=path.resolve().parent, path=path)
 
 # %% ../nbs/10_config.ipynb #b9162a5b
 @patch(cls_method=True)

@@ -317,8 +317,7 @@ def prepare_run(config:Config, # the run's config
                ) -> RunContext:
     "Check everything the stages will need — footage, fps, device, outputs, free space — and settle it, before any work."
     digests = DigestCache(out / STATE_DIR / "digests.json")
-    try: inputs = [config.source] if Path(config.source).is_file() else []
-    except OSError: inputs = []                          # a config made in Python: its source is a label, maybe no valid path
+    inputs = [config.path] if config.path is not None else []   # a config made in Python has no file
     readers, points = {}, None
     if config.pipeline.pose2d:
         from deeperfly_nb.inference import open_sources

@@ -57,7 +57,7 @@ def round_config(config:Config, # the user's config
     "The config a round runs: no videos, and the round's model in place of the config's."
     d = config.to_dict()
     d.setdefault("pipeline", {})["visualization"] = False
-    cfg = Config.from_dict(d, f"{config.source} (self-training, no videos)", config.base_dir)
+    cfg = Config.from_dict(d, f"{config.source} (self-training, no videos)", config.base_dir, config.path)
     return cfg if model_path is None else with_trained_model(cfg, model_path)
 
 def recording_record(result:PoseResult, # a round's run on one recording

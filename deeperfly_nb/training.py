@@ -826,7 +826,7 @@ def with_trained_model(config, # a `config.Config`
     models = d["pose2d"]["models"]
     i = next(k for k, m in enumerate(models) if m["name"] == name)
     models[i] = tomllib.loads(model_config_lines(model_path, name, models[i]["class"]))["pose2d"]["models"][0]
-    return Config.from_dict(d, f"{config.source} with model {name!r} from {model_path}", config.base_dir)
+    return Config.from_dict(d, f"{config.source} with model {name!r} from {model_path}", config.base_dir, config.path)
 
 # %% ../nbs/17_training.ipynb #c8d1a36f
 def crop_labels_for_model(label_set, # a LabelSet in raw pixels

@@ -204,6 +204,25 @@ def test_a_config_made_in_python_with_a_long_label_runs(work, tmp_path):
     assert report.result is not None and np.isfinite(report.result.pts3d).any()
 
 
+def test_the_config_file_is_an_input_and_a_label_is_only_a_label(work, tmp_path):
+    """A run refuses to write over the file its config was read from (`Config.path`). A config made in Python has no
+    file: its source is only a label, even when the label names a file the run will write."""
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.core import InputError
+    from deeperfly_nb.run import run_recording
+    out = tmp_path / "out"; out.mkdir()
+    shutil.copy(work / "config.toml", out / "cameras.toml")           # the config, where bundle adjustment writes the rig
+    before = (out / "cameras.toml").read_bytes()
+    with pytest.raises(InputError, match="cameras.toml is an input of this run"):
+        run_recording(work / "rec", out, config=Config.load(out / "cameras.toml"), progress=False, until="triangulation")
+    assert (out / "cameras.toml").read_bytes() == before
+    base, again = Config.load(work / "config.toml"), tmp_path / "again"
+    run_recording(work / "rec", again, config=base, progress=False, until="triangulation")
+    labelled = Config.from_dict(base.to_dict(), str(again / "cameras.toml"), base.base_dir)   # names an output, reads no file
+    report = run_recording(work / "rec", again, config=labelled, progress=False, until="triangulation")
+    assert report.result is not None and np.isfinite(report.result.pts3d).any()
+
+
 def test_a_failed_run_keeps_the_snapshot_that_matches_the_result(work, tmp_path):
     out = tmp_path / "out"
     deeperfly("-q", "run", work / "rec", "-c", work / "config.toml", "-o", out)
