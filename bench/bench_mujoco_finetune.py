@@ -17,6 +17,8 @@ within 20 px), and `--self-train-steps` more steps on the renders plus those pse
 last weights (`--pseudo-only`: on the pseudo-labels alone). Each round is scored on the sample as above; the last model is run on the example once more for its
 bone-length CV and reprojection error. The sample's frames are never trained on, labelled or not.
 --threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
+--look FIELD=VALUE (repeatable) sets an `MjLook` field in every recording instead of `sample_mj_look`'s draw, e.g.
+--look plate_rim=0.8 --look plate_streaks=0.5 (the renders are cached under a name that includes these settings).
 --style N gives half the training crops the tone of real frames (`training.fourier_style`, Fourier domain adaptation):
 N frames per pathway of the unlabelled example recording (`labels.footage_inputs`), never the sample's.
 The renders are kept in the run folder (renders_<recordings>x<frames>_<units>_<renderer code digest>.npz) and reused by a
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-style", default=None, help="write the --style frames of the example recording to this .npz and stop")
     ap.add_argument("--no-real", action="store_true", help="no scores on the real sample (for a machine without ../shared/data)")
     ap.add_argument("--from-model", default=None, help="score and self-train this model instead of training one on the renders")
+    ap.add_argument("--look", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an MjLook field set in every recording, e.g. plate_rim=0.8 (repeatable)")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter(); sets = []
     import hashlib, deeperfly_nb.synth_mujoco as smj
     code = hashlib.sha256(Path(smj.__file__).read_bytes()).hexdigest()[:10]          # renders of other renderer code are not reused
+    look = parse_look(args.look)
+    if look: code += "_" + hashlib.sha256(json.dumps(look, sort_keys=True).encode()).hexdigest()[:6]   # other looks, other renders
     cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
     if cache.exists(): S = load_samples(cache)
     else:
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
                              callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
         model = Path(args.run) / "last.pt"                                        # the last weights: no choice on the real frames
     after = real and evaluate(build_network(load_checkpoint(model)[0]), real)
-    row = {"hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"look": look, "hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "from_model": args.from_model, "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
 
 def render_all(args) -> list:
     "The pathway samples of recordings 0.. --recordings, over --workers processes; with --render-budget-s only the first ones done in time."
-    jobs, t0 = [(i, args.frames, args.units_per_mm) for i in range(args.recordings)], time.perf_counter()
+    jobs, t0 = [(i, args.frames, args.units_per_mm, parse_look(args.look)) for i in range(args.recordings)], time.perf_counter()
     if args.workers <= 1 and args.render_budget_s is None: return [render_samples(*j) for j in jobs]
     import multiprocessing
     sets, pool = [], multiprocessing.get_context("spawn").Pool(max(args.workers, 1))
@@ -163,7 +169,20 @@ def _render_job(job:tuple) -> "SampleSet":
     return render_samples(*job)
 
 
-def render_samples(i:int, frames:int, units_per_mm) -> "SampleSet":
+def parse_look(items:list) -> dict:
+    "--look FIELD=VALUE items as {field: number}; an unknown field or a value that is not a number ends the run with one line."
+    from dataclasses import fields
+    from deeperfly_nb.synth_mujoco import MjLook
+    names, out = {f.name for f in fields(MjLook)}, {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in names: sys.exit(f"--look {item}: {key!r} is not an MjLook field; fields: {', '.join(sorted(names))}")
+        try: out[key] = float(value)
+        except ValueError: sys.exit(f"--look {item}: expected FIELD=NUMBER")
+    return out
+
+
+def render_samples(i:int, frames:int, units_per_mm, look:dict|None=None) -> "SampleSet":
     "Recording `i`'s pathway samples: seed 3000 + i, every other one driven by deeperfly's gait (run in a worker process)."
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     import numpy as np
@@ -171,7 +190,7 @@ def render_samples(i:int, frames:int, units_per_mm) -> "SampleSet":
     from deeperfly_nb.labels import labels_from_render, pathway_samples
     from deeperfly_nb.synth_mujoco import render_recording_mujoco
     upm = {} if units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*units_per_mm))}
-    rec = render_recording_mujoco(frames, seed=3000 + i, gait=True if i % 2 else None, **upm)
+    rec = render_recording_mujoco(frames, seed=3000 + i, gait=True if i % 2 else None, **upm, **(look or {}))
     return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 
 

@@ -22,8 +22,8 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
            'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'STRIPE_ANCHORS', 'HOLDER_GAP_MM', 'PLATE_GAP_MM',
-           'PLATE_HALF_MM', 'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX',
-           'assets_dir', 'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles',
+           'PLATE_HALF_MM', 'PLATE_RIM_MM', 'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG',
+           'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles',
            'load_joint_angles', 'WalkParams', 'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel',
            'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look',
            'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted',
@@ -257,6 +257,13 @@ def _speckle(rng, h:int, w:int, contrast:float, blob_px:float, wrap:bool=False) 
     img = 0.5 * (1 + contrast * n / (n.std() + 1e-9))
     return np.repeat((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
 
+def _brushed(rng, h:int, w:int, contrast:float) -> np.ndarray:
+    "A (h, w, 3) uint8 brushed-metal texture: noise smeared along the rows, mean 0.5, relative std `contrast`."
+    from scipy.ndimage import gaussian_filter
+    fine, broad = (gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), s, mode="wrap") for s in ((0.7, 40.0), 50.0))
+    img = 0.5 * (1 + contrast * (fine / (fine.std() + 1e-9) + broad / (broad.std() + 1e-9)) / 2)   # streaks and broad patches
+    return np.repeat((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+
 def _add_view(spec, mj, look, max_size:tuple):
     "Buffer size, quality, key light and the camera's head light, added to the spec in place."
     spec.visual.global_.offwidth, spec.visual.global_.offheight = int(max_size[1]), int(max_size[0])
@@ -275,7 +282,17 @@ def _add_props(spec, mj, look, rng, ball_radius_mm:float):
     tex.data = _speckle(rng, 512, 512, look.ball_texture, look.ball_grain_px).tobytes()   # one speckle image on each face of the cube map
     spec.add_material(name="ball_mat", textures=["", "ball_tex"], rgba=[look.ball_albedo] * 3 + [1], specular=0.05, shininess=0.1,
                       emission=look.ball_glow)
-    spec.add_material(name="holder_mat", rgba=[look.holder_brightness] * 3 + [1], specular=look.holder_glare, shininess=0.6)
+    streaks = look.plate_streaks > 0
+    if streaks:                                            # its own stream: the draws below stay as they were
+        tex = spec.add_texture(name="holder_tex", type=mj.mjtTexture.mjTEXTURE_2D, width=512, height=512, nchannel=3)
+        tex.data = _brushed(rng.spawn(1)[0], 512, 512, look.plate_streaks).tobytes()
+    spec.add_material(name="holder_mat", rgba=[look.holder_brightness] * 3 + [1], specular=look.holder_glare, shininess=0.6,
+                      **(dict(textures=["", "holder_tex"], texuniform=True, texrepeat=[0.25, 0.25]) if streaks else {}))
+    if look.holder_plate_mm > 0 and look.plate_rim > 0:
+        spec.add_material(name="rim_mat", rgba=[1, 1, 1, 1], emission=look.plate_rim, specular=0.5, shininess=0.8)
+        for k in range(4):                                 # sized and placed along the plate's lower edges by `_place_holder`
+            spec.worldbody.add_geom(name=f"plate_rim{k}", type=mj.mjtGeom.mjGEOM_CAPSULE, size=[0.02, 1.0, 0],
+                                    material="rim_mat", contype=0, conaffinity=0)
     ball = spec.worldbody.add_body(name="ball", pos=[0, 0, -ball_radius_mm - 1.0])
     ball.add_joint(name="ball_rot", type=mj.mjtJoint.mjJNT_BALL)
     ball.add_geom(name="ball", type=mj.mjtGeom.mjGEOM_SPHERE, size=[ball_radius_mm, 0, 0], material="ball_mat", contype=0, conaffinity=0)
@@ -482,6 +499,25 @@ def _place_holder(m, d, gap_mm:float, plate_mm:float, rng):
     m.geom_pos[bar][2] += dz
     m.geom_pos[rod][2] = (top + m.geom_pos[bar][2] - m.geom_size[bar][2]) / 2          # the rod spans the gap
     m.geom_size[rod][1] = (m.geom_pos[bar][2] - m.geom_size[bar][2] - top) / 2 + 0.1
+    if plate_mm > 0 and _has_geom(m, "plate_rim0"): _place_rim(m, bar, rng.uniform(*PLATE_RIM_MM))
+
+PLATE_RIM_MM = (0.008, 0.02)   # radius of the plate's bright rim, mm (drawn per recording; 0.02 mm is ~4 px on DeepFly3D's rig)
+
+def _has_geom(m, name:str) -> bool:
+    "Whether the MuJoCo model `m` has a geom called `name`."
+    mj = import_mujoco()
+    return mj.mj_name2id(m, mj.mjtObj.mjOBJ_GEOM, name) >= 0
+
+def _place_rim(m, bar:int, radius_mm:float):
+    "Lay the four rim capsules `plate_rim{k}` along the lower edges of the plate geom `bar`."
+    (cx, cy, cz), (hx, hy, hz) = m.geom_pos[bar], m.geom_size[bar]
+    along_x, along_y = np.array([1, 0, 1, 0]) / np.sqrt(2), np.array([1, -1, 0, 0]) / np.sqrt(2)   # the capsule's z turned onto x, y
+    for k, (pos, quat, half) in enumerate([((cx, cy + hy, cz - hz), along_x, hx), ((cx, cy - hy, cz - hz), along_x, hx),
+                                           ((cx + hx, cy, cz - hz), along_y, hy), ((cx - hx, cy, cz - hz), along_y, hy)]):
+        g = m.geom(f"plate_rim{k}").id
+        m.geom_pos[g], m.geom_quat[g], m.geom_size[g][:2] = pos, quat, (radius_mm, half)
+        m.geom_rbound[g], m.geom_aabb[g][3:] = half + radius_mm, (radius_mm, radius_mm, half + radius_mm)
+        m.geom_sameframe[g] = 0                            # built at the world's origin, MuJoCo would otherwise keep it there
 
 @dataclass(eq=False)
 class FlyModel:
@@ -514,6 +550,8 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
     look = look or MjLook()
     if not look.abdomen_scale > 0: raise InputError(f"look.abdomen_scale must be positive, got {look.abdomen_scale}")
     if not look.holder_plate_mm >= 0: raise InputError(f"look.holder_plate_mm must be >= 0 (0: a bar holder), got {look.holder_plate_mm}")
+    if not (look.plate_rim >= 0 and look.plate_streaks >= 0):
+        raise InputError(f"look.plate_rim and look.plate_streaks must be >= 0 (0: none), got {look.plate_rim} and {look.plate_streaks}")
     mj = import_mujoco()
     spec = mj.MjSpec.from_file(str(require_assets(assets) / NMF_MJCF))
     spec.compiler.fusestatic = False                       # keep Thorax and the abdomen as bodies (the stripes hang on them)
@@ -732,6 +770,8 @@ class MjLook:
     holder_brightness: float = 0.45     # the holder's albedo
     holder_glare: float = 0.6           # the holder's specular strength
     holder_plate_mm: float = 0.0        # 0: a bar on a rod; > 0: a wide plate of this half-thickness resting on the thorax
+    plate_rim: float = 0.0              # glow of a thin bright rim along the plate's lower edges (0: none; plate holder only)
+    plate_streaks: float = 0.0          # relative contrast of brushed-metal streaks on the holder (0: plain)
     gain: float = 1.0                   # exposure: level = gain · 255 · radiance^gamma
     gamma: float = 1.0                  # contrast curve
     black_level: float = 4.0            # gray levels subtracted after the gain
