@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter(); sets = []
     import hashlib, deeperfly_nb.synth_mujoco as smj
     code = hashlib.sha256(Path(smj.__file__).read_bytes()).hexdigest()[:10]          # renders of other renderer code are not reused
-    look = parse_look(args.look)
+    look = args.look_fields = parse_look(args.look)
     if look: code += "_" + hashlib.sha256(json.dumps(look, sort_keys=True).encode()).hexdigest()[:6]   # other looks, other renders
     cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
     if cache.exists(): S = load_samples(cache)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
 def render_all(args) -> list:
     "The pathway samples of recordings 0.. --recordings, over --workers processes; with --render-budget-s only the first ones done in time."
-    jobs, t0 = [(i, args.frames, args.units_per_mm, parse_look(args.look)) for i in range(args.recordings)], time.perf_counter()
+    jobs, t0 = [(i, args.frames, args.units_per_mm, args.look_fields) for i in range(args.recordings)], time.perf_counter()
     if args.workers <= 1 and args.render_budget_s is None: return [render_samples(*j) for j in jobs]
     import multiprocessing
     sets, pool = [], multiprocessing.get_context("spawn").Pool(max(args.workers, 1))
