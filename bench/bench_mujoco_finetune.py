@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strong-augment", action="store_true",
                     help="train with training.Augment.for_renders(): wider photometric and geometric augmentation than Augment's defaults")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
+    ap.add_argument("--train-seed", type=int, default=0, help="seeds the initial weights, the held-out renders, the batch order and the augmentation (another seed: the spread of one setting)")
     ap.add_argument("--self-train", type=int, default=0, metavar="N", help="rounds of multi-view bootstrapping on the unlabelled example recording")
     ap.add_argument("--self-train-steps", type=int, default=600, help="training steps per self-training round")
     ap.add_argument("--threshold-px", type=float, nargs="+", default=[20.0], metavar="PX",
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     m0 = build_network(load_checkpoint(bundled_weights("fly_synthetic"))[0])
     before = real and evaluate(m0, real)
     cfg = dict(steps=args.steps, batch_size=args.batch_size, crop_hw=(192, 320), lr=1.5e-3, warmup_steps=50, lr_final_frac=0.02, val_frac=0.1,
-               eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=0, num_threads=args.threads, init="bundled:fly_synthetic",
+               eval_every=max(100, args.steps // 5), checkpoint_every=100, log_every=50, seed=args.train_seed, num_threads=args.threads, init="bundled:fly_synthetic",
                hidden_peak=args.hidden_peak,
                **({"augment": {**(Augment.for_renders().to_dict() if args.strong_augment else {}), **({"scale": list(args.aug_scale)} if args.aug_scale else {})}}
                   if args.aug_scale or args.strong_augment else {}))

@@ -22,14 +22,15 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
            'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'STRIPE_ANCHORS', 'HOLDER_GAP_MM', 'PLATE_GAP_MM',
-           'PLATE_HALF_MM', 'PLATE_RIM_MM', 'SCENES', 'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG',
-           'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles',
-           'load_joint_angles', 'WalkParams', 'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel',
-           'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look',
-           'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted',
-           'joint_limits', 'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait',
-           'gait_angles', 'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path',
-           'walking_speed', 'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
+           'PLATE_HALF_MM', 'PLATE_RIM_MM', 'SCENES', 'BODY_COXA_LABEL_MM', 'KEYPOINTS_NOTE', 'VIS_MARGIN_MM',
+           'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
+           'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk',
+           'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid',
+           'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit',
+           'render_views', 'remap_distorted', 'joint_limits', 'targets_in_model', 'IKParams', 'IKFit',
+           'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles', 'stance_speed', 'stance_turn', 'place_ball',
+           'recording_angles', 'render_fly', 'arena_path', 'walking_speed', 'stance_level', 'render_arena_mujoco',
+           'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -622,7 +623,7 @@ def pose(self:FlyModel, qadr, # (J,) qpos addresses (from `check_names`)
 
 @patch
 def keypoints_mm(self:FlyModel) -> np.ndarray:
-    "(N, 3) the fly38 points of the current pose, world frame, mm."
+    "(N, 3) the fly38 anchors of the current pose (the joints themselves; `label_points_mm`: as labelled), world frame, mm."
     R = self.data.xmat[self.kp_body].reshape(-1, 3, 3)
     return self.data.xpos[self.kp_body] + np.einsum("nij,nj->ni", R, self.kp_offset)
 
@@ -833,6 +834,23 @@ def camera_response(rgb, # (H, W, 3) uint8 rendered radiance
         if look.rgb: out = out[..., ::-1]
     return out
 
+# %% ../nbs/15a_synth_mujoco.ipynb #f998ef2d
+BODY_COXA_LABEL_MM = {"m": (-0.05, -0.09, 0.16),   # where DeepFly3D's labels put the mid and hind body-coxa points, from
+                      "h": (0.01, -0.14, 0.13)}    # the coxa's hinge, mm in the thorax's frame (x forward, y left, z up),
+                                                   # for the right legs; the left ones mirror y. Fitted, see "Speed and limits"
+KEYPOINTS_NOTE = f"fly38 as DeepFly3D labels it (label_points_mm): the mid and hind body-coxa points moved from the hinges by {BODY_COXA_LABEL_MM} mm"
+
+@patch
+def label_points_mm(self:FlyModel) -> np.ndarray:
+    "(N, 3) the fly38 points as DeepFly3D labels them, world frame, mm: `keypoints_mm` with the mid and hind body-coxa points moved by `BODY_COXA_LABEL_MM`."
+    X = self.keypoints_mm()
+    R = self.data.xmat[self.model.body("Thorax").id].reshape(3, 3)
+    for i, name in enumerate(fly38().point_names):
+        side, rest = name.split("_", 1)
+        if rest == "body_coxa" and side[1] in BODY_COXA_LABEL_MM:
+            X[i] += R @ np.multiply(BODY_COXA_LABEL_MM[side[1]], [1, -1 if side[0] == "l" else 1, 1])
+    return X
+
 # %% ../nbs/15a_synth_mujoco.ipynb #0c55cbca
 VIS_MARGIN_MM = 0.12   # a keypoint may lie this far (mm) behind the surface around it and still count as seen
 FLOOR_EPS_MM = 0.005   # in the arena, a pixel is the fly's where the depth buffer is this far in front of the floor
@@ -901,7 +919,7 @@ def render_views(fly:FlyModel, # the scene (from `build_fly`)
         for t in range(T):
             if body_path is not None: fly.place_body(*body_path[t])
             fly.pose(qadr, angles[t], ball_turn_rad[t])
-            X = fly.keypoints_mm(); pts3d[t] = X * units_per_mm
+            X = fly.label_points_mm(); pts3d[t] = X * units_per_mm
             for v, cam in enumerate(cameras):
                 gv = views.get(cam.image_size) or views.setdefault(cam.image_size, GLView(fly.model, *cam.image_size))
                 rgb, depth = gv.render(fly.data, cam, units_per_mm)
@@ -1224,7 +1242,7 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
             "kinematics": ja.source if fit is None else "synth.walking_fly through inverse kinematics (fit_joint_angles)",
             **({"walk": asdict(walk)} if fit is None else {"gait": asdict(gait), "ik": fit.summary()["all"]}),
             "look": look.to_dict(), "units_per_mm": units_per_mm, "ball_top_mm": top, "fps": fps,
-            "visibility": f"in frame and not occluded (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})"}
+            "visibility": f"in frame and not occluded (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})", "keypoints": KEYPOINTS_NOTE}
     return SynthRender(frames, visible, cameras.project(X), np.ones((len(cameras), sk.n_points), bool), X, cameras, sk, look, float(fps), meta)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #8d89e6f2
@@ -1323,7 +1341,8 @@ def render_arena_mujoco(n_frames:int=64, # frames T
             **({"walk": asdict(walk)} if fit is None else {"gait": asdict(gait), "ik": fit.summary()["all"]}),
             "fps": fps, "radius": radius, "turn_rate": turn_rate, "speed_units_s": speed * units_per_mm, "scale": scale,
             "look": look.to_dict(), "units_per_mm": units_per_mm,
-            "visibility": f"in frame, not occluded and on the fly's pixels (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})"}
+            "visibility": f"in frame, not occluded and on the fly's pixels (depth buffer, VIS_MARGIN_MM {VIS_MARGIN_MM})",
+            "keypoints": KEYPOINTS_NOTE}
     return SynthRender(frames, visible, cameras.project(X), np.ones((len(cameras), fly38().n_points), bool), X, cameras, fly38(),
                        look, float(fps), meta)
 

@@ -110,7 +110,8 @@ def test_distorted_camera_matches_projection(assets):
 
 
 def test_keypoints_sit_on_the_rendered_fly(assets, walk):
-    "Where a keypoint is called visible, the depth buffer there is the fly's surface, within the margin of the joint."
+    """Where a keypoint is called visible, the depth buffer there is the fly's surface, within the margin of the joint; the
+    truth is `label_points_mm` (the mid and hind body-coxa points on the thorax's side, not at the hinges)."""
     cams = resize_cameras(synth.default_rig(), 0.35)
     fly = sm.build_fly(sm.MjLook(), 0, assets, synth.BALL_RADIUS / sm.DEFAULT_UNITS_PER_MM, (168, 336))
     qadr = fly.check_names(walk.names)
@@ -134,6 +135,10 @@ def test_keypoints_sit_on_the_rendered_fly(assets, walk):
             n_checked += 1
     assert n_checked > 7 * 38 * 0.4                                      # a good share of the points are seen
     assert 0.3 < vis.mean() < 0.9                                         # and some are hidden
+    fly.pose(qadr, A[1])
+    np.testing.assert_allclose(X[1], fly.label_points_mm() * upm)          # the truth: the points as DeepFly3D labels them,
+    bc = SK.index(["rm_body_coxa", "lh_body_coxa"])
+    assert (np.linalg.norm(X[1, bc] / upm - fly.keypoints_mm()[bc], axis=1) > 0.15).all()   # not the mid and hind coxae's hinges
 
 
 def test_bone_lengths_are_rigid(assets, walk):
@@ -239,9 +244,10 @@ def ikfly(assets):
     return sm.build_fly(sm.MjLook(), 0, assets)
 
 
-def _pose_points(fly, names, A):
+def _pose_points(fly, names, A, labelled:bool=False):
+    "(T, 38, 3) the body's points posed with A, mm: its joints (`keypoints_mm`), or as labelled (`label_points_mm`)."
     qadr, X = fly.check_names(names), []
-    for a in A: fly.pose(qadr, a); X.append(fly.keypoints_mm())
+    for a in A: fly.pose(qadr, a); X.append(fly.label_points_mm() if labelled else fly.keypoints_mm())
     return np.array(X)
 
 
@@ -322,14 +328,14 @@ def test_ik_bad_targets(ikfly, walk):
 
 
 def test_gait_recording_truth_is_the_body(assets, walk, tmp_path):
-    "render_fly(gait=...) films the fitted body and writes its keypoints (not the generator's) as the truth."
+    "render_fly(gait=...) films the fitted body and writes its points as labelled (not the generator's) as the truth."
     cams = resize_cameras(synth.default_rig().subset(["rm", "lf"]), 0.2)
     g = sm.GaitParams(stride_hz=9.0, seed=6)
     rec = sm.render_fly(cams, 3, seed=6, joint_angles=walk, gait=g, noise_std=0)
     fly = sm.build_fly(rec.look, 0, assets)                                 # the same abdomen (the look shapes it)
     names, A, fit = sm.gait_angles(fly, 3, 100.0, g, joint_angles=walk)
     upm = rec.meta["units_per_mm"]
-    np.testing.assert_allclose(rec.pts3d, _pose_points(fly, names, A) * upm, atol=1e-9)
+    np.testing.assert_allclose(rec.pts3d, _pose_points(fly, names, A, labelled=True) * upm, atol=1e-9)
     legs = SK.index([f"{l}_{j}" for l in synth.FLY_LEGS for j in FLY_LEG_JOINTS[1:]])
     assert np.abs(rec.pts3d[:, legs] - fit.targets_mm[:, legs] * upm).max() > 0.02     # not the generator's targets
     assert rec.meta["gait"]["stride_hz"] == 9.0 and rec.meta["ik"]["median_mm"] < 0.08 and "walk" not in rec.meta
@@ -363,7 +369,7 @@ def test_arena_seen_keypoints_lie_on_the_fly(assets, walk):
     on_limb = []
     for t in range(3):
         fly.place_body(*path[t]); fly.pose(qadr, A[t])
-        np.testing.assert_allclose(fly.keypoints_mm() * upm, X[t], atol=1e-12)
+        np.testing.assert_allclose(fly.label_points_mm() * upm, X[t], atol=1e-12)   # the truth: the points as labelled
         for v, cam in enumerate(cams):
             depth, uv = _fly_only_depth(fly, cam, upm), cam.project(X[t])
             z = (X[t] @ cam.rmat[2] + cam.tvec[2]) / upm
@@ -378,7 +384,8 @@ def test_arena_seen_keypoints_lie_on_the_fly(assets, walk):
     assert np.mean(on_limb) > 0.9, np.mean(on_limb)             # the rest: sub-pixel tarsi in front of other parts of the fly
     top = vis[0].mean()
     assert 0.3 < top < 0.9, top                                                  # the top view hides the points under the body
-    assert not vis[0][:, SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])].any()   # e.g. every body-coxa joint
+    assert not vis[0][:, SK.index(["lf_body_coxa", "rf_body_coxa"])].any()   # e.g. the front coxae's hinges (the mid and hind
+                                                                    # body-coxa points are on the thorax's side wall, its silhouette)
     c = X[:, SK.index([f"{l}_body_coxa" for l in synth.FLY_LEGS])].mean(1)
     np.testing.assert_allclose(np.diff(c[:, :2], axis=0), np.diff(X[:, :, :2].mean(1), axis=0), atol=0.15)  # the whole fly moves
     assert np.linalg.norm(c[-1, :2] - c[0, :2]) > 1.5                            # 1.6 mm apart (x 0.9 units/mm)
