@@ -136,7 +136,7 @@ def test_keypoints_sit_on_the_rendered_fly(assets, walk):
     assert n_checked > 7 * 38 * 0.4                                      # a good share of the points are seen
     assert 0.3 < vis.mean() < 0.9                                         # and some are hidden
     fly.pose(qadr, A[1])
-    np.testing.assert_allclose(X[1], fly.label_points_mm() * upm)          # the truth: the points as DeepFly3D labels them,
+    np.testing.assert_allclose(X[1], fly.label_points_mm() * upm)          # the truth: the points as DeepFly3D labels them
     bc = SK.index(["rm_body_coxa", "lh_body_coxa"])
     assert (np.linalg.norm(X[1, bc] / upm - fly.keypoints_mm()[bc], axis=1) > 0.15).all()   # not the mid and hind coxae's hinges
 
