@@ -161,7 +161,7 @@ def test_cuda_unavailable_is_a_config_error(data, tmp_path):
         L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={"device": "cuda"}, output_folder=tmp_path)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(trained, data):
     lc = L.load_lifter(trained.folder, device="cuda")
     np.testing.assert_allclose(L.lift(lc, data[2][:100]), L.lift(trained, data[2][:100]), atol=1e-3)
