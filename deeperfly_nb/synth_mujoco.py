@@ -840,16 +840,20 @@ BODY_COXA_LABEL_MM = {"m": (-0.05, -0.09, 0.16),   # where DeepFly3D's labels pu
                                                    # for the right legs; the left ones mirror y. Fitted, see "Speed and limits"
 KEYPOINTS_NOTE = f"fly38 as DeepFly3D labels it (label_points_mm): the mid and hind body-coxa points moved from the hinges by {BODY_COXA_LABEL_MM} mm"
 
+def _label_shift_mm() -> np.ndarray:
+    "(N, 3) how far each fly38 point as labelled lies from the model's anchor, thorax frame, mm (zero but for four points)."
+    shift = np.zeros((fly38().n_points, 3))
+    for s in "lr":
+        for leg, d in BODY_COXA_LABEL_MM.items(): shift[fly38().index([f"{s}{leg}_body_coxa"])[0]] = np.multiply(d, [1, -1 if s == "l" else 1, 1])
+    return shift
+
+_LABEL_SHIFT_MM = _label_shift_mm()   # (N, 3), computed once
+
 @patch
 def label_points_mm(self:FlyModel) -> np.ndarray:
     "(N, 3) the fly38 points as DeepFly3D labels them, world frame, mm: `keypoints_mm` with the mid and hind body-coxa points moved by `BODY_COXA_LABEL_MM`."
-    X = self.keypoints_mm()
     R = self.data.xmat[self.model.body("Thorax").id].reshape(3, 3)
-    for i, name in enumerate(fly38().point_names):
-        side, rest = name.split("_", 1)
-        if rest == "body_coxa" and side[1] in BODY_COXA_LABEL_MM:
-            X[i] += R @ np.multiply(BODY_COXA_LABEL_MM[side[1]], [1, -1 if side[0] == "l" else 1, 1])
-    return X
+    return self.keypoints_mm() + _LABEL_SHIFT_MM @ R.T
 
 # %% ../nbs/15a_synth_mujoco.ipynb #0c55cbca
 VIS_MARGIN_MM = 0.12   # a keypoint may lie this far (mm) behind the surface around it and still count as seen
