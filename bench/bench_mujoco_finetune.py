@@ -19,6 +19,9 @@ bone-length CV and reprojection error. The sample's frames are never trained on,
 --threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
 --look FIELD=VALUE (repeatable) sets an `MjLook` field in every recording instead of `sample_mj_look`'s draw, e.g.
 --look plate_rim=0.8 --look plate_streaks=0.5 (the renders are cached under a name that includes these settings).
+--posture F (bench/fit_posture.py's JSON, e.g. bench/results/posture_example.json) drives every recording by the recorded
+walk with F's per-joint offsets, times a factor drawn per recording from --posture-scale (default 0.25-1.5), instead of
+every other one by the gait generator: the legs held as a real fly's are (cached under a name that includes F).
 --style N gives half the training crops the tone of real frames (`training.fourier_style`, Fourier domain adaptation):
 N frames per pathway of the unlabelled example recording (`labels.footage_inputs`), never the sample's.
 The renders are kept in the run folder (renders_<recordings>x<frames>_<units>_<renderer code digest>.npz) and reused by a
@@ -79,6 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--from-model", default=None, help="score and self-train this model instead of training one on the renders")
     ap.add_argument("--look", action="append", default=[], metavar="FIELD=VALUE",
                     help="an MjLook field set in every recording, e.g. plate_rim=0.8 (repeatable)")
+    ap.add_argument("--posture", default=None, metavar="JSON",
+                    help="every recording replays the recorded walk with these per-joint offsets (bench/fit_posture.py writes them) "
+                         "times a factor drawn per recording from --posture-scale, instead of every other one using the gait generator")
+    ap.add_argument("--posture-scale", type=float, nargs=2, default=(0.25, 1.5), metavar=("LO", "HI"), help="range of that factor")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mujoco_finetune.json"))
     args = ap.parse_args(argv)
@@ -110,6 +117,11 @@ def main(argv=None) -> int:
     code = hashlib.sha256(Path(smj.__file__).read_bytes()).hexdigest()[:10]          # renders of other renderer code are not reused
     look = args.look_fields = parse_look(args.look)
     if look: code += "_" + hashlib.sha256(json.dumps(look, sort_keys=True).encode()).hexdigest()[:6]   # other looks, other renders
+    args.posture_job = None
+    if args.posture:
+        try: pz = json.loads(Path(args.posture).read_text()); args.posture_job = (tuple(pz["names"]), np.asarray(pz["offset_rad"], float), tuple(args.posture_scale))
+        except (OSError, ValueError, KeyError) as e: sys.exit(f"--posture {args.posture}: expected bench/fit_posture.py's JSON (names, offset_rad): {e}")
+        code += "_p" + hashlib.sha256(Path(args.posture).read_bytes() + json.dumps(list(args.posture_scale)).encode()).hexdigest()[:6]
     cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
     if cache.exists(): S = load_samples(cache)
     else:
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
                              callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
         model = Path(args.run) / "last.pt"                                        # the last weights: no choice on the real frames
     after = real and evaluate(build_network(load_checkpoint(model)[0]), real)
-    row = {"look": look, "hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"look": look, "posture": args.posture and {"file": args.posture, "scale": list(args.posture_scale)}, "hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "from_model": args.from_model, "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
 
 def render_all(args) -> list:
     "The pathway samples of recordings 0.. --recordings, over --workers processes; with --render-budget-s only the first ones done in time."
-    jobs, t0 = [(i, args.frames, args.units_per_mm, args.look_fields) for i in range(args.recordings)], time.perf_counter()
+    jobs, t0 = [(i, args.frames, args.units_per_mm, args.look_fields, args.posture_job) for i in range(args.recordings)], time.perf_counter()
     if args.workers <= 1 and args.render_budget_s is None: return [render_samples(*j) for j in jobs]
     import multiprocessing
     sets, pool = [], multiprocessing.get_context("spawn").Pool(max(args.workers, 1))
@@ -183,15 +195,22 @@ def parse_look(items:list) -> dict:
     return out
 
 
-def render_samples(i:int, frames:int, units_per_mm, look:dict|None=None) -> "SampleSet":
-    "Recording `i`'s pathway samples: seed 3000 + i, every other one driven by deeperfly's gait (run in a worker process)."
+def render_samples(i:int, frames:int, units_per_mm, look:dict|None=None, posture:tuple|None=None) -> "SampleSet":
+    "Recording `i`'s pathway samples: seed 3000 + i, every other one driven by deeperfly's gait (run in a worker process); with `posture`, the offset walk."
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     import numpy as np
     from deeperfly_nb.config import Config
     from deeperfly_nb.labels import labels_from_render, pathway_samples
     from deeperfly_nb.synth_mujoco import render_recording_mujoco
     upm = {} if units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*units_per_mm))}
-    rec = render_recording_mujoco(frames, seed=3000 + i, gait=True if i % 2 else None, **upm, **(look or {}))
+    if posture is None: kin = {"gait": True if i % 2 else None}
+    else:                                                                   # (names, offsets, (lo, hi)): the walk, offset by a drawn share
+        from deeperfly_nb.synth_mujoco import JointAngles, load_joint_angles
+        ja, (names, off, lohi) = load_joint_angles(), posture
+        if tuple(ja.names) != names: raise SystemExit(f"--posture: its joint names are not the shipped walk's ({len(names)} against {len(ja.names)})")
+        u = float(np.random.default_rng([3000 + i, 0x905]).uniform(*lohi))
+        kin = {"joint_angles": JointAngles(ja.names, ja.angles + u * off, ja.dt_s, f"{ja.source} + {u:.2f} x posture offsets")}
+    rec = render_recording_mujoco(frames, seed=3000 + i, **kin, **upm, **(look or {}))
     return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 
 
