@@ -56,13 +56,14 @@ def main(argv=None) -> int:
     def residual(offset): return np.concatenate([(posture(offset) - target).ravel(), args.ridge * offset])
     fit = least_squares(residual, np.zeros(len(ja.names)), bounds=(-0.8, 0.8), diff_step=1e-2, max_nfev=30)
     rms = lambda P, Q: round(float(np.sqrt(((P - Q) ** 2).sum(-1).mean())), 3)
+    before, after = posture(np.zeros_like(fit.x)), posture(fit.x)                               # (24, 3) each, computed once
     out = {"what": "per-joint offsets (radians) added to the shipped NeuroMechFly walk: bench/fit_posture.py", "fitted_to": str(args.results),
-           "rms_to_fitted_coxa_spans": [rms(posture(np.zeros_like(fit.x)), target), rms(posture(fit.x), target)]}
+           "rms_to_fitted_coxa_spans": [rms(before, target), rms(after, target)]}
     print(f"leg points' rms distance to {args.results}'s median posture: {out['rms_to_fitted_coxa_spans']} coxa spans (before, after)")
     if DF3D_PKL.exists():
         from deeperfly_nb.df3d import read_df3d_result
         check = np.nanmedian(body_frame(read_df3d_result(DF3D_PKL).pts3d, sk)[:, legs], 0)
-        out["rms_to_deepfly3d_sample_coxa_spans"] = [rms(posture(np.zeros_like(fit.x)), check), rms(posture(fit.x), check)]
+        out["rms_to_deepfly3d_sample_coxa_spans"] = [rms(before, check), rms(after, check)]
         print(f"and to DeepFly3D's sample (not fitted to): {out['rms_to_deepfly3d_sample_coxa_spans']}")
     for n, d in zip(ja.names, fit.x):
         if abs(d) > 0.05: print(f"  {n:22s} {np.rad2deg(d):+6.1f} deg")
