@@ -19,8 +19,9 @@ bone-length CV and reprojection error. The sample's frames are never trained on,
 --threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
 --look FIELD=VALUE (repeatable) sets an `MjLook` field in every recording instead of `sample_mj_look`'s draw, e.g.
 --look plate_rim=0.8 --look plate_streaks=0.5 (the renders are cached under a name that includes these settings).
---posture F (bench/fit_posture.py's JSON, e.g. bench/results/posture_example.json) drives every recording by the recorded
-walk with F's per-joint offsets, times a factor drawn per recording from --posture-scale (default 0.25-1.5), instead of
+--posture F (a `synth_mujoco.LegPosture` as JSON: bench/fit_posture.py writes it, e.g. bench/results/posture_example.json)
+drives every recording by the recorded walk re-posed by F's per-joint offsets (`render_fly(posture=...)`), times a factor
+drawn per recording from --posture-scale (default 0.25-1.5; `WalkParams.posture_scale`), instead of
 every other one by the gait generator: the legs held as a real fly's are (cached under a name that includes F).
 --style N gives half the training crops the tone of real frames (`training.fourier_style`, Fourier domain adaptation):
 N frames per pathway of the unlabelled example recording (`labels.footage_inputs`), never the sample's.
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--look", action="append", default=[], metavar="FIELD=VALUE",
                     help="an MjLook field set in every recording, e.g. plate_rim=0.8 (repeatable)")
     ap.add_argument("--posture", default=None, metavar="JSON",
-                    help="every recording replays the recorded walk with these per-joint offsets (bench/fit_posture.py writes them) "
+                    help="every recording replays the recorded walk with these per-joint offsets (a LegPosture's JSON: bench/fit_posture.py writes it) "
                          "times a factor drawn per recording from --posture-scale, instead of every other one using the gait generator")
     ap.add_argument("--posture-scale", type=float, nargs=2, default=(0.25, 1.5), metavar=("LO", "HI"), help="range of that factor")
     ap.add_argument("--run", default="/tmp/deeperfly_mujoco_finetune", help="the training run folder (resumable)")
@@ -119,9 +120,11 @@ def main(argv=None) -> int:
     if look: code += "_" + hashlib.sha256(json.dumps(look, sort_keys=True).encode()).hexdigest()[:6]   # other looks, other renders
     args.posture_job = None
     if args.posture:
-        try: pz = json.loads(Path(args.posture).read_text()); args.posture_job = (tuple(pz["names"]), np.asarray(pz["offset_rad"], float), tuple(args.posture_scale))
-        except (OSError, ValueError, KeyError) as e: sys.exit(f"--posture {args.posture}: expected bench/fit_posture.py's JSON (names, offset_rad): {e}")
-        code += "_p" + hashlib.sha256(Path(args.posture).read_bytes() + json.dumps(list(args.posture_scale)).encode()).hexdigest()[:6]
+        from deeperfly_nb.core import InputError
+        try: pz = smj.load_posture(args.posture); smj.with_posture(smj.load_joint_angles(), pz)     # its joints are the walk's
+        except InputError as e: sys.exit(f"--posture: {e}")
+        args.posture_job = (pz, tuple(args.posture_scale))
+        code += "_p" + hashlib.sha256(json.dumps([pz.names, pz.offset_rad.tolist(), list(args.posture_scale)]).encode()).hexdigest()[:6]
     cache = Path(args.run) / f"renders_{args.recordings}x{args.frames}_{args.units_per_mm}_{code}.npz"   # the renders, kept with the run
     if cache.exists(): S = load_samples(cache)
     else:
@@ -204,12 +207,11 @@ def render_samples(i:int, frames:int, units_per_mm, look:dict|None=None, posture
     from deeperfly_nb.synth_mujoco import render_recording_mujoco
     upm = {} if units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*units_per_mm))}
     if posture is None: kin = {"gait": True if i % 2 else None}
-    else:                                                                   # (names, offsets, (lo, hi)): the walk, offset by a drawn share
-        from deeperfly_nb.synth_mujoco import JointAngles, load_joint_angles
-        ja, (names, off, lohi) = load_joint_angles(), posture
-        if tuple(ja.names) != names: raise SystemExit(f"--posture: its joint names are not the shipped walk's ({len(names)} against {len(ja.names)})")
-        u = float(np.random.default_rng([3000 + i, 0x905]).uniform(*lohi))
-        kin = {"joint_angles": JointAngles(ja.names, ja.angles + u * off, ja.dt_s, f"{ja.source} + {u:.2f} x posture offsets")}
+    else:                                                                   # (LegPosture, (lo, hi)): the walk, re-posed by a drawn share
+        from dataclasses import replace
+        from deeperfly_nb.synth_mujoco import sample_walk
+        u = float(np.random.default_rng([3000 + i, 0x905]).uniform(*posture[1]))
+        kin = {"posture": posture[0], "walk": replace(sample_walk(3000 + i), posture_scale=u)}
     rec = render_recording_mujoco(frames, seed=3000 + i, **kin, **upm, **(look or {}))
     return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 

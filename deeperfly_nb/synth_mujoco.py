@@ -22,15 +22,16 @@ from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, wr
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
            'EYE_GRAY', 'WING_ALPHA', 'THORAX_HEIGHT_MM', 'DEFAULT_UNITS_PER_MM', 'STANCE_CLAWS', 'THORAX_BODIES',
            'ABDOMEN_BODIES', 'WING_CLEARANCE_MM', 'BAND_OFFSET_MM', 'STRIPE_ANCHORS', 'HOLDER_GAP_MM', 'PLATE_GAP_MM',
-           'PLATE_HALF_MM', 'PLATE_RIM_MM', 'SCENES', 'BODY_COXA_LABEL_MM', 'KEYPOINTS_NOTE', 'VIS_MARGIN_MM',
-           'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status', 'require_assets',
-           'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams', 'sample_walk',
-           'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView', 'sphere_centroid',
-           'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'distortion_maps', 'floor_depth', 'fly_limit',
-           'render_views', 'remap_distorted', 'joint_limits', 'targets_in_model', 'IKParams', 'IKFit',
-           'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles', 'stance_speed', 'stance_turn', 'place_ball',
-           'recording_angles', 'render_fly', 'arena_path', 'walking_speed', 'stance_level', 'render_arena_mujoco',
-           'render_recording_mujoco', 'synth_recording_mujoco']
+           'PLATE_HALF_MM', 'PLATE_RIM_MM', 'SCENES', 'BODY_COXA_LABEL_MM', 'KEYPOINTS_NOTE', 'POSTURE_JOINTS',
+           'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status',
+           'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams',
+           'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView',
+           'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'LegPosture',
+           'with_posture', 'save_posture', 'load_posture', 'fly_body_frame', 'median_leg_posture', 'fit_posture',
+           'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted', 'joint_limits',
+           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
+           'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path', 'walking_speed',
+           'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -198,15 +199,18 @@ class WalkParams:
     mirror: bool = False          # swap left and right
     perturb_rad: float = 0.0      # std of the per-joint offset and wobble, radians
     seed: int = 0                 # draws the perturbation
+    posture_scale: float = 1.0    # the share of a `LegPosture`'s offsets added (when `render_fly` is given one)
 
 def sample_walk(seed:int=0, # draws the parameters
                 vary:float=1.0, # spread (0: the recording as is)
+                posture_range:tuple=(0.25, 1.5), # posture_scale is drawn from this range (when vary > 0)
                ) -> WalkParams:
-    "Random but plausible `WalkParams`: speed 0.6-1.5x, any start, mirrored half the time, ~0.08 rad perturbation."
+    "Random but plausible `WalkParams`: speed 0.6-1.5x, any start, mirrored half the time, ~0.08 rad perturbation, a posture share."
     rng = np.random.default_rng([int(seed), 0xA11])
     if vary == 0: return WalkParams(seed=int(seed))
     return WalkParams(speed=float(np.exp(vary * rng.uniform(np.log(0.6), np.log(1.5)))), start_s=float(rng.uniform(0, 1)),
-                      mirror=bool(rng.random() < 0.5 * min(vary, 1)), perturb_rad=float(0.08 * vary), seed=int(seed))
+                      mirror=bool(rng.random() < 0.5 * min(vary, 1)), perturb_rad=float(0.08 * vary), seed=int(seed),
+                      posture_scale=float(rng.uniform(*posture_range)))
 
 # %% ../nbs/15a_synth_mujoco.ipynb #99adbaf8
 def _pingpong(s, n:int) -> np.ndarray:
@@ -855,6 +859,110 @@ def label_points_mm(self:FlyModel) -> np.ndarray:
     R = self.data.xmat[self.model.body("Thorax").id].reshape(3, 3)
     return self.keypoints_mm() + _LABEL_SHIFT_MM @ R.T
 
+# %% ../nbs/15a_synth_mujoco.ipynb #036f73b0
+@dataclass(frozen=True, eq=False)
+class LegPosture:
+    "Per-joint offsets that move a recorded walk's legs to a real fly's median posture (see `fit_posture`)."
+    names: tuple               # joint names (J,), as the MJCF names them
+    offset_rad: np.ndarray     # (J,) radians, added to every frame of the walk
+    source: str = ""           # what it was fitted to
+    misfit_spans: tuple = ()   # rms distance of the leg points to the fitted median posture, coxa spans: (before, after)
+
+def with_posture(ja:JointAngles, # the recording
+                 posture:LegPosture, # offsets for the same joints
+                 scale:float=1.0, # the share of the offsets added
+                ) -> JointAngles:
+    "The recording with `scale` × the posture's offsets added to every frame."
+    if tuple(posture.names) != tuple(ja.names):
+        odd = sorted(set(posture.names) ^ set(ja.names))[:3]
+        raise InputError(f"the posture {posture.source!r} is for other joints than {ja.source}: {len(posture.names)} names against "
+                         f"{len(ja.names)}" + (f", e.g. {', '.join(odd)}" if odd else " (in another order)"))
+    return JointAngles(ja.names, ja.angles + scale * posture.offset_rad, ja.dt_s, f"{ja.source} + {scale:.2f} x posture ({posture.source})")
+
+
+# %% ../nbs/15a_synth_mujoco.ipynb #2b0a3ab9
+def save_posture(posture:LegPosture, # what to write
+                 path:str|Path, # a .json file (written atomically)
+                ) -> Path:
+    "Write `posture` as JSON: names, offset_rad, fitted_to, misfit_spans."
+    d = {"what": "per-joint offsets (radians) added to the NeuroMechFly walk: deeperfly_nb.synth_mujoco.LegPosture",
+         "fitted_to": posture.source, "misfit_spans": [float(x) for x in posture.misfit_spans],
+         "names": list(posture.names), "offset_rad": [float(x) for x in posture.offset_rad]}
+    with atomic_path(Path(path)) as tmp: tmp.write_text(json.dumps(d, indent=1) + "\n", encoding="utf-8")
+    return Path(path)
+
+def load_posture(path:str|Path, # a JSON file written by `save_posture`
+                ) -> LegPosture:
+    "Read a `LegPosture`: joint names and their offsets in radians."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such posture file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        names, off = tuple(str(n) for n in d["names"]), np.asarray(d["offset_rad"], float)
+        misfit = tuple(float(x) for x in d.get("misfit_spans", ()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: not a posture file: expected JSON with 'names' and 'offset_rad' ({type(e).__name__}: {e})") from None
+    if off.shape != (len(names),) or not np.isfinite(off).all():
+        raise InputError(f"{path}: 'offset_rad' must hold {len(names)} finite numbers, one per name; got shape {off.shape}")
+    return LegPosture(names, off, str(d.get("fitted_to", path)), misfit)
+
+
+# %% ../nbs/15a_synth_mujoco.ipynb #18d4715e
+POSTURE_JOINTS = ("coxa_femur", "femur_tibia", "tibia_tarsus", "claw")   # each leg's points a posture is fitted on
+
+def fly_body_frame(pts3d, # (T, N, 3) fly38 points: any units, any frame
+                   skeleton=None, # their skeleton (default: fly38)
+                  ) -> np.ndarray:
+    "(T, N, 3) the points in the fly's body frame (above), in coxa spans; a frame with the claws above the body (mirrored) is turned over."
+    sk, P = skeleton or fly38(), np.asarray(pts3d, float)
+    at = lambda n: P[:, sk.index([n])[0]]
+    front, hind = (at("lf_body_coxa") + at("rf_body_coxa")) / 2, (at("lh_body_coxa") + at("rh_body_coxa")) / 2
+    x = front - hind; span = np.linalg.norm(x, axis=-1, keepdims=True); x = x / span
+    y = at("lm_body_coxa") - at("rm_body_coxa"); y = y - (y * x).sum(-1, keepdims=True) * x
+    y = y / np.linalg.norm(y, axis=-1, keepdims=True)
+    B = np.einsum("tij,tnj->tni", np.stack([x, y, np.cross(x, y)], -2), P - ((front + hind) / 2)[:, None]) / span[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)                            # frames with a missing coxa are NaN
+        return B * [1, 1, -1] if np.nanmedian(B[:, sk.index([f"{l}_claw" for l in synth.FLY_LEGS]), 2]) > 0 else B
+
+def median_leg_posture(pts3d, # (T, N, 3) fly38 points
+                       skeleton=None, # their skeleton (default: fly38)
+                      ) -> np.ndarray:
+    "(6 · 4, 3) the median over frames of every leg's `POSTURE_JOINTS` points in `fly_body_frame`, NaN frames left out."
+    sk = skeleton or fly38()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(fly_body_frame(pts3d, sk)[:, sk.index([f"{l}_{j}" for l in synth.FLY_LEGS for j in POSTURE_JOINTS])], 0)
+
+
+# %% ../nbs/15a_synth_mujoco.ipynb #01e126d2
+def fit_posture(pts3d, # (T, N, 3) fly38 3D of a real recording (e.g. a `PoseResult`'s pts3d): any units, any frame
+                joint_angles:JointAngles|str|Path|None=None, # the walk to re-pose (default: the shipped one)
+                ridge:float=0.3, # weight of the offsets (radians) against the misfit (coxa spans)
+                max_rad:float=0.8, # no offset larger than this, radians
+                n_poses:int=40, # frames of the walk, evenly spread, whose median is matched
+                assets:str|Path|None=None, # the assets folder
+                source:str="", # what pts3d is (kept in the posture)
+               ) -> LegPosture:
+    "The `LegPosture` whose walk's median leg posture (`median_leg_posture`) best matches the recording's."
+    from scipy.optimize import least_squares
+    P = np.asarray(pts3d, float)
+    if P.ndim != 3 or P.shape[1:] != (fly38().n_points, 3): raise InputError(f"fit_posture: {source or 'pts3d'} must be (T, {fly38().n_points}, 3) fly38 points, got {P.shape}")
+    target = median_leg_posture(P)
+    if not np.isfinite(target).all(): raise InputError(f"fit_posture: {source or 'pts3d'} has leg points (or body-coxa points) that are NaN in every frame")
+    ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
+    fly = build_fly(MjLook(), 0, assets)
+    qadr, A = fly.check_names(ja.names, ja.source), ja.angles[np.linspace(0, len(ja.angles) - 1, int(n_poses)).astype(int)]
+    def posture(offset):
+        Q = []
+        for a in A: fly.pose(qadr, a + offset); Q.append(fly.label_points_mm())
+        return median_leg_posture(np.array(Q))
+    fit = least_squares(lambda off: np.concatenate([(posture(off) - target).ravel(), ridge * off]), np.zeros(len(ja.names)),
+                        bounds=(-max_rad, max_rad), diff_step=1e-2, max_nfev=30)
+    rms = lambda off: float(np.sqrt(((posture(off) - target) ** 2).sum(-1).mean()))
+    return LegPosture(ja.names, fit.x, source, (rms(np.zeros_like(fit.x)), rms(fit.x)))
+
+
 # %% ../nbs/15a_synth_mujoco.ipynb #0c55cbca
 VIS_MARGIN_MM = 0.12   # a keypoint may lie this far (mm) behind the surface around it and still count as seen
 FLOOR_EPS_MM = 0.005   # in the arena, a pixel is the fly's where the depth buffer is this far in front of the floor
@@ -1221,6 +1329,7 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
                native_scale:float=1.0, # resolution relative to the rig's native one (scales blur and noise)
                assets:str|Path|None=None, # the assets folder
                gait:GaitParams|bool|None=None, # deeperfly's own gait instead of the recording (True: `sample_gait(seed, vary)`)
+               posture:LegPosture|str|Path|None=None, # offsets for the recorded walk (`fit_posture`, or its JSON), times walk.posture_scale
                **overrides, # MjLook fields, e.g. noise_std=0, rgb=True
               ) -> SynthRender:
     "Film the NeuroMechFly fly walking on the ball through `cameras`; frames, visibility and the exact ground truth."
@@ -1230,6 +1339,9 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
     look = replace(look, **overrides) if look is not None else sample_mj_look(seed, vary, **overrides)
     walk, gait = walk or sample_walk(seed, vary), sample_gait(seed, vary) if gait is True else (gait or None)
     ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
+    if posture is not None:
+        if gait is not None: raise InputError("render_fly: a posture re-poses the recorded walk; give posture or gait, not both")
+        ja = with_posture(ja, posture if isinstance(posture, LegPosture) else load_posture(posture), walk.posture_scale)
     size = tuple(max(c.image_size[i] for c in cameras) for i in range(2))
     fly = build_fly(look, seed, assets, synth.BALL_RADIUS / units_per_mm, size)
     qadr = fly.check_names(ja.names, ja.source)

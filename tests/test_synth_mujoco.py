@@ -1,7 +1,8 @@
 """MuJoCo renderer of the NeuroMechFly body (deeperfly_nb.synth_mujoco): the camera model against deeperfly's projection,
 keypoints on the rendered fly, left-right mirroring, determinism, the recording written and read back, bad input
 (missing assets, joint angles for another model, a camera that sees nothing of the fly), and deeperfly's own gait driving
-the body through inverse kinematics (known angles recovered, the generator's gait fitted, bad targets, the truth written).
+the body through inverse kinematics (known angles recovered, the generator's gait fitted, bad targets, the truth written),
+and a real fly's leg posture (bad files, other joints, re-posing only its joints by the walk's share, a known posture fitted).
 
 Needs the `mujoco` package and the NeuroMechFly assets; a fresh machine fetches the assets once from the package index
 (`python -m deeperfly_nb.synth_mujoco fetch-assets`); without either, the tests that render skip and say why."""
@@ -236,6 +237,65 @@ def test_ball_touches_the_stance_claws_for_any_walk(assets, walk):
         gaps = np.linalg.norm(X - [0, 0, top - fly.ball_radius_mm], axis=-1) - fly.ball_radius_mm
         assert np.sort(gaps)[0] < 0.15                                  # some claw is on (or in) the ball in a middle frame
 
+
+
+# --- a real fly's leg posture ---------------------------------------------------------------------------
+
+def test_posture_files_refused_clearly(tmp_path):
+    with pytest.raises(InputError, match="no such posture file"): sm.load_posture(tmp_path / "absent.json")
+    bad = {"list.json": "[1, 2]", "text.json": "not json", "short.json": '{"names": ["a", "b"], "offset_rad": [0.1]}',
+           "nan.json": '{"names": ["a"], "offset_rad": [NaN]}', "nonames.json": '{"offset_rad": [0.1]}'}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=name.replace(".", r"\.")): sm.load_posture(tmp_path / name)
+
+
+def test_posture_for_other_joints_or_with_gait_refused(assets, walk, tmp_path):
+    cams = resize_cameras(synth.default_rig().subset(["rm"]), 0.2)
+    mouse = sm.save_posture(sm.LegPosture(("hip_flexion", "knee"), np.zeros(2), "a mouse"), tmp_path / "mouse.json")
+    with pytest.raises(InputError, match="'a mouse' is for other joints.*hip_flexion"): sm.render_fly(cams, 1, posture=mouse)
+    ours = sm.LegPosture(walk.names, np.zeros(len(walk.names)), "zeros")
+    with pytest.raises(InputError, match="posture or gait"): sm.render_fly(cams, 1, posture=ours, gait=True)
+
+
+def test_posture_re_poses_only_its_joints_by_the_walks_share(assets, walk):
+    cams = resize_cameras(synth.default_rig().subset(["rf"]), 0.2)
+    off = np.zeros(len(walk.names)); off[walk.names.index("joint_RFTibia")] = 0.4
+    bent = sm.LegPosture(walk.names, off, "right front tibia")
+    def claws(scale, posture):
+        rec = sm.render_fly(cams, 2, seed=1, walk=sm.WalkParams(posture_scale=scale), posture=posture, **QUIET)
+        return rec.pts3d[:, [SK.point_names.index(n) for n in ("rf_claw", "lf_claw", "rf_femur_tibia")]]
+    plain, half, full = claws(1.0, None), claws(0.5, bent), claws(1.0, bent)
+    moved = lambda X: np.linalg.norm(X - plain, axis=-1)                  # (T, 3) world units
+    assert moved(half)[:, 1:].max() == 0 and moved(full)[:, 1:].max() == 0  # the other legs and the joint above stay
+    assert 0.05 < moved(half)[:, 0].min() and moved(full)[:, 0].min() > 1.8 * moved(half)[:, 0].max()
+
+def _walk_points(fly, walk, offset, frames):
+    qadr, out = fly.check_names(walk.names), []
+    for a in walk.angles[frames]: fly.pose(qadr, a + offset); out.append(fly.label_points_mm())
+    return np.array(out)                                                 # (T, N, 3) mm in the model's frame
+
+
+def test_fit_posture_finds_a_posture_seen_from_any_rig(assets, walk):
+    """A known posture (the walk with its legs lowered), reconstructed in another rig's frame, scale and handedness and
+    with missing points, is matched by the fitted one within 0.01 mm per leg point (the model's frame, no body frame)."""
+    fly = sm.build_fly(sm.MjLook(), 0, assets)
+    frames = np.linspace(0, len(walk.angles) - 1, 40).astype(int)
+    true = np.zeros(len(walk.names))
+    for leg in ("LF", "RF", "LM", "RM", "LH", "RH"): true[walk.names.index(f"joint_{leg}Femur")] = 0.3     # femora turned down
+    true[walk.names.index("joint_RHCoxa_yaw")] = -0.2
+    real = _walk_points(fly, walk, true, frames)
+    R = np.array([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]]) * [1, -1, 1]                 # another rig: axes permuted, mirrored
+    seen = 0.7 * real @ R.T + [3.0, -1.0, 2.0]
+    seen[::5, SK.point_names.index("l_antenna")] = np.nan                         # points it does not fit on, sometimes missing
+    fitted = sm.fit_posture(seen, walk, ridge=0.0, assets=assets, source="lowered legs")
+    legs = [SK.point_names.index(f"{s}{l}_{j}") for s in "lr" for l in "fmh" for j in ("coxa_femur", "femur_tibia", "tibia_tarsus", "claw")]
+    gap = lambda off: np.abs(np.median(_walk_points(fly, walk, off, frames)[:, legs], 0) - np.median(real[:, legs], 0)).max()
+    assert gap(np.zeros_like(true)) > 0.1 and gap(fitted.offset_rad) < 0.01
+    assert fitted.misfit_spans[1] < 0.1 * fitted.misfit_spans[0] and fitted.source == "lowered legs"
+    with pytest.raises(InputError, match="NaN in every frame"):
+        sm.fit_posture(np.where(np.arange(38)[None, :, None] == SK.point_names.index("lm_body_coxa"), np.nan, seen), walk, assets=assets)
+    with pytest.raises(InputError, match=r"\(T, 38, 3\)"): sm.fit_posture(seen[:, :20], walk, assets=assets)
 
 # --- deeperfly's own gait through inverse kinematics ----------------------------------------------------
 
