@@ -104,7 +104,7 @@ def with_settings(config, settings:list):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", nargs="+", default=["bundled"], help="model files (.pt); 'bundled' is fly_synthetic")
+    ap.add_argument("--model", nargs="+", default=["bundled"], help="model files (.pt); 'bundled' is fly_synthetic, 'bundled:NAME' another bundled model")
     ap.add_argument("--set", nargs="+", action="append", metavar="TABLE.KEY=VALUE", help="changes to the packaged config (VALUE in TOML; 'default': none); once per config to compare")
     ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "example", "sample"], help="what to score on")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_out.json"))

@@ -243,8 +243,10 @@ def _check_codecs() -> tuple:
 
 def _check_weights() -> tuple:
     from deeperfly_nb.detector import cache_dir, bundled_weights
-    p = bundled_weights("fly_synthetic")
-    return True, f"bundled model {p.name} ({p.stat().st_size / 1e6:.1f} MB); weights a config names by https URL (with their sha256) would be cached in {cache_dir()}"
+    p = bundled_weights("fly_synthetic")                    # the packaged config's model: a failure if absent
+    have = sorted(p.parent.glob("*.pt"))
+    return True, (f"bundled models {', '.join(f'{q.stem} ({q.stat().st_size / 1e6:.1f} MB)' for q in have)}; weights a config names by "
+                  f"https URL (with their sha256) would be cached in {cache_dir()}")
 
 def _check_mujoco_renderer() -> tuple:
     "The optional MuJoCo renderer of NeuroMechFly (`synth_mujoco`): never a failure; says what is missing."
@@ -508,7 +510,8 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--device", help='torch device for detection: "cpu", "cuda", "cuda:N" or "mps" (default: [pose2d] device, else auto)')
     s.add_argument("--wait", action="store_true", help="if another run is using the output folder, wait for it (default: refuse)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("--model", metavar="[NAME=]PATH", help="detect with this model deeperfly trained (e.g. RUN_DIR/model.pt) "
+    s.add_argument("--model", metavar="[NAME=]PATH", help="detect with this model deeperfly trained (e.g. RUN_DIR/model.pt, or "
+                                                         "bundled:fly_neuromechfly for real footage of DeepFly3D's rig) "
                                                          "in place of the config's model NAME (default: its only model)")
     many = s.add_argument_group("many recordings on Dask (default: one after another in this process)")
     many.add_argument("--workers", type=int, help="run the recordings on N local worker processes (0: here, one after another)")

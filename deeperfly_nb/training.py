@@ -794,12 +794,14 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
         return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
-def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
+def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt, or a bundled one: 'bundled:<name>'
                        model_name:str, # the name of the plan's model it replaces, e.g. 'deepfly2d'
                        model_class:str="hourglass", # the model's class in the config
                       ) -> str:
-    "The config's [[pose2d.models]] table that uses the trained model: name, class, weights (absolute path), input size, channels, mean, decoder."
-    path = Path(model_path).resolve()
+    "The config's [[pose2d.models]] table that uses the trained model: name, class, weights (absolute path or 'bundled:<name>'), input size, channels, mean, decoder."
+    from deeperfly_nb.detector import bundled_weights
+    bundled = str(model_path).startswith("bundled:")
+    path = bundled_weights(str(model_path)[len("bundled:"):]) if bundled else Path(model_path).resolve()
     _, meta = load_checkpoint(path)
     missing = [k for k in ("input_size", "channel_names") if k not in meta]
     if missing: raise ModelError(f"checkpoint {path} has no deeperfly metadata {missing}: not a model deeperfly trained "
@@ -807,9 +809,10 @@ def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt
     mean = [float(m) for m in meta.get("mean", [0.22])]
     mean_toml = f"{mean[0]:g}" if len(set(mean)) == 1 else "[" + ", ".join(f"{m:g}" for m in mean) + "]"
     h, w = (int(s) for s in meta["input_size"])
-    return (f"# the model trained in {path.parent}: in the config, replace the [[pose2d.models]] table named "
-            f"{json.dumps(model_name)} with this one\n[[pose2d.models]]\nname = {json.dumps(model_name)}\nclass = {json.dumps(model_class)}\n"
-            f"weights = {json.dumps(str(path))}\ninput_size = [{h}, {w}]\nn_out_channels = {len(meta['channel_names'])}\nmean = {mean_toml}\n"
+    return (f"# {'the bundled model ' + path.stem if bundled else 'the model trained in ' + str(path.parent)}: in the config, replace the "
+            f"[[pose2d.models]] table named {json.dumps(model_name)} with this one\n[[pose2d.models]]\nname = {json.dumps(model_name)}\n"
+            f"class = {json.dumps(model_class)}\nweights = {json.dumps(str(model_path) if bundled else str(path))}\n"
+            f"input_size = [{h}, {w}]\nn_out_channels = {len(meta['channel_names'])}\nmean = {mean_toml}\n"
             f'decoder = "subpixel"\n')                     # deeperfly trained it: its own sub-pixel decoding
 
 # %% ../nbs/17_training.ipynb #de90778f
