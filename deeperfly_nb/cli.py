@@ -28,7 +28,18 @@ def _with_model(config, spec:str|None):
     if not spec: return config
     from deeperfly_nb.training import with_trained_model
     name, path = spec.split("=", 1) if "=" in spec and not any(c in spec.split("=", 1)[0] for c in "/\\.") else (None, spec)
+    _check_model_name(path)
     return with_trained_model(config, path, name)
+
+def _check_model_name(path:str):
+    "A `--model` that is neither a file nor a bundled model but close to a bundled model's name: an InputError naming it."
+    from deeperfly_nb.detector import bundled_weights
+    names = sorted(p.stem for p in bundled_weights("fly_synthetic").parent.glob("*.pt"))
+    bundled, given = path.startswith("bundled:"), path.removeprefix("bundled:")
+    if (given in names) if bundled else Path(path).expanduser().exists(): return
+    hint = did_you_mean(Path(given).stem, [f"bundled:{n}" for n in names] if bundled else names)
+    if hint: raise InputError(f"--model {path}: no such {'bundled model' if bundled else 'file'}"
+                              + (hint if bundled else f"; a bundled model is named bundled:NAME{hint}"))
 
 def cmd_init(args, # the parsed command line (see `make_parser`)
              ) -> int:
@@ -269,7 +280,7 @@ def _check_bundled_model() -> tuple:
     pts2d, _ = detect_sequence(plan, load_models(plan), windows)
     err = np.linalg.norm(pts2d - np.where(np.isfinite(pts2d), rec.pts2d, np.nan), axis=-1)
     med = float(np.nanmedian(err[rec.visible]))
-    return med < 10, f"median 2D error {med:.1f} px on 2 rendered frames x {len(plan.pathways)} pathways"
+    return med < 10, f"{plan.models[plan.pathways[0].model].weights}: median 2D error {med:.1f} px on 2 rendered frames x {len(plan.pathways)} pathways"
 
 # %% ../nbs/20_cli.ipynb #422935ca
 def _doctor_checks(quick:bool=False) -> list:

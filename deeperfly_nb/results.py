@@ -345,7 +345,8 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
                     ) -> list:
     "Warnings (text) when a result's reprojection error or bone-length CV says the detector or rig do not fit the footage."
-    out, fix = [], ("the detector may not fit this footage: fine-tune it on a few labelled frames "
+    out, fix = [], ("the detector may not fit this footage: on footage of DeepFly3D's tethered-fly rig, try the model made for it "
+                    "(`deeperfly run --model bundled:fly_neuromechfly`); otherwise fine-tune it on a few labelled frames "
                     "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
                     "(`deeperfly self-train`), or check the rig in [cameras]")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
