@@ -132,7 +132,10 @@ def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets
     return dest
 
 # %% ../nbs/15a_synth_mujoco.ipynb #47714aa4
-if __name__ == "__main__" and sys.argv[1:2] == ["fetch-assets"]:    # python -m deeperfly_nb.synth_mujoco fetch-assets
+if __name__ == "__main__":                                          # python -m deeperfly_nb.synth_mujoco fetch-assets
+    if sys.argv[1:] != ["fetch-assets"]:
+        sys.exit(f"usage: {FETCH_COMMAND}\n  fetches NeuroMechFly's model from the flygym {FLYGYM_VERSION} wheel on the package index "
+                 f"into {assets_dir()} (${ASSETS_ENV} sets another folder); everything else is the Python API (deeperfly_nb.synth_mujoco)")
     print(assets_status(fetch_assets())["message"])
 
 # %% ../nbs/15a_synth_mujoco.ipynb #cf4ad179

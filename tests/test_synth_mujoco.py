@@ -74,6 +74,12 @@ def test_joint_angle_files_refused_clearly(tmp_path):
     with pytest.raises(InputError, match="no such"): sm.load_joint_angles(tmp_path / "absent.pkl")
 
 
+
+def test_module_command_says_its_usage():
+    import subprocess, sys
+    r = subprocess.run([sys.executable, "-m", "deeperfly_nb.synth_mujoco", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and sm.FETCH_COMMAND in r.stderr and "fetch" in r.stderr
+
 # --- geometry ---------------------------------------------------------------------------------------
 
 def test_mujoco_image_matches_deeperfly_projection(assets):
