@@ -132,7 +132,7 @@ def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets
     return dest
 
 # %% ../nbs/15a_synth_mujoco.ipynb #47714aa4
-if __name__ == "__main__":                                          # python -m deeperfly_nb.synth_mujoco fetch-assets
+if __name__ == "__main__" and Path(sys.argv[0]).stem == "synth_mujoco":   # python -m deeperfly_nb.synth_mujoco fetch-assets (not a notebook kernel)
     if sys.argv[1:] != ["fetch-assets"]:
         sys.exit(f"usage: {FETCH_COMMAND}\n  fetches NeuroMechFly's model from the flygym {FLYGYM_VERSION} wheel on the package index "
                  f"into {assets_dir()} (${ASSETS_ENV} sets another folder); everything else is the Python API (deeperfly_nb.synth_mujoco)")
