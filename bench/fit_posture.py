@@ -36,10 +36,7 @@ def main(argv=None) -> int:
         from deeperfly_nb.df3d import read_df3d_result
         check, fly, ja = sm.median_leg_posture(read_df3d_result(DF3D_PKL).pts3d), sm.build_fly(sm.MjLook(), 0), sm.load_joint_angles()
         qadr, A = fly.check_names(ja.names, ja.source), ja.angles[np.linspace(0, len(ja.angles) - 1, 40).astype(int)]
-        def rms(offset):
-            P = []
-            for a in A: fly.pose(qadr, a + offset); P.append(fly.label_points_mm())
-            return round(float(np.sqrt(((sm.median_leg_posture(np.array(P)) - check) ** 2).sum(-1).mean())), 3)
+        rms = lambda offset: round(float(np.sqrt(((sm.walk_leg_posture(fly, qadr, A, offset) - check) ** 2).sum(-1).mean())), 3)
         print(f"and to DeepFly3D's sample (not fitted to): {[rms(0 * fitted.offset_rad), rms(fitted.offset_rad)]}")
     for n, d in zip(fitted.names, fitted.offset_rad):
         if abs(d) > 0.05: print(f"  {n:22s} {np.rad2deg(d):+6.1f} deg")

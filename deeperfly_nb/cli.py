@@ -33,8 +33,8 @@ def _with_model(config, spec:str|None):
 
 def _check_model_name(path:str):
     "A `--model` that is neither a file nor a bundled model but close to a bundled model's name: an InputError naming it."
-    from deeperfly_nb.detector import bundled_weights
-    names = sorted(p.stem for p in bundled_weights("fly_synthetic").parent.glob("*.pt"))
+    from deeperfly_nb.detector import bundled_models
+    names = bundled_models()
     bundled, given = path.startswith("bundled:"), path.removeprefix("bundled:")
     if (given in names) if bundled else Path(path).expanduser().exists(): return
     hint = did_you_mean(Path(given).stem, [f"bundled:{n}" for n in names] if bundled else names)
@@ -253,10 +253,10 @@ def _check_codecs() -> tuple:
     return dec and enc, f"H.264 decoder {'yes' if dec else 'MISSING'}, libx264 encoder {'yes' if enc else 'MISSING'}"
 
 def _check_weights() -> tuple:
-    from deeperfly_nb.detector import cache_dir, bundled_weights
-    p = bundled_weights("fly_synthetic")                    # the packaged config's model: a failure if absent
-    have = sorted(p.parent.glob("*.pt"))
-    return True, (f"bundled models {', '.join(f'{q.stem} ({q.stat().st_size / 1e6:.1f} MB)' for q in have)}; weights a config names by "
+    from deeperfly_nb.detector import cache_dir, bundled_models, bundled_weights
+    bundled_weights("fly_synthetic")                        # the packaged config's model: a failure if absent
+    sizes = {n: bundled_weights(n).stat().st_size / 1e6 for n in bundled_models()}
+    return True, (f"bundled models {', '.join(f'{n} ({mb:.1f} MB)' for n, mb in sizes.items())}; weights a config names by "
                   f"https URL (with their sha256) would be cached in {cache_dir()}")
 
 def _check_mujoco_renderer() -> tuple:

@@ -22,8 +22,8 @@ from .plan import ConfigWarning
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'DECODER_NAMES', 'PreActBottleneck', 'Hourglass', 'HourglassNet', 'infer_architecture',
            'describe_architecture', 'load_checkpoint', 'save_checkpoint', 'build_network', 'cache_dir',
-           'cached_weights_path', 'download_weights', 'bundled_weights', 'resolve_weights', 'resize_like_skimage',
-           'FusedHourglass', 'LoadedModel', 'torch_device', 'load_model', 'load_models']
+           'cached_weights_path', 'download_weights', 'bundled_models', 'bundled_weights', 'resolve_weights',
+           'resize_like_skimage', 'FusedHourglass', 'LoadedModel', 'torch_device', 'load_model', 'load_models']
 
 # %% ../nbs/12_detector.ipynb #e1c8e25c
 _log = logging.getLogger("deeperfly")
@@ -336,15 +336,18 @@ def download_weights(url:str, # https (or file://) URL of the checkpoint
     return dest
 
 # %% ../nbs/12_detector.ipynb #45ee1b14
+def bundled_models() -> list:
+    "The names of the models inside the installed package (`deeperfly_nb/models/<name>.pt`), sorted."
+    folder = resources.files("deeperfly_nb") / "models"
+    return sorted(q.name[:-3] for q in folder.iterdir() if q.name.endswith(".pt")) if folder.is_dir() else []
+
 def bundled_weights(name:str, # the model's name, e.g. 'fly_synthetic'
                    ) -> Path:
     "The path of `deeperfly_nb/models/<name>.pt` inside the installed package."
-    folder = resources.files("deeperfly_nb") / "models"
-    p = folder / f"{name}.pt"
+    p = resources.files("deeperfly_nb") / "models" / f"{name}.pt"
     if not p.is_file():
-        have = sorted(q.name[:-3] for q in folder.iterdir() if q.name.endswith(".pt")) if folder.is_dir() else []
         raise ModelError(f"no bundled model {name!r}: {p} is not in the installed package "
-                         f"(bundled models: {have or 'none'}); give weights as a path or URL instead")
+                         f"(bundled models: {bundled_models() or 'none'}); give weights as a path or URL instead")
     return Path(str(p))
 
 def resolve_weights(spec, # a ModelSpec: name, weights, sha256, base_dir

@@ -27,11 +27,11 @@ __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND
            'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams',
            'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView',
            'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'LegPosture',
-           'with_posture', 'save_posture', 'load_posture', 'fly_body_frame', 'median_leg_posture', 'fit_posture',
-           'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted', 'joint_limits',
-           'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait', 'gait_angles',
-           'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path', 'walking_speed',
-           'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
+           'with_posture', 'save_posture', 'load_posture', 'fly_body_frame', 'median_leg_posture', 'walk_leg_posture',
+           'fit_posture', 'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted',
+           'joint_limits', 'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait',
+           'gait_angles', 'stance_speed', 'stance_turn', 'place_ball', 'recording_angles', 'render_fly', 'arena_path',
+           'walking_speed', 'stance_level', 'render_arena_mujoco', 'render_recording_mujoco', 'synth_recording_mujoco']
 
 # %% ../nbs/15a_synth_mujoco.ipynb #c935ca2f
 FLYGYM_VERSION = "1.2.1"     # the flygym release whose NeuroMechFly assets deeperfly renders
@@ -939,6 +939,16 @@ def median_leg_posture(pts3d, # (T, N, 3) fly38 points
 
 
 # %% ../nbs/15a_synth_mujoco.ipynb #01e126d2
+def walk_leg_posture(fly:FlyModel, # the scene (from `build_fly`)
+                     qadr, # (J,) qpos addresses of the walk's joints (from `FlyModel.check_names`)
+                     angles, # (P, J) radians: the walk's frames to pose
+                     offset, # (J,) radians added to every frame (a `LegPosture`'s offset_rad, or zeros)
+                    ) -> np.ndarray:
+    "(6 · 4, 3) `median_leg_posture` of the walk's frames re-posed by `offset`, as DeepFly3D labels them (`label_points_mm`)."
+    pts = []
+    for a in angles: fly.pose(qadr, a + offset); pts.append(fly.label_points_mm())
+    return median_leg_posture(np.array(pts))
+
 def fit_posture(pts3d, # (T, N, 3) fly38 3D of a real recording (e.g. a `PoseResult`'s pts3d): any units, any frame
                 joint_angles:JointAngles|str|Path|None=None, # the walk to re-pose (default: the shipped one)
                 ridge:float=0.3, # weight of the offsets (radians) against the misfit (coxa spans)
@@ -947,7 +957,7 @@ def fit_posture(pts3d, # (T, N, 3) fly38 3D of a real recording (e.g. a `PoseRes
                 assets:str|Path|None=None, # the assets folder
                 source:str="", # what pts3d is (kept in the posture)
                ) -> LegPosture:
-    "The `LegPosture` whose walk's median leg posture (`median_leg_posture`) best matches the recording's."
+    "The `LegPosture` whose walk's median leg posture (`walk_leg_posture`) best matches the recording's."
     from scipy.optimize import least_squares
     P = np.asarray(pts3d, float)
     if P.ndim != 3 or P.shape[1:] != (fly38().n_points, 3): raise InputError(f"fit_posture: {source or 'pts3d'} must be (T, {fly38().n_points}, 3) fly38 points, got {P.shape}")
@@ -956,10 +966,7 @@ def fit_posture(pts3d, # (T, N, 3) fly38 3D of a real recording (e.g. a `PoseRes
     ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
     fly = build_fly(MjLook(), 0, assets)
     qadr, A = fly.check_names(ja.names, ja.source), ja.angles[np.linspace(0, len(ja.angles) - 1, int(n_poses)).astype(int)]
-    def posture(offset):
-        Q = []
-        for a in A: fly.pose(qadr, a + offset); Q.append(fly.label_points_mm())
-        return median_leg_posture(np.array(Q))
+    posture = lambda offset: walk_leg_posture(fly, qadr, A, offset)
     fit = least_squares(lambda off: np.concatenate([(posture(off) - target).ravel(), ridge * off]), np.zeros(len(ja.names)),
                         bounds=(-max_rad, max_rad), diff_step=1e-2, max_nfev=30)
     rms = lambda off: float(np.sqrt(((posture(off) - target) ** 2).sum(-1).mean()))
