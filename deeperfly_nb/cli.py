@@ -34,10 +34,11 @@ def _with_model(config, spec:str|None):
 def _check_model_name(path:str):
     "A `--model` that is neither a file nor a bundled model but close to a bundled model's name: an InputError naming it."
     from deeperfly_nb.detector import bundled_models
+    from deeperfly_nb.plan import BUNDLED_PREFIX, weights_kind
     names = bundled_models()
-    bundled, given = path.startswith("bundled:"), path.removeprefix("bundled:")
+    bundled, given = weights_kind(path) == "bundled", path.removeprefix(BUNDLED_PREFIX)
     if (given in names) if bundled else Path(path).expanduser().exists(): return
-    hint = did_you_mean(Path(given).stem, [f"bundled:{n}" for n in names] if bundled else names)
+    hint = did_you_mean(Path(given).stem, [BUNDLED_PREFIX + n for n in names] if bundled else names)
     if hint: raise InputError(f"--model {path}: no such {'bundled model' if bundled else 'file'}"
                               + (hint if bundled else f"; a bundled model is named bundled:NAME{hint}"))
 

@@ -800,8 +800,9 @@ def model_config_lines(model_path, # the trained model, e.g. RUN_DIR/model.pt, o
                       ) -> str:
     "The config's [[pose2d.models]] table that uses the trained model: name, class, weights (absolute path or 'bundled:<name>'), input size, channels, mean, decoder."
     from deeperfly_nb.detector import bundled_weights
-    bundled = str(model_path).startswith("bundled:")
-    path = bundled_weights(str(model_path)[len("bundled:"):]) if bundled else Path(model_path).resolve()
+    from deeperfly_nb.plan import BUNDLED_PREFIX, weights_kind
+    bundled = weights_kind(str(model_path)) == "bundled"
+    path = bundled_weights(str(model_path).removeprefix(BUNDLED_PREFIX)) if bundled else Path(model_path).resolve()
     _, meta = load_checkpoint(path)
     missing = [k for k in ("input_size", "channel_names") if k not in meta]
     if missing: raise ModelError(f"checkpoint {path} has no deeperfly metadata {missing}: not a model deeperfly trained "
