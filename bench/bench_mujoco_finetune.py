@@ -16,7 +16,8 @@ the model (default config, no videos), `labels.labels_from_result` on its bundle
 within 20 px), and `--self-train-steps` more steps on the renders plus those pseudo-labels, from the previous round's
 last weights (`--pseudo-only`: on the pseudo-labels alone). Each round is scored on the sample as above; the last model is run on the example once more for its
 bone-length CV and reprojection error. The sample's frames are never trained on, labelled or not.
---threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px).
+--threshold-px sets the pseudo-labels' agreement threshold per round (the last value repeats; default 20 px);
+--pseudo-drop TEXT leaves the points whose name contains TEXT unlabelled in the pseudo-labels (e.g. antenna).
 --look FIELD=VALUE (repeatable) sets an `MjLook` field in every recording instead of `sample_mj_look`'s draw, e.g.
 --look plate_rim=0.8 --look plate_streaks=0.5 (the renders are cached under a name that includes these settings).
 --posture F (a `synth_mujoco.LegPosture` as JSON: bench/fit_posture.py writes it, e.g. bench/results/posture_example.json)
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pseudo-repeat", type=int, default=1, metavar="K",
                     help="each round's pseudo-labelled samples count K times against the renders (a bigger share of every batch)")
     ap.add_argument("--pseudo-only", action="store_true", help="self-training rounds train on the pseudo-labels alone, without the renders")
+    ap.add_argument("--pseudo-drop", nargs="+", default=[], metavar="TEXT",
+                    help="points whose name contains TEXT (e.g. antenna) get no pseudo-labels: the rounds leave them to the renders")
     ap.add_argument("--style", type=int, default=0, metavar="N",
                     help="crops take the tone of N frames per pathway of the unlabelled example recording (0: off)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the recordings at once (the result is the same)")
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
                              callback=lambda s, l: print(f"  step {s} loss {l:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True) if s % 50 == 0 else None)
         model = Path(args.run) / "last.pt"                                        # the last weights: no choice on the real frames
     after = real and evaluate(build_network(load_checkpoint(model)[0]), real)
-    row = {"look": look, "posture": args.posture and {"file": args.posture, "scale": list(args.posture_scale)}, "hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
+    row = {"look": look, "posture": args.posture and {"file": args.posture, "scale": list(args.posture_scale)}, "hidden_peak": args.hidden_peak, "style_frames": args.style, "pseudo_only": args.pseudo_only, "pseudo_repeat": args.pseudo_repeat, "pseudo_drop": args.pseudo_drop, "threshold_px": args.threshold_px, "units_per_mm": args.units_per_mm, "aug_scale": args.aug_scale, "strong_augment": args.strong_augment, "command": " ".join(["OMP_NUM_THREADS=1 python", "bench/bench_mujoco_finetune.py"] + (argv or sys.argv[1:])),
            "from_model": args.from_model, "recordings": args.recordings, "frames_each": args.frames, "steps": args.steps, "render_s": round(render_s, 1),
            "train_s": round(time.perf_counter() - t1, 1), "train": cfg, "samples": str(S),
            "real_before": scored(before), "real_after": scored(after),
@@ -230,13 +233,17 @@ def self_train(args, S, plan, real, scored, cfg, model, style=None) -> list:
     "Rounds of multi-view bootstrapping on the unlabelled example recording from `model` (see the module's docstring)."
     from deeperfly_nb.detector import build_network, load_checkpoint
     from deeperfly_nb.labels import concat_samples, labels_from_result, pathway_samples
+    import numpy as np
     from deeperfly_nb.training import evaluate, train_detector
     rounds = []
     for r in range(1, args.self_train + 1):
         t0 = time.perf_counter()
         res_path, ex = example_run(model, Path(args.run) / f"example_{r - 1}")
         thr = args.threshold_px[min(r, len(args.threshold_px)) - 1]
-        P = pathway_samples(labels_from_result(res_path, EXAMPLE, plan, thr), plan, name=f"example{r}_")
+        L = labels_from_result(res_path, EXAMPLE, plan, thr)
+        drop = [i for i, n in enumerate(L.skeleton.point_names) if any(t in n for t in args.pseudo_drop)]
+        L.pts2d[:, :, drop] = np.nan                                        # --pseudo-drop: unlabelled, so out of the loss
+        P = pathway_samples(L, plan, name=f"example{r}_")
         run = Path(args.run) / f"self_train_{r}"
         c = {**cfg, "steps": args.self_train_steps, "init": str(model), "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0,
              "eval_every": args.self_train_steps}
