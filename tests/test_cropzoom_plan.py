@@ -107,7 +107,7 @@ def tiny(tmp_path_factory, torch_one_thread):
     d = tiny_recording(root, n_frames=4)
     for name, hw, seed in (("finder.pt", FINDER_HW, 3), ("pose.pt", POSE_HW, 4)):       # small inputs: a fast test
         torch.manual_seed(seed)
-        save_checkpoint(root / name, HourglassNet(n_stacks=1, n_blocks=1, n_features=16, n_out_channels=19), {"input_size": hw})
+        save_checkpoint(root / name, HourglassNet(n_stacks=1, n_blocks=1, n_features=16, n_out_channels=19, n_stem_features=8), {"input_size": hw})
     d["pose2d"]["models"][0].update(weights=str(root / "pose.pt"), input_size=POSE_HW)
     cz = cropzoom_tables(d)
     cz["pose2d"]["models"][1]["weights"] = str(root / "finder.pt")

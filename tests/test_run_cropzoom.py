@@ -36,7 +36,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("cz")
     d = cropzoom_tables(tiny_recording(root, n_frames=4))
     torch.manual_seed(3)
-    save_checkpoint(root / "finder.pt", HourglassNet(n_stacks=1, n_blocks=1, n_features=8, n_out_channels=19), {"input_size": FINDER_HW})
+    save_checkpoint(root / "finder.pt", HourglassNet(n_stacks=1, n_blocks=1, n_features=8, n_out_channels=19, n_stem_features=8), {"input_size": FINDER_HW})
     d["pipeline"]["visualization"] = False
     (root / "config.toml").write_text(tomli_w.dumps(d))
     return root, d
