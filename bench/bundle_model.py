@@ -4,7 +4,7 @@
         --description "..." --out deeperfly_nb/models/fly_neuromechfly.pt
 
 Reads the trained checkpoint, keeps its weights and training metadata, adds `name`, `description` and `recipe` (the
-commands that made it, in order), and writes it with `detector.save_checkpoint` (atomically; the same layout as the
+commands that made it, in order), and writes it with `training.write_bundled_model` (atomically; the same layout as the
 bundled `fly_synthetic`). Refuses a file over 10 MB. Its scores are `bench_held_out.py`'s, run on the written file. The model is then `weights = "bundled:<name>"` in a config, or `deeperfly run RECORDING --model bundled:<name>`.
 """
 from __future__ import annotations
@@ -19,15 +19,10 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", action="append", required=True, metavar="CMD", help="a command of the recipe, in order (repeatable)")
     ap.add_argument("--out", required=True, help="where to write it, e.g. deeperfly_nb/models/NAME.pt")
     args = ap.parse_args(argv)
-    from deeperfly_nb.detector import build_network, load_checkpoint, save_checkpoint
     from deeperfly_nb.core import ModelError
-    try: state, meta = load_checkpoint(args.model)
+    from deeperfly_nb.training import write_bundled_model
+    try: out = write_bundled_model(args.model, args.out, args.name, args.description, recipe=list(args.recipe), created_by="bench/bundle_model.py")
     except ModelError as e: sys.exit(f"bundle_model.py: {e}")
-    if not all(k in meta for k in ("input_size", "channel_names")): sys.exit(f"bundle_model.py: {args.model} has no deeperfly metadata: not a model deeperfly trained")
-    meta.update(name=args.name, description=args.description, recipe=list(args.recipe), created_by="bench/bundle_model.py")
-    net = build_network(state, init_stride=int(meta["architecture"].get("init_stride", 2)))
-    out = save_checkpoint(args.out, net, {k: v for k, v in meta.items() if k not in ("epoch", "arch", "best_acc", "architecture")}, epoch=meta.get("step", 0))
-    if (size := out.stat().st_size) > 10e6: out.unlink(); sys.exit(f"bundle_model.py: {out} would be {size / 1e6:.1f} MB; a bundled model stays under 10 MB")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): weights = \"bundled:{args.name}\"")
     return 0
 

@@ -723,7 +723,7 @@ def cmd_self_train(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.self_training import SelfTrainOptions, self_train
     from deeperfly_nb.training import samples_from_label_files
     config = _with_model(_load_config(args.config), args.model)
-    opts = SelfTrainOptions(rounds=args.rounds, threshold_px=args.threshold_px, min_views=args.min_views,
+    opts = SelfTrainOptions(rounds=args.rounds, threshold_px=args.threshold_px, min_views=args.min_views, pseudo_repeat=args.pseudo_repeat,
                             train=parse_settings(args.set, {"steps": args.steps} if args.steps else {}))
     extra = samples_from_label_files(args.labels, config, prefix="labels") if args.labels else None
     t0 = time.perf_counter()
@@ -752,6 +752,7 @@ def _add_self_train_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--threshold-px", type=float, default=20.0, help="a view agrees within this reprojection error, pixels (default 20)")
     s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
     s.add_argument("--labels", nargs="+", metavar="FILE", help="labelled frames mixed into every round (any format `deeperfly train` reads)")
+    s.add_argument("--pseudo-repeat", type=int, default=1, metavar="K", help="with --labels: the pseudo-labels count K times beside them (default 1)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting of each round, as for `deeperfly train`")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_self_train)

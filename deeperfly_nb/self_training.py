@@ -7,7 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/self_training.html.md"""
 # %% ../nbs/19b_self_training.ipynb #41108a8f
 from __future__ import annotations
 import json, logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from .core import InputError, atomic_path
 from .config import Config
@@ -32,12 +32,15 @@ class SelfTrainOptions:
     threshold_px: float = 20.0       # a view agrees when it reprojects this close to the agreeing views' point
     min_views: int = 3               # points fewer views agree on stay unlabelled (>= 2)
     train: dict = field(default_factory=dict)   # TrainConfig settings of each round, over SELF_TRAIN_DEFAULTS (not init)
+    pseudo_repeat: int = 1           # the pseudo-labels count this many times beside mixed-in samples (their weight against renders)
 
     def __post_init__(self):
         if not (isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1):
             raise InputError(f"self-training: rounds must be an integer >= 1, got {self.rounds!r}")
         if not (isinstance(self.threshold_px, (int, float)) and self.threshold_px > 0):
             raise InputError(f"self-training: threshold_px must be a positive number of pixels, got {self.threshold_px!r}")
+        if not (isinstance(self.pseudo_repeat, int) and not isinstance(self.pseudo_repeat, bool) and self.pseudo_repeat >= 1):
+            raise InputError(f"self-training: pseudo_repeat must be an integer >= 1, got {self.pseudo_repeat!r}")
         if not (isinstance(self.min_views, int) and self.min_views >= 2):
             raise InputError(f"self-training: min_views must be an integer >= 2, got {self.min_views!r}")
         if "init" in self.train: raise InputError("self-training: train settings may not set init (each round starts from the last model)")
@@ -78,6 +81,7 @@ def run_round(r:int, # the round, from 1
               options:SelfTrainOptions, # the loop's settings
               samples=None, # labelled SampleSet mixed into the training (e.g. renders); None: pseudo-labels only
               progress:bool=True, # progress bars
+              style_images=None, # unlabelled frames whose tone half the crops take (`training.train_detector`'s style_images)
              ) -> dict:
     "Run, pseudo-label and train once; returns the round's record (its model in 'model')."
     cfg, rd = round_config(config, model_path), Path(out_dir) / f"round_{r}"
@@ -95,8 +99,11 @@ def run_round(r:int, # the round, from 1
                                   f"nothing to learn from (see {rd / 'runs'})")
     init = model_path if model_path is not None else resolve_weights(plan.models[name])
     train = rd / "train"
-    res = train_detector(concat_samples(sets + ([samples] if samples is not None else [])), train, options.train_config(init),
-                         resume=(train / "last.pt").exists(), progress=progress, device=cfg.pose2d.device)   # where it detects
+    copies = sets if options.pseudo_repeat == 1 else [replace(s, frame_keys=[f"{k} (copy {j})" for k in s.frame_keys])
+                                                       for j in range(options.pseudo_repeat) for s in sets]
+    res = train_detector(concat_samples(([samples] if samples is not None else []) + copies), train, options.train_config(init),
+                         resume=(train / "last.pt").exists(), progress=progress, device=cfg.pose2d.device,   # where it detects
+                         style_images=style_images)
     return {"round": r, "started_from": str(init), "recordings": recs, "model": str(res.model_path), "steps": res.steps,
             "train_seconds": round(res.train_seconds, 1)}
 
@@ -131,7 +138,7 @@ def resumable_rounds(log_path:Path, # OUT_DIR/rounds.json (may not exist)
     if not log_path.exists(): return []
     log = json.loads(log_path.read_text())
     mine = json.loads(json.dumps({k: v for k, v in asdict(options).items() if k != "rounds"}))     # as the record has it
-    theirs = {k: v for k, v in log["options"].items() if k != "rounds"}
+    theirs = {k: v for k, v in {**mine, **log["options"]}.items() if k != "rounds"}      # a setting it predates: the default it ran with
     plan = config.detection_plan()
     start, was = str(resolve_weights(plan.models[model_of_plan(plan, None)])), log["rounds"][0]["started_from"] if log["rounds"] else None
     differ = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
@@ -148,6 +155,7 @@ def self_train(recordings, # recording folders (footage matched by the config's 
                options:SelfTrainOptions|None=None, # rounds, agreement rule, training settings
                samples=None, # labelled SampleSet mixed into every round (e.g. renders); None: pseudo-labels only
                progress:bool=True, # progress bars
+               style_images=None, # unlabelled frames whose tone half the crops take (`labels.footage_inputs`; `training.fourier_style`)
               ) -> SelfTrainResult:
     "Multi-view bootstrapping: `options.rounds` rounds of run -> pseudo-label -> train, each from the last model; resumable."
     recs, o = check_recordings(recordings), options or SelfTrainOptions()
@@ -160,7 +168,7 @@ def self_train(recordings, # recording folders (footage matched by the config's 
     done = resumable_rounds(log_path, o, config)
     model = Path(done[-1]["model"]) if done else None
     for r in range(len(done) + 1, o.rounds + 1):
-        done.append(run_round(r, recs, out, config, model, o, samples, progress))
+        done.append(run_round(r, recs, out, config, model, o, samples, progress, style_images))
         model = Path(done[-1]["model"])
         with atomic_path(log_path) as tmp: tmp.write_text(json.dumps({"options": asdict(o), "rounds": done}, indent=1) + "\n")
     cfg, final = round_config(config, model), {}

@@ -21,14 +21,14 @@ from .plan import Transform
 from .labels import SampleSet
 
 # %% auto #0
-__all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES', 'RESUME_KEYS', 'BUNDLED_SEEDS',
-           'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop', 'fourier_style',
-           'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate', 'split_by_frame',
-           'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint', 'torch_threads',
-           'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'prepare_run_folder', 'check_crop',
-           'run_trainer', 'train_detector', 'model_config_lines', 'with_trained_model', 'crop_labels_for_model',
-           'read_label_files', 'samples_from_label_files', 'train_from_labels', 'make_bundled_model',
-           'finetune_on_df3d']
+__all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES', 'RESUME_KEYS', 'BUNDLED_MAX_BYTES',
+           'BUNDLED_SEEDS', 'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop',
+           'fourier_style', 'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate',
+           'split_by_frame', 'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint',
+           'torch_threads', 'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'prepare_run_folder',
+           'check_crop', 'run_trainer', 'train_detector', 'model_config_lines', 'with_trained_model',
+           'crop_labels_for_model', 'read_label_files', 'samples_from_label_files', 'train_from_labels',
+           'write_bundled_model', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -916,6 +916,29 @@ def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/ligh
     with atomic_path(res.out_dir / "use_model.toml") as tmp: tmp.write_text(res.config_lines)
     return res
 
+# %% ../nbs/17_training.ipynb #fd9aa4c3
+BUNDLED_MAX_BYTES = 10_000_000       # a bundled model stays under 10 MB
+
+def write_bundled_model(trained, # a model deeperfly trained (a run's model.pt or last.pt)
+                        out_path, # where to write it, e.g. deeperfly_nb/models/<name>.pt (its folder is created)
+                        name:str, # the bundled name: weights = "bundled:<name>"
+                        description:str, # what it is, in a sentence or two
+                        **meta, # more metadata, e.g. created_by=..., recipe=...
+                       ) -> Path:
+    "Write a trained checkpoint as a bundled model (its weights and training metadata, plus name, description, `meta`), atomically."
+    state, m = load_checkpoint(trained)
+    if not all(k in m for k in ("input_size", "channel_names", "architecture")):
+        raise ModelError(f"{trained} has no deeperfly training metadata (input_size, channel_names, architecture): not a model deeperfly trained")
+    m.update(name=name, description=description, **meta)
+    net = build_network(state, init_stride=int(m["architecture"].get("init_stride", 2)))
+    out = Path(out_path); out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_checkpoint(tmp, net, {k: v for k, v in m.items() if k not in ("epoch", "arch", "best_acc", "architecture")}, epoch=m.get("step", 0))
+        if (size := tmp.stat().st_size) > BUNDLED_MAX_BYTES:
+            raise ModelError(f"{out} would be {size / 1e6:.1f} MB; a bundled model stays under {BUNDLED_MAX_BYTES / 1e6:.0f} MB")
+    return out
+
+
 # %% ../nbs/17_training.ipynb #4dc857c6
 BUNDLED_SEEDS = tuple(range(1000, 1060))   # training recordings (the bundled example is seed 0; tests use seeds >= 9000)
 BUNDLED_CONFIG = dict(steps=5000, batch_size=8, crop_hw=(192, 320), lr=2e-3, warmup_steps=200, sigma_cells=1.5, init=None,
@@ -945,14 +968,9 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
               "synthetic_recipe": samples.meta.get("recipe"), "config_overrides": json.loads(json.dumps(config))}
     run = work / "run"
     res = train_detector(samples, run, cfg, resume=(run / "last.pt").exists(), progress=progress, metadata={"recipe": recipe})
-    state, meta = load_checkpoint(res.model_path)
-    meta.update(name="fly_synthetic", created_by=recipe["function"], render_seconds=round(render_s, 1),
-                description="deeperfly's bundled fly detector, trained only on synthetic renders (synth_footage.render_recording) of the "
-                            "walking fly through the 7-camera DeepFly3D rig; channel i = the i-th point of one side in fly38 order")
-    net = build_network(state, init_stride=int(meta["architecture"].get("init_stride", 2)))
-    out = Path(out_path); out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, net, {k: v for k, v in meta.items() if k not in ("epoch", "arch", "best_acc", "architecture")}, epoch=meta.get("step", 0))
-    if out.stat().st_size > 10e6: raise ModelError(f"{out} is {out.stat().st_size / 1e6:.1f} MB; the bundled model must stay under 10 MB")
+    write_bundled_model(res.model_path, out_path, "fly_synthetic", created_by=recipe["function"], render_seconds=round(render_s, 1),
+                        description="deeperfly's bundled fly detector, trained only on synthetic renders (synth_footage.render_recording) of the "
+                                    "walking fly through the 7-camera DeepFly3D rig; channel i = the i-th point of one side in fly38 order")
     return res
 
 # %% ../nbs/17_training.ipynb #c9c64e07

@@ -39,12 +39,14 @@ def test_self_train_rounds_resume_and_mix(rec, tmp_path):
     p = deeperfly("self-train", rec, "-o", out, "--rounds", 2, *TINY)     # resumed: both rounds done, nothing trained
     assert p.returncode == 0, p.stderr
     assert (out / "round_2" / "train" / "model.pt").stat().st_mtime_ns == mtime
-    # labelled frames mixed in: the round trains on the recording's 3 pseudo-labelled frames and the file's 3
+    # labelled frames mixed in: the round trains on the file's 3 frames and the recording's 3 pseudo-labelled frames, twice
     from deeperfly_nb.detector import load_checkpoint
-    p = deeperfly("self-train", rec, "-o", tmp_path / "mixed", "--rounds", 1, "--labels", out / "round_1" / "labels_fly.h5", *TINY)
+    p = deeperfly("self-train", rec, "-o", tmp_path / "mixed", "--rounds", 1, "--labels", out / "round_1" / "labels_fly.h5",
+                  "--pseudo-repeat", 2, *TINY)
     assert p.returncode == 0, p.stdout + p.stderr
     assert load_checkpoint(out / "round_1" / "train" / "model.pt")[1]["data"]["n_frames"] == 3
-    assert load_checkpoint(tmp_path / "mixed" / "round_1" / "train" / "model.pt")[1]["data"]["n_frames"] == 6
+    assert load_checkpoint(tmp_path / "mixed" / "round_1" / "train" / "model.pt")[1]["data"]["n_frames"] == 3 + 2 * 3
+    assert json.loads((tmp_path / "mixed" / "rounds.json").read_text())["options"]["pseudo_repeat"] == 2
 
 def test_self_train_bad_input(rec, tmp_path):
     p = deeperfly("self-train", tmp_path / "nowhere", "-o", tmp_path / "o1", *TINY)
@@ -53,4 +55,6 @@ def test_self_train_bad_input(rec, tmp_path):
     assert p.returncode == 2 and "rounds must be an integer >= 1" in p.stderr, p.stderr
     p = deeperfly("self-train", rec, "-o", tmp_path / "o3", "--set", "stpes=3", "--no-progress")
     assert p.returncode == 2 and "stpes" in p.stderr, p.stderr
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    p = deeperfly("self-train", rec, "-o", tmp_path / "o4", "--pseudo-repeat", 0, *TINY)
+    assert p.returncode == 2 and "pseudo_repeat must be an integer >= 1" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
