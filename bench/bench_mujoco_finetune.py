@@ -2,6 +2,11 @@
 
     OMP_NUM_THREADS=1 python bench/bench_mujoco_finetune.py --recordings 48 --frames 4 --steps 1500 --strong-augment --self-train 5 --run /tmp/mj_ft
 
+The shipped `fly_neuromechfly`'s recipe (this bench's --posture renders, training, --self-train 2 --pseudo-repeat 3,
+then bench/bundle_model.py) is one resumable library call, `neuromechfly_model.make_neuromechfly_model`
+(`python -m deeperfly_nb.neuromechfly_model`): on a small configuration the two give bit-identical weights. This bench
+scores each step on the real sample and keeps the variants that were tried.
+
 Renders `--recordings` short recordings of the NeuroMechFly body (`synth_mujoco.render_recording_mujoco` at the rig's
 full 960 x 480, seeds 3000..: every other one driven by deeperfly's own gait through inverse kinematics (`gait=True`),
 the others by the recorded walk; random looks from `sample_mj_look`: DeepFly3D's infrared look, with wings, pigment,
@@ -209,13 +214,10 @@ def render_samples(i:int, frames:int, units_per_mm, look:dict|None=None, posture
     from deeperfly_nb.labels import labels_from_render, pathway_samples
     from deeperfly_nb.synth_mujoco import render_recording_mujoco
     upm = {} if units_per_mm is None else {"units_per_mm": float(np.random.default_rng([3000 + i, 7]).uniform(*units_per_mm))}
-    if posture is None: kin = {"gait": True if i % 2 else None}
-    else:                                                                   # (LegPosture, (lo, hi)): the walk, re-posed by a drawn share
-        from dataclasses import replace
-        from deeperfly_nb.synth_mujoco import sample_walk
-        u = float(np.random.default_rng([3000 + i, 0x905]).uniform(*posture[1]))
-        kin = {"posture": posture[0], "walk": replace(sample_walk(3000 + i), posture_scale=u)}
-    rec = render_recording_mujoco(frames, seed=3000 + i, **kin, **upm, **(look or {}))
+    if posture is not None:                                                 # (LegPosture, (lo, hi)): the library recipe's recording i
+        from deeperfly_nb.neuromechfly_model import recipe_render_samples
+        return recipe_render_samples(i, frames, posture[0], posture[1], **upm, **(look or {}))
+    rec = render_recording_mujoco(frames, seed=3000 + i, gait=True if i % 2 else None, **upm, **(look or {}))
     return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 
 
