@@ -127,7 +127,12 @@ def check_work_record(work_dir:Path, # the recipe's work folder (created)
     else:
         with atomic_path(path) as tmp: tmp.write_text(json.dumps(record, indent=1) + "\n")
 
-def recipe_command(out_path, work_dir, unlabelled, posture_path, recipe:NeuroMechFlyRecipe) -> str:
+def recipe_command(out_path, # the bundled file
+                   work_dir, # the work folder
+                   unlabelled, # the unlabelled recording folder
+                   posture_path, # the posture file
+                   recipe:NeuroMechFlyRecipe, # the settings
+                  ) -> str:
     "The command line that runs this recipe (the settings that differ from the defaults as --set)."
     sets = [f"--set {f.name}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for f in fields(recipe)
             if (v := getattr(recipe, f.name)) != getattr(NeuroMechFlyRecipe(), f.name)]
