@@ -626,6 +626,7 @@ def co_register(self:BAProblem, x, # the parameter vector (n,)
     if bilateral_symmetry and skeleton is not None and block_free.any():
         u = symmetric_log_scales(self.points(x), skeleton, pid, kp, pts, block_free)
         for k in np.flatnonzero(u):                           # parents first: a child scales about a moved anchor
+            if not 0.5 < np.exp(u[k]) < 2: continue           # not a body's proportions: the block would leave the animal
             x = self.scale_about(x, modes[k][0], cams[:, k], pts[:, k], np.exp(u[k]))
             moves.append((modes[k][0], cams[:, k], float(np.exp(u[k])), "bilateral symmetry"))
         for k in np.flatnonzero(block_free):                  # then finer: the still point pairs as mirror images
