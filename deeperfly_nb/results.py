@@ -19,7 +19,7 @@ from .cameras import CameraGroup, ring_camera
 from .triangulation import reprojection_error
 
 # %% auto #0
-__all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity', 'format_summary',
+__all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity', 'body_spread', 'format_summary',
            'quality_warnings', 'ground_truth_error', 'ground_truth_error_2d', 'format_ground_truth',
            'ground_truth_report', 'format_refinement', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
 
@@ -267,6 +267,17 @@ def _stats(e:np.ndarray, axis) -> dict:
         p95 = np.nanpercentile(e, 95, axis=axis)
     return {"median": med, "p95": p95, "n": n}
 
+# %% ../nbs/05_results.ipynb #a144b8c5
+def body_spread(pts3d, # (T, N, 3) points, NaN = missing
+                skeleton:Skeleton, # its bones give the unit
+               ) -> float:
+    "Median over frames of the largest distance of a point from the frame's median point, in median bone lengths (NaN: no bones or points)."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reach = np.nanmax(np.linalg.norm(pts3d - np.nanmedian(pts3d, 1, keepdims=True), axis=-1), 1) if pts3d.size else np.array([])
+        bone = np.nanmedian(np.nanmedian(skeleton.bone_lengths(pts3d), 0)) if len(skeleton.bones) and pts3d.size else np.nan
+        return float(np.nanmedian(reach) / bone) if np.isfinite(bone) and bone > 0 and np.isfinite(reach).any() else float("nan")
+
 # %% ../nbs/05_results.ipynb #528c86c8
 def _summary(self:PoseResult) -> dict:
     "A JSON-ready summary of the result: shapes, detections, confidence, reprojection error, bone-length CV."
@@ -283,7 +294,7 @@ def _summary(self:PoseResult) -> dict:
                        "reproj_p95_px": _num(ev["p95"][v]) if ev else None, "n_reproj": int(ev["n"][v]) if ev else 0}
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
-           "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None}
+           "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None}
     if self.pts3d is not None:
         out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
         with warnings.catch_warnings():
@@ -293,6 +304,7 @@ def _summary(self:PoseResult) -> dict:
         names = self.skeleton.point_names
         out["bone_length_cv"] = {"median": _num(cv_med),
                                  "per_bone": {f"{names[a]}-{names[b]}": _num(c) for (a, b), c in zip(self.skeleton.bones, cv)}}
+        out["spread_in_bones"] = _num(body_spread(self.pts3d, self.skeleton))
     if e is not None:
         allv = _stats(e.ravel(), 0)
         ep = _stats(np.moveaxis(e, 2, 0).reshape(self.n_points, -1), 1)
@@ -335,11 +347,14 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
         worst = sorted(((c, n) for n, c in b["per_bone"].items() if c is not None), reverse=True)[:n_worst]
         lines += ["", f"bone-length CV: median {_fmt(b['median'], '.1%')} over {len(b['per_bone'])} bones"
                   + ("; largest:" if worst else "")] + [f"  {n:<{max(len(x) for _, x in worst)}}  {c:.1%}" for c, n in worst]
+    if summary.get("spread_in_bones") is not None:
+        lines += ["", f"body spread: {summary['spread_in_bones']:.1f} median bone lengths from the centre (median frame; one body: a few)"]
     return "\n".join(lines)
 
 # %% ../nbs/05_results.ipynb #2237632e
 QUALITY_LIMITS = {"reprojection_median_px": 10.0,    # a fitting detector and rig: ~0.5 px (renders) to ~2.5 px (real flies)
-                  "bone_length_cv_median": 0.20}     # ~3% on real flies; bones of a rigid skeleton barely change
+                  "bone_length_cv_median": 0.20,     # ~3% on real flies; bones of a rigid skeleton barely change
+                  "spread_in_bones": 10.0}           # a fly: 3.2-3.6 (DeepFly3D's sample, the bundled example); parts apart: 50-160
 
 def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
@@ -354,6 +369,10 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")
     if b and b.get("median") is not None and b["median"] > limits["bone_length_cv_median"]:
         out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix}")
+    if (s := summary.get("spread_in_bones")) is not None and s > limits["spread_in_bones"]:
+        out.append(f"the 3D spreads {s:.0f} median bone lengths from its centre (above {limits['spread_in_bones']:g}): parts of the "
+                   "animal were reconstructed apart, not as one body; check the rig in [cameras], or compare with "
+                   "[pipeline] bundle_adjustment = false (the bundle adjustment's moves are in results.h5's metadata)")
     return out
 
 # %% ../nbs/05_results.ipynb #acc888c4
