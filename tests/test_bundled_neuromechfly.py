@@ -10,6 +10,7 @@ import pytest
 from deeperfly_nb.config import Config
 from deeperfly_nb.detector import bundled_weights, load_checkpoint
 from deeperfly_nb.labels import channel_names
+from deeperfly_nb.results import align_similarity
 from deeperfly_nb.training import with_trained_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")     # see conftest.py
@@ -56,16 +57,7 @@ def test_real_sample_within_15px_of_deepfly3d_per_view(df3d_pkl, tmp_path):
     centre = lambda P: np.nanmedian(P.reshape(-1, 3), 0)
     radius = np.nanmedian(np.linalg.norm(X[:, side == "r"] - np.nanmedian(X[:, side == "r"], 1, keepdims=True), axis=-1))
     apart = np.linalg.norm(centre(X[:, side == "r"]) - centre(X[:, side == "l"])) / radius
-    ok = np.isfinite(X).all(-1) & np.isfinite(Y).all(-1)
-    err_mm = min(np.median(np.linalg.norm(similarity_onto(X[ok], Y[ok], mirror) - Y[ok], axis=-1)) for mirror in (False, True))
-    print(f"halves' centroids {apart:.2f} half-radii apart; 3D {err_mm:.3f} mm from DeepFly3D's (median over {ok.sum()} points)")
+    err_mm = float(np.nanmedian(np.linalg.norm(align_similarity(X, Y, allow_reflection=True)[0] - Y, axis=-1)))
+    print(f"halves' centroids {apart:.2f} half-radii apart; 3D {err_mm:.3f} mm from DeepFly3D's (median)")
     assert apart < 3, apart
     assert err_mm < 0.5, err_mm
-
-
-def similarity_onto(A, B, mirror=False):
-    "A (n, 3) moved, turned, scaled (and mirrored) onto B (n, 3) in the least-squares sense (Umeyama 1991)."
-    a, b = (A - A.mean(0)) * (-1 if mirror else 1), B - B.mean(0)
-    U, S, Vt = np.linalg.svd(a.T @ b)
-    D = np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))])
-    return (S * np.diag(D)).sum() / (a ** 2).sum() * a @ U @ D @ Vt + B.mean(0)
