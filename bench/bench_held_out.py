@@ -66,6 +66,7 @@ def scores(config, folder, out) -> dict:
 def sample_scores(config, out) -> dict:
     "The pipeline's 2D (after [filters]) against DeepFly3D's 2D on its real sample, frames 0-14, per side view; reprojection and bone CV."
     from deeperfly_nb.df3d import read_df3d_result
+    from deeperfly_nb.results import align_similarity
     from deeperfly_nb.run import run_recording
     from deeperfly_nb.self_training import round_config
     ref = read_df3d_result(SAMPLE / "df3d_output" / "df3d_result.pkl")
@@ -74,8 +75,11 @@ def sample_scores(config, out) -> dict:
     d = np.linalg.norm(res.pts2d - ref.pts2d, axis=-1)
     side = [k for k, v in enumerate(res.cameras.names) if v != "f"]              # DeepFly3D's front view is not scored (as in bench_mujoco_finetune.py)
     sm = res.summary()
+    X, Y = res.pts3d, ref.pts3d_wo_procrustes
+    mm = float(np.nanmedian(np.linalg.norm(align_similarity(X, Y, allow_reflection=True)[0] - Y, axis=-1)))   # DeepFly3D's frame is a mirror image
     return {"median_px": round(float(np.nanmedian(d[side])), 2), "per_view_px": {res.cameras.names[k]: round(float(np.nanmedian(d[k])), 1) for k in side},
-            "reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
+            "reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1),
+            "spread_in_bones": round(sm["spread_in_bones"], 2), "error_3d_vs_deepfly3d_mm": round(mm, 3)}
 
 
 def example_scores(config, out) -> dict:
@@ -83,7 +87,8 @@ def example_scores(config, out) -> dict:
     from deeperfly_nb.run import run_recording
     from deeperfly_nb.self_training import round_config
     sm = run_recording(EXAMPLE, out, config=round_config(config), progress=False).result.summary()
-    return {"reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1)}
+    return {"reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1),
+            "spread_in_bones": round(sm["spread_in_bones"], 2)}
 
 
 def with_settings(config, settings:list):
