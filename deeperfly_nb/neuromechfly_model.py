@@ -48,6 +48,9 @@ class NeuroMechFlyRecipe:
         for k, lo in lows.items():
             v = getattr(self, k)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo): raise InputError(f"recipe setting {k}: expected an integer >= {lo}, got {v!r}")
+        if self.recordings * self.frames < 2:                          # before any rendering, not after it
+            raise InputError(f"recipe settings recordings x frames = {self.recordings * self.frames}: the fine-tuning holds out a tenth "
+                             "of the rendered frames, so it needs at least 2 (e.g. --set recordings=2)")
         for k in ("lr", "threshold_px"):
             if not (isinstance(getattr(self, k), (int, float)) and getattr(self, k) > 0): raise InputError(f"recipe setting {k}: expected a number > 0, got {getattr(self, k)!r}")
         ps = self.posture_scale
