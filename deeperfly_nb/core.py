@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
            'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache',
-           'check_shape', 'ConfigTable', 'config_field']
+           'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -157,6 +157,13 @@ def save(self:DigestCache):
     if self.path is None: return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(self.path) as tmp: tmp.write_text(json.dumps(self.known))
+
+# %% ../nbs/00_core.ipynb #503944c7
+def cache_root() -> Path:
+    "deeperfly's per-user cache folder: $DEEPERFLY_CACHE, else $XDG_CACHE_HOME/deeperfly, else ~/.cache/deeperfly."
+    if os.environ.get("DEEPERFLY_CACHE"): return Path(os.environ["DEEPERFLY_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "deeperfly"
+
 
 # %% ../nbs/00_core.ipynb #9a52bba7
 def check_shape(arr, # the array to check

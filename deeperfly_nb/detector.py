@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import ConfigError, InputError, ModelError, atomic_path
+from .core import ConfigError, InputError, ModelError, atomic_path, cache_root
 from .config import DEVICE_PATTERN
 from .plan import ConfigWarning
 
@@ -271,10 +271,8 @@ def build_network(state_dict:dict, # without the 'module.' prefix (as load_check
 
 # %% ../nbs/12_detector.ipynb #3dc8a2af
 def cache_dir() -> Path:
-    "The per-user model cache: $DEEPERFLY_CACHE/models, else $XDG_CACHE_HOME/deeperfly/models, else ~/.cache/deeperfly/models."
-    root = os.environ.get("DEEPERFLY_CACHE")
-    if root: return Path(root).expanduser() / "models"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "deeperfly" / "models"
+    "The per-user model cache: `core.cache_root()`/models ($DEEPERFLY_CACHE/models, else $XDG_CACHE_HOME/deeperfly/models, else ~/.cache/deeperfly/models)."
+    return cache_root() / "models"
 
 def _sha256(path:Path) -> str:
     h = hashlib.sha256()

@@ -20,8 +20,8 @@ import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
 __all__ = ['RENDER_SEED0', 'NeuroMechFlyRecipe', 'recipe_render_samples', 'renders_key', 'recipe_renders', 'renders_train_config',
-           'round_train_settings', 'check_work_record', 'recipe_command', 'make_neuromechfly_model',
-           'parse_recipe_settings', 'main']
+           'round_train_settings', 'check_work_record', 'recipe_command', 'recipe_description',
+           'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -142,6 +142,22 @@ def recipe_command(out_path, # the bundled file
     return " ".join(["python -m deeperfly_nb.neuromechfly_model", *map(shlex.quote, map(str, (out_path, work_dir))),
                      "--unlabelled", shlex.quote(str(unlabelled)), "--posture", shlex.quote(str(posture_path)), *sets])
 
+# %% ../nbs/19c_neuromechfly_model.ipynb #211a37c1
+def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
+                       posture_path, # the posture file
+                       unlabelled_name:str, # the unlabelled recording's folder name
+                      ) -> str:
+    "The bundled file's description: what the network is and how the recipe made it."
+    r = recipe
+    what = (f"the 2-stack hourglass of fly_synthetic, fine-tuned for {r.steps} steps on {r.recordings} x {r.frames} frames of NeuroMechFly "
+            f"renders (synth_mujoco, the recorded walk held in the posture of {Path(posture_path).name}, random looks"
+            + (f", half the crops in the tone of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
+            + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
+               f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else ""))
+    return (f"deeperfly's detector for real footage of the tethered-fly DeepFly3D rig: {what}. "
+            "Channel i = the i-th point of one side in fly38 order.")
+
+
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
 def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
                             work_dir, # the work folder: renders, training runs, rounds (resumable: call again with the same arguments)
@@ -151,9 +167,10 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             name:str="fly_neuromechfly", # the bundled name: weights = "bundled:<name>"
                             workers:int=1, # processes rendering at once
                             device:str|None=None, # where training runs: "cpu", "cuda", ... (None: the GPU when torch sees one)
-                            progress:bool=True, # progress bars
+                            progress:bool=True, # a line per step on stderr, and progress bars
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
+    say = partial(print, file=sys.stderr, flush=True) if progress else lambda *a: None
     r, rec = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0]
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
@@ -161,22 +178,22 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     check_work_record(work, {"settings": json.loads(json.dumps(asdict(r))), "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
     plan = Config.default().detection_plan()
+    say(f"recipe: reading {r.style_frames} frames per pathway of {rec.name} for the crops' tone" if r.style_frames else "recipe: no style frames")
     style = footage_inputs(rec, plan, n_frames=r.style_frames) if r.style_frames else None
+    say(f"recipe 1/4: {r.recordings} x {r.frames} NeuroMechFly renders in {work} (made once, then reused)")
     renders = recipe_renders(work, r, posture, workers, progress)
     run = work / "renders"
+    say(f"recipe 2/4: fine-tuning {r.steps} steps on the renders in {run} (resumes from its last.pt)")
     train_detector(renders, run, renders_train_config(r), resume=(run / "last.pt").exists(), progress=progress, device=device, style_images=style)
     model = run / "last.pt"                                             # the last weights: nothing chosen on held-out frames
+    say(f"recipe 3/4: {r.rounds} self-training rounds on {rec.name} in {work / 'self_train'} (finished rounds are kept)" if r.rounds
+        else "recipe 3/4: no self-training rounds")
     if r.rounds:
         d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = device
         opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
         model = self_train([rec], work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, progress, style).model_path
-    what = (f"the 2-stack hourglass of fly_synthetic, fine-tuned for {r.steps} steps on {r.recordings} x {r.frames} frames of NeuroMechFly "
-            f"renders (synth_mujoco, the recorded walk held in the posture of {Path(posture_path).name}, random looks"
-            + (f", half the crops in the tone of {rec.name}'s frames" if r.style_frames else "") + ")"
-            + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {rec.name} recording (its multi-view "
-               f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else ""))
-    return write_bundled_model(model, out_path, name, f"deeperfly's detector for real footage of the tethered-fly DeepFly3D rig: {what}. "
-                               "Channel i = the i-th point of one side in fly38 order.", created_by=f"{__name__}.make_neuromechfly_model",
+    say(f"recipe 4/4: writing {out_path}")
+    return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by=f"{__name__}.make_neuromechfly_model",
                                recipe=[recipe_command(out_path, work_dir, unlabelled, posture_path, r)], recipe_settings=asdict(r))
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #609917d7

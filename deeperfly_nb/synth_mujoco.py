@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import InputError, ModelError, atomic_path
+from .core import InputError, ModelError, atomic_path, cache_root
 from .skeleton import FLY_LEG_JOINTS, fly38
 from .cameras import Camera, CameraGroup
 from .results import PoseResult
@@ -45,10 +45,10 @@ _MEMBERS = {"flygym/data/": ("mjcf/neuromechfly_seqik_kinorder_ypr.xml", "mesh/"
 
 def assets_dir(root:str|Path|None=None, # a folder to use instead of the default
               ) -> Path:
-    "The assets folder: `root`, else $DEEPERFLY_ASSETS, else ~/.cache/deeperfly/assets/flygym-<version>."
+    "The assets folder: `root`, else $DEEPERFLY_ASSETS, else `core.cache_root()`/assets/flygym-<version> (~/.cache/deeperfly/...)."
     if root is not None: return Path(root)
     if os.environ.get(ASSETS_ENV): return Path(os.environ[ASSETS_ENV])
-    return Path.home() / ".cache" / "deeperfly" / "assets" / f"flygym-{FLYGYM_VERSION}"
+    return cache_root() / "assets" / f"flygym-{FLYGYM_VERSION}"
 
 def _sha256(path) -> str:
     h = hashlib.sha256()
