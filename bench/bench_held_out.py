@@ -8,7 +8,11 @@ For each model (default: the bundled `fly_synthetic`; `bundled` names it among o
 - `numpy`: `synth_footage.synth_recording` (the numpy drawing the bundled model learned from), seed 9001, frames 37-52:
   the recording of tests/test_bundled_model.py;
 - `mujoco`: `synth_mujoco.synth_recording_mujoco` (NeuroMechFly), seed 9001, 16 frames: no training seed of
-  bench_mujoco_finetune.py (3000 + i) nor of the bundled model (1000-1059).
+  bench_mujoco_finetune.py (3000 + i) nor of the bundled model (1000-1059). The recorded walk as recorded: the legs
+  are held as the recipe's renders hold them only at a share of 0, below the recipe's range;
+- `mujoco_posture`: the same seed drawn as the `fly_neuromechfly` recipe draws its renders
+  (`neuromechfly_model.recipe_render_samples`: the walk held in bench/results/posture_example.json at a share drawn
+  from the recipe's `posture_scale`), so the recipe's own distribution on an unseen seed.
 
 Both are written as a user's footage is (H.264) and run through `run.run_recording` with the packaged config (its plan,
 its [filters], bundle adjustment from the nominal rig, triangulation; no videos), as `deeperfly run` does. Reported: the 2D median and PCK@5 over the
@@ -31,7 +35,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = (ROOT.parent / "shared" / "data" / "deeperfly_example").resolve()
 SAMPLE = (ROOT.parent / "shared" / "data" / "deepfly3d_sample").resolve()
-HELD_OUT = {"numpy": dict(seed=9001, skip_frames=37, n_frames=16), "mujoco": dict(seed=9001, n_frames=16)}
+HELD_OUT = {"numpy": dict(seed=9001, skip_frames=37, n_frames=16), "mujoco": dict(seed=9001, n_frames=16),
+            "mujoco_posture": dict(seed=9001, n_frames=16, posture="bench/results/posture_example.json")}
+
+
+def recipe_like_recording(folder, seed:int, n_frames:int, posture:str):
+    "A NeuroMechFly recording drawn as the fly_neuromechfly recipe draws its renders (its posture share), written as footage."
+    from dataclasses import replace
+    import deeperfly_nb.synth_mujoco as smj
+    from deeperfly_nb.neuromechfly_model import NeuroMechFlyRecipe
+    share = float(np.random.default_rng([seed, 0x905]).uniform(*NeuroMechFlyRecipe().posture_scale))
+    return smj.synth_recording_mujoco(folder, seed=seed, n_frames=n_frames, posture=smj.load_posture(ROOT / posture),
+                                      walk=replace(smj.sample_walk(seed), posture_scale=share))
 
 
 def scores(config, folder, out) -> dict:
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["bundled"], help="model files (.pt); 'bundled' is fly_synthetic, 'bundled:NAME' another bundled model")
     ap.add_argument("--set", nargs="+", action="append", metavar="TABLE.KEY=VALUE", help="changes to the packaged config (VALUE in TOML; 'default': none); once per config to compare")
-    ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "example", "sample"], help="what to score on")
+    ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "mujoco_posture", "example", "sample"], help="what to score on")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_out.json"))
     args = ap.parse_args(argv)
     if "example" in args.recordings and not EXAMPLE.is_dir(): print(f"{EXAMPLE} is missing: no real footage for --recordings example", file=sys.stderr); return 1
@@ -123,7 +138,8 @@ def main(argv=None) -> int:
     from deeperfly_nb.synth_mujoco import synth_recording_mujoco
     from deeperfly_nb.training import with_trained_model
     tmp = Path(tempfile.mkdtemp(prefix="deeperfly_held_out_"))
-    make = {"numpy": lambda: synth_recording(tmp / "numpy", **HELD_OUT["numpy"]), "mujoco": lambda: synth_recording_mujoco(tmp / "mujoco", **HELD_OUT["mujoco"])}
+    make = {"numpy": lambda: synth_recording(tmp / "numpy", **HELD_OUT["numpy"]), "mujoco": lambda: synth_recording_mujoco(tmp / "mujoco", **HELD_OUT["mujoco"]),
+            "mujoco_posture": lambda: recipe_like_recording(tmp / "mujoco_posture", **HELD_OUT["mujoco_posture"])}
     folders = {name: make[name]() for name in args.recordings if name in make}
     real = {"example": ("deeperfly_example", example_scores), "sample": ("deepfly3d_sample", sample_scores)}   # real footage: no ground truth
     rows = []

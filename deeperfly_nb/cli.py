@@ -261,12 +261,13 @@ def _check_weights() -> tuple:
                   f"https URL (with their sha256) would be cached in {cache_dir()}")
 
 def _check_mujoco_renderer() -> tuple:
-    "The optional MuJoCo renderer of NeuroMechFly (`synth_mujoco`): never a failure; says what is missing."
+    "The optional MuJoCo renderer of NeuroMechFly (`synth_mujoco`): never a failure; None (optional, missing) says what is missing."
     import importlib.metadata as md
     from deeperfly_nb.synth_mujoco import assets_status
-    try: lib = f"mujoco {md.version('mujoco')}"
-    except md.PackageNotFoundError: lib = "mujoco not installed (optional: pip install -e '.[mujoco]')"
-    return True, f"{lib}; {assets_status()['message']}"
+    try: lib, have = f"mujoco {md.version('mujoco')}", True
+    except md.PackageNotFoundError: lib, have = "mujoco not installed (optional: pip install -e '.[mujoco]')", False
+    st = assets_status()
+    return (True if have and st["present"] else None), f"{lib}; {st['message']}"
 
 # %% ../nbs/20_cli.ipynb #65af0b31
 def _check_bundled_model() -> tuple:
@@ -275,10 +276,15 @@ def _check_bundled_model() -> tuple:
     from deeperfly_nb.synth_footage import render_recording
     from deeperfly_nb.detector import load_models
     from deeperfly_nb.inference import detect_sequence
+    import torch
     config = Config.default(); plan = config.detection_plan()
     rec = render_recording(2, seed=123)
     windows = {s: np.repeat(rec.frames[plan.view_names.index(v)][..., None], 3, -1) for v, s in plan.view_sources().items()}
-    pts2d, _ = detect_sequence(plan, load_models(plan), windows)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)            # a small job; on a busy 2-core machine 2 threads took 26 s, 1 thread 4 s
+        pts2d, _ = detect_sequence(plan, load_models(plan), windows)
+    finally: torch.set_num_threads(threads)
     err = np.linalg.norm(pts2d - np.where(np.isfinite(pts2d), rec.pts2d, np.nan), axis=-1)
     med = float(np.nanmedian(err[rec.visible]))
     return med < 10, f"{plan.models[plan.pathways[0].model].weights}: median 2D error {med:.1f} px on 2 rendered frames x {len(plan.pathways)} pathways"
@@ -302,9 +308,9 @@ def cmd_doctor(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Check the installation; exit 0 when everything works."
     checks = _doctor_checks(quick=args.quick)
-    for name, ok, detail in checks: print(f"{'ok ' if ok else 'BAD'} {name:<14} {detail}")
-    bad = [n for n, ok, _ in checks if not ok]
-    print("all good" if not bad else f"problems: {', '.join(bad)}")
+    for name, ok, detail in checks: print(f"{'ok ' if ok else '-- ' if ok is None else 'BAD'} {name:<14} {detail}")
+    bad, optional = [n for n, ok, _ in checks if ok is False], [n for n, ok, _ in checks if ok is None]
+    print(("all good" if not bad else f"problems: {', '.join(bad)}") + (f" (not set up, optional: {', '.join(optional)})" if optional else ""))
     return 0 if not bad else 2
 
 # %% ../nbs/20_cli.ipynb #2aceb382

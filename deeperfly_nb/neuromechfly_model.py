@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from .core import InputError, ModelError, atomic_path
 from .config import Config
+from .detector import load_checkpoint
 from .labels import SampleSet, concat_samples, footage_inputs, labels_from_render, load_samples, pathway_samples
 from .self_training import SelfTrainOptions, check_recordings, self_train
 from .training import Augment, train_detector, with_trained_model, write_bundled_model
@@ -20,7 +21,7 @@ import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
 __all__ = ['RENDER_SEED0', 'NeuroMechFlyRecipe', 'recipe_render_samples', 'renders_key', 'recipe_renders', 'renders_train_config',
-           'round_train_settings', 'check_work_record', 'recipe_command', 'recipe_description',
+           'round_train_settings', 'check_work_record', 'recipe_command', 'recipe_description', 'recipe_work_state',
            'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
@@ -158,6 +159,19 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
             "Channel i = the i-th point of one side in fly38 order.")
 
 
+# %% ../nbs/19c_neuromechfly_model.ipynb #84ac3323
+def recipe_work_state(work_dir, # the recipe's work folder
+                      recipe:NeuroMechFlyRecipe, # the settings
+                      posture:smj.LegPosture, # the posture the walks are held in
+                     ) -> dict:
+    "What earlier calls left in the work folder: {'renders': made, 'fine_tuned_steps': steps in renders/last.pt, 'rounds_done': finished rounds}."
+    work, log = Path(work_dir), Path(work_dir) / "self_train" / "rounds.json"
+    last = work / "renders" / "last.pt"
+    rounds = json.loads(log.read_text())["rounds"] if log.exists() else []
+    return {"renders": (work / f"renders_{renders_key(recipe, posture)}.npz").exists(),
+            "fine_tuned_steps": int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0,
+            "rounds_done": sum(1 for d in rounds if d["round"] <= recipe.rounds and Path(d["model"]).is_file())}
+
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
 def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
                             work_dir, # the work folder: renders, training runs, rounds (resumable: call again with the same arguments)
@@ -171,22 +185,26 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
     say = partial(print, file=sys.stderr, flush=True) if progress else lambda *a: None
-    r, rec = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0]
+    n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
+    if not Path(unlabelled).is_dir(): raise InputError(f"the unlabelled recording (--unlabelled) {unlabelled}: no such folder")
+    r, rec, work = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0], Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
-    work = Path(work_dir)
     check_work_record(work, {"settings": json.loads(json.dumps(asdict(r))), "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
-    plan = Config.default().detection_plan()
-    say(f"recipe: reading {r.style_frames} frames per pathway of {rec.name} for the crops' tone" if r.style_frames else "recipe: no style frames")
+    plan, done = Config.default().detection_plan(), recipe_work_state(work, r, posture)
+    if r.style_frames: say(f"recipe: reading {n(r.style_frames, 'frame')} per pathway of {rec.name} for the crops' tone")
     style = footage_inputs(rec, plan, n_frames=r.style_frames) if r.style_frames else None
-    say(f"recipe 1/4: {r.recordings} x {r.frames} NeuroMechFly renders in {work} (made once, then reused)")
+    say(f"recipe 1/4: {n(r.recordings, 'recording')} x {n(r.frames, 'frame')} of NeuroMechFly renders: "
+        + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
     renders = recipe_renders(work, r, posture, workers, progress)
     run = work / "renders"
-    say(f"recipe 2/4: fine-tuning {r.steps} steps on the renders in {run} (resumes from its last.pt)")
+    say(f"recipe 2/4: fine-tuning {r.steps} steps on the renders in {run}: " + ("done" if done["fine_tuned_steps"] >= r.steps else
+        f"resuming at step {done['fine_tuned_steps']}" if done["fine_tuned_steps"] else "starting"))
     train_detector(renders, run, renders_train_config(r), resume=(run / "last.pt").exists(), progress=progress, device=device, style_images=style)
     model = run / "last.pt"                                             # the last weights: nothing chosen on held-out frames
-    say(f"recipe 3/4: {r.rounds} self-training rounds on {rec.name} in {work / 'self_train'} (finished rounds are kept)" if r.rounds
+    say(f"recipe 3/4: {n(r.rounds, 'self-training round')} in {work / 'self_train'}, {done['rounds_done']} done; each runs the pipeline on "
+        f"{rec.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more" if r.rounds
         else "recipe 3/4: no self-training rounds")
     if r.rounds:
         d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = device

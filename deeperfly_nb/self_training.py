@@ -123,7 +123,7 @@ def check_recordings(recordings, # recording folders (or one)
     recs = [Path(r) for r in ([recordings] if isinstance(recordings, (str, Path)) else list(recordings))]
     if not recs: raise InputError("self-training: no recording folders given")
     missing = [str(r) for r in recs if not r.is_dir()]
-    if missing: raise InputError(f"self-training: recording folder(s) {missing} do not exist or are not folders")
+    if missing: raise InputError(f"self-training: no such recording folder: {', '.join(missing)}")
     names = [r.name for r in recs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup: raise InputError(f"self-training: recording folders must have distinct names (their runs are kept by name); repeated: {dup}")

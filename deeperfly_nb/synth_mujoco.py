@@ -135,8 +135,10 @@ def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets
 if __name__ == "__main__" and Path(sys.argv[0]).stem == "synth_mujoco":   # python -m deeperfly_nb.synth_mujoco fetch-assets (not a notebook kernel)
     if sys.argv[1:] != ["fetch-assets"]:
         sys.exit(f"usage: {FETCH_COMMAND}\n  fetches NeuroMechFly's model from the flygym {FLYGYM_VERSION} wheel on the package index "
-                 f"into {assets_dir()} (${ASSETS_ENV} sets another folder); everything else is the Python API (deeperfly_nb.synth_mujoco)")
-    print(assets_status(fetch_assets())["message"])
+                 f"into {assets_dir()} (${ASSETS_ENV} names another folder; $DEEPERFLY_CACHE or $XDG_CACHE_HOME move deeperfly's "
+                 "whole cache); everything else is the Python API (deeperfly_nb.synth_mujoco)")
+    had = assets_status()["present"]
+    print(("already there: " if had else "fetched: ") + assets_status(fetch_assets())["message"])
 
 # %% ../nbs/15a_synth_mujoco.ipynb #cf4ad179
 def import_mujoco():
