@@ -20,9 +20,10 @@ from .training import Augment, train_detector, with_trained_model, write_bundled
 import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
-__all__ = ['RENDER_SEED0', 'NeuroMechFlyRecipe', 'recipe_render_samples', 'renders_key', 'recipe_renders', 'renders_train_config',
-           'round_train_settings', 'check_work_record', 'recipe_command', 'recipe_description', 'recipe_work_state',
-           'make_neuromechfly_model', 'parse_recipe_settings', 'main']
+__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_render_samples', 'renders_key', 'recipe_renders',
+           'renders_train_config', 'round_train_settings', 'polish_train_settings', 'check_work_record',
+           'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state', 'make_neuromechfly_model',
+           'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -41,18 +42,20 @@ class NeuroMechFlyRecipe:
     round_steps: int = 600               # training steps per round
     pseudo_repeat: int = 3               # the pseudo-labels count this many times beside the renders
     threshold_px: float = 20.0           # a view agrees within this reprojection error
+    polish_steps: int = 0                # then steps on the renders alone, at polish_lr (more precise on renders, less consistent on footage)
+    polish_lr: float = 3e-4              # their peak learning rate
     seed: int = 0                        # the held-out renders, the batch order, the augmentation
     num_threads: int = 1                 # torch threads for training
 
     def __post_init__(self):
-        lows = dict(recordings=1, frames=1, steps=1, batch_size=1, style_frames=0, rounds=0, round_steps=1, pseudo_repeat=1, seed=0, num_threads=1)
+        lows = dict(recordings=1, frames=1, steps=1, batch_size=1, style_frames=0, rounds=0, round_steps=1, pseudo_repeat=1, polish_steps=0, seed=0, num_threads=1)
         for k, lo in lows.items():
             v = getattr(self, k)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo): raise InputError(f"recipe setting {k}: expected an integer >= {lo}, got {v!r}")
         if self.recordings * self.frames < 2:                          # before any rendering, not after it
             raise InputError(f"recipe settings recordings x frames = {self.recordings * self.frames}: the fine-tuning holds out a tenth "
                              "of the rendered frames, so it needs at least 2 (e.g. --set recordings=2)")
-        for k in ("lr", "threshold_px"):
+        for k in ("lr", "threshold_px", "polish_lr"):
             if not (isinstance(getattr(self, k), (int, float)) and getattr(self, k) > 0): raise InputError(f"recipe setting {k}: expected a number > 0, got {getattr(self, k)!r}")
         ps = self.posture_scale
         if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(isinstance(x, (int, float)) for x in ps) and 0 <= ps[0] <= ps[1]):
@@ -116,6 +119,11 @@ def round_train_settings(recipe:NeuroMechFlyRecipe, # the settings
     base = {k: v for k, v in renders_train_config(recipe).items() if k != "init"}
     return {**base, "steps": recipe.round_steps, "lr": 1e-3, "warmup_steps": 30, "val_frac": 0.0, "eval_every": recipe.round_steps}
 
+def polish_train_settings(recipe:NeuroMechFlyRecipe, # the settings
+                         ) -> dict:
+    "The training settings of the last step, on the renders alone from the last round's model (which sets init)."
+    return {**round_train_settings(recipe), "steps": recipe.polish_steps, "lr": recipe.polish_lr, "eval_every": recipe.polish_steps}
+
 # %% ../nbs/19c_neuromechfly_model.ipynb #c386a431
 def check_work_record(work_dir:Path, # the recipe's work folder (created)
                       record:dict, # this call's settings and inputs (JSON values)
@@ -154,23 +162,30 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
             f"renders (synth_mujoco, the recorded walk held in the posture of {Path(posture_path).name}, random looks"
             + (f", half the crops in the tone of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
             + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
-               f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else ""))
+               f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else "")
+            + (f", then {r.polish_steps} steps on the renders alone at a learning rate of {r.polish_lr:g}" if r.polish_steps else ""))
     return (f"deeperfly's detector for real footage of the tethered-fly DeepFly3D rig: {what}. "
             "Channel i = the i-th point of one side in fly38 order.")
 
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #84ac3323
+POLISH_FIELDS = ("polish_steps", "polish_lr")   # the last step's settings: a work folder keeps one run of it per setting
+
+def polish_dir(work_dir, recipe:NeuroMechFlyRecipe) -> Path:
+    "Where the steps on the renders alone run: WORK/polish_<steps>_<lr>/, so that other settings of that step reuse the rest."
+    return Path(work_dir) / f"polish_{recipe.polish_steps}_{recipe.polish_lr:g}"
+
 def recipe_work_state(work_dir, # the recipe's work folder
                       recipe:NeuroMechFlyRecipe, # the settings
                       posture:smj.LegPosture, # the posture the walks are held in
                      ) -> dict:
-    "What earlier calls left in the work folder: {'renders': made, 'fine_tuned_steps': steps in renders/last.pt, 'rounds_done': finished rounds}."
+    "What earlier calls left in the work folder: whether the renders are made, the steps in renders/last.pt, the finished rounds, the steps in polish/last.pt."
     work, log = Path(work_dir), Path(work_dir) / "self_train" / "rounds.json"
-    last = work / "renders" / "last.pt"
+    steps = lambda last: int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0
     rounds = json.loads(log.read_text())["rounds"] if log.exists() else []
-    return {"renders": (work / f"renders_{renders_key(recipe, posture)}.npz").exists(),
-            "fine_tuned_steps": int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0,
-            "rounds_done": sum(1 for d in rounds if d["round"] <= recipe.rounds and Path(d["model"]).is_file())}
+    return {"renders": (work / f"renders_{renders_key(recipe, posture)}.npz").exists(), "fine_tuned_steps": steps(work / "renders" / "last.pt"),
+            "rounds_done": sum(1 for d in rounds if d["round"] <= recipe.rounds and Path(d["model"]).is_file()),
+            "polished_steps": steps(polish_dir(work, recipe) / "last.pt")}
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
 def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
@@ -190,27 +205,35 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     r, rec, work = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0], Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
-    check_work_record(work, {"settings": json.loads(json.dumps(asdict(r))), "unlabelled": str(rec.resolve()),
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in POLISH_FIELDS}   # what the folder's steps depend on
+    check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
     plan, done = Config.default().detection_plan(), recipe_work_state(work, r, posture)
     if r.style_frames: say(f"recipe: reading {n(r.style_frames, 'frame')} per pathway of {rec.name} for the crops' tone")
     style = footage_inputs(rec, plan, n_frames=r.style_frames) if r.style_frames else None
-    say(f"recipe 1/4: {n(r.recordings, 'recording')} x {n(r.frames, 'frame')} of NeuroMechFly renders: "
+    say(f"recipe 1/5: {n(r.recordings, 'recording')} x {n(r.frames, 'frame')} of NeuroMechFly renders: "
         + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
     renders = recipe_renders(work, r, posture, workers, progress)
     run = work / "renders"
-    say(f"recipe 2/4: fine-tuning {r.steps} steps on the renders in {run}: " + ("done" if done["fine_tuned_steps"] >= r.steps else
+    say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders in {run}: " + ("done" if done["fine_tuned_steps"] >= r.steps else
         f"resuming at step {done['fine_tuned_steps']}" if done["fine_tuned_steps"] else "starting"))
     train_detector(renders, run, renders_train_config(r), resume=(run / "last.pt").exists(), progress=progress, device=device, style_images=style)
     model = run / "last.pt"                                             # the last weights: nothing chosen on held-out frames
-    say(f"recipe 3/4: {n(r.rounds, 'self-training round')} in {work / 'self_train'}, {done['rounds_done']} done; each runs the pipeline on "
+    say(f"recipe 3/5: {n(r.rounds, 'self-training round')} in {work / 'self_train'}, {done['rounds_done']} done; each runs the pipeline on "
         f"{rec.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more" if r.rounds
-        else "recipe 3/4: no self-training rounds")
+        else "recipe 3/5: no self-training rounds")
     if r.rounds:
         d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = device
         opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
         model = self_train([rec], work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, progress, style).model_path
-    say(f"recipe 4/4: writing {out_path}")
+    polish = polish_dir(work, r)
+    say(f"recipe 4/5: {r.polish_steps} steps on the renders alone in {polish}: " + ("done" if done["polished_steps"] >= r.polish_steps else
+        f"resuming at step {done['polished_steps']}" if done["polished_steps"] else "starting") if r.polish_steps else "recipe 4/5: no steps on the renders alone")
+    if r.polish_steps:
+        train_detector(renders, polish, {**polish_train_settings(r), "init": str(model)}, resume=(polish / "last.pt").exists(), progress=progress,
+                       device=device, style_images=style)
+        model = polish / "last.pt"
+    say(f"recipe 5/5: writing {out_path}")
     return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by=f"{__name__}.make_neuromechfly_model",
                                recipe=[recipe_command(out_path, work_dir, unlabelled, posture_path, r)], recipe_settings=asdict(r))
 
