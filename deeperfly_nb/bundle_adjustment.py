@@ -26,7 +26,7 @@ from .gauge import (components, co_visibility, look_at_point, scale_modes, mode_
 # %% auto #0
 __all__ = ['PARAM_GROUPS', 'N_SLOTS', 'SHAREABLE_GROUPS', 'GAUGE_PRIOR_WEIGHT', 'LOSSES', 'ROBUST_LOSSES', 'BundleAdjustOptions',
            'resolve_fixed', 'ObservationRows', 'CameraSlots', 'BoneTerms', 'LinearPriors', 'BAProblem', 'SchurSolver',
-           'bundle_adjust_cameras']
+           'block_gap', 'keeps_together', 'bundle_adjust_cameras']
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #e6f4b69f
 PARAM_GROUPS = {"rotation": slice(0, 3), "translation": slice(3, 6), "focal": slice(6, 7),
@@ -602,6 +602,28 @@ def median_depth(self:BAProblem, x, # the parameter vector (n,)
     _, R, tau, *_ = self.camera_arrays(x)
     return float(np.median((self.points(x)[pts] - self.pivots[cam]) @ R[cam, 2] + tau[cam, 2]))
 
+# %% ../nbs/04b_bundle_adjustment.ipynb #6f807a69
+def block_gap(P, # (P, 3) the points
+              pid, # (T', K) point rows per frame (-1: none)
+              inside, # (P,) the block's points
+             ) -> float:
+    "Median over frames of the distance between the block's points' centroid and the other points', in the others' spreads (NaN: no frame has both)."
+    gaps = []
+    for rows in np.asarray(pid):
+        r = rows[rows >= 0]; a, b = r[inside[r]], r[~inside[r]]
+        if not (len(a) and len(b)): continue
+        spread = np.median(np.linalg.norm(P[b] - P[b].mean(0), axis=1))   # the block's scale leaves the others where they are
+        if spread > 0: gaps.append(np.linalg.norm(P[a].mean(0) - P[b].mean(0)) / spread)
+    return float(np.median(gaps)) if gaps else float("nan")
+
+def keeps_together(P_before, # (P, 3) the points before a block's scale
+                   P_after, # (P, 3) and after it
+                   pid, # (T', K) point rows per frame (-1: none)
+                   inside, # (P,) the block's points
+                  ) -> bool:
+    "Whether a block's scale leaves its points with the rest of the animal: no further than 1.5 times their gap before (or 1.5 of the others' spreads)."
+    return not block_gap(P_after, pid, inside) > 1.5 * max(block_gap(P_before, pid, inside), 1.0)
+
 # %% ../nbs/04b_bundle_adjustment.ipynb #cb664be2
 @patch
 def co_register(self:BAProblem, x, # the parameter vector (n,)
@@ -627,15 +649,17 @@ def co_register(self:BAProblem, x, # the parameter vector (n,)
         u = symmetric_log_scales(self.points(x), skeleton, pid, kp, pts, block_free)
         for k in np.flatnonzero(u):                           # parents first: a child scales about a moved anchor
             if not 0.5 < np.exp(u[k]) < 2: continue           # not a body's proportions: the block would leave the animal
-            x = self.scale_about(x, modes[k][0], cams[:, k], pts[:, k], np.exp(u[k]))
-            moves.append((modes[k][0], cams[:, k], float(np.exp(u[k])), "bilateral symmetry"))
+            x1 = self.scale_about(x, modes[k][0], cams[:, k], pts[:, k], np.exp(u[k]))
+            if not keeps_together(self.points(x), self.points(x1), pid, pts[:, k]): continue
+            x = x1; moves.append((modes[k][0], cams[:, k], float(np.exp(u[k])), "bilateral symmetry"))
         for k in np.flatnonzero(block_free):                  # then finer: the still point pairs as mirror images
             _, R, tau, *_ = self.camera_arrays(x)
             a = modes[k][0]
             s = mirror_scale(self.points(x), skeleton, pid, kp, self.pivots[a] - R[a].T @ tau[a], pts[:, k])
             if s is None or not 0.5 < s < 2: continue
-            x = self.scale_about(x, a, cams[:, k], pts[:, k], s)
-            moves.append((a, cams[:, k], float(s), "mirror symmetry"))
+            x1 = self.scale_about(x, a, cams[:, k], pts[:, k], s)
+            if not keeps_together(self.points(x), self.points(x1), pid, pts[:, k]): continue
+            x = x1; moves.append((a, cams[:, k], float(s), "mirror symmetry"))
     return x, moves
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #e7d557c0
