@@ -179,7 +179,7 @@ def recipe_work_state(work_dir, # the recipe's work folder
                       recipe:NeuroMechFlyRecipe, # the settings
                       posture:smj.LegPosture, # the posture the walks are held in
                      ) -> dict:
-    "What earlier calls left in the work folder: whether the renders are made, the steps in renders/last.pt, the finished rounds, the steps in polish/last.pt."
+    "What earlier calls left in the work folder: whether the renders are made, the steps in renders/last.pt, the finished rounds, the steps of the last step (`polish_dir`)."
     work, log = Path(work_dir), Path(work_dir) / "self_train" / "rounds.json"
     steps = lambda last: int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0
     rounds = json.loads(log.read_text())["rounds"] if log.exists() else []
