@@ -171,7 +171,9 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
 # %% ../nbs/19c_neuromechfly_model.ipynb #84ac3323
 POLISH_FIELDS = ("polish_steps", "polish_lr")   # the last step's settings: a work folder keeps one run of it per setting
 
-def polish_dir(work_dir, recipe:NeuroMechFlyRecipe) -> Path:
+def polish_dir(work_dir, # the recipe's work folder
+               recipe:NeuroMechFlyRecipe, # the settings (its polish_steps and polish_lr name the folder)
+              ) -> Path:
     "Where the steps on the renders alone run: WORK/polish_<steps>_<lr>/, so that other settings of that step reuse the rest."
     return Path(work_dir) / f"polish_{recipe.polish_steps}_{recipe.polish_lr:g}"
 
