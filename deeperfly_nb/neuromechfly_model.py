@@ -217,7 +217,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
         + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
     renders = recipe_renders(work, r, posture, workers, progress)
     run = work / "renders"
-    say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders in {run}: " + ("done" if done["fine_tuned_steps"] >= r.steps else
+    say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders (run folder {run}): " + ("done, reused" if done["fine_tuned_steps"] >= r.steps else
         f"resuming at step {done['fine_tuned_steps']}" if done["fine_tuned_steps"] else "starting"))
     train_detector(renders, run, renders_train_config(r), resume=(run / "last.pt").exists(), progress=progress, device=device, style_images=style)
     model = run / "last.pt"                                             # the last weights: nothing chosen on held-out frames
@@ -229,8 +229,8 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
         opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
         model = self_train([rec], work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, progress, style).model_path
     polish = polish_dir(work, r)
-    say(f"recipe 4/5: {r.polish_steps} steps on the renders alone in {polish}: " + ("done" if done["polished_steps"] >= r.polish_steps else
-        f"resuming at step {done['polished_steps']}" if done["polished_steps"] else "starting") if r.polish_steps else "recipe 4/5: no steps on the renders alone")
+    say(f"recipe 4/5: polish, {r.polish_steps} steps on the renders alone (run folder {polish}): " + ("done, reused" if done["polished_steps"] >= r.polish_steps else
+        f"resuming at step {done['polished_steps']}" if done["polished_steps"] else "starting") if r.polish_steps else "recipe 4/5: no polish (polish_steps = 0)")
     if r.polish_steps:
         train_detector(renders, polish, {**polish_train_settings(r), "init": str(model)}, resume=(polish / "last.pt").exists(), progress=progress,
                        device=device, style_images=style)
@@ -258,8 +258,8 @@ def parse_recipe_settings(items:list, # FIELD=VALUE strings, VALUE in TOML
 def main(argv=None, # the arguments (default: sys.argv[1:])
         ) -> int:
     "The recipe's command line; returns the exit status (2: bad input, named in one line)."
-    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description=make_neuromechfly_model.__doc__)
-    ap.add_argument("out", help="the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt")
+    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording, write a bundled model file. Resumable: run the same command again.")
+    ap.add_argument("out", help="the bundled file to write, e.g. fly_neuromechfly.pt (written into deeperfly_nb/models/ it replaces the shipped model)")
     ap.add_argument("work", help="the work folder (resumable: run the same command again)")
     ap.add_argument("--unlabelled", required=True, help="an unlabelled recording of the rig (e.g. ../shared/data/deeperfly_example)")
     ap.add_argument("--posture", required=True, help="a LegPosture JSON file, e.g. bench/results/posture_example.json")
@@ -268,7 +268,7 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     ap.add_argument("--name", default="fly_neuromechfly", help="the bundled name (default fly_neuromechfly)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (the renders are the same)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars and no step lines")
     args = ap.parse_args(argv)
     try:
         out = make_neuromechfly_model(args.out, args.work, args.unlabelled, args.posture, parse_recipe_settings(args.set), args.name,
