@@ -45,12 +45,10 @@ HELD_OUT = {"numpy": dict(seed=9001, skip_frames=37, n_frames=16), "mujoco": dic
 
 def recipe_like_recording(folder, seed:int, n_frames:int, posture:str):
     "A NeuroMechFly recording drawn as the fly_neuromechfly recipe draws its renders (its posture share), written as footage."
-    from dataclasses import replace
     import deeperfly_nb.synth_mujoco as smj
-    from deeperfly_nb.neuromechfly_model import NeuroMechFlyRecipe
-    share = float(np.random.default_rng([seed, 0x905]).uniform(*NeuroMechFlyRecipe().posture_scale))
+    from deeperfly_nb.neuromechfly_model import NeuroMechFlyRecipe, recipe_walk
     return smj.synth_recording_mujoco(folder, seed=seed, n_frames=n_frames, posture=smj.load_posture(ROOT / posture),
-                                      walk=replace(smj.sample_walk(seed), posture_scale=share))
+                                      walk=recipe_walk(seed, NeuroMechFlyRecipe().posture_scale))
 
 
 def scores(config, folder, out) -> dict:
@@ -76,12 +74,13 @@ def scores(config, folder, out) -> dict:
     seen = run_from_points2d(config.camera_group(image_sizes=(480, 960)), config.skeleton(), np.where(visible[..., None], res.pts2d, np.nan),
                              np.where(visible, res.conf, 0.0), bundle_adjust_kwargs=config.bundle_adjust_kwargs(config.skeleton()),
                              triangulation=method, weigh_by_confidence=weigh, triangulate_kwargs=tri)
+    e3d = errors_3d(res.pts3d)
     return {"median_px": round(float(np.nanmedian(e)), 2), "pck5_pct": round(100 * float((e <= 5).mean()), 1),
             "detected_pct": round(100 * float(np.isfinite(e).mean()), 1),
             "per_view_px": {v: round(float(np.nanmedian(err[i][visible[i]])), 2) for i, v in enumerate(res.cameras.names)},
-            "error_3d_pct_body": error_3d(res.pts3d),
+            "error_3d_pct_body": round(float(np.nanmedian(e3d)), 2),
             "error_3d_pct_body_seen_only": error_3d(seen.pts3d),
-            "_pooled": (e, errors_3d(res.pts3d))}                         # for the pooled row over seeds (not written)
+            "_pooled": (e, e3d)}                         # for the pooled row over seeds (not written)
 
 
 def pooled_row(rows:list) -> dict:

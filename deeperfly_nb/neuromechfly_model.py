@@ -20,10 +20,10 @@ from .training import Augment, train_detector, with_trained_model, write_bundled
 import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
-__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_render_samples', 'renders_key', 'recipe_renders',
-           'renders_train_config', 'round_train_settings', 'polish_train_settings', 'check_work_record',
-           'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state', 'make_neuromechfly_model',
-           'parse_recipe_settings', 'main']
+__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples', 'renders_key',
+           'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
+           'check_work_record', 'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state',
+           'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -63,6 +63,13 @@ class NeuroMechFlyRecipe:
         object.__setattr__(self, "posture_scale", tuple(float(x) for x in ps))
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #3602c612
+def recipe_walk(seed:int, # the recording's seed
+                posture_scale:tuple=(0.25, 1.5), # the share of the posture's offsets is drawn from this range
+               ) -> smj.WalkParams:
+    "The recorded walk as the recipe draws it for a seed: `sample_walk(seed)` with the posture share drawn from `posture_scale`."
+    share = float(np.random.default_rng([seed, 0x905]).uniform(*posture_scale))
+    return replace(smj.sample_walk(seed), posture_scale=share)
+
 def recipe_render_samples(i:int, # the recording's index: seed RENDER_SEED0 + i
                           frames:int, # frames T
                           posture:smj.LegPosture, # offsets that hold the recorded walk's legs as a real fly's
@@ -71,9 +78,7 @@ def recipe_render_samples(i:int, # the recording's index: seed RENDER_SEED0 + i
                          ) -> SampleSet:
     "The recipe's recording `i` as the default plan's pathway samples (exact 2D), named mj<i>."
     seed = RENDER_SEED0 + int(i)
-    share = float(np.random.default_rng([seed, 0x905]).uniform(*posture_scale))
-    walk = replace(smj.sample_walk(seed), posture_scale=share)
-    rec = smj.render_recording_mujoco(frames, seed=seed, posture=posture, walk=walk, **render)
+    rec = smj.render_recording_mujoco(frames, seed=seed, posture=posture, walk=recipe_walk(seed, posture_scale), **render)
     return pathway_samples(labels_from_render(rec, name=f"mj{i}"), Config.default().detection_plan())
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #7e29b339
