@@ -309,6 +309,7 @@ def cmd_doctor(args, # the parsed command line (see `make_parser`)
     "Check the installation; exit 0 when everything works."
     checks = _doctor_checks(quick=args.quick)
     for name, ok, detail in checks: print(f"{'ok ' if ok else '-- ' if ok is None else 'BAD'} {name:<14} {detail}")
+    if args.quick: print(f"    {'bundled model':<14} not checked (--quick skips finding a rendered fly with it)")
     bad, optional = [n for n, ok, _ in checks if ok is False], [n for n, ok, _ in checks if ok is None]
     print(("all good" if not bad else f"problems: {', '.join(bad)}") + (f" (not set up, optional: {', '.join(optional)})" if optional else ""))
     return 0 if not bad else 2
@@ -584,7 +585,7 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--rig-rot-deg", type=float, default=0.3, help="turn of each true camera from the nominal rig, degrees (default: 0.3)")
     s.set_defaults(func=cmd_synth)
     s = sub.add_parser("doctor", help="check the installation: versions, device, video codecs, weights, the bundled model")
-    s.add_argument("--quick", action="store_true", help="skip the detection test")
+    s.add_argument("--quick", action="store_true", help="skip the detection test (the bundled model finding a rendered fly)")
     s.set_defaults(func=cmd_doctor)
 
 # %% ../nbs/20_cli.ipynb #f3edc132

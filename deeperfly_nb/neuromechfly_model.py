@@ -22,7 +22,8 @@ import deeperfly_nb.synth_mujoco as smj
 # %% auto #0
 __all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples', 'renders_key',
            'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
-           'check_work_record', 'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state',
+           'check_work_record', 'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state', 'plural',
+           'step_status', 'RecipeRun', 'recipe_style', 'fine_tune_step', 'rounds_step', 'polish_step',
            'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
@@ -37,7 +38,7 @@ class NeuroMechFlyRecipe:
     steps: int = 6000                    # fine-tuning steps on the renders, from bundled:fly_synthetic
     lr: float = 1.5e-3                   # their peak learning rate
     batch_size: int = 8                  # crops per training step
-    style_frames: int = 64               # unlabelled frames per pathway whose tone half the crops take (0: none)
+    style_frames: int = 64               # unlabelled frames per pathway whose look half the crops take (0: none; `recipe_style`)
     rounds: int = 2                      # self-training rounds on the unlabelled recording (0: renders only)
     round_steps: int = 600               # training steps per round
     pseudo_repeat: int = 3               # the pseudo-labels count this many times beside the renders
@@ -165,13 +166,12 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
     r = recipe
     what = (f"the 2-stack hourglass of fly_synthetic, fine-tuned for {r.steps} steps on {r.recordings} x {r.frames} frames of NeuroMechFly "
             f"renders (synth_mujoco, the recorded walk held in the posture of {Path(posture_path).name}, random looks"
-            + (f", half the crops in the tone of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
+            + (f", half the crops given the look of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
             + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
                f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else "")
             + (f", then {r.polish_steps} steps on the renders alone at a learning rate of {r.polish_lr:g}" if r.polish_steps else ""))
     return (f"deeperfly's detector for real footage of the tethered-fly DeepFly3D rig: {what}. "
             "Channel i = the i-th point of one side in fly38 order.")
-
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #84ac3323
 POLISH_FIELDS = ("polish_steps", "polish_lr")   # the last step's settings: a work folder keeps one run of it per setting
@@ -194,10 +194,94 @@ def recipe_work_state(work_dir, # the recipe's work folder
             "rounds_done": sum(1 for d in rounds if d["round"] <= recipe.rounds and Path(d["model"]).is_file()),
             "polished_steps": steps(polish_dir(work, recipe) / "last.pt")}
 
+# %% ../nbs/19c_neuromechfly_model.ipynb #1b9a1b30
+def plural(k:int, # how many
+           what:str, # the thing, singular
+          ) -> str:
+    "'1 frame', '4 frames'."
+    return f"{k} {what}{'' if k == 1 else 's'}"
+
+def step_status(done:int, # the steps its run folder holds
+                total:int, # the steps asked for
+               ) -> str:
+    "What a training step will do, as its step line says it."
+    return "done, reused" if done >= total else f"resuming at step {done}" if done else "starting"
+
+@dataclass(frozen=True)
+class RecipeRun:
+    "What the recipe's training steps share."
+    recipe: NeuroMechFlyRecipe  # the settings
+    work: Path                  # the work folder
+    recording: Path             # the unlabelled recording of the rig
+    device: str|None = None     # where training runs (None: the GPU when torch sees one)
+    progress: bool = True       # step lines on stderr, and progress bars
+
+    def say(self,
+            line:str, # the step line, printed as it is
+           ):
+        "A step line on stderr (none without progress)."
+        if self.progress: print(line, file=sys.stderr, flush=True)
+
+# %% ../nbs/19c_neuromechfly_model.ipynb #06a0a4ad
+def recipe_style(run:RecipeRun, # the recipe's run
+                 done:dict, # what the work folder holds (`recipe_work_state`)
+                ) -> np.ndarray|None:
+    "Frames of the unlabelled recording whose look half the training crops take (`training.fourier_style`); None when none are asked for or no training is left."
+    r = run.recipe
+    todo = done["fine_tuned_steps"] < r.steps or done["rounds_done"] < r.rounds or done["polished_steps"] < r.polish_steps
+    if not (r.style_frames and todo): return None
+    run.say(f"recipe: reading {plural(r.style_frames, 'frame')} per pathway of {run.recording.name}: half the training crops take their "
+            "look (brightness, contrast, haze: the lowest spatial frequencies)")
+    return footage_inputs(run.recording, Config.default().detection_plan(), n_frames=r.style_frames)
+
+def fine_tune_step(run:RecipeRun, # the recipe's run
+                   renders:SampleSet, # the rendered frames
+                   style, # frames for the crops' look (`recipe_style`), or None
+                   done_steps:int, # the steps WORK/renders/ holds
+                  ) -> Path:
+    "Step 2: fine-tune `bundled:fly_synthetic` on the renders in WORK/renders/; its last weights (nothing chosen on held-out frames)."
+    r, folder = run.recipe, run.work / "renders"
+    run.say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders (run folder {folder}): {step_status(done_steps, r.steps)}")
+    if done_steps < r.steps:
+        train_detector(renders, folder, renders_train_config(r), resume=(folder / "last.pt").exists(), progress=run.progress,
+                       device=run.device, style_images=style)
+    return folder / "last.pt"
+
+# %% ../nbs/19c_neuromechfly_model.ipynb #2e7fbf1b
+def rounds_step(run:RecipeRun, # the recipe's run
+                model:Path, # the fine-tuned model
+                renders:SampleSet, # the rendered frames, mixed into every round
+                style, # frames for the crops' look (`recipe_style`), or None
+                done_rounds:int, # the rounds WORK/self_train/ holds
+               ) -> Path:
+    "Step 3: `rounds` self-training rounds on the unlabelled recording (`self_training.self_train`, resumable); the last round's model."
+    r = run.recipe
+    if not r.rounds: run.say("recipe 3/5: no self-training rounds"); return model
+    run.say(f"recipe 3/5: {plural(r.rounds, 'self-training round')} in {run.work / 'self_train'}, {done_rounds} done; each runs the pipeline "
+            f"on {run.recording.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
+    d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
+    opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
+    return self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style).model_path
+
+def polish_step(run:RecipeRun, # the recipe's run
+                model:Path, # the last round's model
+                renders:SampleSet, # the rendered frames
+                style, # frames for the crops' look (`recipe_style`), or None
+                done_steps:int, # the steps `polish_dir` holds
+               ) -> Path:
+    "Step 4: `polish_steps` more steps on the renders alone, in `polish_dir`; the model to bundle (`model` itself without them)."
+    r, folder = run.recipe, polish_dir(run.work, run.recipe)
+    if not r.polish_steps: run.say("recipe 4/5: no polish (polish_steps = 0)"); return model
+    run.say(f"recipe 4/5: polish, {r.polish_steps} steps on the renders alone (run folder {folder}): {step_status(done_steps, r.polish_steps)}")
+    if done_steps < r.polish_steps:
+        train_detector(renders, folder, {**polish_train_settings(r), "init": str(model)}, resume=(folder / "last.pt").exists(),
+                       progress=run.progress, device=run.device, style_images=style)
+    return folder / "last.pt"
+
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
 def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
                             work_dir, # the work folder: renders, training runs, rounds (resumable: call again with the same arguments)
-                            unlabelled, # an unlabelled recording folder of the rig, for the real frames' tone and the self-training
+                            unlabelled, # an unlabelled recording folder of the rig, for the real frames' look and the self-training
                             posture_path, # a `LegPosture` JSON file (`synth_mujoco.save_posture`), e.g. bench/results/posture_example.json
                             recipe:NeuroMechFlyRecipe|None=None, # the settings (default: the shipped model's)
                             name:str="fly_neuromechfly", # the bundled name: weights = "bundled:<name>"
@@ -206,8 +290,6 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             progress:bool=True, # a line per step on stderr, and progress bars
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
-    say = partial(print, file=sys.stderr, flush=True) if progress else lambda *a: None
-    n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
     if not Path(unlabelled).is_dir(): raise InputError(f"the unlabelled recording (--unlabelled) {unlabelled}: no such folder")
     r, rec, work = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0], Path(work_dir)
     posture = smj.load_posture(posture_path)
@@ -215,32 +297,15 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in POLISH_FIELDS}   # what the folder's steps depend on
     check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
-    plan, done = Config.default().detection_plan(), recipe_work_state(work, r, posture)
-    if r.style_frames: say(f"recipe: reading {n(r.style_frames, 'frame')} per pathway of {rec.name} for the crops' tone")
-    style = footage_inputs(rec, plan, n_frames=r.style_frames) if r.style_frames else None
-    say(f"recipe 1/5: {n(r.recordings, 'recording')} x {n(r.frames, 'frame')} of NeuroMechFly renders: "
-        + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
+    run, done = RecipeRun(r, work, rec, device, progress), recipe_work_state(work, r, posture)
+    style = recipe_style(run, done)
+    run.say(f"recipe 1/5: {plural(r.recordings, 'recording')} x {plural(r.frames, 'frame')} of NeuroMechFly renders: "
+            + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
     renders = recipe_renders(work, r, posture, workers, progress)
-    run = work / "renders"
-    say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders (run folder {run}): " + ("done, reused" if done["fine_tuned_steps"] >= r.steps else
-        f"resuming at step {done['fine_tuned_steps']}" if done["fine_tuned_steps"] else "starting"))
-    train_detector(renders, run, renders_train_config(r), resume=(run / "last.pt").exists(), progress=progress, device=device, style_images=style)
-    model = run / "last.pt"                                             # the last weights: nothing chosen on held-out frames
-    say(f"recipe 3/5: {n(r.rounds, 'self-training round')} in {work / 'self_train'}, {done['rounds_done']} done; each runs the pipeline on "
-        f"{rec.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more" if r.rounds
-        else "recipe 3/5: no self-training rounds")
-    if r.rounds:
-        d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = device
-        opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
-        model = self_train([rec], work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, progress, style).model_path
-    polish = polish_dir(work, r)
-    say(f"recipe 4/5: polish, {r.polish_steps} steps on the renders alone (run folder {polish}): " + ("done, reused" if done["polished_steps"] >= r.polish_steps else
-        f"resuming at step {done['polished_steps']}" if done["polished_steps"] else "starting") if r.polish_steps else "recipe 4/5: no polish (polish_steps = 0)")
-    if r.polish_steps:
-        train_detector(renders, polish, {**polish_train_settings(r), "init": str(model)}, resume=(polish / "last.pt").exists(), progress=progress,
-                       device=device, style_images=style)
-        model = polish / "last.pt"
-    say(f"recipe 5/5: writing {out_path}")
+    model = fine_tune_step(run, renders, style, done["fine_tuned_steps"])
+    model = rounds_step(run, model, renders, style, done["rounds_done"])
+    model = polish_step(run, model, renders, style, done["polished_steps"])
+    run.say(f"recipe 5/5: writing {out_path}")
     return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by=f"{__name__}.make_neuromechfly_model",
                                recipe=[recipe_command(out_path, work_dir, unlabelled, posture_path, r)], recipe_settings=asdict(r))
 
@@ -257,6 +322,8 @@ def parse_recipe_settings(items:list, # FIELD=VALUE strings, VALUE in TOML
             raise InputError(f"--set {item}: {key!r} is not a recipe setting" + (f" (did you mean {near[0]!r}?)" if near else f"; settings: {', '.join(names)}"))
         try: kw[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError: raise InputError(f"--set {item}: {value!r} is not a TOML value (a number, or a list like [0.5, 1.0])") from None
+        try: NeuroMechFlyRecipe(**{key: kw[key]})                       # each value alone, so that its message names the --set
+        except InputError as e: raise InputError(f"--set {item}: {str(e).removeprefix(f'recipe setting {key}: ')}") from None
     return NeuroMechFlyRecipe(**kw)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #5506db11
@@ -280,7 +347,8 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
                                       args.workers, args.device, not args.no_progress)
     except (InputError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
-    print(f'wrote {out}: weights = "bundled:{args.name}" once it is in deeperfly_nb/models/, or `deeperfly run RECORDING --model {out}`')
+    print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n"
+          f"  bundle it: copy it to deeperfly_nb/models/{args.name}.pt, then --model bundled:{args.name}")
     return 0
 
 if __name__ == "__main__" and Path(sys.argv[0]).stem == "neuromechfly_model": sys.exit(main())   # not a notebook kernel

@@ -270,12 +270,13 @@ def _stats(e:np.ndarray, axis) -> dict:
 # %% ../nbs/05_results.ipynb #a144b8c5
 def body_spread(pts3d, # (T, N, 3) points, NaN = missing
                 skeleton:Skeleton, # its bones give the unit
+                lengths=None, # (T, B) `skeleton.bone_lengths(pts3d)` when already measured (None: measured here)
                ) -> float:
     "Median over frames of the largest distance of a point from the frame's median point, in median bone lengths (NaN: no bones or points)."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         reach = np.nanmax(np.linalg.norm(pts3d - np.nanmedian(pts3d, 1, keepdims=True), axis=-1), 1) if pts3d.size else np.array([])
-        bone = np.nanmedian(np.nanmedian(skeleton.bone_lengths(pts3d), 0)) if len(skeleton.bones) and pts3d.size else np.nan
+        bone = np.nanmedian(np.nanmedian(skeleton.bone_lengths(pts3d) if lengths is None else lengths, 0)) if len(skeleton.bones) and pts3d.size else np.nan
         return float(np.nanmedian(reach) / bone) if np.isfinite(bone) and bone > 0 and np.isfinite(reach).any() else float("nan")
 
 # %% ../nbs/05_results.ipynb #528c86c8
@@ -299,12 +300,13 @@ def _summary(self:PoseResult) -> dict:
         out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            cv = self.skeleton.bone_length_cv(self.pts3d)
+            lengths = self.skeleton.bone_lengths(self.pts3d)                  # (T, B): for the CV and the spread's unit
+            cv = self.skeleton.bone_length_cv(self.pts3d, lengths=lengths)
             cv_med = np.nanmedian(cv) if cv.size else np.nan
         names = self.skeleton.point_names
         out["bone_length_cv"] = {"median": _num(cv_med),
                                  "per_bone": {f"{names[a]}-{names[b]}": _num(c) for (a, b), c in zip(self.skeleton.bones, cv)}}
-        out["spread_in_bones"] = _num(body_spread(self.pts3d, self.skeleton))
+        out["spread_in_bones"] = _num(body_spread(self.pts3d, self.skeleton, lengths))
     if e is not None:
         allv = _stats(e.ravel(), 0)
         ep = _stats(np.moveaxis(e, 2, 0).reshape(self.n_points, -1), 1)

@@ -135,9 +135,10 @@ def bone_lengths(skeleton:Skeleton, # its `bones` are measured; its N must match
 def bone_length_cv(skeleton:Skeleton, # its `bones` are measured; its N must match the points axis
                    pts3d, # (T, N, 3) 3D points
                    min_frames:int=2, # bones measured in fewer frames give NaN
+                   lengths=None, # (T, B) `bone_lengths(pts3d)` when already measured (None: measured here)
                   ) -> np.ndarray:
     "Coefficient of variation over time of every bone (B,): std / mean over the frames where it is measured."
-    L = bone_lengths(skeleton, pts3d)
+    L = bone_lengths(skeleton, pts3d) if lengths is None else np.asarray(lengths, dtype=float)
     n = np.isfinite(L).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.nanmean(np.where(n >= min_frames, L, np.nan), axis=0) if L.size else np.full(L.shape[-1], np.nan)
