@@ -8,12 +8,14 @@ Docs: https://deeperfly.github.io/deeperfly/neuromechfly_model.html.md"""
 from __future__ import annotations
 import argparse, difflib, hashlib, json, shlex, sys, tomllib
 from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
 from functools import partial
 from pathlib import Path
 import numpy as np
 from .core import InputError, ModelError, atomic_path
 from .config import Config
-from .detector import load_checkpoint
+from .detector import bundled_models, load_checkpoint
+from .inference import open_sources
 from .labels import SampleSet, concat_samples, footage_inputs, labels_from_render, load_samples, pathway_samples
 from .self_training import SelfTrainOptions, check_recordings, self_train
 from .training import Augment, train_detector, with_trained_model, write_bundled_model
@@ -22,9 +24,9 @@ import deeperfly_nb.synth_mujoco as smj
 # %% auto #0
 __all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples', 'renders_key',
            'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
-           'check_work_record', 'recipe_command', 'recipe_description', 'polish_dir', 'recipe_work_state', 'plural',
-           'step_status', 'RecipeRun', 'recipe_style', 'fine_tune_step', 'rounds_step', 'polish_step',
-           'make_neuromechfly_model', 'parse_recipe_settings', 'main']
+           'record_differences', 'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description',
+           'polish_dir', 'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'fine_tune_step',
+           'rounds_step', 'polish_step', 'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -130,21 +132,43 @@ def polish_train_settings(recipe:NeuroMechFlyRecipe, # the settings
     "The training settings of the last step, on the renders alone from the last round's model (which sets init)."
     return {**round_train_settings(recipe), "steps": recipe.polish_steps, "lr": recipe.polish_lr, "eval_every": recipe.polish_steps}
 
-# %% ../nbs/19c_neuromechfly_model.ipynb #c386a431
+# %% ../nbs/19c_neuromechfly_model.ipynb #7ef7b1d0
+def record_differences(was:dict, # the recorded settings and inputs
+                       now:dict, # this call's
+                      ) -> list:
+    "'key: recorded vs now' for every entry that differs, one level into dicts (e.g. 'settings.steps: 6000 vs 3000')."
+    out = []
+    for k in sorted(set(was) | set(now)):
+        a, b = was.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict): out += [f"{k}.{d}" for d in record_differences(a, b)]
+        elif a != b: out.append(f"{k}: {a!r} vs {b!r}")
+    return out
+
 def check_work_record(work_dir:Path, # the recipe's work folder (created)
                       record:dict, # this call's settings and inputs (JSON values)
                      ):
-    "Write WORK/recipe.json, or refuse when it records other settings or inputs."
+    "Write WORK/recipe.json, or refuse when it records other settings or inputs and the folder holds work done with them."
     work, path = Path(work_dir), Path(work_dir) / "recipe.json"
     work.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        was = json.loads(path.read_text())
-        differ = {k: (was.get(k), v) for k, v in record.items() if was.get(k) != v}
-        if differ: raise InputError(f"{path} records a recipe with other settings or inputs; give another work folder, or the same ones. "
-                                    "Recorded vs now: " + "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-    else:
-        with atomic_path(path) as tmp: tmp.write_text(json.dumps(record, indent=1) + "\n")
+        differ = record_differences(json.loads(path.read_text()), record)
+        started = any(p.name != "recipe.json" for p in work.iterdir())    # a record alone (a call that stopped at once) binds nothing
+        if differ and started:
+            raise InputError(f"{path} records a recipe with other settings or inputs; give another work folder, or the settings and inputs "
+                             "it was started with. Recorded vs now: " + "; ".join(differ))
+        if not differ: return
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(record, indent=1) + "\n")
 
+# %% ../nbs/19c_neuromechfly_model.ipynb #79526693
+def check_unlabelled(unlabelled, # the unlabelled recording folder (--unlabelled)
+                    ) -> Path:
+    "The recording's folder, once the packaged plan finds footage there for every source; an InputError naming it otherwise."
+    try: readers = open_sources(Config.default().detection_plan(), unlabelled)
+    except InputError as e: raise InputError(f"the unlabelled recording (--unlabelled) {e}") from None
+    for r in readers.values(): r.close()
+    return check_recordings(unlabelled)[0]
+
+# %% ../nbs/19c_neuromechfly_model.ipynb #c386a431
 def recipe_command(out_path, # the bundled file
                    work_dir, # the work folder
                    unlabelled, # the unlabelled recording folder
@@ -230,8 +254,8 @@ def recipe_style(run:RecipeRun, # the recipe's run
     r = run.recipe
     todo = done["fine_tuned_steps"] < r.steps or done["rounds_done"] < r.rounds or done["polished_steps"] < r.polish_steps
     if not (r.style_frames and todo): return None
-    run.say(f"recipe: reading {plural(r.style_frames, 'frame')} per pathway of {run.recording.name}: half the training crops take their "
-            "look (brightness, contrast, haze: the lowest spatial frequencies)")
+    run.say(f"recipe: reading {plural(r.style_frames, 'frame')} per detection pathway of {run.recording.name}: in training, half the "
+            "rendered crops are made to look like them (their brightness, contrast and haze)")
     return footage_inputs(run.recording, Config.default().detection_plan(), n_frames=r.style_frames)
 
 def fine_tune_step(run:RecipeRun, # the recipe's run
@@ -261,7 +285,11 @@ def rounds_step(run:RecipeRun, # the recipe's run
             f"on {run.recording.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
     d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
-    return self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style).model_path
+    res = self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
+    q = res.final[run.recording.name]                                    # the last model's run on the recording: no ground truth, consistency
+    run.say(f"recipe 3/5: the last model on {run.recording.name}: median reprojection error {q['reprojection_median_px']:.2f} px, bone-length "
+            f"CV {q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its keypoints agreed on by the views")
+    return res.model_path
 
 def polish_step(run:RecipeRun, # the recipe's run
                 model:Path, # the last round's model
@@ -290,8 +318,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             progress:bool=True, # a line per step on stderr, and progress bars
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
-    if not Path(unlabelled).is_dir(): raise InputError(f"the unlabelled recording (--unlabelled) {unlabelled}: no such folder")
-    r, rec, work = recipe or NeuroMechFlyRecipe(), check_recordings(unlabelled)[0], Path(work_dir)
+    r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled), Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
     settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in POLISH_FIELDS}   # what the folder's steps depend on
@@ -336,9 +363,10 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     ap.add_argument("--unlabelled", required=True, help="an unlabelled recording of the rig (e.g. ../shared/data/deeperfly_example)")
     ap.add_argument("--posture", required=True, help="a LegPosture JSON file, e.g. bench/results/posture_example.json")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a recipe setting (a TOML value), repeatable; fields "
-                    "and defaults: " + ", ".join(f"{f.name}={getattr(NeuroMechFlyRecipe(), f.name)}" for f in fields(NeuroMechFlyRecipe)))
+                    "and defaults: " + ", ".join(f"{f.name}={json.dumps(list(v) if isinstance(v := getattr(NeuroMechFlyRecipe(), f.name), tuple) else v)}"
+                                                 for f in fields(NeuroMechFlyRecipe)))
     ap.add_argument("--name", default="fly_neuromechfly", help="the bundled name (default fly_neuromechfly)")
-    ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (the renders are the same)")
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (default 1; any number gives the same renders)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
     ap.add_argument("--no-progress", action="store_true", help="no progress bars and no step lines")
     args = ap.parse_args(argv)
@@ -347,8 +375,9 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
                                       args.workers, args.device, not args.no_progress)
     except (InputError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
-    print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n"
-          f"  bundle it: copy it to deeperfly_nb/models/{args.name}.pt, then --model bundled:{args.name}")
+    models = Path(str(resources.files("deeperfly_nb") / "models"))
+    print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n  bundle it: copy it to {models / (args.name + '.pt')}, then "
+          f"--model bundled:{args.name}" + (f" (that replaces the shipped {args.name}; --name gives another name)" if args.name in bundled_models() else ""))
     return 0
 
 if __name__ == "__main__" and Path(sys.argv[0]).stem == "neuromechfly_model": sys.exit(main())   # not a notebook kernel
