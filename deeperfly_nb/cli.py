@@ -311,7 +311,7 @@ def cmd_doctor(args, # the parsed command line (see `make_parser`)
     for name, ok, detail in checks: print(f"{'ok ' if ok else '-- ' if ok is None else 'BAD'} {name:<14} {detail}")
     if args.quick: print(f"    {'bundled model':<14} not checked (--quick skips finding a rendered fly with it)")
     bad, optional = [n for n, ok, _ in checks if ok is False], [n for n, ok, _ in checks if ok is None]
-    print(("all good" if not bad else f"problems: {', '.join(bad)}") + (f" (not set up, optional: {', '.join(optional)})" if optional else ""))
+    print(("all good" if not bad else f"problems: {', '.join(bad)}") + (f" (--: not set up, optional: {', '.join(optional)})" if optional else ""))
     return 0 if not bad else 2
 
 # %% ../nbs/20_cli.ipynb #2aceb382
