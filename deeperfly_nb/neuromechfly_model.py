@@ -254,8 +254,8 @@ def recipe_style(run:RecipeRun, # the recipe's run
     r = run.recipe
     todo = done["fine_tuned_steps"] < r.steps or done["rounds_done"] < r.rounds or done["polished_steps"] < r.polish_steps
     if not (r.style_frames and todo): return None
-    run.say(f"recipe: reading {plural(r.style_frames, 'frame')} per detection pathway of {run.recording.name}: in training, half the "
-            "rendered crops are made to look like them (their brightness, contrast and haze)")
+    run.say(f"recipe: reading {plural(r.style_frames, 'frame')} of each camera of the recording '{run.recording.name}': in training, half "
+            "the rendered crops are made to look like them (their brightness, contrast and haze)")
     return footage_inputs(run.recording, Config.default().detection_plan(), n_frames=r.style_frames)
 
 def fine_tune_step(run:RecipeRun, # the recipe's run
@@ -282,13 +282,14 @@ def rounds_step(run:RecipeRun, # the recipe's run
     r = run.recipe
     if not r.rounds: run.say("recipe 3/5: no self-training rounds"); return model
     run.say(f"recipe 3/5: {plural(r.rounds, 'self-training round')} in {run.work / 'self_train'}, {done_rounds} done; each runs the pipeline "
-            f"on {run.recording.name} for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
+            f"on the recording '{run.recording.name}' for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
     d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
     res = self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
     q = res.final[run.recording.name]                                    # the last model's run on the recording: no ground truth, consistency
-    run.say(f"recipe 3/5: the last model on {run.recording.name}: median reprojection error {q['reprojection_median_px']:.2f} px, bone-length "
-            f"CV {q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its keypoints agreed on by the views")
+    run.say(f"recipe 3/5: the last model on '{run.recording.name}' (how well its views agree, not accuracy: no ground truth): median reprojection "
+            f"error {q['reprojection_median_px']:.2f} px, bone-length CV {q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its "
+            "keypoints agreed on by the views (the shipped model on deeperfly_example: 3.2 px, 5.1%)")
     return res.model_path
 
 def polish_step(run:RecipeRun, # the recipe's run
@@ -358,12 +359,12 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
         ) -> int:
     "The recipe's command line; returns the exit status (2: bad input, named in one line)."
     ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording, write a bundled model file. Resumable: run the same command again.")
-    ap.add_argument("out", help="the bundled file to write, e.g. fly_neuromechfly.pt (written into deeperfly_nb/models/ it replaces the shipped model)")
+    ap.add_argument("out", help="the bundled file to write, e.g. fly_neuromechfly.pt (not into deeperfly_nb/models/: there it would replace the shipped model)")
     ap.add_argument("work", help="the work folder (resumable: run the same command again)")
     ap.add_argument("--unlabelled", required=True, help="an unlabelled recording of the rig (e.g. ../shared/data/deeperfly_example)")
     ap.add_argument("--posture", required=True, help="a LegPosture JSON file, e.g. bench/results/posture_example.json")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a recipe setting (a TOML value), repeatable; fields "
-                    "and defaults: " + ", ".join(f"{f.name}={json.dumps(list(v) if isinstance(v := getattr(NeuroMechFlyRecipe(), f.name), tuple) else v)}"
+                    "and defaults: " + ", ".join(f"{f.name}={json.dumps(list(v) if isinstance(v := getattr(NeuroMechFlyRecipe(), f.name), tuple) else v, separators=(',', ':'))}"
                                                  for f in fields(NeuroMechFlyRecipe)))
     ap.add_argument("--name", default="fly_neuromechfly", help="the bundled name (default fly_neuromechfly)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (default 1; any number gives the same renders)")
