@@ -267,7 +267,8 @@ def _check_mujoco_renderer() -> tuple:
     try: lib, have = f"mujoco {md.version('mujoco')}", True
     except md.PackageNotFoundError: lib, have = "mujoco not installed (optional: pip install -e '.[mujoco]')", False
     st = assets_status()
-    return (True if have and st["present"] else None), f"{lib}; {st['message']}"
+    need = "" if have and st["present"] else " (needed only for NeuroMechFly renders and the fly_neuromechfly recipe)"
+    return (True if have and st["present"] else None), f"{lib}; {st['message']}{need}"
 
 # %% ../nbs/20_cli.ipynb #65af0b31
 def _check_bundled_model() -> tuple:

@@ -281,7 +281,7 @@ def rounds_step(run:RecipeRun, # the recipe's run
     "Step 3: `rounds` self-training rounds on the unlabelled recording (`self_training.self_train`, resumable); the last round's model."
     r = run.recipe
     if not r.rounds: run.say("recipe 3/5: no self-training rounds"); return model
-    run.say(f"recipe 3/5: {plural(r.rounds, 'self-training round')} in {run.work / 'self_train'}, {done_rounds} done; each runs the pipeline "
+    run.say(f"recipe 3/5: {plural(r.rounds, 'self-training round')} in {run.work / 'self_train'}, {done_rounds} done{' (reused)' if done_rounds >= r.rounds else ''}; each runs the pipeline "
             f"on the recording '{run.recording.name}' for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
     d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
