@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
-           'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5', 'DigestCache',
-           'cache_root', 'check_shape', 'ConfigTable', 'config_field']
+           'record_differences', 'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5',
+           'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -46,6 +46,18 @@ def one_of(value, # a value read from a config or the command line
     "`value` if it is one of `choices`, else a ValueError naming them (and the closest): the message of every choice check."
     if value not in choices: raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
+
+# %% ../nbs/00_core.ipynb #5f31e4fc
+def record_differences(was:dict, # the recorded settings
+                       now:dict, # this call's
+                      ) -> list:
+    "'key: recorded vs now' for every entry that differs, one level into dicts (e.g. 'settings.steps: 6000 vs 3000')."
+    out = []
+    for k in sorted(set(was) | set(now)):
+        a, b = was.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict): out += [f"{k}.{d}" for d in record_differences(a, b)]
+        elif a != b: out.append(f"{k}: {a!r} vs {b!r}")
+    return out
 
 # %% ../nbs/00_core.ipynb #539f16b8
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

@@ -6,13 +6,13 @@ Docs: https://deeperfly.github.io/deeperfly/neuromechfly_model.html.md"""
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #e2b54fa2
 from __future__ import annotations
-import argparse, difflib, hashlib, json, shlex, sys, tomllib
+import argparse, hashlib, json, shlex, sys, tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from functools import partial
 from pathlib import Path
 import numpy as np
-from .core import InputError, ModelError, atomic_path
+from .core import InputError, ModelError, atomic_path, did_you_mean, record_differences
 from .config import Config
 from .detector import bundled_models, load_checkpoint
 from .inference import open_sources
@@ -22,11 +22,11 @@ from .training import Augment, train_detector, with_trained_model, write_bundled
 import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
-__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples', 'renders_key',
-           'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
-           'record_differences', 'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description',
-           'polish_dir', 'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'fine_tune_step',
-           'rounds_step', 'polish_step', 'make_neuromechfly_model', 'parse_recipe_settings', 'main']
+__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples',
+           'renders_key', 'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
+           'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description', 'polish_dir',
+           'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'train_unless_done',
+           'fine_tune_step', 'rounds_step', 'polish_step', 'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -133,17 +133,6 @@ def polish_train_settings(recipe:NeuroMechFlyRecipe, # the settings
     return {**round_train_settings(recipe), "steps": recipe.polish_steps, "lr": recipe.polish_lr, "eval_every": recipe.polish_steps}
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #7ef7b1d0
-def record_differences(was:dict, # the recorded settings and inputs
-                       now:dict, # this call's
-                      ) -> list:
-    "'key: recorded vs now' for every entry that differs, one level into dicts (e.g. 'settings.steps: 6000 vs 3000')."
-    out = []
-    for k in sorted(set(was) | set(now)):
-        a, b = was.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict): out += [f"{k}.{d}" for d in record_differences(a, b)]
-        elif a != b: out.append(f"{k}: {a!r} vs {b!r}")
-    return out
-
 def check_work_record(work_dir:Path, # the recipe's work folder (created)
                       record:dict, # this call's settings and inputs (JSON values)
                      ):
@@ -161,9 +150,10 @@ def check_work_record(work_dir:Path, # the recipe's work folder (created)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #79526693
 def check_unlabelled(unlabelled, # the unlabelled recording folder (--unlabelled)
+                     plan=None, # the detection plan whose sources must find footage (default: the packaged config's)
                     ) -> Path:
-    "The recording's folder, once the packaged plan finds footage there for every source; an InputError naming it otherwise."
-    try: readers = open_sources(Config.default().detection_plan(), unlabelled)
+    "The recording's folder, once the plan finds footage there for every source; an InputError naming it otherwise."
+    try: readers = open_sources(plan or Config.default().detection_plan(), unlabelled)
     except InputError as e: raise InputError(f"the unlabelled recording (--unlabelled) {e}") from None
     for r in readers.values(): r.close()
     return check_recordings(unlabelled)[0]
@@ -249,6 +239,7 @@ class RecipeRun:
 # %% ../nbs/19c_neuromechfly_model.ipynb #06a0a4ad
 def recipe_style(run:RecipeRun, # the recipe's run
                  done:dict, # what the work folder holds (`recipe_work_state`)
+                 plan=None, # the detection plan whose pathways the frames go through (default: the packaged config's)
                 ) -> np.ndarray|None:
     "Frames of the unlabelled recording whose look half the training crops take (`training.fourier_style`); None when none are asked for or no training is left."
     r = run.recipe
@@ -256,7 +247,19 @@ def recipe_style(run:RecipeRun, # the recipe's run
     if not (r.style_frames and todo): return None
     run.say(f"recipe: reading {plural(r.style_frames, 'frame')} of each camera of the recording '{run.recording.name}': in training, half "
             "the rendered crops are made to look like them (their brightness, contrast and haze)")
-    return footage_inputs(run.recording, Config.default().detection_plan(), n_frames=r.style_frames)
+    return footage_inputs(run.recording, plan or Config.default().detection_plan(), n_frames=r.style_frames)
+
+def train_unless_done(run:RecipeRun, # the recipe's run
+                      folder:Path, # the training run's folder
+                      settings:dict, # its training settings (`training.TrainConfig`)
+                      renders:SampleSet, # the rendered frames
+                      style, # frames for the crops' look (`recipe_style`), or None
+                      done_steps:int, # the steps `folder` holds
+                     ) -> Path:
+    "Train (or resume) in `folder` unless it already holds `settings['steps']`; its last weights."
+    if done_steps < settings["steps"]:
+        train_detector(renders, folder, settings, resume=(folder / "last.pt").exists(), progress=run.progress, device=run.device, style_images=style)
+    return folder / "last.pt"
 
 def fine_tune_step(run:RecipeRun, # the recipe's run
                    renders:SampleSet, # the rendered frames
@@ -266,12 +269,11 @@ def fine_tune_step(run:RecipeRun, # the recipe's run
     "Step 2: fine-tune `bundled:fly_synthetic` on the renders in WORK/renders/; its last weights (nothing chosen on held-out frames)."
     r, folder = run.recipe, run.work / "renders"
     run.say(f"recipe 2/5: fine-tuning {r.steps} steps on the renders (run folder {folder}): {step_status(done_steps, r.steps)}")
-    if done_steps < r.steps:
-        train_detector(renders, folder, renders_train_config(r), resume=(folder / "last.pt").exists(), progress=run.progress,
-                       device=run.device, style_images=style)
-    return folder / "last.pt"
+    return train_unless_done(run, folder, renders_train_config(r), renders, style, done_steps)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #2e7fbf1b
+SHIPPED_ON_EXAMPLE = {"reprojection_median_px": 3.18, "bone_cv_median_pct": 5.1}   # fly_neuromechfly on deeperfly_example, for scale
+                                                                                 # (bench/results/held_out_neuromechfly_seeds.json)
 def rounds_step(run:RecipeRun, # the recipe's run
                 model:Path, # the fine-tuned model
                 renders:SampleSet, # the rendered frames, mixed into every round
@@ -289,7 +291,8 @@ def rounds_step(run:RecipeRun, # the recipe's run
     q = res.final[run.recording.name]                                    # the last model's run on the recording: no ground truth, consistency
     run.say(f"recipe 3/5: the last model on '{run.recording.name}' (how well its views agree, not accuracy: no ground truth): median reprojection "
             f"error {q['reprojection_median_px']:.2f} px, bone-length CV {q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its "
-            "keypoints agreed on by the views (the shipped model on deeperfly_example: 3.2 px, 5.1%)")
+            f"keypoints agreed on by the views (the shipped model on deeperfly_example: {SHIPPED_ON_EXAMPLE['reprojection_median_px']:.2f} px, "
+            f"{SHIPPED_ON_EXAMPLE['bone_cv_median_pct']:.1f}%)")
     return res.model_path
 
 def polish_step(run:RecipeRun, # the recipe's run
@@ -302,10 +305,7 @@ def polish_step(run:RecipeRun, # the recipe's run
     r, folder = run.recipe, polish_dir(run.work, run.recipe)
     if not r.polish_steps: run.say("recipe 4/5: no polish (polish_steps = 0)"); return model
     run.say(f"recipe 4/5: polish, {r.polish_steps} steps on the renders alone (run folder {folder}): {step_status(done_steps, r.polish_steps)}")
-    if done_steps < r.polish_steps:
-        train_detector(renders, folder, {**polish_train_settings(r), "init": str(model)}, resume=(folder / "last.pt").exists(),
-                       progress=run.progress, device=run.device, style_images=style)
-    return folder / "last.pt"
+    return train_unless_done(run, folder, {**polish_train_settings(r), "init": str(model)}, renders, style, done_steps)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
 def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
@@ -319,14 +319,15 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             progress:bool=True, # a line per step on stderr, and progress bars
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
-    r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled), Path(work_dir)
+    plan = Config.default().detection_plan()
+    r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled, plan), Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
     settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in POLISH_FIELDS}   # what the folder's steps depend on
     check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
     run, done = RecipeRun(r, work, rec, device, progress), recipe_work_state(work, r, posture)
-    style = recipe_style(run, done)
+    style = recipe_style(run, done, plan)
     run.say(f"recipe 1/5: {plural(r.recordings, 'recording')} x {plural(r.frames, 'frame')} of NeuroMechFly renders: "
             + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
     renders = recipe_renders(work, r, posture, workers, progress)
@@ -346,8 +347,7 @@ def parse_recipe_settings(items:list, # FIELD=VALUE strings, VALUE in TOML
         key, eq, value = item.partition("=")
         if not eq: raise InputError(f"--set {item}: expected FIELD=VALUE")
         if key not in names:
-            near = difflib.get_close_matches(key, names, 1)
-            raise InputError(f"--set {item}: {key!r} is not a recipe setting" + (f" (did you mean {near[0]!r}?)" if near else f"; settings: {', '.join(names)}"))
+            raise InputError(f"--set {item}: {key!r} is not a recipe setting" + (did_you_mean(key, names) or f"; settings: {', '.join(names)}"))
         try: kw[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError: raise InputError(f"--set {item}: {value!r} is not a TOML value (a number, or a list like [0.5, 1.0])") from None
         try: NeuroMechFlyRecipe(**{key: kw[key]})                       # each value alone, so that its message names the --set

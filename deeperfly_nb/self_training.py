@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from .core import InputError, atomic_path
+from .core import InputError, atomic_path, record_differences
 from .config import Config
 from fastcore.basics import patch
 from .labels import concat_samples, labels_from_result, model_of_plan, pathway_samples
@@ -141,11 +141,10 @@ def resumable_rounds(log_path:Path, # OUT_DIR/rounds.json (may not exist)
     theirs = {k: v for k, v in {**mine, **log["options"]}.items() if k != "rounds"}      # a setting it predates: the default it ran with
     plan = config.detection_plan()
     start, was = str(resolve_weights(plan.models[model_of_plan(plan, None)])), log["rounds"][0]["started_from"] if log["rounds"] else None
-    differ = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
-    if was not in (None, start): differ["starting model"] = (was, start)
+    differ = record_differences(theirs, mine) + ([f"starting model: {was!r} vs {start!r}"] if was not in (None, start) else [])
     if differ:
         raise InputError(f"{log_path} records self-training with other settings; give another output folder, or the same "
-                         "settings. Recorded vs now: " + "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items()))
+                         "settings. Recorded vs now: " + "; ".join(differ))
     return [d for d in log["rounds"] if d["round"] <= options.rounds and Path(d["model"]).is_file()]
 
 # %% ../nbs/19b_self_training.ipynb #0c680682
