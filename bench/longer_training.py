@@ -5,7 +5,7 @@
 
 `renders-alone` trains `--steps` more steps on the renders alone (what the recipe's `polish_steps` does after its rounds);
 `third-round` runs one more self-training round on ../shared/data/deeperfly_example (`self_training.self_train`, rounds=1),
-the renders beside the round's pseudo-labels counted `--pseudo-repeat` times. Both start from bundled:fly_neuromechfly,
+the renders beside the round's pseudo-labels counted `--pseudo-repeat` times. Both start from bundled:fly_neuromechfly (or `--init`),
 with the recipe's round settings at peak learning rate `--lr`, half the crops given the example's look (64 frames per
 pathway). `--renders` is the renders file a recipe work folder keeps (`python -m deeperfly_nb.neuromechfly_model ...`
 with the default settings writes WORK/renders_dbe443bfe029.npz). The model is RUN/last.pt or RUN/round_1/train/model.pt;
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--renders", required=True, help="a recipe work folder's renders_<key>.npz")
     ap.add_argument("--steps", type=int, default=4800)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--init", default="bundled:fly_neuromechfly", help="the model to start from: bundled:NAME or a .pt path")
     ap.add_argument("--pseudo-repeat", type=int, default=1, help="third-round: the pseudo-labels count this many times beside the renders")
     args = ap.parse_args(argv)
     if not EXAMPLE.is_dir(): print(f"{EXAMPLE} is missing: no unlabelled footage for the crops' look and the round", file=sys.stderr); return 1
@@ -40,11 +41,11 @@ def main(argv=None) -> int:
     settings = {**round_train_settings(NeuroMechFlyRecipe()), "steps": args.steps, "lr": args.lr, "eval_every": args.steps}
     t0 = time.perf_counter()
     if args.how == "renders-alone":
-        train_detector(renders, run, {**settings, "init": "bundled:fly_neuromechfly"}, resume=(run / "last.pt").exists(), progress=False, style_images=style)
+        train_detector(renders, run, {**settings, "init": args.init}, resume=(run / "last.pt").exists(), progress=False, style_images=style)
         model = run / "last.pt"
     else:
         opts = SelfTrainOptions(rounds=1, threshold_px=20.0, pseudo_repeat=args.pseudo_repeat, train=settings)
-        res = self_train([EXAMPLE], run, with_trained_model(Config.default(), "bundled:fly_neuromechfly"), opts, renders, False, style)
+        res = self_train([EXAMPLE], run, with_trained_model(Config.default(), args.init), opts, renders, False, style)
         model = res.model_path
         print("the round on deeperfly_example:", res.rounds[-1]["recordings"], "then the last model:", res.final, flush=True)
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s: {model}", flush=True)

@@ -26,7 +26,8 @@ __all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyR
            'renders_key', 'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
            'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description', 'polish_dir',
            'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'train_unless_done',
-           'fine_tune_step', 'rounds_step', 'polish_step', 'make_neuromechfly_model', 'parse_recipe_settings', 'main']
+           'fine_tune_step', 'agreement_line', 'rounds_step', 'polish_step', 'make_neuromechfly_model',
+           'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -274,6 +275,13 @@ def fine_tune_step(run:RecipeRun, # the recipe's run
 # %% ../nbs/19c_neuromechfly_model.ipynb #2e7fbf1b
 SHIPPED_ON_EXAMPLE = {"reprojection_median_px": 3.18, "bone_cv_median_pct": 5.1}   # fly_neuromechfly on deeperfly_example, for scale
                                                                                  # (bench/results/held_out_neuromechfly_seeds.json)
+def agreement_line(which:str, # the model, e.g. "after round 1"
+                   q:dict, # its run's scores on the recording (`self_training.recording_record`)
+                  ) -> str:
+    "One line of step 3: a model's median reprojection error, bone-length CV and agreed share on the unlabelled recording."
+    return (f"recipe 3/5:   {which}: median reprojection error {q['reprojection_median_px']:.2f} px, bone-length CV "
+            f"{q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its keypoints agreed on by the views")
+
 def rounds_step(run:RecipeRun, # the recipe's run
                 model:Path, # the fine-tuned model
                 renders:SampleSet, # the rendered frames, mixed into every round
@@ -288,11 +296,11 @@ def rounds_step(run:RecipeRun, # the recipe's run
     d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
     res = self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
-    q = res.final[run.recording.name]                                    # the last model's run on the recording: no ground truth, consistency
-    run.say(f"recipe 3/5: the last model on '{run.recording.name}' (how well its views agree, not accuracy: no ground truth): median reprojection "
-            f"error {q['reprojection_median_px']:.2f} px, bone-length CV {q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its "
-            f"keypoints agreed on by the views (the shipped model on deeperfly_example: {SHIPPED_ON_EXAMPLE['reprojection_median_px']:.2f} px, "
-            f"{SHIPPED_ON_EXAMPLE['bone_cv_median_pct']:.1f}%)")
+    name = run.recording.name                                            # each model's run on the recording: no ground truth, consistency
+    run.say(f"recipe 3/5: how well each model's views agree on '{name}' (not accuracy: no ground truth; the shipped model on deeperfly_example: "
+            f"{SHIPPED_ON_EXAMPLE['reprojection_median_px']:.2f} px, {SHIPPED_ON_EXAMPLE['bone_cv_median_pct']:.1f}%)")
+    for d in res.rounds: run.say(agreement_line("the fine-tuned model" if d["round"] == 1 else f"after round {d['round'] - 1}", d["recordings"][name]))
+    run.say(agreement_line(f"after round {r.rounds} (the last model)", res.final[name]))
     return res.model_path
 
 def polish_step(run:RecipeRun, # the recipe's run
@@ -378,7 +386,9 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
         print(f"error: {e}", file=sys.stderr); return 2
     models = Path(str(resources.files("deeperfly_nb") / "models"))
     print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n  bundle it: copy it to {models / (args.name + '.pt')}, then "
-          f"--model bundled:{args.name}" + (f" (that replaces the shipped {args.name}; --name gives another name)" if args.name in bundled_models() else ""))
+          f"--model bundled:{args.name}" + (f" (that replaces the shipped {args.name}; --name gives another name)" if args.name in bundled_models() else "")
+          + f"\n  the work folder {args.work} ({sum(p.stat().st_size for p in Path(args.work).rglob('*') if p.is_file()) / 1e6:.0f} MB) is needed only "
+          "to remake the model or change its settings; you may delete it")
     return 0
 
 if __name__ == "__main__" and Path(sys.argv[0]).stem == "neuromechfly_model": sys.exit(main())   # not a notebook kernel
