@@ -22,12 +22,12 @@ from .training import Augment, train_detector, with_trained_model, write_bundled
 import deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
-__all__ = ['RENDER_SEED0', 'POLISH_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples',
+__all__ = ['RENDER_SEED0', 'LATER_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples',
            'renders_key', 'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
-           'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description', 'polish_dir',
-           'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'train_unless_done',
-           'fine_tune_step', 'agreement_line', 'rounds_step', 'polish_step', 'make_neuromechfly_model',
-           'parse_recipe_settings', 'main']
+           'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description', 'last_round_dir',
+           'polish_dir', 'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'train_unless_done',
+           'fine_tune_step', 'agreement_line', 'rounds_step', 'last_round_step', 'polish_step',
+           'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
 RENDER_SEED0 = 3000     # the recipe's recording i is seed 3000 + i (the bundled example is seed 0; tests use seeds >= 9000)
@@ -46,20 +46,23 @@ class NeuroMechFlyRecipe:
     round_steps: int = 600               # training steps per round
     pseudo_repeat: int = 3               # the pseudo-labels count this many times beside the renders
     threshold_px: float = 20.0           # a view agrees within this reprojection error
+    last_round_steps: int = 0            # then one more, longer round of this many steps (0: none), at last_round_lr
+    last_round_lr: float = 3e-4          # its peak learning rate
+    last_round_pseudo_repeat: int = 1    # its pseudo-labels count this many times beside the renders
     polish_steps: int = 0                # then steps on the renders alone, at polish_lr (more precise on renders, less consistent on footage)
     polish_lr: float = 3e-4              # their peak learning rate
     seed: int = 0                        # the held-out renders, the batch order, the augmentation
     num_threads: int = 1                 # torch threads for training
 
     def __post_init__(self):
-        lows = dict(recordings=1, frames=1, steps=1, batch_size=1, style_frames=0, rounds=0, round_steps=1, pseudo_repeat=1, polish_steps=0, seed=0, num_threads=1)
+        lows = dict(recordings=1, frames=1, steps=1, batch_size=1, style_frames=0, rounds=0, round_steps=1, pseudo_repeat=1, last_round_steps=0, last_round_pseudo_repeat=1, polish_steps=0, seed=0, num_threads=1)
         for k, lo in lows.items():
             v = getattr(self, k)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo): raise InputError(f"recipe setting {k}: expected an integer >= {lo}, got {v!r}")
         if self.recordings * self.frames < 2:                          # before any rendering, not after it
             raise InputError(f"recipe settings recordings x frames = {self.recordings * self.frames}: the fine-tuning holds out a tenth "
                              "of the rendered frames, so it needs at least 2 (e.g. --set recordings=2)")
-        for k in ("lr", "threshold_px", "polish_lr"):
+        for k in ("lr", "threshold_px", "last_round_lr", "polish_lr"):
             if not (isinstance(getattr(self, k), (int, float)) and getattr(self, k) > 0): raise InputError(f"recipe setting {k}: expected a number > 0, got {getattr(self, k)!r}")
         ps = self.posture_scale
         if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(isinstance(x, (int, float)) for x in ps) and 0 <= ps[0] <= ps[1]):
@@ -184,29 +187,40 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
             + (f", half the crops given the look of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
             + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
                f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else "")
+            + (f", then one more round of {r.last_round_steps} steps at a learning rate of {r.last_round_lr:g}, its pseudo-labels counted "
+               f"{plural(r.last_round_pseudo_repeat, 'time')}" if r.last_round_steps else "")
             + (f", then {r.polish_steps} steps on the renders alone at a learning rate of {r.polish_lr:g}" if r.polish_steps else ""))
     return (f"deeperfly's detector for real footage of the tethered-fly DeepFly3D rig: {what}. "
             "Channel i = the i-th point of one side in fly38 order.")
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #84ac3323
-POLISH_FIELDS = ("polish_steps", "polish_lr")   # the last step's settings: a work folder keeps one run of it per setting
+LATER_FIELDS = ("last_round_steps", "last_round_lr", "last_round_pseudo_repeat", "polish_steps", "polish_lr")   # the later steps' settings:
+                                                                  # a work folder keeps one run of them per setting
+def last_round_dir(work_dir, # the recipe's work folder
+                   recipe:NeuroMechFlyRecipe, # the settings (its last_round_* name the folder)
+                  ) -> Path:
+    "Where the last, longer round runs (a self-training folder of its own): WORK/self_train/last_<steps>_<lr>_x<repeat>/."
+    r = recipe
+    return Path(work_dir) / "self_train" / f"last_{r.last_round_steps}_{r.last_round_lr:g}_x{r.last_round_pseudo_repeat}"
 
 def polish_dir(work_dir, # the recipe's work folder
                recipe:NeuroMechFlyRecipe, # the settings (its polish_steps and polish_lr name the folder)
               ) -> Path:
-    "Where the steps on the renders alone run: WORK/polish_<steps>_<lr>/, so that other settings of that step reuse the rest."
-    return Path(work_dir) / f"polish_{recipe.polish_steps}_{recipe.polish_lr:g}"
+    "Where the steps on the renders alone run: WORK/polish_<steps>_<lr>/ (in `last_round_dir` after a last round), so that other settings of that step reuse the rest."
+    return (last_round_dir(work_dir, recipe) if recipe.last_round_steps else Path(work_dir)) / f"polish_{recipe.polish_steps}_{recipe.polish_lr:g}"
 
 def recipe_work_state(work_dir, # the recipe's work folder
                       recipe:NeuroMechFlyRecipe, # the settings
                       posture:smj.LegPosture, # the posture the walks are held in
                      ) -> dict:
-    "What earlier calls left in the work folder: whether the renders are made, the steps in renders/last.pt, the finished rounds, the steps of the last step (`polish_dir`)."
-    work, log = Path(work_dir), Path(work_dir) / "self_train" / "rounds.json"
+    "What earlier calls left in the work folder: whether the renders are made, the steps in renders/last.pt, the finished rounds and last round, the steps of the last step (`polish_dir`)."
+    work = Path(work_dir)
     steps = lambda last: int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0
-    rounds = json.loads(log.read_text())["rounds"] if log.exists() else []
+    def rounds(folder, n):                                    # the rounds up to n that a self-training folder holds
+        log = folder / "rounds.json"
+        return sum(1 for d in json.loads(log.read_text())["rounds"] if d["round"] <= n and Path(d["model"]).is_file()) if log.exists() else 0
     return {"renders": (work / f"renders_{renders_key(recipe, posture)}.npz").exists(), "fine_tuned_steps": steps(work / "renders" / "last.pt"),
-            "rounds_done": sum(1 for d in rounds if d["round"] <= recipe.rounds and Path(d["model"]).is_file()),
+            "rounds_done": rounds(work / "self_train", recipe.rounds), "last_round_done": rounds(last_round_dir(work, recipe), 1),
             "polished_steps": steps(polish_dir(work, recipe) / "last.pt")}
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1b9a1b30
@@ -244,7 +258,8 @@ def recipe_style(run:RecipeRun, # the recipe's run
                 ) -> np.ndarray|None:
     "Frames of the unlabelled recording whose look half the training crops take (`training.fourier_style`); None when none are asked for or no training is left."
     r = run.recipe
-    todo = done["fine_tuned_steps"] < r.steps or done["rounds_done"] < r.rounds or done["polished_steps"] < r.polish_steps
+    todo = (done["fine_tuned_steps"] < r.steps or done["rounds_done"] < r.rounds or done["last_round_done"] < (r.last_round_steps > 0)
+            or done["polished_steps"] < r.polish_steps)
     if not (r.style_frames and todo): return None
     run.say(f"recipe: reading {plural(r.style_frames, 'frame')} of each camera of the recording '{run.recording.name}': in training, half "
             "the rendered crops are made to look like them (their brightness, contrast and haze)")
@@ -300,7 +315,25 @@ def rounds_step(run:RecipeRun, # the recipe's run
     run.say(f"recipe 3/5: how well each model's views agree on '{name}' (not accuracy: no ground truth; the shipped model on deeperfly_example: "
             f"{SHIPPED_ON_EXAMPLE['reprojection_median_px']:.2f} px, {SHIPPED_ON_EXAMPLE['bone_cv_median_pct']:.1f}%)")
     for d in res.rounds: run.say(agreement_line("the fine-tuned model" if d["round"] == 1 else f"after round {d['round'] - 1}", d["recordings"][name]))
-    run.say(agreement_line(f"after round {r.rounds} (the last model)", res.final[name]))
+    run.say(agreement_line(f"after round {r.rounds}" + ("" if r.last_round_steps else " (the last model)"), res.final[name]))
+    return res.model_path
+
+def last_round_step(run:RecipeRun, # the recipe's run
+                    model:Path, # the last round's model (or the fine-tuned one)
+                    renders:SampleSet, # the rendered frames
+                    style, # frames for the crops' look (`recipe_style`), or None
+                    done:int, # 1 when `last_round_dir` holds the round
+                   ) -> Path:
+    "Step 3, last: one more self-training round of `last_round_steps` at `last_round_lr`, in `last_round_dir`; its model (`model` itself without it)."
+    r, folder = run.recipe, last_round_dir(run.work, run.recipe)
+    if not r.last_round_steps: return model
+    run.say(f"recipe 3/5: a last round of {r.last_round_steps} steps at a learning rate of {r.last_round_lr:g}, its pseudo-labels counted "
+            f"{plural(r.last_round_pseudo_repeat, 'time')} (folder {folder}): {'done, reused' if done else 'starting'}")
+    d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
+    train = {**round_train_settings(r), "steps": r.last_round_steps, "lr": r.last_round_lr, "eval_every": r.last_round_steps}
+    opts = SelfTrainOptions(rounds=1, threshold_px=r.threshold_px, pseudo_repeat=r.last_round_pseudo_repeat, train=train)
+    res = self_train([run.recording], folder, Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
+    run.say(agreement_line("after the last round (the last model)", res.final[run.recording.name]))
     return res.model_path
 
 def polish_step(run:RecipeRun, # the recipe's run
@@ -331,7 +364,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled, plan), Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
-    settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in POLISH_FIELDS}   # what the folder's steps depend on
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in LATER_FIELDS}   # what the folder's steps depend on
     check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
     run, done = RecipeRun(r, work, rec, device, progress), recipe_work_state(work, r, posture)
@@ -341,6 +374,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     renders = recipe_renders(work, r, posture, workers, progress)
     model = fine_tune_step(run, renders, style, done["fine_tuned_steps"])
     model = rounds_step(run, model, renders, style, done["rounds_done"])
+    model = last_round_step(run, model, renders, style, done["last_round_done"])
     model = polish_step(run, model, renders, style, done["polished_steps"])
     run.say(f"recipe 5/5: writing {out_path}")
     return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by=f"{__name__}.make_neuromechfly_model",
