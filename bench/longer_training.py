@@ -1,12 +1,13 @@
-"""Issue 19, claim 3: more training from the shipped fly_neuromechfly, on the recipe's renders, two ways.
+"""Issue 19, claim 3: more training from a fly_neuromechfly model, on the recipe's renders, two ways.
 
-    OMP_NUM_THREADS=1 python bench/longer_training.py renders-alone RUN --renders WORK/renders_<key>.npz [--steps 4800] [--lr 3e-4]
-    OMP_NUM_THREADS=1 python bench/longer_training.py third-round RUN --renders WORK/renders_<key>.npz [--steps 4800] [--lr 3e-4] [--pseudo-repeat 1]
+    OMP_NUM_THREADS=1 python bench/longer_training.py renders-alone RUN --renders WORK/renders_<key>.npz [--init MODEL] [--steps 4800] [--lr 3e-4]
+    OMP_NUM_THREADS=1 python bench/longer_training.py third-round RUN --renders WORK/renders_<key>.npz [--init MODEL] [--steps 4800] [--lr 3e-4] [--pseudo-repeat 1]
 
 `renders-alone` trains `--steps` more steps on the renders alone (what the recipe's `polish_steps` does after its rounds);
 `third-round` runs one more self-training round on ../shared/data/deeperfly_example (`self_training.self_train`, rounds=1),
-the renders beside the round's pseudo-labels counted `--pseudo-repeat` times. Both start from bundled:fly_neuromechfly (or `--init`),
-with the recipe's round settings at peak learning rate `--lr`, half the crops given the example's look (64 frames per
+the renders beside the round's pseudo-labels counted `--pseudo-repeat` times. Both start from `--init` (default
+bundled:fly_neuromechfly; the 2026-12-05 runs started from the two-round model shipped then, which its recipe's second
+command writes as /tmp/mj_post96/self_train_2/last.pt: their third round is the shipped model since), with the recipe's round settings at peak learning rate `--lr`, half the crops given the example's look (64 frames per
 pathway). `--renders` is the renders file a recipe work folder keeps (`python -m deeperfly_nb.neuromechfly_model ...`
 with the default settings writes WORK/renders_dbe443bfe029.npz). The model is RUN/last.pt or RUN/round_1/train/model.pt;
 score it with `bench_held_out.py --model PATH`. 4,800 steps: about 64 min on one thread. Results of 2026-12-05:

@@ -1,6 +1,6 @@
 """The second bundled detector, `fly_neuromechfly` (deeperfly_nb/models/fly_neuromechfly.pt), for real footage of the
-DeepFly3D rig: trained on NeuroMechFly renders (synth_mujoco) and two self-training rounds on the unlabelled
-deeperfly_example, never on DeepFly3D's sample. On that sample, run as a user runs it (`deeperfly run --model
+DeepFly3D rig: trained on NeuroMechFly renders (synth_mujoco) and three self-training rounds (two short, one long) on
+the unlabelled deeperfly_example, never on DeepFly3D's sample. On that sample, run as a user runs it (`deeperfly run --model
 bundled:fly_neuromechfly`: the packaged config with this model, its [filters], bundle adjustment, triangulation), its 2D
 lies within 15 px of DeepFly3D's own 2D, median per side view over frames 0-14 (issue 19, claim 2). The reference is
 DeepFly3D's output in ../shared/data; without it the accuracy test skips and says why."""
@@ -27,6 +27,7 @@ def test_file_metadata_and_provenance():
     assert meta["architecture"]["n_out_channels"] == 19 and meta["skeleton"] == "fly38"
     assert any("--posture bench/results/posture_example.json" in c for c in meta["recipe"])
     assert any("--self-train 2" in c for c in meta["recipe"]) and "Never trained on DeepFly3D's sample" in meta["description"]
+    assert any("longer_training.py third-round" in c and "--steps 4800" in c for c in meta["recipe"])     # the last, longer round
 
 
 def test_model_option_uses_the_packaged_table_with_this_model():
