@@ -17,7 +17,7 @@ from .config import Config
 from .detector import bundled_models, load_checkpoint
 from .inference import open_sources
 from .labels import SampleSet, concat_samples, footage_inputs, labels_from_render, load_samples, pathway_samples
-from .self_training import SelfTrainOptions, check_recordings, self_train
+from .self_training import SelfTrainOptions, SelfTrainResult, check_recordings, self_train
 from .training import Augment, train_detector, with_trained_model, write_bundled_model
 import deeperfly_nb.synth_mujoco as smj
 
@@ -26,7 +26,7 @@ __all__ = ['RENDER_SEED0', 'LATER_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyRe
            'renders_key', 'recipe_renders', 'renders_train_config', 'round_train_settings', 'polish_train_settings',
            'check_work_record', 'check_unlabelled', 'recipe_command', 'recipe_description', 'last_round_dir',
            'polish_dir', 'recipe_work_state', 'plural', 'step_status', 'RecipeRun', 'recipe_style', 'train_unless_done',
-           'fine_tune_step', 'agreement_line', 'rounds_step', 'last_round_step', 'polish_step',
+           'fine_tune_step', 'agreement_line', 'self_train_from', 'rounds_step', 'last_round_step', 'polish_step',
            'make_neuromechfly_model', 'parse_recipe_settings', 'main']
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #1eb2fefa
@@ -297,6 +297,17 @@ def agreement_line(which:str, # the model, e.g. "after round 1"
     return (f"recipe 3/5:   {which}: median reprojection error {q['reprojection_median_px']:.2f} px, bone-length CV "
             f"{q['bone_cv_median_pct']:.1f}%, {100 * q['labelled_frac']:.0f}% of its keypoints agreed on by the views")
 
+def self_train_from(run:RecipeRun, # the recipe's run
+                    model:Path, # the model the rounds start from
+                    folder:Path, # their self-training folder (resumable)
+                    opts:SelfTrainOptions, # their settings
+                    renders:SampleSet, # the rendered frames, mixed into every round
+                    style, # frames for the crops' look (`recipe_style`), or None
+                   ) -> SelfTrainResult:
+    "`self_training.self_train` on the run's recording from `model`, detecting and training on the run's device."
+    d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
+    return self_train([run.recording], folder, Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
+
 def rounds_step(run:RecipeRun, # the recipe's run
                 model:Path, # the fine-tuned model
                 renders:SampleSet, # the rendered frames, mixed into every round
@@ -308,9 +319,8 @@ def rounds_step(run:RecipeRun, # the recipe's run
     if not r.rounds: run.say("recipe 3/5: no self-training rounds"); return model
     run.say(f"recipe 3/5: {plural(r.rounds, 'self-training round')} in {run.work / 'self_train'}, {done_rounds} done{' (reused)' if done_rounds >= r.rounds else ''}; each runs the pipeline "
             f"on the recording '{run.recording.name}' for pseudo-labels and trains {r.round_steps} steps, then the last model runs on it once more")
-    d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     opts = SelfTrainOptions(rounds=r.rounds, threshold_px=r.threshold_px, pseudo_repeat=r.pseudo_repeat, train=round_train_settings(r))
-    res = self_train([run.recording], run.work / "self_train", Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
+    res = self_train_from(run, model, run.work / "self_train", opts, renders, style)
     name = run.recording.name                                            # each model's run on the recording: no ground truth, consistency
     run.say(f"recipe 3/5: how well each model's views agree on '{name}' (not accuracy: no ground truth; the shipped model on deeperfly_example: "
             f"{SHIPPED_ON_EXAMPLE['reprojection_median_px']:.2f} px, {SHIPPED_ON_EXAMPLE['bone_cv_median_pct']:.1f}%)")
@@ -318,6 +328,8 @@ def rounds_step(run:RecipeRun, # the recipe's run
     run.say(agreement_line(f"after round {r.rounds}" + ("" if r.last_round_steps else " (the last model)"), res.final[name]))
     return res.model_path
 
+
+# %% ../nbs/19c_neuromechfly_model.ipynb #afda5305
 def last_round_step(run:RecipeRun, # the recipe's run
                     model:Path, # the last round's model (or the fine-tuned one)
                     renders:SampleSet, # the rendered frames
@@ -329,10 +341,9 @@ def last_round_step(run:RecipeRun, # the recipe's run
     if not r.last_round_steps: return model
     run.say(f"recipe 3/5: a last round of {r.last_round_steps} steps at a learning rate of {r.last_round_lr:g}, its pseudo-labels counted "
             f"{plural(r.last_round_pseudo_repeat, 'time')} (folder {folder}): {'done, reused' if done else 'starting'}")
-    d = with_trained_model(Config.default(), model).to_dict(); d["pose2d"]["device"] = run.device
     train = {**round_train_settings(r), "steps": r.last_round_steps, "lr": r.last_round_lr, "eval_every": r.last_round_steps}
     opts = SelfTrainOptions(rounds=1, threshold_px=r.threshold_px, pseudo_repeat=r.last_round_pseudo_repeat, train=train)
-    res = self_train([run.recording], folder, Config.from_dict(d, "the recipe's config"), opts, renders, run.progress, style)
+    res = self_train_from(run, model, folder, opts, renders, style)
     run.say(agreement_line("after the last round (the last model)", res.final[run.recording.name]))
     return res.model_path
 
