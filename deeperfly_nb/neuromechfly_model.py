@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from functools import partial
 from pathlib import Path
+from fastcore.docments import docments
 import numpy as np
 from .core import InputError, ModelError, atomic_path, did_you_mean, record_differences
 from .config import Config
@@ -42,8 +43,8 @@ class NeuroMechFlyRecipe:
     lr: float = 1.5e-3                   # their peak learning rate
     batch_size: int = 8                  # crops per training step
     style_frames: int = 64               # unlabelled frames per pathway whose look half the crops take (0: none; `recipe_style`)
-    rounds: int = 2                      # self-training rounds on the unlabelled recording (0: renders only)
-    round_steps: int = 600               # training steps per round
+    rounds: int = 2                      # short self-training rounds on the unlabelled recording (0: renders only)
+    round_steps: int = 600               # training steps per short round
     pseudo_repeat: int = 3               # the pseudo-labels count this many times beside the renders
     threshold_px: float = 20.0           # a view agrees within this reprojection error
     last_round_steps: int = 4800         # then one more, longer round of this many steps (0: none), at last_round_lr
@@ -185,7 +186,7 @@ def recipe_description(recipe:NeuroMechFlyRecipe, # the settings
     what = (f"the 2-stack hourglass of fly_synthetic, fine-tuned for {r.steps} steps on {r.recordings} x {r.frames} frames of NeuroMechFly "
             f"renders (synth_mujoco, the recorded walk held in the posture of {Path(posture_path).name}, random looks"
             + (f", half the crops given the look of {unlabelled_name}'s frames" if r.style_frames else "") + ")"
-            + (f", then {r.rounds} self-training rounds of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
+            + (f", then {r.rounds} self-training round{'s' if r.rounds > 1 else ''} of {r.round_steps} steps on the unlabelled {unlabelled_name} recording (its multi-view "
                f"pseudo-labels, repeated {r.pseudo_repeat} times, with the renders)" if r.rounds else "")
             + (f", then one more round of {r.last_round_steps} steps at a learning rate of {r.last_round_lr:g}, its pseudo-labels counted "
                + ("once" if r.last_round_pseudo_repeat == 1 else f"{r.last_round_pseudo_repeat} times") if r.last_round_steps else "")
@@ -243,13 +244,14 @@ class RecipeRun:
     work: Path                  # the work folder
     recording: Path             # the unlabelled recording of the rig
     device: str|None = None     # where training runs (None: the GPU when torch sees one)
-    progress: bool = True       # step lines on stderr, and progress bars
+    progress: bool = True       # progress bars
+    lines: bool = True          # step lines on stderr
 
     def say(self,
             line:str, # the step line, printed as it is
            ):
-        "A step line on stderr (none without progress)."
-        if self.progress: print(line, file=sys.stderr, flush=True)
+        "A step line on stderr (none without `lines`)."
+        if self.lines: print(line, file=sys.stderr, flush=True)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #06a0a4ad
 def recipe_style(run:RecipeRun, # the recipe's run
@@ -368,7 +370,8 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             name:str="fly_neuromechfly", # the bundled name: weights = "bundled:<name>"
                             workers:int=1, # processes rendering at once
                             device:str|None=None, # where training runs: "cpu", "cuda", ... (None: the GPU when torch sees one)
-                            progress:bool=True, # a line per step on stderr, and progress bars
+                            progress:bool=True, # progress bars
+                            lines:bool=True, # a line per step on stderr: what it reuses, how each round's model does
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
     plan = Config.default().detection_plan()
@@ -378,7 +381,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in LATER_FIELDS}   # what the folder's steps depend on
     check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
-    run, done = RecipeRun(r, work, rec, device, progress), recipe_work_state(work, r, posture)
+    run, done = RecipeRun(r, work, rec, device, progress, lines), recipe_work_state(work, r, posture)
     style = recipe_style(run, done, plan)
     run.say(f"recipe 1/5: {plural(r.recordings, 'recording')} x {plural(r.frames, 'frame')} of NeuroMechFly renders: "
             + ("reusing " if done["renders"] else "rendering into ") + str(work / f"renders_{renders_key(r, posture)}.npz"))
@@ -388,7 +391,7 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
     model = last_round_step(run, model, renders, style, done["last_round_done"])
     model = polish_step(run, model, renders, style, done["polished_steps"])
     run.say(f"recipe 5/5: writing {out_path}")
-    return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by=f"{__name__}.make_neuromechfly_model",
+    return write_bundled_model(model, out_path, name, recipe_description(r, posture_path, rec.name), created_by="deeperfly_nb.neuromechfly_model.make_neuromechfly_model",
                                recipe=[recipe_command(out_path, work_dir, unlabelled, posture_path, r)], recipe_settings=asdict(r))
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #609917d7
@@ -411,27 +414,30 @@ def parse_recipe_settings(items:list, # FIELD=VALUE strings, VALUE in TOML
 def main(argv=None, # the arguments (default: sys.argv[1:])
         ) -> int:
     "The recipe's command line; returns the exit status (2: bad input, named in one line)."
-    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording, write a bundled model file. Resumable: run the same command again.")
+    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording (short rounds, then a longer last round), write a bundled model file. Resumable: run the same command again. With the defaults, about 3 h on a 2-core CPU: renders 11 min (--workers 2), fine-tuning 70 min, two short rounds 16 min, the last round about 64 min.")
     ap.add_argument("out", help="the bundled file to write, e.g. fly_neuromechfly.pt (not into deeperfly_nb/models/: there it would replace the shipped model)")
     ap.add_argument("work", help="the work folder (resumable: run the same command again)")
     ap.add_argument("--unlabelled", required=True, help="an unlabelled recording of the rig (e.g. ../shared/data/deeperfly_example)")
     ap.add_argument("--posture", required=True, help="a LegPosture JSON file, e.g. bench/results/posture_example.json")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a recipe setting (a TOML value), repeatable; fields "
-                    "and defaults: " + ", ".join(f"{f.name}={json.dumps(list(v) if isinstance(v := getattr(NeuroMechFlyRecipe(), f.name), tuple) else v, separators=(',', ':'))}"
+    import deeperfly_nb.neuromechfly_model as this                    # run as `python -m`, this module is __main__: docments reads the installed one
+    what = docments(this.NeuroMechFlyRecipe)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a recipe setting (a TOML value), repeatable; fields, "
+                    "defaults and what they do: " + "; ".join(f"{f.name}={json.dumps(list(v) if isinstance(v := getattr(NeuroMechFlyRecipe(), f.name), tuple) else v, separators=(',', ':'))} ({what[f.name]})"
                                                  for f in fields(NeuroMechFlyRecipe)))
     ap.add_argument("--name", default="fly_neuromechfly", help="the bundled name (default fly_neuromechfly)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (default 1; any number gives the same renders)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars and no step lines")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (the step lines stay: what is reused, how each round's model does)")
     args = ap.parse_args(argv)
     try:
         out = make_neuromechfly_model(args.out, args.work, args.unlabelled, args.posture, parse_recipe_settings(args.set), args.name,
-                                      args.workers, args.device, not args.no_progress)
+                                      args.workers, args.device, progress=not args.no_progress)
     except (InputError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     models = Path(str(resources.files("deeperfly_nb") / "models"))
     print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n  bundle it: copy it to {models / (args.name + '.pt')}, then "
-          f"--model bundled:{args.name}" + (f" (that replaces the shipped {args.name}; --name gives another name)" if args.name in bundled_models() else "")
+          f"--model bundled:{args.name}" + (f" (that replaces the shipped {args.name}; to keep it, make yours with --name OTHER and copy it as OTHER.pt)"
+                                          if args.name in bundled_models() else "")
           + f"\n  the work folder {args.work} ({sum(p.stat().st_size for p in Path(args.work).rglob('*') if p.is_file()) / 1e6:.0f} MB) is needed only "
           "to remake the model or change its settings; you may delete it")
     return 0
