@@ -51,7 +51,7 @@ def one_of(value, # a value read from a config or the command line
 def record_differences(was:dict, # the recorded settings
                        now:dict, # this call's
                       ) -> list:
-    "'key: recorded vs now' for every entry that differs, one level into dicts (e.g. 'settings.steps: 6000 vs 3000')."
+    "'key: recorded vs now' for every entry that differs, into nested dicts at any depth (e.g. 'settings.steps: 6000 vs 3000')."
     out = []
     for k in sorted(set(was) | set(now)):
         a, b = was.get(k), now.get(k)
