@@ -1,7 +1,8 @@
 """Issue 19, claim 3: detectors on held-out synthetic recordings, through the real pipeline.
 
     OMP_NUM_THREADS=1 python bench/bench_held_out.py [--model PATH ...] [--set TABLE.KEY=VALUE ... [--set ...]]
-        [--recordings numpy mujoco mujoco_posture example sample] [--seeds 9001 ...] [--out bench/results/held_out.json]
+        [--recordings numpy mujoco mujoco_posture example sample] [--seeds 9001 ...] [--posture-shares 0 0.25 ...]
+        [--out bench/results/held_out.json]
 
 For each model (default: the bundled `fly_synthetic`; `bundled` names it among others) and each held-out recording:
 
@@ -12,7 +13,9 @@ For each model (default: the bundled `fly_synthetic`; `bundled` names it among o
   are held as the recipe's renders hold them only at a share of 0, below the recipe's range;
 - `mujoco_posture`: the same seed drawn as the `fly_neuromechfly` recipe draws its renders
   (`neuromechfly_model.recipe_render_samples`: the walk held in bench/results/posture_example.json at a share drawn
-  from the recipe's `posture_scale`), so the recipe's own distribution on an unseen seed.
+  from the recipe's `posture_scale`), so the recipe's own distribution on an unseen seed;
+- `--posture-shares 0 0.25 1`: the same seeds held in that posture at each fixed share (0 is `mujoco`'s legs), to see
+  how the 2D depends on it.
 
 `--seeds` renders the NeuroMechFly recordings with other seeds (default 9001 alone); with several, each gets a row and
 a pooled row follows (the 2D median and PCK@5 over all their visible points, the 3D median over all their points):
@@ -43,12 +46,18 @@ HELD_OUT = {"numpy": dict(seed=9001, skip_frames=37, n_frames=16), "mujoco": dic
             "mujoco_posture": dict(seed=9001, n_frames=16, posture="bench/results/posture_example.json")}
 
 
+def share_recording(folder, seed:int, n_frames:int, posture:str, share:float):
+    "A NeuroMechFly recording of the seed's recorded walk, held in `posture` at `share` of its offsets (0: the legs as recorded), written as footage."
+    from dataclasses import replace
+    import deeperfly_nb.synth_mujoco as smj
+    return smj.synth_recording_mujoco(folder, seed=seed, n_frames=n_frames, posture=smj.load_posture(ROOT / posture),
+                                      walk=replace(smj.sample_walk(seed), posture_scale=share))
+
+
 def recipe_like_recording(folder, seed:int, n_frames:int, posture:str):
     "A NeuroMechFly recording drawn as the fly_neuromechfly recipe draws its renders (its posture share), written as footage."
-    import deeperfly_nb.synth_mujoco as smj
     from deeperfly_nb.neuromechfly_model import NeuroMechFlyRecipe, recipe_walk
-    return smj.synth_recording_mujoco(folder, seed=seed, n_frames=n_frames, posture=smj.load_posture(ROOT / posture),
-                                      walk=recipe_walk(seed, NeuroMechFlyRecipe().posture_scale))
+    return share_recording(folder, seed, n_frames, posture, recipe_walk(seed, NeuroMechFlyRecipe().posture_scale).posture_scale)
 
 
 def scores(config, folder, out) -> dict:
@@ -141,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recordings", nargs="+", default=["numpy", "mujoco"], choices=["numpy", "mujoco", "mujoco_posture", "example", "sample"], help="what to score on")
     ap.add_argument("--seeds", nargs="+", type=int, default=[9001], help="seeds of the NeuroMechFly held-out recordings (mujoco, mujoco_posture); "
                     "with several, one row per seed and a pooled row")
+    ap.add_argument("--posture-shares", nargs="+", type=float, default=[], help="also score recordings of these seeds whose walk is held "
+                    "at a fixed share of the posture's offsets (0: as recorded; the recipe draws 0.25-1.5), one kind per share")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_out.json"))
     args = ap.parse_args(argv)
     if "example" in args.recordings and not EXAMPLE.is_dir(): print(f"{EXAMPLE} is missing: no real footage for --recordings example", file=sys.stderr); return 1
@@ -155,6 +166,11 @@ def main(argv=None) -> int:
     make = {"numpy": lambda seed: synth_recording(tmp / "numpy", **HELD_OUT["numpy"]),
             "mujoco": lambda seed: synth_recording_mujoco(tmp / f"mujoco_{seed}", **{**HELD_OUT["mujoco"], "seed": seed}),
             "mujoco_posture": lambda seed: recipe_like_recording(tmp / f"mujoco_posture_{seed}", **{**HELD_OUT["mujoco_posture"], "seed": seed})}
+    for share in args.posture_shares:
+        name = f"mujoco_posture_share_{share:g}"
+        HELD_OUT[name] = {**HELD_OUT["mujoco_posture"], "share": share}
+        make[name] = lambda seed, name=name: share_recording(tmp / f"{name}_{seed}", **{**HELD_OUT[name], "seed": seed})
+        args.recordings.append(name)
     folders = {(name, seed): make[name](seed) for name in args.recordings if name in make for seed in ([None] if name == "numpy" else args.seeds)}
     real = {"example": ("deeperfly_example", example_scores), "sample": ("deepfly3d_sample", sample_scores)}   # real footage: no ground truth
     rows = []
