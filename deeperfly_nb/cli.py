@@ -116,6 +116,7 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.interop import export_result
     from deeperfly_nb.results import PoseResult
     result = PoseResult.load(args.result)
+    if args.points2d == "reprojected": result = result.reprojected()    # the 2D consistent with the 3D
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     paths = export_result(result, args.dest, format=args.format)
     for p in paths: print(f"wrote {p}")
@@ -578,6 +579,8 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("result", help="a results.h5 (or pose2d.h5) written by deeperfly")
     s.add_argument("dest", help="output file; its name picks the format: .nwb, .slp, .csv (one per view), calibration.toml, *3d.csv, .nc")
     s.add_argument("--format", help="the format, when the name does not say it (e.g. dlc-h5)")
+    s.add_argument("--points2d", choices=["detected", "reprojected"], default="detected", help="the 2D to write: each view's detections "
+                   "(default), or the 3D points projected into the views that detected them (consistent with the 3D; needs a results.h5 with 3D)")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("synth", help="render a synthetic 7-camera recording with exact ground truth")
     s.add_argument("out", help="output folder")

@@ -267,6 +267,17 @@ def _stats(e:np.ndarray, axis) -> dict:
         p95 = np.nanpercentile(e, 95, axis=axis)
     return {"median": med, "p95": p95, "n": n}
 
+# %% ../nbs/05_results.ipynb #b05aebe3
+@patch
+def reprojected(self:PoseResult) -> PoseResult:
+    "This result with its 2D (V, T, N, 2) replaced by the 3D points' projections where the view detected the point and pts3d has it (NaN, confidence 0 elsewhere)."
+    if self.pts3d is None: raise InputError("this result has no 3D points (pts3d) to project: run triangulation first (deeperfly run or reconstruct)")
+    proj = self.cameras.project(self.pts3d)                                   # (V, T, N, 2)
+    keep = np.isfinite(self.pts2d).all(-1) & np.isfinite(proj).all(-1)
+    return PoseResult(np.where(keep[..., None], proj, np.nan), np.where(keep, self.conf, 0.0), self.cameras, self.skeleton, self.pts3d,
+                      self.reprojection_errors(), self.fps, {**self.meta, "points2d": "reprojected from pts3d"}, self.provenance)
+
+
 # %% ../nbs/05_results.ipynb #a144b8c5
 def body_spread(pts3d, # (T, N, 3) points, NaN = missing
                 skeleton:Skeleton, # its bones give the unit

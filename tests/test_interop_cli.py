@@ -78,3 +78,24 @@ def test_reconstruct_from_deeperflys_own_nwb_needs_no_config(tmp_path, sized_con
     assert q.returncode == 0, q.stderr
     np.testing.assert_allclose(PoseResult.load(tmp_path / "nwb" / "results.h5").pts3d,
                                PoseResult.load(tmp_path / "own" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
+
+
+def test_export_reprojected_2d_is_nearer_the_truth(tmp_path, sized_config):
+    "`export --points2d reprojected` writes the 3D's projections where each view detected a point: nearer the rendered truth than the detections."
+    from deeperfly_nb.interop import read_dlc_predictions
+    from deeperfly_nb.synth_footage import load_ground_truth
+    assert cli("reconstruct", POINTS2D, "-c", sized_config, "-o", "own", "-q", cwd=tmp_path).returncode == 0
+    res = PoseResult.load(tmp_path / "own" / "results.h5")
+    p = cli("export", tmp_path / "own" / "results.h5", "rep/pred.csv", "--points2d", "reprojected", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    _, extra = load_ground_truth(POINTS2D.parent)
+    truth, seen = extra["pts2d_all"], extra["visible"] & np.isfinite(res.pts2d).all(-1)
+    det, rep = [], []
+    for v, view in enumerate(res.view_names):
+        xy = read_dlc_predictions(tmp_path / "rep" / f"pred_{view}.csv", res.skeleton)[0]          # (T, N, 2) as written
+        np.testing.assert_array_equal(np.isnan(xy[..., 0]), ~np.isfinite(res.pts2d[v]).all(-1) | np.isnan(res.pts3d[..., 0]))
+        det.append(np.linalg.norm(res.pts2d[v] - truth[v], axis=-1)[seen[v]]); rep.append(np.linalg.norm(xy - truth[v], axis=-1)[seen[v]])
+    det, rep = np.concatenate(det), np.concatenate(rep)
+    assert np.nanmedian(rep) < 0.8 * np.nanmedian(det), (np.nanmedian(rep), np.nanmedian(det))
+    p = cli("export", POINTS2D, "x.csv", "--points2d", "reprojected", cwd=tmp_path)            # 2D only: nothing to project
+    assert p.returncode == 2 and "no 3D points" in p.stderr and not list(tmp_path.glob("x*.csv")), p.stderr
