@@ -190,7 +190,7 @@ def _ground_truth_summary(args, result) -> tuple:
         sl = slice(result.provenance["frames"]["first"], result.provenance["frames"]["first"] + result.n_frames)
         truth = PoseResult(truth.pts2d[:, sl], truth.conf[:, sl], truth.cameras, truth.skeleton, pts3d=pts, fps=truth.fps)
     rep = ground_truth_report(result, truth)            # 3D (and its share of the body length) and 2D against the truth
-    return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "file": str(gt_path)}
+    return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "2d_reprojected": rep["2d_reprojected"], "file": str(gt_path)}
 
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
@@ -207,7 +207,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         if "refinement" in result.meta: print(format_refinement(result.meta["refinement"], result.skeleton.point_names))
         for w in quality_warnings(summary): print(f"warning: {w}")
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
-        elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"]))
+        elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html
         from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure, worst_frames_table

@@ -162,7 +162,7 @@ def _report_summary(result:PoseResult, # the result
     if truth is None: return summary
     if not isinstance(truth, PoseResult): gt = {"3d": ground_truth_error(result, truth), "2d": None}
     else: gt = ground_truth_report(result, truth)
-    text = format_ground_truth(gt["3d"], gt["2d"])
+    text = format_ground_truth(gt["3d"], gt["2d"], gt2d_reprojected=gt.get("2d_reprojected"))
     return summary + ("\n\n" + text if text else "")
 
 # %% ../nbs/18d_inspection.ipynb #471dfa34

@@ -442,6 +442,7 @@ def ground_truth_error_2d(pts2d, # (V, T, N, 2) detected points in raw pixels, N
 def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
                         gt2d:dict|None=None, # `ground_truth_error_2d`'s dict, or None
                         source:str="ground truth", # what the truth is (a file name)
+                        gt2d_reprojected:dict|None=None, # `ground_truth_error_2d`'s dict for the 3D's projections (`PoseResult.reprojected`), or None
                        ) -> str:
     "Human-readable lines for the errors against the truth."
     lines = []
@@ -451,10 +452,11 @@ def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
                if o.get("median_pct_body") is not None else "")
         lines.append(f"3D error against {source} after {gt3d['align']} alignment: median {o['median']:.4g} world units{pct}; "
                      f"p95 {o['p95']:.4g}, mean {o['mean']:.4g} over {o['n']} points")
-    if gt2d and gt2d["overall"]["n"]:
-        o = gt2d["overall"]
-        lines.append(f"2D error against {source}: median {o['median_px']:.2f} px, PCK@{gt2d['threshold_px']:g}px "
-                     f"{100 * o['pck']:.1f}% over {o['n']} points")
+    for g, what in ((gt2d, "2D error"), (gt2d_reprojected, "2D error of the 3D's projections (export --points2d reprojected)")):
+        if g and g["overall"]["n"]:
+            o = g["overall"]
+            lines.append(f"{what} against {source}: median {o['median_px']:.2f} px, PCK@{g['threshold_px']:g}px "
+                         f"{100 * o['pck']:.1f}% over {o['n']} points")
     return "\n".join(lines)
 
 # %% ../nbs/05_results.ipynb #ff4ea999
@@ -462,11 +464,12 @@ def ground_truth_report(result:PoseResult, # the result to score
                         truth:PoseResult, # the truth, same frames, views and points
                         threshold_px:float=5.0, # PCK's radius
                        ) -> dict:
-    "{'3d': ground_truth_error or None, '2d': ground_truth_error_2d or None}: what the truth can score."
+    "{'3d': ground_truth_error, '2d' and '2d_reprojected': ground_truth_error_2d of the detections and of the 3D's projections (None: not scorable)}."
     g3 = ground_truth_error(result, truth.pts3d) if result.pts3d is not None and truth.pts3d is not None else None
     same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
-    return {"3d": g3, "2d": g2}
+    g2r = ground_truth_error_2d(result.reprojected().pts2d, truth.pts2d, result.view_names, threshold_px) if same and result.pts3d is not None else None
+    return {"3d": g3, "2d": g2, "2d_reprojected": g2r}
 
 # %% ../nbs/05_results.ipynb #a0645ee3
 def format_refinement(rec:dict|None, # result.meta["refinement"] (see `run.refinement_summary`), or None
