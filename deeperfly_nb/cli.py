@@ -116,10 +116,14 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.interop import export_result
     from deeperfly_nb.results import PoseResult
     result = PoseResult.load(args.result)
-    if args.points2d == "reprojected": result = result.reprojected()    # the 2D consistent with the 3D
+    if args.points2d == "reprojected":                                  # the 2D consistent with the 3D
+        if result.pts3d is None: raise InputError(f"{args.result} holds 2D only (no 3D points to project): "
+                                                  f"deeperfly reconstruct {args.result} -o OUT/ triangulates it into OUT/results.h5")
+        result = result.reprojected()
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     paths = export_result(result, args.dest, format=args.format)
-    for p in paths: print(f"wrote {p}")
+    for p in paths:
+        if not args.quiet: print(f"wrote {p}")
     return 0
 
 def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
@@ -580,7 +584,9 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("dest", help="output file; its name picks the format: .nwb, .slp, .csv (one per view), calibration.toml, *3d.csv, .nc")
     s.add_argument("--format", help="the format, when the name does not say it (e.g. dlc-h5)")
     s.add_argument("--points2d", choices=["detected", "reprojected"], default="detected", help="the 2D to write: each view's detections "
-                   "(default), or the 3D points projected into the views that detected them (consistent with the 3D; needs a results.h5 with 3D)")
+                   "(default), or the 3D points projected into the views that detected them (needs a results.h5 with 3D; the confidences "
+                   "stay the detector's). Projections agree with the 3D and are usually nearer the truth, but a wrong detection moves its "
+                   "3D point and so every view's projection; the files say which (DeepLabCut scorer deeperfly_reprojected, NWB descriptions)")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("synth", help="render a synthetic 7-camera recording with exact ground truth")
     s.add_argument("out", help="output folder")

@@ -16,7 +16,7 @@ from . import __version__
 from .core import InputError, atomic_path, check_shape, did_you_mean
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup
-from .results import PoseResult
+from .results import PoseResult, REPROJECTED_2D, describe_points2d
 from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
@@ -147,10 +147,11 @@ def dlc_frame(pts, # (T, N, 2) pixels of one view, NaN = unseen
 # %% ../nbs/16a_interop.ipynb #2fb70750
 def write_dlc(result:PoseResult, # the result whose 2D to write
               dest, # 'folder/name.csv' or '.h5': writes folder/name_<view>.csv (or .h5), one per view
-              scorer:str="deeperfly", # the scorer row
+              scorer:str|None=None, # the scorer row (None: "deeperfly", or "deeperfly_reprojected" for `PoseResult.reprojected`'s 2D)
              ) -> list:
     "Write each view's 2D and confidence as a DeepLabCut / lightning-pose prediction file; returns the paths."
     dest, out = Path(dest), []
+    scorer = scorer or ("deeperfly_reprojected" if result.meta.get("points2d") == REPROJECTED_2D else "deeperfly")
     if dest.suffix.lower() not in (".csv", ".h5"): raise InputError(f"{dest}: DeepLabCut files end in .csv or .h5")
     for v, view in enumerate(result.view_names):
         df, path = dlc_frame(result.pts2d[v], result.conf[v], result.skeleton.point_names, scorer), dest.with_name(f"{dest.stem}_{view}{dest.suffix}")
@@ -264,7 +265,7 @@ def _nwb_view(result:PoseResult, v:int, device, skeleton, chunk_frames:int):
     series = [_series(p, result.pts2d[v, :, n], result.conf[v, :, n], result.fps or 1.0, "pixels", frame,
                       f"2D position of {p!r} in view {name!r} (NaN = unseen)", chunk_frames) for n, p in enumerate(result.skeleton.point_names)]
     return ndx.PoseEstimation(name=name, pose_estimation_series=series, device=device, skeleton=skeleton, scorer="deeperfly",
-                              description=f"2D detections of view {name!r}", source_software="deeperfly", source_software_version=__version__)
+                              description=f"{describe_points2d(result)} of view {name!r}", source_software="deeperfly", source_software_version=__version__)
 
 # %% ../nbs/16a_interop.ipynb #cd6b06a8
 def _nwb_reprojection(result:PoseResult, chunk_frames:int):
@@ -317,7 +318,7 @@ def write_nwb(result:PoseResult, # the result to deposit
         _series(p, result.pts3d[:, n], None, result.fps or 1.0, unit, "the world frame of the calibrated cameras (x_cam = R X + t)",
                 f"3D position of {p!r} (NaN = not triangulated)", chunk_frames) for n, p in enumerate(sk.point_names)]
     beh.add(ndx.MultiCameraPoseEstimation(name=NWB_CONTAINER, pose_estimation_series=s3, pose_estimations=views, skeleton=nsk,
-                                          description=f"deeperfly: 2D detections in {result.n_views} views and their triangulation",
+                                          description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and their triangulation",
                                           scorer="deeperfly", source_software="deeperfly", source_software_version=__version__))
     if result.reproj_error is not None: beh.add(_nwb_reprojection(result, chunk_frames))
     with atomic_path(Path(dest)) as tmp, warnings.catch_warnings():

@@ -19,9 +19,10 @@ from .cameras import CameraGroup, ring_camera
 from .triangulation import reprojection_error
 
 # %% auto #0
-__all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity', 'body_spread', 'format_summary',
-           'quality_warnings', 'ground_truth_error', 'ground_truth_error_2d', 'format_ground_truth',
-           'ground_truth_report', 'format_refinement', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
+__all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'REPROJECTED_2D', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity',
+           'describe_points2d', 'body_spread', 'format_summary', 'quality_warnings', 'ground_truth_error',
+           'ground_truth_error_2d', 'format_ground_truth', 'ground_truth_report', 'format_refinement',
+           'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
 
 # %% ../nbs/05_results.ipynb #55642505
 def _json_normalise(d, name:str) -> dict:
@@ -268,14 +269,23 @@ def _stats(e:np.ndarray, axis) -> dict:
     return {"median": med, "p95": p95, "n": n}
 
 # %% ../nbs/05_results.ipynb #b05aebe3
+REPROJECTED_2D = "reprojected from pts3d"       # meta["points2d"] of a result whose 2D are the 3D's projections
+
 @patch
 def reprojected(self:PoseResult) -> PoseResult:
-    "This result with its 2D (V, T, N, 2) replaced by the 3D points' projections where the view detected the point and pts3d has it (NaN, confidence 0 elsewhere)."
+    """This result with its 2D (V, T, N, 2) replaced by the 3D points' projections where the view detected the point and
+    pts3d has it; NaN elsewhere (confidence 0 where a detection had no 3D). Confidences and `reproj_error` stay the detections'."""
     if self.pts3d is None: raise InputError("this result has no 3D points (pts3d) to project: run triangulation first (deeperfly run or reconstruct)")
     proj = self.cameras.project(self.pts3d)                                   # (V, T, N, 2)
-    keep = np.isfinite(self.pts2d).all(-1) & np.isfinite(proj).all(-1)
-    return PoseResult(np.where(keep[..., None], proj, np.nan), np.where(keep, self.conf, 0.0), self.cameras, self.skeleton, self.pts3d,
-                      self.reprojection_errors(), self.fps, {**self.meta, "points2d": "reprojected from pts3d"}, self.provenance)
+    detected = np.isfinite(self.pts2d).all(-1)
+    keep = detected & np.isfinite(proj).all(-1)
+    return PoseResult(np.where(keep[..., None], proj, np.nan), np.where(detected & ~keep, 0.0, self.conf), self.cameras, self.skeleton,
+                      self.pts3d, self.reprojection_errors(), self.fps, {**self.meta, "points2d": REPROJECTED_2D}, self.provenance)
+
+def describe_points2d(result:PoseResult) -> str:
+    "What the result's 2D are, for files that describe them: '2D detections', or the 3D's projections."
+    return ("the 3D points' projections (deeperfly export --points2d reprojected)" if result.meta.get("points2d") == REPROJECTED_2D
+            else "2D detections")
 
 
 # %% ../nbs/05_results.ipynb #a144b8c5

@@ -88,6 +88,7 @@ def test_export_reprojected_2d_is_nearer_the_truth(tmp_path, sized_config):
     res = PoseResult.load(tmp_path / "own" / "results.h5")
     p = cli("export", tmp_path / "own" / "results.h5", "rep/pred.csv", "--points2d", "reprojected", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
+    assert (tmp_path / "rep" / "pred_rh.csv").read_text().splitlines()[0].split(",")[1] == "deeperfly_reprojected"   # the file says which 2D
     _, extra = load_ground_truth(POINTS2D.parent)
     truth, seen = extra["pts2d_all"], extra["visible"] & np.isfinite(res.pts2d).all(-1)
     det, rep = [], []
@@ -98,4 +99,4 @@ def test_export_reprojected_2d_is_nearer_the_truth(tmp_path, sized_config):
     det, rep = np.concatenate(det), np.concatenate(rep)
     assert np.nanmedian(rep) < 0.8 * np.nanmedian(det), (np.nanmedian(rep), np.nanmedian(det))
     p = cli("export", POINTS2D, "x.csv", "--points2d", "reprojected", cwd=tmp_path)            # 2D only: nothing to project
-    assert p.returncode == 2 and "no 3D points" in p.stderr and not list(tmp_path.glob("x*.csv")), p.stderr
+    assert p.returncode == 2 and "points2d.h5 holds 2D only" in p.stderr and not list(tmp_path.glob("x*.csv")), p.stderr
