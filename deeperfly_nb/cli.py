@@ -113,13 +113,16 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
 def cmd_export(args, # the parsed command line (see `make_parser`)
               ) -> int:
     "Write a saved result in another tool's format, chosen by the destination's name."
-    from deeperfly_nb.interop import export_result
+    from deeperfly_nb.interop import export_paths, export_result
     from deeperfly_nb.results import PoseResult
     result = PoseResult.load(args.result)
     if args.points2d == "reprojected":                                  # the 2D consistent with the 3D
         if result.pts3d is None: raise InputError(f"{args.result} holds 2D only (no 3D points to project): "
                                                   f"deeperfly reconstruct {args.result} -o OUT/ triangulates it into OUT/results.h5")
         result = result.reprojected()
+    there = [p for p in export_paths(result, args.dest, args.format) if p.exists()]
+    if there and not args.overwrite:
+        raise InputError(f"{there[0]} exists{f' (and {len(there) - 1} more of the files to write)' if len(there) > 1 else ''}; give --overwrite to replace")
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     paths = export_result(result, args.dest, format=args.format)
     for p in paths:
@@ -583,6 +586,7 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("result", help="a results.h5 (or pose2d.h5) written by deeperfly")
     s.add_argument("dest", help="output file; its name picks the format: .nwb, .slp, .csv (one per view), calibration.toml, *3d.csv, .nc")
     s.add_argument("--format", help="the format, when the name does not say it (e.g. dlc-h5)")
+    s.add_argument("--overwrite", action="store_true", help="replace files that exist (default: refuse, naming the first)")
     s.add_argument("--points2d", choices=["detected", "reprojected"], default="detected", help="the 2D to write: each view's detections "
                    "(default), or the 3D points projected into the views that detected them (needs a results.h5 with 3D; the confidences "
                    "stay the detector's). Projections agree with the 3D and are usually nearer the truth, but a wrong detection moves its "

@@ -25,8 +25,8 @@ __all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION',
            'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp',
            'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
            'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
-           'from_movement', 'read_movement_file', 'write_movement', 'export_format', 'export_result', 'read_points2d',
-           'load_foreign']
+           'from_movement', 'read_movement_file', 'write_movement', 'export_format', 'export_result', 'export_paths',
+           'read_points2d', 'load_foreign']
 
 # %% ../nbs/16a_interop.ipynb #7104fed2
 def _need(module:str, # the module to import
@@ -696,10 +696,23 @@ def export_result(result:PoseResult, # the result to export
                   **kw, # passed to the writer (e.g. NWB fields: experimenter=..., institution=...)
                  ) -> list:
     "Write `result` in the format `dest` asks for; returns the files written."
+    fmt, dest = _export_target(dest, format)
+    return EXPORTERS[fmt](result, dest, **kw)
+
+def _export_target(dest, format:str|None) -> tuple:
+    "(format, destination) of an export: the format checked, a DeepLabCut .h5 destination given its suffix."
     fmt = format or export_format(dest)
     if fmt not in EXPORTERS: raise InputError(f"unknown export format {fmt!r}; known: {sorted(EXPORTERS)}")
-    if fmt == "dlc-h5" and Path(dest).suffix.lower() != ".h5": dest = Path(dest).with_suffix(".h5")
-    return EXPORTERS[fmt](result, dest, **kw)
+    return fmt, Path(dest).with_suffix(".h5") if fmt == "dlc-h5" and Path(dest).suffix.lower() != ".h5" else Path(dest)
+
+def export_paths(result:PoseResult, # the result to export
+                 dest, # the destination; its name picks the format
+                 format:str|None=None, # force a format: one of EXPORTERS
+                ) -> list:
+    "The files `export_result(result, dest, format)` writes, without writing them (to refuse replacing files)."
+    fmt, dest = _export_target(dest, format)
+    if fmt in ("dlc-csv", "dlc-h5"): return [dest.with_name(f"{dest.stem}_{v}{dest.suffix}") for v in result.view_names]
+    return [dest] + ([dest.with_name(f"{dest.stem}_3d.nc")] if fmt == "movement" and result.pts3d is not None else [])
 
 # %% ../nbs/16a_interop.ipynb #b2288a2c
 def _is_deeperfly_h5(path:Path) -> bool:

@@ -100,3 +100,16 @@ def test_export_reprojected_2d_is_nearer_the_truth(tmp_path, sized_config):
     assert np.nanmedian(rep) < 0.8 * np.nanmedian(det), (np.nanmedian(rep), np.nanmedian(det))
     p = cli("export", POINTS2D, "x.csv", "--points2d", "reprojected", cwd=tmp_path)            # 2D only: nothing to project
     assert p.returncode == 2 and "points2d.h5 holds 2D only" in p.stderr and not list(tmp_path.glob("x*.csv")), p.stderr
+
+
+def test_export_refuses_to_replace_files(tmp_path):
+    "An export names the first file that exists and writes nothing, unless --overwrite; a foreign file survives."
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "pred_lh.csv").write_text("my own labels\n")
+    p = cli("export", POINTS2D, "exp/pred.csv", cwd=tmp_path)
+    assert p.returncode == 2 and "pred_lh.csv exists" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert sorted(f.name for f in (tmp_path / "exp").iterdir()) == ["pred_lh.csv"] and (tmp_path / "exp" / "pred_lh.csv").read_text() == "my own labels\n"
+    assert cli("export", POINTS2D, "exp/pred.csv", "--overwrite", cwd=tmp_path).returncode == 0
+    assert len(list((tmp_path / "exp").glob("pred_*.csv"))) == 7 and "my own labels" not in (tmp_path / "exp" / "pred_lh.csv").read_text()
+    p = cli("export", POINTS2D, "s.nwb", cwd=tmp_path); q = cli("export", POINTS2D, "s.nwb", cwd=tmp_path)
+    assert p.returncode == 0 and q.returncode == 2 and "s.nwb exists" in q.stderr, q.stderr
