@@ -23,7 +23,8 @@ one recording of 16 frames moves PCK@5 by several points from seed to seed.
 
 Both are written as a user's footage is (H.264) and run through `run.run_recording` with the packaged config (its plan,
 its [filters], bundle adjustment from the nominal rig, triangulation; no videos), as `deeperfly run` does. Reported: the 2D median and PCK@5 over the
-visible reported points, per view, and the 3D median error after a similarity alignment in % of the body length
+visible reported points, per view (also of the 3D's projections into the views that detected each point, what
+`deeperfly export --points2d reprojected` writes), and the 3D median error after a similarity alignment in % of the body length
 (antenna to the last stripe). The issue's targets: <= 3 px, >= 90 %, <= 2 %. Also the 3D error with the detections
 of points hidden in a view (by the depth buffer, or not reported by it) dropped before bundle adjustment: an oracle
 for occlusion, what the detections are worth where the point is seen. `--set` changes the packaged config (e.g.
@@ -72,6 +73,7 @@ def scores(config, folder, out) -> dict:
     visible = extra["visible"] & extra["reported"][:, None, :]
     err = np.linalg.norm(res.pts2d - extra["pts2d_all"], axis=-1)
     e = err[visible]
+    e_rep = np.linalg.norm(res.reprojected().pts2d - extra["pts2d_all"], axis=-1)[visible]   # the 3D's projections (`deeperfly export --points2d reprojected`)
     ref = truth.pts3d
     body = float(np.median(np.linalg.norm(ref[:, 15] - ref[:, 18], axis=-1)))
     def errors_3d(pts3d) -> np.ndarray:
@@ -87,16 +89,24 @@ def scores(config, folder, out) -> dict:
     return {"median_px": round(float(np.nanmedian(e)), 2), "pck5_pct": round(100 * float((e <= 5).mean()), 1),
             "detected_pct": round(100 * float(np.isfinite(e).mean()), 1),
             "per_view_px": {v: round(float(np.nanmedian(err[i][visible[i]])), 2) for i, v in enumerate(res.cameras.names)},
+            "per_point_visible": dict(zip(res.skeleton.point_names, visible.sum((0, 1)).tolist())),      # views x frames where it shows
+            "per_point_pck5_pct": {n: round(100 * float((err[..., k][visible[..., k]] <= 5).mean()), 1) if visible[..., k].any() else None
+                                   for k, n in enumerate(res.skeleton.point_names)},
             "error_3d_pct_body": round(float(np.nanmedian(e3d)), 2),
             "error_3d_pct_body_seen_only": error_3d(seen.pts3d),
-            "_pooled": (e, e3d)}                         # for the pooled row over seeds (not written)
+            "median_px_reprojected": round(float(np.nanmedian(e_rep)), 2), "pck5_pct_reprojected": round(100 * float((e_rep <= 5).mean()), 1),
+            "_pooled": (e, e3d, e_rep)}                         # for the pooled row over seeds (not written)
 
 
 def pooled_row(rows:list) -> dict:
     "One row over several held-out recordings: the 2D median and PCK@5 over all their visible points, the 3D median over all their points."
-    e2d = np.concatenate([r["_pooled"][0] for r in rows]); e3d = np.concatenate([r["_pooled"][1] for r in rows])
+    e2d, e3d, rep = (np.concatenate([r["_pooled"][k] for r in rows]) for k in range(3))
     return {"median_px": round(float(np.nanmedian(e2d)), 2), "pck5_pct": round(100 * float((e2d <= 5).mean()), 1),
-            "error_3d_pct_body": round(float(np.nanmedian(e3d)), 2), "pck5_pct_per_seed": [r["pck5_pct"] for r in rows]}
+            "error_3d_pct_body": round(float(np.nanmedian(e3d)), 2), "pck5_pct_per_seed": [r["pck5_pct"] for r in rows],
+            "median_px_reprojected": round(float(np.nanmedian(rep)), 2), "pck5_pct_reprojected": round(100 * float((rep <= 5).mean()), 1),
+            "per_point_visible": (n := {k: sum(r["per_point_visible"][k] for r in rows) for k in rows[0]["per_point_visible"]}),
+            "per_point_pck5_pct": {k: round(sum(r["per_point_visible"][k] * (r["per_point_pck5_pct"][k] or 0) for r in rows) / n[k], 1) if n[k] else None
+                                   for k in n}}
 
 
 def sample_scores(config, out) -> dict:
@@ -109,11 +119,14 @@ def sample_scores(config, out) -> dict:
     res = run_recording(SAMPLE, out, config=round_config(config), progress=False).result
     if list(res.cameras.names) != list(ref.cameras.names): raise SystemExit(f"views {res.cameras.names} are not DeepFly3D's {ref.cameras.names}")
     d = np.linalg.norm(res.pts2d - ref.pts2d, axis=-1)
+    d_rep = np.linalg.norm(res.reprojected().pts2d - ref.pts2d, axis=-1)
     side = [k for k, v in enumerate(res.cameras.names) if v != "f"]              # DeepFly3D's front view is not scored (as in bench_mujoco_finetune.py)
     sm = res.summary()
     X, Y = res.pts3d, ref.pts3d_wo_procrustes
     mm = float(np.nanmedian(np.linalg.norm(align_similarity(X, Y, allow_reflection=True)[0] - Y, axis=-1)))   # DeepFly3D's frame is a mirror image
     return {"median_px": round(float(np.nanmedian(d[side])), 2), "per_view_px": {res.cameras.names[k]: round(float(np.nanmedian(d[k])), 1) for k in side},
+            "p90_px": round(float(np.nanpercentile(d[side], 90)), 1), "median_px_reprojected": round(float(np.nanmedian(d_rep[side])), 2),
+            "p90_px_reprojected": round(float(np.nanpercentile(d_rep[side], 90)), 1),
             "reproj_median_px": round(sm["reprojection_error_px"]["median"], 2), "bone_cv_median_pct": round(100 * sm["bone_length_cv"]["median"], 1),
             "spread_in_bones": round(sm["spread_in_bones"], 2), "error_3d_vs_deepfly3d_mm": round(mm, 3)}
 
