@@ -21,7 +21,7 @@ from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
 __all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'EXPORTERS', 'NameMatch', 'match_names', 'place',
-           'match_view_files', 'stack_views', 'dlc_frame', 'write_dlc', 'exact_csv', 'read_dlc_table',
+           'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'write_dlc', 'exact_csv', 'read_dlc_table',
            'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp',
            'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
            'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
@@ -132,6 +132,10 @@ def stack_views(per_view:dict, # {view: (pts (T, N, 2), conf (T, N), source file
     return pts2d, conf
 
 # %% ../nbs/16a_interop.ipynb #35726a72
+def scorer_name(result:PoseResult) -> str:
+    "The scorer written into other tools' files: 'deeperfly', or 'deeperfly_reprojected' for `PoseResult.reprojected`'s 2D."
+    return "deeperfly_reprojected" if result.meta.get("points2d") == REPROJECTED_2D else "deeperfly"
+
 def dlc_frame(pts, # (T, N, 2) pixels of one view, NaN = unseen
               conf, # (T, N) likelihood
               point_names, # (N,) bodypart names
@@ -147,11 +151,11 @@ def dlc_frame(pts, # (T, N, 2) pixels of one view, NaN = unseen
 # %% ../nbs/16a_interop.ipynb #2fb70750
 def write_dlc(result:PoseResult, # the result whose 2D to write
               dest, # 'folder/name.csv' or '.h5': writes folder/name_<view>.csv (or .h5), one per view
-              scorer:str|None=None, # the scorer row (None: "deeperfly", or "deeperfly_reprojected" for `PoseResult.reprojected`'s 2D)
+              scorer:str|None=None, # the scorer row (None: `scorer_name(result)`)
              ) -> list:
     "Write each view's 2D and confidence as a DeepLabCut / lightning-pose prediction file; returns the paths."
     dest, out = Path(dest), []
-    scorer = scorer or ("deeperfly_reprojected" if result.meta.get("points2d") == REPROJECTED_2D else "deeperfly")
+    scorer = scorer or scorer_name(result)
     if dest.suffix.lower() not in (".csv", ".h5"): raise InputError(f"{dest}: DeepLabCut files end in .csv or .h5")
     for v, view in enumerate(result.view_names):
         df, path = dlc_frame(result.pts2d[v], result.conf[v], result.skeleton.point_names, scorer), dest.with_name(f"{dest.stem}_{view}{dest.suffix}")
@@ -264,7 +268,7 @@ def _nwb_view(result:PoseResult, v:int, device, skeleton, chunk_frames:int):
     frame = f"image of camera {name!r}: x right, y down, pixels, origin at the centre of the top-left pixel"
     series = [_series(p, result.pts2d[v, :, n], result.conf[v, :, n], result.fps or 1.0, "pixels", frame,
                       f"2D position of {p!r} in view {name!r} (NaN = unseen)", chunk_frames) for n, p in enumerate(result.skeleton.point_names)]
-    return ndx.PoseEstimation(name=name, pose_estimation_series=series, device=device, skeleton=skeleton, scorer="deeperfly",
+    return ndx.PoseEstimation(name=name, pose_estimation_series=series, device=device, skeleton=skeleton, scorer=scorer_name(result),
                               description=f"{describe_points2d(result)} of view {name!r}", source_software="deeperfly", source_software_version=__version__)
 
 # %% ../nbs/16a_interop.ipynb #cd6b06a8
@@ -319,7 +323,7 @@ def write_nwb(result:PoseResult, # the result to deposit
                 f"3D position of {p!r} (NaN = not triangulated)", chunk_frames) for n, p in enumerate(sk.point_names)]
     beh.add(ndx.MultiCameraPoseEstimation(name=NWB_CONTAINER, pose_estimation_series=s3, pose_estimations=views, skeleton=nsk,
                                           description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and their triangulation",
-                                          scorer="deeperfly", source_software="deeperfly", source_software_version=__version__))
+                                          scorer=scorer_name(result), source_software="deeperfly", source_software_version=__version__))
     if result.reproj_error is not None: beh.add(_nwb_reprojection(result, chunk_frames))
     with atomic_path(Path(dest)) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")     # the temporary name of the atomic write
@@ -444,7 +448,8 @@ def write_slp(result:PoseResult, # the result whose 2D to write
             inst = sio.PredictedInstance.from_numpy(p, skeleton=ssk, point_scores=c, score=float(np.nanmean(np.where(np.isfinite(p[:, 0]), c, np.nan))))
             frames.append(sio.LabeledFrame(video=video, frame_idx=t, instances=[inst]))
     labels = sio.Labels(labeled_frames=frames, videos=videos, skeletons=[ssk],
-                        provenance={"deeperfly": {"n_frames": result.n_frames, "view_names": list(result.view_names), "fps": result.fps}})
+                        provenance={"deeperfly": {"n_frames": result.n_frames, "view_names": list(result.view_names), "fps": result.fps,
+                                                  "points2d": describe_points2d(result)}})
     with atomic_path(Path(dest)) as tmp:
         sio.save_slp(labels, str(tmp))
     return Path(dest)
@@ -614,7 +619,7 @@ def to_movement(result:PoseResult, # the result
     def ds(pos, conf): return load_poses.from_numpy(np.moveaxis(pos, -1, 1)[..., None], conf[..., None], individual_names=[individual],
                                                     keypoint_names=names, fps=fps, source_software="deeperfly")
     two = xr.concat([ds(result.pts2d[v], result.conf[v]) for v in range(result.n_views)], dim="view")
-    two = two.assign_coords(view=list(result.view_names))
+    two = two.assign_coords(view=list(result.view_names)).assign_attrs(points2d=describe_points2d(result))
     three = None
     if result.pts3d is not None:
         with warnings.catch_warnings():
