@@ -279,8 +279,9 @@ def reprojected(self:PoseResult) -> PoseResult:
     proj = self.cameras.project(self.pts3d)                                   # (V, T, N, 2)
     detected = np.isfinite(self.pts2d).all(-1)
     keep = detected & np.isfinite(proj).all(-1)
+    err = self.reproj_error if self.reproj_error is not None else np.linalg.norm(proj - self.pts2d, axis=-1)   # projected once
     return PoseResult(np.where(keep[..., None], proj, np.nan), np.where(detected & ~keep, 0.0, self.conf), self.cameras, self.skeleton,
-                      self.pts3d, self.reprojection_errors(), self.fps, {**self.meta, "points2d": REPROJECTED_2D}, self.provenance)
+                      self.pts3d, err, self.fps, {**self.meta, "points2d": REPROJECTED_2D}, self.provenance)
 
 def describe_points2d(result:PoseResult) -> str:
     "What the result's 2D are, for files that describe them: '2D detections', or the 3D's projections."
