@@ -132,7 +132,8 @@ def stack_views(per_view:dict, # {view: (pts (T, N, 2), conf (T, N), source file
     return pts2d, conf
 
 # %% ../nbs/16a_interop.ipynb #35726a72
-def scorer_name(result:PoseResult) -> str:
+def scorer_name(result:PoseResult, # the result whose 2D a file will hold
+               ) -> str:
     "The scorer written into other tools' files: 'deeperfly', or 'deeperfly_reprojected' for `PoseResult.reprojected`'s 2D."
     return "deeperfly_reprojected" if result.meta.get("points2d") == REPROJECTED_2D else "deeperfly"
 

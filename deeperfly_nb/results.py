@@ -283,7 +283,8 @@ def reprojected(self:PoseResult) -> PoseResult:
     return PoseResult(np.where(keep[..., None], proj, np.nan), np.where(detected & ~keep, 0.0, self.conf), self.cameras, self.skeleton,
                       self.pts3d, err, self.fps, {**self.meta, "points2d": REPROJECTED_2D}, self.provenance)
 
-def describe_points2d(result:PoseResult) -> str:
+def describe_points2d(result:PoseResult, # the result whose 2D a file will hold
+                     ) -> str:
     "What the result's 2D are, for files that describe them: '2D detections', or the 3D's projections."
     return ("the 3D points' projections (deeperfly export --points2d reprojected)" if result.meta.get("points2d") == REPROJECTED_2D
             else "2D detections")
