@@ -21,12 +21,12 @@ from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
 __all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'EXPORTERS', 'NameMatch', 'match_names', 'place',
-           'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'write_dlc', 'exact_csv', 'read_dlc_table',
-           'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp',
-           'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
+           'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'dlc_paths', 'write_dlc', 'exact_csv',
+           'read_dlc_table', 'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d',
+           'write_slp', 'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
            'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
-           'from_movement', 'read_movement_file', 'write_movement', 'export_format', 'export_result', 'export_paths',
-           'read_points2d', 'load_foreign']
+           'from_movement', 'read_movement_file', 'write_movement', 'movement_paths', 'export_format', 'export_result',
+           'export_paths', 'read_points2d', 'load_foreign']
 
 # %% ../nbs/16a_interop.ipynb #7104fed2
 def _need(module:str, # the module to import
@@ -150,6 +150,13 @@ def dlc_frame(pts, # (T, N, 2) pixels of one view, NaN = unseen
     return pd.DataFrame(data, columns=cols)
 
 # %% ../nbs/16a_interop.ipynb #2fb70750
+def dlc_paths(dest, # 'folder/name.csv' or '.h5'
+              view_names, # (V,) the views, in order
+             ) -> list:
+    "The DeepLabCut files of `dest`, one per view: folder/name_<view>.csv (or .h5)."
+    dest = Path(dest)
+    return [dest.with_name(f"{dest.stem}_{v}{dest.suffix}") for v in view_names]
+
 def write_dlc(result:PoseResult, # the result whose 2D to write
               dest, # 'folder/name.csv' or '.h5': writes folder/name_<view>.csv (or .h5), one per view
               scorer:str|None=None, # the scorer row (None: `scorer_name(result)`)
@@ -158,8 +165,8 @@ def write_dlc(result:PoseResult, # the result whose 2D to write
     dest, out = Path(dest), []
     scorer = scorer or scorer_name(result)
     if dest.suffix.lower() not in (".csv", ".h5"): raise InputError(f"{dest}: DeepLabCut files end in .csv or .h5")
-    for v, view in enumerate(result.view_names):
-        df, path = dlc_frame(result.pts2d[v], result.conf[v], result.skeleton.point_names, scorer), dest.with_name(f"{dest.stem}_{view}{dest.suffix}")
+    for v, path in enumerate(dlc_paths(dest, result.view_names)):
+        df = dlc_frame(result.pts2d[v], result.conf[v], result.skeleton.point_names, scorer)
         with atomic_path(path) as tmp:
             if dest.suffix.lower() == ".csv": df.to_csv(tmp)
             else:
@@ -674,10 +681,17 @@ def write_movement(result:PoseResult, # the result
                   ) -> list:
     "Write a result as movement datasets in netCDF: 2D (with a view axis) and, with pts3d, 3D."
     two, three = to_movement(result)
-    out = [(Path(dest), two)] + ([(Path(dest).with_name(f"{Path(dest).stem}_3d.nc"), three)] if three is not None else [])
-    for path, ds in out:
+    paths = movement_paths(dest, three is not None)
+    for path, ds in zip(paths, (two, three)):
         with atomic_path(path) as tmp: ds.to_netcdf(tmp)
-    return [p for p, _ in out]
+    return paths
+
+def movement_paths(dest, # the .nc file of the 2D
+                   with_3d:bool, # whether a 3D file follows
+                  ) -> list:
+    "The movement files of `dest`: the 2D, then <stem>_3d.nc for the 3D."
+    dest = Path(dest)
+    return [dest] + ([dest.with_name(f"{dest.stem}_3d.nc")] if with_3d else [])
 
 def _one(f): return lambda *a, **kw: [f(*a, **kw)]
 EXPORTERS = {"nwb": _one(write_nwb), "sleap": _one(write_slp), "dlc-csv": write_dlc, "dlc-h5": write_dlc,
@@ -717,8 +731,8 @@ def export_paths(result:PoseResult, # the result to export
                 ) -> list:
     "The files `export_result(result, dest, format)` writes, without writing them (to refuse replacing files)."
     fmt, dest = _export_target(dest, format)
-    if fmt in ("dlc-csv", "dlc-h5"): return [dest.with_name(f"{dest.stem}_{v}{dest.suffix}") for v in result.view_names]
-    return [dest] + ([dest.with_name(f"{dest.stem}_3d.nc")] if fmt == "movement" and result.pts3d is not None else [])
+    if fmt in ("dlc-csv", "dlc-h5"): return dlc_paths(dest, result.view_names)
+    return movement_paths(dest, result.pts3d is not None) if fmt == "movement" else [dest]
 
 # %% ../nbs/16a_interop.ipynb #b2288a2c
 def _is_deeperfly_h5(path:Path) -> bool:
