@@ -58,9 +58,14 @@ def cmd_init(args, # the parsed command line (see `make_parser`)
 # %% ../nbs/20_cli.ipynb #430a0774
 def detector_lines(result, # a PoseResult (its provenance holds the run's config)
                   ) -> list:
-    "'detector model NAME: WEIGHTS' for each model the result's config names (what made its 2D), from its provenance."
-    models = ((result.provenance.get("config") or {}).get("pose2d") or {}).get("models") or []
-    return [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
+    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector model NAME: WEIGHTS' for each model a run used."
+    prov = result.provenance or {}
+    cfg, src = prov.get("config") or {}, (prov.get("inputs") or {}).get("points2d")
+    detected = "recording" in prov and (cfg.get("pipeline") or {}).get("pose2d", True)     # a `deeperfly run` whose detectors ran
+    lines = [f"2D read from {src}"] if src else []
+    if "recording" in prov and not detected: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
+    models = (cfg.get("pose2d") or {}).get("models") or [] if detected else []
+    return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
 
 def _print_run_report(r):
     "The stages of one recording's run, the detector it used, and its reprojection error."
@@ -145,8 +150,8 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     config = _load_config(args.config)
     t0 = time.perf_counter()
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
-    result = reconstruct(source, args.out, config=config,
-                         do_bundle_adjust=False if args.no_bundle_adjust else None, triangulation=args.triangulation)
+    result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
+                         triangulation=args.triangulation, overwrite=args.overwrite)
     s = result.summary()
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
           f"{result.n_frames} frames x {result.n_points} points")
@@ -581,6 +586,7 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
     s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the config's rig as is")
     s.add_argument("--triangulation", choices=["dlt", "ransac", "greedy"], help="override [triangulation] method")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT/results.h5 if it exists (default: refuse)")
     s.set_defaults(func=cmd_reconstruct)
     s = sub.add_parser("export", help="write a results.h5 as NWB, SLEAP, DeepLabCut CSVs, anipose or movement files")
     s.add_argument("result", help="a results.h5 (or pose2d.h5) written by deeperfly")
@@ -667,9 +673,11 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
             ) -> int:
     "Lift one view's 2D to 3D with a trained lifter (`run.lift_view`, as `deeperfly run` with a `[lifting]` table); write results.h5."
     from deeperfly_nb.results import PoseResult
-    from deeperfly_nb.pipeline import load_points2d, prepare_output_dir
+    from deeperfly_nb.pipeline import check_replaceable_result, load_points2d, prepare_output_dir
     from deeperfly_nb.run import foreign_points2d, lift_view
     config = _load_config(args.config)
+    out = prepare_output_dir(args.out)
+    check_replaceable_result(out / "results.h5", args.overwrite)        # before any work
     src = Path(args.source[0])
     if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
     else:
@@ -678,7 +686,6 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
                           config.skeleton(), fps=pts.fps)
     res = lift_view(base, args.model, args.view, args.min_confidence, key=f"--view (views of {src})")
     res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
-    out = prepare_output_dir(args.out)
     res.save(out / "results.h5")
     print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.meta['lifting']['view']!r} with {args.model}")
     return 0
@@ -695,6 +702,7 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point")
     s.add_argument("--view-pattern", help="how a view shows in per-view file names")
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT/results.h5 if it exists (default: refuse)")
     s.set_defaults(func=cmd_lift)
 
 # %% ../nbs/20_cli.ipynb #75a44646

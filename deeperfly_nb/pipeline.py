@@ -22,7 +22,7 @@ from .df3d import read_df3d_result
 
 # %% auto #0
 __all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
-           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'reconstruct']
+           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -135,8 +135,9 @@ def bundle_adjust_rig(cameras:CameraGroup, # the initial rig (V cameras)
     t0 = time.perf_counter()
     refined, ba = bundle_adjust_cameras(cameras, pts2d, conf, skeleton, **(bundle_adjust_kwargs or {}))
     summary = ba_summary(ba, time.perf_counter() - t0)
-    log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error %.2f -> %.2f px", summary.get("nfev"),
-             summary["seconds"], summary.get("median_reproj_before", np.nan), summary.get("median_reproj_after", np.nan))
+    log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error of its own fit %.2f -> %.2f px",
+             summary.get("nfev"), summary["seconds"], summary.get("median_reproj_before", np.nan),
+             summary.get("median_reproj_after", np.nan))
     return refined, summary
 
 # %% ../nbs/11_pipeline.ipynb #a9955411
@@ -192,20 +193,30 @@ def prepare_output_dir(out_dir, # the output folder; created with its parents if
         raise InputError(f"output folder {out} is not writable (permissions {mode:o}); choose another folder with -o")
     return out
 
+# %% ../nbs/11_pipeline.ipynb #a1c0e7f2
+def check_replaceable_result(path:Path, # the results.h5 a command is about to write
+                             overwrite:bool=False, # the user asked to replace it
+                            ):
+    "An `InputError` unless `path` is free, or is a deeperfly result and `overwrite` is set: never a file of yours, never silently."
+    if not path.exists(): return
+    try: PoseResult.load(path)
+    except InputError: raise InputError(f"{path} exists and is not a deeperfly result: refusing to replace it; "
+                                        f"choose another output folder") from None
+    if not overwrite: raise InputError(f"{path} exists (a deeperfly result); give --overwrite to replace it, "
+                                       f"or choose another output folder with -o")
+
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
                 out_dir, # output folder (created if needed)
                 config:Config|None=None, # the config (default: the packaged one)
                 do_bundle_adjust:bool|None=None, # override [pipeline] bundle_adjustment
                 triangulation:str|None=None, # override [triangulation] method
+                overwrite:bool=False, # replace an existing `results.h5` (only ever one of deeperfly's)
                ) -> PoseResult:
     "2D source -> bundle adjustment -> triangulation -> `out_dir/results.h5` (+ `.deeperfly/config.toml` snapshot)."
     config = config or Config.default()
     out = prepare_output_dir(out_dir)
-    if (out / "results.h5").exists():                 # replace only a result of deeperfly's, never a file of yours
-        try: PoseResult.load(out / "results.h5")
-        except InputError: raise InputError(f"{out / 'results.h5'} exists and is not a deeperfly result: refusing to replace it; "
-                                            f"choose another output folder") from None
+    check_replaceable_result(out / "results.h5", overwrite)
     points = source if isinstance(source, Points2D) else load_points2d(source)
     skeleton = config.skeleton()
     if points.point_names is not None and tuple(points.point_names) != tuple(skeleton.point_names):

@@ -96,6 +96,20 @@ def test_empty_source_folder(tmp_path):
     r = run_cli("reconstruct", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "no 2D source" in r.stderr
 
+def test_reconstruct_refuses_to_replace_a_result(tmp_path, example_dir):
+    "A second reconstruct into a folder that holds a result (maybe an hour of `deeperfly run`) refuses, naming it, unless --overwrite."
+    out = tmp_path / "out"
+    assert run_cli("reconstruct", str(example_dir), "-o", str(out), "--no-bundle-adjust").returncode == 0
+    before = (out / "results.h5").read_bytes()
+    r = run_cli("reconstruct", str(example_dir), "-o", str(out))
+    assert r.returncode == 2 and f"{out / 'results.h5'} exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert (out / "results.h5").read_bytes() == before and leftovers(out) == []
+    r = run_cli("reconstruct", str(example_dir), "-o", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "results.h5").read_bytes() != before                     # now bundle-adjusted
+    r = run_cli("inspect", str(out / "results.h5"))
+    assert f"2D read from {example_dir}" in r.stdout and "detector model" not in r.stdout, r.stdout   # no detector ran
+
 def test_inspect_truncated_result(tmp_path, example_dir):
     out = tmp_path / "out"
     assert run_cli("reconstruct", str(example_dir), "-o", str(out), "--no-bundle-adjust").returncode == 0

@@ -250,6 +250,11 @@ def test_deeperfly_lift_cli_writes_world_3d(trained, data, tmp_path):
     mean_pose = np.nanmedian(np.linalg.norm(held[:, tgt].mean(0) - held[:, tgt], axis=-1))
     assert err < mean_pose, (err, mean_pose)                                 # world frame, not the camera's
     assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rn", "-o", str(tmp_path / "o2")]) == 2
+    before = (tmp_path / "out" / "results.h5").read_bytes()             # a second lift into the same folder: refused, file intact
+    assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rf", "-o", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out" / "results.h5").read_bytes() == before
+    assert main(["lift", str(tmp_path / "pose2d.h5"), "-m", str(trained.folder), "--view", "rf", "-o", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert PoseResult.load(tmp_path / "out" / "results.h5").meta["lifting"]["view"] == "rf"
 
 
 def test_mirror_poses_reflects_in_the_sagittal_plane():
