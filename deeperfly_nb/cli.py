@@ -64,7 +64,7 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
     detected = "recording" in prov and (cfg.get("pipeline") or {}).get("pose2d", True)     # a `deeperfly run` whose detectors ran
     lines = [f"2D read from {src}"] if src else []
     if "recording" in prov and not detected: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
-    models = (cfg.get("pose2d") or {}).get("models") or [] if detected else []
+    models = ((cfg.get("pose2d") or {}).get("models") or []) if detected else []
     return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
 
 def _print_run_report(r):
