@@ -10,7 +10,7 @@ import argparse, json, logging, os, platform, sys, time, traceback
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error
+from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth',
@@ -125,9 +125,7 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
         if result.pts3d is None: raise InputError(f"{args.result} holds 2D only (no 3D points to project): "
                                                   f"deeperfly reconstruct {args.result} -o OUT/ triangulates it into OUT/results.h5")
         result = result.reprojected()
-    there = [p for p in export_paths(result, args.dest, args.format) if p.exists()]
-    if there and not args.overwrite:
-        raise InputError(f"{there[0]} exists{f' (and {len(there) - 1} more of the files to write)' if len(there) > 1 else ''}; give --overwrite to replace")
+    refuse_existing(export_paths(result, args.dest, args.format), args.overwrite)
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     paths = export_result(result, args.dest, format=args.format)
     for p in paths:
@@ -244,7 +242,7 @@ def cmd_synth(args, # the parsed command line (see `make_parser`)
     "Render a synthetic recording with ground truth."
     from deeperfly_nb.synth_footage import synth_recording
     t0 = time.perf_counter()
-    out = synth_recording(args.out, n_frames=args.frames, seed=args.seed, rig_rot_deg=args.rig_rot_deg)
+    out = synth_recording(args.out, n_frames=args.frames, seed=args.seed, rig_rot_deg=args.rig_rot_deg, overwrite=args.overwrite)
     files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {', '.join(files)}")
     print(f"run it: deeperfly run {out} -o {Path(out).name}_out/")
@@ -603,6 +601,7 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--frames", type=int, default=64, help="number of frames (default: 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed: gait, looks, noise, rig perturbation (default: 0)")
     s.add_argument("--rig-rot-deg", type=float, default=0.3, help="turn of each true camera from the nominal rig, degrees (default: 0.3)")
+    s.add_argument("--overwrite", action="store_true", help="replace a recording's files already in OUT (default: refuse, naming them)")
     s.set_defaults(func=cmd_synth)
     s = sub.add_parser("doctor", help="check the installation: versions, device, video codecs, weights, the bundled model")
     s.add_argument("--quick", action="store_true", help="skip the detection test (the bundled model finding a rendered fly)")
@@ -713,7 +712,7 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.labels import labels_from_result
     from deeperfly_nb.results import PoseResult
     out = Path(args.out)
-    if out.exists() and not args.overwrite: raise InputError(f"{out} exists; give --overwrite to replace it")
+    refuse_existing([out], args.overwrite)
     result = PoseResult.load(args.result)
     recording = args.recording or result.meta.get("recording")
     if not recording: raise InputError(f"{args.result} does not name its recording; give --recording")

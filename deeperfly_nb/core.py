@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
-           'record_differences', 'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'atomic_hdf5',
-           'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
+           'record_differences', 'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path',
+           'refuse_existing', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -112,6 +112,17 @@ def atomic_path(path:str|Path, # the final destination
         if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in NO_SPACE_ERRNOS:
             raise disk_full_error(path.parent, need_bytes) from None
         raise
+
+# %% ../nbs/00_core.ipynb #c3e1a0b2
+def refuse_existing(paths, # the files about to be written
+                    overwrite:bool=False, # the user asked to replace them
+                    how:str="give --overwrite to replace", # what the user can do instead
+                   ):
+    "An `InputError` naming the first of `paths` that exists (and how many more do), unless `overwrite`."
+    there = [Path(p) for p in paths if Path(p).exists()]
+    if there and not overwrite:
+        more = f" (and {len(there) - 1} more of the files to write)" if len(there) > 1 else ""
+        raise InputError(f"{there[0]} exists{more}; {how}")
 
 # %% ../nbs/00_core.ipynb #f255753f
 @contextmanager

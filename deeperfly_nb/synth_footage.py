@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
-from .core import InputError, atomic_path, check_shape
+from .core import InputError, atomic_path, check_shape, refuse_existing
 from .skeleton import FLY_LEG_JOINTS, Skeleton, fly38
 from .cameras import CameraGroup
 from .results import PoseResult
@@ -22,8 +22,8 @@ from . import synth
 # %% auto #0
 __all__ = ['BODY_PARTS', 'WING_PARTS', 'LEG_RADII', 'LEG_ALBEDO', 'ANTENNA_BASE', 'THORAX_POINTS', 'STRIPE_POINTS',
            'REFERENCE_PX_PER_UNIT', 'VIS_MARGIN', 'ARENA_LOOK', 'resize_cameras', 'crop_cameras', 'fly_poses', 'Look',
-           'sample_look', 'render_frames', 'perturb_rig_in_frame', 'SynthRender', 'render_recording', 'synth_recording',
-           'write_ground_truth', 'write_points2d', 'load_ground_truth', 'render_arena']
+           'sample_look', 'render_frames', 'perturb_rig_in_frame', 'SynthRender', 'render_recording', 'recording_files',
+           'synth_recording', 'write_ground_truth', 'write_points2d', 'load_ground_truth', 'render_arena']
 
 # %% ../nbs/15_synth_footage.ipynb #2f6fb092
 def resize_cameras(cameras:CameraGroup, # the rig (every camera needs its image_size)
@@ -746,6 +746,13 @@ def _write_video(path, frames, fps:float, crf:int, preset:str) -> Path:
     from deeperfly_nb.io import write_video
     return write_video(path, np.asarray(frames)[..., None], fps=fps, crf=crf, preset=preset)
 
+# %% ../nbs/15_synth_footage.ipynb #d4f1b0c1
+def recording_files(folder:Path, # a recording folder (it need not exist)
+                   ) -> list:
+    "The files of a synthetic recording in `folder` now: camera videos and images, ground truth, simulated 2D, config."
+    names = [folder / n for n in ("ground_truth.h5", "points2d.h5", "config.toml")]
+    return sorted([*folder.glob("camera_*.mp4"), *folder.glob("camera_*_img_*.jpg"), *(p for p in names if p.exists())])
+
 # %% ../nbs/15_synth_footage.ipynb #42bd556c
 def synth_recording(out_dir, # folder to write into (created if needed)
                     n_frames:int=64, # frames T
@@ -756,12 +763,14 @@ def synth_recording(out_dir, # folder to write into (created if needed)
                     crf:int=18, # H.264 quality (lower: bigger files, closer to the rendered frames)
                     preset:str="veryfast", # x264 speed/size trade-off ('medium' is ~2x slower for ~5% smaller files)
                     points2d:bool=True, # also write points2d.h5: simulated detections for `deeperfly reconstruct`
+                    overwrite:bool=False, # replace a recording's files already in `out_dir` (default: refuse, naming them)
                     **kwargs, # passed to `render_recording` (scale, gait_seed, skip_frames, stride_hz, sway, look, Look fields, ...)
                    ) -> Path:
     "Render a synthetic recording into `out_dir`: camera_{c}.mp4, ground_truth.h5, points2d.h5 and config.toml; returns the folder."
     from deeperfly_nb.config import default_config_text
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording: {out} exists and is not a folder")
+    refuse_existing(recording_files(out), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     rec = render_recording(n_frames, seed=seed, rig_rot_deg=rig_rot_deg, rig_focal_frac=rig_focal_frac, fps=fps, **kwargs)
     for v in range(len(rec.cameras)): _write_video(out / f"camera_{v}.mp4", rec.frames[v], fps=fps, crf=crf, preset=preset)

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import InputError, ModelError, atomic_path, cache_root
+from .core import InputError, ModelError, atomic_path, cache_root, refuse_existing
 from .skeleton import FLY_LEG_JOINTS, fly38
 from .cameras import Camera, CameraGroup
 from .results import PoseResult
 from . import synth
-from .synth_footage import SynthRender, perturb_rig_in_frame, resize_cameras, write_ground_truth, write_points2d
+from .synth_footage import (SynthRender, perturb_rig_in_frame, recording_files, resize_cameras, write_ground_truth,
+                                        write_points2d)
 
 # %% auto #0
 __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND', 'NMF_MJCF', 'NMF_KINEMATICS', 'BODY_GRAY',
@@ -1508,6 +1509,7 @@ def synth_recording_mujoco(out_dir, # folder to write into (created if needed)
                            points2d:bool=True, # also write points2d.h5 (simulated detections)
                            images:bool=False, # also write camera_{c}_img_{t}.jpg (DeepFly3D's naming)
                            scene:str="tethered", # "tethered": `render_recording_mujoco`; "arena": `render_arena_mujoco`
+                           overwrite:bool=False, # replace a recording's files already in `out_dir` (default: refuse, naming them)
                            **kwargs, # passed to the renderer
                           ) -> Path:
     "Render a NeuroMechFly recording into `out_dir` with the files `synth_footage.synth_recording` writes; returns the folder."
@@ -1518,6 +1520,7 @@ def synth_recording_mujoco(out_dir, # folder to write into (created if needed)
     from deeperfly_nb.io import write_video
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording_mujoco: {out} exists and is not a folder")
+    refuse_existing(recording_files(out), overwrite)              # before minutes of rendering
     out.mkdir(parents=True, exist_ok=True)
     rec = (render_recording_mujoco if scene == "tethered" else render_arena_mujoco)(n_frames, seed=seed, fps=fps, **kwargs)
     for v in range(len(rec.cameras)):

@@ -110,6 +110,15 @@ def test_reconstruct_refuses_to_replace_a_result(tmp_path, example_dir):
     r = run_cli("inspect", str(out / "results.h5"))
     assert f"2D read from {example_dir}" in r.stdout and "detector model" not in r.stdout, r.stdout   # no detector ran
 
+def test_synth_refuses_to_replace_your_files(tmp_path):
+    "`deeperfly synth` into a folder that holds a recording's files refuses before rendering and leaves them as they were; --overwrite replaces."
+    (tmp_path / "rec").mkdir(); mine = tmp_path / "rec" / "camera_0.mp4"; mine.write_text("my own footage")
+    r = run_cli("synth", str(tmp_path / "rec"), "--frames", "2")
+    assert r.returncode == 2 and f"{mine} exists; give --overwrite" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert mine.read_text() == "my own footage" and sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["camera_0.mp4"]
+    assert run_cli("synth", str(tmp_path / "rec"), "--frames", "2", "--overwrite").returncode == 0
+    assert mine.read_bytes()[4:8] == b"ftyp"                                 # now an MP4
+
 def test_inspect_truncated_result(tmp_path, example_dir):
     out = tmp_path / "out"
     assert run_cli("reconstruct", str(example_dir), "-o", str(out), "--no-bundle-adjust").returncode == 0

@@ -212,6 +212,10 @@ def test_recording_written_and_read_back(assets, tmp_path):
     np.testing.assert_allclose(extra["pts2d_all"], res.cameras.project(res.pts3d))
     np.testing.assert_array_equal(extra["reported"], synth.default_visibility(synth.DEFAULT_VIEWS, SK))   # DeepFly3D's rule, as synth_footage
     assert json.loads(json.dumps(res.meta))["model"].startswith("NeuroMechFly")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}                # a second render into it: refused, nothing replaced
+    with pytest.raises(InputError, match=r"camera_0.mp4 exists \(and 23 more of the files to write\); give --overwrite"):
+        sm.synth_recording_mujoco(out, n_frames=1, seed=3, scale=0.2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_other_model_joint_angles_refused(assets, tmp_path):
