@@ -627,10 +627,11 @@ def cmd_crop(args, # the parsed command line (see `make_parser`)
     out.mkdir(parents=True, exist_ok=True)
     if target.suffix.lower() == ".csv":
         labels, bbox, boxes = crop_labels(target, opts, out_hw, out, detections=args.source, pose_model=args.pose_model,
-                                          device=args.device)
+                                          device=args.device, overwrite=args.overwrite)
         print(f"wrote {boxes.n_frames} cropped labelled frames and {labels}; boxes in {bbox}")
     else:
-        video, bbox, boxes = crop_recording(args.source, target, opts, out_hw, out, pose_model=args.pose_model, device=args.device)
+        video, bbox, boxes = crop_recording(args.source, target, opts, out_hw, out, pose_model=args.pose_model, device=args.device,
+                                            overwrite=args.overwrite)
         print(f"wrote {video} ({boxes.n_frames} frames of {boxes.out_hw[0]}x{boxes.out_hw[1]}); boxes in {bbox}")
     if boxes.filled.any(): print(f"{int(boxes.filled.sum())} frames had no confident detection: their boxes were filled in")
     return 0
@@ -641,7 +642,7 @@ def cmd_remap(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.crop_files import remap_predictions
     pred = Path(args.predictions)
     out = Path(args.out) if args.out else pred.with_name(pred.stem + "_remapped.csv")
-    print(f"wrote {remap_predictions(pred, args.bbox, out)}")
+    print(f"wrote {remap_predictions(pred, args.bbox, out, overwrite=args.overwrite)}")
     return 0
 
 # %% ../nbs/20_cli.ipynb #d5f69599
@@ -660,11 +661,13 @@ def _add_crop_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--pose-model", help="the pose model checkpoint that will read the crops (its input size is the crop size)")
     s.add_argument("--device", help="torch device for a detector checkpoint (default: CUDA if available, else CPU)")
     s.add_argument("-o", "--out", default="crops", help="output folder (default: crops)")
+    s.add_argument("--overwrite", action="store_true", help="replace crops and CSVs that exist (default: refuse, naming them)")
     s.set_defaults(func=cmd_crop)
     s = sub.add_parser("remap", help="map predictions made on crops back into the raw frames (exact inverse of each crop)")
     s.add_argument("predictions", help="predictions on the crops (DeepLabCut / lightning-pose CSV)")
     s.add_argument("bbox", help="the bbox CSV `deeperfly crop` wrote")
     s.add_argument("-o", "--out", help="output CSV (default: PREDICTIONS_remapped.csv)")
+    s.add_argument("--overwrite", action="store_true", help="replace the output CSV if it exists (default: refuse)")
     s.set_defaults(func=cmd_remap)
 
 # %% ../nbs/20_cli.ipynb #fd110ffd

@@ -10,7 +10,7 @@ import glob, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np
-from .core import InputError, ModelError, atomic_path
+from .core import InputError, ModelError, atomic_path, refuse_existing
 from .skeleton import Skeleton
 from .io import VideoWriter, open_reader
 from .cropzoom import (CropOptions, CropBoxes, BBOX_COLUMNS, boxes_from_points, to_crop, from_crop, crop_frames,
@@ -189,11 +189,13 @@ def crop_recording(detections, # KeypointTable, prediction CSV or detector model
                    pose_model=None, # the pose model that will read the crops: its input size is checked
                    crf:int=18, # x264 quality of the crop video
                    device=None, # torch device when `detections` is a model
+                   overwrite:bool=False, # replace the crop video and bbox CSV if they exist (default: refuse, naming them)
                   ) -> tuple:
     "Crop a video around the detected animal: (crop video path, bbox CSV path, CropBoxes)."
     video, out_dir = Path(video), Path(out_dir)
     out_hw = crop_size_for(out_hw, pose_model)
     if not out_dir.is_dir(): raise InputError(f"output folder {out_dir} does not exist")
+    refuse_existing([out_dir / f"{video.stem}_crop.mp4", out_dir / f"{video.stem}_bbox.csv"], overwrite)
     reader = open_reader(video)
     table, where = load_detections(detections, video, device)
     if len(table.index) != len(reader):
@@ -263,9 +265,11 @@ def remap_predictions(pred_csv, # predictions made on the crops (DeepLabCut / li
                       out_csv, # where to write the predictions in raw-frame pixels
                       out_hw=None, # (H_in, W_in) crop size (default: from the bbox CSV's scale column)
                       image_hw=None, # (H, W) of the raw frames, to check the boxes against (optional)
+                      overwrite:bool=False, # replace `out_csv` if it exists (default: refuse)
                      ) -> Path:
     "Map predictions on crops back to the raw frame exactly, row by row; return the written path."
     pred_csv, bbox_csv = Path(pred_csv), Path(bbox_csv)
+    refuse_existing([out_csv], overwrite)
     table = read_keypoints_csv(pred_csv)
     keys, corner, hw, scale = read_bbox_table(bbox_csv, image_hw)
     rows = _match_rows(keys, table.index, bbox_csv, pred_csv)
@@ -338,6 +342,7 @@ def crop_labels(labels_csv, # DeepLabCut / lightning-pose labels CSV (rows = ima
                 image_root=None, # folder the image paths are relative to (default: the CSV's folder)
                 pose_model=None, # the pose model that will read the crops: its input size is checked
                 device=None, # torch device when `detections` is a model
+                overwrite:bool=False, # replace crops, labels CSV and bbox CSV that exist (default: refuse, naming them)
                ) -> tuple:
     "Crop labelled frames and their labels: (labels CSV path, bbox CSV path, CropBoxes)."
     labels_csv, out_dir = Path(labels_csv), Path(out_dir)
@@ -346,6 +351,7 @@ def crop_labels(labels_csv, # DeepLabCut / lightning-pose labels CSV (rows = ima
     table = read_keypoints_csv(labels_csv)
     root = Path(image_root) if image_root is not None else labels_csv.parent
     new = _crop_paths(table.index, root, out_dir, labels_csv)
+    refuse_existing([*(out_dir / p for p in new), out_dir / labels_csv.name, out_dir / f"{labels_csv.stem}_bbox.csv"], overwrite)
     images = [read_image_file(root / str(k)) for k in table.index]
     det = label_detections(detections, table.index, images, device) if detections is not None else (None, None, None)
     boxes = label_boxes(table.xy, out_hw, options, table.names, *det)

@@ -81,6 +81,8 @@ def test_crop_then_remap_through_files_is_exact(tmp_path, dot_video, options):
     video, gt = dot_video
     _write_pred(tmp_path / "det.csv", gt)
     crop, bbox, _ = crop_recording(tmp_path / "det.csv", video, options, (64, 96), tmp_path)
+    with pytest.raises(InputError, match=r"_crop.mp4 exists \(and 1 more of the files to write\)"):
+        crop_recording(tmp_path / "det.csv", video, options, (64, 96), tmp_path)
     rows = _bbox_rows(bbox)
     assert sorted(rows) == [str(t) for t in range(len(gt))]
     sizes = {rows[str(t)][2] for t in range(len(gt))}
@@ -152,6 +154,12 @@ def test_labelled_crops_hold_the_dots_where_the_new_labels_say(tmp_path):
     assert max(errs) < 0.5, errs
     back = read_keypoints_csv(remap_predictions(lab, bbox, tmp_path / "back.csv"))
     assert np.abs(back.xy - pts).max() < 1e-6
+    lab.write_text(lab.read_text() + "# my corrections\n")               # labels edited on the crops: never replaced silently
+    with pytest.raises(InputError, match=r"exists \(and 4 more of the files to write\); give --overwrite"):
+        crop_labels(labels, CropOptions(crop_ratio=None, crop_size=90), (96, 96), out)
+    assert lab.read_text().endswith("# my corrections\n")
+    with pytest.raises(InputError, match="back.csv exists; give --overwrite"): remap_predictions(lab, bbox, tmp_path / "back.csv")
+    assert crop_labels(labels, CropOptions(crop_ratio=None, crop_size=90), (96, 96), out, overwrite=True)[0] == lab
 
 
 def test_labels_cropped_with_a_detector_csv_use_its_boxes(tmp_path):
