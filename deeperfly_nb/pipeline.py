@@ -22,7 +22,8 @@ from .df3d import read_df3d_result
 
 # %% auto #0
 __all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
-           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result', 'reconstruct']
+           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result',
+           'starting_rig', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -205,6 +206,18 @@ def check_replaceable_result(path:Path, # the results.h5 a command is about to w
     if not overwrite: raise InputError(f"{path} exists (a deeperfly result); give --overwrite to replace it, "
                                        f"or choose another output folder with -o")
 
+# %% ../nbs/11_pipeline.ipynb #e5a1c0d1
+def starting_rig(points:Points2D, # the 2D, with the image sizes its file records
+                 config:Config, # the config whose [cameras] the rig is
+                ) -> CameraGroup:
+    "The config's rig sized to the 2D's footage; an `InputError` naming the file when a camera's image size is known nowhere."
+    sizes = {n: points.image_sizes.get(n) for n in config.view_names if points.image_sizes.get(n)}
+    unsized = [n for n, cc in config.cameras.items() if n not in sizes and cc.image_size is None and cc.principal_point_px is None]
+    if unsized: raise InputError(f"{points.path}: records no image size for view(s) {unsized}, and the config ({config.source}) gives "
+                                 f"none: write one with `deeperfly init config.toml`, set image_size = [H, W] (height, width in "
+                                 f"pixels, e.g. [480, 960]) under each [cameras.NAME], and pass it with -c config.toml")
+    return config.camera_group(image_sizes=sizes or None)
+
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
                 out_dir, # output folder (created if needed)
@@ -223,8 +236,7 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
         raise InputError(f"{points.path}: its points {list(points.point_names)[:5]}... are not the config's skeleton "
                          f"{skeleton.name!r} ({skeleton.n_points} points)")
     points = match_views(points, config.view_names)       # the views must agree before the rig is sized to them
-    sizes = {n: points.image_sizes.get(n) for n in config.view_names if points.image_sizes.get(n)}
-    cameras = config.camera_group(image_sizes=sizes or None)
+    cameras = starting_rig(points, config)
     if do_bundle_adjust is None: do_bundle_adjust = config.pipeline.bundle_adjustment
     tri = {**config.triangulate_kwargs(), **({"method": triangulation} if triangulation else {})}
     t0 = time.perf_counter()

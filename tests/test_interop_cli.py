@@ -40,6 +40,9 @@ def test_reconstruct_from_dlc_and_sleap_equals_own_2d(tmp_path, sized_config):
     for name, src in runs.items():
         p = cli("reconstruct", *src, "-c", sized_config, "-o", name, "-q", cwd=tmp_path)
         assert p.returncode == 0, (name, p.stderr)
+    p = cli("reconstruct", "exp/pred_*.csv", "-o", "bare", cwd=tmp_path)             # no config with image sizes: say how to give them
+    assert p.returncode == 2 and "records no image size for view(s)" in p.stderr and "deeperfly init config.toml" in p.stderr, p.stderr
+    assert "pred_" in p.stderr and not (tmp_path / "bare" / "results.h5").exists()
     own = PoseResult.load(tmp_path / "own" / "results.h5").pts3d
     for name in ("dlc", "slp"):
         other = PoseResult.load(tmp_path / name / "results.h5").pts3d
