@@ -149,7 +149,7 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     t0 = time.perf_counter()
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
-                         triangulation=args.triangulation, overwrite=args.overwrite)
+                         triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
     s = result.summary()
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
           f"{result.n_frames} frames x {result.n_points} points")
@@ -582,7 +582,10 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--view-pattern", help="how a view shows in per-view file names: {view} or {index} (default: [interop] view_pattern)")
     s.add_argument("-c", "--config", help="config TOML (default: the packaged DeepFly3D rig config)")
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
-    s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the config's rig as is")
+    s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the starting rig as is")
+    s.add_argument("--rig", choices=["config", "source"], default="config",
+                   help="start from the config's [cameras] (default) or from the rig the 2D file records: a deeperfly .h5's, or "
+                        "a DeepFly3D pickle's calibration (with --no-bundle-adjust, DeepFly3D's rig as it is)")
     s.add_argument("--triangulation", choices=["dlt", "ransac", "greedy"], help="override [triangulation] method")
     s.add_argument("--overwrite", action="store_true", help="replace OUT/results.h5 if it exists (default: refuse)")
     s.set_defaults(func=cmd_reconstruct)

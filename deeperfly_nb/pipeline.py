@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import InputError, ConfigError, atomic_path, check_shape
+from .core import InputError, ConfigError, atomic_path, check_shape, one_of
 from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .triangulation import triangulate, reprojection_error
@@ -40,6 +40,7 @@ class Points2D:
     point_names: tuple|None = None  # the point names of the N axis, when the source records them
     path: Path|None = None        # the file read; None when built in memory
     meta: dict = field(default_factory=dict)  # about the source, e.g. {'source_format': 'deeperfly' or 'deepfly3d'}
+    cameras: CameraGroup|None = None  # the rig the file records (a deeperfly .h5, a DeepFly3D .pkl's calibration), in view order
 
 # %% ../nbs/11_pipeline.ipynb #b866fdef
 _SOURCE_GLOBS = ("points2d.h5", "*.h5", "df3d_result*.pkl", "df3d/df3d_result*.pkl")
@@ -66,12 +67,12 @@ def load_points2d(path, # a .h5 (PoseResult layout), a df3d_result*.pkl, or a fo
         r = read_df3d_result(path, **kw)
         return Points2D(r.pts2d, r.conf, list(r.cameras.names),
                         {c.name: c.image_size for c in r.cameras if c.image_size}, None,
-                        None, path, {"source_format": "deepfly3d"})
+                        None, path, {"source_format": "deepfly3d"}, r.cameras)
     if path.suffix in (".h5", ".hdf5"):
         res = PoseResult.load(path)
         return Points2D(res.pts2d, res.conf, list(res.view_names),
                         {c.name: c.image_size for c in res.cameras if c.image_size}, res.fps,
-                        res.skeleton.point_names, path, {"source_format": "deeperfly"})
+                        res.skeleton.point_names, path, {"source_format": "deeperfly"}, res.cameras)
     raise InputError(f"{path}: unknown 2D source type {path.suffix!r}; expected .h5 or a DeepFly3D .pkl")
 
 # %% ../nbs/11_pipeline.ipynb #1d352fe0
@@ -87,8 +88,8 @@ def match_views(points:Points2D, # a loaded 2D source
                                  f"config's rig has {len(names)} cameras: {missing} have none; use a config whose [cameras] match it")
     if extra: raise InputError(f"{src}the source's view(s) {extra} are not cameras of the rig {names}")
     order = [points.view_names.index(n) for n in names]
-    return Points2D(points.pts2d[order], points.conf[order], names, points.image_sizes,
-                    points.fps, points.point_names, points.path, points.meta)
+    return Points2D(points.pts2d[order], points.conf[order], names, points.image_sizes, points.fps, points.point_names,
+                    points.path, points.meta, None if points.cameras is None else CameraGroup([points.cameras[i] for i in order]))
 
 # %% ../nbs/11_pipeline.ipynb #7058691e
 def check_points2d(cameras:CameraGroup, # the rig; its cameras are the V axis
@@ -207,10 +208,15 @@ def check_replaceable_result(path:Path, # the results.h5 a command is about to w
                                        f"or choose another output folder with -o")
 
 # %% ../nbs/11_pipeline.ipynb #e5a1c0d1
-def starting_rig(points:Points2D, # the 2D, with the image sizes its file records
+def starting_rig(points:Points2D, # the 2D (in the config's view order), with the image sizes and rig its file records
                  config:Config, # the config whose [cameras] the rig is
+                 rig:str="config", # "config": the config's [cameras]; "source": the rig the 2D file records
                 ) -> CameraGroup:
-    "The config's rig sized to the 2D's footage; an `InputError` naming the file when a camera's image size is known nowhere."
+    "The rig bundle adjustment starts from: the config's, sized to the 2D's footage, or the file's; an `InputError` naming the file when neither knows it."
+    if one_of(rig, ("config", "source"), "starting rig") == "source":
+        if points.cameras is None: raise InputError(f"{points.path}: records no camera rig (deeperfly .h5 files and DeepFly3D "
+                                                    f"pickles do); start from the config's [cameras] (--rig config)")
+        return points.cameras
     sizes = {n: points.image_sizes.get(n) for n in config.view_names if points.image_sizes.get(n)}
     unsized = [n for n, cc in config.cameras.items() if n not in sizes and cc.image_size is None and cc.principal_point_px is None]
     if unsized: raise InputError(f"{points.path}: records no image size for view(s) {unsized}, and the config ({config.source}) gives "
@@ -225,6 +231,7 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
                 do_bundle_adjust:bool|None=None, # override [pipeline] bundle_adjustment
                 triangulation:str|None=None, # override [triangulation] method
                 overwrite:bool=False, # replace an existing `results.h5` (only ever one of deeperfly's)
+                rig:str="config", # start from the config's [cameras], or from the rig the 2D file records ("source")
                ) -> PoseResult:
     "2D source -> bundle adjustment -> triangulation -> `out_dir/results.h5` (+ `.deeperfly/config.toml` snapshot)."
     config = config or Config.default()
@@ -236,12 +243,12 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
         raise InputError(f"{points.path}: its points {list(points.point_names)[:5]}... are not the config's skeleton "
                          f"{skeleton.name!r} ({skeleton.n_points} points)")
     points = match_views(points, config.view_names)       # the views must agree before the rig is sized to them
-    cameras = starting_rig(points, config)
+    cameras = starting_rig(points, config, rig)
     if do_bundle_adjust is None: do_bundle_adjust = config.pipeline.bundle_adjustment
     tri = {**config.triangulate_kwargs(), **({"method": triangulation} if triangulation else {})}
     t0 = time.perf_counter()
     pts2d, conf = check_points2d(cameras, skeleton, points.pts2d, points.conf)
-    meta = {"source": str(points.path), "source_format": points.meta.get("source_format")}
+    meta = {"source": str(points.path), "source_format": points.meta.get("source_format"), "starting_rig": rig}
     if do_bundle_adjust:
         cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, config.bundle_adjust_kwargs(skeleton))
     result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=config.pipeline.fps or points.fps, meta=meta)

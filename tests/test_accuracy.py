@@ -248,3 +248,20 @@ def test_real_deepfly3d_calibration_from_the_nominal_ring(df3d_pkl):
     assert q_legs["median_px"] <= 1.01 * ref["median_px"] and q_legs["p95_px"] <= 1.01 * ref["p95_px"]
     assert q_all["median_px"] <= ref["median_px"] and q_all["p95_px"] <= ref["p95_px"]
     assert max(q_legs["bone_cv_pct"], q_all["bone_cv_pct"]) <= 3.2
+
+def test_reconstruct_with_deepfly3ds_own_calibration(df3d_pkl, tmp_path):
+    """`deeperfly reconstruct df3d_result.pkl --rig source --no-bundle-adjust`: DeepFly3D's 2D through DeepFly3D's own
+    calibration, triangulated by deeperfly, lands on DeepFly3D's own 3D (no alignment at all) and reprojects as DeepFly3D's
+    result does (2.57 px median); from the config's nominal ring without bundle adjustment it is pixels off."""
+    from deeperfly_nb.cli import main
+    from deeperfly_nb.results import PoseResult
+    assert main(["reconstruct", str(df3d_pkl), "-o", str(tmp_path / "src"), "--rig", "source", "--no-bundle-adjust", "-q"]) == 0
+    assert main(["reconstruct", str(df3d_pkl), "-o", str(tmp_path / "cfg"), "--no-bundle-adjust", "-q"]) == 0
+    src, cfg = (PoseResult.load(tmp_path / n / "results.h5") for n in ("src", "cfg"))
+    ref = read_df3d_result(df3d_pkl).pts3d_wo_procrustes
+    body = np.nanmedian(np.linalg.norm(ref[:, 15] - ref[:, 18], axis=-1))   # antenna to last stripe, DeepFly3D units
+    gap = np.linalg.norm(src.pts3d - ref, axis=-1)
+    assert np.isfinite(gap).sum() >= 500 and np.nanmedian(gap) < 0.001 * body, np.nanmedian(gap) / body
+    e_src, e_cfg = (r.summary()["reprojection_error_px"]["median"] for r in (src, cfg))
+    assert e_src <= 2.6 and e_cfg > 3 * e_src, (e_src, e_cfg)
+    assert src.meta["starting_rig"] == "source"
