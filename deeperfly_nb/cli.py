@@ -584,8 +584,8 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("-o", "--out", default="out", help="output folder (default: out)")
     s.add_argument("--no-bundle-adjust", action="store_true", help="triangulate with the starting rig as is")
     s.add_argument("--rig", choices=["config", "source"], default="config",
-                   help="start from the config's [cameras] (default) or from the rig the 2D file records: a deeperfly .h5's, or "
-                        "a DeepFly3D pickle's calibration (with --no-bundle-adjust, DeepFly3D's rig as it is)")
+                   help="start from the config's [cameras] (default) or from the rig the 2D file records: a deeperfly .h5 or "
+                        "NWB file's, or a DeepFly3D pickle's calibration (with --no-bundle-adjust, that rig as it is)")
     s.add_argument("--triangulation", choices=["dlt", "ransac", "greedy"], help="override [triangulation] method")
     s.add_argument("--overwrite", action="store_true", help="replace OUT/results.h5 if it exists (default: refuse)")
     s.set_defaults(func=cmd_reconstruct)

@@ -416,14 +416,14 @@ def read_nwb_points2d(path, # an NWB file with ndx-pose PoseEstimation(s)
                       name_map:dict|None=None, # {series name: skeleton point}
                       pattern:str="{view}", # how a view shows in a PoseEstimation's (or its device's) name
                      ) -> tuple:
-    "(pts2d (V, T, N, 2), conf (V, T, N), info) from the PoseEstimations of an NWB file, one per view; info has the image sizes deeperfly wrote."
+    "(pts2d (V, T, N, 2), conf (V, T, N), info) from the PoseEstimations of an NWB file, one per view; info has the image sizes deeperfly wrote and the rig (None without calibrated cameras)."
     path = Path(path)
     with _nwb_open(path) as io:
         nwb = io.read()
         _, single = _nwb_pose(nwb, path)
         ex = _nwb_extras_of(nwb)                          # deeperfly's own files carry the rig's image sizes
         sizes = {v: tuple(s) for v, s in zip(ex.get("view_names") or [], ex.get("image_sizes") or []) if s is not None and v in view_names}
-        per_view, unmapped = {}, set()
+        per_view, unmapped, devices = {}, set(), {}
         for pe in single:
             names = [pe.name] + ([pe.device.name] if pe.device is not None else [])
             hits = {v for i, v in enumerate(view_names) for nm in names if nm == v or _view_regex(v, i, pattern).search(nm)}
@@ -432,11 +432,15 @@ def read_nwb_points2d(path, # an NWB file with ndx-pose PoseEstimation(s)
             match = match_names(sn, skeleton, name_map, f"{path} ({pe.name})")
             T = len(pe.pose_estimation_series[sn[0]].data)
             p, c = _series_array(pe, sn, T, 2)
-            per_view[hits.pop()] = (place(p, match, skeleton.n_points, axis=1), place(c, match, skeleton.n_points, fill=0.0), f"{path} ({pe.name})")
+            view = hits.pop()
+            per_view[view] = (place(p, match, skeleton.n_points, axis=1), place(c, match, skeleton.n_points, fill=0.0), f"{path} ({pe.name})")
+            if hasattr(pe.device, "rotation_matrix") and pe.device.rotation_matrix is not None: devices[view] = pe.device
             unmapped |= set(match.unmapped)
+        calibrated = set(devices) == set(view_names)           # every view's CalibratedCamera: the rig the file records
+        cams = CameraGroup([_camera_of(devices[v], sizes.get(v)) for v in view_names]) if calibrated else None
     pts2d, conf = stack_views(per_view, view_names, skeleton.n_points)
     return pts2d, conf, {"file": str(path), "format": "NWB", "views": [v for v in view_names if v in per_view], "unmapped": sorted(unmapped),
-                         "image_sizes": sizes}
+                         "image_sizes": sizes, "cameras": cams}
 
 # %% ../nbs/16a_interop.ipynb #7e597506
 def write_slp(result:PoseResult, # the result whose 2D to write
@@ -776,7 +780,7 @@ def read_points2d(path_or_paths, # one file of every view (.slp, .nwb, .nc, deep
         pts2d, conf, info = single
     else:
         files = match_view_files(path_or_paths, views, pattern)
-        per_view, unmapped = {}, set()
+        per_view, unmapped, devices = {}, set(), {}
         for v, f in files.items():
             p, c, i = read_dlc_predictions(f, skeleton, name_map)
             per_view[v] = (p, c, str(f)); unmapped |= set(i["unmapped"])
@@ -807,5 +811,5 @@ def load_foreign(path, # a foreign file (or per-view files, as read_points2d tak
     if p is not None and p.suffix.lower() in (".h5", ".hdf5") and p.is_file() and _is_deeperfly_h5(p): return PoseResult.load(p)
     if cameras is None: raise InputError(f"{path}: holds 2D detections only; give the rig (cameras=...) to make a result of them")
     pts2d, conf, info = read_points2d(path, skeleton, cameras.names, name_map, **kw)
-    return PoseResult(pts2d, conf, cameras, skeleton, meta={"imported_from": {k: v for k, v in info.items() if k != "missing_views"}},
+    return PoseResult(pts2d, conf, cameras, skeleton, meta={"imported_from": {k: v for k, v in info.items() if k not in ("missing_views", "cameras")}},
                       provenance={"inputs": [str(path)] if p is not None else [str(x) for x in (path.values() if isinstance(path, dict) else path)]})

@@ -40,7 +40,7 @@ class Points2D:
     point_names: tuple|None = None  # the point names of the N axis, when the source records them
     path: Path|None = None        # the file read; None when built in memory
     meta: dict = field(default_factory=dict)  # about the source, e.g. {'source_format': 'deeperfly' or 'deepfly3d'}
-    cameras: CameraGroup|None = None  # the rig the file records (a deeperfly .h5, a DeepFly3D .pkl's calibration), in view order
+    cameras: CameraGroup|None = None  # the rig the file records (deeperfly .h5 or NWB, a DeepFly3D .pkl's calibration), in view order
 
 # %% ../nbs/11_pipeline.ipynb #b866fdef
 _SOURCE_GLOBS = ("points2d.h5", "*.h5", "df3d_result*.pkl", "df3d/df3d_result*.pkl")
@@ -214,8 +214,8 @@ def starting_rig(points:Points2D, # the 2D (in the config's view order), with th
                 ) -> CameraGroup:
     "The rig bundle adjustment starts from: the config's, sized to the 2D's footage, or the file's; an `InputError` naming the file when neither knows it."
     if one_of(rig, ("config", "source"), "starting rig") == "source":
-        if points.cameras is None: raise InputError(f"{points.path}: records no camera rig (deeperfly .h5 files and DeepFly3D "
-                                                    f"pickles do); start from the config's [cameras] (--rig config)")
+        if points.cameras is None: raise InputError(f"{points.path}: records no camera rig (deeperfly's .h5 and NWB files and "
+                                                    f"DeepFly3D's pickles do); start from the config's [cameras] (--rig config)")
         return points.cameras
     sizes = {n: points.image_sizes.get(n) for n in config.view_names if points.image_sizes.get(n)}
     unsized = [n for n, cc in config.cameras.items() if n not in sizes and cc.image_size is None and cc.principal_point_px is None]

@@ -259,9 +259,9 @@ def foreign_points2d(sources:list, # one file or folder, several per-view files,
     skeleton, io_cfg = config.skeleton(), config.model.interop
     pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,
                                       name_map=name_map or io_cfg.name_map or None, pattern=view_pattern or io_cfg.view_pattern)
-    sizes = info.pop("image_sizes", {})                         # deeperfly's own NWB files carry the rig's image sizes
+    sizes, cams = info.pop("image_sizes", {}), info.pop("cameras", None)   # deeperfly's own NWB files carry the rig and its image sizes
     return Points2D(pts2d, conf, list(config.view_names), sizes, None, tuple(skeleton.point_names), first,
-                    {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}})
+                    {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}}, cams)
 
 def recording_points2d(recording:Path, # a recording folder (or a 2D file)
                        config:Config, # the run's config

@@ -73,7 +73,7 @@ def test_run_reads_another_tools_2d_in_the_recording(tmp_path, sized_config):
 
 
 def test_reconstruct_from_deeperflys_own_nwb_needs_no_config(tmp_path, sized_config):
-    "An NWB file deeperfly wrote carries its rig, image sizes included: reconstruct reads it with the packaged config."
+    "An NWB file deeperfly wrote carries its rig, image sizes included: reconstruct reads it with the packaged config, and with --rig source starts from that rig."
     assert cli("export", POINTS2D, "s.nwb", cwd=tmp_path).returncode == 0
     p = cli("reconstruct", "s.nwb", "-o", "nwb", "-q", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -81,6 +81,11 @@ def test_reconstruct_from_deeperflys_own_nwb_needs_no_config(tmp_path, sized_con
     assert q.returncode == 0, q.stderr
     np.testing.assert_allclose(PoseResult.load(tmp_path / "nwb" / "results.h5").pts3d,
                                PoseResult.load(tmp_path / "own" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
+    for name, src in (("nwb_rig", "s.nwb"), ("own_rig", POINTS2D)):          # the rig each file records, as it is
+        p = cli("reconstruct", src, "-o", name, "--rig", "source", "--no-bundle-adjust", "-q", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+    np.testing.assert_allclose(PoseResult.load(tmp_path / "nwb_rig" / "results.h5").pts3d,
+                               PoseResult.load(tmp_path / "own_rig" / "results.h5").pts3d, atol=1e-6, equal_nan=True)
 
 
 def test_export_reprojected_2d_is_nearer_the_truth(tmp_path, sized_config):
