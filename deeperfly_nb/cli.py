@@ -6,17 +6,17 @@ Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #a425137f
 from __future__ import annotations
-import argparse, json, logging, os, platform, sys, time, traceback
+import argparse, json, logging, os, platform, sys, time, traceback, warnings
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct', 'find_ground_truth',
-           'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train',
-           'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_pseudo_label', 'cmd_self_train',
-           'make_parser', 'main']
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'detected', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct',
+           'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames',
+           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
+           'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -56,15 +56,24 @@ def cmd_init(args, # the parsed command line (see `make_parser`)
     return 0
 
 # %% ../nbs/20_cli.ipynb #430a0774
+def detected(result, # a PoseResult
+            ) -> bool:
+    "Whether a detector made the result's 2D: a `deeperfly run` with `[pipeline] pose2d` on (its provenance says)."
+    prov = result.provenance or {}
+    return "recording" in prov and ((prov.get("config") or {}).get("pipeline") or {}).get("pose2d", True)
+
 def detector_lines(result, # a PoseResult (its provenance holds the run's config)
                   ) -> list:
     "What made the result's 2D, from its provenance: the 2D file it read, and 'detector model NAME: WEIGHTS' for each model a run used."
     prov = result.provenance or {}
     cfg, src = prov.get("config") or {}, (prov.get("inputs") or {}).get("points2d")
-    detected = "recording" in prov and (cfg.get("pipeline") or {}).get("pose2d", True)     # a `deeperfly run` whose detectors ran
     lines = [f"2D read from {src}"] if src else []
-    if "recording" in prov and not detected: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
-    models = ((cfg.get("pose2d") or {}).get("models") or []) if detected else []
+    if "recording" in prov and not detected(result): lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
+    if "starting_rig" in result.meta:                                  # `reconstruct`: which rig, and whether it was adjusted
+        start = "the rig the 2D file records" if result.meta["starting_rig"] == "source" else "the config's [cameras]"
+        lines.append(f"rig: started from {start}, " + ("bundle-adjusted" if "bundle_adjustment" in result.meta else
+                                                        "used as it is (no bundle adjustment)"))
+    models = ((cfg.get("pose2d") or {}).get("models") or []) if detected(result) else []
     return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
 
 def _print_run_report(r):
@@ -78,7 +87,7 @@ def _print_run_report(r):
         print(f"  reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
     if r.result is not None:
         from deeperfly_nb.results import quality_warnings
-        for w in quality_warnings(r.result.summary()): logging.getLogger("deeperfly").warning(w)   # -q silences it
+        for w in quality_warnings(r.result.summary(), detected=detected(r.result)): logging.getLogger("deeperfly").warning(w)   # -q silences it
 
 def _run_on_dask(args, config, overwrite) -> int:
     "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
@@ -150,10 +159,10 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
-    s = result.summary()
+    if args.quiet: return 0                                            # -q: errors only
+    e = result.summary()["reprojection_error_px"]
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
           f"{result.n_frames} frames x {result.n_points} points")
-    e = s["reprojection_error_px"]
     print(f"reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
     return 0
 
@@ -215,7 +224,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         print(format_summary(summary))
         for line in detector_lines(result): print(line)
         if "refinement" in result.meta: print(format_refinement(result.meta["refinement"], result.skeleton.point_names))
-        for w in quality_warnings(summary): print(f"warning: {w}")
+        for w in quality_warnings(summary, detected=detected(result)): print(f"warning: {w}")
         if gt and "note" in gt: print(f"ground truth: {gt['note']}")
         elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
     if args.plot:
@@ -240,10 +249,10 @@ def _jsonable(x):
 def cmd_synth(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Render a synthetic recording with ground truth."
-    from deeperfly_nb.synth_footage import synth_recording
+    from deeperfly_nb.synth_footage import recording_files, synth_recording
     t0 = time.perf_counter()
     out = synth_recording(args.out, n_frames=args.frames, seed=args.seed, rig_rot_deg=args.rig_rot_deg, overwrite=args.overwrite)
-    files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
+    files = [p.name for p in recording_files(Path(out))]                # what it wrote, not what else the folder holds
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {', '.join(files)}")
     print(f"run it: deeperfly run {out} -o {Path(out).name}_out/")
     return 0
@@ -832,7 +841,9 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     logging.basicConfig(level=other, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("deeperfly").setLevel(level)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():                                 # a library warning: one line, as the log's, not a source listing
+            warnings.showwarning = lambda message, *_, **__: logging.getLogger("deeperfly").warning(str(message))
+            return args.func(args)
     except BrokenPipeError:
         _quiet_broken_pipe(); return 0
     except (DeeperflyError, OSError) as e:

@@ -383,12 +383,15 @@ QUALITY_LIMITS = {"reprojection_median_px": 10.0,    # a fitting detector and ri
 
 def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
+                     detected:bool=True, # a detector made the 2D (False: read from a file, as `deeperfly reconstruct` does)
                     ) -> list:
-    "Warnings (text) when a result's reprojection error or bone-length CV says the detector or rig do not fit the footage."
+    "Warnings (text) when a result's reprojection error or bone-length CV says the detector (or the 2D read) or rig do not fit the footage."
     out, fix = [], ("the detector may not fit this footage: on footage of DeepFly3D's tethered-fly rig, try the model made for it "
                     "(`deeperfly run --model bundled:fly_neuromechfly`); otherwise fine-tune it on a few labelled frames "
                     "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
-                    "(`deeperfly self-train`), or check the rig in [cameras]")
+                    "(`deeperfly self-train`), or check the rig in [cameras]") if detected else (
+                    "the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "
+                    "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
     if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"]:
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")

@@ -249,7 +249,7 @@ def test_real_deepfly3d_calibration_from_the_nominal_ring(df3d_pkl):
     assert q_all["median_px"] <= ref["median_px"] and q_all["p95_px"] <= ref["p95_px"]
     assert max(q_legs["bone_cv_pct"], q_all["bone_cv_pct"]) <= 3.2
 
-def test_reconstruct_with_deepfly3ds_own_calibration(df3d_pkl, tmp_path):
+def test_reconstruct_with_deepfly3ds_own_calibration(df3d_pkl, tmp_path, capsys):
     """`deeperfly reconstruct df3d_result.pkl --rig source --no-bundle-adjust`: DeepFly3D's 2D through DeepFly3D's own
     calibration, triangulated by deeperfly, lands on DeepFly3D's own 3D (no alignment at all) and reprojects as DeepFly3D's
     result does (2.57 px median); from the config's nominal ring without bundle adjustment it is pixels off."""
@@ -265,3 +265,7 @@ def test_reconstruct_with_deepfly3ds_own_calibration(df3d_pkl, tmp_path):
     e_src, e_cfg = (r.summary()["reprojection_error_px"]["median"] for r in (src, cfg))
     assert e_src <= 2.6 and e_cfg > 3 * e_src, (e_src, e_cfg)
     assert src.meta["starting_rig"] == "source"
+    capsys.readouterr(); assert main(["inspect", str(tmp_path / "cfg" / "results.h5")]) == 0
+    out = capsys.readouterr().out                                        # no detector ran: the warning blames the rig, not a detector
+    assert "rig: started from the config's [cameras], used as it is" in out and "--rig source" in out, out
+    assert "detector may not fit" not in out

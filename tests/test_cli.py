@@ -116,8 +116,10 @@ def test_synth_refuses_to_replace_your_files(tmp_path):
     r = run_cli("synth", str(tmp_path / "rec"), "--frames", "2")
     assert r.returncode == 2 and f"{mine} exists; give --overwrite" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert mine.read_text() == "my own footage" and sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["camera_0.mp4"]
-    assert run_cli("synth", str(tmp_path / "rec"), "--frames", "2", "--overwrite").returncode == 0
-    assert mine.read_bytes()[4:8] == b"ftyp"                                 # now an MP4
+    (tmp_path / "rec" / "notes.txt").write_text("mine too")
+    r = run_cli("synth", str(tmp_path / "rec"), "--frames", "2", "--overwrite")
+    assert r.returncode == 0 and mine.read_bytes()[4:8] == b"ftyp"           # now an MP4
+    assert "camera_6.mp4" in r.stdout and "notes.txt" not in r.stdout, r.stdout   # it lists what it wrote, not the folder
 
 def test_inspect_truncated_result(tmp_path, example_dir):
     out = tmp_path / "out"

@@ -121,3 +121,15 @@ def test_export_refuses_to_replace_files(tmp_path):
     assert len(list((tmp_path / "exp").glob("pred_*.csv"))) == 7 and "my own labels" not in (tmp_path / "exp" / "pred_lh.csv").read_text()
     p = cli("export", POINTS2D, "s.nwb", cwd=tmp_path); q = cli("export", POINTS2D, "s.nwb", cwd=tmp_path)
     assert p.returncode == 0 and q.returncode == 2 and "s.nwb exists" in q.stderr, q.stderr
+
+
+def test_a_library_warning_is_one_line(tmp_path, sized_config):
+    "A view without 2D in a file: the warning is one line of the log, not Python's warning with a source listing."
+    res = PoseResult.load(POINTS2D)
+    pts2d = res.pts2d.copy(); pts2d[res.view_names.index("f")] = np.nan
+    PoseResult(pts2d, res.conf, res.cameras, res.skeleton, fps=res.fps).save(tmp_path / "no_f.h5")
+    assert cli("export", tmp_path / "no_f.h5", "no_f.nwb", cwd=tmp_path).returncode == 0
+    p = cli("reconstruct", "no_f.nwb", "-o", "r", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "WARNING deeperfly: no 2D detections for view(s) ['f'] in no_f.nwb" in p.stderr, p.stderr
+    assert "UserWarning" not in p.stderr and "read_points2d(" not in p.stderr, p.stderr
