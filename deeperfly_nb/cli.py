@@ -13,9 +13,9 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'detected', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct',
-           'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor', 'parse_frames',
-           'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detected', 'detector_lines', 'cmd_run', 'cmd_export',
+           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor',
+           'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
            'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
@@ -54,6 +54,21 @@ def cmd_init(args, # the parsed command line (see `make_parser`)
     print(f"wrote {path}: edit [[sources]], [cameras.*], [skeleton] and the [pose2d] detection plan for your rig, "
           f"then `deeperfly run RECORDING -c {path} -o out/`")
     return 0
+
+# %% ../nbs/20_cli.ipynb #a7c3d9e1
+def busy_machine_hint(load:float|None=None, # the 1-minute load average (default: the machine's)
+                      cores:int|None=None, # CPU cores (default: the machine's)
+                      threads:int|None=None, # torch's CPU threads (default: torch's setting)
+                      env=None, # the environment (default: os.environ)
+                     ) -> str|None:
+    "A hint when other jobs keep every core busy and torch runs several threads, which then wait on each other (None otherwise)."
+    import torch
+    env, cores = os.environ if env is None else env, cores or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 2 or "OMP_NUM_THREADS" in env or load < cores - 0.5: return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores): detection with torch's {threads} threads can be several "
+            f"times slower than with one; if it is slow, run with OMP_NUM_THREADS=1")
 
 # %% ../nbs/20_cli.ipynb #430a0774
 def detected(result, # a PoseResult
@@ -114,6 +129,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
+    if (args.device or "cpu") == "cpu" and (hint := busy_machine_hint()): logging.getLogger("deeperfly").info(hint)
     rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
               progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
     for r in rep.reports: _print_run_report(r)
