@@ -91,6 +91,7 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
     models = ((cfg.get("pose2d") or {}).get("models") or []) if detected(result) else []
     return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
 
+# %% ../nbs/20_cli.ipynb #b8e4f0a1
 def _print_run_report(r):
     "The stages of one recording's run, the detector it used, and its reprojection error."
     print(f"{r.recording} -> {r.out_dir} in {r.seconds:.1f} s")
