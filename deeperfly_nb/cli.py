@@ -58,14 +58,14 @@ def cmd_init(args, # the parsed command line (see `make_parser`)
 # %% ../nbs/20_cli.ipynb #a7c3d9e1
 def busy_machine_hint(load:float|None=None, # the 1-minute load average (default: the machine's)
                       cores:int|None=None, # CPU cores (default: the machine's)
-                      threads:int|None=None, # torch's CPU threads (default: torch's setting)
+                      threads:int|None=None, # torch's CPU threads (default: torch's setting; not imported for it: a re-run need not load torch)
                       env=None, # the environment (default: os.environ)
                      ) -> str|None:
     "A hint when other jobs keep every core busy and torch runs several threads, which then wait on each other (None otherwise)."
-    import torch
     env, cores = os.environ if env is None else env, cores or os.cpu_count() or 1
     load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
-    threads = torch.get_num_threads() if threads is None else threads
+    if threads is None:                                  # torch's own count if it is loaded; else its default, one per core
+        threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else cores
     if threads < 2 or "OMP_NUM_THREADS" in env or load < cores - 0.5: return None
     return (f"the machine is busy (load {load:.1f} on {cores} cores): detection with torch's {threads} threads can be several "
             f"times slower than with one; if it is slow, run with OMP_NUM_THREADS=1")

@@ -123,7 +123,7 @@ def test_export_refuses_to_replace_files(tmp_path):
     assert p.returncode == 0 and q.returncode == 2 and "s.nwb exists" in q.stderr, q.stderr
 
 
-def test_a_library_warning_is_one_line(tmp_path, sized_config):
+def test_a_library_warning_is_one_line(tmp_path):
     "A view without 2D in a file: the warning is one line of the log, not Python's warning with a source listing."
     res = PoseResult.load(POINTS2D)
     pts2d = res.pts2d.copy(); pts2d[res.view_names.index("f")] = np.nan
