@@ -7,7 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/pipeline.html.md"""
 # %% ../nbs/11_pipeline.ipynb #809394d0
 from __future__ import annotations
 import json, logging, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
@@ -88,8 +88,8 @@ def match_views(points:Points2D, # a loaded 2D source
                                  f"config's rig has {len(names)} cameras: {missing} have none; use a config whose [cameras] match it")
     if extra: raise InputError(f"{src}the source's view(s) {extra} are not cameras of the rig {names}")
     order = [points.view_names.index(n) for n in names]
-    return Points2D(points.pts2d[order], points.conf[order], names, points.image_sizes, points.fps, points.point_names,
-                    points.path, points.meta, None if points.cameras is None else CameraGroup([points.cameras[i] for i in order]))
+    return replace(points, pts2d=points.pts2d[order], conf=points.conf[order], view_names=names,
+                   cameras=None if points.cameras is None else CameraGroup([points.cameras[i] for i in order]))
 
 # %% ../nbs/11_pipeline.ipynb #7058691e
 def check_points2d(cameras:CameraGroup, # the rig; its cameras are the V axis
