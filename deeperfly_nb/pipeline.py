@@ -23,7 +23,7 @@ from .df3d import read_df3d_result
 # %% auto #0
 __all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
            'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result',
-           'starting_rig', 'reconstruct']
+           'starting_rig', 'config_with_rig', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -224,6 +224,16 @@ def starting_rig(points:Points2D, # the 2D (in the config's view order), with th
                                  f"pixels, e.g. [480, 960]) under each [cameras.NAME], and pass it with -c config.toml")
     return config.camera_group(image_sizes=sizes or None)
 
+# %% ../nbs/11_pipeline.ipynb #aef3c1f6
+def config_with_rig(config:Config, # the config to copy
+                    cameras:CameraGroup, # the rig its [cameras] become (same view names, in the config's order)
+                    what:str="another rig", # where the rig came from, for the copy's `source`
+                   ) -> Config:
+    "A copy of `config` whose `[cameras]` tables are `cameras`."
+    d = config.to_dict()
+    d["cameras"] = cameras.to_dict()
+    return Config.from_dict(d, f"{config.source} with {what}", config.base_dir, config.path)
+
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
                 out_dir, # output folder (created if needed)
@@ -243,7 +253,7 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
         raise InputError(f"{points.path}: its points {list(points.point_names)[:5]}... are not the config's skeleton "
                          f"{skeleton.name!r} ({skeleton.n_points} points)")
     points = match_views(points, config.view_names)       # the views must agree before the rig is sized to them
-    cameras = starting_rig(points, config, rig)
+    cameras = cameras0 = starting_rig(points, config, rig)
     if do_bundle_adjust is None: do_bundle_adjust = config.pipeline.bundle_adjustment
     tri = {**config.triangulate_kwargs(), **({"method": triangulation} if triangulation else {})}
     t0 = time.perf_counter()
@@ -252,9 +262,10 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
     if do_bundle_adjust:
         cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, config.bundle_adjust_kwargs(skeleton))
     result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=config.pipeline.fps or points.fps, meta=meta)
+    used = config if rig == "config" else config_with_rig(config, cameras0, f"the rig {points.path} records")
     result.provenance.update({"inputs": {"points2d": str(points.path)}, "seconds": round(time.perf_counter() - t0, 3),
-                              "config": config.to_dict()})
+                              "config": used.to_dict()})
     result.save(out / "results.h5")
     (out / ".deeperfly").mkdir(exist_ok=True)          # the config beside the result, where it cannot replace a user's file
-    with atomic_path(out / ".deeperfly" / "config.toml") as tmp: tmp.write_text(config.to_toml())
+    with atomic_path(out / ".deeperfly" / "config.toml") as tmp: tmp.write_text(used.to_toml())
     return result
