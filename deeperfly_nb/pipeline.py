@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import InputError, ConfigError, atomic_path, check_shape, one_of
+from .core import InputError, ConfigError, atomic_path, check_shape, one_of, refuse_existing
 from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .triangulation import triangulate, reprojection_error
@@ -204,8 +204,7 @@ def check_replaceable_result(path:Path, # the results.h5 a command is about to w
     try: PoseResult.load(path)
     except InputError: raise InputError(f"{path} exists and is not a deeperfly result: refusing to replace it; "
                                         f"choose another output folder") from None
-    if not overwrite: raise InputError(f"{path} exists (a deeperfly result); give --overwrite to replace it, "
-                                       f"or choose another output folder with -o")
+    refuse_existing([path], overwrite, "it is a deeperfly result: give --overwrite to replace it, or choose another output folder with -o")
 
 # %% ../nbs/11_pipeline.ipynb #e5a1c0d1
 def starting_rig(points:Points2D, # the 2D (in the config's view order), with the image sizes and rig its file records
