@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/synth_mujoco.html.md"""
 
 # %% ../nbs/15a_synth_mujoco.ipynb #d0e794e1
 from __future__ import annotations
-import hashlib, importlib, json, os, pickle, shutil, subprocess, sys, tempfile, time, warnings, zipfile
+import functools, hashlib, importlib, json, os, pickle, shutil, subprocess, sys, tempfile, time, warnings, zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
@@ -381,7 +381,7 @@ def fold_wings(m, # the MuJoCo model (its wing bodies' body_quat are set)
     for side, s in (("R", -1.0), ("L", 1.0)):
         b = m.body(f"{side}Wing").id
         hinge, R0, V = d.xpos[b].copy(), d.xmat[b].reshape(3, 3).copy(), _mesh_points(m, f"{side}Wing")[::3]
-        _, _, ax = np.linalg.svd(V - V.mean(0))
+        _, _, ax = np.linalg.svd(V - V.mean(0), full_matrices=False)
         aL = ax[0] * np.sign(ax[0] @ V[np.argmax(np.linalg.norm(V, axis=1))])     # the long axis, towards the tip
         nL = ax[2] * np.sign((R0 @ ax[2])[2])                                   # the plane's normal, dorsal side up
         yaw, roof = np.deg2rad(look.wing_yaw_deg), np.deg2rad(look.wing_roof_deg)
@@ -544,6 +544,21 @@ class FlyModel:
     home_pos: np.ndarray|None = None     # (3,) FlyBody's position as built; `place_body` moves the body from there
     home_quat: np.ndarray|None = None    # (4,) and its orientation (w, x, y, z)
 
+# %% ../nbs/15a_synth_mujoco.ipynb #9f4facce
+def _fly_spec(mjcf:Path):
+    "NeuroMechFly's MJCF as an editable spec, with Thorax and the abdomen kept as bodies (the stripes hang on them)."
+    spec = import_mujoco().MjSpec.from_file(str(mjcf))
+    spec.compiler.fusestatic = False
+    return spec
+
+@functools.lru_cache(maxsize=2)
+def _bare_fly(mjcf:str, mtime_ns:int):
+    "The fly compiled as the file has it, once per file version: only its meshes and rest pose are read (never change it)."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _fly_spec(Path(mjcf)).compile()
+
+
 # %% ../nbs/15a_synth_mujoco.ipynb #c8f84148
 SCENES = ("tethered", "arena")   # above a ball under a holder; walking on a flat floor
 
@@ -564,12 +579,12 @@ def build_fly(look=None, # materials, lights, ball texture (default: `MjLook()`)
     if not (look.plate_rim >= 0 and look.plate_streaks >= 0):
         raise InputError(f"look.plate_rim and look.plate_streaks must be >= 0 (0: none), got {look.plate_rim} and {look.plate_streaks}")
     mj = import_mujoco()
-    spec = mj.MjSpec.from_file(str(require_assets(assets) / NMF_MJCF))
-    spec.compiler.fusestatic = False                       # keep Thorax and the abdomen as bodies (the stripes hang on them)
+    mjcf = require_assets(assets) / NMF_MJCF
+    spec = _fly_spec(mjcf)
     _paint_fly(spec, mj, look)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)       # flygym's MJCF uses a deprecated 'meaninertia'
-        _add_bands(spec, mj, spec.compile(), look)         # the bands are cut from the compiled meshes
+        _add_bands(spec, mj, _bare_fly(str(mjcf), mjcf.stat().st_mtime_ns), look)   # the bands are cut from the compiled meshes
         rng = np.random.default_rng([int(seed), 0xBA11])
         _add_view(spec, mj, look, max_size)
         if scene == "tethered": _add_props(spec, mj, look, rng, ball_radius_mm)
