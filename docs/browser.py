@@ -149,7 +149,7 @@ class Chromium:
 
     # -- pages ----------------------------------------------------------------------------------------------
     def visit(self, url: str, screenshot: Path | None = None, scroll_to: str | None = None,
-              plotly_timeout: float = 20.0, settle: float = 0.5, wait_for: str | None = None,
+              plotly_timeout: float = 20.0, settle: float = 0.25, wait_for: str | None = None,
               evaluate: str | None = None, width: int = 1280, height: int = 900, block: tuple = (),
               then_widths: tuple = ()) -> PageVisit:
         """Open `url` in a new tab, wait for the load event, for the network to go quiet, for every Plotly figure
