@@ -23,7 +23,7 @@ from .df3d import read_df3d_result
 # %% auto #0
 __all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
            'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result',
-           'starting_rig', 'config_with_rig', 'reconstruct']
+           'starting_rig', 'config_that_ran', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -224,14 +224,17 @@ def starting_rig(points:Points2D, # the 2D (in the config's view order), with th
     return config.camera_group(image_sizes=sizes or None)
 
 # %% ../nbs/11_pipeline.ipynb #aef3c1f6
-def config_with_rig(config:Config, # the config to copy
-                    cameras:CameraGroup, # the rig its [cameras] become (same view names, in the config's order)
-                    what:str="another rig", # where the rig came from, for the copy's `source`
+def config_that_ran(config:Config, # the config given
+                    bundle_adjustment:bool, # whether bundle adjustment ran
+                    triangulation:str, # the triangulation method used
+                    cameras:CameraGroup|None=None, # the rig the job started from, when it was not the config's [cameras]
+                    what:str="another rig", # where that rig came from, for the copy's `source`
                    ) -> Config:
-    "A copy of `config` whose `[cameras]` tables are `cameras`."
+    "A copy of `config` that reruns the job: [pipeline] bundle_adjustment and [triangulation] method as they ran, [cameras] its starting rig."
     d = config.to_dict()
-    d["cameras"] = cameras.to_dict()
-    return Config.from_dict(d, f"{config.source} with {what}", config.base_dir, config.path)
+    d["pipeline"]["bundle_adjustment"], d["triangulation"]["method"] = bool(bundle_adjustment), triangulation
+    if cameras is not None: d["cameras"] = cameras.to_dict()
+    return Config.from_dict(d, config.source if cameras is None else f"{config.source} with {what}", config.base_dir, config.path)
 
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
@@ -261,10 +264,11 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
     if do_bundle_adjust:
         cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, config.bundle_adjust_kwargs(skeleton))
     result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=config.pipeline.fps or points.fps, meta=meta)
-    used = config if rig == "config" else config_with_rig(config, cameras0, f"the rig {points.path} records")
+    used = config_that_ran(config, do_bundle_adjust, tri["method"], None if rig == "config" else cameras0, f"the rig {points.path} records")
     result.provenance.update({"inputs": {"points2d": str(points.path)}, "seconds": round(time.perf_counter() - t0, 3),
                               "config": used.to_dict()})
     result.save(out / "results.h5")
     (out / ".deeperfly").mkdir(exist_ok=True)          # the config beside the result, where it cannot replace a user's file
-    with atomic_path(out / ".deeperfly" / "config.toml") as tmp: tmp.write_text(used.to_toml())
+    with atomic_path(out / ".deeperfly" / "config.toml") as tmp:
+        tmp.write_text(f"# the config of this reconstruct ({points.path}); with -c it reruns the same job\n" + used.to_toml())
     return result
