@@ -268,6 +268,8 @@ def cmd_synth(args, # the parsed command line (see `make_parser`)
     "Render a synthetic recording with ground truth."
     from deeperfly_nb.synth_footage import recording_files, synth_recording
     t0 = time.perf_counter()
+    if args.renderer == "mujoco":                                           # NeuroMechFly's body (its assets: fetch-assets)
+        from deeperfly_nb.synth_mujoco import synth_recording_mujoco as synth_recording
     out = synth_recording(args.out, n_frames=args.frames, seed=args.seed, rig_rot_deg=args.rig_rot_deg, overwrite=args.overwrite)
     files = [p.name for p in recording_files(Path(out))]                # what it wrote, not what else the folder holds
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {', '.join(files)}")
@@ -630,6 +632,9 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--frames", type=int, default=64, help="number of frames (default: 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed: gait, looks, noise, rig perturbation (default: 0)")
     s.add_argument("--rig-rot-deg", type=float, default=0.3, help="turn of each true camera from the nominal rig, degrees (default: 0.3)")
+    s.add_argument("--renderer", choices=["numpy", "mujoco"], default="numpy", help="numpy (the default; the bundled example): "
+                   "deeperfly's drawn fly, about 4 frames of 7 views a second on one CPU thread; mujoco: NeuroMechFly's body from micro-CT, "
+                   "rendered by MuJoCo, about 0.5 frames a second (needs its assets: python -m deeperfly_nb.synth_mujoco fetch-assets)")
     s.add_argument("--overwrite", action="store_true", help="replace a recording's files already in OUT (default: refuse, naming them)")
     s.set_defaults(func=cmd_synth)
     s = sub.add_parser("doctor", help="check the installation: versions, device, video codecs, weights, the bundled model")

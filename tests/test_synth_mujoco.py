@@ -218,6 +218,18 @@ def test_recording_written_and_read_back(assets, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_cli_synth_renders_neuromechfly(assets, tmp_path):
+    "`deeperfly synth --renderer mujoco` writes the same files as the default renderer, with NeuroMechFly's body in them."
+    import subprocess, sys
+    cmd = [sys.executable, "-c", "import sys; from deeperfly_nb.cli import main; sys.exit(main())", "synth", str(tmp_path / "rec"),
+           "--renderer", "mujoco", "--frames", "2", "--seed", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "camera_6.mp4" in r.stdout and "ground_truth.h5" in r.stdout, r.stdout + r.stderr
+    res, extra = load_ground_truth(tmp_path / "rec")
+    assert res.meta["model"].startswith("NeuroMechFly") and res.meta["renderer"].startswith("mujoco") and res.pts3d.shape == (2, 38, 3)
+    assert res.meta["seed"] == 4 and extra["pts2d_all"].shape == (7, 2, 38, 2)
+
+
 def test_other_model_joint_angles_refused(assets, tmp_path):
     other = tmp_path / "mouse.npz"
     np.savez(other, names=np.array(["hip_flexion", "knee"]), angles=np.zeros((5, 2)), dt_s=0.01)
