@@ -255,6 +255,9 @@ def foreign_points2d(sources:list, # one file or folder, several per-view files,
     from deeperfly_nb.interop import read_points2d
     first = Path(sources[0])
     globbed = any(c in str(first) for c in "*?[")
+    if len(sources) == 1 and first.is_file() and first.suffix.lower() not in (*FOREIGN_2D, ".h5", ".pkl"):
+        raise InputError(f"{first}: unknown 2D source type {first.suffix!r}; expected a deeperfly .h5, a DeepFly3D .pkl, "
+                         f"or another tool's {', '.join(FOREIGN_2D)}")
     if len(sources) == 1 and not globbed and (first.is_dir() or first.suffix.lower() not in FOREIGN_2D): return None
     skeleton, io_cfg = config.skeleton(), config.model.interop
     pts2d, conf, info = read_points2d(sources if len(sources) > 1 else sources[0], skeleton, config.view_names,

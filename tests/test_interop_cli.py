@@ -133,3 +133,11 @@ def test_a_library_warning_is_one_line(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "WARNING deeperfly: no 2D detections for view(s) ['f'] in no_f.nwb" in p.stderr, p.stderr
     assert "UserWarning" not in p.stderr and "read_points2d(" not in p.stderr, p.stderr
+
+
+def test_an_unknown_2d_file_type_lists_every_kind_reconstruct_reads(tmp_path):
+    "A file of no 2D kind: one line naming it and every kind `reconstruct` reads, not just deeperfly's own two."
+    (tmp_path / "x.toml").write_text("[skeleton]\n")
+    p = cli("reconstruct", "x.toml", "-o", "out", cwd=tmp_path)
+    assert p.returncode == 2 and "x.toml: unknown 2D source type '.toml'" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert all(k in p.stderr for k in (".h5", ".pkl", ".slp", ".nwb", ".nc", ".csv")) and not (tmp_path / "out").exists(), p.stderr
