@@ -137,7 +137,8 @@ def bundle_adjust_rig(cameras:CameraGroup, # the initial rig (V cameras)
     t0 = time.perf_counter()
     refined, ba = bundle_adjust_cameras(cameras, pts2d, conf, skeleton, **(bundle_adjust_kwargs or {}))
     summary = ba_summary(ba, time.perf_counter() - t0)
-    log.info("bundle adjustment: %s evaluations in %.2f s, median reprojection error of its own fit %.2f -> %.2f px",
+    log.info("bundle adjustment: %s evaluations in %.2f s; the points it solves with the cameras reproject to a median %.2f -> "
+             "%.2f px (the result's error is the triangulated 3D's, over every observation)",
              summary.get("nfev"), summary["seconds"], summary.get("median_reproj_before", np.nan),
              summary.get("median_reproj_after", np.nan))
     return refined, summary
