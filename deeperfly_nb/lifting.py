@@ -567,6 +567,8 @@ def _prepare(train_2d, test_2d, train_3d, test_3d, roots, target_sets, augs, tra
     for k, a in t3.items():
         if a.shape[1] != J: raise InputError(f"train_3d[{k!r}] has {a.shape[1]} joints but train_3d[{next(iter(t3))!r}] has {J}")
     X2, X3, kp = None if proj else _concat(t2), _concat(t3), _keypts_mask(train_keypts, t3)
+    if len(X3) < 10: raise InputError(f"train_3d has {len(X3)} pose(s): a lifter needs at least 10 (some are held out to pick the "
+                                      f"best checkpoint); add frames or recordings")
     rng = np.random.default_rng(o.seed)
     tr, va = _split(len(X3), o.val_fraction, rng)
     pick = lambda a, i: None if a is None else a[i]
@@ -688,6 +690,7 @@ def load_lifter(folder, # a folder written by `train`
     "Load a trained lifter."
     folder = Path(folder)
     meta = folder / "lifter.json"
+    if not folder.exists(): raise InputError(f"{folder} does not exist: give a folder that lifting.train wrote")
     if not meta.is_file(): raise InputError(f"{folder} is not a lifter folder: {meta.name} is missing")
     try: rec = json.loads(meta.read_text()); stats = LiftStats.from_dict(rec["stats"])
     except (ValueError, KeyError, TypeError) as e: raise InputError(f"{meta} is not a readable lifter description: {e}") from None
@@ -834,14 +837,16 @@ def _library_arrays(k, r:PoseResult, X:np.ndarray, camera, detections:bool, join
     if p2 is not None: keep = np.setdiff1d(keep, _empty_poses(p2, js))
     return (None if p2 is None else p2[keep]), Xc[keep]
 
-def library_from_results(results, # a PoseResult, or a list/dict of them
+def library_from_results(results, # a PoseResult or a results.h5 path, or a list/dict of them
                          camera:Camera|str|None=None, # a Camera, a view name, or None (world 3D, no 2D)
                          detections:bool=False, # with a view name: that view's detections instead of re-projections
                          joints=None, # joints that must not all be NaN in a kept frame (default: all)
                          mirror:bool=False, # also each result's mirror images (`mirror_poses`), as '{name}_mirror'
                         ) -> tuple:
     "(pts2d dict or None, pts3d dict): `{name: (T', J, 2)}` and `{name: (T', J, 3)}` per result."
-    items = results.items() if isinstance(results, dict) else enumerate([results] if isinstance(results, PoseResult) else results)
+    one = isinstance(results, (PoseResult, str, Path))
+    items = results.items() if isinstance(results, dict) else enumerate([results] if one else results)
+    items = [(k, PoseResult.load(r) if isinstance(r, (str, Path)) else r) for k, r in items]   # results.h5 files are read
     if detections and not isinstance(camera, str): raise InputError("detections=True needs camera to be a view name")
     if detections and mirror: raise InputError("mirror=True needs re-projections: a mirror image has no detections (detections=False)")
     out2, out3 = {}, {}
