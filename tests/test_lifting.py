@@ -148,8 +148,11 @@ def test_bad_input_messages(trained, data, tmp_path):
         L.load_lifter(trained.folder, skeleton=half)
     with pytest.raises(InputError, match="pts2d has 19 joints but lifter .* was trained for 38"):
         L.lift(trained, h2[:, :19])
-    with pytest.raises(InputError, match="lifter.json is missing"):
+    with pytest.raises(InputError, match="nothing does not exist: give a folder that lifting.train wrote"):
         L.load_lifter(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty is not a lifter folder: lifter.json is missing"):
+        L.load_lifter(tmp_path / "empty")
     with pytest.raises(ConfigError, match="lifting.epoch is not a lifting option"):
         L.train(l2, None, l3, None, ROOTS, TARGETS, training_kwargs={"epoch": 2}, output_folder=tmp_path)
 
