@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #a425137f
 from __future__ import annotations
-import argparse, json, logging, os, platform, sys, time, traceback, warnings
+import argparse, contextlib, json, logging, os, platform, sys, time, traceback, warnings
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
@@ -854,6 +854,13 @@ def _quiet_broken_pipe():
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except OSError: pass
 
+class _OtherLibraries(logging.Filter):
+    "Passes deeperfly's records, and other libraries' from `level` up, whatever levels they set for themselves."
+    level = logging.WARNING
+    def filter(self, record): return record.name.startswith("deeperfly") or record.levelno >= self.level
+
+_OTHER_LIBRARIES = _OtherLibraries()
+
 def main(argv=None, # the arguments (default: sys.argv[1:])
         ) -> int:
     "Entry point of the `deeperfly` command; returns (and, as a script, exits with) the exit code."
@@ -861,11 +868,15 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     other = logging.DEBUG if args.verbose else max(level, logging.WARNING)      # other libraries' INFO lines (numexpr, ...) only with -v
     logging.basicConfig(level=other, format="%(levelname)s %(name)s: %(message)s")
+    _OTHER_LIBRARIES.level = other                                      # libraries that set their own levels (Dask's INFO)
+    for h in logging.getLogger().handlers:
+        if _OTHER_LIBRARIES not in h.filters: h.addFilter(_OTHER_LIBRARIES)
     logging.getLogger("deeperfly").setLevel(level)
     try:
         with warnings.catch_warnings():                                 # a library warning: one line, as the log's, not a source listing
             warnings.showwarning = lambda message, *_, **__: logging.getLogger("deeperfly").warning(str(message))
-            return args.func(args)
+            with open(os.devnull, "w") if args.quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
+                return args.func(args)                                  # -q: errors only, whatever a command prints
     except BrokenPipeError:
         _quiet_broken_pipe(); return 0
     except (DeeperflyError, OSError) as e:
