@@ -206,15 +206,16 @@ def _read_error(path:Path, e:Exception, expected:str) -> ModelError:
             return ModelError(f"{path} is an HDF5 file (a deeperfly result or label file?), not a model checkpoint: "
                               f"a model is a torch file, e.g. the RUN_DIR/model.pt that `deeperfly train` writes; expected {expected}")
     detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    msg = (detail.group(1) if detail else text.splitlines()[0] if text else "")[:200]
-    return ModelError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {msg}; "
-                      f"expected {expected}; is the file complete?")
+    msg = (detail.group(1) if detail else text.splitlines()[0] if text else "")[:200].strip()
+    why = f"{type(e).__name__}: {msg}" if msg else f"not a torch file ({type(e).__name__})"
+    return ModelError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {why}; expected {expected}; is the file complete?")
 
 def load_checkpoint(path:str|Path, # a DeepFly2D or deeperfly checkpoint (.pt / .pth / .tar)
                    ) -> tuple[dict, dict]:
     "(state_dict without the 'module.' prefix, metadata) of a checkpoint, read with weights_only=True."
     path = Path(path)
-    expected = "a torch.save'd dict {'state_dict': {'module.<key>': tensor}, 'epoch', 'arch', 'best_acc'} (DeepFly2D's layout)"
+    expected = ("a model deeperfly trained (RUN_DIR/model.pt) or DeepFly2D's: a torch.save'd dict {'state_dict': "
+                "{'module.<key>': tensor}, 'epoch', 'arch', 'best_acc'}")
     if not path.is_file(): raise ModelError(f"checkpoint {path} does not exist")
     try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e: raise _read_error(path, e, expected) from None
