@@ -318,7 +318,8 @@ def _summary(self:PoseResult) -> dict:
                        "reproj_p95_px": _num(ev["p95"][v]) if ev else None, "n_reproj": int(ev["n"][v]) if ev else 0}
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
-           "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None}
+           "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None,
+           "lifted_from_view": ((self.meta or {}).get("lifting") or {}).get("view")}     # one camera's 2D lifted, not triangulated
     if self.pts3d is not None:
         out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
         with warnings.catch_warnings():
@@ -353,7 +354,8 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
     fps = "unknown" if s["fps"] is None else f"{s['fps']:g}"
     lines.append(f"{s['views']} views x {s['frames']} frames x {s['points']} points (skeleton {s['skeleton']!r}), fps {fps}")
     ft = summary["fraction_triangulated"]
-    lines.append("3D points: none" if ft is None else f"3D points: {ft:.1%} of point-frames triangulated")
+    how = f"lifted from view {summary['lifted_from_view']!r}" if summary.get("lifted_from_view") else "triangulated"
+    lines.append("3D points: none" if ft is None else f"3D points: {ft:.1%} of point-frames {how}")
     lines.append("")
     w = max(4, *(len(n) for n in summary["views"]))
     lines.append(f"{'view':<{w}}  {'detected':>8}  {'confidence':>10}  {'reproj median':>13}  {'reproj p95':>10}  {'n':>7}")
@@ -392,6 +394,9 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                     "(`deeperfly self-train`), or check the rig in [cameras]") if detected else (
                     "the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "
                     "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
+    if summary.get("lifted_from_view"):
+        fix = (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
+               f"(lifting.train), or check view {summary['lifted_from_view']!r}'s 2D")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
     if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"]:
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")
