@@ -16,7 +16,7 @@ from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, dis
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detected', 'detector_lines', 'cmd_run', 'cmd_export',
            'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor',
            'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
-           'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
+           'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -741,6 +741,31 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--overwrite", action="store_true", help="replace OUT/results.h5 if it exists (default: refuse)")
     s.set_defaults(func=cmd_lift)
 
+# %% ../nbs/20_cli.ipynb #977066a6
+def cmd_train_lifter(args, # the parsed command line (see `make_parser`)
+                    ) -> int:
+    "Train a lifter for one camera on the 3D of multi-camera results (`lifting.train_from_results`)."
+    from deeperfly_nb.lifting import read_log, train_from_results
+    t0 = time.perf_counter()
+    lifter = train_from_results(args.results, args.out, args.view, args.root, {"epochs": args.epochs}, mirror=args.mirror)
+    log = read_log(args.out)
+    print(f"trained {lifter.folder} in {time.perf_counter() - t0:.1f} s: {int(log['epoch'][-1])} epochs; best validation error "
+          f"{np.nanmin(log['err_val']):.4g} (mean per target point, in the results' 3D units)")
+    print(f"use it: deeperfly lift RESULT_OR_2D -m {args.out} --view VIEW -o OUT/")
+    return 0
+
+def _add_train_lifter_parser(sub, # the subparsers of `make_parser`
+                            ):
+    "Add `train-lifter`."
+    s = sub.add_parser("train-lifter", help="single camera: train a lifter (LiftPose3D) on multi-camera results' 3D, for `lift`")
+    s.add_argument("results", nargs="+", help="results.h5 files with 3D (multi-camera `deeperfly run`s of the same kind of footage)")
+    s.add_argument("-o", "--out", required=True, help="the lifter's folder (a folder it trained before continues)")
+    s.add_argument("--view", help="the camera whose 2D it will lift (default: the results' first view)")
+    s.add_argument("--root", help="another skeleton's root point, the others its targets (default: fly38's six body-coxa roots)")
+    s.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    s.add_argument("--mirror", action="store_true", help="also learn each pose's mirror image (more poses from fewer results)")
+    s.set_defaults(func=cmd_train_lifter)
+
 # %% ../nbs/20_cli.ipynb #75a44646
 def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
                     ) -> int:
@@ -838,7 +863,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
     _add_init_parser(sub); _add_run_parser(sub); _add_inspect_parser(sub); _add_other_parsers(sub); _add_train_parser(sub)
-    _add_crop_parsers(sub); _add_lift_parser(sub); _add_pseudo_label_parser(sub); _add_self_train_parser(sub)
+    _add_crop_parsers(sub); _add_lift_parser(sub); _add_train_lifter_parser(sub); _add_pseudo_label_parser(sub); _add_self_train_parser(sub)
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161

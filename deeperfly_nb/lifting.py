@@ -25,7 +25,8 @@ __all__ = ['FLY_LEGS_ORDER', 'FLY_LEG_CHAIN', 'LOG_FIELDS', 'MOVIE_COLOURS', 'ch
            'project_to_cam', 'random_project', 'perturb_pose', 'apply_augmentation', 'check_augmentation',
            'mirror_pairs', 'mirror_poses', 'read_log', 'train', 'Lifter', 'load_lifter', 'lift', 'lift_errors',
            'mean_pose_baseline', 'nearest_neighbour_baseline', 'test', 'load_test_results', 'library_from_results',
-           'training_log_figure', 'error_figure', 'pose_figure', 'movie_figure', 'movie_camera', 'movie_mp4']
+           'train_from_results', 'training_log_figure', 'error_figure', 'pose_figure', 'movie_figure', 'movie_camera',
+           'movie_mp4']
 
 # %% ../nbs/08b_lifting.ipynb #120ed2c5
 def _point_indices(names, n_joints:int, skeleton:Skeleton|None, what:str) -> tuple:
@@ -857,6 +858,31 @@ def library_from_results(results, # a PoseResult or a results.h5 path, or a list
             p2, out3[name] = _library_arrays(k, r, X, camera, detections, joints)
             if p2 is not None: out2[name] = p2
     return (out2 or None), out3
+
+# %% ../nbs/08b_lifting.ipynb #e2b02624
+def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. multi-camera `deeperfly run`s), or a dict of them
+                       output_folder, # where the lifter goes (a folder it trained before resumes)
+                       view:str|None=None, # the camera whose 2D it will lift (default: the first result's first view)
+                       root:str|None=None, # another skeleton's root point (its other points are the targets); None: `fly_roots`
+                       training_kwargs:dict|LiftOptions|None=None, # `LiftOptions` overrides, e.g. {"epochs": 40}
+                       mirror:bool=False, # also learn each pose's mirror image (`mirror_poses`)
+                       verbose:bool=False, # print a line per epoch
+                      ) -> "Lifter":
+    "A lifter for camera `view` trained on the 3D of `results`, seen through that camera (`library_from_results`)."
+    items = results if isinstance(results, dict) else {str(r) if isinstance(r, (str, Path)) else f"result {k}": r
+                                                        for k, r in enumerate([results] if isinstance(results, (str, Path, PoseResult)) else results)}
+    loaded = {k: PoseResult.load(r) if isinstance(r, (str, Path)) else r for k, r in items.items()}
+    if not loaded: raise InputError("train_from_results needs at least one result with 3D")
+    first = next(iter(loaded.values()))
+    view, sk = view or first.view_names[0], first.skeleton
+    other = [k for k, r in loaded.items() if tuple(r.skeleton.point_names) != tuple(sk.point_names)]
+    if other: raise InputError(f"{other[0]}: its skeleton {loaded[other[0]].skeleton.name!r} is not {sk.name!r}, the first result's")
+    if root is None: roots, targets = fly_roots(sk)
+    else:
+        r = _point_indices([root], sk.n_points, sk, "root")[0]
+        roots, targets = (r,), (tuple(j for j in range(sk.n_points) if j != r),)
+    p2, p3 = library_from_results(loaded, camera=view, mirror=mirror)
+    return train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
 def training_log_figure(output_folder, # a folder written by `train`

@@ -396,7 +396,7 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                     "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
     if summary.get("lifted_from_view"):
         fix = (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
-               f"(lifting.train), or check view {summary['lifted_from_view']!r}'s 2D")
+               f"(`deeperfly train-lifter`), or check the 2D of view {summary['lifted_from_view']!r}")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
     if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"]:
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")

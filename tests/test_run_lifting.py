@@ -115,3 +115,22 @@ def test_bad_lifting_input_is_named(lifter, recording, tmp_path):
         config(lifter, min_confidance=0.5)
     with pytest.raises(ConfigError, match=r"lifting.view: 'rn' is not a camera; cameras are rm"):
         config(lifter, view="rn")
+
+
+def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thread):
+    "`deeperfly train-lifter` on multi-camera results (3D of 4 flies), then `deeperfly lift` on a held-out fly: near its truth."
+    from deeperfly_nb.cli import main
+    files = []
+    for s in range(4):
+        X = walking_fly(150, seed=s)
+        files.append(str(tmp_path / f"r{s}.h5"))
+        PoseResult(RIG.project(X), np.ones((len(RIG), 150, FLY.n_points)), RIG, FLY, pts3d=X, fps=100.0).save(files[-1])
+    assert main(["-q", "train-lifter", *files, "-o", str(tmp_path / "lifter"), "--view", "rm", "--epochs", "8"]) == 0
+    truth = walking_fly(60, seed=99)
+    PoseResult(RIG.project(truth), np.ones((len(RIG), 60, FLY.n_points)), RIG, FLY, fps=100.0).save(tmp_path / "held.h5")
+    assert main(["-q", "lift", str(tmp_path / "held.h5"), "-m", str(tmp_path / "lifter"), "--view", "rm", "-o", str(tmp_path / "out")]) == 0
+    err = median_error(PoseResult.load(tmp_path / "out" / "results.h5").pts3d, truth)
+    mean_pose = float(np.nanmedian(np.linalg.norm(truth[:, TGT].mean(0) - truth[:, TGT], axis=-1)))
+    assert err < 0.5 * mean_pose, (err, mean_pose)
+    assert main(["train-lifter", str(tmp_path / "held.h5"), "-o", str(tmp_path / "l2")]) == 2    # 2D only: refused, nothing written
+    assert not (tmp_path / "l2").exists()
