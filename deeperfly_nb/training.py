@@ -609,7 +609,9 @@ def resume(self:Trainer):
     except ConfigError: old = r["config"]
     if old != cfg:
         diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-        raise ConfigError(f"cannot resume {self.out}: the training settings differ from the run's ({', '.join(diff)})")
+        more = (f"; to train its model further, start a new run from it: --init {self.out / 'model.pt'} -o ANOTHER_DIR"
+                if diff == ["steps"] else "")
+        raise ConfigError(f"cannot resume {self.out}: the training settings differ from the run's ({', '.join(diff)}){more}")
     if r["fingerprint"] != self.fingerprint: raise InputError(f"cannot resume {self.out}: the samples differ from the ones the run was trained on")
     if r.get("style") != self.style_digest:
         raise InputError(f"cannot resume {self.out}: the style images differ from the run's ({'none' if r.get('style') is None else 'some'} then, "

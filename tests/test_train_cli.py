@@ -62,6 +62,9 @@ def test_train_end_to_end_on_a_deeplabcut_csv_then_resume(tmp_path, capsys):
     assert "already holds a training run" in err and "--resume" in err
     assert main(["train", str(csv_path), "--view", "lh", "-o", str(run), "--resume", *TINY]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
+    longer = [a if a != "3" else "6" for a in TINY]                 # more steps: not a resume; the message says how
+    assert main(["train", str(csv_path), "--view", "lh", "-o", str(run), "--resume", *longer]) == 2
+    assert f"(steps); to train its model further, start a new run from it: --init {run / 'model.pt'}" in capsys.readouterr().err
 
 
 def test_train_on_a_deeperfly_label_file_in_process(tmp_path, capsys):
