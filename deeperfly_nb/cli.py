@@ -634,7 +634,8 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
     s.add_argument("--rig-rot-deg", type=float, default=0.3, help="turn of each true camera from the nominal rig, degrees (default: 0.3)")
     s.add_argument("--renderer", choices=["numpy", "mujoco"], default="numpy", help="numpy (the default; the bundled example): "
                    "deeperfly's drawn fly, about 4 frames of 7 views a second on one CPU thread; mujoco: NeuroMechFly's body from micro-CT, "
-                   "rendered by MuJoCo, about 0.5 frames a second (needs its assets: python -m deeperfly_nb.synth_mujoco fetch-assets)")
+                   "rendered by MuJoCo, walking as recorded (the legs as recorded, a look drawn like DeepFly3D's footage), about 0.5 "
+                   "frames a second (needs its assets: python -m deeperfly_nb.synth_mujoco fetch-assets)")
     s.add_argument("--overwrite", action="store_true", help="replace a recording's files already in OUT (default: refuse, naming them)")
     s.set_defaults(func=cmd_synth)
     s = sub.add_parser("doctor", help="check the installation: versions, device, video codecs, weights, the bundled model")
