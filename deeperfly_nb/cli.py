@@ -732,7 +732,7 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
     "Add `lift`."
     s = sub.add_parser("lift", help="single camera: lift one view's 2D to 3D with a trained lifter (LiftPose3D) -> results.h5")
     s.add_argument("source", nargs="+", help="a deeperfly result (.h5), or another tool's 2D (as reconstruct reads it)")
-    s.add_argument("-m", "--model", required=True, help="the lifter's folder (lifting.train's output_folder)")
+    s.add_argument("-m", "--model", required=True, help="the lifter's folder (what deeperfly train-lifter -o, or lifting.train, wrote)")
     s.add_argument("--view", help="the view to lift (default: the first)")
     s.add_argument("--min-confidence", type=float, default=0.0, help="2D points below this confidence count as unseen")
     s.add_argument("-c", "--config", help="config TOML for 2D files without a rig (default: the packaged one)")
@@ -752,7 +752,7 @@ def cmd_train_lifter(args, # the parsed command line (see `make_parser`)
     log = read_log(args.out)
     print(f"trained {lifter.folder} in {time.perf_counter() - t0:.1f} s: {int(log['epoch'][-1])} epochs; best validation error "
           f"{np.nanmin(log['err_val']):.4g} (mean per target point, in the results' 3D units)")
-    print(f"use it: deeperfly lift RESULT_OR_2D -m {args.out} --view VIEW -o OUT/")
+    print(f"use it: deeperfly lift RESULT_OR_2D -m {args.out} --view {args.view or 'VIEW'} -o OUT/")
     return 0
 
 def _add_train_lifter_parser(sub, # the subparsers of `make_parser`
