@@ -733,7 +733,7 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
     s = sub.add_parser("lift", help="single camera: lift one view's 2D to 3D with a trained lifter (LiftPose3D) -> results.h5")
     s.add_argument("source", nargs="+", help="a deeperfly result (.h5), or another tool's 2D (as reconstruct reads it)")
     s.add_argument("-m", "--model", required=True, help="the lifter's folder (what deeperfly train-lifter -o, or lifting.train, wrote)")
-    s.add_argument("--view", help="the view to lift (default: the first)")
+    s.add_argument("--view", help="the view to lift (default: the one train-lifter trained it for, else the first)")
     s.add_argument("--min-confidence", type=float, default=0.0, help="2D points below this confidence count as unseen")
     s.add_argument("-c", "--config", help="config TOML for 2D files without a rig (default: the packaged one)")
     s.add_argument("--map", action="append", metavar="FOREIGN=POINT", help="rename a foreign keypoint to a skeleton point")

@@ -877,12 +877,19 @@ def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. 
     view, sk = view or first.view_names[0], first.skeleton
     other = [k for k, r in loaded.items() if tuple(r.skeleton.point_names) != tuple(sk.point_names)]
     if other: raise InputError(f"{other[0]}: its skeleton {loaded[other[0]].skeleton.name!r} is not {sk.name!r}, the first result's")
+    flat = [k for k, r in loaded.items() if r.pts3d is None]
+    if flat: raise InputError(f"{flat[0]} holds 2D only, no 3D: give results.h5 files of multi-camera runs")
     if root is None: roots, targets = fly_roots(sk)
     else:
         r = _point_indices([root], sk.n_points, sk, "root")[0]
         roots, targets = (r,), (tuple(j for j in range(sk.n_points) if j != r),)
     p2, p3 = library_from_results(loaded, camera=view, mirror=mirror)
-    return train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
+    if (n := sum(len(v) for v in p3.values())) < 10:
+        raise InputError(f"the results hold {n} frame(s) with 3D seen by view {view!r}: a lifter needs at least 10; add frames or recordings")
+    train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
+    meta = Path(output_folder) / "lifter.json"                          # the view it lifts, for `lift`'s default
+    _save_json({**json.loads(meta.read_text()), "view": view}, meta)
+    return load_lifter(output_folder, device=lift_options(training_kwargs).device)
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
 def training_log_figure(output_folder, # a folder written by `train`

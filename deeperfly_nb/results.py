@@ -356,6 +356,8 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
     ft = summary["fraction_triangulated"]
     how = f"lifted from view {summary['lifted_from_view']!r}" if summary.get("lifted_from_view") else "triangulated"
     lines.append("3D points: none" if ft is None else f"3D points: {ft:.1%} of point-frames {how}")
+    if summary.get("lifted_from_view"): lines.append("(lifted 3D is placed relative to roots the lifter puts at a typical depth: its "
+                                                     "reprojection errors below do not score it; its error against a ground truth does)")
     lines.append("")
     w = max(4, *(len(n) for n in summary["views"]))
     lines.append(f"{'view':<{w}}  {'detected':>8}  {'confidence':>10}  {'reproj median':>13}  {'reproj p95':>10}  {'n':>7}")
@@ -398,7 +400,7 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         fix = (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
                f"(`deeperfly train-lifter`), or check the 2D of view {summary['lifted_from_view']!r}")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
-    if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"]:
+    if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"] and not summary.get("lifted_from_view"):
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")
     if b and b.get("median") is not None and b["median"] > limits["bone_length_cv_median"]:
         out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix}")
@@ -488,7 +490,9 @@ def ground_truth_report(result:PoseResult, # the result to score
     g3 = ground_truth_error(result, truth.pts3d) if result.pts3d is not None and truth.pts3d is not None else None
     same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
-    g2r = ground_truth_error_2d(result.reprojected().pts2d, truth.pts2d, result.view_names, threshold_px) if same and result.pts3d is not None else None
+    lifted = bool((result.meta or {}).get("lifting"))                  # lifted 3D sits at a typical depth: its projections score nothing
+    g2r = (ground_truth_error_2d(result.reprojected().pts2d, truth.pts2d, result.view_names, threshold_px)
+           if same and result.pts3d is not None and not lifted else None)
     return {"3d": g3, "2d": g2, "2d_reprojected": g2r}
 
 # %% ../nbs/05_results.ipynb #a0645ee3

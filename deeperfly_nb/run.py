@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/run.html.md"""
 
 # %% ../nbs/19_run.ipynb #ec75fb30
 from __future__ import annotations
-import fcntl, json, logging, os, re, shutil, socket, time, tomllib
+import fcntl, json, logging, os, re, shutil, socket, time, tomllib, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -737,17 +737,20 @@ LIFTER_FILES = ("lifter.json", "ckpt_best.pth")   # what `lifting.load_lifter` r
 
 def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
               model, # the lifter's folder (`lifting.train`'s output_folder)
-              view:str|None=None, # the view to lift (None: the first)
+              view:str|None=None, # the view to lift (None: the one the lifter was trained for, else the first)
               min_confidence:float=0.0, # 2D points below it count as unseen
               device:str="cpu", # where the lifter runs
               key:str="--view", # where `view` was given, for the message
              ) -> PoseResult:
     "`base` with 3D lifted from one view's 2D (`lifting.lift`), moved from that camera's frame into the world's."
     from deeperfly_nb.lifting import lift, load_lifter
-    names = list(base.view_names)
-    view = view or names[0]
+    names, lifter = list(base.view_names), load_lifter(model, device=device, skeleton=base.skeleton)
+    trained = lifter.record.get("view")                                 # the view `lifting.train_from_results` trained it for
+    view = view or (trained if trained in names else names[0])
     if view not in names: raise InputError(f"{key} = {view!r} is not a view of the 2D; views: {names}{did_you_mean(view, names)}")
-    v, lifter = names.index(view), load_lifter(model, device=device, skeleton=base.skeleton)
+    if trained and view != trained:
+        warnings.warn(f"lifting view {view!r} with a lifter trained for view {trained!r}: its 3D is only as good as the two cameras are alike")
+    v = names.index(view)
     cam = base.cameras[v]
     pts_cam = lift(lifter, base.pts2d[v], base.conf[v], min_confidence=min_confidence)
     pts3d = (pts_cam - np.asarray(cam.tvec, float)) @ np.asarray(cam.rmat, float)      # camera frame -> world

@@ -117,7 +117,7 @@ def test_bad_lifting_input_is_named(lifter, recording, tmp_path):
         config(lifter, view="rn")
 
 
-def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thread):
+def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thread, caplog):
     "`deeperfly train-lifter` on multi-camera results (3D of 4 flies), then `deeperfly lift` on a held-out fly: near its truth."
     from deeperfly_nb.cli import main
     files = []
@@ -128,9 +128,13 @@ def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thr
     assert main(["-q", "train-lifter", *files, "-o", str(tmp_path / "lifter"), "--view", "rm", "--epochs", "8"]) == 0
     truth = walking_fly(60, seed=99)
     PoseResult(RIG.project(truth), np.ones((len(RIG), 60, FLY.n_points)), RIG, FLY, fps=100.0).save(tmp_path / "held.h5")
-    assert main(["-q", "lift", str(tmp_path / "held.h5"), "-m", str(tmp_path / "lifter"), "--view", "rm", "-o", str(tmp_path / "out")]) == 0
-    err = median_error(PoseResult.load(tmp_path / "out" / "results.h5").pts3d, truth)
+    assert main(["-q", "lift", str(tmp_path / "held.h5"), "-m", str(tmp_path / "lifter"), "-o", str(tmp_path / "out")]) == 0
+    lifted = PoseResult.load(tmp_path / "out" / "results.h5")
+    assert lifted.meta["lifting"]["view"] == "rm"                        # the view it was trained for, not the first (rh)
+    err = median_error(lifted.pts3d, truth)
     mean_pose = float(np.nanmedian(np.linalg.norm(truth[:, TGT].mean(0) - truth[:, TGT], axis=-1)))
     assert err < 0.5 * mean_pose, (err, mean_pose)
+    assert main(["lift", str(tmp_path / "held.h5"), "-m", str(tmp_path / "lifter"), "--view", "rh", "-o", str(tmp_path / "rh")]) == 0
+    assert "lifting view 'rh' with a lifter trained for view 'rm'" in caplog.text, caplog.text
     assert main(["train-lifter", str(tmp_path / "held.h5"), "-o", str(tmp_path / "l2")]) == 2    # 2D only: refused, nothing written
     assert not (tmp_path / "l2").exists()
