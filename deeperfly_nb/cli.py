@@ -600,6 +600,7 @@ def _add_init_parser(sub, # the subparsers of `make_parser`
                    help="default: deeperfly's bundled detector; deepfly2d: DeepFly2D's published weights (argmax decoding, stack 2)")
     s.set_defaults(func=cmd_init)
 
+# %% ../nbs/20_cli.ipynb #786fc04c
 def _add_other_parsers(sub, # the subparsers of `make_parser`
                       ):
     "Add `reconstruct`, `export`, `synth` and `doctor`."
