@@ -886,10 +886,10 @@ def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. 
     p2, p3 = library_from_results(loaded, camera=view, mirror=mirror)
     if (n := sum(len(v) for v in p3.values())) < 10:
         raise InputError(f"the results hold {n} frame(s) with 3D seen by view {view!r}: a lifter needs at least 10; add frames or recordings")
-    train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
-    meta = Path(output_folder) / "lifter.json"                          # the view it lifts, for `lift`'s default
-    _save_json({**json.loads(meta.read_text()), "view": view}, meta)
-    return load_lifter(output_folder, device=lift_options(training_kwargs).device)
+    lifter = train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
+    lifter.record["view"] = view                                        # the view it lifts, for `lift`'s default
+    _save_json(lifter.record, Path(output_folder) / "lifter.json")
+    return lifter
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
 def training_log_figure(output_folder, # a folder written by `train`
