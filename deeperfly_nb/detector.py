@@ -201,10 +201,12 @@ def _read_error(path:Path, e:Exception, expected:str) -> ModelError:
         return ModelError(f"checkpoint {path} holds non-tensor Python objects (it needs {found.group(1)}): deeperfly reads "
                           f"checkpoints as tensors, numbers and strings only and will not execute the pickled code such "
                           f"objects need; save the weights as {expected}, with plain metadata (save_checkpoint does this)")
-    with open(path, "rb") as f:
-        if f.read(8) == b"\x89HDF\r\n\x1a\n":
-            return ModelError(f"{path} is an HDF5 file (a deeperfly result or label file?), not a model checkpoint: "
-                              f"a model is a torch file, e.g. the RUN_DIR/model.pt that `deeperfly train` writes; expected {expected}")
+    with open(path, "rb") as f: head = f.read(8)
+    if head == b"\x89HDF\r\n\x1a\n":
+        return ModelError(f"{path} is an HDF5 file (a deeperfly result or label file?), not a model checkpoint: "
+                          f"a model is a torch file, e.g. the RUN_DIR/model.pt that `deeperfly train` writes; expected {expected}")
+    if not head.startswith((b"PK", b"\x80")):                           # neither torch's zip nor its older pickle
+        return ModelError(f"{path} is not a torch file ({path.stat().st_size} bytes, starting {head!r}); expected {expected}")
     detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
     msg = (detail.group(1) if detail else text.splitlines()[0] if text else "")[:200].strip()
     why = f"{type(e).__name__}: {msg}" if msg else f"not a torch file ({type(e).__name__})"
