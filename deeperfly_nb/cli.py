@@ -83,12 +83,13 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
     prov = result.provenance or {}
     cfg, src = prov.get("config") or {}, (prov.get("inputs") or {}).get("points2d")
     lines = [f"2D read from {src}"] if src else []
-    if "recording" in prov and not detected(result): lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
+    ran = detected(result)
+    if "recording" in prov and not ran: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
     if "starting_rig" in result.meta:                                  # `reconstruct`: which rig, and whether it was adjusted
         start = "the rig the 2D file records" if result.meta["starting_rig"] == "source" else "the config's [cameras]"
         lines.append(f"rig: started from {start}, " + ("bundle-adjusted" if "bundle_adjustment" in result.meta else
                                                         "used as it is (no bundle adjustment)"))
-    models = ((cfg.get("pose2d") or {}).get("models") or []) if detected(result) else []
+    models = ((cfg.get("pose2d") or {}).get("models") or []) if ran else []
     return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
 
 # %% ../nbs/20_cli.ipynb #b8e4f0a1
@@ -154,8 +155,7 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
     refuse_existing(export_paths(result, args.dest, args.format), args.overwrite)
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     paths = export_result(result, args.dest, format=args.format)
-    for p in paths:
-        if not args.quiet: print(f"wrote {p}")
+    for p in paths: print(f"wrote {p}")
     return 0
 
 def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
@@ -176,7 +176,6 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
-    if args.quiet: return 0                                            # -q: errors only
     e = result.summary()["reprojection_error_px"]
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
           f"{result.n_frames} frames x {result.n_points} points")
