@@ -57,7 +57,7 @@ class RecordingOutcome:
     stages: dict = field(default_factory=dict)      # {stage: [status, seconds]}, in pipeline order
     reprojection_error_px: float|None = None        # median reprojection error (pixels)
     reprojection_error_p95_px: float|None = None    # its 95th percentile
-    bone_length_cv: float|None = None               # median coefficient of variation of the bone lengths
+    bone_length_cv_pct: float|None = None           # median coefficient of variation of the bone lengths, in percent
     error: str|None = None                          # 'ErrorType: message' of a failed recording
     worker: str|None = None                         # where its last step ran (host:pid)
     cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed
@@ -65,15 +65,17 @@ class RecordingOutcome:
 def _where() -> str: return f"{socket.gethostname()}:{os.getpid()}"
 
 # %% ../nbs/19a_batch.ipynb #16340f4d
+def _percent(fraction): return None if fraction is None else round(100 * fraction, 3)
+
 def outcome_from_report(rep:RunReport, # what `run_recording` returned
                         cpu_seconds:float=0.0, # CPU time it took
                        ) -> RecordingOutcome:
-    "The summary-table row of a finished recording (quality numbers from the triangulation stage's record)."
+    "The summary-table row of a finished recording (quality numbers from the triangulation stage's record; CV in percent, as `inspect` prints it)."
     tri = next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
     err = tri.get("reprojection_error_px") or {}
     return RecordingOutcome(str(rep.recording), str(rep.out_dir), "done", rep.seconds,
                             {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
-                            tri.get("bone_length_cv_median"), worker=_where(), cpu_seconds=round(cpu_seconds, 3))
+                            _percent(tri.get("bone_length_cv_median")), worker=_where(), cpu_seconds=round(cpu_seconds, 3))
 
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder
@@ -94,7 +96,7 @@ def merge_outcomes(previous:RecordingOutcome|None, # the outcome of the recordin
     keep = lambda k: getattr(new, k) if getattr(new, k) is not None else getattr(previous, k)
     return replace(new, stages=stages, seconds=round(previous.seconds + new.seconds, 3),
                    cpu_seconds=round(previous.cpu_seconds + new.cpu_seconds, 3),
-                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv")})
+                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv_pct")})
 
 # %% ../nbs/19a_batch.ipynb #a303670f
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def run_many(recordings:list, # recording folders
 
 # %% ../nbs/19a_batch.ipynb #20ce6634
 SUMMARY_FIELDS = ("recording", "status", "seconds", "cpu_seconds", "reprojection_error_px", "reprojection_error_p95_px",
-                  "bone_length_cv", "error", "out_dir", "worker")
+                  "bone_length_cv_pct", "error", "out_dir", "worker")
 
 def summary_rows(outcomes:list, # [RecordingOutcome]
                 ) -> tuple:
