@@ -14,9 +14,9 @@ from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, dis
 
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detected', 'detector_lines', 'cmd_run', 'cmd_export',
-           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'cmd_inspect', 'cmd_synth', 'cmd_doctor',
-           'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
-           'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
+           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth',
+           'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop',
+           'cmd_remap', 'cmd_lift', 'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -79,7 +79,7 @@ def detected(result, # a PoseResult
 
 def detector_lines(result, # a PoseResult (its provenance holds the run's config)
                   ) -> list:
-    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector model NAME: WEIGHTS' for each model a run used."
+    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector weights WEIGHTS (...)' for each model a run used."
     prov = result.provenance or {}
     cfg, src = prov.get("config") or {}, (prov.get("inputs") or {}).get("points2d")
     lines = [f"2D read from {src}"] if src else []
@@ -90,7 +90,7 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
         lines.append(f"rig: started from {start}, " + ("bundle-adjusted" if "bundle_adjustment" in result.meta else
                                                         "used as it is (no bundle adjustment)"))
     models = ((cfg.get("pose2d") or {}).get("models") or []) if ran else []
-    return lines + [f"detector model {m.get('name')!r}: {m.get('weights')}" for m in models]
+    return lines + [f"detector weights {m.get('weights')} (the config's [[pose2d.models]] entry {m.get('name')!r})" for m in models]
 
 # %% ../nbs/20_cli.ipynb #b8e4f0a1
 def _print_run_report(r):
@@ -211,20 +211,40 @@ def truth_for_frames(result, # the PoseResult to compare
                       f"frames of the recording it holds: not compared")
     return truth_pts3d[first:first + T], None
 
+# %% ../nbs/20_cli.ipynb #316089ac
+def load_ground_truth(path:Path, # a deeperfly .h5 (a render's ground_truth.h5, another result) or a DeepFly3D df3d_result*.pkl
+                      view_names:list, # the result's views: the truth's 2D is put in their order when it has the same names
+                     ) -> tuple:
+    """(truth PoseResult, 3D alignment): a DeepFly3D pickle gives its 2D and its triangulated 3D (before its Procrustes
+    step, in millimetres), aligned by a similarity that may mirror (its calibration reconstructs the mirror image)."""
+    from deeperfly_nb.results import PoseResult
+    if not path.is_file(): raise InputError(f"{path}: no such ground-truth file")
+    if path.suffix == ".pkl":
+        from deeperfly_nb.df3d import read_df3d_result
+        df = read_df3d_result(path)
+        truth, align = PoseResult(df.pts2d, df.conf, df.cameras, df.skeleton, pts3d=df.pts3d_wo_procrustes), "similarity_or_mirror"
+    else: truth, align = PoseResult.load(path), "similarity"
+    if list(truth.view_names) != list(view_names) and sorted(truth.view_names) == sorted(view_names):
+        order = [list(truth.view_names).index(v) for v in view_names]
+        truth = PoseResult(truth.pts2d[order], truth.conf[order], truth.cameras.subset(list(view_names)), truth.skeleton,
+                           pts3d=truth.pts3d, fps=truth.fps)
+    return truth, align
+
+
 # %% ../nbs/20_cli.ipynb #f2974004
 def _ground_truth_summary(args, result) -> tuple:
     "(truth PoseResult or None, {ground-truth summary} or a note) for `inspect`."
     from deeperfly_nb.results import PoseResult, ground_truth_report
     gt_path = Path(args.ground_truth) if args.ground_truth else (None if args.no_ground_truth else find_ground_truth(result, args.result))
     if gt_path is None or result.pts3d is None: return None, None
-    truth = PoseResult.load(gt_path)
+    truth, align = load_ground_truth(gt_path, result.view_names)
     if truth.pts3d is None: raise InputError(f"{gt_path}: holds no 3D points to compare with")
     pts, note = truth_for_frames(result, truth.pts3d, gt_path)
     if pts is None: return None, {"file": str(gt_path), "note": note}
     if truth.n_frames != result.n_frames:             # the frames of a --max-frames run
         sl = slice(result.provenance["frames"]["first"], result.provenance["frames"]["first"] + result.n_frames)
         truth = PoseResult(truth.pts2d[:, sl], truth.conf[:, sl], truth.cameras, truth.skeleton, pts3d=pts, fps=truth.fps)
-    rep = ground_truth_report(result, truth)            # 3D (and its share of the body length) and 2D against the truth
+    rep = ground_truth_report(result, truth, align=align)            # 3D (and its share of the body length) and 2D against the truth
     return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "2d_reprojected": rep["2d_reprojected"], "file": str(gt_path)}
 
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
@@ -248,7 +268,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure, worst_frames_table
         diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
         extra = [*crop_box_figures(Path(args.result).parent), worst_frames_table(diag), diagnostics_figure(diag)]
-        path = write_report_html(args.plot, result, truth=truth, extra_figures=extra)
+        path = write_report_html(args.plot, result, truth=truth, extra_figures=extra, align=(gt or {}).get("align", "similarity"))
         if not args.json:
             print("frames to check (or label) first, by the label-free diagnostics:")
             for w in diag.worst_frames(10):
@@ -582,7 +602,7 @@ def _add_inspect_parser(sub, # the subparsers of `make_parser`
     "Add the `inspect` command."
     s = sub.add_parser("inspect", help="summarise a results.h5: shapes, reprojection error, bone lengths, ground truth")
     s.add_argument("result", help="a results.h5 written by deeperfly")
-    s.add_argument("--ground-truth", help="a PoseResult .h5 with the true 3D (default: the recording's ground_truth.h5, if any)")
+    s.add_argument("--ground-truth", help="a PoseResult .h5 with the true 3D, or a DeepFly3D df3d_result*.pkl (its 2D and 3D, aligned by a similarity that may mirror; default: the recording's ground_truth.h5, if any)")
     s.add_argument("--no-ground-truth", action="store_true", help="do not look for ground truth")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--plot", metavar="HTML", help="also write an interactive report (offline HTML) to this file")

@@ -108,7 +108,7 @@ def bone_length_figure(result:PoseResult, # a result with pts3d
 # %% ../nbs/18d_inspection.ipynb #10b7c849
 def ground_truth_figure(result:PoseResult, # a result with pts3d
                         truth, # a PoseResult with pts3d, or a (T, N, 3) array
-                        align:str="similarity", # "similarity", "rigid" or "none"
+                        align:str="similarity", # "similarity", "similarity_or_mirror", "rigid" or "none" (see `ground_truth_error`)
                        ):
     "3D error per point against the truth after alignment (median bars, mean as markers), in the truth's units."
     import plotly.graph_objects as go
@@ -124,7 +124,7 @@ def ground_truth_figure(result:PoseResult, # a result with pts3d
                     name="mean", hovertemplate="%{x}: mean %{y:.4f}<extra></extra>")
     o = g["overall"]
     fmt = lambda v: "—" if v is None else f"{v:.4f}"
-    fig.update_layout(title=f"3D error against ground truth per point ({align} alignment): overall median {fmt(o['median'])}, "
+    fig.update_layout(title=f"3D error against ground truth per point ({align.replace('_', ' ')} alignment): overall median {fmt(o['median'])}, "
                             f"p95 {fmt(o['p95'])} (world units)", yaxis_title="3D error (world units)", height=400,
                       margin=dict(l=50, r=10, t=50, b=110), xaxis=dict(tickangle=-60, tickfont=dict(size=9)), showlegend=True)
     return fig
@@ -134,6 +134,7 @@ def inspection_figures(result:PoseResult, # the result to inspect
                        truth=None, # ground truth: a PoseResult with pts3d (or a (T, N, 3) array), or None
                        frame:int|None=None, # the frame for the 3D and per-view figures (default: the most complete one)
                        max_frames:int=2000, # subsample longer recordings for the plots
+                       align:str="similarity", # the 3D's alignment to the truth (see `ground_truth_error`)
                       ) -> list:
     "The interactive figures of an inspection report (see the text above for which ones appear when)."
     if not isinstance(result, PoseResult): raise InputError(f"result must be a PoseResult, got {type(result).__name__}")
@@ -149,19 +150,20 @@ def inspection_figures(result:PoseResult, # the result to inspect
         figs.append(views_figure(result, t))
     if truth is not None:
         if result.pts3d is None: raise InputError("comparing with ground truth needs a result with pts3d")
-        figs.append(ground_truth_figure(result, truth))
+        figs.append(ground_truth_figure(result, truth, align))
     return figs
 
 # %% ../nbs/18d_inspection.ipynb #dc3c5095
 def _report_summary(result:PoseResult, # the result
                     truth=None, # ground truth (PoseResult, or (T, N, 3) true 3D), or None
+                    align:str="similarity", # the 3D's alignment to the truth
                    ) -> str:
     "`deeperfly inspect`'s text summary of the result, with the errors against the truth when given."
     summary = format_summary(result.summary())
     if result.meta.get("refinement"): summary += "\n\n" + format_refinement(result.meta["refinement"], result.skeleton.point_names)
     if truth is None: return summary
-    if not isinstance(truth, PoseResult): gt = {"3d": ground_truth_error(result, truth), "2d": None}
-    else: gt = ground_truth_report(result, truth)
+    if not isinstance(truth, PoseResult): gt = {"3d": ground_truth_error(result, truth, align), "2d": None}
+    else: gt = ground_truth_report(result, truth, align=align)
     text = format_ground_truth(gt["3d"], gt["2d"], gt2d_reprojected=gt.get("2d_reprojected"))
     return summary + ("\n\n" + text if text else "")
 
@@ -201,12 +203,13 @@ def write_report_html(path, # output .html
                       title:str|None=None, # page title (default: from the result's source)
                       max_frames:int=2000, # subsample longer recordings for the plots
                       extra_figures=(), # more Plotly figures to append (e.g. `crop_box_figures` of a cropzoom run)
+                      align:str="similarity", # the 3D's alignment to the truth ("similarity_or_mirror" for DeepFly3D's 3D)
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
-    figs = [*inspection_figures(result, truth, max_frames=max_frames), *extra_figures]
+    figs = [*inspection_figures(result, truth, max_frames=max_frames, align=align), *extra_figures]
     src = result.meta.get("source") or (result.provenance.get("inputs") or [None])[0]
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))
-    page = _report_page(title, _report_summary(result, truth), figs, result)
+    page = _report_page(title, _report_summary(result, truth, align), figs, result)
     path = Path(path)
     with atomic_path(path) as tmp: tmp.write_text(page, encoding="utf-8")
     return path

@@ -413,7 +413,7 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
 # %% ../nbs/05_results.ipynb #acc888c4
 def ground_truth_error(result, # a `PoseResult` with pts3d, or a (T, N, 3) array
                        truth_pts3d, # (T, N, 3) true points, NaN = unknown
-                       align:str="similarity", # "similarity", "rigid" or "none"
+                       align:str="similarity", # "similarity", "similarity_or_mirror" (may mirror: a truth of the other handedness), "rigid" or "none"
                       ) -> dict:
     "3D error of a reconstruction against the truth after alignment: overall and per point (JSON-ready)."
     if isinstance(result, PoseResult):
@@ -422,9 +422,10 @@ def ground_truth_error(result, # a `PoseResult` with pts3d, or a (T, N, 3) array
     else:
         est = check_shape(result, "pts3d", (None, None, 3)); names = [str(i) for i in range(est.shape[1])]
     truth = check_shape(truth_pts3d, "truth_pts3d", (("frames", est.shape[0]), ("points", est.shape[1]), 3))
-    if align in ("similarity", "rigid"): est, scale, R, t = align_similarity(est, truth, with_scale=align == "similarity")
+    if align in ("similarity", "similarity_or_mirror", "rigid"):
+        est, scale, R, t = align_similarity(est, truth, allow_reflection=align == "similarity_or_mirror", with_scale=align != "rigid")
     elif align == "none": scale, R, t = 1.0, np.eye(3), np.zeros(3)
-    else: raise InputError(f"align must be 'similarity', 'rigid' or 'none', got {align!r}")
+    else: raise InputError(f"align must be 'similarity', 'similarity_or_mirror', 'rigid' or 'none', got {align!r}")
     err = np.linalg.norm(est - truth, axis=-1)                                  # (T, N)
     ok = np.isfinite(err)
     with warnings.catch_warnings():
@@ -437,8 +438,8 @@ def ground_truth_error(result, # a `PoseResult` with pts3d, or a (T, N, 3) array
     if isinstance(result, PoseResult) and e.size:            # the same error as a share of the (true) body length
         overall["body_length"] = _num(body_length(result.skeleton, truth))
         overall["median_pct_body"] = _num(100 * overall["median"] / overall["body_length"])
-    return {"align": align, "scale": float(scale), "rotation": np.asarray(R).tolist(), "translation": np.asarray(t).tolist(),
-            "overall": overall,
+    return {"align": align, "mirrored": bool(np.linalg.det(R) < 0), "scale": float(scale), "rotation": np.asarray(R).tolist(),
+            "translation": np.asarray(t).tolist(), "overall": overall,
             "per_point": {n: {"mean": _num(per_mean[i]), "median": _num(per_med[i]), "n": int(ok[:, i].sum())}
                           for i, n in enumerate(names)}}
 
@@ -472,7 +473,9 @@ def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
         o = gt3d["overall"]
         pct = (f" = {o['median_pct_body']:.2f}% of the body length ({o['body_length']:.4g} units)"
                if o.get("median_pct_body") is not None else "")
-        lines.append(f"3D error against {source} after {gt3d['align']} alignment: median {o['median']:.4g} world units{pct}; "
+        how = ("similarity alignment that may mirror (" + ("it did" if gt3d.get("mirrored") else "it did not") + ")"
+               if gt3d["align"] == "similarity_or_mirror" else f"{gt3d['align']} alignment")
+        lines.append(f"3D error against {source} after {how}: median {o['median']:.4g} world units{pct}; "
                      f"p95 {o['p95']:.4g}, mean {o['mean']:.4g} over {o['n']} points")
     for g, what in ((gt2d, "2D error"), (gt2d_reprojected, "2D error of the 3D's projections (export --points2d reprojected)")):
         if g and g["overall"]["n"]:
@@ -485,9 +488,10 @@ def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
 def ground_truth_report(result:PoseResult, # the result to score
                         truth:PoseResult, # the truth, same frames, views and points
                         threshold_px:float=5.0, # PCK's radius
+                        align:str="similarity", # the 3D's alignment to the truth (see `ground_truth_error`)
                        ) -> dict:
     "{'3d': ground_truth_error, '2d' and '2d_reprojected': ground_truth_error_2d of the detections and of the 3D's projections (None: not scorable)}."
-    g3 = ground_truth_error(result, truth.pts3d) if result.pts3d is not None and truth.pts3d is not None else None
+    g3 = ground_truth_error(result, truth.pts3d, align) if result.pts3d is not None and truth.pts3d is not None else None
     same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
     lifted = bool((result.meta or {}).get("lifting"))                  # lifted 3D sits at a typical depth: its projections score nothing

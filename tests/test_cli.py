@@ -108,7 +108,7 @@ def test_reconstruct_refuses_to_replace_a_result(tmp_path, example_dir):
     assert r.returncode == 0, r.stderr
     assert (out / "results.h5").read_bytes() != before                     # now bundle-adjusted
     r = run_cli("inspect", str(out / "results.h5"))
-    assert f"2D read from {example_dir}" in r.stdout and "detector model" not in r.stdout, r.stdout   # no detector ran
+    assert f"2D read from {example_dir}" in r.stdout and "detector weights" not in r.stdout, r.stdout   # no detector ran
 
 def test_synth_refuses_to_replace_your_files(tmp_path):
     "`deeperfly synth` into a folder that holds a recording's files refuses before rendering and leaves them as they were; --overwrite replaces."
@@ -135,6 +135,26 @@ def test_inspect_a_file_that_is_not_a_result(tmp_path):
     with h5py.File(p, "w") as f: f["x"] = np.arange(3)
     r = run_cli("inspect", str(p))
     assert r.returncode == 2 and "other.h5" in r.stderr
+
+def test_inspect_scores_against_deepfly3d(tmp_path, df3d_pkl):
+    "`inspect --ground-truth df3d_result.pkl` scores a reconstruction against DeepFly3D's own 2D and 3D, mirror image allowed."
+    import json
+    gts = {}
+    for name, opts in (("source", ["--rig", "source", "--no-bundle-adjust"]), ("adjusted", [])):
+        assert run_cli("reconstruct", str(df3d_pkl), "-o", str(tmp_path / name), "-q", *opts).returncode == 0
+        r = run_cli("inspect", str(tmp_path / name / "results.h5"), "--ground-truth", str(df3d_pkl), "--json")
+        assert r.returncode == 0, r.stderr
+        gts[name] = json.loads(r.stdout)["ground_truth"]
+    for gt in gts.values():                                     # the 2D it read is DeepFly3D's own, view for view
+        assert gt["2d"]["overall"]["median_px"] == 0 and gt["2d"]["overall"]["n"] == 1590, gt["2d"]["overall"]
+    # DeepFly3D's calibration as it is: DeepFly3D's own 3D (measured 0.05% of the body length), same handedness
+    assert gts["source"]["overall"]["median_pct_body"] < 0.1 and not gts["source"]["mirrored"]
+    # the config's rig, bundle-adjusted, keeps the left legs on the left: DeepFly3D's 3D is its mirror image (3.25%)
+    assert gts["adjusted"]["mirrored"] and gts["adjusted"]["overall"]["median_pct_body"] < 5
+    r = run_cli("inspect", str(tmp_path / "adjusted" / "results.h5"), "--ground-truth", str(df3d_pkl), "--plot", str(tmp_path / "r.html"))
+    assert "after similarity alignment that may mirror (it did)" in r.stdout, r.stdout
+    page = (tmp_path / "r.html").read_text()                    # the report's figure aligns as the text does
+    assert f"(similarity or mirror alignment): overall median {gts['adjusted']['overall']['median']:.4f}" in page
 
 class _Payload:
     "Unpickling this would run a shell command that creates a marker file."
