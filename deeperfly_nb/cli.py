@@ -744,7 +744,7 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
     res = lift_view(base, args.model, args.view, args.min_confidence, key=f"--view (views of {src})")
     res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
     res.save(out / "results.h5")
-    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.meta['lifting']['view']!r} with {args.model}")
+    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.lifted_from_view!r} with {args.model}")
     return 0
 
 def _add_lift_parser(sub, # the subparsers of `make_parser`

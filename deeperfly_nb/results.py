@@ -93,6 +93,13 @@ def view_names(self:PoseResult) -> list:
     "View names in the order of the V axis."
     return self.cameras.names
 
+# %% ../nbs/05_results.ipynb #2b78426a
+@patch(as_prop=True)
+def lifted_from_view(self:PoseResult) -> str|None:
+    "The view whose 2D was lifted to this 3D (`meta['lifting']`), or None when the 3D was triangulated."
+    return ((self.meta or {}).get("lifting") or {}).get("view")
+
+
 # %% ../nbs/05_results.ipynb #9038d616
 @patch
 def __repr__(self:PoseResult):
@@ -319,7 +326,7 @@ def _summary(self:PoseResult) -> dict:
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
            "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None,
-           "lifted_from_view": ((self.meta or {}).get("lifting") or {}).get("view")}     # one camera's 2D lifted, not triangulated
+           "lifted_from_view": self.lifted_from_view}     # one camera's 2D lifted, not triangulated
     if self.pts3d is not None:
         out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
         with warnings.catch_warnings():
@@ -494,9 +501,8 @@ def ground_truth_report(result:PoseResult, # the result to score
     g3 = ground_truth_error(result, truth.pts3d, align) if result.pts3d is not None and truth.pts3d is not None else None
     same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
-    lifted = bool((result.meta or {}).get("lifting"))                  # lifted 3D sits at a typical depth: its projections score nothing
     g2r = (ground_truth_error_2d(result.reprojected().pts2d, truth.pts2d, result.view_names, threshold_px)
-           if same and result.pts3d is not None and not lifted else None)
+           if same and result.pts3d is not None and result.lifted_from_view is None else None)   # lifted 3D: at a typical depth
     return {"3d": g3, "2d": g2, "2d_reprojected": g2r}
 
 # %% ../nbs/05_results.ipynb #a0645ee3
