@@ -81,8 +81,8 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
                   ) -> list:
     "What made the result's 2D, from its provenance: the 2D file it read, and 'detector weights WEIGHTS (...)' for each model a run used."
     prov = result.provenance or {}
-    cfg, src = prov.get("config") or {}, (prov.get("inputs") or {}).get("points2d")
-    lines = [f"2D read from {src}"] if src else []
+    cfg, files = prov.get("config") or {}, result.points2d_files
+    lines = [f"2D read from {', '.join(files)}"] if files else []
     ran = detected(result)
     if "recording" in prov and not ran: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
     if "starting_rig" in result.meta:                                  # `reconstruct`: which rig, and whether it was adjusted
@@ -190,8 +190,7 @@ def find_ground_truth(result, # a PoseResult
     cands = []
     rec = result.provenance.get("recording") or result.meta.get("recording")
     if rec: cands.append(Path(rec) / "ground_truth.h5")
-    src = (result.provenance.get("inputs") or {}).get("points2d")          # `deeperfly reconstruct` records its 2D source
-    if src: cands.append(Path(src).parent / "ground_truth.h5")
+    cands += [Path(src).parent / "ground_truth.h5" for src in result.points2d_files if Path(src).is_file()]   # reconstruct's 2D
     cands.append(Path(result_path).parent / "ground_truth.h5")
     return next((p for p in cands if p.is_file() and p.resolve() != Path(result_path).resolve()), None)
 

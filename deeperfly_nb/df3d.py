@@ -167,6 +167,6 @@ def _to_pose_result(self:Df3dResult, fps:float|None=None, # frame rate, when kno
     pts3d = self.pts3d_wo_procrustes
     err = None if pts3d is None else reprojection_error(self.cameras, pts3d, self.pts2d)
     return PoseResult(self.pts2d, self.conf, self.cameras, self.skeleton, pts3d=pts3d, reproj_error=err, fps=fps,
-                      meta={"imported_from": "deepfly3d", **self.meta}, provenance={"inputs": [self.meta.get("source")]})
+                      meta={"imported_from": "deepfly3d", **self.meta}, provenance={"inputs": {"points2d": self.meta.get("source")}})
 
 Df3dResult.to_pose_result = _to_pose_result

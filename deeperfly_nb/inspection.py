@@ -207,7 +207,7 @@ def write_report_html(path, # output .html
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
     figs = [*inspection_figures(result, truth, max_frames=max_frames, align=align), *extra_figures]
-    src = result.meta.get("source") or (result.provenance.get("inputs") or [None])[0]
+    src = result.meta.get("source") or next(iter(result.points2d_files), None)
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))
     page = _report_page(title, _report_summary(result, truth, align), figs, result)
     path = Path(path)

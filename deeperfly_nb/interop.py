@@ -812,4 +812,4 @@ def load_foreign(path, # a foreign file (or per-view files, as read_points2d tak
     if cameras is None: raise InputError(f"{path}: holds 2D detections only; give the rig (cameras=...) to make a result of them")
     pts2d, conf, info = read_points2d(path, skeleton, cameras.names, name_map, **kw)
     return PoseResult(pts2d, conf, cameras, skeleton, meta={"imported_from": {k: v for k, v in info.items() if k not in ("missing_views", "cameras")}},
-                      provenance={"inputs": [str(path)] if p is not None else [str(x) for x in (path.values() if isinstance(path, dict) else path)]})
+                      provenance={"inputs": {"points2d": str(path) if p is not None else [str(x) for x in (path.values() if isinstance(path, dict) else path)]}})

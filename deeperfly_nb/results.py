@@ -100,6 +100,16 @@ def lifted_from_view(self:PoseResult) -> str|None:
     return ((self.meta or {}).get("lifting") or {}).get("view")
 
 
+# %% ../nbs/05_results.ipynb #1cc62adb
+@patch(as_prop=True)
+def points2d_files(self:PoseResult) -> list:
+    "The files the 2D was read from (`provenance['inputs']['points2d']`, or an older file's list of inputs); [] when none."
+    inputs = (self.provenance or {}).get("inputs")
+    if isinstance(inputs, dict): inputs = inputs.get("points2d")
+    if inputs is None: return []
+    return [str(p) for p in ([inputs] if isinstance(inputs, str) else inputs) if p is not None]
+
+
 # %% ../nbs/05_results.ipynb #9038d616
 @patch
 def __repr__(self:PoseResult):

@@ -156,6 +156,19 @@ def test_inspect_scores_against_deepfly3d(tmp_path, df3d_pkl):
     page = (tmp_path / "r.html").read_text()                    # the report's figure aligns as the text does
     assert f"(similarity or mirror alignment): overall median {gts['adjusted']['overall']['median']:.4f}" in page
 
+def test_inspect_reads_every_form_of_recorded_inputs(tmp_path, example_dir):
+    "Results name their 2D files as {'points2d': path}, {'points2d': [paths]} (per-view files) or, in older files, a list."
+    from deeperfly_nb.results import PoseResult
+    assert run_cli("reconstruct", str(example_dir), "-o", str(tmp_path / "rc"), "--no-bundle-adjust", "-q").returncode == 0
+    res = PoseResult.load(tmp_path / "rc" / "results.h5")
+    for i, inputs in enumerate(([str(example_dir / "points2d.h5")], {"points2d": ["a.csv", "b.csv"]})):
+        res.provenance = {**res.provenance, "inputs": inputs}
+        res.save(tmp_path / f"r{i}.h5")
+        r = run_cli("inspect", str(tmp_path / f"r{i}.h5"), "--plot", str(tmp_path / f"r{i}.html"))
+        assert r.returncode == 0 and (tmp_path / f"r{i}.html").is_file(), r.stderr
+        assert ("2D read from a.csv, b.csv" if i else f"2D read from {example_dir / 'points2d.h5'}") in r.stdout, r.stdout
+    assert "3D error against" in run_cli("inspect", str(tmp_path / "r0.h5")).stdout      # its ground truth found beside the 2D
+
 class _Payload:
     "Unpickling this would run a shell command that creates a marker file."
     def __init__(self, marker): self.marker = marker
