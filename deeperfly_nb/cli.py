@@ -767,7 +767,8 @@ def cmd_train_lifter(args, # the parsed command line (see `make_parser`)
     "Train a lifter for one camera on the 3D of multi-camera results (`lifting.train_from_results`)."
     from deeperfly_nb.lifting import read_log, train_from_results
     t0 = time.perf_counter()
-    lifter = train_from_results(args.results, args.out, args.view, args.root, {"epochs": args.epochs}, mirror=args.mirror)
+    refuse_existing([Path(args.out) / "ckpt_last.pth"], args.resume, how="give --resume to continue its training (up to --epochs), or another -o to start over")
+    lifter = train_from_results(args.results, args.out, args.view, args.root, {"epochs": args.epochs, "resume": args.resume}, mirror=args.mirror)
     log = read_log(args.out)
     print(f"trained {lifter.folder} in {time.perf_counter() - t0:.1f} s: {int(log['epoch'][-1])} epochs; best validation error "
           f"{np.nanmin(log['err_val']):.4g} (mean per target point, in the results' 3D units)")
@@ -779,7 +780,8 @@ def _add_train_lifter_parser(sub, # the subparsers of `make_parser`
     "Add `train-lifter`."
     s = sub.add_parser("train-lifter", help="single camera: train a lifter (LiftPose3D) on multi-camera results' 3D, for `lift`")
     s.add_argument("results", nargs="+", help="results.h5 files with 3D (multi-camera `deeperfly run`s of the same kind of footage)")
-    s.add_argument("-o", "--out", required=True, help="the lifter's folder (a folder it trained before continues)")
+    s.add_argument("-o", "--out", required=True, help="the lifter's folder (one that holds a lifter is refused: see --resume)")
+    s.add_argument("--resume", action="store_true", help="continue the training of the lifter in OUT, up to --epochs in all")
     s.add_argument("--view", help="the camera whose 2D it will lift (default: the results' first view)")
     s.add_argument("--root", help="another skeleton's root point, the others its targets (default: fly38's six body-coxa roots)")
     s.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")

@@ -632,6 +632,9 @@ def train(train_2d, # [N, J, 2] (or dict of experiments) inputs; None (ignored) 
     dev = _device(o.device)
     d = _prepare(train_2d, test_2d, train_3d, test_3d, roots, target_sets, aug, train_keypts, skeleton, o)
     stats, folder = d["stats"], Path(output_folder)
+    if not o.resume and (folder / "ckpt_last.pth").exists():          # a trained lifter is never replaced silently
+        raise InputError(f"{folder} already holds a trained lifter: resume=True continues it (up to `epochs`); "
+                         "train into a new output_folder to start over")
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(o.seed)
     n_in, n_out = len(stats.mean_2d), len(stats.mean_3d)
@@ -861,7 +864,7 @@ def library_from_results(results, # a PoseResult or a results.h5 path, or a list
 
 # %% ../nbs/08b_lifting.ipynb #e2b02624
 def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. multi-camera `deeperfly run`s), or a dict of them
-                       output_folder, # where the lifter goes (a folder it trained before resumes)
+                       output_folder, # where the lifter goes (one holding a lifter: refused, unless resume=True continues it)
                        view:str|None=None, # the camera whose 2D it will lift (default: the first result's first view)
                        root:str|None=None, # another skeleton's root point (its other points are the targets); None: `fly_roots`
                        training_kwargs:dict|LiftOptions|None=None, # `LiftOptions` overrides, e.g. {"epochs": 40}

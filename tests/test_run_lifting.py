@@ -117,7 +117,7 @@ def test_bad_lifting_input_is_named(lifter, recording, tmp_path):
         config(lifter, view="rn")
 
 
-def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thread, caplog):
+def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thread, caplog, capsys):
     "`deeperfly train-lifter` on multi-camera results (3D of 4 flies), then `deeperfly lift` on a held-out fly: near its truth."
     from deeperfly_nb.cli import main
     files = []
@@ -138,3 +138,9 @@ def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thr
     assert "lifting view 'rh' with a lifter trained for view 'rm'" in caplog.text, caplog.text
     assert main(["train-lifter", str(tmp_path / "held.h5"), "-o", str(tmp_path / "l2")]) == 2    # 2D only: refused, nothing written
     assert not (tmp_path / "l2").exists()
+    before = (tmp_path / "lifter" / "ckpt_best.pth").read_bytes()
+    assert main(["train-lifter", *files, "-o", str(tmp_path / "lifter"), "--epochs", "2"]) == 2    # a trained lifter: refused
+    err = capsys.readouterr().err
+    assert (tmp_path / "lifter" / "ckpt_best.pth").read_bytes() == before and "ckpt_last.pth exists; give --resume" in err, err
+    assert main(["-q", "train-lifter", *files, "-o", str(tmp_path / "lifter"), "--view", "rm", "--epochs", "10", "--resume"]) == 0
+    assert list(L.read_log(tmp_path / "lifter")["epoch"]) == list(range(1, 11))                   # 8 epochs, then 2 more
