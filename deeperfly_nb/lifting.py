@@ -886,7 +886,8 @@ def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. 
     else:
         r = _point_indices([root], sk.n_points, sk, "root")[0]
         roots, targets = (r,), (tuple(j for j in range(sk.n_points) if j != r),)
-    p2, p3 = library_from_results(loaded, camera=view, mirror=mirror)
+    used = sorted({*roots, *(j for t in targets for j in t)})       # a frame with none of these (only antennae seen) is dropped
+    p2, p3 = library_from_results(loaded, camera=view, mirror=mirror, joints=used)
     if (n := sum(len(v) for v in p3.values())) < 10:
         raise InputError(f"the results hold {n} frame(s) with 3D seen by view {view!r}: a lifter needs at least 10; add frames or recordings")
     lifter = train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
