@@ -195,20 +195,23 @@ def find_ground_truth(result, # a PoseResult
     return next((p for p in cands if p.is_file() and p.resolve() != Path(result_path).resolve()), None)
 
 def truth_for_frames(result, # the PoseResult to compare
-                     truth_pts3d:np.ndarray, # (T_truth, N, 3) the recording's true 3D
+                     truth, # the recording's truth: a PoseResult (its 2D, and its 3D when it has some)
                      truth_path:Path, # where the truth came from (named in the note)
                     ) -> tuple:
-    """(truth (T, N, 3) for the frames the result holds, None) or (None, a note why there is none): a run over
+    """(the truth cut to the frames the result holds, None) or (None, a note why there is none): a run over
     the first frames (`--max-frames`) records which frames it holds, and the truth is cut to them."""
-    T, Tt = result.n_frames, truth_pts3d.shape[0]
-    if truth_pts3d.shape[1] != result.n_points:
-        return None, f"{truth_path} has {truth_pts3d.shape[1]} points per frame, the result {result.n_points}: not compared"
-    if Tt == T: return truth_pts3d, None
+    from deeperfly_nb.results import PoseResult
+    T, Tt = result.n_frames, truth.n_frames
+    if truth.n_points != result.n_points:
+        return None, f"{truth_path} has {truth.n_points} points per frame, the result {result.n_points}: not compared"
+    if Tt == T: return truth, None
     first = (result.provenance.get("frames") or {}).get("first")
     if first is None or first + T > Tt:
         return None, (f"{truth_path} has {Tt} frames and the result {T}, and the result does not record which "
                       f"frames of the recording it holds: not compared")
-    return truth_pts3d[first:first + T], None
+    sl = slice(first, first + T)
+    return PoseResult(truth.pts2d[:, sl], truth.conf[:, sl], truth.cameras, truth.skeleton,
+                      pts3d=None if truth.pts3d is None else truth.pts3d[sl], fps=truth.fps), None
 
 # %% ../nbs/20_cli.ipynb #316089ac
 def load_ground_truth(path:Path, # a deeperfly .h5 (a render's ground_truth.h5, another result) or a DeepFly3D df3d_result*.pkl
@@ -235,15 +238,14 @@ def _ground_truth_summary(args, result) -> tuple:
     "(truth PoseResult or None, {ground-truth summary} or a note) for `inspect`."
     from deeperfly_nb.results import PoseResult, ground_truth_report
     gt_path = Path(args.ground_truth) if args.ground_truth else (None if args.no_ground_truth else find_ground_truth(result, args.result))
-    if gt_path is None or result.pts3d is None: return None, None
+    if gt_path is None: return None, None
     truth, align = load_ground_truth(gt_path, result.view_names)
-    if truth.pts3d is None: raise InputError(f"{gt_path}: holds no 3D points to compare with")
-    pts, note = truth_for_frames(result, truth.pts3d, gt_path)
-    if pts is None: return None, {"file": str(gt_path), "note": note}
-    if truth.n_frames != result.n_frames:             # the frames of a --max-frames run
-        sl = slice(result.provenance["frames"]["first"], result.provenance["frames"]["first"] + result.n_frames)
-        truth = PoseResult(truth.pts2d[:, sl], truth.conf[:, sl], truth.cameras, truth.skeleton, pts3d=pts, fps=truth.fps)
-    rep = ground_truth_report(result, truth, align=align)            # 3D (and its share of the body length) and 2D against the truth
+    truth, note = truth_for_frames(result, truth, gt_path)           # the frames of a --max-frames run
+    if truth is None: return None, {"file": str(gt_path), "note": note}
+    rep = ground_truth_report(result, truth, align=align)            # 3D (and its share of the body length) and 2D, where both have them
+    if rep["3d"] is None and rep["2d"] is None:
+        return None, {"file": str(gt_path), "note": f"{gt_path} has no 3D and its 2D's views {truth.view_names} are not the "
+                                                    f"result's {result.view_names}: not compared"}
     return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "2d_reprojected": rep["2d_reprojected"], "file": str(gt_path)}
 
 def cmd_inspect(args, # the parsed command line (see `make_parser`)

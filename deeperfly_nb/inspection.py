@@ -136,7 +136,8 @@ def inspection_figures(result:PoseResult, # the result to inspect
                        max_frames:int=2000, # subsample longer recordings for the plots
                        align:str="similarity", # the 3D's alignment to the truth (see `ground_truth_error`)
                       ) -> list:
-    "The interactive figures of an inspection report (see the text above for which ones appear when)."
+    """The report's figures: reprojection histogram and heatmap and, with 3D, bone lengths, the 3D skeleton and the
+    views at one frame; always the confidence heatmap; and the 3D error per point when the result and the truth have 3D."""
     if not isinstance(result, PoseResult): raise InputError(f"result must be a PoseResult, got {type(result).__name__}")
     small = _subsample(result, max_frames)
     figs = []
@@ -148,9 +149,8 @@ def inspection_figures(result:PoseResult, # the result to inspect
         t = int(np.argmax(np.isfinite(result.pts3d).all(-1).sum(1))) if frame is None else frame
         figs.append(skeleton_3d_figure(result, t, title=f"3D skeleton, frame {t} — drag to rotate"))
         figs.append(views_figure(result, t))
-    if truth is not None:
-        if result.pts3d is None: raise InputError("comparing with ground truth needs a result with pts3d")
-        figs.append(ground_truth_figure(result, truth, align))
+    true3d = truth.pts3d if isinstance(truth, PoseResult) else truth
+    if result.pts3d is not None and true3d is not None: figs.append(ground_truth_figure(result, truth, align))
     return figs
 
 # %% ../nbs/18d_inspection.ipynb #dc3c5095

@@ -169,6 +169,15 @@ def test_inspect_reads_every_form_of_recorded_inputs(tmp_path, example_dir):
         assert ("2D read from a.csv, b.csv" if i else f"2D read from {example_dir / 'points2d.h5'}") in r.stdout, r.stdout
     assert "3D error against" in run_cli("inspect", str(tmp_path / "r0.h5")).stdout      # its ground truth found beside the 2D
 
+def test_inspect_scores_2d_only_results(example_dir):
+    "A 2D-only file (the example's noisy 2D, a run's pose2d.h5) is scored in 2D against the truth found beside it."
+    import json
+    r = run_cli("inspect", str(example_dir / "points2d.h5"), "--json")
+    gt = json.loads(r.stdout)["ground_truth"]
+    assert gt["file"].endswith("ground_truth.h5") and "overall" not in gt, gt.keys()     # no 3D to compare
+    # 1 px Gaussian noise per axis: the distance's median is sqrt(2 ln 2) = 1.18 px
+    assert 1.05 < gt["2d"]["overall"]["median_px"] < 1.3 and gt["2d"]["overall"]["n"] > 7000, gt["2d"]["overall"]
+
 class _Payload:
     "Unpickling this would run a shell command that creates a marker file."
     def __init__(self, marker): self.marker = marker
