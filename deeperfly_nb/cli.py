@@ -256,20 +256,19 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     summary = result.summary()
     truth, gt = _ground_truth_summary(args, result)
     if gt is not None: summary["ground_truth"] = gt
-    if args.json: print(json.dumps(summary, indent=1, default=_jsonable))
-    else:
-        print(format_summary(summary))
-        for line in detector_lines(result): print(line)
-        if "refinement" in result.meta: print(format_refinement(result.meta["refinement"], result.skeleton.point_names))
-        for w in quality_warnings(summary, detected=detected(result)): print(f"warning: {w}")
-        if gt and "note" in gt: print(f"ground truth: {gt['note']}")
-        elif gt: print(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
+    lines = [format_summary(summary), *detector_lines(result)]
+    if "refinement" in result.meta: lines.append(format_refinement(result.meta["refinement"], result.skeleton.point_names))
+    lines += [f"warning: {w}" for w in quality_warnings(summary, detected=detected(result))]
+    if gt and "note" in gt: lines.append(f"ground truth: {gt['note']}")
+    elif gt: lines.append(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
+    print(json.dumps(summary, indent=1, default=_jsonable) if args.json else "\n".join(lines))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html
         from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure, worst_frames_table
         diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
         extra = [*crop_box_figures(Path(args.result).parent), worst_frames_table(diag), diagnostics_figure(diag)]
-        path = write_report_html(args.plot, result, truth=truth, extra_figures=extra, align=(gt or {}).get("align", "similarity"))
+        path = write_report_html(args.plot, result, truth=truth, extra_figures=extra, align=(gt or {}).get("align", "similarity"),
+                                 text="\n".join(lines))                # the page says what inspect printed
         if not args.json:
             print("frames to check (or label) first, by the label-free diagnostics:")
             for w in diag.worst_frames(10):

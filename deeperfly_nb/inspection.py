@@ -204,12 +204,13 @@ def write_report_html(path, # output .html
                       max_frames:int=2000, # subsample longer recordings for the plots
                       extra_figures=(), # more Plotly figures to append (e.g. `crop_box_figures` of a cropzoom run)
                       align:str="similarity", # the 3D's alignment to the truth ("similarity_or_mirror" for DeepFly3D's 3D)
+                      text:str|None=None, # the text on top (default: the summary and the errors against the truth; `inspect` gives all it printed)
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
     figs = [*inspection_figures(result, truth, max_frames=max_frames, align=align), *extra_figures]
     src = result.meta.get("source") or next(iter(result.points2d_files), None)
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))
-    page = _report_page(title, _report_summary(result, truth, align), figs, result)
+    page = _report_page(title, _report_summary(result, truth, align) if text is None else text, figs, result)
     path = Path(path)
     with atomic_path(path) as tmp: tmp.write_text(page, encoding="utf-8")
     return path

@@ -155,6 +155,7 @@ def test_inspect_scores_against_deepfly3d(tmp_path, df3d_pkl):
     assert "after similarity alignment that may mirror (it did)" in r.stdout, r.stdout
     page = (tmp_path / "r.html").read_text()                    # the report's figure aligns as the text does
     assert f"(similarity or mirror alignment): overall median {gts['adjusted']['overall']['median']:.4f}" in page
+    assert "rig: started from the config" in page and "2D read from " in page     # the page says what inspect printed
 
 def test_inspect_reads_every_form_of_recorded_inputs(tmp_path, example_dir):
     "Results name their 2D files as {'points2d': path}, {'points2d': [paths]} (per-view files) or, in older files, a list."
