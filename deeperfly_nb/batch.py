@@ -6,15 +6,15 @@ Docs: https://deeperfly.github.io/deeperfly/batch.html.md"""
 
 # %% ../nbs/19a_batch.ipynb #41967df6
 from __future__ import annotations
-import csv, html, io, logging, os, re, socket, time, uuid
+import csv, html, io, logging, os, socket, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Callable, Literal
-from pydantic import Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, ConfigTable, config_field, did_you_mean, atomic_path
-from .config import Config, ClusterConfig, KIND_KEYS
+from typing import Callable
+from pydantic import ValidationError
+from .core import ConfigError, InputError, did_you_mean, atomic_path
+from .config import Config, ClusterConfig
 from .pipeline import prepare_output_dir
 from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, run_recording
 

@@ -108,7 +108,8 @@ def _print_run_report(r):
 
 def _run_on_dask(args, config, overwrite) -> int:
     "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
-    from deeperfly_nb.batch import BatchOptions, KIND_KEYS, cluster_config, run_folder
+    from deeperfly_nb.batch import BatchOptions, cluster_config, run_folder
+    from deeperfly_nb.config import KIND_KEYS
     cc = config.model.cluster
     table = {k: v for k, v in cc.model_dump().items() if v != type(cc).model_fields[k].get_default(call_default_factory=True)}
     if args.scheduler: table = {"kind": "scheduler", "address": args.scheduler}
