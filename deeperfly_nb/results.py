@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 from . import __version__
-from .core import InputError, atomic_path, atomic_hdf5, check_shape
+from .core import InputError, atomic_hdf5, check_shape
 from .skeleton import Skeleton, body_length
-from .cameras import CameraGroup, ring_camera
+from .cameras import CameraGroup
 from .triangulation import reprojection_error
 
 # %% auto #0
