@@ -1,4 +1,4 @@
-"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `export`, `synth`, `train`, `pseudo-label`, `self-train`, `doctor`, `crop`, `remap`, `lift` — thin wrappers over the library.
+"""The `deeperfly` command — `init`, `run`, `inspect`, `reconstruct`, `export`, `synth`, `train`, `pseudo-label`, `self-train`, `doctor`, `crop`, `remap`, `lift`, `train-lifter` — thin wrappers over the library.
 
 Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
