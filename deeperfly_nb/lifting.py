@@ -294,7 +294,7 @@ class LiftOptions:
         for k in ("linear_size", "num_stage", "epochs", "batch_size", "lr_decay_steps"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if k == "num_stage" else 1):
-                raise ConfigError(f"lifting.{k} must be a positive integer, got {v!r}")
+                raise ConfigError(f"lifting.{k} must be a whole number >= {0 if k == 'num_stage' else 1}, got {v!r}")
         for k, lo, hi in (("dropout", 0, 1), ("val_fraction", 0, 0.9), ("lr_gamma", 0, 1)):
             if not lo <= getattr(self, k) <= hi: raise ConfigError(f"lifting.{k} must be in [{lo}, {hi}], got {getattr(self, k)!r}")
         for k in ("lr", "max_norm"):
