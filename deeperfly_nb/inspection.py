@@ -59,7 +59,7 @@ def reprojection_heatmap(result:PoseResult, # a result with pts3d or reproj_erro
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(e, axis=1)
     fin = med[np.isfinite(med)]
-    return _view_point_heatmap(med, n, result, "Median reprojection error per view and point (blank: never detected)", "px",
+    return _view_point_heatmap(med, n, result, "Median reprojection error per view and point (blank: never detected, or never triangulated)", "px",
                                "median %{z:.2f} px over %{customdata} frames", zmin=0,
                                zmax=float(np.percentile(fin, 95)) if fin.size else None)
 
