@@ -602,8 +602,11 @@ def _write_test_data(folder:Path, test):
 
 # %% ../nbs/08b_lifting.ipynb #d45b2fc0
 def _resume_state(folder:Path, o:LiftOptions, net, opt, digest:str) -> tuple:
-    "(start epoch, step, best validation error, log rows) from ckpt_last.pth, or a fresh start."
+    "(start epoch, step, best validation error, log rows) from ckpt_last.pth, or a fresh start; a trained lifter is never trained over."
     p = folder / "ckpt_last.pth"
+    if not o.resume and p.is_file():
+        raise InputError(f"{folder} already holds a trained lifter: resume=True continues it (up to `epochs`); "
+                         "train into a new output_folder to start over")
     if not (o.resume and p.is_file()): return 0, 0, math.inf, []
     rec = json.loads((folder / "lifter.json").read_text())
     if rec.get("stats_digest") != digest:
@@ -632,9 +635,6 @@ def train(train_2d, # [N, J, 2] (or dict of experiments) inputs; None (ignored) 
     dev = _device(o.device)
     d = _prepare(train_2d, test_2d, train_3d, test_3d, roots, target_sets, aug, train_keypts, skeleton, o)
     stats, folder = d["stats"], Path(output_folder)
-    if not o.resume and (folder / "ckpt_last.pth").exists():          # a trained lifter is never replaced silently
-        raise InputError(f"{folder} already holds a trained lifter: resume=True continues it (up to `epochs`); "
-                         "train into a new output_folder to start over")
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(o.seed)
     n_in, n_out = len(stats.mean_2d), len(stats.mean_3d)
