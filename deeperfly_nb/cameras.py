@@ -162,8 +162,9 @@ def undistort_normalized(xyd, # (..., 2) distorted normalized coordinates
     return xy
 
 # %% ../nbs/02_cameras.ipynb #76026143
-def _camera_project(self:Camera, pts3d, # (..., 3) world points
-                   ) -> np.ndarray:
+@patch
+def project(self:Camera, pts3d, # (..., 3) world points
+           ) -> np.ndarray:
     "Project world points to pixels (..., 2) through this camera (OpenCV's model)."
     X = np.asarray(pts3d, dtype=float)
     if X.shape[-1] != 3: raise InputError(f"pts3d must end in a coordinate axis of size 3, got shape {X.shape}")
@@ -171,14 +172,12 @@ def _camera_project(self:Camera, pts3d, # (..., 3) world points
     xy = distort_normalized(Xc[..., :2] / Xc[..., 2:3], self.dist)
     return xy * self.intr[:2] + self.intr[2:]
 
-def _camera_undistort(self:Camera, pts2d, # (..., 2) pixels
-                     ) -> np.ndarray:
+@patch
+def undistort(self:Camera, pts2d, # (..., 2) pixels
+             ) -> np.ndarray:
     "Pixels (..., 2) to ideal normalized camera coordinates (x/z, y/z), inverting the lens distortion."
     p = np.asarray(pts2d, dtype=float)
     return undistort_normalized((p - self.intr[2:]) / self.intr[:2], self.dist)
-
-Camera.project = _camera_project
-Camera.undistort = _camera_undistort
 
 # %% ../nbs/02_cameras.ipynb #a4e39323
 class CameraGroup:
@@ -237,8 +236,9 @@ def subset(self:CameraGroup, names, # view names to keep, in the order wanted; e
     return CameraGroup([self[n] for n in names])
 
 # %% ../nbs/02_cameras.ipynb #5f6fc6de
-def _group_project(self:CameraGroup, pts3d, # (..., 3) world points
-                  ) -> np.ndarray:
+@patch
+def project(self:CameraGroup, pts3d, # (..., 3) world points
+           ) -> np.ndarray:
     "Project world points into every view: (V, ..., 2) pixels."
     X = np.asarray(pts3d, dtype=float)
     if X.shape[-1] != 3: raise InputError(f"pts3d must end in a coordinate axis of size 3, got shape {X.shape}")
@@ -251,8 +251,9 @@ def _group_project(self:CameraGroup, pts3d, # (..., 3) world points
     uv = xy * self.intrs[:, None, :2] + self.intrs[:, None, 2:]
     return uv.reshape(len(self), *lead, 2)
 
-def _group_undistort(self:CameraGroup, pts2d, # (V, ..., 2) pixels, NaN = unseen
-                    ) -> np.ndarray:
+@patch
+def undistort(self:CameraGroup, pts2d, # (V, ..., 2) pixels, NaN = unseen
+             ) -> np.ndarray:
     "Pixels (V, ..., 2) to ideal normalized coordinates (V, ..., 2) in each camera."
     p = np.asarray(pts2d, dtype=float)
     if p.ndim < 2 or p.shape[0] != len(self) or p.shape[-1] != 2:
@@ -260,9 +261,6 @@ def _group_undistort(self:CameraGroup, pts2d, # (V, ..., 2) pixels, NaN = unseen
     out = np.empty_like(p)
     for v, c in enumerate(self.cameras): out[v] = c.undistort(p[v])   # a loop over views only
     return out
-
-CameraGroup.project = _group_project
-CameraGroup.undistort = _group_undistort
 
 # %% ../nbs/02_cameras.ipynb #22c0ddd9
 def camera_to_dict(cam:Camera, # the camera to write

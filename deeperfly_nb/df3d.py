@@ -10,6 +10,7 @@ import builtins, importlib, pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
+from fastcore.basics import patch
 from .core import InputError, check_shape
 from .skeleton import Skeleton
 from .cameras import CameraGroup
@@ -161,12 +162,11 @@ def read_df3d_result(path_or_dict, # a df3d_result*.pkl file, or the dict loaded
                       *(None if p3[k] is None else p3[k][:, order] for k in ("points3d", "points3d_wo_procrustes")), meta=meta)
 
 # %% ../nbs/06_df3d.ipynb #4ba3c235
-def _to_pose_result(self:Df3dResult, fps:float|None=None, # frame rate, when known
-                   ) -> PoseResult:
+@patch
+def to_pose_result(self:Df3dResult, fps:float|None=None, # frame rate, when known
+                  ) -> PoseResult:
     "A `PoseResult` with DeepFly3D's cameras, detections and its 3D points before Procrustes (in the cameras' frame)."
     pts3d = self.pts3d_wo_procrustes
     err = None if pts3d is None else reprojection_error(self.cameras, pts3d, self.pts2d)
     return PoseResult(self.pts2d, self.conf, self.cameras, self.skeleton, pts3d=pts3d, reproj_error=err, fps=fps,
                       meta={"imported_from": "deepfly3d", **self.meta}, provenance={"inputs": {"points2d": self.meta.get("source")}})
-
-Df3dResult.to_pose_result = _to_pose_result

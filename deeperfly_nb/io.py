@@ -75,8 +75,9 @@ def _as_batch(frames, n_written:int) -> np.ndarray:
         raise InputError(f"frames must have shape (H, W, 3) or (T, H, W, 3), got {a.shape} at frame {n_written}")
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
-def _write(self:VideoWriter, frames, # (H, W, 3) or (T, H, W, 3) uint8 RGB; (H, W) or (T, H, W, 1) grayscale
-          ):
+@patch
+def write(self:VideoWriter, frames, # (H, W, 3) or (T, H, W, 3) uint8 RGB; (H, W) or (T, H, W, 1) grayscale
+         ):
     "Encode frames. The first frame fixes the size; odd sizes are padded to even by repeating the last row/column."
     if self._container is None: raise InputError(f"{self.path}: the writer is closed")
     try:
@@ -93,8 +94,6 @@ def _write(self:VideoWriter, frames, # (H, W, 3) or (T, H, W, 3) uint8 RGB; (H, 
             self._container.mux(self._stream.encode(frame))
             self.n_frames += 1
     except BaseException as e: self._abort(e); raise
-
-VideoWriter.write = _write
 
 # %% ../nbs/08_io.ipynb #4d8ade2f
 def _close(self:VideoWriter):
@@ -248,7 +247,8 @@ def _scan_packets(path:Path) -> dict:
     return dict(pts=pts, keys=keys, corrupt=corrupt, n_packets=n_packets, declared_s=declared, covered_s=covered)
 
 # %% ../nbs/08_io.ipynb #97e5ff7f
-def _count(self:VideoReader) -> int:
+@patch
+def count(self:VideoReader) -> int:
     "The exact number of frames: one per packet the demuxer delivers (nothing decoded), checked against the container."
     if self._n is not None: return self._n
     scan = _scan_packets(self.path)
@@ -270,8 +270,6 @@ def _count(self:VideoReader) -> int:
         warnings.warn(msg, stacklevel=2); _log.warning(msg)
     self._n = len(pts)
     return self._n
-
-VideoReader.count = _count
 
 # %% ../nbs/08_io.ipynb #8a046508
 _BT601 = (2, 5, 6)      # AVColorSpace codes: unspecified, bt470bg, smpte170m

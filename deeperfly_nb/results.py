@@ -151,8 +151,9 @@ def _write_json(f, name:str, obj):
     f.create_dataset(name, data=json.dumps(obj), dtype=h5py.string_dtype())
 
 # %% ../nbs/05_results.ipynb #2525b7e0
-def _save(self:PoseResult, path:str|Path, # destination, usually 'results.h5'
-         ) -> Path:
+@patch
+def save(self:PoseResult, path:str|Path, # destination, usually 'results.h5'
+        ) -> Path:
     "Write the result to an HDF5 file atomically (built in memory, then a temporary file + rename); returns the path."
     path = Path(path)
     with atomic_hdf5(path) as f:
@@ -169,8 +170,6 @@ def _save(self:PoseResult, path:str|Path, # destination, usually 'results.h5'
         _write_json(f, "meta", self.meta)
         _write_json(f, "provenance", self.provenance)
     return path
-
-PoseResult.save = _save
 
 # %% ../nbs/05_results.ipynb #b19d9370
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -201,8 +200,9 @@ def _read_json(f, name, path):
     except (ValueError, TypeError) as e: raise _corrupt(path, f"'{name}' is not valid JSON ({e})") from None
 
 # %% ../nbs/05_results.ipynb #7fe49e39
-def _load(path:str|Path, # an HDF5 file written by `PoseResult.save`
-         ) -> PoseResult:
+@patch(cls_method=True)
+def load(cls:PoseResult, path:str|Path, # an HDF5 file written by `PoseResult.save`
+        ) -> PoseResult:
     "Read a `PoseResult` saved by `PoseResult.save`."
     import h5py
     path = Path(path)
@@ -234,8 +234,6 @@ def _load(path:str|Path, # an HDF5 file written by `PoseResult.save`
                               meta=_read_json(f, "meta", path), provenance=_read_json(f, "provenance", path))
     except (OSError, KeyError, RuntimeError) as e: raise _corrupt(path, str(e).splitlines()[0] if str(e) else "") from None
 
-PoseResult.load = staticmethod(_load)
-
 # %% ../nbs/05_results.ipynb #d61a8824
 def align_similarity(src, # (..., 3) points to move
                      dst, # (..., 3) target points, same shape as `src`
@@ -263,13 +261,12 @@ def align_similarity(src, # (..., 3) points to move
     return scale * a @ R.T + t, scale, R, t
 
 # %% ../nbs/05_results.ipynb #dbb4fcdb
-def _reproj(self:PoseResult) -> np.ndarray|None:
+@patch
+def reprojection_errors(self:PoseResult) -> np.ndarray|None:
     "The reprojection error (V, T, N): stored, or computed from `pts3d`; None without 3D points."
     if self.reproj_error is not None: return self.reproj_error
     if self.pts3d is None: return None
     return reprojection_error(self.cameras, self.pts3d, self.pts2d)
-
-PoseResult.reprojection_errors = _reproj
 
 def _num(x):
     "A JSON-ready float (None for NaN/inf)."
@@ -320,7 +317,8 @@ def body_spread(pts3d, # (T, N, 3) points, NaN = missing
         return float(np.nanmedian(reach) / bone) if np.isfinite(bone) and bone > 0 and np.isfinite(reach).any() else float("nan")
 
 # %% ../nbs/05_results.ipynb #528c86c8
-def _summary(self:PoseResult) -> dict:
+@patch
+def summary(self:PoseResult) -> dict:
     "A JSON-ready summary of the result: shapes, detections, confidence, reprojection error, bone-length CV."
     seen = np.isfinite(self.pts2d).all(-1)                                   # (V, T, N)
     with warnings.catch_warnings():
@@ -356,8 +354,6 @@ def _summary(self:PoseResult) -> dict:
             "per_point": {n: {"median": _num(ep["median"][i]), "p95": _num(ep["p95"][i]), "n": int(ep["n"][i])}
                           for i, n in enumerate(self.skeleton.point_names)}}
     return out
-
-PoseResult.summary = _summary
 
 # %% ../nbs/05_results.ipynb #deb69286
 def _fmt(x, spec=".2f", suffix="", none="—"):

@@ -90,9 +90,10 @@ def _hex_to_rgb(h:str) -> tuple:
     h = h.lstrip("#")
     return tuple(int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
 
-def _skeleton_index(self:Skeleton, names, # point names (or ints, passed through)
-                    where:str="points", # what to call the list in errors (e.g. a config key)
-                   ) -> list:
+@patch
+def index(self:Skeleton, names, # point names (or ints, passed through)
+          where:str="points", # what to call the list in errors (e.g. a config key)
+         ) -> list:
     "Indices of `names` in `point_names`; a `ConfigError` lists any unknown name."
     pos = {n: i for i, n in enumerate(self.point_names)}
     out, bad = [], []
@@ -106,20 +107,18 @@ def _skeleton_index(self:Skeleton, names, # point names (or ints, passed through
                               f"known points are {list(self.point_names)}")
     return out
 
-def _point_limb(self:Skeleton) -> np.ndarray:
+@patch
+def point_limb(self:Skeleton) -> np.ndarray:
     "Limb index of every point (N,), -1 for a point in no limb."
     out = np.full(self.n_points, -1)
     for k, (_, idx) in enumerate(self.limbs): out[list(idx)] = k
     return out
 
-def _point_colors_rgb(self:Skeleton) -> np.ndarray:
+@patch
+def point_colors_rgb(self:Skeleton) -> np.ndarray:
     "RGB colour in [0, 1] of every point (N, 3), from its limb; grey for points in no limb."
     lut = np.array([_hex_to_rgb(c) for c in self.limb_colors] + [(0.6, 0.6, 0.6)])
     return lut[self.point_limb()]
-
-Skeleton.index = _skeleton_index
-Skeleton.point_limb = _point_limb
-Skeleton.point_colors_rgb = _point_colors_rgb
 
 # %% ../nbs/01_skeleton.ipynb #f59fe4c6
 def bone_lengths(skeleton:Skeleton, # its `bones` are measured; its N must match the points axis
