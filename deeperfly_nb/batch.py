@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from .core import ConfigError, InputError, did_you_mean, atomic_path
 from .config import Config, ClusterConfig
 from .pipeline import prepare_output_dir
+from .results import quality_warnings
 from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, run_recording
 
 # %% auto #0
@@ -58,6 +59,7 @@ class RecordingOutcome:
     reprojection_error_px: float|None = None        # median reprojection error (pixels)
     reprojection_error_p95_px: float|None = None    # its 95th percentile
     bone_length_cv_pct: float|None = None           # median coefficient of variation of the bone lengths, in percent
+    warnings: tuple|None = None                     # the result's quality warnings (what `deeperfly run` warns); None: no result yet
     error: str|None = None                          # 'ErrorType: message' of a failed recording
     worker: str|None = None                         # where its last step ran (host:pid)
     cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed
@@ -67,15 +69,21 @@ def _where() -> str: return f"{socket.gethostname()}:{os.getpid()}"
 # %% ../nbs/19a_batch.ipynb #16340f4d
 def _percent(fraction): return None if fraction is None else round(100 * fraction, 3)
 
+def _warnings(result, detected:bool) -> tuple|None:
+    "The result's quality warnings (None without a result)."
+    return None if result is None else tuple(quality_warnings(result.summary(), detected=detected))
+
 def outcome_from_report(rep:RunReport, # what `run_recording` returned
                         cpu_seconds:float=0.0, # CPU time it took
+                        detected:bool=True, # a detector made the 2D ([pipeline] pose2d): what the warnings blame
                        ) -> RecordingOutcome:
     "The summary-table row of a finished recording (quality numbers from the triangulation stage's record; CV in percent, as `inspect` prints it)."
     tri = next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
     err = tri.get("reprojection_error_px") or {}
     return RecordingOutcome(str(rep.recording), str(rep.out_dir), "done", rep.seconds,
                             {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
-                            _percent(tri.get("bone_length_cv_median")), worker=_where(), cpu_seconds=round(cpu_seconds, 3))
+                            _percent(tri.get("bone_length_cv_median")), _warnings(rep.result, detected), worker=_where(),
+                            cpu_seconds=round(cpu_seconds, 3))
 
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder
@@ -96,7 +104,7 @@ def merge_outcomes(previous:RecordingOutcome|None, # the outcome of the recordin
     keep = lambda k: getattr(new, k) if getattr(new, k) is not None else getattr(previous, k)
     return replace(new, stages=stages, seconds=round(previous.seconds + new.seconds, 3),
                    cpu_seconds=round(previous.cpu_seconds + new.cpu_seconds, 3),
-                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv_pct")})
+                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv_pct", "warnings")})
 
 # %% ../nbs/19a_batch.ipynb #a303670f
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ def run_one(recording:Path, # the recording folder
     except Exception as e:
         logging.getLogger("deeperfly").error("recording %s failed: %s", Path(recording).name, e)
         return merge_outcomes(previous, failed_outcome(recording, out, e, time.perf_counter() - t0))
-    return merge_outcomes(previous, outcome_from_report(rep, time.process_time() - c0))
+    return merge_outcomes(previous, outcome_from_report(rep, time.process_time() - c0, config.pipeline.pose2d))
 
 # %% ../nbs/19a_batch.ipynb #64338f65
 @dataclass(frozen=True)
@@ -277,18 +285,18 @@ def run_many(recordings:list, # recording folders
 
 # %% ../nbs/19a_batch.ipynb #20ce6634
 SUMMARY_FIELDS = ("recording", "status", "seconds", "cpu_seconds", "reprojection_error_px", "reprojection_error_p95_px",
-                  "bone_length_cv_pct", "error", "out_dir", "worker")
+                  "bone_length_cv_pct", "warnings", "error", "out_dir", "worker")
 
 def summary_rows(outcomes:list, # [RecordingOutcome]
                 ) -> tuple:
-    "(column names, rows of dicts): the fixed fields, then `<stage>_s` and `<stage>_status` for every stage seen."
+    "(column names, rows of dicts): the fixed fields, then `<stage>_s` and `<stage>_status` for every stage seen; numbers to 3 decimals."
     stages = list(dict.fromkeys(s for o in outcomes for s in o.stages))
     cols = [*SUMMARY_FIELDS[:4], *(f"{s}_s" for s in stages), *(f"{s}_status" for s in stages), *SUMMARY_FIELDS[4:]]
     rows = []
     for o in outcomes:
-        r = {k: getattr(o, k) for k in SUMMARY_FIELDS}
+        r = {**{k: getattr(o, k) for k in SUMMARY_FIELDS}, "warnings": " | ".join(o.warnings or ())}
         for s in stages: r[f"{s}_status"], r[f"{s}_s"] = o.stages.get(s, ["", ""])
-        rows.append({c: "" if r[c] is None else r[c] for c in cols})
+        rows.append({c: "" if r[c] is None else round(r[c], 3) if isinstance(r[c], float) else r[c] for c in cols})
     return cols, rows
 
 # %% ../nbs/19a_batch.ipynb #37b673cb

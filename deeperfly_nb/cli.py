@@ -122,6 +122,8 @@ def _run_on_dask(args, config, overwrite) -> int:
     failed = [o for o in outcomes if o.status == "failed"]
     print(f"{len(outcomes) - len(failed)} of {len(outcomes)} recordings done; summary: {Path(args.out) / 'summary.csv'} and summary.html")
     for o in failed: print(f"  {o.recording}: {o.error}", file=sys.stderr)
+    for o in outcomes:                                                  # what `run` on one recording warns (-q silences it)
+        for w in o.warnings or (): logging.getLogger("deeperfly").warning(f"{o.recording}: {w}")
     return 3 if failed else 0
 
 def cmd_run(args, # the parsed command line (see `make_parser`)

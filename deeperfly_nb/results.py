@@ -396,7 +396,8 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
 # %% ../nbs/05_results.ipynb #2237632e
 QUALITY_LIMITS = {"reprojection_median_px": 10.0,    # a fitting detector and rig: ~0.5 px (renders) to ~2.5 px (real flies)
                   "bone_length_cv_median": 0.20,     # ~3% on real flies; bones of a rigid skeleton barely change
-                  "spread_in_bones": 10.0}           # a fly: 3.2-3.6 (DeepFly3D's sample, the bundled example); parts apart: 50-160
+                  "spread_in_bones": 10.0,           # a fly: 3.2-3.6 (DeepFly3D's sample, the bundled example); parts apart: 50-160
+                  "fraction_triangulated": 0.5}      # at least: 0.89-1.0 (the same); the untuned detector on deeperfly_example: 0.26
 
 def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
@@ -417,6 +418,8 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")
     if b and b.get("median") is not None and b["median"] > limits["bone_length_cv_median"]:
         out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix}")
+    if (f := summary.get("fraction_triangulated")) is not None and f < limits["fraction_triangulated"] and not summary.get("lifted_from_view"):
+        out.append(f"only {f:.0%} of point-frames have 3D (under {limits['fraction_triangulated']:.0%}): the views rarely agree; {fix}")
     if (s := summary.get("spread_in_bones")) is not None and s > limits["spread_in_bones"]:
         out.append(f"the 3D spreads {s:.0f} median bone lengths from its centre (above {limits['spread_in_bones']:g}): parts of the "
                    "animal were reconstructed apart, not as one body; check the rig in [cameras], or compare with "

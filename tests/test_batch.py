@@ -227,7 +227,7 @@ def test_a_gpu_task_without_gpu_workers_is_refused(batch, client, tmp_path):
         run_many(batch["recs"][:1], batch["config"], client, tmp_path / "out", BatchOptions(device="cuda", progress=False))
 
 
-def test_cli_run_with_workers_writes_the_summary(batch, tmp_path):
+def test_cli_run_with_workers_writes_the_summary(batch, tmp_path, caplog):
     "`deeperfly run FOLDER --workers 0` goes through the batch path: same results as run_many, a summary table; a bad [cluster] key is named."
     import tomli_w
     from deeperfly_nb.cli import main
@@ -236,6 +236,10 @@ def test_cli_run_with_workers_writes_the_summary(batch, tmp_path):
     assert main(["run", str(recs), "-c", str(tmp_path / "config.toml"), "-o", str(tmp_path / "out"), "--workers", "0", "--no-progress"]) == 0
     assert (tmp_path / "out" / "summary.csv").is_file() and (tmp_path / "out" / "summary.html").is_file()
     assert_same_results(batch["seq"], tmp_path / "out", [r.name for r in batch["recs"]])
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    warned = [r for r in rows if r["warnings"]]                          # the tiny detector's 3D: the warnings `run` gives one recording
+    assert warned and all(f"{r['recording']}: {r['warnings'].split(' | ')[0]}" in caplog.text for r in warned), caplog.text[-2000:]
     d = batch["config"].to_dict(); d["cluster"] = {"kind": "slurm", "memroy": "8GB"}
     (tmp_path / "bad.toml").write_text(tomli_w.dumps(d))
     assert main(["run", str(recs), "-c", str(tmp_path / "bad.toml"), "-o", str(tmp_path / "o2")]) == 2
