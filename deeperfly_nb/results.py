@@ -20,9 +20,9 @@ from .triangulation import reprojection_error
 
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'REPROJECTED_2D', 'QUALITY_LIMITS', 'PoseResult', 'align_similarity',
-           'describe_points2d', 'body_spread', 'format_summary', 'quality_warnings', 'ground_truth_error',
-           'ground_truth_error_2d', 'format_ground_truth', 'ground_truth_report', 'format_refinement',
-           'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
+           'describe_points2d', 'body_spread', 'fly_handedness', 'format_summary', 'quality_warnings',
+           'ground_truth_error', 'ground_truth_error_2d', 'format_ground_truth', 'ground_truth_report',
+           'format_refinement', 'reprojection_histogram', 'skeleton_3d_figure', 'views_figure']
 
 # %% ../nbs/05_results.ipynb #55642505
 def _json_normalise(d, name:str) -> dict:
@@ -316,6 +316,24 @@ def body_spread(pts3d, # (T, N, 3) points, NaN = missing
         bone = np.nanmedian(np.nanmedian(skeleton.bone_lengths(pts3d) if lengths is None else lengths, 0)) if len(skeleton.bones) and pts3d.size else np.nan
         return float(np.nanmedian(reach) / bone) if np.isfinite(bone) and bone > 0 and np.isfinite(reach).any() else float("nan")
 
+# %% ../nbs/05_results.ipynb #6ec1f281
+def fly_handedness(skeleton:Skeleton, # fly38 (another skeleton: None)
+                   pts3d, # (T, N, 3) points, NaN = missing
+                  ) -> float|None:
+    "Median over frames of the normalised triple product (forward × leftward) · upward: +1 a fly, -1 its mirror image."
+    if skeleton.name != "fly38" or pts3d is None: return None
+    at = lambda side, legs, joint: pts3d[:, skeleton.index([f"{side}{leg}_{joint}" for leg in legs])].mean(1)
+    fwd = at("l", "f", "body_coxa") + at("r", "f", "body_coxa") - at("l", "h", "body_coxa") - at("r", "h", "body_coxa")
+    left = at("l", "fmh", "body_coxa") - at("r", "fmh", "body_coxa")
+    up = at("l", "fmh", "body_coxa") + at("r", "fmh", "body_coxa") - at("l", "fmh", "claw") - at("r", "fmh", "claw")
+    trip = np.einsum("ti,ti->t", np.cross(fwd, left), up)
+    norm = np.linalg.norm(fwd, axis=1) * np.linalg.norm(left, axis=1) * np.linalg.norm(up, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        h = np.nanmedian(trip / norm) if len(trip) else np.nan
+    return float(h) if np.isfinite(h) else None
+
+
 # %% ../nbs/05_results.ipynb #528c86c8
 @patch
 def summary(self:PoseResult) -> dict:
@@ -334,7 +352,7 @@ def summary(self:PoseResult) -> dict:
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
            "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None,
-           "lifted_from_view": self.lifted_from_view}     # one camera's 2D lifted, not triangulated
+           "handedness": None, "lifted_from_view": self.lifted_from_view}     # one camera's 2D lifted, not triangulated
     if self.pts3d is not None:
         out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
         with warnings.catch_warnings():
@@ -346,6 +364,7 @@ def summary(self:PoseResult) -> dict:
         out["bone_length_cv"] = {"median": _num(cv_med),
                                  "per_bone": {f"{names[a]}-{names[b]}": _num(c) for (a, b), c in zip(self.skeleton.bones, cv)}}
         out["spread_in_bones"] = _num(body_spread(self.pts3d, self.skeleton, lengths))
+        out["handedness"] = fly_handedness(self.skeleton, self.pts3d)     # fly38 only
     if e is not None:
         allv = _stats(e.ravel(), 0)
         ep = _stats(np.moveaxis(e, 2, 0).reshape(self.n_points, -1), 1)
@@ -420,6 +439,10 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix}")
     if (f := summary.get("fraction_triangulated")) is not None and f < limits["fraction_triangulated"] and not summary.get("lifted_from_view"):
         out.append(f"only {f:.0%} of point-frames have 3D (under {limits['fraction_triangulated']:.0%}): the views rarely agree; {fix}")
+    if (h := summary.get("handedness")) is not None and h < -0.5:
+        out.append(f"the 3D is the fly's mirror image (handedness {h:+.2f}): its left legs lie on its right, so left and right "
+                   "are swapped in what you export; the rig's handedness is flipped (DeepFly3D's own calibration is: without "
+                   "--rig source, bundle adjustment starts from the config's rig)")
     if (s := summary.get("spread_in_bones")) is not None and s > limits["spread_in_bones"]:
         out.append(f"the 3D spreads {s:.0f} median bone lengths from its centre (above {limits['spread_in_bones']:g}): parts of the "
                    "animal were reconstructed apart, not as one body; check the rig in [cameras], or compare with "
