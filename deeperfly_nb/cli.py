@@ -79,7 +79,7 @@ def detected(result, # a PoseResult
 
 def detector_lines(result, # a PoseResult (its provenance holds the run's config)
                   ) -> list:
-    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector weights WEIGHTS (...)' for each model a run used."
+    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector weights WEIGHTS' for each model a run used (named when there are several)."
     prov = result.provenance or {}
     cfg, files = prov.get("config") or {}, result.points2d_files
     lines = [f"2D read from {', '.join(files)}"] if files else []
@@ -90,7 +90,8 @@ def detector_lines(result, # a PoseResult (its provenance holds the run's config
         lines.append(f"rig: started from {start}, " + ("bundle-adjusted" if "bundle_adjustment" in result.meta else
                                                         "used as it is (no bundle adjustment)"))
     models = ((cfg.get("pose2d") or {}).get("models") or []) if ran else []
-    return lines + [f"detector weights {m.get('weights')} (the config's [[pose2d.models]] entry {m.get('name')!r})" for m in models]
+    named = lambda m: f" (model {m.get('name')!r})" if len(models) > 1 else ""           # one model: its weights say it all
+    return lines + [f"detector weights {m.get('weights')}{named(m)}" for m in models]
 
 # %% ../nbs/20_cli.ipynb #b8e4f0a1
 def _print_run_report(r):
@@ -264,6 +265,8 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     lines += [f"warning: {w}" for w in quality_warnings(summary, detected=detected(result))]
     if gt and "note" in gt: lines.append(f"ground truth: {gt['note']}")
     elif gt: lines.append(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
+    if gt and any(Path(f).resolve() == Path(gt["file"]).resolve() for f in result.points2d_files):
+        lines.append(f"  (the result's 2D was read from {gt['file']}: its 2D error compares that 2D with itself)")
     print(json.dumps(summary, indent=1, default=_jsonable) if args.json else "\n".join(lines))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html

@@ -518,8 +518,9 @@ def format_ground_truth(gt3d:dict|None, # `ground_truth_error`'s dict, or None
                      f"p95 {o['p95']:.4g}, mean {o['mean']:.4g} over {o['n']} points")
     for g, what in ((gt2d, "2D error"), (gt2d_reprojected, "2D error of the 3D's projections (export --points2d reprojected)")):
         if g and g["overall"]["n"]:
-            o = g["overall"]
-            lines.append(f"{what} against {source}: median {o['median_px']:.2f} px, PCK@{g['threshold_px']:g}px "
+            o, pv = g["overall"], [x["median_px"] for x in (g.get("per_view") or {}).values() if x["median_px"] is not None]
+            views = f" (per view {min(pv):.2f}–{max(pv):.2f})" if len(pv) > 1 else ""
+            lines.append(f"{what} against {source}: median {o['median_px']:.2f} px{views}, PCK@{g['threshold_px']:g}px "
                          f"{100 * o['pck']:.1f}% over {o['n']} points")
     return "\n".join(lines)
 

@@ -153,6 +153,7 @@ def test_inspect_scores_against_deepfly3d(tmp_path, df3d_pkl):
     assert gts["adjusted"]["mirrored"] and gts["adjusted"]["overall"]["median_pct_body"] < 5
     r = run_cli("inspect", str(tmp_path / "adjusted" / "results.h5"), "--ground-truth", str(df3d_pkl), "--plot", str(tmp_path / "r.html"))
     assert "after similarity alignment that may mirror (it did)" in r.stdout, r.stdout
+    assert "its 2D error compares that 2D with itself" in r.stdout                 # 0.00 px: the same 2D, said so
     page = (tmp_path / "r.html").read_text()                    # the report's figure aligns as the text does
     assert f"(similarity or mirror alignment): overall median {gts['adjusted']['overall']['median']:.4f}" in page
     assert "rig: started from the config" in page and "2D read from " in page     # the page says what inspect printed
