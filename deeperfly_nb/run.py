@@ -28,8 +28,8 @@ __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 
            'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext',
            'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
            'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content',
-           'select_points2d', 'filter_points2d', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
-           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+           'select_points2d', 'filter_points2d', 'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d',
+           'RunReport', 'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -690,12 +690,18 @@ def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersCo
     return pts2d, conf, dropped
 
 # %% ../nbs/19_run.ipynb #fc7654f1
+def view_videos(ctx:RunContext, # the run's context (its footage readers)
+               ) -> dict:
+    "{view: the video file its points came from} for the views a video (not a folder of images) fed: what a SLEAP export names."
+    return {v: str(Path(r.path).resolve()) for v, s in ctx.config.detection_plan().view_sources().items()
+            if (r := ctx.readers.get(s)) is not None and not getattr(r, "files", None)}
+
 def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:dict) -> PoseResult:
     "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
     pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
     meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps,
-            **({"filters": {"dropped": dropped}} if dropped else {})}
+            **({"videos": vids} if (vids := view_videos(ctx)) else {}), **({"filters": {"dropped": dropped}} if dropped else {})}
     if config.pipeline.triangulation:
         res = triangulate_points2d(cameras, config.skeleton(), pts2d, conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
     else: res = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta)
@@ -777,7 +783,8 @@ def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOut
                       **({"candidates": p2d.candidates_content} if config.model.filters.candidates else {})})
     def compute():
         pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
-        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **({"filters": {"dropped": dropped}} if dropped else {})}
+        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **({"videos": vids} if (vids := view_videos(ctx)) else {}),
+                **({"filters": {"dropped": dropped}} if dropped else {})}
         base = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta, provenance=result_provenance(ctx))
         res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
         res.provenance["frames"]["count"] = res.n_frames

@@ -82,6 +82,16 @@ def test_caching(recording, reference):
     changed = sorted(s for s in STAGES_ALL if after[s] != before[s])
     assert changed == ["triangulation", "visualization.pose3d"], changed
 
+def test_exports_name_the_recordings_videos(recording, reference, tmp_path):
+    "A run records each view's video, so that a SLEAP export opens the real footage, not placeholder names."
+    import sleap_io as sio
+    out, _ = reference
+    res = PoseResult.load(out / "results.h5")
+    want = {v: str((recording / "rec" / f"camera_{i}.mp4").resolve()) for i, v in enumerate(res.view_names)}
+    assert res.meta["videos"] == want, res.meta.get("videos")
+    deeperfly("-q", "export", out / "results.h5", tmp_path / "res.slp")
+    assert [v.filename for v in sio.load_slp(str(tmp_path / "res.slp")).videos] == list(want.values())
+
 def test_video_shows_the_reprojected_skeleton(recording, reference):
     "Decode pose3d.mp4: frame count and fps, and the limb colours drawn at the result's reprojected points."
     from deeperfly_nb.drawing import point_colors_u8
