@@ -31,6 +31,13 @@ def _with_model(config, spec:str|None):
     _check_model_name(path)
     return with_trained_model(config, path, name)
 
+def _with_fps(config, fps:float|None):
+    "The config with `--fps`'s frame rate as `[pipeline] fps` (the footage's own is then ignored)."
+    if fps is None: return config
+    from deeperfly_nb.config import Config
+    d = config.to_dict(); d["pipeline"]["fps"] = fps
+    return Config.from_dict(d, f"{config.source} with --fps {fps:g}", config.base_dir, config.path)
+
 def _check_model_name(path:str):
     "A `--model` that is neither a file nor a bundled model but close to a bundled model's name: an InputError naming it."
     from deeperfly_nb.detector import bundled_models
@@ -131,7 +138,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
-    config = _with_model(_load_config(args.config), args.model)
+    config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
@@ -597,6 +604,7 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--model", metavar="[NAME=]PATH", help="detect with this model deeperfly trained (e.g. RUN_DIR/model.pt, or "
                                                          "bundled:fly_neuromechfly for real footage of DeepFly3D's rig) "
                                                          "in place of the config's model NAME (default: its only model)")
+    s.add_argument("--fps", type=float, help="the footage's frame rate, as [pipeline] fps (for footage that records a wrong one)")
     many = s.add_argument_group("many recordings on Dask (default: one after another in this process)")
     many.add_argument("--workers", type=int, help="run the recordings on N local worker processes (0: here, one after another)")
     many.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask cluster, e.g. tcp://host:8786")

@@ -200,7 +200,7 @@ def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps 
         lo, hi = PLAUSIBLE_FPS
         if not lo <= footage_fps <= hi:
             log.warning("the footage says %.3g frames per second, which is implausible for behaviour video; "
-                        "set [pipeline] fps = <your camera's rate> in the config", footage_fps)
+                        "give `deeperfly run --fps <your camera's rate>` or set [pipeline] fps in the config", footage_fps)
         return float(footage_fps), "the footage"
     return float(config.pipeline.fallback_fps), "[pipeline] fallback_fps (the footage records no frame rate)"
 
