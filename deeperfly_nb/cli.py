@@ -229,13 +229,12 @@ def load_ground_truth(path:Path, # a deeperfly .h5 (a render's ground_truth.h5, 
                       view_names:list, # the result's views: the truth's 2D is put in their order when it has the same names
                      ) -> tuple:
     """(truth PoseResult, 3D alignment): a DeepFly3D pickle gives its 2D and its triangulated 3D (before its Procrustes
-    step, in millimetres), aligned by a similarity that may mirror (its calibration reconstructs the mirror image)."""
+    step, in its calibration's units), aligned by a similarity that may mirror (its calibration gives the mirror image)."""
     from deeperfly_nb.results import PoseResult
     if not path.is_file(): raise InputError(f"{path}: no such ground-truth file")
     if path.suffix == ".pkl":
         from deeperfly_nb.df3d import read_df3d_result
-        df = read_df3d_result(path)
-        truth, align = PoseResult(df.pts2d, df.conf, df.cameras, df.skeleton, pts3d=df.pts3d_wo_procrustes), "similarity_or_mirror"
+        truth, align = read_df3d_result(path).to_pose_result(), "similarity_or_mirror"
     else: truth, align = PoseResult.load(path), "similarity"
     if list(truth.view_names) != list(view_names) and sorted(truth.view_names) == sorted(view_names):
         order = [list(truth.view_names).index(v) for v in view_names]
@@ -247,7 +246,7 @@ def load_ground_truth(path:Path, # a deeperfly .h5 (a render's ground_truth.h5, 
 # %% ../nbs/20_cli.ipynb #f2974004
 def _ground_truth_summary(args, result) -> tuple:
     "(truth PoseResult or None, {ground-truth summary} or a note) for `inspect`."
-    from deeperfly_nb.results import PoseResult, ground_truth_report
+    from deeperfly_nb.results import ground_truth_report
     gt_path = Path(args.ground_truth) if args.ground_truth else (None if args.no_ground_truth else find_ground_truth(result, args.result))
     if gt_path is None: return None, None
     truth, align = load_ground_truth(gt_path, result.view_names)
