@@ -693,6 +693,7 @@ def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersCo
 def view_videos(ctx:RunContext, # the run's context (its footage readers)
                ) -> dict:
     "{view: the video file its points came from} for the views a video (not a folder of images) fed: what a SLEAP export names."
+    if not ctx.readers: return {}                                   # the 2D was read from a file: no footage
     return {v: str(Path(r.path).resolve()) for v, s in ctx.config.detection_plan().view_sources().items()
             if (r := ctx.readers.get(s)) is not None and not getattr(r, "files", None)}
 
