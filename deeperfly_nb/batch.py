@@ -301,15 +301,16 @@ def summary_rows(outcomes:list, # [RecordingOutcome]
 
 # %% ../nbs/19a_batch.ipynb #37b673cb
 def _html_table(cols:list, rows:list) -> str:
-    "A self-contained HTML page of the summary (failed rows in red)."
+    "A self-contained HTML page of the summary (failed rows in red, rows with warnings in amber)."
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     def cell(v): return f"<td>{html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
-    body = "\n".join(f"<tr class='{html.escape(str(r['status']))}'>{''.join(cell(r[c]) for c in cols)}</tr>" for r in rows)
+    status = lambda r: "warned" if r["status"] == "done" and r["warnings"] else r["status"]
+    body = "\n".join(f"<tr class='{html.escape(status(r))}'>{''.join(cell(r[c]) for c in cols)}</tr>" for r in rows)
     n_fail = sum(r["status"] == "failed" for r in rows)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>deeperfly batch summary</title><style>"
             f"body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px}}"
-            f" tr.failed{{background:#fdd}}</style></head><body><h1>deeperfly batch summary</h1>"
-            f"<p>{len(rows)} recordings, {len(rows) - n_fail} done, {n_fail} failed</p>"
+            f" tr.failed{{background:#fdd}} tr.warned{{background:#ffefc2}}</style></head><body><h1>deeperfly batch summary</h1>"
+            f"<p>{len(rows)} recordings, {len(rows) - n_fail} done ({sum(status(r) == 'warned' for r in rows)} with warnings), {n_fail} failed</p>"
             f"<table><tr>{head}</tr>\n{body}</table></body></html>\n")
 
 def write_summary(outcomes:list, # [RecordingOutcome]

@@ -187,10 +187,12 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
-    e = result.summary()["reprojection_error_px"]
+    from deeperfly_nb.results import quality_warnings
+    summary = result.summary(); e = summary["reprojection_error_px"]
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
           f"{result.n_frames} frames x {result.n_points} points")
     print(f"reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
+    for w in quality_warnings(summary, detected=False): logging.getLogger("deeperfly").warning(w)   # as `run` and `inspect` warn
     return 0
 
 # %% ../nbs/20_cli.ipynb #192d9e83
@@ -268,7 +270,8 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     if gt is not None: summary["ground_truth"] = gt
     lines = [format_summary(summary), *detector_lines(result)]
     if "refinement" in result.meta: lines.append(format_refinement(result.meta["refinement"], result.skeleton.point_names))
-    lines += [f"warning: {w}" for w in quality_warnings(summary, detected=detected(result))]
+    summary["warnings"] = quality_warnings(summary, detected=detected(result))     # in --json too: scripts keep the verdict
+    lines += [f"warning: {w}" for w in summary["warnings"]]
     if gt and "note" in gt: lines.append(f"ground truth: {gt['note']}")
     elif gt: lines.append(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
     if gt and any(Path(f).resolve() == Path(gt["file"]).resolve() for f in result.points2d_files):
@@ -782,6 +785,8 @@ def cmd_train_lifter(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.lifting import read_log, train_from_results
     t0 = time.perf_counter()
     refuse_existing([Path(args.out) / "ckpt_last.pth"], args.resume, how="give --resume to continue its training (up to --epochs), or another -o to start over")
+    if args.resume and (Path(args.out) / "train_log.csv").is_file() and (done := int(read_log(args.out)["epoch"][-1])) >= args.epochs:
+        raise InputError(f"{args.out} is already trained for {done} epochs: give --epochs above {done} to train it further")
     lifter = train_from_results(args.results, args.out, args.view, args.root, {"epochs": args.epochs, "resume": args.resume}, mirror=args.mirror)
     log = read_log(args.out)
     print(f"trained {lifter.folder} in {time.perf_counter() - t0:.1f} s: {int(log['epoch'][-1])} epochs; best validation error "

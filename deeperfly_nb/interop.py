@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/interop.html.md"""
 
 # %% ../nbs/16a_interop.ipynb #d47dd7d3
 from __future__ import annotations
-import json, re, uuid, warnings
+import json, logging, re, uuid, warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -452,6 +452,9 @@ def write_slp(result:PoseResult, # the result whose 2D to write
     ssk = sio.Skeleton(nodes=list(names), edges=[(names[a], names[b]) for a, b in sk.bones], name=sk.name)
     videos_meta = result.meta.get("videos", {}) if isinstance(result.meta.get("videos"), dict) else {}
     videos = [sio.Video(filename=str(videos_meta.get(v, f"{v}.mp4")), open_backend=False) for v in result.view_names]
+    if missing := [v.filename for v in videos if not Path(v.filename).is_file()]:      # SLEAP would open no frames
+        logging.getLogger("deeperfly").warning(f"{dest}: the result names no footage that exists here for {len(missing)} view(s) "
+                                               f"({', '.join(missing[:3])}...): SLEAP will ask where the videos are (a `deeperfly run`'s results.h5 records them)")
     frames = []
     for t in range(result.n_frames):
         for v, video in enumerate(videos):

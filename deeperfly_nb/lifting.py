@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/lifting.html.md"""
 
 # %% ../nbs/08b_lifting.ipynb #c2cbac03
 from __future__ import annotations
-import csv, hashlib, io, json, math, time
+import csv, hashlib, io, json, math, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 import numpy as np
@@ -157,10 +157,14 @@ def fit_stats(pts2d:np.ndarray, # (N, J, 2) training inputs
     J = pts3d.shape[1]
     proto = LiftStats(tuple(roots), tuple(map(tuple, target_sets)), J, *[np.zeros(0)] * 5)
     r2, r3 = _relative(pts2d, proto).reshape(len(pts2d), -1), _relative(pts3d, proto).reshape(len(pts3d), -1)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)                  # a joint NaN everywhere: named below
         m2, m3, rm = np.nanmean(r2, 0), np.nanmean(r3, 0), np.nanmean(pts3d[:, list(roots)], 0)
     for nm, m in (("2D", m2), ("3D", m3)):
-        if not np.isfinite(m).all(): raise InputError(f"every training {nm} pose lacks some target joint (all NaN over the training set)")
+        if not np.isfinite(m).all():
+            bad = sorted({int(proto.targets[k]) for k in np.flatnonzero(~np.isfinite(m.reshape(len(proto.targets), -1)).all(1))})
+            raise InputError(f"no training {nm} pose has target joint(s) {bad[:8]} (or their roots): the 3D holds them nowhere "
+                             "(results with few triangulated points?); train on results that reconstruct them")
     return replace(proto, mean_2d=m2, std_2d=_safe_std(r2), mean_3d=m3, std_3d=_safe_std(r3), root_mean_3d=np.nan_to_num(rm))
 
 # %% ../nbs/08b_lifting.ipynb #0974d696
@@ -610,8 +614,8 @@ def _resume_state(folder:Path, o:LiftOptions, net, opt, digest:str) -> tuple:
     if not (o.resume and p.is_file()): return 0, 0, math.inf, []
     rec = json.loads((folder / "lifter.json").read_text())
     if rec.get("stats_digest") != digest:
-        raise InputError(f"cannot resume {folder}: its statistics ({rec.get('stats_digest')}) differ from this training data's ({digest}); "
-                         "train into a new output_folder")
+        raise InputError(f"cannot resume {folder}: it was trained on other data (another view, other results or another root; "
+                         f"statistics {rec.get('stats_digest')} against {digest}): train into a new folder")
     ck = torch.load(p, map_location=next(net.parameters()).device, weights_only=True)
     net.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
     return int(ck["epoch"]), int(ck["step"]), float(ck["best_val"]), list(ck["log"])

@@ -547,8 +547,8 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
                         cameras=config.camera_group if crop else None, top_k=top_k)
         if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
         res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=det.fps,
-                         meta={"stage": "pose2d", "sources": det.sources, "footage_fps": det.fps,
-                               "models": {n: str(m.weights_path) for n, m in models.items()}})
+                         meta={"stage": "pose2d", "recording": str(ctx.recording), "sources": det.sources, "footage_fps": det.fps,
+                               "models": {n: str(m.weights_path) for n, m in models.items()}, "videos": view_videos(ctx)})
         res.save(path)
         if top_k: save_candidates(cpath, det.cands, det.scores, det.view_names)
         else: cpath.unlink(missing_ok=True)                        # candidates of an older detection are not this one's

@@ -141,7 +141,8 @@ def test_inspect_scores_against_deepfly3d(tmp_path, df3d_pkl):
     import json
     gts = {}
     for name, opts in (("source", ["--rig", "source", "--no-bundle-adjust"]), ("adjusted", [])):
-        assert run_cli("reconstruct", str(df3d_pkl), "-o", str(tmp_path / name), "-q", *opts).returncode == 0
+        r = run_cli("reconstruct", str(df3d_pkl), "-o", str(tmp_path / name), *opts)
+        assert r.returncode == 0 and ("the 3D is the fly's mirror image" in r.stderr) == (name == "source"), r.stderr   # said at once
         r = run_cli("inspect", str(tmp_path / name / "results.h5"), "--ground-truth", str(df3d_pkl), "--json")
         assert r.returncode == 0, r.stderr
         gts[name] = json.loads(r.stdout)["ground_truth"]

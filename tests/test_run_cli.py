@@ -92,6 +92,14 @@ def test_exports_name_the_recordings_videos(recording, reference, tmp_path):
     deeperfly("-q", "export", out / "results.h5", tmp_path / "res.slp")
     assert [v.filename for v in sio.load_slp(str(tmp_path / "res.slp")).videos] == list(want.values())
 
+def test_inspect_scores_the_detections_file(recording, reference):
+    "`inspect out/pose2d.h5` finds the recording's ground truth and scores the detections in 2D."
+    import json
+    out, _ = reference
+    r = deeperfly("inspect", out / "pose2d.h5", "--json")
+    gt = json.loads(r.stdout)["ground_truth"]
+    assert gt["file"] == str(recording / "rec" / "ground_truth.h5") and gt["2d"]["overall"]["median_px"] < 3, gt.get("2d")
+
 def test_video_shows_the_reprojected_skeleton(recording, reference):
     "Decode pose3d.mp4: frame count and fps, and the limb colours drawn at the result's reprojected points."
     from deeperfly_nb.drawing import point_colors_u8
