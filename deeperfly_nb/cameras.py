@@ -305,17 +305,20 @@ Camera.to_dict, Camera.to_df3d = camera_to_dict, camera_to_df3d
 Camera.from_dict, Camera.from_df3d = staticmethod(camera_from_dict), staticmethod(camera_from_df3d)
 
 # %% ../nbs/02_cameras.ipynb #31ca7589
-def _group_to_dict(self:CameraGroup) -> dict:
+@patch
+def to_dict(self:CameraGroup) -> dict:
     "{name: camera table}, in view order."
     return {c.name: c.to_dict() for c in self.cameras}
 
-def _group_from_dict(d:dict, # {view name: camera table}, as `CameraGroup.to_dict` writes it; its order is the view order
-                    ) -> CameraGroup:
+@patch(cls_method=True)
+def from_dict(cls:CameraGroup, d:dict, # {view name: camera table}, as `CameraGroup.to_dict` writes it; its order is the view order
+             ) -> CameraGroup:
     "A rig from `{name: camera table}` (inverse of `CameraGroup.to_dict`)."
     return CameraGroup([Camera.from_dict(n, t) for n, t in d.items()])
 
-def _group_to_h5(self:CameraGroup, group, # an open h5py Group to write into
-                ):
+@patch
+def to_h5(self:CameraGroup, group, # an open h5py Group to write into
+         ):
     "Write the rig into an HDF5 group: names, rmat, tvec, intr, dist, image_size (-1 = unknown)."
     import h5py
     group.create_dataset("names", data=np.array(self.names, dtype=object), dtype=h5py.string_dtype())
@@ -323,8 +326,9 @@ def _group_to_h5(self:CameraGroup, group, # an open h5py Group to write into
         group.create_dataset(key, data=arr)
     group.create_dataset("image_size", data=np.array([c.image_size or (-1, -1) for c in self.cameras], dtype=np.int64))
 
-def _group_from_h5(group, # an open h5py Group written by `CameraGroup.to_h5`
-                  ) -> CameraGroup:
+@patch(cls_method=True)
+def from_h5(cls:CameraGroup, group, # an open h5py Group written by `CameraGroup.to_h5`
+           ) -> CameraGroup:
     "Read a rig written by `CameraGroup.to_h5`."
     need = {"names", "rmat", "tvec", "intr", "dist"} - set(group.keys())
     if need: raise InputError(f"HDF5 group {group.name!r} is not a camera rig: missing {sorted(need)}")
@@ -334,24 +338,21 @@ def _group_from_h5(group, # an open h5py Group written by `CameraGroup.to_h5`
     return CameraGroup([Camera(n, R, t, i, d, None if s[0] < 0 else tuple(s)) for n, R, t, i, d, s in zip(names, *arrs, sizes)])
 
 # %% ../nbs/02_cameras.ipynb #05503855
-def _group_to_df3d(self:CameraGroup) -> dict:
+@patch
+def to_df3d(self:CameraGroup) -> dict:
     "{view index: DeepFly3D camera dict}, as in a df3d_result pickle."
     return {v: c.to_df3d() for v, c in enumerate(self.cameras)}
 
-def _group_from_df3d(d:dict, # {index: {R, tvec, intr, distort}} from a df3d_result pickle
-                     names=None, # view names in index order (default: 'cam0', 'cam1', ...)
-                     image_size=None, # (H, W) of every camera
-                    ) -> CameraGroup:
+@patch(cls_method=True)
+def from_df3d(cls:CameraGroup, d:dict, # {index: {R, tvec, intr, distort}} from a df3d_result pickle
+              names=None, # view names in index order (default: 'cam0', 'cam1', ...)
+              image_size=None, # (H, W) of every camera
+             ) -> CameraGroup:
     "A rig from DeepFly3D's camera dicts, in the order of their integer keys (other keys are ignored)."
     idx = sorted(k for k in d if isinstance(k, (int, np.integer)))
     names = names or [f"cam{i}" for i in idx]
     if len(names) != len(idx): raise InputError(f"{len(idx)} DeepFly3D cameras but {len(names)} view names {list(names)}")
     return CameraGroup([Camera.from_df3d(n, d[i], image_size) for n, i in zip(names, idx)])
-
-CameraGroup.to_dict, CameraGroup.to_h5, CameraGroup.to_df3d = _group_to_dict, _group_to_h5, _group_to_df3d
-CameraGroup.from_dict = staticmethod(_group_from_dict)
-CameraGroup.from_h5 = staticmethod(_group_from_h5)
-CameraGroup.from_df3d = staticmethod(_group_from_df3d)
 
 # %% ../nbs/02_cameras.ipynb #e6727cc6
 def rig_figure(cameras:CameraGroup, # the rig to draw

@@ -8,6 +8,7 @@ Docs: https://deeperfly.github.io/deeperfly/lifting.html.md"""
 from __future__ import annotations
 import csv, hashlib, io, json, math, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
+from fastcore.basics import patch
 from pathlib import Path
 import numpy as np
 import torch
@@ -168,22 +169,23 @@ def fit_stats(pts2d:np.ndarray, # (N, J, 2) training inputs
     return replace(proto, mean_2d=m2, std_2d=_safe_std(r2), mean_3d=m3, std_3d=_safe_std(r3), root_mean_3d=np.nan_to_num(rm))
 
 # %% ../nbs/08b_lifting.ipynb #0974d696
-def _stats_to_dict(self:LiftStats) -> dict:
+@patch
+def to_dict(self:LiftStats) -> dict:
     "A JSON-ready dict."
     return {"roots": list(self.roots), "target_sets": [list(t) for t in self.target_sets], "n_joints": self.n_joints,
             **{k: np.asarray(getattr(self, k)).tolist() for k in ("mean_2d", "std_2d", "mean_3d", "std_3d", "root_mean_3d")}}
 
-def _stats_from_dict(d:dict, # as made by `LiftStats.to_dict`
-                    ) -> LiftStats:
+@patch(cls_method=True)
+def from_dict(cls:LiftStats, d:dict, # as made by `LiftStats.to_dict`
+             ) -> LiftStats:
     "`LiftStats` from a dict made by `to_dict`."
     return LiftStats(tuple(d["roots"]), tuple(map(tuple, d["target_sets"])), int(d["n_joints"]),
                      *(np.asarray(d[k], dtype=float) for k in ("mean_2d", "std_2d", "mean_3d", "std_3d", "root_mean_3d")))
 
-def _stats_digest(self:LiftStats) -> str:
+@patch(as_prop=True)
+def digest(self:LiftStats) -> str:
     "Short content hash identifying these statistics."
     return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-LiftStats.to_dict, LiftStats.from_dict, LiftStats.digest = _stats_to_dict, staticmethod(_stats_from_dict), property(_stats_digest)
 
 # %% ../nbs/08b_lifting.ipynb #d3dd5c10
 @dataclass(frozen=True, eq=False)
