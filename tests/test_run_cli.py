@@ -92,6 +92,19 @@ def test_exports_name_the_recordings_videos(recording, reference, tmp_path):
     deeperfly("-q", "export", out / "results.h5", tmp_path / "res.slp")
     assert [v.filename for v in sio.load_slp(str(tmp_path / "res.slp")).videos] == list(want.values())
 
+def test_fps_flag_reaches_every_file_without_detecting_again(recording, reference, tmp_path):
+    "`run --fps` sets the frame rate of results.h5 and of the reused pose2d.h5 (the footage's stays in the meta); detection is not re-run."
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    assert PoseResult.load(out / "pose2d.h5").fps == 100.0            # `deeperfly synth` footage: 100 fps
+    p = deeperfly("run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--fps", 250, "--no-progress")
+    assert "pose2d: reusing" in p.stdout + p.stderr, p.stderr        # the detections were kept, only restamped
+    p2d, res = PoseResult.load(out / "pose2d.h5"), PoseResult.load(out / "results.h5")
+    assert (p2d.fps, res.fps, p2d.meta["footage_fps"]) == (250.0, 250.0, 100.0), (p2d.fps, res.fps, p2d.meta)
+    again = ran(out)
+    deeperfly("-q", "run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--fps", 250)
+    assert ran(out) == again                                          # and the restamped stage is still fresh
+
 def test_inspect_scores_the_detections_file(recording, reference):
     "`inspect out/pose2d.h5` finds the recording's ground truth and scores the detections in 2D."
     import json
