@@ -63,27 +63,30 @@ class RecordingOutcome:
     error: str|None = None                          # 'ErrorType: message' of a failed recording
     worker: str|None = None                         # where its last step ran (host:pid)
     cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed
+    frames: int|None = None                         # frames of the result
+    triangulated_pct: float|None = None             # share of its point-frames with 3D, in percent
+    detector: str|None = None                       # the weights of the detector model(s) that made its 2D (None: read from a file)
 
 def _where() -> str: return f"{socket.gethostname()}:{os.getpid()}"
 
 # %% ../nbs/19a_batch.ipynb #16340f4d
 def _percent(fraction): return None if fraction is None else round(100 * fraction, 3)
 
-def _warnings(result, detected:bool) -> tuple|None:
-    "The result's quality warnings (None without a result)."
-    return None if result is None else tuple(quality_warnings(result.summary(), detected=detected))
-
 def outcome_from_report(rep:RunReport, # what `run_recording` returned
                         cpu_seconds:float=0.0, # CPU time it took
-                        detected:bool=True, # a detector made the 2D ([pipeline] pose2d): what the warnings blame
                        ) -> RecordingOutcome:
-    "The summary-table row of a finished recording (quality numbers from the triangulation stage's record; CV in percent, as `inspect` prints it)."
+    """The summary-table row of a finished recording: reprojection error and bone CV from the triangulation stage's
+    record, frames, share triangulated, detector and warnings from the result (percent, as `inspect` prints them)."""
     tri = next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
-    err = tri.get("reprojection_error_px") or {}
+    err, res = tri.get("reprojection_error_px") or {}, rep.result
+    s = res.summary() if res is not None else {}                     # once: the warnings are read off it too
     return RecordingOutcome(str(rep.recording), str(rep.out_dir), "done", rep.seconds,
                             {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
-                            _percent(tri.get("bone_length_cv_median")), _warnings(rep.result, detected), worker=_where(),
-                            cpu_seconds=round(cpu_seconds, 3))
+                            _percent(tri.get("bone_length_cv_median")),
+                            None if res is None else tuple(quality_warnings(s, detected=res.detected)), worker=_where(),
+                            cpu_seconds=round(cpu_seconds, 3), frames=s.get("shape", {}).get("frames"),
+                            triangulated_pct=_percent(s.get("fraction_triangulated")),
+                            detector=None if res is None else " + ".join(res.detector_weights.values()) or None)
 
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder
@@ -104,7 +107,8 @@ def merge_outcomes(previous:RecordingOutcome|None, # the outcome of the recordin
     keep = lambda k: getattr(new, k) if getattr(new, k) is not None else getattr(previous, k)
     return replace(new, stages=stages, seconds=round(previous.seconds + new.seconds, 3),
                    cpu_seconds=round(previous.cpu_seconds + new.cpu_seconds, 3),
-                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv_pct", "warnings")})
+                   **{k: keep(k) for k in ("reprojection_error_px", "reprojection_error_p95_px", "bone_length_cv_pct", "warnings",
+                                         "frames", "triangulated_pct", "detector")})
 
 # %% ../nbs/19a_batch.ipynb #a303670f
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def run_one(recording:Path, # the recording folder
     except Exception as e:
         logging.getLogger("deeperfly").error("recording %s failed: %s", Path(recording).name, e)
         return merge_outcomes(previous, failed_outcome(recording, out, e, time.perf_counter() - t0))
-    return merge_outcomes(previous, outcome_from_report(rep, time.process_time() - c0, config.pipeline.pose2d))
+    return merge_outcomes(previous, outcome_from_report(rep, time.process_time() - c0))
 
 # %% ../nbs/19a_batch.ipynb #64338f65
 @dataclass(frozen=True)
@@ -284,8 +288,8 @@ def run_many(recordings:list, # recording folders
     return done
 
 # %% ../nbs/19a_batch.ipynb #20ce6634
-SUMMARY_FIELDS = ("recording", "status", "seconds", "cpu_seconds", "reprojection_error_px", "reprojection_error_p95_px",
-                  "bone_length_cv_pct", "warnings", "error", "out_dir", "worker")
+SUMMARY_FIELDS = ("recording", "status", "seconds", "cpu_seconds", "frames", "triangulated_pct", "reprojection_error_px",
+                  "reprojection_error_p95_px", "bone_length_cv_pct", "detector", "warnings", "error", "out_dir", "worker")
 
 def summary_rows(outcomes:list, # [RecordingOutcome]
                 ) -> tuple:

@@ -13,10 +13,10 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detected', 'detector_lines', 'cmd_run', 'cmd_export',
-           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth',
-           'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop',
-           'cmd_remap', 'cmd_lift', 'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct',
+           'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth', 'cmd_doctor',
+           'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
+           'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -78,41 +78,31 @@ def busy_machine_hint(load:float|None=None, # the 1-minute load average (default
             f"times slower than with one; if it is slow, run with OMP_NUM_THREADS=1")
 
 # %% ../nbs/20_cli.ipynb #430a0774
-def detected(result, # a PoseResult
-            ) -> bool:
-    "Whether a detector made the result's 2D: a `deeperfly run` with `[pipeline] pose2d` on (its provenance says)."
-    prov = result.provenance or {}
-    return "recording" in prov and ((prov.get("config") or {}).get("pipeline") or {}).get("pose2d", True)
-
-def detector_lines(result, # a PoseResult (its provenance holds the run's config)
+def detector_lines(result, # a PoseResult
                   ) -> list:
-    "What made the result's 2D, from its provenance: the 2D file it read, and 'detector weights WEIGHTS' for each model a run used (named when there are several)."
-    prov = result.provenance or {}
-    cfg, files = prov.get("config") or {}, result.points2d_files
+    "What made the result's 2D: the 2D file it read, and 'detector weights WEIGHTS' for each model a run used (named when there are several)."
+    prov, files, weights = result.provenance or {}, result.points2d_files, result.detector_weights
     lines = [f"2D read from {', '.join(files)}"] if files else []
-    ran = detected(result)
-    if "recording" in prov and not ran: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
+    if "recording" in prov and not result.detected: lines.append(f"2D read from the recording {prov['recording']} ([pipeline] pose2d = false)")
     if "starting_rig" in result.meta:                                  # `reconstruct`: which rig, and whether it was adjusted
         start = "the rig the 2D file records" if result.meta["starting_rig"] == "source" else "the config's [cameras]"
         lines.append(f"rig: started from {start}, " + ("bundle-adjusted" if "bundle_adjustment" in result.meta else
                                                         "used as it is (no bundle adjustment)"))
-    models = ((cfg.get("pose2d") or {}).get("models") or []) if ran else []
-    named = lambda m: f" (model {m.get('name')!r})" if len(models) > 1 else ""           # one model: its weights say it all
-    return lines + [f"detector weights {m.get('weights')}{named(m)}" for m in models]
+    named = lambda name: f" (model {name!r})" if len(weights) > 1 else ""         # one model: its weights say it all
+    return lines + [f"detector weights {w}{named(n)}" for n, w in weights.items()]
 
 # %% ../nbs/20_cli.ipynb #b8e4f0a1
 def _print_run_report(r):
-    "The stages of one recording's run, the detector it used, and its reprojection error."
+    "The stages of one recording's run, the detector it used, its reprojection error, and its quality warnings (logged)."
     print(f"{r.recording} -> {r.out_dir} in {r.seconds:.1f} s")
     for s in r.stages: print(f"  {s.stage:<22} {s.status:<8} {s.seconds:6.1f} s  {', '.join(s.outputs)}")
-    if r.result is not None:
-        for line in detector_lines(r.result): print(f"  {line}")
-    if r.result is not None and r.result.pts3d is not None:
-        e = r.result.summary()["reprojection_error_px"]
+    if r.result is None: return
+    for line in detector_lines(r.result): print(f"  {line}")
+    summary = r.result.summary()
+    if (e := summary["reprojection_error_px"]) is not None:
         print(f"  reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
-    if r.result is not None:
-        from deeperfly_nb.results import quality_warnings
-        for w in quality_warnings(r.result.summary(), detected=detected(r.result)): logging.getLogger("deeperfly").warning(w)   # -q silences it
+    from deeperfly_nb.results import quality_warnings
+    for w in quality_warnings(summary, detected=r.result.detected): logging.getLogger("deeperfly").warning(w)   # -q silences it
 
 def _run_on_dask(args, config, overwrite) -> int:
     "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
@@ -270,7 +260,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     if gt is not None: summary["ground_truth"] = gt
     lines = [format_summary(summary), *detector_lines(result)]
     if "refinement" in result.meta: lines.append(format_refinement(result.meta["refinement"], result.skeleton.point_names))
-    summary["warnings"] = quality_warnings(summary, detected=detected(result))     # in --json too: scripts keep the verdict
+    summary["warnings"] = quality_warnings(summary, detected=result.detected)     # in --json too: scripts keep the verdict
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if gt and "note" in gt: lines.append(f"ground truth: {gt['note']}")
     elif gt: lines.append(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))

@@ -110,6 +110,19 @@ def points2d_files(self:PoseResult) -> list:
     return [str(p) for p in ([inputs] if isinstance(inputs, str) else inputs) if p is not None]
 
 
+# %% ../nbs/05_results.ipynb #e74c1edd
+@patch(as_prop=True)
+def detected(self:PoseResult) -> bool:
+    "Whether a detector made the 2D: a `deeperfly run` with `[pipeline] pose2d` on (its provenance says so)."
+    prov = self.provenance or {}
+    return "recording" in prov and ((prov.get("config") or {}).get("pipeline") or {}).get("pose2d", True)
+
+@patch(as_prop=True)
+def detector_weights(self:PoseResult) -> dict:
+    "{model name: weights} of each detector model that made the 2D, as the run's config names them ({} when not detected)."
+    models = (((self.provenance or {}).get("config") or {}).get("pose2d") or {}).get("models") or [] if self.detected else []
+    return {m.get("name"): str(m.get("weights")) for m in models}
+
 # %% ../nbs/05_results.ipynb #9038d616
 @patch
 def __repr__(self:PoseResult):

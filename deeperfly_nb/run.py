@@ -524,6 +524,19 @@ def _pose2d_fingerprint(ctx:RunContext, plan) -> str:
                         "weights": {n: weights_digest(plan.models[n], ctx.digests, memo)
                                     for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
 
+# %% ../nbs/19_run.ipynb #127f159c
+def _restamp_fps(ctx:RunContext, path:Path) -> PoseResult:
+    """A reused pose2d.h5 at the run's frame rate: `--fps` or [pipeline] fps may have changed since the detection, which
+    they do not re-run. The file is rewritten (atomically) and re-recorded, so the next run still finds the stage fresh."""
+    res = PoseResult.load(path)
+    if res.fps == ctx.fps: return res
+    res.fps = ctx.fps
+    res.save(path)
+    rec = read_record(ctx.out, "pose2d")
+    write_record(ctx.out, "pose2d", rec["fingerprint"], [ctx.out / p for p in rec["outputs"]], rec["seconds"], ctx.digests,
+                 rec.get("content"), rec.get("summary"))
+    return res
+
 # %% ../nbs/19_run.ipynb #5d8a3c66
 def _pose2d_stage(ctx:RunContext) -> tuple:
     """Detect 2D in the footage into pose2d.h5 (or read a 2D file when [pipeline] pose2d is off): (Pose2D, [outcomes]) —
@@ -546,7 +559,7 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
                         resume_key=fp, block_frames=8 * opts.chunk_frames, upstream=upstream,
                         cameras=config.camera_group if crop else None, top_k=top_k)
         if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
-        res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=det.fps,
+        res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=ctx.fps,
                          meta={"stage": "pose2d", "recording": str(ctx.recording), "sources": det.sources, "footage_fps": det.fps,
                                "models": {n: str(m.weights_path) for n, m in models.items()}, "videos": view_videos(ctx)})
         res.save(path)
@@ -559,7 +572,7 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
             "frames": det.n_frames, "seconds_detection": det.seconds, "frames_per_second": round(det.n_frames / max(det.seconds, 1e-9), 2),
             "median_confidence": float(np.nanmedian(det.conf[seen])) if seen.any() else None}
     def load():
-        p2d = Pose2D.from_result(PoseResult.load(path))
+        p2d = Pose2D.from_result(_restamp_fps(ctx, path))
         if top_k: p2d.cands, p2d.scores = load_candidates(cpath, plan.view_names, top_k, p2d.pts2d.shape[:3])
         return p2d
     p2d, outcome = _stage(ctx, "pose2d", fp, compute, load)

@@ -238,6 +238,9 @@ def test_cli_run_with_workers_writes_the_summary(batch, tmp_path, caplog):
     assert_same_results(batch["seq"], tmp_path / "out", [r.name for r in batch["recs"]])
     import csv
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    weights = [str(m["weights"]) for m in batch["config"].to_dict()["pose2d"]["models"]]
+    assert [(r["frames"], r["detector"]) for r in rows] == [("4", " + ".join(weights))] * len(rows), rows   # 4 frames each
+    assert all(0 <= float(r["triangulated_pct"]) <= 100 for r in rows), rows
     warned = [r for r in rows if r["warnings"]]                          # the tiny detector's 3D: the warnings `run` gives one recording
     assert warned and all(f"{r['recording']}: {r['warnings'].split(' | ')[0]}" in caplog.text for r in warned), caplog.text[-2000:]
     d = batch["config"].to_dict(); d["cluster"] = {"kind": "slurm", "memroy": "8GB"}
