@@ -20,13 +20,14 @@ from .results import PoseResult, REPROJECTED_2D, describe_points2d
 from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
-__all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'EXPORTERS', 'NameMatch', 'match_names', 'place',
-           'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'dlc_paths', 'write_dlc', 'exact_csv',
-           'read_dlc_table', 'read_dlc_predictions', 'default_subject', 'write_nwb', 'read_nwb', 'read_nwb_points2d',
-           'write_slp', 'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
-           'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
-           'from_movement', 'read_movement_file', 'write_movement', 'movement_paths', 'export_format', 'export_result',
-           'export_paths', 'read_points2d', 'load_foreign']
+__all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'NWB_LENGTH_UNITS', 'EXPORTERS', 'NameMatch',
+           'match_names', 'place', 'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'dlc_paths',
+           'write_dlc', 'exact_csv', 'read_dlc_table', 'read_dlc_predictions', 'default_subject', 'nwb_world_unit',
+           'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp', 'read_slp', 'camera_to_anipose',
+           'camera_from_anipose', 'write_anipose_calibration', 'read_anipose_calibration', 'anipose_3d_frame',
+           'write_anipose_3d', 'read_anipose_3d', 'to_movement', 'from_movement', 'read_movement_file',
+           'write_movement', 'movement_paths', 'export_format', 'export_result', 'export_paths', 'read_points2d',
+           'load_foreign']
 
 # %% ../nbs/16a_interop.ipynb #7104fed2
 def _need(module:str, # the module to import
@@ -305,6 +306,19 @@ def default_subject(result:PoseResult, # its meta['subject'] and skeleton are us
     try: return pynwb.file.Subject(**d)
     except TypeError as e: raise InputError(f"meta['subject'] is not a set of NWB Subject fields: {e}") from None
 
+# %% ../nbs/16a_interop.ipynb #6c46bee8
+NWB_LENGTH_UNITS = ("meters", "centimeters", "millimeters", "micrometers")   # the lengths NWB's checker accepts for positions
+
+def nwb_world_unit(result:PoseResult, # its meta['world_unit'], when given, names the rig's unit
+                  ) -> str:
+    """The unit of the NWB 3D series: `meta['world_unit']` when it names one of `NWB_LENGTH_UNITS`, else 'n.a.' (NWB's
+    'not available'): a rig is calibrated in whatever unit its cameras were given, which a result rarely records."""
+    unit = (result.meta or {}).get("world_unit")
+    if unit is None: return "n.a."
+    if unit not in NWB_LENGTH_UNITS:
+        raise InputError(f"meta['world_unit'] is {unit!r}; NWB positions take one of {', '.join(NWB_LENGTH_UNITS)} (or leave it out: 'n.a.')")
+    return unit
+
 # %% ../nbs/16a_interop.ipynb #6a6afbaa
 def write_nwb(result:PoseResult, # the result to deposit
               dest, # the .nwb file to write
@@ -325,10 +339,10 @@ def write_nwb(result:PoseResult, # the result to deposit
     views = []
     for v, cam in enumerate(result.cameras):
         nwb.add_device(dev := _nwb_camera(cam)); views.append(_nwb_view(result, v, dev, nsk, chunk_frames))
-    unit = str(result.meta.get("world_unit", "calibration units"))
+    unit = nwb_world_unit(result)
     s3 = [] if result.pts3d is None else [
         _series(p, result.pts3d[:, n], None, result.fps or 1.0, unit, "the world frame of the calibrated cameras (x_cam = R X + t)",
-                f"3D position of {p!r} (NaN = not triangulated)", chunk_frames) for n, p in enumerate(sk.point_names)]
+                f"3D position of {p!r} in the unit of the calibration (NaN = not triangulated)", chunk_frames) for n, p in enumerate(sk.point_names)]
     beh.add(ndx.MultiCameraPoseEstimation(name=NWB_CONTAINER, pose_estimation_series=s3, pose_estimations=views, skeleton=nsk,
                                           description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and their triangulation",
                                           scorer=scorer_name(result), source_software="deeperfly", source_software_version=__version__))
