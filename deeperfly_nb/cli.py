@@ -104,6 +104,7 @@ def _print_run_report(r):
     from deeperfly_nb.results import quality_warnings
     for w in quality_warnings(summary, detected=r.result.detected): logging.getLogger("deeperfly").warning(w)   # -q silences it
 
+# %% ../nbs/20_cli.ipynb #de2ffc7a
 def _run_on_dask(args, config, overwrite) -> int:
     "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
     from deeperfly_nb.batch import BatchOptions, cluster_config, run_folder

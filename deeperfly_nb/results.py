@@ -347,44 +347,50 @@ def fly_handedness(skeleton:Skeleton, # fly38 (another skeleton: None)
     return float(h) if np.isfinite(h) else None
 
 
+# %% ../nbs/05_results.ipynb #07b870e0
+def _views_summary(res:PoseResult, e) -> dict:
+    "{view: share detected, mean confidence, reprojection median / p95 / n}; `e` (V, T, N) reprojection errors or None."
+    seen = np.isfinite(res.pts2d).all(-1)                                   # (V, T, N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        conf_view = np.nanmean(np.where(seen, res.conf, np.nan), axis=(1, 2))
+    ev = _stats(e.reshape(res.n_views, -1), 1) if e is not None else None
+    return {name: {"detected": _num(seen[v].mean()) if seen[v].size else None, "confidence": _num(conf_view[v]),
+                   "reproj_median_px": _num(ev["median"][v]) if ev else None,
+                   "reproj_p95_px": _num(ev["p95"][v]) if ev else None, "n_reproj": int(ev["n"][v]) if ev else 0}
+            for v, name in enumerate(res.view_names)}
+
+def _summary_3d(res:PoseResult) -> dict:
+    "The 3D's share triangulated, bone-length CV (median and per bone), spread in bone lengths and handedness."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lengths = res.skeleton.bone_lengths(res.pts3d)                    # (T, B): for the CV and the spread's unit
+        cv = res.skeleton.bone_length_cv(res.pts3d, lengths=lengths)
+        cv_med = np.nanmedian(cv) if cv.size else np.nan
+    names = res.skeleton.point_names
+    return {"fraction_triangulated": _num(np.isfinite(res.pts3d).all(-1).mean()) if res.pts3d.size else None,
+            "bone_length_cv": {"median": _num(cv_med), "per_bone": {f"{names[a]}-{names[b]}": _num(c) for (a, b), c in zip(res.skeleton.bones, cv)}},
+            "spread_in_bones": _num(body_spread(res.pts3d, res.skeleton, lengths)),
+            "handedness": fly_handedness(res.skeleton, res.pts3d)}          # fly38 only
+
+def _reprojection_summary(res:PoseResult, e) -> dict:
+    "Median, p95 and count of the reprojection errors `e` (V, T, N), over all and per point."
+    allv, ep = _stats(e.ravel(), 0), _stats(np.moveaxis(e, 2, 0).reshape(res.n_points, -1), 1)
+    return {"median": _num(allv["median"]), "p95": _num(allv["p95"]), "n": int(allv["n"]),
+            "per_point": {n: {"median": _num(ep["median"][i]), "p95": _num(ep["p95"][i]), "n": int(ep["n"][i])}
+                          for i, n in enumerate(res.skeleton.point_names)}}
+
 # %% ../nbs/05_results.ipynb #528c86c8
 @patch
 def summary(self:PoseResult) -> dict:
     "A JSON-ready summary of the result: shapes, detections, confidence, reprojection error, bone-length CV."
-    seen = np.isfinite(self.pts2d).all(-1)                                   # (V, T, N)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        conf_view = np.nanmean(np.where(seen, self.conf, np.nan), axis=(1, 2))
     e = self.reprojection_errors()
-    ev = _stats(e.reshape(self.n_views, -1), 1) if e is not None else None
-    views = {}
-    for v, name in enumerate(self.view_names):
-        views[name] = {"detected": _num(seen[v].mean()) if seen[v].size else None, "confidence": _num(conf_view[v]),
-                       "reproj_median_px": _num(ev["median"][v]) if ev else None,
-                       "reproj_p95_px": _num(ev["p95"][v]) if ev else None, "n_reproj": int(ev["n"][v]) if ev else 0}
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
-           "views": views, "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None, "spread_in_bones": None,
-           "handedness": None, "lifted_from_view": self.lifted_from_view}     # one camera's 2D lifted, not triangulated
-    if self.pts3d is not None:
-        out["fraction_triangulated"] = _num(np.isfinite(self.pts3d).all(-1).mean()) if self.pts3d.size else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            lengths = self.skeleton.bone_lengths(self.pts3d)                  # (T, B): for the CV and the spread's unit
-            cv = self.skeleton.bone_length_cv(self.pts3d, lengths=lengths)
-            cv_med = np.nanmedian(cv) if cv.size else np.nan
-        names = self.skeleton.point_names
-        out["bone_length_cv"] = {"median": _num(cv_med),
-                                 "per_bone": {f"{names[a]}-{names[b]}": _num(c) for (a, b), c in zip(self.skeleton.bones, cv)}}
-        out["spread_in_bones"] = _num(body_spread(self.pts3d, self.skeleton, lengths))
-        out["handedness"] = fly_handedness(self.skeleton, self.pts3d)     # fly38 only
-    if e is not None:
-        allv = _stats(e.ravel(), 0)
-        ep = _stats(np.moveaxis(e, 2, 0).reshape(self.n_points, -1), 1)
-        out["reprojection_error_px"] = {
-            "median": _num(allv["median"]), "p95": _num(allv["p95"]), "n": int(allv["n"]),
-            "per_point": {n: {"median": _num(ep["median"][i]), "p95": _num(ep["p95"][i]), "n": int(ep["n"][i])}
-                          for i, n in enumerate(self.skeleton.point_names)}}
+           "views": _views_summary(self, e), "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None,
+           "spread_in_bones": None, "handedness": None, "lifted_from_view": self.lifted_from_view}   # one camera's 2D lifted, not triangulated
+    if self.pts3d is not None: out.update(_summary_3d(self))
+    if e is not None: out["reprojection_error_px"] = _reprojection_summary(self, e)
     return out
 
 # %% ../nbs/05_results.ipynb #deb69286
