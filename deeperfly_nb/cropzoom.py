@@ -418,22 +418,35 @@ def read_bbox_csv(path, # a bbox CSV (`,x,y,h,w[,scale]`, one row per frame)
     return np.stack([x, y], 1), np.stack([h, w], 1), get("scale")
 
 # %% ../nbs/08a_cropzoom.ipynb #bd1da80d
+def _crop_hw_from_scales(paths:list, read:list, out_hw=None) -> tuple:
+    "(H_in, W_in) of the crops: scale × box size, the same in every row of every file that has a scale column (and `out_hw`, when given)."
+    want = None if out_hw is None else tuple(int(v) for v in out_hw)
+    for p, (_, hw, s) in zip(paths, read):
+        if not np.isfinite(s).all():
+            if np.isfinite(s).any(): raise InputError(f"{p}: the scale column is empty in frame {int(np.flatnonzero(~np.isfinite(s))[0])}; expected a scale in every row")
+            if want is None: raise InputError(f"{p}: no scale column; give out_hw (the crop size)")
+            continue
+        got = np.rint(s[:, None] * hw).astype(int)                          # (T, 2) crop size each row implies
+        want = want or (int(got[0, 0]), int(got[0, 1]))
+        if (bad := np.flatnonzero((got != want).any(1))).size:
+            k = int(bad[0])
+            raise InputError(f"{p}: frame {k}: scale x box size is a {got[k, 0]}x{got[k, 1]} crop, but the crops are {want[0]}x{want[1]}"
+                             f"{' (out_hw)' if out_hw is not None else ' (its first row, or an earlier file)'}; expected one crop size for every frame and view")
+    return want
+
 def boxes_from_bbox_csvs(paths, # one bbox CSV per view, in view order
                          out_hw=None, # (H_in, W_in) of the crops; None: from the files' scale column
                          n_frames:int|None=None, # frames every file must cover (None: the first file's)
                          image_hw=None, # (H, W) of every raw frame, or one per view: checked for boxes outside
                         ) -> CropBoxes:
-    "A `CropBoxes` from per-view bbox CSVs (a remap needs nothing else)."
+    "A `CropBoxes` from per-view bbox CSVs (a remap needs nothing else); every row's scale must give the same crop size."
     paths = [Path(p) for p in paths]
     hws = _image_hws(image_hw, len(paths))
     read = []
     for p, hw in zip(paths, hws):
         read.append(read_bbox_csv(p, n_frames, hw))
         n_frames = len(read[0][0])
-    if out_hw is None:
-        c, hw, s = read[0]
-        if not np.isfinite(s[0]): raise InputError(f"{paths[0]}: no scale column; give out_hw (the crop size)")
-        out_hw = (int(round(s[0] * hw[0, 0])), int(round(s[0] * hw[0, 1])))
+    out_hw = _crop_hw_from_scales(paths, read, out_hw)
     return CropBoxes(np.stack([r[0] for r in read]), np.stack([r[1] for r in read]), out_hw,
                      np.zeros((len(read), n_frames), bool), hws)
 
