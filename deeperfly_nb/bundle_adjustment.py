@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from scipy.optimize import least_squares
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
-from .core import ConfigError, InputError, check_shape
+from .core import ConfigError, InputError, check_shape, check_values, did_you_mean, number_check
 from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .triangulation import triangulate, reprojection_error
@@ -61,34 +61,43 @@ class BundleAdjustOptions:
     polish_steps: int = 4 # then at most this many exact Gauss-Newton steps, until one gains < ftol / 10 (0: off)
     bilateral_symmetry: bool = True # set the scale of camera groups joined by one camera by left/right symmetry
     least_squares: dict = field(default_factory=dict) # more scipy.optimize.least_squares options (verbose, x_scale, jac="2-point", ...)
-    def __post_init__(self): self.check()
+    def __post_init__(self):
+        if isinstance(self.shared, str): object.__setattr__(self, "shared", (self.shared,))     # one group, as `fixed` takes one spec
+        self.check()
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #99ed4d7b
 @patch
 def check(self:BundleAdjustOptions):
-    "Check the values: a `ConfigError` names the key and what is allowed."
-    if self.loss not in LOSSES: raise ConfigError(f"bundle_adjustment.loss: {self.loss!r} is not one of {list(LOSSES)}")
-    mf, ps = self.max_frames, self.polish_steps
-    for key, val, ok in (("f_scale", self.f_scale, self.f_scale > 0),
-                         ("bone_prior_weight", self.bone_prior_weight, self.bone_prior_weight >= 0),
-                         ("min_confidence", self.min_confidence, 0 <= self.min_confidence <= 1),
-                         ("max_frames", mf, mf is None or (int(mf) == mf and mf >= 1))):
-        if not ok: raise ConfigError(f"bundle_adjustment.{key}: invalid value {val!r}")
-    if int(ps) != ps or ps < 0:
-        raise ConfigError(f"bundle_adjustment.polish_steps: invalid value {ps!r}; expected an integer >= 0")
-    bad = [g for g in self.shared if g not in SHAREABLE_GROUPS]
-    if bad: raise ConfigError(f"bundle_adjustment.shared: {bad} cannot be shared; shareable: {list(SHAREABLE_GROUPS)}")
+    "Check the values: a `ConfigError` names the key, the value and what is allowed."
+    whole = lambda lo: number_check(lo, integer=True)
+    check_values("bundle_adjustment", [
+        ("loss", self.loss, lambda v: v in LOSSES, f"one of {list(LOSSES)}"),
+        ("f_scale", self.f_scale, number_check(0, above=True), "a number > 0 (pixels)"),
+        ("bone_prior_weight", self.bone_prior_weight, number_check(0), "a number >= 0"),
+        ("min_confidence", self.min_confidence, number_check(0, 1), "a number in [0, 1]"),
+        ("max_frames", self.max_frames, lambda v: v is None or whole(1)(v), "an integer >= 1, or None (all frames)"),
+        ("max_nfev", self.max_nfev, whole(1), "an integer >= 1"),
+        ("polish_steps", self.polish_steps, whole(0), "an integer >= 0"),
+        *((k, getattr(self, k), number_check(0, above=True), "a number > 0") for k in ("ftol", "xtol", "gtol")),
+        ("aim_threshold_px", self.aim_threshold_px, number_check(0), "a number >= 0 (pixels)"),
+        ("shared", self.shared, lambda v: all(g in SHAREABLE_GROUPS for g in v), f"some of {list(SHAREABLE_GROUPS)}"),
+        ("fixed", self.fixed, lambda v: isinstance(v, str) or all(isinstance(s, str) for s in v),
+         '"auto", or a list of "view", "view.param" and "*.param"'),
+        ("least_squares", self.least_squares, lambda v: isinstance(v, dict), "a table of scipy least_squares options")])
 
 @patch(cls_method=True)
 def build(cls:BundleAdjustOptions, options:BundleAdjustOptions|None=None, # start from these (None: the defaults)
           **overrides, # option values; any other keyword is a `least_squares` option
          ) -> BundleAdjustOptions:
-    "`options` with `overrides` applied; keywords that are not options go to `least_squares`."
+    "`options` with `overrides` applied; keywords that are not options go to `least_squares`, and one it does not take is a `ConfigError`."
     names = {f.name for f in fields(cls)} - {"least_squares"}
+    lsq_names = set(inspect.signature(least_squares).parameters) - {"fun", "x0", "args", "kwargs"}
     known = {k: v for k, v in overrides.items() if k in names}
     base = options or cls()
     lsq = {**base.least_squares, **overrides.get("least_squares", {}),
            **{k: v for k, v in overrides.items() if k not in names and k != "least_squares"}}
+    for k in lsq:
+        if k not in lsq_names: raise ConfigError(f"bundle_adjustment.{k}: neither an option nor a least_squares one{did_you_mean(k, sorted(names | lsq_names))}")
     return replace(base, **known, least_squares=lsq)
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #7e24ebca

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
-           'record_differences', 'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path',
-           'refuse_existing', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
+           'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
+           'ensure_free_space', 'atomic_path', 'refuse_existing', 'atomic_hdf5', 'DigestCache', 'cache_root',
+           'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -46,6 +47,28 @@ def one_of(value, # a value read from a config or the command line
     "`value` if it is one of `choices`, else a ValueError naming them (and the closest): the message of every choice check."
     if value not in choices: raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
+
+# %% ../nbs/00_core.ipynb #fc20c900
+def number_check(lo:float|None=None, # smallest allowed (None: no bound)
+                 hi:float|None=None, # largest allowed (None: no bound)
+                 integer:bool=False, # whole numbers only
+                 above:bool=False, # `lo` itself is not allowed
+                ):
+    "A test for `check_values`: a finite real number (not a bool, not a string), whole if `integer`, within [lo, hi]."
+    def test(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v): return False
+        if integer and int(v) != v: return False
+        return (lo is None or (v > lo if above else v >= lo)) and (hi is None or v <= hi)
+    return test
+
+def check_values(section:str, # the config table the keys belong to, e.g. "bundle_adjustment"
+                 checks, # (key, value, test, expected) tuples: `test(value)` is true for an allowed value
+                ):
+    "Raise a `ConfigError` 'section.key: value; expected ...' for the first value whose test fails (or raises TypeError / ValueError)."
+    for key, value, test, expected in checks:
+        try: ok = bool(test(value))
+        except (TypeError, ValueError): ok = False
+        if not ok: raise ConfigError(f"{section}.{key}: {value!r}; expected {expected}")
 
 # %% ../nbs/00_core.ipynb #5f31e4fc
 def record_differences(was:dict, # the recorded settings
