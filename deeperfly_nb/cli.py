@@ -10,7 +10,7 @@ import argparse, contextlib, json, logging, os, platform, sys, time, traceback, 
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import DeeperflyError, InputError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
+from .core import DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct',
@@ -330,6 +330,10 @@ def _check_mujoco_renderer() -> tuple:
     from deeperfly_nb.synth_mujoco import assets_status
     try: lib, have = f"mujoco {md.version('mujoco')}", True
     except md.PackageNotFoundError: lib, have = "mujoco not installed (optional: pip install -e '.[mujoco]')", False
+    if have:                                                           # installed: can it open its offscreen OpenGL?
+        from deeperfly_nb.synth_mujoco import import_mujoco
+        try: import_mujoco()
+        except ModelError as e: lib, have = f"{lib}, but {e}", False
     st = assets_status()
     need = "" if have and st["present"] else " (needed only for NeuroMechFly renders and the fly_neuromechfly recipe)"
     return (True if have and st["present"] else None), f"{lib}; {st['message']}{need}"

@@ -15,7 +15,7 @@ from scipy.linalg import cholesky_banded, LinAlgError
 from scipy.linalg.lapack import dtbtrs
 from scipy.sparse.csgraph import connected_components
 from fastcore.basics import patch
-from .core import DeeperflyError, ConfigError, InputError, did_you_mean, check_shape
+from .core import DeeperflyError, ConfigError, InputError, did_you_mean, check_shape, check_values, number_check
 from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .gauge import look_at_point
@@ -65,27 +65,30 @@ class RefineOptions:
 # %% ../nbs/04c_refinement.ipynb #18689bf8
 @patch
 def check(self:RefineOptions):
-    "Check the values: a `ConfigError` names the key and what is allowed."
-    if self.loss not in REPROJ_LOSSES: raise ConfigError(f"refinement.loss: {self.loss!r} is not one of {list(REPROJ_LOSSES)}")
-    isint = lambda v: not isinstance(v, bool) and isinstance(v, (int, np.integer))
-    for key, ok in (("smooth_order", isint(self.smooth_order) and 1 <= self.smooth_order <= 4),
-                    ("smooth_weight", self.smooth_weight >= 0), ("bone_weight", self.bone_weight >= 0),
-                    ("scale_px", self.scale_px > 0), ("min_confidence", 0 <= self.min_confidence <= 1),
-                    ("chunk_frames", isint(self.chunk_frames) and self.chunk_frames >= 8),
-                    ("overlap_frames", isint(self.overlap_frames) and 0 <= self.overlap_frames <= self.chunk_frames // 2),
-                    ("prior_weight", self.prior_weight >= 0), ("fill_weight", self.fill_weight > 0),
-                    ("max_nfev", isint(self.max_nfev) and self.max_nfev >= 1),
-                    ("lsmr_maxiter", isint(self.lsmr_maxiter) and self.lsmr_maxiter >= 1),
-                    ("smooth_loss", self.smooth_loss in REPROJ_LOSSES), ("smooth_scale_px", self.smooth_scale_px > 0), ("ftol", 0 < self.ftol < 1),
-                    ("solver", self.solver in SOLVERS), ("reweight_passes", isint(self.reweight_passes) and self.reweight_passes >= 0),
-                    ("reweight_gain", self.reweight_gain > 0), ("reweight_floor_px", self.reweight_floor_px > 0)):
-        if not ok: raise ConfigError(f"refinement.{key}: invalid value {getattr(self, key)!r}")
+    "Check the values: a `ConfigError` names the key, the value and what is allowed."
+    num, whole = number_check, lambda lo: number_check(lo, integer=True)
+    pos, nonneg = (number_check(0, above=True), "a number > 0"), (number_check(0), "a number >= 0")
+    check_values("refinement", [
+        ("loss", self.loss, lambda v: v in REPROJ_LOSSES, f"one of {list(REPROJ_LOSSES)}"),
+        ("smooth_loss", self.smooth_loss, lambda v: v in REPROJ_LOSSES, f"one of {list(REPROJ_LOSSES)}"),
+        ("solver", self.solver, lambda v: v in SOLVERS, f"one of {list(SOLVERS)}"),
+        ("smooth_order", self.smooth_order, num(1, 4, integer=True), "an integer from 1 to 4"),
+        ("chunk_frames", self.chunk_frames, whole(8), "an integer >= 8"),
+        ("overlap_frames", self.overlap_frames, num(0, self.chunk_frames // 2 if whole(8)(self.chunk_frames) else 0, integer=True),
+         "an integer from 0 to half of chunk_frames"),
+        ("max_nfev", self.max_nfev, whole(1), "an integer >= 1"), ("lsmr_maxiter", self.lsmr_maxiter, whole(1), "an integer >= 1"),
+        ("reweight_passes", self.reweight_passes, whole(0), "an integer >= 0"),
+        ("min_confidence", self.min_confidence, num(0, 1), "a number in [0, 1]"),
+        ("ftol", self.ftol, lambda v: num(0, above=True)(v) and v < 1, "a number in (0, 1)"),
+        *((k, getattr(self, k), *nonneg) for k in ("smooth_weight", "bone_weight", "prior_weight")),
+        *((k, getattr(self, k), *pos) for k in ("scale_px", "fill_weight", "smooth_scale_px", "reweight_gain", "reweight_floor_px"))])
     if self.smooth_point_weights is not None:
-        w = np.asarray(self.smooth_point_weights, dtype=float)
+        try: w = np.asarray(self.smooth_point_weights, dtype=float)
+        except (TypeError, ValueError): w = np.full((1, 1), np.nan)          # not numbers: refused below
         if w.ndim != 1 or not (np.isfinite(w) & (w >= 0)).all():
             raise ConfigError(f"refinement.smooth_point_weights: expected one finite weight >= 0 per point, got {self.smooth_point_weights!r}")
     groups = self.rigid_groups
-    if isinstance(groups, str) or not all(not isinstance(g, str) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups):
+    if groups is None or isinstance(groups, str) or not all(not isinstance(g, str) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups):
         raise ConfigError(f"refinement.rigid_groups: expected a list of groups, each a list of two or more point names, got {groups!r}")
     if len(groups) and self.max_nfev < 20:      # measured: 5 iterations leave a rigid fly thorax 2x worse than no group at all
         raise ConfigError(f"refinement.rigid_groups need the solver run to convergence: max_nfev is {self.max_nfev}, set it to 20 or more")

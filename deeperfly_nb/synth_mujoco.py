@@ -143,11 +143,15 @@ if __name__ == "__main__" and Path(sys.argv[0]).stem == "synth_mujoco":   # pyth
 
 # %% ../nbs/15a_synth_mujoco.ipynb #cf4ad179
 def import_mujoco():
-    "Import mujoco, choosing an offscreen OpenGL first when MUJOCO_GL is unset (EGL with an NVIDIA GPU, else OSMesa)."
+    """Import mujoco, choosing an offscreen OpenGL first when MUJOCO_GL is unset (EGL with an NVIDIA GPU, else OSMesa);
+    a `ModelError` says what is missing when mujoco or its OpenGL library cannot load."""
     if "mujoco" not in sys.modules and not os.environ.get("MUJOCO_GL"):
         os.environ["MUJOCO_GL"] = "egl" if Path("/dev/nvidia0").exists() else "osmesa"
     try: import mujoco
     except ImportError as e: raise ModelError(f"the MuJoCo renderer needs the mujoco package: pip install mujoco ({e})") from None
+    except (AttributeError, OSError, RuntimeError) as e:                 # PyOpenGL finds no library for MUJOCO_GL
+        raise ModelError(f"MuJoCo could not start its offscreen OpenGL (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {type(e).__name__}: {e}); "
+                         f"on a CPU it needs OSMesa (Debian/Ubuntu: apt install libosmesa6), on an NVIDIA GPU MUJOCO_GL=egl") from None
     return mujoco
 
 # %% ../nbs/15a_synth_mujoco.ipynb #46d6e807
