@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .core import ConfigError, InputError, ModelError, atomic_path
+from .core import ConfigError, InputError, ModelError, atomic_path, check_values, number_check
 from .cameras import CameraGroup
 from .plan import DetectionPlan, Transform
 from .labels import SampleSet, resize_to_input, model_of_plan
@@ -414,7 +414,7 @@ class SemiOptions:
     epsilons: dict = field(default_factory=dict)   # {loss: epsilon} overriding LOSS_DEFAULTS
     frames_per_step: int = 1          # unlabelled time points per step; each brings frames t and t + frame_gap in every pathway
     frame_gap: int = 1                # frames between the temporal pair
-    conf_min: float = 0.3             # heatmap peaks below this do not count (temporal, multiview, consistency)
+    conf_min: float = 0.3             # heatmap peaks below this do not count (temporal, multiview and its bones, pca_multiview, consistency; not pca)
     beta: float = 5.0                 # soft-argmax temperature (see `soft_argmax`)
     pca_variance: float = 0.99        # variance the single-view pose prior keeps
     start_step: int = 0               # the unsupervised losses join at this step (a supervised warm-up before)
@@ -429,25 +429,35 @@ class SemiOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "losses", tuple(self.losses))
-        object.__setattr__(self, "warp_scale", tuple(self.warp_scale))
-        for what, names in (("losses", self.losses), ("weights", self.weights), ("epsilons", self.epsilons)):
-            bad = [n for n in names if n not in LOSS_DEFAULTS]
-            if bad: raise ConfigError(f"semi-supervised {what}: unknown loss(es) {bad}; known: {', '.join(LOSS_NAMES)}")
-        for what, d in (("weights", self.weights), ("epsilons", self.epsilons)):
-            bad = {k: v for k, v in d.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
-            if bad: raise ConfigError(f"semi-supervised {what}: expected numbers >= 0, got {bad}")
-        if not (isinstance(self.frames_per_step, int) and self.frames_per_step >= 1): raise ConfigError(f"frames_per_step must be an integer >= 1, got {self.frames_per_step!r}")
-        if not (isinstance(self.frame_gap, int) and self.frame_gap >= 1): raise ConfigError(f"frame_gap must be an integer >= 1, got {self.frame_gap!r}")
-        sw = self.supervised_weight
-        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not math.isfinite(sw) or sw < 0:
-            raise ConfigError(f"supervised_weight must be a number >= 0, got {sw!r}")
-        if sw == 0 and not self.losses: raise ConfigError("supervised_weight 0 (zero labels) needs at least one loss without labels")
-        if sw == 0 and self.start_step: raise ConfigError(f"supervised_weight 0 (zero labels) cannot wait for a supervised warm-up: start_step must be 0, got {self.start_step}")
-        if not 0 < self.pca_variance <= 1: raise ConfigError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
-        if self.outlier_px is not None and (isinstance(self.outlier_px, bool) or not isinstance(self.outlier_px, (int, float)) or not self.outlier_px > 0):
-            raise ConfigError(f"outlier_px must be a number > 0 or None, got {self.outlier_px!r}")
-        if self.recording_share not in RECORDING_SHARES: raise ConfigError(f"recording_share: expected one of {RECORDING_SHARES}, got {self.recording_share!r}")
-        if self.missing_cameras not in ("error", "skip"): raise ConfigError(f"missing_cameras: expected 'error' or 'skip', got {self.missing_cameras!r}")
+        try: object.__setattr__(self, "warp_scale", tuple(self.warp_scale))
+        except TypeError: pass                                           # not a pair: `check` names it
+        self.check()
+
+# %% ../nbs/17a_semisupervised.ipynb #1b92ad27
+@patch
+def check(self:SemiOptions):
+    "Check the values: a `ConfigError` names the option, the value and what is allowed."
+    for what, names in (("losses", self.losses), ("weights", self.weights), ("epsilons", self.epsilons)):
+        bad = [n for n in names if n not in LOSS_DEFAULTS]
+        if bad: raise ConfigError(f"semi-supervised {what}: unknown loss(es) {bad}; known: {', '.join(LOSS_NAMES)}")
+    nonneg, positive, whole = (number_check(0), "a number >= 0"), (number_check(0, above=True), "a number > 0"), lambda lo: number_check(lo, integer=True)
+    zoom = lambda v: len(v) == 2 and all(number_check(0, above=True)(x) for x in v) and v[0] <= v[1]
+    check_values("semi-supervised", [
+        *((f"{what}.{k}", v, *nonneg) for what in ("weights", "epsilons") for k, v in getattr(self, what).items()),
+        ("frames_per_step", self.frames_per_step, whole(1), "an integer >= 1"), ("frame_gap", self.frame_gap, whole(1), "an integer >= 1"),
+        ("start_step", self.start_step, whole(0), "an integer >= 0"),
+        ("conf_min", self.conf_min, number_check(0, 1), "a number in [0, 1]"), ("beta", self.beta, *positive),
+        ("pca_variance", self.pca_variance, number_check(0, 1, above=True), "a number in (0, 1]"),
+        ("supervised_weight", self.supervised_weight, *nonneg), ("warp_rotation_deg", self.warp_rotation_deg, *nonneg),
+        ("warp_translate_px", self.warp_translate_px, *nonneg),
+        ("warp_scale", self.warp_scale, zoom, "(min, max) zoom factors with 0 < min <= max"),
+        ("outlier_px", self.outlier_px, lambda v: v is None or number_check(0, above=True)(v), "a number > 0, or None"),
+        ("recording_share", self.recording_share, lambda v: v in RECORDING_SHARES, f"one of {list(RECORDING_SHARES)}"),
+        ("missing_cameras", self.missing_cameras, lambda v: v in ("error", "skip"), "'error' or 'skip'"),
+        ("bn_from_unlabelled", self.bn_from_unlabelled, lambda v: isinstance(v, bool), "true or false")])
+    if self.supervised_weight == 0 and not self.losses: raise ConfigError("supervised_weight 0 (zero labels) needs at least one loss without labels")
+    if self.supervised_weight == 0 and self.start_step:
+        raise ConfigError(f"supervised_weight 0 (zero labels) cannot wait for a supervised warm-up: start_step must be 0, got {self.start_step}")
 
 # %% ../nbs/17a_semisupervised.ipynb #193f6766
 @patch

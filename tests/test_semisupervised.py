@@ -269,4 +269,4 @@ def test_zero_label_mode_never_reads_labels(data, tmp_path, monkeypatch):
     assert "loss_supervised" in [r for r in sup.history if "loss" in r][-1]
     with pytest.raises(ConfigError, match="needs at least one loss without labels"): SemiOptions(losses=(), supervised_weight=0)
     with pytest.raises(ConfigError, match="start_step must be 0"): SemiOptions(losses=("temporal",), supervised_weight=0, start_step=5)
-    with pytest.raises(ConfigError, match="supervised_weight must be a number >= 0"): SemiOptions(supervised_weight=-1)
+    with pytest.raises(ConfigError, match="semi-supervised.supervised_weight: -1; expected a number >= 0"): SemiOptions(supervised_weight=-1)
