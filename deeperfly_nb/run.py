@@ -22,14 +22,15 @@ from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'FOREIGN_2D', 'CANDIDATES',
-           'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record', 'write_record',
-           'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs',
-           'owned_outputs', 'check_no_foreign_outputs', 'foreign_points2d', 'recording_points2d', 'RunContext',
-           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
-           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content',
-           'select_points2d', 'filter_points2d', 'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d',
-           'RunReport', 'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'RECORDING_FILE', 'FOREIGN_2D',
+           'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record',
+           'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps',
+           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'check_same_recording', 'foreign_points2d',
+           'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates',
+           'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections',
+           'result_provenance', 'result_content', 'select_points2d', 'filter_points2d', 'view_videos', 'lift_view',
+           'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages', 'run_recording',
+           'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -242,6 +243,27 @@ def check_no_foreign_outputs(config:Config, # the run's config
             raise InputError(f"{p} exists and was not written by deeperfly run: refusing to replace it; "
                              f"move it, or choose another output folder with -o")
 
+# %% ../nbs/19_run.ipynb #dc90ff7d
+RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
+
+def check_same_recording(out:Path, # the output folder
+                         recording:Path, # this run's recording folder
+                         content:dict, # {source: [(file, digest)]} of what the run reads (the footage, or the 2D file)
+                         overwrite:bool=False, # every stage is recomputed (--overwrite): another recording's results may go
+                        ):
+    """Refuse, before any work, a run into a folder holding another recording's results (another folder and other
+    content), then record this run's recording there."""
+    path = Path(out) / STATE_DIR / RECORDING_FILE
+    try: prev = json.loads(path.read_text())
+    except (OSError, ValueError): prev = None
+    now = json.loads(json.dumps({"recording": str(Path(recording).resolve()), "content": content}))
+    if prev and not overwrite and prev.get("recording") != now["recording"] and prev.get("content") != now["content"]:
+        raise InputError(f"{out} holds the results of another recording, {prev.get('recording')}; this run is of {now['recording']}: "
+                         f"choose another output folder with -o, or give --overwrite to replace them")
+    if prev != now:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(now, indent=1))
+
 # %% ../nbs/19_run.ipynb #e921c969
 FOREIGN_2D = (".slp", ".nwb", ".nc", ".csv")      # suffixes read through `interop.read_points2d`
 
@@ -337,10 +359,12 @@ def prepare_run(config:Config, # the run's config
         inputs.append(points.path)
     try:
         check_no_foreign_outputs(config, out, inputs)
+        content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
+        check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
         fps, fps_source = resolve_fps(config, footage_fps)
         if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
             ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
-        return RunContext(config, recording, out, digests, readers, footage_digests(readers, digests), fps, fps_source,
+        return RunContext(config, recording, out, digests, readers, content if readers else {}, fps, fps_source,
                           max_frames, device, progress, frozenset(forced), points)
     except BaseException:                                # refused: the footage is not read after all
         for r in readers.values(): r.close()

@@ -105,6 +105,18 @@ def test_fps_flag_reaches_every_file_without_detecting_again(recording, referenc
     deeperfly("-q", "run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--fps", 250)
     assert ran(out) == again                                          # and the restamped stage is still fresh
 
+def test_another_recording_is_refused_in_a_used_folder(recording, reference, tmp_path):
+    "`deeperfly run rec2 -o out` where out holds rec1's results refuses before any work, and changes nothing there."
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in ("lock", "digests.json")}
+    before = files()
+    other = Path(__file__).resolve().parents[1] / "examples" / "data"             # the bundled example: other footage
+    p = deeperfly("run", other, "-o", out, check=False)
+    assert p.returncode == 2 and f"{out} holds the results of another recording, {(recording / 'rec').resolve()}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert files() == before                                            # the results, records and videos as they were
+
 def test_inspect_scores_the_detections_file(recording, reference):
     "`inspect out/pose2d.h5` finds the recording's ground truth and scores the detections in 2D."
     import json
