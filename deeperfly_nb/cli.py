@@ -13,10 +13,10 @@ import deeperfly_nb
 from .core import DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'detector_lines', 'cmd_run', 'cmd_export', 'cmd_reconstruct',
-           'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth', 'cmd_doctor',
-           'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop', 'cmd_remap', 'cmd_lift',
-           'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
+__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'one_thread_when_busy', 'detector_lines', 'cmd_run', 'cmd_export',
+           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth',
+           'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop',
+           'cmd_remap', 'cmd_lift', 'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -68,14 +68,25 @@ def busy_machine_hint(load:float|None=None, # the 1-minute load average (default
                       threads:int|None=None, # torch's CPU threads (default: torch's setting; not imported for it: a re-run need not load torch)
                       env=None, # the environment (default: os.environ)
                      ) -> str|None:
-    "A hint when other jobs keep every core busy and torch runs several threads, which then wait on each other (None otherwise)."
+    "What `run` says when other jobs keep every core busy and torch would run several threads, which then wait on each other (None otherwise)."
     env, cores = os.environ if env is None else env, cores or os.cpu_count() or 1
     load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
     if threads is None:                                  # torch's own count if it is loaded; else its default, one per core
         threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else cores
     if threads < 2 or "OMP_NUM_THREADS" in env or load < cores - 0.5: return None
-    return (f"the machine is busy (load {load:.1f} on {cores} cores): detection with torch's {threads} threads can be several "
-            f"times slower than with one; if it is slow, run with OMP_NUM_THREADS=1")
+    return (f"the machine is busy (load {load:.1f} on {cores} cores): detection runs torch on one thread instead of {threads}, "
+            f"which would wait on each other and run several times slower (OMP_NUM_THREADS chooses)")
+
+def one_thread_when_busy(device:str|None=None, # --device (None or "cpu": detection on the CPU)
+                         env=None, # the environment to set OMP_NUM_THREADS in (default: os.environ)
+                         **hint_kw, # `busy_machine_hint`'s load, cores and threads (default: the machine's)
+                        ) -> str|None:
+    "On a busy machine, run torch on one CPU thread (OMP_NUM_THREADS for a torch still to load, and a loaded torch's count); returns what `run` logs, or None."
+    env = os.environ if env is None else env
+    if (device or "cpu") != "cpu" or not (hint := busy_machine_hint(env=env, **hint_kw)): return None
+    env["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules: sys.modules["torch"].set_num_threads(1)
+    return hint
 
 # %% ../nbs/20_cli.ipynb #430a0774
 def detector_lines(result, # a PoseResult
@@ -133,7 +144,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
-    if (args.device or "cpu") == "cpu" and (hint := busy_machine_hint()): logging.getLogger("deeperfly").info(hint)
+    if hint := one_thread_when_busy(args.device): logging.getLogger("deeperfly").info(hint)
     rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
               progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
     for r in rep.reports: _print_run_report(r)
