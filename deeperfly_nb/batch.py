@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/batch.html.md"""
 
 # %% ../nbs/19a_batch.ipynb #41967df6
 from __future__ import annotations
-import csv, html, io, logging, os, socket, time, uuid
+import csv, html, io, logging, os, socket, threading, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -21,10 +21,10 @@ from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, 
 
 # %% auto #0
 __all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'cluster_config',
-           'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes', 'BatchOptions', 'run_one',
-           'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps', 'check_gpu_workers',
-           'run_many', 'summary_rows', 'write_summary', 'local_workers', 'local_cluster', 'cluster_from_config',
-           'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client', 'run_folder']
+           'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes', 'BatchOptions', 'named_logs',
+           'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps',
+           'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers', 'local_cluster',
+           'cluster_from_config', 'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client', 'run_folder']
 
 # %% ../nbs/19a_batch.ipynb #40a5cae0
 def _cluster_problem(err:dict) -> str:
@@ -120,6 +120,18 @@ class BatchOptions:
     wait: bool = False               # wait for another batch using the same output folder (default: refuse)
     progress: bool = True            # a progress bar over the recordings
 
+@contextmanager
+def named_logs(recording:Path, # the recording whose run this thread is doing
+              ):
+    "Prefix the `deeperfly` log lines this thread writes with the recording's name: a batch interleaves many recordings."
+    tid, name, log = threading.get_ident(), Path(recording).name, logging.getLogger("deeperfly")
+    def prefix(rec):
+        if rec.thread == tid and not getattr(rec, "recording", None): rec.msg, rec.recording = f"{name}: {rec.msg}", name
+        return True
+    log.addFilter(prefix)
+    try: yield
+    finally: log.removeFilter(prefix)
+
 def run_one(recording:Path, # the recording folder
             out:Path, # its output folder
             config:Config, # the run's config
@@ -131,8 +143,10 @@ def run_one(recording:Path, # the recording folder
     "Run a recording up to `until` (`run_recording`: cached stages, per-recording lock); errors become a failed outcome."
     t0, c0 = time.perf_counter(), time.process_time()
     forced = sorted(forced_stages("all" if "all" in options.overwrite else options.overwrite) & set(stages))
-    try: rep = run_recording(recording, out, config, overwrite=forced, max_frames=options.max_frames, progress=False,
-                             device=options.device, wait=True, until=until)   # wait: a lost worker's attempt may hold the lock
+    try:
+        with named_logs(recording):
+            rep = run_recording(recording, out, config, overwrite=forced, max_frames=options.max_frames, progress=False,
+                                device=options.device, wait=True, until=until)   # wait: a lost worker's attempt may hold the lock
     except Exception as e:
         logging.getLogger("deeperfly").error("recording %s failed: %s", Path(recording).name, e)
         return merge_outcomes(previous, failed_outcome(recording, out, e, time.perf_counter() - t0))

@@ -255,6 +255,7 @@ def _ground_truth_summary(args, result) -> tuple:
     if gt_path is None: return None, None
     truth, align = load_ground_truth(gt_path, result.view_names)
     truth, note = truth_for_frames(result, truth, gt_path)           # the frames of a --max-frames run
+    if truth is None and args.ground_truth: raise InputError(f"--ground-truth {note}")    # asked for, and unusable
     if truth is None: return None, {"file": str(gt_path), "note": note}
     rep = ground_truth_report(result, truth, align=align)            # 3D (and its share of the body length) and 2D, where both have them
     if rep["3d"] is None and rep["2d"] is None:
@@ -266,6 +267,8 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
     from deeperfly_nb.results import PoseResult, format_ground_truth, format_refinement, format_summary, quality_warnings
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():  # before the work, not after it
+        raise InputError(f"--plot {args.plot}: folder {Path(args.plot).resolve().parent} does not exist")
     result = PoseResult.load(args.result)
     summary = result.summary()
     truth, gt = _ground_truth_summary(args, result)
@@ -278,6 +281,8 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
     elif gt: lines.append(format_ground_truth(gt if "overall" in gt else None, gt["2d"], gt["file"], gt["2d_reprojected"]))
     if gt and any(Path(f).resolve() == Path(gt["file"]).resolve() for f in result.points2d_files):
         lines.append(f"  (the result's 2D was read from {gt['file']}: its 2D error compares that 2D with itself)")
+    elif gt and (rec := result.provenance.get("recording")) and not Path(gt["file"]).resolve().is_relative_to(Path(rec).resolve()):
+        lines.append(f"  (the truth {gt['file']} is not in the result's recording folder {rec}: make sure it is this recording's)")
     print(json.dumps(summary, indent=1, default=_jsonable) if args.json else "\n".join(lines))
     if args.plot:
         from deeperfly_nb.inspection import crop_box_figures, write_report_html

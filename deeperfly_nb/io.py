@@ -428,13 +428,12 @@ def find_source(folder:str|Path, # the recording's folder
 # %% ../nbs/08_io.ipynb #86b453d5
 def synchronized_length(readers:dict, # {source name: FrameReader} of synchronized views
                        ) -> int:
-    "The common frame count; if the sources disagree, warn and log each count and the policy (truncate to the shortest)."
+    "The common frame count; if the sources disagree, log a warning with each count and the policy (truncate to the shortest)."
     if not readers: raise InputError("synchronized_length needs at least one reader")
     counts = {name: r.count() for name, r in readers.items()}
     n = min(counts.values())
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{name} ({r.name}): {counts[name]}" for name, r in readers.items())
         msg = f"synchronized sources have different frame counts: {listing}; truncating all sources to the shortest, {n} frames"
-        warnings.warn(msg, stacklevel=2)
-        _log.warning(msg)
+        _log.warning(msg)                                # once (a Python warning beside it printed it twice)
     return n

@@ -435,29 +435,39 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
 QUALITY_LIMITS = {"reprojection_median_px": 10.0,    # a fitting detector and rig: ~0.5 px (renders) to ~2.5 px (real flies)
                   "bone_length_cv_median": 0.20,     # ~3% on real flies; bones of a rigid skeleton barely change
                   "spread_in_bones": 10.0,           # a fly: 3.2-3.6 (DeepFly3D's sample, the bundled example); parts apart: 50-160
-                  "fraction_triangulated": 0.5}      # at least: 0.89-1.0 (the same); the untuned detector on deeperfly_example: 0.26
+                  "fraction_triangulated": 0.5,      # at least: 0.89-1.0 (the same); the untuned detector on deeperfly_example: 0.26
+                  "fps": (1.0, 20_000.0)}            # behaviour cameras run between these; a rate outside them is likely wrong
+
+def _fit_advice(summary:dict, detected:bool) -> str:
+    "What to try when the 2D and the 3D disagree: the detector, the rig and 2D file, or the lifter, whichever made the result."
+    if summary.get("lifted_from_view"):
+        return (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
+                f"(`deeperfly train-lifter`), or check the 2D of view {summary['lifted_from_view']!r}")
+    if detected:
+        return ("the detector may not fit this footage: on footage of DeepFly3D's tethered-fly rig, try the model made for it "
+                "(`deeperfly run --model bundled:fly_neuromechfly`); otherwise fine-tune it on a few labelled frames "
+                "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
+                "(`deeperfly self-train`), or check the rig in [cameras]")
+    return ("the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "
+            "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
 
 def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
                      detected:bool=True, # a detector made the 2D (False: read from a file, as `deeperfly reconstruct` does)
                     ) -> list:
-    "Warnings (text) when a result's reprojection error or bone-length CV says the detector (or the 2D read) or rig do not fit the footage."
-    out, fix = [], ("the detector may not fit this footage: on footage of DeepFly3D's tethered-fly rig, try the model made for it "
-                    "(`deeperfly run --model bundled:fly_neuromechfly`); otherwise fine-tune it on a few labelled frames "
-                    "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
-                    "(`deeperfly self-train`), or check the rig in [cameras]") if detected else (
-                    "the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "
-                    "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
-    if summary.get("lifted_from_view"):
-        fix = (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
-               f"(`deeperfly train-lifter`), or check the 2D of view {summary['lifted_from_view']!r}")
+    "Warnings (text) when a result's frame rate, reprojection error, bone-length CV or shape say something does not fit; the advice in full once."
+    out, advice, lifted = [], _fit_advice(summary, detected), summary.get("lifted_from_view")
+    fix = lambda: advice if not any(advice in w for w in out) else advice.split(":")[0] + " (see the first warning)"
+    if (fps := (summary.get("shape") or {}).get("fps")) is not None and not limits["fps"][0] <= fps <= limits["fps"][1]:
+        out.append(f"the frame rate is {fps:g} frames per second, which is implausible for behaviour video: give "
+                   "`deeperfly run --fps <your camera's rate>` or set [pipeline] fps (times and velocities use it)")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
-    if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"] and not summary.get("lifted_from_view"):
-        out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix}")
+    if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"] and not lifted:
+        out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix()}")
     if b and b.get("median") is not None and b["median"] > limits["bone_length_cv_median"]:
-        out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix}")
-    if (f := summary.get("fraction_triangulated")) is not None and f < limits["fraction_triangulated"] and not summary.get("lifted_from_view"):
-        out.append(f"only {f:.0%} of point-frames have 3D (under {limits['fraction_triangulated']:.0%}): the views rarely agree; {fix}")
+        out.append(f"median bone-length CV {b['median']:.0%} is above {limits['bone_length_cv_median']:.0%}: {fix()}")
+    if (f := summary.get("fraction_triangulated")) is not None and f < limits["fraction_triangulated"] and not lifted:
+        out.append(f"only {f:.0%} of point-frames have 3D (under {limits['fraction_triangulated']:.0%}): the views rarely agree; {fix()}")
     if (h := summary.get("handedness")) is not None and h < -0.5:
         out.append(f"the 3D is the fly's mirror image (handedness {h:+.2f}): its left legs lie on its right, so left and right "
                    "are swapped in what you export; the rig's handedness is flipped (DeepFly3D's own calibration is: without "

@@ -18,7 +18,7 @@ from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPAC
 from .config import Config
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
-from .results import PoseResult
+from .results import PoseResult, QUALITY_LIMITS
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
@@ -190,7 +190,7 @@ def __exit__(self:OutputLock, *exc):
     if self.fd is not None: os.close(self.fd); self.fd = None     # closing releases the lock
 
 # %% ../nbs/19_run.ipynb #8d6f86e5
-PLAUSIBLE_FPS = (1.0, 20_000.0)    # behaviour cameras run between these; a container outside them is likely wrong
+PLAUSIBLE_FPS = QUALITY_LIMITS["fps"]    # behaviour cameras run between these; a container outside them is likely wrong
 
 def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps fills in
                 footage_fps:float|None, # what the footage's container says (None: image folders)
