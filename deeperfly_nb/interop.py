@@ -820,8 +820,9 @@ def load_foreign(path, # a foreign file (or per-view files, as read_points2d tak
     p = Path(path) if isinstance(path, (str, Path)) else None
     views = view_names or (cameras.names if cameras is not None else None)
     if p is not None and p.suffix.lower() == ".toml": return read_anipose_calibration(p, views)
-    if p is not None and p.suffix.lower() == ".csv" and p.is_file() and not open(p, errors="replace").read(6).lower().startswith("scorer"):
-        return read_anipose_3d(p, skeleton, name_map)
+    if p is not None and p.suffix.lower() == ".csv" and p.is_file():
+        with open(p, encoding="utf-8-sig", errors="replace") as f: dlc = f.read(6).lower() == "scorer"   # utf-8-sig: a BOM (Excel) is no text
+        if not dlc: return read_anipose_3d(p, skeleton, name_map)
     if p is not None and p.suffix.lower() == ".nwb" and p.is_file():
         with _nwb_open(p) as io: multi = _nwb_pose(io.read(), p)[0]
         if multi: return read_nwb(p)
