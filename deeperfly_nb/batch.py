@@ -20,11 +20,12 @@ from .results import quality_warnings
 from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, run_recording
 
 # %% auto #0
-__all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'cluster_config',
-           'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes', 'BatchOptions', 'named_logs',
-           'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage', 'stub_steps',
-           'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers', 'local_cluster',
-           'cluster_from_config', 'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client', 'run_folder']
+__all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'SUMMARY_HELP', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD',
+           'cluster_config', 'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes',
+           'BatchOptions', 'named_logs', 'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage',
+           'stub_steps', 'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers',
+           'local_cluster', 'cluster_from_config', 'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client',
+           'run_folder']
 
 # %% ../nbs/19a_batch.ipynb #40a5cae0
 def _cluster_problem(err:dict) -> str:
@@ -318,9 +319,18 @@ def summary_rows(outcomes:list, # [RecordingOutcome]
     return cols, rows
 
 # %% ../nbs/19a_batch.ipynb #37b673cb
+SUMMARY_HELP = {"seconds": "wall time of its steps, summed", "cpu_seconds": "CPU time of the processes running them",
+                "frames": "frames of the result", "triangulated_pct": "share of point-frames with 3D, %",
+                "reprojection_error_px": "median reprojection error, pixels", "reprojection_error_p95_px": "its 95th percentile, pixels",
+                "bone_length_cv_pct": "median coefficient of variation of the bone lengths, %",
+                "detector": "the weights of the detector model(s) that made the 2D",
+                "<stage>_s": "seconds of each stage (videos rendered in one pass over the footage share its time evenly)"}
+
 def _html_table(cols:list, rows:list) -> str:
-    "A self-contained HTML page of the summary (failed rows in red, rows with warnings in amber)."
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    "A self-contained HTML page of the summary (failed rows in red, rows with warnings in amber), the columns explained below it."
+    helps = lambda c: SUMMARY_HELP.get(c) or (SUMMARY_HELP["<stage>_s"] if c.endswith("_s") else "")
+    head = "".join(f"<th title='{html.escape(helps(c))}'>{html.escape(c)}</th>" for c in cols)
+    legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in SUMMARY_HELP.items())
     def cell(v): return f"<td>{html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
     status = lambda r: "warned" if r["status"] == "done" and r["warnings"] else r["status"]
     body = "\n".join(f"<tr class='{html.escape(status(r))}'>{''.join(cell(r[c]) for c in cols)}</tr>" for r in rows)
@@ -329,7 +339,7 @@ def _html_table(cols:list, rows:list) -> str:
             f"body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px}}"
             f" tr.failed{{background:#fdd}} tr.warned{{background:#ffefc2}}</style></head><body><h1>deeperfly batch summary</h1>"
             f"<p>{len(rows)} recordings, {len(rows) - n_fail} done ({sum(status(r) == 'warned' for r in rows)} with warnings), {n_fail} failed</p>"
-            f"<table><tr>{head}</tr>\n{body}</table></body></html>\n")
+            f"<table><tr>{head}</tr>\n{body}</table><ul>{legend}</ul></body></html>\n")
 
 def write_summary(outcomes:list, # [RecordingOutcome]
                   out, # the batch's output folder
