@@ -28,7 +28,7 @@ def run(*args, cwd):
 
 def stages(out: Path) -> dict:
     return {p.stem: json.loads(p.read_text())["finished_utc"] for p in (out / ".deeperfly").glob("*.json")
-            if p.stem not in ("digests", "weights")}
+            if p.stem not in ("digests", "weights", "recording")}
 
 
 @pytest.fixture(scope="module")

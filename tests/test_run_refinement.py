@@ -23,7 +23,7 @@ def run(*args, cwd):
 
 def finished(out: Path) -> dict:
     return {p.stem: json.loads(p.read_text())["finished_utc"] for p in (out / ".deeperfly").glob("*.json")
-            if p.stem not in ("digests", "weights")}
+            if p.stem not in ("digests", "weights", "recording")}
 
 
 def test_refinement_stage_is_cached_and_reported(tmp_path):
