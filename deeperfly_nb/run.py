@@ -36,7 +36,7 @@ __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 
 log = logging.getLogger("deeperfly")
 
 STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "lifting", "refinement", "visualization")
-STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, resume blocks
+STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, the recording, resume blocks
 
 def fingerprint(obj, # any JSON-able description of a stage's inputs
                ) -> str:
