@@ -160,6 +160,7 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
     "Write a saved result in another tool's format, chosen by the destination's name."
     from deeperfly_nb.interop import export_paths, export_result
     from deeperfly_nb.results import PoseResult
+    if Path(args.dest).resolve() == Path(args.result).resolve(): raise InputError(f"{args.dest} is the result being exported; give another file")
     result = PoseResult.load(args.result)
     if args.points2d == "reprojected":                                  # the 2D consistent with the 3D
         if result.pts3d is None: raise InputError(f"{args.result} holds 2D only (no 3D points to project): "
@@ -263,12 +264,19 @@ def _ground_truth_summary(args, result) -> tuple:
                                                     f"result's {result.view_names}: not compared"}
     return truth, {**(rep["3d"] or {}), "2d": rep["2d"], "2d_reprojected": rep["2d_reprojected"], "file": str(gt_path)}
 
+def _check_plot_target(plot:Path, result:Path, overwrite:bool):
+    "Refuse --plot's file when its folder is missing, when it is the result itself, or when it is some other file than an earlier report (unless --overwrite)."
+    from deeperfly_nb.inspection import is_deeperfly_report
+    if not plot.resolve().parent.is_dir(): raise InputError(f"--plot {plot}: folder {plot.resolve().parent} does not exist")
+    if plot.resolve() == result.resolve(): raise InputError(f"--plot {plot} is the result itself; give an .html file to write")
+    if plot.exists() and not overwrite and not is_deeperfly_report(plot):
+        raise InputError(f"--plot {plot} exists and is not a deeperfly report; give --overwrite to replace it")
+
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
     from deeperfly_nb.results import PoseResult, format_ground_truth, format_refinement, format_summary, quality_warnings
-    if args.plot and not Path(args.plot).resolve().parent.is_dir():  # before the work, not after it
-        raise InputError(f"--plot {args.plot}: folder {Path(args.plot).resolve().parent} does not exist")
+    if args.plot: _check_plot_target(Path(args.plot), Path(args.result), args.overwrite)   # before the work, not after it
     result = PoseResult.load(args.result)
     summary = result.summary()
     truth, gt = _ground_truth_summary(args, result)
@@ -632,7 +640,8 @@ def _add_inspect_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--ground-truth", help="a PoseResult .h5 with the true 3D, or a DeepFly3D df3d_result*.pkl (its 2D and 3D, aligned by a similarity that may mirror; default: the recording's ground_truth.h5, if any)")
     s.add_argument("--no-ground-truth", action="store_true", help="do not look for ground truth")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    s.add_argument("--plot", metavar="HTML", help="also write an interactive report (offline HTML) to this file")
+    s.add_argument("--plot", metavar="HTML", help="also write an interactive report (offline HTML) to this file (an earlier report there is replaced)")
+    s.add_argument("--overwrite", action="store_true", help="let --plot replace a file that is not a deeperfly report")
     s.set_defaults(func=cmd_inspect)
 
 # %% ../nbs/20_cli.ipynb #b59c73ff

@@ -16,8 +16,8 @@ from .results import (PoseResult, format_summary, format_ground_truth, format_re
 from .drawing import point_colors_u8
 
 # %% auto #0
-__all__ = ['reprojection_heatmap', 'confidence_heatmap', 'bone_length_figure', 'ground_truth_figure', 'inspection_figures',
-           'crop_box_figures', 'write_report_html']
+__all__ = ['REPORT_GENERATOR', 'reprojection_heatmap', 'confidence_heatmap', 'bone_length_figure', 'ground_truth_figure',
+           'inspection_figures', 'is_deeperfly_report', 'crop_box_figures', 'write_report_html']
 
 # %% ../nbs/18d_inspection.ipynb #925676b0
 def _subsample(result:PoseResult, # the result
@@ -168,6 +168,15 @@ def _report_summary(result:PoseResult, # the result
     return summary + ("\n\n" + text if text else "")
 
 # %% ../nbs/18d_inspection.ipynb #471dfa34
+REPORT_GENERATOR = '<meta name="generator" content="deeperfly inspect">'   # near the top of every report: says who wrote it
+
+def is_deeperfly_report(path, # a file
+                       ) -> bool:
+    "Whether `path` is a report `write_report_html` wrote (its generator tag in the first bytes): one that `inspect --plot` may replace."
+    try:
+        with open(path, "rb") as f: return REPORT_GENERATOR.encode() in f.read(512)
+    except OSError: return False
+
 def _report_page(title:str, # the page title
                  summary:str, # the text on top
                  figs:list, # Plotly figures
@@ -176,7 +185,7 @@ def _report_page(title:str, # the page title
     "The report's HTML: plotly.js once in the head, then the title, provenance, summary and every figure."
     from plotly.offline import get_plotlyjs
     e, prov = html.escape, result.provenance
-    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", f"<title>{e(title)}</title>",
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", REPORT_GENERATOR, f"<title>{e(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em}"
              "pre{background:#f5f5f5;padding:1em;overflow-x:auto;font-size:12px}.figure{margin:1.5em 0}</style>",
              f"<script type=\"text/javascript\">{get_plotlyjs()}</script>", "</head><body>", f"<h1>{e(title)}</h1>",

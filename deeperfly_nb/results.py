@@ -457,7 +457,7 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                     ) -> list:
     "Warnings (text) when a result's frame rate, reprojection error, bone-length CV or shape say something does not fit; the advice in full once."
     out, advice, lifted = [], _fit_advice(summary, detected), summary.get("lifted_from_view")
-    fix = lambda: advice if not any(advice in w for w in out) else advice.split(":")[0] + " (see the first warning)"
+    fix = lambda: advice if not any(advice in w for w in out) else advice.split(":")[0] + " (what to try: see above)"
     if (fps := (summary.get("shape") or {}).get("fps")) is not None and not limits["fps"][0] <= fps <= limits["fps"][1]:
         out.append(f"the frame rate is {fps:g} frames per second, which is implausible for behaviour video: give "
                    "`deeperfly run --fps <your camera's rate>` or set [pipeline] fps (times and velocities use it)")

@@ -382,6 +382,13 @@ class StageOutcome:
     summary: dict = field(default_factory=dict)   # a few numbers from its record
     content: str|None = None        # the key of what it computed, for later stages' fingerprints
 
+def _warn_changed_outputs(ctx:RunContext, stage:str, fp:str):
+    "Say which outputs of a stage that is otherwise fresh were changed since it wrote them: it runs again and writes them anew."
+    rec = read_record(ctx.out, stage)
+    if rec is None or rec.get("fingerprint") != fp: return
+    changed = [rel for rel, dg in rec.get("outputs", {}).items() if (ctx.out / rel).is_file() and ctx.digests.digest(ctx.out / rel) != dg]
+    if changed: log.warning("%s: %s changed since this stage wrote it; writing it again", stage, ", ".join(changed))
+
 def _stage(ctx:RunContext, stage:str, fp:str, compute, load) -> tuple:
     """Reuse a fresh stage (`load()`) or run it; returns (value, StageOutcome).
     `compute()` returns (value, output files, content key, summary)."""
@@ -390,6 +397,7 @@ def _stage(ctx:RunContext, stage:str, fp:str, compute, load) -> tuple:
         rec = read_record(ctx.out, stage)
         log.info("%s: reusing %s (unchanged since %s)", stage, ", ".join(rec["outputs"]) or "its record", rec["finished_utc"])
         return load(), StageOutcome(stage, "reused", 0.0, fp, list(rec["outputs"]), rec.get("summary", {}), rec.get("content"))
+    if base not in ctx.forced: _warn_changed_outputs(ctx, stage, fp)
     t0 = time.perf_counter()
     log.info("%s: running", stage)
     value, outputs, content, summary = compute()

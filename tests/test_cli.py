@@ -172,6 +172,22 @@ def test_inspect_reads_every_form_of_recorded_inputs(tmp_path, example_dir):
         assert ("2D read from a.csv, b.csv" if i else f"2D read from {example_dir / 'points2d.h5'}") in r.stdout, r.stdout
     assert "3D error against" in run_cli("inspect", str(tmp_path / "r0.h5")).stdout      # its ground truth found beside the 2D
 
+def test_inspect_plot_replaces_only_its_own_reports(tmp_path, example_dir):
+    "`inspect --plot` never writes over the result it reads, nor any file but an earlier report, unless --overwrite; `export` never over its input."
+    import shutil
+    res, notes = tmp_path / "results.h5", tmp_path / "notes.txt"
+    shutil.copy(example_dir / "ground_truth.h5", res); notes.write_text("my notes")
+    before = res.read_bytes()
+    for target, msg in ((res, "is the result itself"), (notes, "exists and is not a deeperfly report; give --overwrite")):
+        r = run_cli("inspect", str(res), "--plot", str(target))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert res.read_bytes() == before and notes.read_text() == "my notes"
+    for _ in range(2):                                                    # an earlier report of ours is replaced
+        assert run_cli("inspect", str(res), "--plot", str(tmp_path / "r.html")).returncode == 0
+    assert run_cli("inspect", str(res), "--plot", str(notes), "--overwrite").returncode == 0 and notes.read_text() != "my notes"
+    r = run_cli("export", str(res), str(res), "--format", "nwb", "--overwrite")
+    assert r.returncode == 2 and "is the result being exported" in r.stderr and res.read_bytes() == before, r.stderr
+
 def test_inspect_scores_2d_only_results(example_dir):
     "A 2D-only file (the example's noisy 2D, a run's pose2d.h5) is scored in 2D against the truth found beside it."
     import json
