@@ -272,6 +272,7 @@ def _check_plot_target(plot:Path, result:Path, overwrite:bool):
     if plot.exists() and not overwrite and not is_deeperfly_report(plot):
         raise InputError(f"--plot {plot} exists and is not a deeperfly report; give --overwrite to replace it")
 
+# %% ../nbs/20_cli.ipynb #2a4e6c58
 def cmd_inspect(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Summarise a saved result (and its error against ground truth, when there is some)."
