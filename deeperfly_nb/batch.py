@@ -319,16 +319,20 @@ def summary_rows(outcomes:list, # [RecordingOutcome]
     return cols, rows
 
 # %% ../nbs/19a_batch.ipynb #37b673cb
-SUMMARY_HELP = {"seconds": "wall time of its steps, summed", "cpu_seconds": "CPU time of the processes running them",
+SUMMARY_HELP = {"recording": "the recording folder", "status": "done or failed (amber rows: done, with warnings)", "seconds": "wall time of its steps, summed",
+                "cpu_seconds": "CPU time of the processes running them",
                 "frames": "frames of the result", "triangulated_pct": "share of point-frames with 3D, %",
                 "reprojection_error_px": "median reprojection error, pixels", "reprojection_error_p95_px": "its 95th percentile, pixels",
                 "bone_length_cv_pct": "median coefficient of variation of the bone lengths, %",
                 "detector": "the weights of the detector model(s) that made the 2D",
-                "<stage>_s": "seconds of each stage (videos rendered in one pass over the footage share its time evenly)"}
+                "<stage>_s": "seconds of each stage (videos rendered in one pass over the footage share its time evenly)",
+                "<stage>_status": "what each stage did: ran, reused (cached), disabled, or applied (corrections)",
+                "warnings": "what deeperfly run warned about the result (joined by |)", "error": "why a failed recording failed",
+                "out_dir": "its output folder", "worker": "where its last step ran (host:pid)"}
 
 def _html_table(cols:list, rows:list) -> str:
     "A self-contained HTML page of the summary (failed rows in red, rows with warnings in amber), the columns explained below it."
-    helps = lambda c: SUMMARY_HELP.get(c) or (SUMMARY_HELP["<stage>_s"] if c.endswith("_s") else "")
+    helps = lambda c: SUMMARY_HELP.get(c) or next((SUMMARY_HELP[k] for k in ("<stage>_s", "<stage>_status") if c.endswith(k[7:])), "")
     head = "".join(f"<th title='{html.escape(helps(c))}'>{html.escape(c)}</th>" for c in cols)
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in SUMMARY_HELP.items())
     def cell(v): return f"<td>{html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
