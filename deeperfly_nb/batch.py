@@ -76,14 +76,15 @@ def _percent(fraction): return None if fraction is None else round(100 * fractio
 def outcome_from_report(rep:RunReport, # what `run_recording` returned
                         cpu_seconds:float=0.0, # CPU time it took
                        ) -> RecordingOutcome:
-    """The summary-table row of a finished recording: reprojection error and bone CV from the triangulation stage's
-    record, frames, share triangulated, detector and warnings from the result (percent, as `inspect` prints them)."""
-    tri = next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
-    err, res = tri.get("reprojection_error_px") or {}, rep.result
+    """The summary-table row of a finished recording, read off its result (what `inspect` prints of it, in percent):
+    so the numbers and the warnings describe one thing, the refined 3D when refinement ran; without a result (a run
+    stopped early), the triangulation stage's record gives the reprojection error and bone CV."""
+    res, tri = rep.result, next((s.summary for s in rep.stages if s.stage == "triangulation"), {}) or {}
     s = res.summary() if res is not None else {}                     # once: the warnings are read off it too
+    err = (s.get("reprojection_error_px") if res is not None else tri.get("reprojection_error_px")) or {}
+    cv = (s.get("bone_length_cv") or {}).get("median") if res is not None else tri.get("bone_length_cv_median")
     return RecordingOutcome(str(rep.recording), str(rep.out_dir), "done", rep.seconds,
-                            {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"),
-                            _percent(tri.get("bone_length_cv_median")),
+                            {s.stage: [s.status, s.seconds] for s in rep.stages}, err.get("median"), err.get("p95"), _percent(cv),
                             None if res is None else tuple(quality_warnings(s, detected=res.detected)), worker=_where(),
                             cpu_seconds=round(cpu_seconds, 3), frames=s.get("shape", {}).get("frames"),
                             triangulated_pct=_percent(s.get("fraction_triangulated")),

@@ -484,13 +484,11 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     "Train (or fine-tune) the config's detector on label files, and on unlabelled recordings with --unlabelled."
     import tomllib
     from deeperfly_nb.core import ConfigError
-    from deeperfly_nb.training import TrainConfig
+    from deeperfly_nb.training import TrainConfig, check_run_folder
     files = [Path(f) for f in args.labels]
     missing = [str(f) for f in files if not f.exists()]
     if missing: raise InputError(f"label file(s) not found: {', '.join(missing)}")
-    out = Path(args.out)
-    if (out / "last.pt").exists() and not args.resume:
-        raise InputError(f"{out} already holds a training run (last.pt); add --resume to continue it, or choose another -o folder")
+    out = check_run_folder(args.out, args.resume)            # before any label is read
     settings = {}
     if args.settings:
         p = Path(args.settings)
@@ -803,12 +801,11 @@ def _add_lift_parser(sub, # the subparsers of `make_parser`
 def cmd_train_lifter(args, # the parsed command line (see `make_parser`)
                     ) -> int:
     "Train a lifter for one camera on the 3D of multi-camera results (`lifting.train_from_results`)."
-    from deeperfly_nb.lifting import read_log, train_from_results
+    from deeperfly_nb.lifting import check_lifter_folder, lift_options, read_log, train_from_results
     t0 = time.perf_counter()
-    refuse_existing([Path(args.out) / "ckpt_last.pth"], args.resume, how="give --resume to continue its training (up to --epochs), or another -o to start over")
-    if args.resume and (Path(args.out) / "train_log.csv").is_file() and (done := int(read_log(args.out)["epoch"][-1])) >= args.epochs:
-        raise InputError(f"{args.out} is already trained for {done} epochs: give --epochs above {done} to train it further")
-    lifter = train_from_results(args.results, args.out, args.view, args.root, {"epochs": args.epochs, "resume": args.resume}, mirror=args.mirror)
+    options = {"epochs": args.epochs, "resume": args.resume}
+    check_lifter_folder(args.out, lift_options(options))     # before the results are read
+    lifter = train_from_results(args.results, args.out, args.view, args.root, options, mirror=args.mirror)
     log = read_log(args.out)
     print(f"trained {lifter.folder} in {time.perf_counter() - t0:.1f} s: {int(log['epoch'][-1])} epochs; best validation error "
           f"{np.nanmin(log['err_val']):.4g} (mean per target point, in the results' 3D units)")

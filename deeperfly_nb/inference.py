@@ -228,7 +228,7 @@ class Detections:
     sources: dict                  # {source name: file or pattern that was read}
     n_frames: int                  # T
     seconds: float = 0.0           # wall time of the detection
-    meta: dict = field(default_factory=dict)   # anything else worth keeping
+    meta: dict = field(default_factory=dict)   # anything else worth keeping: footage_frames {source: frames} when the sources differ in length
     upstream: dict = field(default_factory=dict)   # cropzoom plans: {pathway name: (xy (T, C, 2) raw px, conf (T, C)) float32} of every earlier stage
     boxes: dict = field(default_factory=dict)      # cropzoom plans: {cropzoom pathway name: CropBoxes (one view, T frames)}
     cands: np.ndarray|None = None  # with top_k: (V, T, N, K, 2) raw view pixels of the K best heatmap peaks, best first, NaN = none
@@ -465,8 +465,10 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         if missing: raise InputError(f"{footage_dir}: the footage ended before frame {missing[0][0]} of {n}")
         sizes, fps = _footage_facts(plan, readers)
         _fill_single(arrays)
+        frames = {s: r.count() for s, r in readers.items()}       # counted once, by `synchronized_length`
         return Detections(arrays["pts2d"], arrays["conf"], list(plan.view_names), sizes, fps, {s: str(r.path) for s, r in readers.items()},
-                          n, round(time.perf_counter() - t0, 3), upstream=up, boxes=crop_sets,
+                          n, round(time.perf_counter() - t0, 3), {"footage_frames": frames} if len(set(frames.values())) > 1 else {},
+                          upstream=up, boxes=crop_sets,
                           cands=arrays.get("cands"), scores=arrays.get("scores"))
     finally:
         stop.set()

@@ -24,10 +24,10 @@ __all__ = ['FLY_LEGS_ORDER', 'FLY_LEG_CHAIN', 'LOG_FIELDS', 'MOVIE_COLOURS', 'ch
            'check_pairs', 'LiftStats', 'fit_stats', 'NormalisedPoses', 'normalise', 'denormalise_3d', 'LiftNet',
            'fused_layers', 'fused_forward', 'LiftOptions', 'lift_options', 'Augmentation', 'add_noise',
            'project_to_cam', 'random_project', 'perturb_pose', 'apply_augmentation', 'check_augmentation',
-           'mirror_pairs', 'mirror_poses', 'read_log', 'train', 'Lifter', 'load_lifter', 'lift', 'lift_errors',
-           'mean_pose_baseline', 'nearest_neighbour_baseline', 'test', 'load_test_results', 'library_from_results',
-           'train_from_results', 'training_log_figure', 'error_figure', 'pose_figure', 'movie_figure', 'movie_camera',
-           'movie_mp4']
+           'mirror_pairs', 'mirror_poses', 'read_log', 'check_lifter_folder', 'train', 'Lifter', 'load_lifter', 'lift',
+           'lift_errors', 'mean_pose_baseline', 'nearest_neighbour_baseline', 'test', 'load_test_results',
+           'library_from_results', 'train_from_results', 'training_log_figure', 'error_figure', 'pose_figure',
+           'movie_figure', 'movie_camera', 'movie_mp4']
 
 # %% ../nbs/08b_lifting.ipynb #120ed2c5
 def _point_indices(names, n_joints:int, skeleton:Skeleton|None, what:str) -> tuple:
@@ -607,12 +607,24 @@ def _write_test_data(folder:Path, test):
         with open(tmp, "wb") as f: np.savez(f, **arrays)
 
 # %% ../nbs/08b_lifting.ipynb #d45b2fc0
+def check_lifter_folder(folder, # the lifter's output folder
+                        o:LiftOptions, # the training options (`resume`, `epochs`)
+                       ) -> int:
+    "Epochs already trained in `folder` (0 for a new lifter); refuses to train over a lifter, or to resume one already trained for `o.epochs`."
+    p = Path(folder) / "ckpt_last.pth"
+    if not p.is_file(): return 0
+    if not o.resume:
+        raise InputError(f"{folder} already holds a trained lifter: resume it (resume=True, or --resume) to train it further, "
+                         "up to `epochs` in all, or train into a new folder to start over")
+    try: done = int(torch.load(p, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as e: raise InputError(f"{p} is not a lifter checkpoint deeperfly can read ({type(e).__name__}: {e})") from None
+    if done >= o.epochs:
+        raise InputError(f"{folder} is already trained for {done} epochs: give epochs (--epochs) above {done} to train it further")
+    return done
+
 def _resume_state(folder:Path, o:LiftOptions, net, opt, digest:str) -> tuple:
-    "(start epoch, step, best validation error, log rows) from ckpt_last.pth, or a fresh start; a trained lifter is never trained over."
+    "(start epoch, step, best validation error, log rows) from ckpt_last.pth, or a fresh start."
     p = folder / "ckpt_last.pth"
-    if not o.resume and p.is_file():
-        raise InputError(f"{folder} already holds a trained lifter: resume=True continues it (up to `epochs`); "
-                         "train into a new output_folder to start over")
     if not (o.resume and p.is_file()): return 0, 0, math.inf, []
     rec = json.loads((folder / "lifter.json").read_text())
     if rec.get("stats_digest") != digest:
@@ -639,6 +651,7 @@ def train(train_2d, # [N, J, 2] (or dict of experiments) inputs; None (ignored) 
     "Train a lifter (LiftPose3D's workflow); returns the best checkpoint, loaded."
     o = lift_options(training_kwargs)
     dev = _device(o.device)
+    check_lifter_folder(output_folder, o)                  # before the work
     d = _prepare(train_2d, test_2d, train_3d, test_3d, roots, target_sets, aug, train_keypts, skeleton, o)
     stats, folder = d["stats"], Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)

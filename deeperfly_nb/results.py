@@ -388,7 +388,8 @@ def summary(self:PoseResult) -> dict:
     out = {"shape": {"views": self.n_views, "frames": self.n_frames, "points": self.n_points,
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
            "views": _views_summary(self, e), "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None,
-           "spread_in_bones": None, "handedness": None, "lifted_from_view": self.lifted_from_view}   # one camera's 2D lifted, not triangulated
+           "spread_in_bones": None, "handedness": None, "lifted_from_view": self.lifted_from_view,   # one camera's 2D lifted, not triangulated
+           "footage_frames": self.meta.get("footage_frames")}                       # {source: frames} when they differed
     if self.pts3d is not None: out.update(_summary_3d(self))
     if e is not None: out["reprojection_error_px"] = _reprojection_summary(self, e)
     return out
@@ -455,7 +456,7 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
                      detected:bool=True, # a detector made the 2D (False: read from a file, as `deeperfly reconstruct` does)
                     ) -> list:
-    "Warnings (text) when a result's frame rate, reprojection error, bone-length CV or shape say something does not fit; the advice in full once."
+    "Warnings (text) when a result's frame rate, footage lengths, reprojection error, bone-length CV or shape say something does not fit; the advice in full once."
     out, advice, lifted = [], _fit_advice(summary, detected), summary.get("lifted_from_view")
     fix = lambda: advice if not any(advice in w for w in out) else advice.split(":")[0] + " (what to try: see above)"
     if (fps := (summary.get("shape") or {}).get("fps")) is not None and not limits["fps"][0] <= fps <= limits["fps"][1]:
@@ -476,6 +477,12 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         out.append(f"the 3D spreads {s:.0f} median bone lengths from its centre (above {limits['spread_in_bones']:g}): parts of the "
                    "animal were reconstructed apart, not as one body; check the rig in [cameras], or compare with "
                    "[pipeline] bundle_adjustment = false (the bundle adjustment's moves are in results.h5's metadata)")
+    if len(set((n := summary.get("footage_frames") or {}).values())) > 1:
+        by = {}
+        for source, count in n.items(): by.setdefault(count, []).append(source)
+        groups = "; ".join(f"{count} frames: {', '.join(sources)}" for count, sources in sorted(by.items()))
+        out.append(f"the views' footage differs in length ({groups}): all were cut to the shortest; a camera that dropped frames is "
+                   "out of step from its first dropped frame on, so check the cameras' synchronisation (trigger logs, frame counters)")
     return out
 
 # %% ../nbs/05_results.ipynb #acc888c4

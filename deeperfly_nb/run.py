@@ -415,12 +415,13 @@ class Pose2D:
     conf: np.ndarray                # (V, T, N) confidences
     image_sizes: dict               # {view: (H, W)} of the footage
     footage_fps: float|None = None  # what the footage says, for the record
+    footage_frames: dict|None = None  # {source: frames} when the sources differed in length (all were cut to the shortest)
     cands: np.ndarray|None = None   # (V, T, N, K, 2) candidate peaks, best first (only when [filters] peaks selects among them)
     scores: np.ndarray|None = None  # (V, T, N, K) their heatmap values
 
     @property
     def content(self) -> str:
-        "The key later stages' fingerprints take: the arrays and image sizes."
+        "The key later stages' fingerprints take: the arrays and image sizes (the footage's length is in the arrays')."
         return fingerprint({"arrays": array_digest(self.pts2d, self.conf),
                             "image_sizes": {k: list(v) for k, v in sorted(self.image_sizes.items())}})
 
@@ -434,7 +435,11 @@ class Pose2D:
                    ) -> "Pose2D":
         "The detection data of a 2D `PoseResult` (pose2d.h5)."
         return cls(res.pts2d, res.conf, {c.name: tuple(c.image_size) for c in res.cameras if c.image_size is not None},
-                   res.meta.get("footage_fps"))
+                   res.meta.get("footage_fps"), res.meta.get("footage_frames"))
+
+def _frames_meta(p2d:Pose2D) -> dict:
+    "The result's record of footage of unequal length ({} when the sources agreed)."
+    return {"footage_frames": p2d.footage_frames} if p2d.footage_frames else {}
 
 # %% ../nbs/19_run.ipynb #7a1c4d22
 CANDIDATES = "pose2d_candidates.h5"   # in the output folder: the detector's candidate peaks, when [filters] peaks needs them
@@ -592,7 +597,7 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
                         cameras=config.camera_group if crop else None, top_k=top_k)
         if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
         res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=ctx.fps,
-                         meta={"stage": "pose2d", "recording": str(ctx.recording), "sources": det.sources, "footage_fps": det.fps,
+                         meta={"stage": "pose2d", "recording": str(ctx.recording), "sources": det.sources, "footage_fps": det.fps, **det.meta,
                                "models": {n: str(m.weights_path) for n, m in models.items()}, "videos": view_videos(ctx)})
         res.save(path)
         if top_k: save_candidates(cpath, det.cands, det.scores, det.view_names)
@@ -746,7 +751,7 @@ def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:di
     "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
     pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
-    meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps,
+    meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps, **_frames_meta(p2d),
             **({"videos": vids} if (vids := view_videos(ctx)) else {}), **({"filters": {"dropped": dropped}} if dropped else {})}
     if config.pipeline.triangulation:
         res = triangulate_points2d(cameras, config.skeleton(), pts2d, conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
@@ -829,7 +834,7 @@ def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOut
                       **({"candidates": p2d.candidates_content} if config.model.filters.candidates else {})})
     def compute():
         pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
-        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **({"videos": vids} if (vids := view_videos(ctx)) else {}),
+        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **_frames_meta(p2d), **({"videos": vids} if (vids := view_videos(ctx)) else {}),
                 **({"filters": {"dropped": dropped}} if dropped else {})}
         base = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta, provenance=result_provenance(ctx))
         res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
@@ -1016,6 +1021,11 @@ def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
 # %% ../nbs/19_run.ipynb #e94d347e
+def _remove_unused(out:Path, created:bool):
+    "Remove the output folder a failed run created, when it holds nothing but the run's lock."
+    if created and all(p == out / STATE_DIR / "lock" for p in out.rglob("*") if not p.is_dir()):
+        shutil.rmtree(out, ignore_errors=True)
+
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
                   config:Config|None=None, # the config (default: the packaged one)
@@ -1029,7 +1039,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     "Run the pipeline on one recording: detect 2D, bundle-adjust, triangulate, render videos — reusing cached stages."
     t0, config, recording = time.perf_counter(), config or Config.default(), Path(recording)
     _check_run_args(recording, max_frames, until)
-    forced = forced_stages(overwrite)
+    forced, created = forced_stages(overwrite), not Path(out_dir).exists()
     out = prepare_output_dir(out_dir)
     try:
         with OutputLock(out, wait=wait):
@@ -1042,9 +1052,11 @@ def run_recording(recording, # the recording's folder (footage matched by the co
                 except (OSError, DeeperflyError): pass
             if until in (None, STAGES[-1]):              # the snapshot describes a finished run's results.h5
                 with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(config))
-    except OSError as e:                                 # a full disk met outside `atomic_path` (the lock, a video)
-        if isinstance(e, DeeperflyError) or e.errno not in NO_SPACE_ERRNOS: raise
-        raise disk_full_error(out) from None
+    except BaseException as e:
+        _remove_unused(out, created)                     # a folder this run made, holding nothing but its lock
+        if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in NO_SPACE_ERRNOS:
+            raise disk_full_error(out) from None         # a full disk met outside `atomic_path` (the lock, a video)
+        raise
     return RunReport(recording, out, stages, round(time.perf_counter() - t0, 3), result)
 
 # %% ../nbs/19_run.ipynb #0f2b7ef2
@@ -1091,9 +1103,9 @@ def run(path, # a recording folder, or a folder of recording folders
     t0 = time.perf_counter()
     config = config or Config.default()
     recs = find_recordings(path, config)
+    if len(recs) == 1 and recs[0] == Path(path):       # `run_recording` makes the folder (and removes it if it fails at once)
+        return BatchReport([run_recording(recs[0], out_dir, config, **kwargs)], {}, round(time.perf_counter() - t0, 3))
     out = prepare_output_dir(out_dir)
-    if len(recs) == 1 and recs[0] == Path(path):
-        return BatchReport([run_recording(recs[0], out, config, **kwargs)], {}, round(time.perf_counter() - t0, 3))
     reports, failures = [], {}
     for i, rec in enumerate(recs):
         log.info("recording %d/%d: %s", i + 1, len(recs), rec.name)

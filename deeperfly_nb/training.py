@@ -25,10 +25,10 @@ __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES'
            'BUNDLED_SEEDS', 'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop',
            'fourier_style', 'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate',
            'split_by_frame', 'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint',
-           'torch_threads', 'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'prepare_run_folder',
-           'check_crop', 'run_trainer', 'train_detector', 'model_config_lines', 'with_trained_model',
-           'crop_labels_for_model', 'read_label_files', 'samples_from_label_files', 'train_from_labels',
-           'write_bundled_model', 'make_bundled_model', 'finetune_on_df3d']
+           'torch_threads', 'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'check_run_folder',
+           'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
+           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'samples_from_label_files',
+           'train_from_labels', 'write_bundled_model', 'make_bundled_model', 'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -728,16 +728,24 @@ def export(self:Trainer) -> TrainResult:
     return TrainResult(model_path, self.out, final, s.history, s.step, s.stopped, s.train_seconds, ips, device=str(self.device))
 
 # %% ../nbs/17_training.ipynb #8c20f9df
+def check_run_folder(out_dir, # the run folder
+                     resume:bool, # continue the run in it
+                    ) -> Path:
+    "The run folder, checked and not created: refuses to start over a run (without resume) or to resume nothing."
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir(): raise InputError(f"training output {out} exists and is not a folder")
+    if (out / "last.pt").exists() and not resume:
+        raise InputError(f"{out} already holds a training run (last.pt); resume it (resume=True, or --resume) to continue it, "
+                         "or choose a new folder")
+    if resume and not (out / "last.pt").exists(): raise InputError(f"cannot resume: {out / 'last.pt'} does not exist")
+    return out
+
 def prepare_run_folder(out_dir, # the run folder
                        resume:bool, # continue the run in it
                       ) -> Path:
-    "The run folder, created; refuses to start over a run (without resume) or to resume nothing."
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir(): raise InputError(f"training output {out} exists and is not a folder")
+    "The run folder, checked (`check_run_folder`) and created."
+    out = check_run_folder(out_dir, resume)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "last.pt").exists() and not resume:
-        raise InputError(f"{out} already holds a training run (last.pt); pass resume=True to continue it, or choose a new folder")
-    if resume and not (out / "last.pt").exists(): raise InputError(f"cannot resume: {out / 'last.pt'} does not exist")
     return out
 
 def check_crop(cfg:TrainConfig, # the training settings

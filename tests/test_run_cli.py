@@ -222,7 +222,10 @@ def test_bad_input(recording, tmp_path):
     (one_missing / "camera_5.mp4").unlink()
     p = _bad("run", one_missing, "-c", cfg, "-o", tmp_path / "o2", contains="vid_lm")
     assert "camera_5.mp4" in p.stderr
-    assert not (tmp_path / "o2" / "pose2d.h5").exists()
+    garbled = shutil.copytree(rec, tmp_path / "garbled")
+    (garbled / "camera_2.mp4").write_bytes(b"not a video" * 100)
+    _bad("run", garbled, "-c", cfg, "-o", tmp_path / "o4", contains="cannot open")
+    for o in ("o1", "o2", "o4"): assert not (tmp_path / o).exists(), o    # a failed run leaves no empty folder behind
     nothing = tmp_path / "nothing.toml"
     nothing.write_text(cfg.read_text().replace('"camera_0.mp4", ', '"cam0_*.avi", '))
     _bad("run", tmp_path / "empty", "-c", nothing, "-o", tmp_path / "o3", contains="cam0_*.avi")

@@ -141,8 +141,8 @@ def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thr
     before = (tmp_path / "lifter" / "ckpt_best.pth").read_bytes()
     assert main(["train-lifter", *files, "-o", str(tmp_path / "lifter"), "--epochs", "2"]) == 2    # a trained lifter: refused
     err = capsys.readouterr().err
-    assert (tmp_path / "lifter" / "ckpt_best.pth").read_bytes() == before and "ckpt_last.pth exists; give --resume" in err, err
+    assert (tmp_path / "lifter" / "ckpt_best.pth").read_bytes() == before and "already holds a trained lifter: resume it (resume=True, or --resume)" in err, err
     assert main(["-q", "train-lifter", *files, "-o", str(tmp_path / "lifter"), "--view", "rm", "--epochs", "10", "--resume"]) == 0
     assert list(L.read_log(tmp_path / "lifter")["epoch"]) == list(range(1, 11))                   # 8 epochs, then 2 more
     assert main(["train-lifter", *files, "-o", str(tmp_path / "lifter"), "--resume", "--epochs", "10"]) == 2   # nothing to train
-    assert "already trained for 10 epochs: give --epochs above 10" in capsys.readouterr().err
+    assert "already trained for 10 epochs: give epochs (--epochs) above 10" in capsys.readouterr().err
