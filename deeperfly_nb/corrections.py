@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import InputError, atomic_hdf5, check_shape
+from .core import InputError, atomic_hdf5, check_shape, refuse_existing
 
 # %% auto #0
 __all__ = ['CORRECTIONS', 'CORRECTIONS_FORMAT', 'CORRECTIONS_VERSION', 'Correction', 'Corrections', 'detections_key',
@@ -92,6 +92,7 @@ def check(self:Corrections, c:Correction, # a correction
 def add(self:Corrections, c:Correction, # a correction; replaces any earlier one of the same (view, frame, point)
        ) -> Correction:
     "Check `c` (an `InputError` saying why it does not fit) and store it, after any earlier ones; returns it."
+    if not float(c.frame).is_integer(): raise InputError(f"{_where(c)}: the frame must be a whole number")
     c = replace(c, frame=int(c.frame), x=float(c.x), y=float(c.y), detected=tuple(float(d) for d in c.detected))
     if (why := self.check(c)) is not None: raise InputError(why)
     self.items.pop(c.key, None)
@@ -200,7 +201,7 @@ def _read_rows(f, path, view_names, point_names, n_frames, detections_key, image
     sizes = {**json.loads(_attr(f, "image_sizes", "{}")), **(image_sizes or {})}
     out = Corrections(list(view_names), list(point_names), n_frames, _attr(f, "skeleton"), key, sizes, _attr(f, "recording"))
     rows = zip(f["view"][()], f["frame"][()], f["point"][()], f["xy"][()], f["detected"][()],
-               f["time"].asstr()[()], f["author"].asstr()[()])
+               f["time"].asstr()[()], f["author"].asstr()[()], strict=True)     # rows of unequal length: a damaged file
     for v, t, p, xy, det, tm, au in rows:
         c = Correction(views[v], int(t), points[p], float(xy[0]), float(xy[1]), tm, au, tuple(float(d) for d in det))
         if (why := out.check(c)) is not None: raise InputError(f"{path}: {why}")
@@ -294,10 +295,12 @@ def corrections_to_labels(corrections:Corrections, # the corrections
                           path=None, # write the label file here (None: only return the LabelSet)
                           only_corrected:bool=False, # label only the corrected points
                           embed:bool=False, # store the labelled frames inside the label file
+                          overwrite:bool=False, # replace an existing file at `path` (default: refuse)
                          ):
     "A `labels.LabelSet` of the corrected frames (saved to `path` when given), which `deeperfly train` reads."
     from deeperfly_nb.labels import LabelSet, RecordingFrames
     if not corrections: raise InputError("there are no corrections to turn into labels")
+    if path is not None: refuse_existing([path], overwrite, "give overwrite=True to replace it, or another path")
     if list(skeleton.point_names) != corrections.point_names:
         raise InputError(f"the skeleton {skeleton.name!r} does not name the corrections' points {corrections.point_names[:3]}…")
     corrected, _ = apply_corrections(pts2d, conf, corrections)
@@ -337,6 +340,7 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
                         only_corrected:bool=False, # label only the corrected points
                         out_path=None, # also write the label file here
                         embed:bool=False, # store the labelled frames inside that file
+                        overwrite:bool=False, # replace an existing file at `out_path` (default: refuse)
                        ):
     "The corrected frames of a sidecar as a `labels.LabelSet` (what `deeperfly train out/corrections.h5` trains on)."
     from deeperfly_nb.config import Config
@@ -351,4 +355,4 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
     recording = res.meta.get("recording") or cs.recording
     if not recording: raise InputError(f"{out}/results.h5 does not name its recording: the label frames cannot be found")
     return corrections_to_labels(cs, pts2d, conf, res.skeleton, recording, view_patterns(cfg.detection_plan()), out_path,
-                                 only_corrected, embed)
+                                 only_corrected, embed, overwrite)

@@ -8,19 +8,20 @@ Docs: https://deeperfly.github.io/deeperfly/neuromechfly_model.html.md"""
 from __future__ import annotations
 import argparse, hashlib, json, shlex, sys, tomllib
 from dataclasses import asdict, dataclass, fields, replace
+import importlib.metadata
 from importlib import resources
 from functools import partial
 from pathlib import Path
 from fastcore.docments import docments
 import numpy as np
-from .core import InputError, ModelError, atomic_path, did_you_mean, record_differences
+from .core import InputError, ModelError, atomic_path, did_you_mean, record_differences, refuse_existing
 from .config import Config
 from .detector import bundled_models, load_checkpoint
 from .inference import open_sources
 from .labels import SampleSet, concat_samples, footage_inputs, labels_from_render, load_samples, pathway_samples
-from .self_training import SelfTrainOptions, SelfTrainResult, check_recordings, self_train
+from .self_training import SelfTrainOptions, SelfTrainResult, check_recordings, finished_rounds, self_train
 from .training import Augment, train_detector, with_trained_model, write_bundled_model
-import deeperfly_nb.synth_mujoco as smj
+import deeperfly_nb.synth as synth, deeperfly_nb.synth_footage as synth_footage, deeperfly_nb.synth_mujoco as smj
 
 # %% auto #0
 __all__ = ['RENDER_SEED0', 'LATER_FIELDS', 'SHIPPED_ON_EXAMPLE', 'NeuroMechFlyRecipe', 'recipe_walk', 'recipe_render_samples',
@@ -93,9 +94,10 @@ def recipe_render_samples(i:int, # the recording's index: seed RENDER_SEED0 + i
 def renders_key(recipe:NeuroMechFlyRecipe, # the settings
                 posture:smj.LegPosture, # the posture the walks are held in
                ) -> str:
-    "A digest of what the renders depend on: count, frames, posture and its range, and the renderer's code."
-    code = hashlib.sha256(Path(smj.__file__).read_bytes()).hexdigest()
-    what = [recipe.recordings, recipe.frames, list(recipe.posture_scale), list(posture.names), np.asarray(posture.offset_rad).tolist(), code]
+    "A digest of what the renders depend on: count, frames, posture and its range, the renderer's code (with the assets' pinned version) and MuJoCo's version."
+    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (smj, synth, synth_footage)]
+    what = [recipe.recordings, recipe.frames, list(recipe.posture_scale), list(posture.names), np.asarray(posture.offset_rad).tolist(),
+            code, importlib.metadata.version("mujoco")]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:12]
 
 def recipe_renders(work_dir, # the recipe's work folder
@@ -219,7 +221,7 @@ def recipe_work_state(work_dir, # the recipe's work folder
     steps = lambda last: int(load_checkpoint(last)[1].get("step", 0)) if last.exists() else 0
     def rounds(folder, n):                                    # the rounds up to n that a self-training folder holds
         log = folder / "rounds.json"
-        return sum(1 for d in json.loads(log.read_text())["rounds"] if d["round"] <= n and Path(d["model"]).is_file()) if log.exists() else 0
+        return len(finished_rounds(json.loads(log.read_text()), n)) if log.exists() else 0
     return {"renders": (work / f"renders_{renders_key(recipe, posture)}.npz").exists(), "fine_tuned_steps": steps(work / "renders" / "last.pt"),
             "rounds_done": rounds(work / "self_train", recipe.rounds), "last_round_done": rounds(last_round_dir(work, recipe), 1),
             "polished_steps": steps(polish_dir(work, recipe) / "last.pt")}
@@ -362,7 +364,7 @@ def polish_step(run:RecipeRun, # the recipe's run
     return train_unless_done(run, folder, {**polish_train_settings(r), "init": str(model)}, renders, style, done_steps)
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #21644d36
-def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfly_nb/models/fly_neuromechfly.pt
+def make_neuromechfly_model(out_path, # the bundled file to write, e.g. fly_neuromechfly.pt (into deeperfly_nb/models/ it replaces the shipped one)
                             work_dir, # the work folder: renders, training runs, rounds (resumable: call again with the same arguments)
                             unlabelled, # an unlabelled recording folder of the rig, for the real frames' look and the self-training
                             posture_path, # a `LegPosture` JSON file (`synth_mujoco.save_posture`), e.g. bench/results/posture_example.json
@@ -372,14 +374,16 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. deeperfl
                             device:str|None=None, # where training runs: "cpu", "cuda", ... (None: the GPU when torch sees one)
                             progress:bool=True, # progress bars
                             lines:bool=True, # a line per step on stderr: what it reuses, how each round's model does
+                            overwrite:bool=False, # replace an existing `out_path` (default: refuse, before hours of work)
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
+    refuse_existing([Path(out_path)], overwrite, "give --overwrite (overwrite=True) to replace it, or write another file")
     plan = Config.default().detection_plan()
     r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled, plan), Path(work_dir)
     posture = smj.load_posture(posture_path)
     smj.with_posture(smj.load_joint_angles(), posture)                  # its joints must be the walk's
     settings = {k: v for k, v in json.loads(json.dumps(asdict(r))).items() if k not in LATER_FIELDS}   # what the folder's steps depend on
-    check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()),
+    check_work_record(work, {"settings": settings, "unlabelled": str(rec.resolve()), "renders": renders_key(r, posture),
                              "posture": {"names": list(posture.names), "offset_rad": np.asarray(posture.offset_rad).tolist()}})
     run, done = RecipeRun(r, work, rec, device, progress, lines), recipe_work_state(work, r, posture)
     style = recipe_style(run, done, plan)
@@ -427,11 +431,12 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     ap.add_argument("--name", default="fly_neuromechfly", help="the bundled name (default fly_neuromechfly)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering at once (default 1; any number gives the same renders)")
     ap.add_argument("--device", default=None, help='where training runs: "cpu", "cuda", ... (default: the GPU when torch sees one)')
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (the step lines stay: what is reused, how each round's model does)")
     args = ap.parse_args(argv)
     try:
         out = make_neuromechfly_model(args.out, args.work, args.unlabelled, args.posture, parse_recipe_settings(args.set), args.name,
-                                      args.workers, args.device, progress=not args.no_progress)
+                                      args.workers, args.device, progress=not args.no_progress, overwrite=args.overwrite)
     except (InputError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     models = Path(str(resources.files("deeperfly_nb") / "models"))

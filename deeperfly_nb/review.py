@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import DeeperflyError, InputError
+from .core import DeeperflyError, InputError, refuse_existing
 from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
@@ -260,7 +260,10 @@ def _triangulate_kwargs(out) -> dict:
     snap = Path(out) / ".deeperfly" / "config.toml" if out else None
     if snap is None or not snap.is_file(): return {"method": "dlt"}
     try: return Config.load(snap).triangulate_kwargs()
-    except DeeperflyError: return {"method": "dlt"}
+    except DeeperflyError as e:
+        warnings.warn(f"the run's config snapshot cannot be read ({e}): the reviewer triangulates with plain DLT, so its 3D and "
+                      "reprojection errors may differ from the run's", stacklevel=3)
+        return {"method": "dlt"}
 
 # %% ../nbs/18f_review.ipynb #ad3a9b6e
 def _detections(result:PoseResult, out, sidecar) -> tuple:
@@ -499,8 +502,10 @@ def _after(self:Reviewer, t:int):
 # %% ../nbs/18f_review.ipynb #9e8465d9
 @patch
 def save(self:Reviewer, path=None, # where (default: the sidecar in the output folder)
+         overwrite:bool=False, # replace an existing file at `path` that is not the sidecar already in use
         ) -> Path|None:
     "Write the corrections atomically (to `path`: and keep saving there); on failure keep them in memory, warn and show it. Returns the path written, or None."
+    if path is not None and Path(path) != self.sidecar: refuse_existing([path], overwrite, "give overwrite=True to replace it, or another path")
     path = Path(path) if path is not None else self.sidecar
     if path is None: return None
     try: write_corrections(path, self.corrections)

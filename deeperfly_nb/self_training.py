@@ -9,18 +9,19 @@ from __future__ import annotations
 import json, logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+import numpy as np
 from .core import InputError, atomic_path, record_differences
 from .config import Config
 from fastcore.basics import patch
 from .labels import concat_samples, labels_from_result, model_of_plan, pathway_samples
 from .detector import resolve_weights
 from .results import PoseResult
-from .run import run_recording
+from .run import array_digest, run_recording
 from .training import TrainConfig, model_config_lines, train_detector, with_trained_model
 
 # %% auto #0
 __all__ = ['SELF_TRAIN_DEFAULTS', 'SelfTrainOptions', 'round_config', 'recording_record', 'run_round', 'SelfTrainResult',
-           'check_recordings', 'resumable_rounds', 'self_train']
+           'check_recordings', 'finished_rounds', 'resumable_rounds', 'self_train']
 
 # %% ../nbs/19b_self_training.ipynb #6233c51d
 SELF_TRAIN_DEFAULTS = dict(steps=600, lr=1e-3, warmup_steps=30, val_frac=0.0)   # a round: fine-tuning, all frames trained on
@@ -130,11 +131,22 @@ def check_recordings(recordings, # recording folders (or one)
     return recs
 
 # %% ../nbs/19b_self_training.ipynb #d529cdec
+def finished_rounds(log:dict, # the contents of a rounds.json
+                    n:int, # the rounds wanted
+                   ) -> list:
+    "The records of rounds 1, 2, ... up to `n` whose models are still there, up to the first missing one (each round starts from the one before)."
+    done = []
+    for d in sorted(log["rounds"], key=lambda d: d["round"]):
+        if d["round"] != len(done) + 1 or d["round"] > n or not Path(d["model"]).is_file(): break
+        done.append(d)
+    return done
+
 def resumable_rounds(log_path:Path, # OUT_DIR/rounds.json (may not exist)
                      options:SelfTrainOptions, # this call's settings
                      config:Config, # this call's config
+                     inputs:dict|None=None, # this call's recordings and the digests of its samples and style images
                     ) -> list:
-    "The finished rounds of an earlier call with the same settings and starting model; an InputError if they differ."
+    "The finished rounds of an earlier call with the same settings, inputs and starting model; an InputError if they differ."
     if not log_path.exists(): return []
     log = json.loads(log_path.read_text())
     mine = json.loads(json.dumps({k: v for k, v in asdict(options).items() if k != "rounds"}))     # as the record has it
@@ -142,10 +154,14 @@ def resumable_rounds(log_path:Path, # OUT_DIR/rounds.json (may not exist)
     plan = config.detection_plan()
     start, was = str(resolve_weights(plan.models[model_of_plan(plan, None)])), log["rounds"][0]["started_from"] if log["rounds"] else None
     differ = record_differences(theirs, mine) + ([f"starting model: {was!r} vs {start!r}"] if was not in (None, start) else [])
+    done, was_in = finished_rounds(log, options.rounds), log.get("inputs")
+    if inputs is not None and was_in is not None:              # the samples and style images count only for rounds still to train
+        keys = ["recordings"] + (["samples", "style_images"] if len(done) < options.rounds else [])
+        differ += record_differences({k: was_in.get(k) for k in keys}, {k: inputs.get(k) for k in keys})
     if differ:
         raise InputError(f"{log_path} records self-training with other settings; give another output folder, or the same "
                          "settings. Recorded vs now: " + "; ".join(differ))
-    return [d for d in log["rounds"] if d["round"] <= options.rounds and Path(d["model"]).is_file()]
+    return done
 
 # %% ../nbs/19b_self_training.ipynb #0c680682
 def self_train(recordings, # recording folders (footage matched by the config's [[sources]]), unlabelled
@@ -164,12 +180,14 @@ def self_train(recordings, # recording folders (footage matched by the config's 
     config, out = config or Config.default(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "rounds.json"
-    done = resumable_rounds(log_path, o, config)
+    inputs = {"recordings": [str(r.resolve()) for r in recs], "samples": None if samples is None else samples.fingerprint(),
+              "style_images": None if style_images is None else array_digest(np.asarray(style_images))}
+    done = resumable_rounds(log_path, o, config, inputs)
     model = Path(done[-1]["model"]) if done else None
     for r in range(len(done) + 1, o.rounds + 1):
         done.append(run_round(r, recs, out, config, model, o, samples, progress, style_images))
         model = Path(done[-1]["model"])
-        with atomic_path(log_path) as tmp: tmp.write_text(json.dumps({"options": asdict(o), "rounds": done}, indent=1) + "\n")
+        with atomic_path(log_path) as tmp: tmp.write_text(json.dumps({"options": asdict(o), "inputs": inputs, "rounds": done}, indent=1) + "\n")
     cfg, final = round_config(config, model), {}
     for rec in recs:
         res = run_recording(rec, out / "final" / rec.name, cfg, progress=progress).result

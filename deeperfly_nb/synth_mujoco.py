@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import InputError, ModelError, atomic_path, cache_root, refuse_existing
+from .core import InputError, ModelError, atomic_path, cache_root, did_you_mean, refuse_existing
 from .skeleton import FLY_LEG_JOINTS, fly38
 from .cameras import Camera, CameraGroup
 from .results import PoseResult
@@ -27,7 +27,7 @@ __all__ = ['FLYGYM_VERSION', 'FLYGYM_WHEEL_SHA256', 'ASSETS_ENV', 'FETCH_COMMAND
            'VIS_MARGIN_MM', 'FLOOR_EPS_MM', 'IK_LEGS', 'IK_MARGIN_DEG', 'FLY_BOX', 'assets_dir', 'assets_status',
            'require_assets', 'fetch_assets', 'import_mujoco', 'JointAngles', 'load_joint_angles', 'WalkParams',
            'sample_walk', 'walk_angles', 'eye_rgb', 'fold_wings', 'FlyModel', 'build_fly', 'gl_frustum', 'GLView',
-           'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'camera_response', 'LegPosture',
+           'sphere_centroid', 'marker_scene', 'MjLook', 'sample_mj_look', 'look_with', 'camera_response', 'LegPosture',
            'with_posture', 'save_posture', 'load_posture', 'fly_body_frame', 'median_leg_posture', 'walk_leg_posture',
            'fit_posture', 'distortion_maps', 'floor_depth', 'fly_limit', 'render_views', 'remap_distorted',
            'joint_limits', 'targets_in_model', 'IKParams', 'IKFit', 'fit_joint_angles', 'GaitParams', 'sample_gait',
@@ -70,7 +70,8 @@ def assets_status(root:str|Path|None=None, # the assets folder (default: `assets
     bad = [f for f, h in files.items() if not (dest / f).is_file() or (verify and _sha256(dest / f) != h)]
     out.update(version=man.get("version"), wheel_sha256=man.get("wheel_sha256"), n_files=len(files))
     if bad or not files or man.get("version") != FLYGYM_VERSION:
-        why = f"{len(bad)} file(s) missing or changed, e.g. {bad[:2]}" if bad else f"version {man.get('version')!r}, not {FLYGYM_VERSION}"
+        why = (f"{len(bad)} file(s) missing or changed, e.g. {bad[:2]}" if bad else "its manifest lists no files" if not files
+               else f"version {man.get('version')!r}, not {FLYGYM_VERSION}")
         return {**out, "message": f"NeuroMechFly assets in {dest} are incomplete ({why}); fetch them again with: {FETCH_COMMAND}"}
     return {**out, "present": True, "message": f"NeuroMechFly assets: flygym {FLYGYM_VERSION}, {len(files)} files in {dest}"}
 
@@ -107,6 +108,12 @@ def _unpack(wheel:Path, stage:Path) -> dict:
     return files
 
 # %% ../nbs/15a_synth_mujoco.ipynb #f050f417
+def _check_replaceable(dest:Path):
+    "Fetching replaces `dest`: refuse one that holds anything but an earlier fetch (its manifest.json), or is a file."
+    if dest.exists() and not (dest / "manifest.json").is_file() and (not dest.is_dir() or any(dest.iterdir())):
+        raise InputError(f"{dest} holds other files than NeuroMechFly's assets (it has no manifest.json), and fetching replaces the "
+                         f"folder: choose a new or empty one (root=, or ${ASSETS_ENV})")
+
 def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets_dir()`)
                  wheel:str|Path|None=None, # a flygym wheel already downloaded (default: download it with pip)
                  force:bool=False, # fetch again even when present
@@ -114,6 +121,7 @@ def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets
     "Fetch the NeuroMechFly assets once (pip download of the flygym wheel, sha256-checked, only the assets unpacked); their folder."
     dest = assets_dir(root)
     if not force and assets_status(dest)["present"]: return dest
+    _check_replaceable(dest)                                              # before the download
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         whl = Path(wheel) if wheel is not None else _download_wheel(Path(tmp))
@@ -126,7 +134,7 @@ def fetch_assets(root:str|Path|None=None, # where to keep them (default: `assets
         (stage / "manifest.json").write_text(json.dumps(dict(package="flygym", version=FLYGYM_VERSION, wheel=whl.name,
             wheel_sha256=digest, license="Apache-2.0", source="https://pypi.org/project/flygym/", files=files), indent=1))
         if not force and assets_status(dest)["present"]: return dest        # another process fetched them meanwhile
-        if dest.exists(): shutil.rmtree(dest)
+        if dest.exists(): _check_replaceable(dest); shutil.rmtree(dest)
         try: stage.rename(dest)
         except OSError:
             if not assets_status(dest)["present"]: raise
@@ -816,13 +824,17 @@ class MjLook:
         return asdict(self)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #8667ef6c
+def _check_look_keys(keys):
+    bad = sorted(set(keys) - {f.name for f in fields(MjLook)})
+    if bad: raise InputError(f"unknown look setting(s) {bad}{did_you_mean(bad[0], [f.name for f in fields(MjLook)])}; "
+                             f"allowed: {[f.name for f in fields(MjLook)]}")
+
 def sample_mj_look(seed:int=0, # draws the recording's look
                    vary:float=1.0, # how far the draws depart from the defaults (0: exactly the defaults)
                    **fixed, # MjLook fields to set instead of drawing them
                   ) -> MjLook:
     "A random `MjLook` like DeepFly3D's infrared footage: light, materials and pigment, wings, abdomen, holder, ball, exposure, noise, blur, compression."
-    bad = sorted(set(fixed) - {f.name for f in fields(MjLook)})
-    if bad: raise InputError(f"unknown look setting(s) {bad}; allowed: {[f.name for f in fields(MjLook)]}")
+    _check_look_keys(fixed)
     rng, b = np.random.default_rng([int(seed), 0x100C]), MjLook()
     def j(lo, hi): return 1 + vary * rng.uniform(lo, hi)
     d = dict(light_azimuth_deg=b.light_azimuth_deg + vary * rng.uniform(-90, 90), light_elevation_deg=b.light_elevation_deg + vary * rng.uniform(-25, 30),
@@ -840,6 +852,16 @@ def sample_mj_look(seed:int=0, # draws the recording's look
              abdomen_curl_deg=b.abdomen_curl_deg + vary * rng.uniform(0, 8), holder_plate_mm=b.holder_plate_mm + vary * rng.uniform(0.15, 0.6))
     d.update(fixed)
     return MjLook(**d)
+
+def look_with(look:MjLook|None, # a fixed look (None: draw one with `sample_mj_look`)
+              seed:int=0, # the draw's seed
+              vary:float=1.0, # the draw's spread
+              **overrides, # MjLook fields to set
+             ) -> MjLook:
+    "`look` with `overrides` set, else a drawn look; an unknown field is named (the renderers take their look this way)."
+    if look is None: return sample_mj_look(seed, vary, **overrides)
+    _check_look_keys(overrides)
+    return replace(look, **overrides)
 
 # %% ../nbs/15a_synth_mujoco.ipynb #5e0f7503
 def camera_response(rgb, # (H, W, 3) uint8 rendered radiance
@@ -1368,7 +1390,7 @@ def render_fly(cameras:CameraGroup, # the rig to film with; every camera needs i
     if not isinstance(cameras, CameraGroup): raise InputError(f"cameras must be a CameraGroup, got {type(cameras).__name__}")
     no_size = [c.name for c in cameras if c.image_size is None]
     if no_size: raise InputError(f"render_fly needs the image_size of every camera; missing for {no_size}")
-    look = replace(look, **overrides) if look is not None else sample_mj_look(seed, vary, **overrides)
+    look = look_with(look, seed, vary, **overrides)
     walk, gait = walk or sample_walk(seed, vary), sample_gait(seed, vary) if gait is True else (gait or None)
     ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
     if posture is not None:
@@ -1467,7 +1489,7 @@ def render_arena_mujoco(n_frames:int=64, # frames T
     if not isinstance(cameras, CameraGroup) or any(c.image_size is None for c in cameras):
         raise InputError("render_arena_mujoco needs a CameraGroup with every camera's image_size")
     if scale != 1: cameras = resize_cameras(cameras, scale)
-    look = replace(look, **overrides) if look is not None else sample_mj_look(seed, vary, **overrides)
+    look = look_with(look, seed, vary, **overrides)
     walk, gait = walk or sample_walk(seed, vary), sample_gait(seed, vary) if gait is True else (gait or None)
     ja = joint_angles if isinstance(joint_angles, JointAngles) else load_joint_angles(joint_angles, assets)
     fly = build_fly(look, seed, assets, max_size=tuple(max(c.image_size[i] for c in cameras) for i in range(2)), scene="arena",

@@ -179,6 +179,8 @@ def test_a_read_only_output_folder_keeps_everything_in_memory(recording, out, tm
         saved = rv.save(tmp_path / "elsewhere.h5")
         assert saved is not None and "NOT SAVED" not in rv.status.value
         assert len(read_corrections(saved, rv.result.view_names, rv.result.skeleton.point_names, 6)) == 2
+        with pytest.raises(InputError, match="corrections.h5 exists"): rv.save(out / CORRECTIONS)   # not the sidecar in use now
+        assert len(read_corrections(out / CORRECTIONS, rv.result.view_names, rv.result.skeleton.point_names, 6)) == 1
     finally: os.chmod(out, 0o755)
 
 
