@@ -16,8 +16,8 @@ from .core import InputError, atomic_hdf5, check_shape, refuse_existing
 # %% auto #0
 __all__ = ['CORRECTIONS', 'CORRECTIONS_FORMAT', 'CORRECTIONS_VERSION', 'Correction', 'Corrections', 'detections_key',
            'write_corrections', 'read_corrections', 'correction_arrays', 'apply_corrections', 'restore_detections',
-           'corrections_digest', 'corrected_label_points', 'corrections_to_labels', 'is_corrections_file',
-           'labels_from_sidecar']
+           'corrections_over', 'corrections_digest', 'corrected_label_points', 'corrections_to_labels',
+           'is_corrections_file', 'labels_from_sidecar']
 
 # %% ../nbs/16c_corrections.ipynb #523c5d30
 CORRECTIONS = "corrections.h5"      # the sidecar's name in a run's output folder
@@ -197,7 +197,7 @@ def _read_rows(f, path, view_names, point_names, n_frames, detections_key, image
     if detections_key is not None and key and key != detections_key:
         raise InputError(f"{path} was made over other detections than these (detections key {key[:12]}… vs {detections_key[:12]}…): "
                          "a sidecar of another recording? If the detector was re-run on this same recording, its "
-                         "corrections still hold: read it with detections_key=None")
+                         "corrections still hold: read it with detections_key=None, then `corrections_over` applies it over the new detections")
     sizes = {**json.loads(_attr(f, "image_sizes", "{}")), **(image_sizes or {})}
     out = Corrections(list(view_names), list(point_names), n_frames, _attr(f, "skeleton"), key, sizes, _attr(f, "recording"))
     rows = zip(f["view"][()], f["frame"][()], f["point"][()], f["xy"][()], f["detected"][()],
@@ -260,6 +260,27 @@ def restore_detections(pts2d, # (V, T, N, 2) corrected 2D
     det = np.array([cr.detected for cr in corrections], dtype=float).reshape(-1, 3)
     p[v, t, n], c[v, t, n] = det[:, :2], det[:, 2]
     return p, c
+
+# %% ../nbs/16c_corrections.ipynb #1fae7c01
+def corrections_over(corrections:Corrections, # read from a sidecar (not yet checked against detections)
+                     pts2d, # (V, T, N, 2) the uncorrected detections they will be applied over
+                     conf, # (V, T, N) their confidences
+                     recording, # the recording those detections are of (a result's meta["recording"]; None: unknown)
+                     path, # the sidecar, for messages
+                    ) -> Corrections:
+    "The corrections to apply over these detections: as they are, or re-keyed over a re-run of the same recording; an `InputError` over another's."
+    key = detections_key(pts2d, conf)
+    if not corrections.detections_key or corrections.detections_key == key: return corrections
+    was, now = corrections.recording, str(recording or "")
+    if not (was and now and Path(was).resolve() == Path(now).resolve()):
+        raise InputError(f"{path} was made over other detections than these, of recording {was or '(not named)'}, and these are of "
+                         f"{now or '(not named)'}: a sidecar of another recording? Move it away to start afresh")
+    p, c = np.asarray(pts2d, dtype=float), np.asarray(conf, dtype=float)
+    out = replace(corrections, detections_key=key, items={})
+    for cr in corrections:
+        v, t, n = out.view_names.index(cr.view), cr.frame, out.point_names.index(cr.point)
+        out.items[cr.key] = replace(cr, detected=(float(p[v, t, n, 0]), float(p[v, t, n, 1]), float(c[v, t, n])))
+    return out
 
 # %% ../nbs/16c_corrections.ipynb #7b63ec39
 def corrections_digest(corrections:Corrections|None, # the corrections (None: no sidecar)
@@ -349,7 +370,8 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
     with _open_sidecar(path) as f: views, points, n = json.loads(_attr(f, "view_names", "[]")), json.loads(_attr(f, "point_names", "[]")), int(f.attrs.get("n_frames", -1))
     cs = read_corrections(path, views, points, n)
     res, pts2d, conf = _output_detections(out, cs)
-    cs = read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames, detections_key=detections_key(pts2d, conf))
+    cs = corrections_over(read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames), pts2d, conf,
+                          res.meta.get("recording"), path)
     snap = out / ".deeperfly" / "config.toml"
     cfg = Config.load(snap) if snap.is_file() else (config or Config.default())
     recording = res.meta.get("recording") or cs.recording

@@ -17,7 +17,7 @@ from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
 from .corrections import (CORRECTIONS, Correction, Corrections, read_corrections, write_corrections,
-                                      apply_corrections, restore_detections, detections_key)
+                                      apply_corrections, restore_detections, detections_key, corrections_over)
 
 # %% auto #0
 __all__ = ['CRITERIA', 'AUTO_REFRESH_FRAMES', 'frame_scores', 'worst_frames', 'ViewFrames', 'frame_data_url', 'open_footage',
@@ -279,9 +279,7 @@ def _detections(result:PoseResult, out, sidecar) -> tuple:
     if sidecar is not None and Path(sidecar).is_file():
         cs = read_corrections(sidecar, V, result.skeleton.point_names, T, image_sizes=sizes)
     if base is None: base = restore_detections(result.pts2d, result.conf, cs) if cs else (result.pts2d.copy(), result.conf.copy())
-    if cs is not None and cs.detections_key and cs.detections_key != detections_key(*base):
-        raise InputError(f"{sidecar} was made over other detections than this run's (a sidecar of another recording?); "
-                         "move it away to start afresh, or read it with corrections.read_corrections(..., detections_key=None)")
+    if cs is not None: cs = corrections_over(cs, *base, result.meta.get("recording"), sidecar)   # over detections run again: kept
     return base[0], base[1], cs
 
 # %% ../nbs/18f_review.ipynb #e4d90e70
@@ -404,7 +402,7 @@ def _build(self:Reviewer, view_width:int):
 @patch
 def _wire(self:Reviewer):
     "Connect the controls to the reviewer."
-    self.slider.observe(lambda ch: self.goto(ch["new"]), "value")
+    self.slider.observe(lambda ch: ch["new"] != self.frame and self.goto(ch["new"]), "value")   # not again when goto moved it
     self.worst.observe(lambda ch: ch["new"] is not None and self.goto(ch["new"]), "value")
     self.canvas.observe(self._on_drag, "drag"); self.canvas.observe(self._on_select, "selected")
     self.view_pick.observe(lambda ch: self._show_info(), "value"); self.point_pick.observe(lambda ch: self._show_info(), "value")

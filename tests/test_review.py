@@ -140,13 +140,23 @@ def test_bad_corrections_are_refused(recording, out):
 
 def test_a_sidecar_of_another_recording_or_skeleton_is_refused(recording, out, tmp_path):
     r0 = recording["result"]
-    rv = Reviewer(out); rv.move("rh", 1, 0, 100, 200)
+    n = int(np.flatnonzero(np.isfinite(r0.pts2d[0, 1]).all(-1))[0])          # a point view rh detects in frame 1
+    rv = Reviewer(out); rv.move("rh", 1, n, 100, 200)
     # the same rig and length but other detections: another recording's sidecar copied here
     other = tmp_path / "other"; other.mkdir()
     p = r0.pts2d + 0.5                                   # every detection half a pixel off
-    PoseResult(p, r0.conf, r0.cameras, r0.skeleton, pts3d=r0.pts3d, meta=r0.meta).save(other / "results.h5")
+    PoseResult(p, r0.conf, r0.cameras, r0.skeleton, pts3d=r0.pts3d, meta={**r0.meta, "recording": str(tmp_path / "fly2")}).save(other / "results.h5")
     shutil.copy(out / CORRECTIONS, other / CORRECTIONS)
-    with pytest.raises(InputError, match="other detections"): Reviewer(other)
+    with pytest.raises(InputError, match="other detections .* a sidecar of another recording"): Reviewer(other)
+    # the same recording, its detector run again: the corrections still hold, over the new detections
+    again = tmp_path / "again"; again.mkdir()
+    for name in ("pose2d.h5", "results.h5"):                                # its new detections (and a result of them)
+        PoseResult(p, r0.conf, r0.cameras, r0.skeleton, pts3d=r0.pts3d, meta=r0.meta).save(again / name)
+    shutil.copy(out / CORRECTIONS, again / CORRECTIONS)
+    rv2 = Reviewer(again)
+    assert len(rv2.corrections) == 1 and rv2.result.pts2d[0, 1, n].tolist() == [100, 200]
+    assert rv2.corrections.get("rh", 1, r0.skeleton.point_names[n]).detected[:2] == tuple(p[0, 1, n])   # remembers the new detection
+    rv2.close()
     # another length
     short = tmp_path / "short"; short.mkdir()
     PoseResult(r0.pts2d[:, :5], r0.conf[:, :5], r0.cameras, r0.skeleton, meta=r0.meta).save(short / "results.h5")
