@@ -452,6 +452,7 @@ def _fit_advice(summary:dict, detected:bool) -> str:
     return ("the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "
             "rig the 2D file records (`deeperfly reconstruct ... --rig source`), or check the rig in [cameras] and the 2D file")
 
+# %% ../nbs/05_results.ipynb #69579a2f
 def quality_warnings(summary:dict, # from `PoseResult.summary()`
                      limits:dict=QUALITY_LIMITS, # the thresholds, as above
                      detected:bool=True, # a detector made the 2D (False: read from a file, as `deeperfly reconstruct` does)
