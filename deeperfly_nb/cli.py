@@ -158,7 +158,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
 def cmd_export(args, # the parsed command line (see `make_parser`)
               ) -> int:
     "Write a saved result in another tool's format, chosen by the destination's name."
-    from deeperfly_nb.interop import export_paths, export_result
+    from deeperfly_nb.interop import export_format, export_paths, export_result, nwb_fields
     from deeperfly_nb.results import PoseResult
     if Path(args.dest).resolve() == Path(args.result).resolve(): raise InputError(f"{args.dest} is the result being exported; give another file")
     result = PoseResult.load(args.result)
@@ -166,10 +166,16 @@ def cmd_export(args, # the parsed command line (see `make_parser`)
         if result.pts3d is None: raise InputError(f"{args.result} holds 2D only (no 3D points to project): "
                                                   f"deeperfly reconstruct {args.result} -o OUT/ triangulates it into OUT/results.h5")
         result = result.reprojected()
+    fmt = args.format or export_format(args.dest)
+    if args.nwb and fmt != "nwb": raise InputError(f"--nwb sets fields of an NWB file; {args.dest} is exported as {fmt}")
+    kw = nwb_fields(args.nwb, result) if fmt == "nwb" else {}
     refuse_existing(export_paths(result, args.dest, args.format), args.overwrite)
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
-    paths = export_result(result, args.dest, format=args.format)
+    paths = export_result(result, args.dest, format=args.format, **kw)
     for p in paths: print(f"wrote {p}")
+    if fmt == "nwb" and "session_start_time" not in kw:
+        print("note: its session_start_time is when the result was made, not when the recording began: give "
+              "--nwb session_start_time=2026-01-31T10:15:00+01:00 (and experimenter=, institution=, subject.subject_id=, ...)")
     return 0
 
 def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
@@ -681,6 +687,9 @@ def _add_other_parsers(sub, # the subparsers of `make_parser`
                    "(default), or the 3D points projected into the views that detected them (needs a results.h5 with 3D; the confidences "
                    "stay the detector's). Projections agree with the 3D and are usually nearer the truth, but a wrong detection moves its "
                    "3D point and so every view's projection; the files say which (DeepLabCut scorer deeperfly_reprojected, NWB descriptions)")
+    s.add_argument("--nwb", action="append", metavar="FIELD=VALUE", help="an NWB file field, repeatable: session_start_time "
+                   "(ISO 8601), experimenter (repeatable), lab, institution, session_description, experiment_description, keywords, "
+                   "...; subject.FIELD for the animal (subject.subject_id=fly_7, subject.sex=F, subject.age=P3D, subject.genotype=...)")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("synth", help="render a synthetic 7-camera recording with exact ground truth")
     s.add_argument("out", help="output folder")

@@ -20,14 +20,14 @@ from .results import PoseResult, REPROJECTED_2D, describe_points2d
 from .labels import KeypointTable, read_keypoints_csv
 
 # %% auto #0
-__all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'NWB_LENGTH_UNITS', 'EXPORTERS', 'NameMatch',
-           'match_names', 'place', 'match_view_files', 'stack_views', 'scorer_name', 'dlc_frame', 'dlc_paths',
-           'write_dlc', 'exact_csv', 'read_dlc_table', 'read_dlc_predictions', 'default_subject', 'nwb_world_unit',
-           'write_nwb', 'read_nwb', 'read_nwb_points2d', 'write_slp', 'read_slp', 'camera_to_anipose',
-           'camera_from_anipose', 'write_anipose_calibration', 'read_anipose_calibration', 'anipose_3d_frame',
-           'write_anipose_3d', 'read_anipose_3d', 'to_movement', 'from_movement', 'read_movement_file',
-           'write_movement', 'movement_paths', 'export_format', 'export_result', 'export_paths', 'read_points2d',
-           'load_foreign']
+__all__ = ['NWB_MODULE', 'NWB_CONTAINER', 'NWB_REPROJ', 'CONFIDENCE_DEFINITION', 'NWB_LENGTH_UNITS', 'NWB_FILE_FIELDS',
+           'NWB_LIST_FIELDS', 'EXPORTERS', 'NameMatch', 'match_names', 'place', 'match_view_files', 'stack_views',
+           'scorer_name', 'dlc_frame', 'dlc_paths', 'write_dlc', 'exact_csv', 'read_dlc_table', 'read_dlc_predictions',
+           'default_subject', 'nwb_world_unit', 'write_nwb', 'nwb_fields', 'read_nwb', 'read_nwb_points2d', 'write_slp',
+           'read_slp', 'camera_to_anipose', 'camera_from_anipose', 'write_anipose_calibration',
+           'read_anipose_calibration', 'anipose_3d_frame', 'write_anipose_3d', 'read_anipose_3d', 'to_movement',
+           'from_movement', 'read_movement_file', 'write_movement', 'movement_paths', 'export_format', 'export_result',
+           'export_paths', 'read_points2d', 'load_foreign']
 
 # %% ../nbs/16a_interop.ipynb #7104fed2
 def _need(module:str, # the module to import
@@ -294,17 +294,18 @@ def _nwb_reprojection(result:PoseResult, chunk_frames:int):
 
 # %% ../nbs/16a_interop.ipynb #85921c16
 def default_subject(result:PoseResult, # its meta['subject'] and skeleton are used
+                    fields:dict|None=None, # Subject fields that override meta['subject']'s
                    ):
-    "An NWB Subject from `result.meta['subject']`, completed with a placeholder id (and the fly's species for fly38)."
+    "An NWB Subject from `result.meta['subject']` and `fields`, completed with a placeholder id (and the fly's species for fly38)."
     pynwb = _need("pynwb", "pynwb", "NWB files")
-    d = dict(result.meta.get("subject") or {})
+    d = {**(result.meta.get("subject") or {}), **(fields or {})}
     d.setdefault("subject_id", "subject_0")
     if result.skeleton.name == "fly38": d.setdefault("species", "Drosophila melanogaster")
     d.setdefault("sex", "U")                    # NWB's 'unknown'
     d.setdefault("age", "P0D/")                 # an open ISO 8601 range: 'at least 0 days', i.e. unknown
     d.setdefault("description", "the animal whose pose deeperfly tracked (placeholder fields: complete them for a deposit)")
     try: return pynwb.file.Subject(**d)
-    except TypeError as e: raise InputError(f"meta['subject'] is not a set of NWB Subject fields: {e}") from None
+    except TypeError as e: raise InputError(f"the subject ({sorted(d)}) is not a set of NWB Subject fields: {e}") from None
 
 # %% ../nbs/16a_interop.ipynb #6c46bee8
 NWB_LENGTH_UNITS = ("meters", "centimeters", "millimeters", "micrometers")   # the lengths NWB's checker accepts for positions
@@ -351,6 +352,34 @@ def write_nwb(result:PoseResult, # the result to deposit
         warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")     # the temporary name of the atomic write
         with pynwb.NWBHDF5IO(str(tmp), "w") as io: io.write(nwb)
     return Path(dest)
+
+# %% ../nbs/16a_interop.ipynb #6f2f9ff7
+NWB_FILE_FIELDS = ("session_description", "session_start_time", "identifier", "experimenter", "lab", "institution",
+                   "experiment_description", "session_id", "keywords", "protocol", "related_publications")
+NWB_LIST_FIELDS = ("experimenter", "keywords", "related_publications")        # may be given more than once
+
+def nwb_fields(pairs, # ["FIELD=VALUE", ...]: NWBFile fields (NWB_FILE_FIELDS) or subject.FIELD
+               result:PoseResult, # whose meta['subject'] the subject fields complete
+              ) -> dict:
+    "`write_nwb` keywords from FIELD=VALUE strings; an `InputError` names a malformed pair, an unknown field or a bad time."
+    out, subject = {}, {}
+    for pair in pairs or ():
+        field, sep, value = str(pair).partition("=")
+        field = field.strip()
+        if not sep or not field: raise InputError(f"NWB field {pair!r}: expected FIELD=VALUE, e.g. institution=EPFL")
+        if field.startswith("subject."): subject[field[len("subject."):]] = value; continue
+        if field not in NWB_FILE_FIELDS:
+            raise InputError(f"NWB field {field!r} is not one deeperfly sets{did_you_mean(field, NWB_FILE_FIELDS)}; fields: "
+                             f"{', '.join(NWB_FILE_FIELDS)}, and subject.FIELD (subject_id, species, sex, age, genotype, ...)")
+        if field == "session_start_time":
+            try: value = datetime.fromisoformat(value)
+            except ValueError: raise InputError(f"NWB session_start_time {value!r}: expected an ISO 8601 time, e.g. "
+                                                "2026-01-31T10:15:00+01:00") from None
+        if field in NWB_LIST_FIELDS: out.setdefault(field, []).append(value)
+        elif field in out: raise InputError(f"NWB field {field!r} is given twice")
+        else: out[field] = value
+    if subject: out["subject"] = default_subject(result, subject)
+    return out
 
 # %% ../nbs/16a_interop.ipynb #b693adc7
 def _nwb_open(path:Path):

@@ -141,3 +141,22 @@ def test_an_unknown_2d_file_type_lists_every_kind_reconstruct_reads(tmp_path):
     p = cli("reconstruct", "x.toml", "-o", "out", cwd=tmp_path)
     assert p.returncode == 2 and "x.toml: unknown 2D source type '.toml'" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert all(k in p.stderr for k in (".h5", ".pkl", ".slp", ".nwb", ".nc", ".csv")) and not (tmp_path / "out").exists(), p.stderr
+
+
+def test_export_nwb_takes_the_labs_fields(tmp_path):
+    "--nwb FIELD=VALUE fills the NWB file's session and subject; a typo or a bad time is refused before anything is written."
+    import pynwb
+    p = cli("export", POINTS2D, "plain.nwb", cwd=tmp_path)
+    assert p.returncode == 0 and "session_start_time is when the result was made" in p.stdout, p.stdout + p.stderr
+    p = cli("export", POINTS2D, "lab.nwb", "--nwb", "session_start_time=2026-01-31T10:15:00+01:00", "--nwb", "experimenter=Doe, Jane",
+            "--nwb", "institution=EPFL", "--nwb", "subject.subject_id=fly_7", "--nwb", "subject.sex=F", cwd=tmp_path)
+    assert p.returncode == 0 and "session_start_time is when" not in p.stdout, p.stdout + p.stderr
+    with pynwb.NWBHDF5IO(str(tmp_path / "lab.nwb"), "r") as io:
+        f = io.read()
+        assert (f.experimenter, f.institution, f.subject.subject_id, f.subject.sex) == (("Doe, Jane",), "EPFL", "fly_7", "F")
+        assert f.session_start_time.isoformat() == "2026-01-31T10:15:00+01:00"
+    for bad, said in ((["--nwb", "instituton=EPFL"], "did you mean 'institution'?"), (["--nwb", "session_start_time=monday"], "ISO 8601")):
+        p = cli("export", POINTS2D, "bad.nwb", *bad, cwd=tmp_path)
+        assert p.returncode == 2 and said in p.stderr and not (tmp_path / "bad.nwb").exists(), p.stderr
+    p = cli("export", POINTS2D, "pred.slp", "--nwb", "institution=EPFL", cwd=tmp_path)
+    assert p.returncode == 2 and "--nwb sets fields of an NWB file" in p.stderr and not (tmp_path / "pred.slp").exists(), p.stderr
