@@ -476,7 +476,10 @@ def run_folder(path, # a recording folder, or a folder of recording folders
                options:BatchOptions=BatchOptions(), # what every recording is run with
               ) -> list:
     "Find the recordings below `path` and run them all on the cluster `cluster` describes: [RecordingOutcome]."
-    config = config or Config.default()
+    config, cluster = config or Config.default(), cluster or ClusterConfig()
+    if cluster.kind == "slurm" and not cluster.gpus and uses_gpu(config, options.device):   # its jobs are queued, not started: say it now
+        raise InputError("detection runs on CUDA, but [cluster] gpus is not set: the SLURM jobs would ask for no GPU and detection "
+                         "would wait for a GPU slot forever; set [cluster] gpus = 1, or use --device cpu")
     recordings = find_recordings(path, config)
-    with open_client(cluster or ClusterConfig(), len(recordings)) as client:
+    with open_client(cluster, len(recordings)) as client:
         return run_many(recordings, config, client, out_root, options)

@@ -25,8 +25,8 @@ from .gauge import (components, co_visibility, look_at_point, scale_modes, mode_
 
 # %% auto #0
 __all__ = ['PARAM_GROUPS', 'N_SLOTS', 'SHAREABLE_GROUPS', 'GAUGE_PRIOR_WEIGHT', 'LOSSES', 'ROBUST_LOSSES', 'BundleAdjustOptions',
-           'resolve_fixed', 'ObservationRows', 'CameraSlots', 'BoneTerms', 'LinearPriors', 'BAProblem', 'SchurSolver',
-           'block_gap', 'keeps_together', 'bundle_adjust_cameras']
+           'resolve_fixed', 'robust_residuals', 'ObservationRows', 'CameraSlots', 'BoneTerms', 'LinearPriors',
+           'BAProblem', 'SchurSolver', 'block_gap', 'keeps_together', 'bundle_adjust_cameras']
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #e6f4b69f
 PARAM_GROUPS = {"rotation": slice(0, 3), "translation": slice(3, 6), "focal": slice(6, 7),
@@ -129,9 +129,9 @@ def _rho_cauchy(z): return np.log1p(z), 1 / (1 + z)
 def _rho_arctan(z): return np.arctan(z), 1 / (1 + z * z)
 ROBUST_LOSSES = {"soft_l1": _rho_soft_l1, "huber": _rho_huber, "cauchy": _rho_cauchy, "arctan": _rho_arctan}
 
-def _robustify(r, # residuals (m,)
-               rho_fn, # one of ROBUST_LOSSES
-               f_scale:float, # the loss's scale (pixels)
+def robust_residuals(r, # residuals (m,)
+                     rho_fn, # one of ROBUST_LOSSES: z -> (rho(z), rho'(z))
+                     f_scale:float, # the loss's scale (pixels)
               ) -> tuple:
     "Square-root form of a robust loss: r' with 0.5 sum r'^2 = 0.5 f^2 sum rho((r/f)^2), and dr'/dr."
     z = (r / f_scale) ** 2
@@ -460,7 +460,7 @@ def residuals(self:BAProblem, x, # the parameter vector (n,)
              ) -> np.ndarray:
     "All residuals at x: reprojection and bone terms under the robust loss, then the linear priors."
     r, r_g, *_ = self._evaluate(x)
-    if self.robust is not None: r = _robustify(r, *self.robust)[0]
+    if self.robust is not None: r = robust_residuals(r, *self.robust)[0]
     return np.concatenate([r, r_g])
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #f9c0886e
@@ -471,7 +471,7 @@ def jacobian(self:BAProblem, x, # the parameter vector (n,)
     r, _, D, d_b, d_g = self._evaluate(x)
     data = np.concatenate([D[self.keep_obs], d_b.ravel(), d_g[self.keep_gauge], self.prior_scale])
     if self.robust is not None:                     # chain rule through the square-root loss: scale rows
-        data = data * np.concatenate([_robustify(r, *self.robust)[1], np.ones(self.n_lin)])[self.entry_row]
+        data = data * np.concatenate([robust_residuals(r, *self.robust)[1], np.ones(self.n_lin)])[self.entry_row]
     return sp.csr_matrix((data, self.indices, self.indptr), shape=(self.n_rows, self.n))
 
 # %% ../nbs/04b_bundle_adjustment.ipynb #33fdc4d1

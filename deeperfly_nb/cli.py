@@ -305,7 +305,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
         extra = [*crop_box_figures(Path(args.result).parent), worst_frames_table(diag), diagnostics_figure(diag)]
         path = write_report_html(args.plot, result, truth=truth, extra_figures=extra, align=(gt or {}).get("align", "similarity"),
-                                 text="\n".join(lines))                # the page says what inspect printed
+                                 text="\n".join(lines), overwrite=args.overwrite)   # the page says what inspect printed
         if not args.json:
             print("frames to check (or label) first, by the label-free diagnostics:")
             for w in diag.worst_frames(10):
@@ -849,7 +849,7 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
     if not Path(recording).is_dir(): raise InputError(f"recording folder {recording} not found; give --recording")
     plan = (Config.load(args.config) if args.config else Config.default()).detection_plan()
     labels = labels_from_result(result, recording, plan, args.threshold_px, args.min_views)
-    labels.save(out)
+    labels.save(out, overwrite=args.overwrite)
     n, total = int(labels.labeled.sum()), labels.labeled.size
     print(f"wrote {out}: {n} labelled keypoints ({100 * n / max(total, 1):.0f}% of views x frames x points) in {labels.n_frames} "
           f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {args.config}" if args.config else "")

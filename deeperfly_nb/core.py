@@ -139,7 +139,7 @@ def atomic_path(path:str|Path, # the final destination
 # %% ../nbs/00_core.ipynb #c3e1a0b2
 def refuse_existing(paths, # the files about to be written
                     overwrite:bool=False, # the user asked to replace them
-                    how:str="give --overwrite to replace", # what the user can do instead
+                    how:str="give --overwrite (in Python, overwrite=True) to replace", # what the user can do instead
                    ):
     "An `InputError` naming the first of `paths` that exists (and how many more do), unless `overwrite`."
     there = [Path(p) for p in paths if Path(p).exists()]

@@ -332,7 +332,7 @@ def corrections_to_labels(corrections:Corrections, # the corrections
     ls = LabelSet(lab, corrections.view_names, skeleton, store, frame_ids=[f"frame {t}" for t in frames],
                   meta={"format": "deeperfly corrections", "recording": str(recording), "frames": frames.tolist(),
                         "only_corrected": only_corrected})
-    if path is not None: ls.save(path, embed=embed)
+    if path is not None: ls.save(path, embed=embed, overwrite=overwrite)
     return ls
 
 # %% ../nbs/16c_corrections.ipynb #52176840

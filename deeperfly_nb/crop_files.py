@@ -161,12 +161,12 @@ def crop_video(video, # the raw video (or image sequence)
                fps:float|None=None, # frame rate (default: the source's; 30 for image sequences)
               ) -> Path:
     "Write the crops of every frame of `video` as an H.264 video, atomically; return its path."
-    reader = open_reader(video)
-    if len(reader) != boxes.n_frames:
-        raise InputError(f"{video}: {len(reader)} frames, but the boxes are for {boxes.n_frames} frames")
-    with VideoWriter(out_path, fps or reader.fps or 30.0, crf=crf) as w:
-        for a, chunk in reader.iter_chunks(chunk_frames):
-            w.write(crop_frames(chunk, boxes, view, np.arange(a, a + len(chunk))))
+    with open_reader(video) as reader:
+        if len(reader) != boxes.n_frames:
+            raise InputError(f"{video}: {len(reader)} frames, but the boxes are for {boxes.n_frames} frames")
+        with VideoWriter(out_path, fps or reader.fps or 30.0, crf=crf) as w:
+            for a, chunk in reader.iter_chunks(chunk_frames):
+                w.write(crop_frames(chunk, boxes, view, np.arange(a, a + len(chunk))))
     return Path(out_path)
 
 # %% ../nbs/16b_crop_files.ipynb #66cbb692
@@ -196,11 +196,13 @@ def crop_recording(detections, # KeypointTable, prediction CSV or detector model
     out_hw = crop_size_for(out_hw, pose_model)
     if not out_dir.is_dir(): raise InputError(f"output folder {out_dir} does not exist")
     refuse_existing([out_dir / f"{video.stem}_crop.mp4", out_dir / f"{video.stem}_bbox.csv"], overwrite)
-    reader = open_reader(video)
+    with open_reader(video) as reader: n_frames, frame_size = len(reader), reader.frame_size
     table, where = load_detections(detections, video, device)
-    if len(table.index) != len(reader):
-        raise InputError(f"{where}: {len(table.index)} rows, but {video} has {len(reader)} frames; expected one row per frame")
-    boxes = boxes_from_points(table.xy[None], table.likelihood[None], reader.frame_size, out_hw, options, table.names)
+    if len(table.index) != n_frames:
+        raise InputError(f"{where}: {len(table.index)} rows, but {video} has {n_frames} frames; expected one row per frame")
+    if (rows := [str(k) for k in table.index]) != [str(t) for t in range(n_frames)]:   # rows are used by position: frames 0, 1, ...
+        raise InputError(f"{where}: rows must be the frames 0..{n_frames - 1} in order, but they begin {rows[:3]}")
+    boxes = boxes_from_points(table.xy[None], table.likelihood[None], frame_size, out_hw, options, table.names)
     check_boxes_in_frame(boxes, where)
     stem = video.stem
     crop = crop_video(video, boxes, 0, out_dir / f"{stem}_crop.mp4", crf=crf)
@@ -326,8 +328,12 @@ def _write_png(path:Path, img:np.ndarray):
     with atomic_path(path) as tmp: Path(tmp).write_bytes(buf.tobytes())
 
 def _crop_paths(keys:list, root:Path, out_dir:Path, labels_csv:Path) -> list:
-    "Output PNG paths (relative keys) of the crops; an InputError when one would overwrite a source file."
+    "Output PNG paths (relative keys) of the crops; an InputError when one would overwrite a source file, another crop, or leave `out_dir`."
     new = [str(Path(str(k)).with_suffix(".png")) for k in keys]
+    outside = [p for p in new if Path(p).is_absolute() or ".." in Path(p).parts]
+    if outside: raise InputError(f"{labels_csv}: image path {outside[0]} is absolute or climbs out with ..; its crop would land outside {out_dir}")
+    twice = sorted({p for p in new if new.count(p) > 1})
+    if twice: raise InputError(f"{labels_csv}: two images would crop to the same file {twice[0]} (e.g. img0.jpg and img0.png); rename one")
     src = {(root / str(k)).resolve() for k in keys} | {labels_csv.resolve()}
     clash = [p for p in new if (out_dir / p).resolve() in src] + ([labels_csv.name] if (out_dir / labels_csv.name).resolve() in src else [])
     if clash: raise InputError(f"output folder {out_dir} would overwrite the source file {clash[0]}; choose another folder")

@@ -442,6 +442,9 @@ def detect_2d(plan:DetectionPlan, # the detection plan
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     if chunk_frames < 1 or batch_size < 1: raise InputError(f"chunk_frames and batch_size must be >= 1, got {chunk_frames}, {batch_size}")
+    if max_frames is not None and max_frames < 1: raise InputError(f"max_frames must be at least 1 (None: every frame), got {max_frames}")
+    if resume_dir is not None and not resume_key:          # blocks computed from other models, plan or footage would be reused
+        raise InputError("resume_dir needs a resume_key naming what the blocks are computed from (the models, the plan, the footage)")
     top_k = _check_top_k(top_k)
     readers = open_sources(plan, footage_dir)
     stop, worker = threading.Event(), None

@@ -24,13 +24,15 @@ def _subsample(result:PoseResult, # the result
                max_frames:int, # the most frames to keep
               ) -> PoseResult:
     "The result at most `max_frames` evenly spaced frames (itself when short enough)."
+    if max_frames < 1: raise InputError(f"max_frames must be at least 1, got {max_frames}")
     k = math.ceil(result.n_frames / max_frames) if result.n_frames > max_frames else 1
     if k == 1: return result
     s = slice(None, None, k)
     return PoseResult(result.pts2d[:, s], result.conf[:, s], result.cameras, result.skeleton,
                       pts3d=None if result.pts3d is None else result.pts3d[s],
                       reproj_error=None if result.reproj_error is None else result.reproj_error[:, s],
-                      fps=None if result.fps is None else result.fps / k, meta=result.meta, provenance=result.provenance)
+                      fps=None if result.fps is None else result.fps / k, meta={**result.meta, "frame_step": k},   # frames 0, k, 2k, ...
+                      provenance=result.provenance)
 
 # %% ../nbs/18d_inspection.ipynb #80632bae
 def _view_point_heatmap(z, # (V, N) the values, NaN = blank
@@ -91,7 +93,8 @@ def bone_length_figure(result:PoseResult, # a result with pts3d
         warnings.simplefilter("ignore", RuntimeWarning)
         rel, cv = 100 * (L / np.nanmedian(L, 0) - 1), sk.bone_length_cv(result.pts3d)
         med_cv = np.nanmedian(cv) if np.isfinite(cv).any() else np.nan
-    x = np.arange(result.n_frames) / result.fps if result.fps else np.arange(result.n_frames)
+    frames = np.arange(result.n_frames) * result.meta.get("frame_step", 1)       # a subsampled result's frame numbers
+    x = frames / (result.fps * result.meta.get("frame_step", 1)) if result.fps else frames
     cols, names, limb = point_colors_u8(sk), sk.point_names, sk.point_limb()
     fig = go.Figure()
     for j, (a, b) in enumerate(sk.bones):
@@ -214,8 +217,11 @@ def write_report_html(path, # output .html
                       extra_figures=(), # more Plotly figures to append (e.g. `crop_box_figures` of a cropzoom run)
                       align:str="similarity", # the 3D's alignment to the truth ("similarity_or_mirror" for DeepFly3D's 3D)
                       text:str|None=None, # the text on top (default: the summary and the errors against the truth; `inspect` gives all it printed)
+                      overwrite:bool=False, # replace an existing file that is not an earlier report (an earlier report is always replaced)
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
+    if Path(path).exists() and not overwrite and not is_deeperfly_report(path):
+        raise InputError(f"{path} exists and is not a deeperfly report; give overwrite=True (--overwrite) to replace it")
     figs = [*inspection_figures(result, truth, max_frames=max_frames, align=align), *extra_figures]
     src = result.meta.get("source") or next(iter(result.points2d_files), None)
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import ConfigError, InputError, atomic_path, check_shape, did_you_mean
+from .core import ConfigError, InputError, atomic_path, check_shape, did_you_mean, refuse_existing
 from .skeleton import Skeleton, fly38, skeleton_from_dict
 from .results import FORMAT_NAME as RESULT_FORMAT
 from .plan import DetectionPlan, Transform
@@ -350,10 +350,12 @@ def _write_store(ls:LabelSet, g, base:Path, embed:bool):
 @patch
 def save(self:LabelSet, path, # the .h5 file to write
          embed:bool=False, # store the labeled views' frames inside the file (self-contained), whatever the store
+         overwrite:bool=False, # replace an existing file (default: refuse: label files hold hours of hand work)
         ) -> Path:
     "Write the labels and their frame references (or the frames themselves) to deeperfly's label HDF5, atomically."
     import h5py
     path = Path(path)
+    refuse_existing([path], overwrite, "give overwrite=True to replace it, or another path")
     if embed or isinstance(self.frames, ArrayFrames): self.check_frames()   # a missing image is named before anything is written
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(format=LABELS_FORMAT, version=LABELS_VERSION, skeleton=json.dumps(self.skeleton.to_dict()),
@@ -926,10 +928,9 @@ def synthetic_samples(seeds, # training recordings' seeds (keep the bundled exam
     "Render one short recording per seed (varied gait, look, rig, wings, H.264 quality) and turn each into pathway samples."
     from tqdm.auto import tqdm
     from deeperfly_nb.synth_footage import render_recording
-    plan = plan_or_default(plan)
-    out = []
+    plan, seeds, out = plan_or_default(plan), [int(s) for s in seeds], []   # a generator of seeds is read once
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in tqdm(list(seeds), desc="render", disable=not progress):
+        for seed in tqdm(seeds, desc="render", disable=not progress):
             p = synthetic_recording_params(seed, **recipe)
             rec = render_recording(**p["render"])
             if p["crf"] is not None: rec.frames = np.stack([_h264_roundtrip(f, p["crf"], Path(tmp)) for f in rec.frames])

@@ -363,6 +363,9 @@ def render_overlay_videos(out_dir, # output folder (must exist)
                           writer=None, # video writer factory (default io.VideoWriter)
                          ) -> list:
     "Render every video of `specs` into `out_dir` in one pass over the frames; returns their paths."
+    names = [spec.filename for spec in specs]
+    if dup := sorted({n for n in names if names.count(n) > 1}):        # two writers on one file: the last to close would win
+        raise InputError(f"video file(s) {dup} asked for twice; each video needs its own name")
     jobs, srcs = [], {}
     for spec in specs:
         job, s = _spec_job(Path(out_dir) / spec.filename, spec, result, frames_by_view)

@@ -20,6 +20,7 @@ from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .gauge import look_at_point
 from .triangulation import triangulate, reprojection_error
+from .bundle_adjustment import ROBUST_LOSSES, robust_residuals
 
 # %% auto #0
 __all__ = ['REPROJ_LOSSES', 'SOLVERS', 'FLY_RIGID_GROUPS', 'RIGID_HOLD', 'RefineOptions', 'RefinementError', 'bone_names',
@@ -209,26 +210,14 @@ def difference_matrix(T:int, # number of frames (columns)
     return sp.diags(coef, np.arange(n + 1), shape=(max(T - n, 0), T), format="csr")
 
 # %% ../nbs/04c_refinement.ipynb #05ee954a
-def _rho(z, loss:str):
-    "The robust function rho(z) of squared scaled residuals z and its derivative rho'(z) (scipy's conventions)."
-    if loss == "soft_l1": return 2 * (np.sqrt(1 + z) - 1), 1 / np.sqrt(1 + z)
-    if loss == "cauchy": return np.log1p(z), 1 / (1 + z)
-    big = z > 1                                                   # huber
-    sz = np.sqrt(np.where(big, z, 1.0))
-    return np.where(big, 2 * sz - 1, z), np.where(big, 1 / sz, 1.0)
-
 def _robust(r, loss:str, scale:float):
-    "Square-root form r' (0.5 sum r'^2 is scipy's robust cost) and dr'/dr of residuals r."
-    if loss == "linear": return r, np.ones_like(r)
-    z = (r / scale) ** 2
-    rho, d = _rho(z, loss)
-    sq = np.sqrt(np.maximum(rho, 1e-300))
-    return np.sign(r) * scale * sq, np.where(z > 1e-12, d * np.abs(r) / (scale * sq), 1.0)
+    "Square-root form r' (0.5 sum r'^2 is scipy's robust cost) and dr'/dr of residuals r (`bundle_adjustment.robust_residuals`)."
+    return (r, np.ones_like(r)) if loss == "linear" else robust_residuals(r, ROBUST_LOSSES[loss], scale)
 
 def _irls(r, loss:str, scale:float) -> tuple:
     "Robust cost 0.5 s^2 sum rho((r/s)^2) of residuals r and the IRLS weights rho'((r/s)^2) of their squares."
     if loss == "linear": return 0.5 * float((r * r).sum()), np.ones_like(r)
-    rho, d = _rho((r / scale) ** 2, loss)
+    rho, d = ROBUST_LOSSES[loss]((r / scale) ** 2)
     return 0.5 * scale ** 2 * float(rho.sum()), d
 
 # %% ../nbs/04c_refinement.ipynb #785b4791

@@ -93,7 +93,7 @@ def run_round(r:int, # the round, from 1
         key = Path(rec).name
         res = run_recording(rec, rd / "runs" / key, cfg, progress=progress).result
         labels = labels_from_result(res, rec, plan, options.threshold_px, options.min_views)
-        labels.save(rd / f"labels_{key}.h5")
+        labels.save(rd / f"labels_{key}.h5", overwrite=True)     # a round run again remakes its own labels
         recs[key] = recording_record(res, labels)
         if labels.labeled.any(): sets.append(pathway_samples(labels, plan, name, name=f"{key}_"))
     if not sets: raise InputError(f"self-training round {r}: no point had {options.min_views} agreeing views in any recording; "

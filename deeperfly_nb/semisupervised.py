@@ -17,7 +17,7 @@ from .core import ConfigError, InputError, ModelError, atomic_path, check_values
 from .cameras import CameraGroup
 from .plan import DetectionPlan, Transform
 from .labels import SampleSet, resize_to_input, model_of_plan
-from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, check_crop, run_trainer, heatmap_loss, torch_threads,
+from .training import (TrainConfig, Trainer, TrainResult, prepare_run_folder, check_crop, run_trainer, heatmap_loss, torch_threads, lr_factor,
                                    photometric, read_run_checkpoint)
 
 # %% auto #0
@@ -597,12 +597,6 @@ def semi_priors(samples:SampleSet, # labelled samples
     return out
 
 # %% ../nbs/17a_semisupervised.ipynb #9a469559
-def _lr_factor(step:int, cfg:TrainConfig) -> float:
-    "training's schedule (linear warm-up, cosine to lr_final_frac), repeated here so the two loops step alike."
-    if step < cfg.warmup_steps: return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr_final_frac + (1 - cfg.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
 class SemiTrainer(Trainer):
     "A `training.Trainer` whose steps add the losses without labels on unlabelled frames."
     def __init__(self, samples:SampleSet, # the labelled samples
@@ -692,7 +686,7 @@ def unsupervised_losses(self:SemiTrainer, step:int, # the step (seeds the frames
 def train_step(self:SemiTrainer) -> float:
     "Do step `state.step`: weighted supervised heatmap loss (none in zero-label mode) + weighted unsupervised losses; returns the total."
     cfg, s, o, t0 = self.cfg, self.state, self.opts, time.perf_counter()
-    for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
+    for g in self.opt.param_groups: g["lr"] = cfg.lr * lr_factor(s.step, cfg)
     self.net.train()
     parts = {}
     if o.supervised_weight > 0:                                                # zero-label mode draws no labelled batch

@@ -24,11 +24,12 @@ from .labels import SampleSet
 __all__ = ['AUGMENT_RULES', 'DEFAULT_INIT', 'RANDOM_ARCHITECTURE', 'TRAIN_RULES', 'RESUME_KEYS', 'BUNDLED_MAX_BYTES',
            'BUNDLED_SEEDS', 'BUNDLED_CONFIG', 'REAL_FINETUNE', 'heatmap_targets', 'Augment', 'affine_crop',
            'fourier_style', 'photometric', 'augment_sample', 'make_batch', 'heatmap_loss', 'Evaluation', 'evaluate',
-           'split_by_frame', 'TrainConfig', 'batch_indices', 'TrainResult', 'read_log', 'read_run_checkpoint',
-           'torch_threads', 'check_style_images', 'check_loader_threads', 'RunState', 'Trainer', 'check_run_folder',
-           'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector', 'model_config_lines',
-           'with_trained_model', 'crop_labels_for_model', 'read_label_files', 'samples_from_label_files',
-           'train_from_labels', 'write_bundled_model', 'make_bundled_model', 'finetune_on_df3d']
+           'split_by_frame', 'TrainConfig', 'lr_factor', 'batch_indices', 'TrainResult', 'read_log',
+           'read_run_checkpoint', 'torch_threads', 'check_style_images', 'check_loader_threads', 'RunState', 'Trainer',
+           'check_run_folder', 'prepare_run_folder', 'check_crop', 'run_trainer', 'train_detector',
+           'model_config_lines', 'with_trained_model', 'crop_labels_for_model', 'read_label_files',
+           'samples_from_label_files', 'train_from_labels', 'write_bundled_model', 'make_bundled_model',
+           'finetune_on_df3d']
 
 # %% ../nbs/17_training.ipynb #4683e789
 def heatmap_targets(keypoints, # (B, C, 2) network-input pixels, NaN = no label
@@ -432,7 +433,9 @@ def from_dict(cls:TrainConfig, d:dict, # settings by name (unknown names are an 
     return cls(**d)
 
 # %% ../nbs/17_training.ipynb #792c68b0
-def _lr_factor(step:int, cfg:TrainConfig) -> float:
+def lr_factor(step:int, # the training step (0-based)
+              cfg:TrainConfig, # its warmup_steps, steps and lr_final_frac
+             ) -> float:
     "Learning-rate multiplier at `step`: linear warm-up, then cosine to lr_final_frac."
     if step < cfg.warmup_steps: return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -666,7 +669,7 @@ def train_step(self:Trainer) -> float:
     cfg, s, t0 = self.cfg, self.state, time.perf_counter()
     x, tgt, m = (v.to(self.device, non_blocking=True) for v in self.next_batch())
     if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-    for g in self.opt.param_groups: g["lr"] = cfg.lr * _lr_factor(s.step, cfg)
+    for g in self.opt.param_groups: g["lr"] = cfg.lr * lr_factor(s.step, cfg)
     self.net.train()
     loss = heatmap_loss(self.net(x), tgt, m, cfg.sigma_cells)
     self.opt.zero_grad(set_to_none=True)
