@@ -16,7 +16,7 @@ from .io import VideoWriter, open_reader
 from .cropzoom import (CropOptions, CropBoxes, BBOX_COLUMNS, boxes_from_points, to_crop, from_crop, crop_frames,
                                   write_bbox_csv, read_bbox_csv, check_model_input)
 from .plan import DetectionPlan, ModelSpec
-from .labels import LabelSet, ArrayFrames, KeypointTable, read_image_file, read_keypoints_csv
+from .labels import LabelSet, ArrayFrames, KeypointTable, labels_image_root, read_image_file, read_keypoints_csv
 from .interop import dlc_frame
 
 # %% auto #0
@@ -275,6 +275,9 @@ def remap_predictions(pred_csv, # predictions made on the crops (DeepLabCut / li
     table = read_keypoints_csv(pred_csv)
     keys, corner, hw, scale = read_bbox_table(bbox_csv, image_hw)
     rows = _match_rows(keys, table.index, bbox_csv, pred_csv)
+    from_csv = _out_hw_from_scale(scale, hw, bbox_csv) if len(scale) and np.isfinite(scale[0]) else None
+    if out_hw is not None and from_csv is not None and tuple(out_hw) != from_csv:   # every point would be scaled wrong
+        raise InputError(f"out_hw {tuple(out_hw)} is not the crop size {from_csv} that {bbox_csv}'s scale column says the crops were cut at")
     out_hw = tuple(out_hw) if out_hw is not None else _out_hw_from_scale(scale, hw, bbox_csv)
     boxes = CropBoxes(corner[rows][None], hw[rows][None], out_hw, np.zeros((1, len(rows)), bool), image_hw)
     check_boxes_in_frame(boxes, str(bbox_csv))
@@ -345,7 +348,7 @@ def crop_labels(labels_csv, # DeepLabCut / lightning-pose labels CSV (rows = ima
                 out_hw, # (H_in, W_in) crop size: the pose model's input size (None: from `pose_model`)
                 out_dir, # folder for the cropped images, the new labels CSV and <stem>_bbox.csv
                 detections=None, # the detector's points on the images: KeypointTable, CSV or model; None = from the labels
-                image_root=None, # folder the image paths are relative to (default: the CSV's folder)
+                image_root=None, # folder the image paths are relative to (default: the CSV's folder, or the DeepLabCut project's above it)
                 pose_model=None, # the pose model that will read the crops: its input size is checked
                 device=None, # torch device when `detections` is a model
                 overwrite:bool=False, # replace crops, labels CSV and bbox CSV that exist (default: refuse, naming them)
@@ -355,7 +358,7 @@ def crop_labels(labels_csv, # DeepLabCut / lightning-pose labels CSV (rows = ima
     out_hw = crop_size_for(out_hw, pose_model)
     if not out_dir.is_dir(): raise InputError(f"output folder {out_dir} does not exist")
     table = read_keypoints_csv(labels_csv)
-    root = Path(image_root) if image_root is not None else labels_csv.parent
+    root = Path(image_root) if image_root is not None else labels_image_root(labels_csv, table.index)
     new = _crop_paths(table.index, root, out_dir, labels_csv)
     refuse_existing([*(out_dir / p for p in new), out_dir / labels_csv.name, out_dir / f"{labels_csv.stem}_bbox.csv"], overwrite)
     images = [read_image_file(root / str(k)) for k in table.index]

@@ -20,10 +20,10 @@ from . import io
 # %% auto #0
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
            'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
-           'read_keypoints_csv', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
-           'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan',
-           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs', 'labels_from_render',
-           'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
+           'read_keypoints_csv', 'labels_image_root', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns',
+           'plan_or_default', 'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names',
+           'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs',
+           'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -496,6 +496,13 @@ def read_keypoints_csv(path, # a DeepLabCut / lightning-pose CSV: header rows sc
                          rows[h["scorer"]][first].strip(), who)
 
 # %% ../nbs/16_labels.ipynb #67ce314b
+def labels_image_root(path, # a labels CSV
+                      images, # its rows: image paths
+                     ) -> Path:
+    "The folder the image paths of a labels CSV are relative to: its own, or one of 3 above it that holds the first image (DeepLabCut's project root)."
+    path = Path(path)
+    return next((c for c in [path.parent, *list(path.parents)[1:4]] if images and (c / str(images[0])).is_file()), path.parent)
+
 def read_dlc_csv(path, # a DeepLabCut CollectedData_*.csv or a lightning-pose CSV (3 header rows: scorer, bodyparts, coords)
                  view:str, # the view (the config's camera name) whose images the file labels
                  skeleton:Skeleton|None=None, # the skeleton (default fly38)
@@ -512,8 +519,7 @@ def read_dlc_csv(path, # a DeepLabCut CollectedData_*.csv or a lightning-pose CS
     images = [str(i) for i in t.index]
     dup = sorted({i for i in images if images.count(i) > 1})
     if dup: raise InputError(f"{path}: image(s) labeled twice: {dup[:3]}")
-    if image_root is None:
-        image_root = next((c for c in [path.parent, *list(path.parents)[1:4]] if images and (c / images[0]).is_file()), path.parent)
+    if image_root is None: image_root = labels_image_root(path, images)
     views = list(view_names) if view_names is not None else [view]
     if view not in views: raise InputError(f"view {view!r} is not in view_names {views}")
     P = np.full((len(views), len(images), len(t.names), 2), np.nan)
