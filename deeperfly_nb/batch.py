@@ -63,7 +63,7 @@ class RecordingOutcome:
     warnings: tuple|None = None                     # the result's quality warnings (what `deeperfly run` warns); None: no result yet
     error: str|None = None                          # 'ErrorType: message' of a failed recording
     worker: str|None = None                         # where its last step ran (host:pid)
-    cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed
+    cpu_seconds: float = 0.0                        # CPU time of the processes running its steps, summed (see the summary table)
     frames: int|None = None                         # frames of the result
     triangulated_pct: float|None = None             # share of its point-frames with 3D, in percent
     detector: str|None = None                       # the weights of the detector model(s) that made its 2D (None: read from a file)

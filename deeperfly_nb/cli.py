@@ -484,6 +484,26 @@ def _train(args, # the parsed `train` command line
                                 cameras=[None if Path(u).resolve() in unc else rig for u in args.unlabelled],
                                 bones=PoseResult.load(args.bones_from) if args.bones_from else None, **common, **settings)
 
+# %% ../nbs/20_cli.ipynb #d55eea04
+def _say_init(settings:dict, # the training settings (init, when given)
+              files:list, # the label files
+             ):
+    "Log the weights training starts from; warn when a run's corrections came from other weights than those."
+    from deeperfly_nb.corrections import is_corrections_file
+    from deeperfly_nb.results import PoseResult
+    from deeperfly_nb.training import DEFAULT_INIT
+    init = settings.get("init", DEFAULT_INIT)
+    log = logging.getLogger("deeperfly")
+    log.info("training starts from %s (--init chooses)", init or "random weights")
+    for f in files:
+        res = Path(f).parent / "results.h5"
+        if "init" in settings or not is_corrections_file(f) or not res.is_file(): continue
+        made = sorted(set(PoseResult.load(res).detector_weights.values()))
+        if made and init not in made:
+            log.warning("%s corrects 2D that %s made, but training starts from %s: give --init %s to fine-tune the model "
+                        "that made it", f, " and ".join(made), init, made[0])
+
+
 # %% ../nbs/20_cli.ipynb #f6b34834
 def cmd_train(args, # the parsed command line (see `make_parser`)
              ) -> int:
@@ -507,6 +527,7 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     if args.init is not None: settings["init"] = None if args.init.lower() in ("none", "random") else args.init
     if args.threads is not None: settings["num_threads"] = args.threads
     TrainConfig.from_dict(settings)                          # bad settings fail here, before any label is read
+    _say_init(settings, files)
     frames = parse_frames(args.frames) if args.frames else None
     t0 = time.perf_counter()
     try: res = _train(args, files, out, frames, settings)

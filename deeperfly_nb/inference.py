@@ -189,6 +189,7 @@ def _fill_single(arrays:dict):
     arrays["cands"][lone, 0], arrays["scores"][lone, 0] = arrays["pts2d"][lone], arrays["conf"][lone]
 
 def _check_top_k(top_k) -> int:
+    "`top_k` checked: an integer >= 0."
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputError(f"top_k must be an integer >= 0 (0: keep only the best peak), got {top_k!r}")
     return int(top_k)
@@ -279,6 +280,7 @@ def _decode(readers:dict, n:int, chunk:int, start:int, q:queue.Queue, stop:threa
 
 # %% ../nbs/14_inference.ipynb #d528482d
 def _manifest(resume_key:str, n:int, block:int, plan:DetectionPlan, top_k:int=0) -> dict:
+    "What saved blocks must match to be reused: the caller's key, the frames, the block size, the views, points and top_k."
     return {"key": resume_key, "n_frames": n, "block_frames": block, "views": list(plan.view_names),
             "n_points": plan.n_points, "top_k": top_k}
 
@@ -312,6 +314,7 @@ def _load_blocks(resume_dir:Path, manifest:dict, blocks:list, arrays:dict) -> se
     return done
 
 def _save_block(resume_dir:Path, a:int, b:int, arrays:dict):
+    "Frames a..b-1 of every array, saved atomically as one block of `resume_dir`."
     with atomic_path(resume_dir / f"block_{a:09d}_{b:09d}.npz") as tmp:
         with open(tmp, "wb") as f: np.savez(f, **{k: v[:, a:b] for k, v in arrays.items()})
 
@@ -366,8 +369,10 @@ def _check_upstream(plan:DetectionPlan, upstream:dict, n:int) -> dict:
     for name, (xy, c) in (upstream or {}).items():
         pw = plan.pathway(name)
         xy, c = np.asarray(xy, np.float32), np.asarray(c, np.float32)
-        if xy.ndim != 3 or xy.shape[0] != n or xy.shape[2] != 2 or c.shape != xy.shape[:2]:
-            raise InputError(f"upstream[{name!r}] must be xy ({n}, C, 2) and conf ({n}, C) for the {n} frames detected; got {xy.shape} and {c.shape}")
+        C = int(plan.models[pw.model].n_out_channels)
+        if xy.shape != (n, C, 2) or c.shape != xy.shape[:2]:
+            raise InputError(f"upstream[{name!r}] must be xy ({n}, {C}, 2) and conf ({n}, {C}) for the {n} frames detected and the {C} "
+                             f"channels of model {pw.model!r}; got {xy.shape} and {c.shape}")
         out[name] = (xy, c)
     return out
 
@@ -375,7 +380,9 @@ def _earlier_stages(plan:DetectionPlan, models:dict, readers:dict, n:int, upstre
                     progress:bool) -> tuple:
     "(upstream {name: (xy, conf)} of every stage but the last, boxes {name: CropBoxes} of every cropzoom pathway); ({}, {}) for one stage."
     from tqdm.auto import tqdm
-    if len(plan.stages()) == 1: return {}, {}
+    if len(plan.stages()) == 1:
+        if upstream or boxes: raise InputError("upstream and boxes are a cropzoom plan's earlier stages; this plan has one stage")
+        return {}, {}
     stages, outputs, boxes = plan.stages(), _check_upstream(plan, upstream, n), dict(boxes or {})
     sizes = {s: tuple(r.frame_size) for s, r in readers.items()}
     if cameras is not None and not hasattr(cameras, "project") and any(s.centre == "3d" for s in plan.cropzooms.values()):

@@ -461,12 +461,12 @@ def _cell_float(s:str, where:str) -> float:
     try: return float(s)
     except ValueError: raise InputError(f"{where}: {s!r} is not a number") from None
 
-def _cells(path:Path, body:list, columns:list, n_head:int) -> np.ndarray:
-    "(R, C) floats of `columns` of the body rows, converted at once; empty = NaN; a bad cell is named by its row."
+def _cells(path:Path, body:list, columns:list, row_numbers:list) -> np.ndarray:
+    "(R, C) floats of `columns` of the body rows, converted at once; empty = NaN; a bad cell is named by its row (1-based, in the file)."
     try: return np.array([r[j].strip() or "nan" for r in body for j in columns], float).reshape(len(body), len(columns))
     except ValueError:
-        for k, r in enumerate(body):
-            for j in columns: _cell_float(r[j], f"{path} row {k + n_head + 1}")
+        for k, r in zip(row_numbers, body):
+            for j in columns: _cell_float(r[j], f"{path} row {k}")
         raise
 
 def _row_labels(body:list, first:int) -> list:
@@ -487,10 +487,11 @@ def read_keypoints_csv(path, # a DeepLabCut / lightning-pose CSV: header rows sc
     h = _header_rows(path, rows)
     first, cols, who = _keypoint_columns(path, rows, h)
     n_head, width = len(h), len(rows[h["coords"]])
-    body = [r for r in rows[n_head:] if any(c.strip() for c in r)]
-    short = [k + n_head + 1 for k, r in enumerate(body) if len(r) < width]
+    kept = [(k + 1, r) for k, r in enumerate(rows) if k >= n_head and any(c.strip() for c in r)]   # blank rows skipped, rows still counted
+    numbers, body = [k for k, _ in kept], [r for _, r in kept]
+    short = [k for k, r in kept if len(r) < width]
     if short: raise InputError(f"{path}: row(s) {short[:5]} have fewer cells than the header ({width})")
-    get = lambda c: _cells(path, body, [cs[c] for cs in cols.values()], n_head)
+    get = lambda c: _cells(path, body, [cs[c] for cs in cols.values()], numbers)
     lik = get("likelihood") if all("likelihood" in cs for cs in cols.values()) else None
     return KeypointTable(np.stack([get("x"), get("y")], -1), lik, list(cols), _row_labels(body, first),
                          rows[h["scorer"]][first].strip(), who)

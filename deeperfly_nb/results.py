@@ -389,7 +389,8 @@ def summary(self:PoseResult) -> dict:
                      "view_names": list(self.view_names), "skeleton": self.skeleton.name, "fps": self.fps},
            "views": _views_summary(self, e), "fraction_triangulated": None, "reprojection_error_px": None, "bone_length_cv": None,
            "spread_in_bones": None, "handedness": None, "lifted_from_view": self.lifted_from_view,   # one camera's 2D lifted, not triangulated
-           "footage_frames": self.meta.get("footage_frames")}                       # {source: frames} when they differed
+           "footage_frames": self.meta.get("footage_frames"),                       # {source: frames} when they differed
+           "detector_weights": self.detector_weights}                               # {model: weights} that made the 2D
     if self.pts3d is not None: out.update(_summary_3d(self))
     if e is not None: out["reprojection_error_px"] = _reprojection_summary(self, e)
     return out
@@ -445,8 +446,9 @@ def _fit_advice(summary:dict, detected:bool) -> str:
         return (f"the lifter may not fit these poses: train it on more 3D like this recording's, seen from the same view "
                 f"(`deeperfly train-lifter`), or check the 2D of view {summary['lifted_from_view']!r}")
     if detected:
-        return ("the detector may not fit this footage: on footage of DeepFly3D's tethered-fly rig, try the model made for it "
-                "(`deeperfly run --model bundled:fly_neuromechfly`); otherwise fine-tune it on a few labelled frames "
+        made_for_rig = any("fly_neuromechfly" in str(w) for w in (summary.get("detector_weights") or {}).values())
+        return ("the detector may not fit this footage: " + ("" if made_for_rig else "on footage of DeepFly3D's tethered-fly rig, "
+                "try the model made for it (`deeperfly run --model bundled:fly_neuromechfly`); otherwise ") + "fine-tune it on a few labelled frames "
                 "(`deeperfly train`, see the README's 'Your own footage') or adapt it without labels "
                 "(`deeperfly self-train`), or check the rig in [cameras]")
     return ("the rig or the 2D may not fit: let bundle adjustment refine the rig (no --no-bundle-adjust), start from the "

@@ -22,15 +22,15 @@ from .results import PoseResult, QUALITY_LIMITS
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'RECORDING_FILE', 'FOREIGN_2D',
-           'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version', 'read_record',
-           'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps',
-           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'check_same_recording', 'foreign_points2d',
-           'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates',
-           'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections',
-           'result_provenance', 'result_content', 'select_points2d', 'filter_points2d', 'view_videos', 'lift_view',
-           'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages', 'run_recording',
-           'find_recordings', 'BatchReport', 'run']
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'RECORDING_FILE', 'STUB_FILES',
+           'FOREIGN_2D', 'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version',
+           'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps',
+           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'holds_results', 'check_same_recording',
+           'foreign_points2d', 'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D',
+           'save_candidates', 'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream',
+           'pin_corrections', 'result_provenance', 'result_content', 'select_points2d', 'filter_points2d',
+           'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot',
+           'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -249,6 +249,14 @@ def check_no_foreign_outputs(config:Config, # the run's config
 
 # %% ../nbs/19_run.ipynb #dc90ff7d
 RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
+STUB_FILES = ("lock", RECORDING_FILE, "digests.json")   # what a run leaves in OUT/.deeperfly before it has made anything
+
+def holds_results(out:Path, # an output folder
+                 ) -> bool:
+    "Whether `out` holds anything beyond a run's stubs (`STUB_FILES`): results, records, videos, resumable blocks."
+    out = Path(out)
+    return any(p.is_file() and not (p.parent == out / STATE_DIR and p.name in STUB_FILES) for p in out.rglob("*"))
+
 
 def check_same_recording(out:Path, # the output folder
                          recording:Path, # this run's recording folder
@@ -261,7 +269,8 @@ def check_same_recording(out:Path, # the output folder
     try: prev = json.loads(path.read_text())
     except (OSError, ValueError): prev = None
     now = json.loads(json.dumps({"recording": str(Path(recording).resolve()), "content": content}))
-    if prev and not overwrite and prev.get("recording") != now["recording"] and prev.get("content") != now["content"]:
+    if prev and not overwrite and prev.get("recording") != now["recording"] and prev.get("content") != now["content"] \
+            and holds_results(out):                      # a run that failed before making anything binds nothing
         raise InputError(f"{out} holds the results of another recording, {prev.get('recording')}; this run is of {now['recording']}: "
                          f"choose another output folder with -o, or give --overwrite to replace them")
     if prev != now:
@@ -601,7 +610,7 @@ def _pose2d_stage(ctx:RunContext) -> tuple:
                         cameras=config.camera_group if crop else None, top_k=top_k)
         if crop: detector.append(_detector_outcome(ctx, dfp, upstream, det, det.seconds))
         res = PoseResult(det.pts2d, det.conf, config.camera_group(image_sizes=det.image_sizes), config.skeleton(), fps=ctx.fps,
-                         meta={"stage": "pose2d", "recording": str(ctx.recording), "sources": det.sources, "footage_fps": det.fps, **det.meta,
+                         meta={"stage": "pose2d", "recording": str(ctx.recording.absolute()), "sources": det.sources, "footage_fps": det.fps, **det.meta,
                                "models": {n: str(m.weights_path) for n, m in models.items()}, "videos": view_videos(ctx)})
         res.save(path)
         if top_k: save_candidates(cpath, det.cands, det.scores, det.view_names)
@@ -684,7 +693,7 @@ def result_provenance(ctx:RunContext, # the run
     cfg, skip = ctx.config.to_dict(), {"visualization", "interop", "cluster"} | (set() if refined else {"refinement"})
     used = {k: v for k, v in cfg.items() if k not in skip}
     used["pipeline"] = {k: v for k, v in cfg["pipeline"].items() if k not in skip}
-    return {"config": used, "recording": str(ctx.recording), "fps_source": ctx.fps_source,
+    return {"config": used, "recording": str(ctx.recording.absolute()), "fps_source": ctx.fps_source,
             "frames": {"first": 0, "max_frames": ctx.max_frames}}
 
 def result_content(res:PoseResult, # a result
@@ -755,7 +764,7 @@ def _triangulate(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, ba_summary_:di
     "The PoseResult of the run: the 2D after `[filters]`, the rig and, when [pipeline] triangulation is on, 3D."
     config = ctx.config
     pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
-    meta = {"recording": str(ctx.recording), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps, **_frames_meta(p2d),
+    meta = {"recording": str(ctx.recording.absolute()), "bundle_adjustment": ba_summary_, "footage_fps": p2d.footage_fps, **_frames_meta(p2d),
             **({"videos": vids} if (vids := view_videos(ctx)) else {}), **({"filters": {"dropped": dropped}} if dropped else {})}
     if config.pipeline.triangulation:
         res = triangulate_points2d(cameras, config.skeleton(), pts2d, conf, config.triangulate_kwargs(), fps=ctx.fps, meta=meta)
@@ -838,7 +847,7 @@ def _lifting_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:StageOut
                       **({"candidates": p2d.candidates_content} if config.model.filters.candidates else {})})
     def compute():
         pts2d, conf, dropped = filter_points2d(config.model.filters, p2d.pts2d, p2d.conf, p2d.cands, p2d.scores, cameras, config.skeleton())
-        meta = {"recording": str(ctx.recording), "footage_fps": p2d.footage_fps, **_frames_meta(p2d), **({"videos": vids} if (vids := view_videos(ctx)) else {}),
+        meta = {"recording": str(ctx.recording.absolute()), "footage_fps": p2d.footage_fps, **_frames_meta(p2d), **({"videos": vids} if (vids := view_videos(ctx)) else {}),
                 **({"filters": {"dropped": dropped}} if dropped else {})}
         base = PoseResult(pts2d, conf, cameras, config.skeleton(), fps=ctx.fps, meta=meta, provenance=result_provenance(ctx))
         res = lift_view(base, folder, lc.view, lc.min_confidence, lc.device, key="[lifting] view")
@@ -1025,10 +1034,20 @@ def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
 # %% ../nbs/19_run.ipynb #e94d347e
-def _remove_unused(out:Path, created:bool):
-    "Remove the output folder a failed run created, when it holds nothing but the run's lock."
-    if created and all(p == out / STATE_DIR / "lock" for p in out.rglob("*") if not p.is_dir()):
-        shutil.rmtree(out, ignore_errors=True)
+def _first_missing(path) -> Path|None:
+    "The outermost folder of `path` (itself or a parent) that does not exist yet: what creating it makes."
+    p, top = Path(path).absolute(), None
+    while not p.exists(): top, p = p, p.parent
+    return top
+
+def _remove_unused(out:Path, made:Path|None):
+    "Remove the folders a failed run made (`made` and below, down to `out`), when they hold nothing but its stubs."
+    if made is None or holds_results(out): return
+    shutil.rmtree(out, ignore_errors=True)
+    for p in Path(out).absolute().parents:                                 # the parents it made, when empty
+        if not (p == made or made in p.parents): break
+        try: p.rmdir()
+        except OSError: break
 
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
@@ -1043,7 +1062,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     "Run the pipeline on one recording: detect 2D, bundle-adjust, triangulate, render videos — reusing cached stages."
     t0, config, recording = time.perf_counter(), config or Config.default(), Path(recording)
     _check_run_args(recording, max_frames, until)
-    forced, created = forced_stages(overwrite), not Path(out_dir).exists()
+    forced, made = forced_stages(overwrite), _first_missing(out_dir)
     out = prepare_output_dir(out_dir)
     try:
         with OutputLock(out, wait=wait):
@@ -1057,7 +1076,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
             if until in (None, STAGES[-1]):              # the snapshot describes a finished run's results.h5
                 with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(config))
     except BaseException as e:
-        _remove_unused(out, created)                     # a folder this run made, holding nothing but its lock
+        _remove_unused(out, made)                        # the folders this run made, when they hold nothing but its stubs
         if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in NO_SPACE_ERRNOS:
             raise disk_full_error(out) from None         # a full disk met outside `atomic_path` (the lock, a video)
         raise

@@ -166,7 +166,7 @@ def test_cached_stages_are_not_rerun(tiny):
     models["finder"].heatmaps = lambda *a, **k: calls.append(1) or orig(*a, **k)
     again = detect_2d(plan, models, rec, chunk_frames=3, progress=False, upstream=first.upstream, boxes=first.boxes)
     assert calls == [] and np.array_equal(again.pts2d, first.pts2d, equal_nan=True)
-    with pytest.raises(InputError, match=r"upstream\['find_vid_rh'\] must be xy \(4, C, 2\)"):
+    with pytest.raises(InputError, match=r"upstream\['find_vid_rh'\] must be xy \(4, 19, 2\)"):
         detect_2d(plan, models, rec, progress=False, upstream={"find_vid_rh": (np.zeros((3, 19, 2)), np.zeros((3, 19)))})
 
 def test_plan_without_cropzoom_is_unchanged(tiny):

@@ -14,7 +14,7 @@ from deeperfly_nb.core import InputError
 from deeperfly_nb import io
 from deeperfly_nb.labels import (ArrayFrames, FileFrames, LabelSet, RecordingFrames, labels_from_df3d, labels_from_points,
                                  load_labels, merge_labels, pathway_samples, read_dlc_csv, read_labels, load_samples,
-                                 concat_samples, channel_names)
+                                 concat_samples, channel_names, read_keypoints_csv)
 from deeperfly_nb.skeleton import fly38
 
 FLY = fly38()
@@ -232,6 +232,10 @@ def test_dlc_csv_bad_input(tmp_path):
     notnum = write_dlc(tmp_path / "d", ["rh_claw"], [{"rh_claw": ("abc", 2)}])
     with pytest.raises(InputError, match="'abc' is not a number"):
         read_dlc_csv(notnum, view="rh")
+    gaps = tmp_path / "gaps.csv"              # blank lines before the bad row: the error names the row as the file counts it
+    gaps.write_text("scorer,me,me\nbodyparts,a,a\ncoords,x,y\nimg0.png,1,2\n\n\nimg1.png,zz,2\n")
+    with pytest.raises(InputError, match=r"gaps.csv row 7: 'zz' is not a number"):
+        read_keypoints_csv(gaps)
 
 
 def test_merge_views_from_several_csvs(tmp_path):

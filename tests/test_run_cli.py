@@ -117,6 +117,24 @@ def test_another_recording_is_refused_in_a_used_folder(recording, reference, tmp
     assert "Traceback" not in p.stderr
     assert files() == before                                            # the results, records and videos as they were
 
+def test_a_folder_of_recordings_gets_a_summary_and_absolute_paths(recording, reference, tmp_path):
+    """`deeperfly run FOLDER` without Dask writes the batch's summary.csv and summary.html too, a failed recording a row of
+    its own; a result names its recording by an absolute path, whatever folder the command ran in."""
+    sessions = tmp_path / "sessions"; sessions.mkdir()
+    shutil.copytree(recording / "rec", sessions / "good")
+    bad = shutil.copytree(recording / "rec", sessions / "bad"); (bad / "camera_2.mp4").write_bytes(b"not a video" * 100)
+    shutil.copytree(reference[0], tmp_path / "out" / "good")                        # cached: the good one only checks
+    p = subprocess.run([EXE, "-q", "run", "sessions", "-c", recording / "config.toml", "-o", "out"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3, p.stderr
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("sessions/bad,failed,") and rows[2].startswith("sessions/good,done,"), rows
+    assert (tmp_path / "out" / "summary.html").is_file() and not (tmp_path / "out" / "bad").exists()
+    p = subprocess.run([EXE, "-q", "run", "rec", "-c", "config.toml", "-o", tmp_path / "rel", "--max-frames", "4"], cwd=recording,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert PoseResult.load(tmp_path / "rel" / "results.h5").meta["recording"] == str(recording / "rec")   # not "rec"
+
 def test_inspect_scores_the_detections_file(recording, reference):
     "`inspect out/pose2d.h5` finds the recording's ground truth and scores the detections in 2D."
     import json
@@ -216,7 +234,7 @@ def _bad(*args, contains):
 def test_bad_input(recording, tmp_path):
     rec, cfg = recording / "rec", recording / "config.toml"
     (tmp_path / "empty").mkdir()
-    _bad("run", tmp_path / "empty", "-c", cfg, "-o", tmp_path / "o1", contains="footage missing for 7 of 7 sources")
+    _bad("run", tmp_path / "empty", "-c", cfg, "-o", tmp_path / "o1", contains="footage missing or unreadable for 7 of 7 sources")
     one_missing = tmp_path / "missing"
     shutil.copytree(rec, one_missing)
     (one_missing / "camera_5.mp4").unlink()
@@ -225,7 +243,8 @@ def test_bad_input(recording, tmp_path):
     garbled = shutil.copytree(rec, tmp_path / "garbled")
     (garbled / "camera_2.mp4").write_bytes(b"not a video" * 100)
     _bad("run", garbled, "-c", cfg, "-o", tmp_path / "o4", contains="cannot open")
-    for o in ("o1", "o2", "o4"): assert not (tmp_path / o).exists(), o    # a failed run leaves no empty folder behind
+    _bad("run", garbled, "-c", cfg, "-o", tmp_path / "o5" / "sub" / "dir", contains="cannot open")
+    for o in ("o1", "o2", "o4", "o5"): assert not (tmp_path / o).exists(), o    # a failed run leaves no empty folder behind
     nothing = tmp_path / "nothing.toml"
     nothing.write_text(cfg.read_text().replace('"camera_0.mp4", ', '"cam0_*.avi", '))
     _bad("run", tmp_path / "empty", "-c", nothing, "-o", tmp_path / "o3", contains="cam0_*.avi")
