@@ -136,11 +136,34 @@ def _run_on_dask(args, config, overwrite) -> int:
         for w in o.warnings or (): logging.getLogger("deeperfly").warning(f"{o.recording}: {w}")
     return 3 if failed else 0
 
+def _note_recording_config(recording:Path, # the recording folder `run` was given
+                          ):
+    "Warn when RECORDING/config.toml differs from the packaged config, which a run without -c uses instead of it."
+    from deeperfly_nb.config import Config
+    p = recording / "config.toml"
+    if not p.is_file(): return
+    try: why = "differs from the packaged config" if Config.load(p).to_dict() != Config.default().to_dict() else None
+    except DeeperflyError as e: why = f"cannot be read ({e})"
+    if why: logging.getLogger("deeperfly").warning(f"{p} {why}, and a run does not read it: it uses the packaged config unless -c "
+                                                   f"names another (-c {p})")
+
+def _write_batch_summary(rep, # the `run.BatchReport` of a folder of recordings run here, one after another
+                         out, # its output folder
+                        ):
+    "The batch's summary.csv and summary.html, as a Dask batch writes them: a row per recording, by name."
+    from deeperfly_nb.batch import RecordingOutcome, outcome_from_report, write_summary
+    rows = [outcome_from_report(r) for r in rep.reports]
+    rows += [RecordingOutcome(k, str(Path(out) / Path(k).name), "failed", 0.0, error=" ".join(line.strip() for line in v.splitlines()))
+             for k, v in rep.failures.items()]                                    # one line: a row of the table
+    csv_path, html_path = write_summary(sorted(rows, key=lambda o: Path(o.recording).name), out)
+    print(f"summary: {csv_path} and {html_path.name}")
+
 def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
     config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
+    if not args.config: _note_recording_config(Path(args.recording))
     overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
@@ -148,6 +171,7 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
     rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
               progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
     for r in rep.reports: _print_run_report(r)
+    if len(rep.reports) + len(rep.failures) > 1: _write_batch_summary(rep, args.out)
     if rep.failures:
         print(f"{len(rep.failures)} of {len(rep.failures) + len(rep.reports)} recordings failed:", file=sys.stderr)
         for k, v in rep.failures.items(): print(f"  {k}: {v}", file=sys.stderr)

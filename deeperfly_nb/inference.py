@@ -249,7 +249,7 @@ def open_sources(plan:DetectionPlan, # the plan whose sources to open
         except InputError as e: problems.append(f"source {s.name!r}: {e}")
     if problems:
         for r in readers.values(): r.close()
-        raise InputError(f"{footage_dir}: footage missing for {len(problems)} of {len(used)} sources:\n  " + "\n  ".join(problems))
+        raise InputError(f"{footage_dir}: footage missing or unreadable for {len(problems)} of {len(used)} sources:\n  " + "\n  ".join(problems))
     return readers
 
 # %% ../nbs/14_inference.ipynb #c1ac27f6

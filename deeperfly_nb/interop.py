@@ -340,14 +340,16 @@ def write_nwb(result:PoseResult, # the result to deposit
     views = []
     for v, cam in enumerate(result.cameras):
         nwb.add_device(dev := _nwb_camera(cam)); views.append(_nwb_view(result, v, dev, nsk, chunk_frames))
-    unit = nwb_world_unit(result)
+    unit, lifted = nwb_world_unit(result), result.lifted_from_view      # one camera's 2D lifted to 3D, not triangulated
+    how = f"lifted from view {lifted!r} alone by a lifter (LiftPose3D-style), not triangulated" if lifted else "triangulated"
     s3 = [] if result.pts3d is None else [
         _series(p, result.pts3d[:, n], None, result.fps or 1.0, unit, "the world frame of the calibrated cameras (x_cam = R X + t)",
-                f"3D position of {p!r} in the unit of the calibration (NaN = not triangulated)", chunk_frames) for n, p in enumerate(sk.point_names)]
+                f"3D position of {p!r} in the unit of the calibration, {how} (NaN = none)", chunk_frames) for n, p in enumerate(sk.point_names)]
     beh.add(ndx.MultiCameraPoseEstimation(name=NWB_CONTAINER, pose_estimation_series=s3, pose_estimations=views, skeleton=nsk,
-                                          description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and their triangulation",
+                                          description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and " +
+                                                      (f"3D {how}" if lifted else "their triangulation"),
                                           scorer=scorer_name(result), source_software="deeperfly", source_software_version=__version__))
-    if result.reproj_error is not None: beh.add(_nwb_reprojection(result, chunk_frames))
+    if result.reproj_error is not None and not lifted: beh.add(_nwb_reprojection(result, chunk_frames))   # lifted 3D: not a score of it
     with atomic_path(Path(dest)) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")     # the temporary name of the atomic write
         with pynwb.NWBHDF5IO(str(tmp), "w") as io: io.write(nwb)

@@ -413,15 +413,15 @@ def format_summary(summary:dict, # from `PoseResult.summary()`
                                                      "reprojection errors below do not score it; its error against a ground truth does)")
     lines.append("")
     w = max(4, *(len(n) for n in summary["views"]))
-    lines.append(f"{'view':<{w}}  {'detected':>8}  {'confidence':>10}  {'reproj median':>13}  {'reproj p95':>10}  {'n':>7}")
+    lines.append(f"{'view':<{w}}  {'reported':>8}  {'confidence':>10}  {'reproj median':>13}  {'reproj p95':>10}  {'n':>7}")
     for name, v in summary["views"].items():
         lines.append(f"{name:<{w}}  {_fmt(v['detected'], '.1%'):>8}  {_fmt(v['confidence'], '.3f'):>10}  "
                      f"{_fmt(v['reproj_median_px'], '.2f', ' px'):>13}  {_fmt(v['reproj_p95_px'], '.2f', ' px'):>10}  {v['n_reproj']:>7}")
     r = summary["reprojection_error_px"]
     if r is not None:
         lines.append(f"{'all':<{w}}  {'':>8}  {'':>10}  {_fmt(r['median'], '.2f', ' px'):>13}  {_fmt(r['p95'], '.2f', ' px'):>10}  {r['n']:>7}")
-        lines.append("(detected: the share of frame-point pairs a view reports; a camera that sees one side of the animal"
-                     " reports about half)")
+        lines.append("(reported: the share of frame-point pairs a view gives a 2D point for, however unsure: a camera that"
+                     " sees one side of the animal reports about half; confidence: how sure the detector was, on average)")
         worst = sorted(((p["median"], n) for n, p in r["per_point"].items() if p["median"] is not None), reverse=True)[:n_worst]
         if worst: lines += ["", "largest median reprojection error:"] + [f"  {n:<{max(len(x) for _, x in worst)}}  {m:.2f} px" for m, n in worst]
     b = summary["bone_length_cv"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .core import ConfigError, InputError, ModelError, atomic_path, check_values, number_check
+from .core import ConfigError, InputError, ModelError, atomic_path, check_shape, check_values, number_check
 from .cameras import CameraGroup
 from .plan import DetectionPlan, Transform
 from .labels import SampleSet, resize_to_input, model_of_plan
@@ -799,6 +799,7 @@ def diagnose(pts2d, # (V, T, N, 2) detections, raw pixels, NaN = unseen
              conf_min:float=0.5, # detections below this do not vote in the triangulation or the fitted priors
              view_names=None, # (V,) view names for the figures and lists
              point_names=None, # (N,) point names for the figures and lists
+             reproj_px=None, # (V, T, N) reprojection errors already known (a result's own); None: of a DLT triangulation here
             ) -> Diagnostics:
     "Per view, frame and point: temporal jump, PCA distance, reprojection error, confidence; and each frame's score."
     from deeperfly_nb.triangulation import triangulate
@@ -816,8 +817,8 @@ def diagnose(pts2d, # (V, T, N, 2) detections, raw pixels, NaN = unseen
             r = pca_residual(pr, pt).numpy().transpose(1, 0, 2)                   # (V', T, N')
             pca[np.ix_(list(pr.views), range(T), list(pr.points))] = r
     pca[~np.isfinite(p[..., 0])] = np.nan
-    reproj = np.full((V, T, N), np.nan)
-    if cameras is not None:
+    reproj = np.full((V, T, N), np.nan) if reproj_px is None else check_shape(reproj_px, "reproj_px", (V, T, N))
+    if cameras is not None and reproj_px is None:
         X = triangulate(cameras, p, c, min_confidence=conf_min)
         reproj = np.linalg.norm(cameras.project(X) - p, axis=-1)
     d = Diagnostics(temporal, pca, reproj, c, np.zeros(T), list(view_names or range(V)), list(point_names or range(N)))
@@ -844,8 +845,9 @@ def worst_frames(self:Diagnostics, k:int|None=None, # how many (default: the wor
 def result_diagnostics(result, # a PoseResult
                        priors:list|None=None, # [PcaPrior] (e.g. from the training labels); None: fitted on the result
                       ) -> Diagnostics:
-    "`diagnose` of a PoseResult (its rig, views and points)."
-    return diagnose(result.pts2d, result.conf, result.cameras, priors, view_names=result.cameras.names, point_names=result.skeleton.point_names)
+    "`diagnose` of a PoseResult (its rig, views and points, and its own reprojection errors: those `inspect` and the reviewer show)."
+    return diagnose(result.pts2d, result.conf, result.cameras, priors, view_names=result.cameras.names, point_names=result.skeleton.point_names,
+                    reproj_px=result.reprojection_errors())
 
 # %% ../nbs/17a_semisupervised.ipynb #74559b9a
 def diagnostics_figure(diag:Diagnostics, # from `diagnose`
