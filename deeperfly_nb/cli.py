@@ -151,10 +151,11 @@ def _write_batch_summary(rep, # the `run.BatchReport` of a folder of recordings 
                          out, # its output folder
                         ):
     "The batch's summary.csv and summary.html, as a Dask batch writes them: a row per recording, by name."
+    from dataclasses import replace
     from deeperfly_nb.batch import RecordingOutcome, outcome_from_report, write_summary
-    rows = [outcome_from_report(r) for r in rep.reports]
-    rows += [RecordingOutcome(k, str(Path(out) / Path(k).name), "failed", 0.0, error=" ".join(line.strip() for line in v.splitlines()))
-             for k, v in rep.failures.items()]                                    # one line: a row of the table
+    rows = [replace(outcome_from_report(r), cpu_seconds=None) for r in rep.reports]   # CPU time per recording: not measured here
+    rows += [RecordingOutcome(k, "", "failed", 0.0, error=" ".join(line.strip() for line in v.splitlines()), cpu_seconds=None)
+             for k, v in rep.failures.items()]                                    # one line: a row of the table; no output folder left
     csv_path, html_path = write_summary(sorted(rows, key=lambda o: Path(o.recording).name), out)
     print(f"summary: {csv_path} and {html_path.name}")
 
@@ -512,16 +513,18 @@ def _train(args, # the parsed `train` command line
 def _say_init(settings:dict, # the training settings (init, when given)
               files:list, # the label files
              ):
-    "Log the weights training starts from; warn when a run's corrections came from other weights than those."
-    from deeperfly_nb.corrections import is_corrections_file
+    "Log the weights training starts from; warn when a run's corrections fix 2D that other weights made."
+    from deeperfly_nb.corrections import detections_key, is_corrections_file, sidecar_key
     from deeperfly_nb.results import PoseResult
     from deeperfly_nb.training import DEFAULT_INIT
     init = settings.get("init", DEFAULT_INIT)
     log = logging.getLogger("deeperfly")
     log.info("training starts from %s (--init chooses)", init or "random weights")
     for f in files:
-        res = Path(f).parent / "results.h5"
-        if "init" in settings or not is_corrections_file(f) or not res.is_file(): continue
+        det, res = Path(f).parent / "pose2d.h5", Path(f).parent / "results.h5"     # the run's detections, and its models
+        if "init" in settings or not is_corrections_file(f) or not (det.is_file() and res.is_file()): continue
+        det = PoseResult.load(det)
+        if sidecar_key(f) != detections_key(det.pts2d, det.conf): continue   # made over earlier detections: which model, unknown
         made = sorted(set(PoseResult.load(res).detector_weights.values()))
         if made and init not in made:
             log.warning("%s corrects 2D that %s made, but training starts from %s: give --init %s to fine-tune the model "

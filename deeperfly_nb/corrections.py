@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/corrections.html.md"""
 
 # %% ../nbs/16c_corrections.ipynb #9cb62397
 from __future__ import annotations
-import errno, json, math, time
+import errno, json, logging, math, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,7 @@ from .core import InputError, atomic_hdf5, check_shape, refuse_existing
 __all__ = ['CORRECTIONS', 'CORRECTIONS_FORMAT', 'CORRECTIONS_VERSION', 'Correction', 'Corrections', 'detections_key',
            'write_corrections', 'read_corrections', 'correction_arrays', 'apply_corrections', 'restore_detections',
            'corrections_over', 'corrections_digest', 'corrected_label_points', 'corrections_to_labels',
-           'is_corrections_file', 'labels_from_sidecar']
+           'is_corrections_file', 'sidecar_key', 'labels_from_sidecar']
 
 # %% ../nbs/16c_corrections.ipynb #523c5d30
 CORRECTIONS = "corrections.h5"      # the sidecar's name in a run's output folder
@@ -356,6 +356,11 @@ def _output_detections(out:Path, cs:Corrections):
         if d.pts2d.shape == res.pts2d.shape: return res, d.pts2d, d.conf
     return (res, *restore_detections(res.pts2d, res.conf, cs))
 
+def sidecar_key(path, # a corrections sidecar
+               ) -> str:
+    "The detections key a sidecar records: of the 2D its corrections were made over (\"\" when it records none)."
+    with _open_sidecar(Path(path)) as f: return _attr(f, "detections_key")
+
 def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
                         config=None, # a `config.Config` giving the footage patterns when the run kept no config
                         only_corrected:bool=False, # label only the corrected points
@@ -370,8 +375,12 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
     with _open_sidecar(path) as f: views, points, n = json.loads(_attr(f, "view_names", "[]")), json.loads(_attr(f, "point_names", "[]")), int(f.attrs.get("n_frames", -1))
     cs = read_corrections(path, views, points, n)
     res, pts2d, conf = _output_detections(out, cs)
-    cs = corrections_over(read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames), pts2d, conf,
-                          res.meta.get("recording"), path)
+    made_over = read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames)
+    cs = corrections_over(made_over, pts2d, conf, res.meta.get("recording"), path)
+    if cs.detections_key != made_over.detections_key and not only_corrected:   # the frames' other points: a detector run since
+        logging.getLogger("deeperfly").warning(f"{path}: the detector ran again since these corrections were made, so the other "
+                                               "points of their frames were never reviewed: only the corrected points become labels")
+        only_corrected = True
     snap = out / ".deeperfly" / "config.toml"
     cfg = Config.load(snap) if snap.is_file() else (config or Config.default())
     recording = res.meta.get("recording") or cs.recording

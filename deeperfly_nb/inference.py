@@ -429,6 +429,15 @@ def _stream_blocks(q:queue.Queue, blocks:list, block:int, done:set, bar, resume_
             if resume_dir is not None: _save_block(resume_dir, *bl, arrays)
             done.add(bl)
 
+# %% ../nbs/14_inference.ipynb #e5012b1b
+def _check_stream_args(chunk_frames, batch_size, max_frames, resume_dir, resume_key, top_k) -> int:
+    "`detect_2d`'s sizes and resume arguments checked, each named; top_k as an int."
+    if chunk_frames < 1 or batch_size < 1: raise InputError(f"chunk_frames and batch_size must be >= 1, got {chunk_frames}, {batch_size}")
+    if max_frames is not None and max_frames < 1: raise InputError(f"max_frames must be at least 1 (None: every frame), got {max_frames}")
+    if resume_dir is not None and not resume_key:          # blocks computed from other models, plan or footage would be reused
+        raise InputError("resume_dir needs a resume_key naming what the blocks are computed from (the models, the plan, the footage)")
+    return _check_top_k(top_k)
+
 # %% ../nbs/14_inference.ipynb #b9911ca9
 def detect_2d(plan:DetectionPlan, # the detection plan
               models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
@@ -448,13 +457,9 @@ def detect_2d(plan:DetectionPlan, # the detection plan
     "Stream a recording through the plan in bounded memory: every source decoded once, in chunks, in the background."
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
-    if chunk_frames < 1 or batch_size < 1: raise InputError(f"chunk_frames and batch_size must be >= 1, got {chunk_frames}, {batch_size}")
-    if max_frames is not None and max_frames < 1: raise InputError(f"max_frames must be at least 1 (None: every frame), got {max_frames}")
-    if resume_dir is not None and not resume_key:          # blocks computed from other models, plan or footage would be reused
-        raise InputError("resume_dir needs a resume_key naming what the blocks are computed from (the models, the plan, the footage)")
-    top_k = _check_top_k(top_k)
+    top_k = _check_stream_args(chunk_frames, batch_size, max_frames, resume_dir, resume_key, top_k)
     readers = open_sources(plan, footage_dir)
-    stop, worker = threading.Event(), None
+    stop, worker, bar = threading.Event(), None, None
     try:
         n = min(io.synchronized_length(readers), int(max_frames) if max_frames is not None else np.inf)
         if n <= 0: raise InputError(f"{footage_dir}: the footage has no frames to detect in")
@@ -470,7 +475,6 @@ def detect_2d(plan:DetectionPlan, # the detection plan
             q, worker = _start_decoding({s: r for s, r in readers.items() if s in srcs}, n, chunk_frames, start, stop)
             _stream_blocks(q, blocks, block, done, bar, resume_dir, arrays,
                            lambda a, frames: _detect_chunk(plan, models, frames, a, batch_size, arrays, last, crops, top_k))
-        bar.close()
         missing = [bl for bl in blocks if bl not in done]
         if missing: raise InputError(f"{footage_dir}: the footage ended before frame {missing[0][0]} of {n}")
         sizes, fps = _footage_facts(plan, readers)
@@ -478,9 +482,9 @@ def detect_2d(plan:DetectionPlan, # the detection plan
         frames = {s: r.count() for s, r in readers.items()}       # counted once, by `synchronized_length`
         return Detections(arrays["pts2d"], arrays["conf"], list(plan.view_names), sizes, fps, {s: str(r.path) for s, r in readers.items()},
                           n, round(time.perf_counter() - t0, 3), {"footage_frames": frames} if len(set(frames.values())) > 1 else {},
-                          upstream=up, boxes=crop_sets,
-                          cands=arrays.get("cands"), scores=arrays.get("scores"))
+                          upstream=up, boxes=crop_sets, cands=arrays.get("cands"), scores=arrays.get("scores"))
     finally:
+        if bar is not None: bar.close()                 # ends its line: an error is printed on a line of its own
         stop.set()
         if worker is not None: worker.join(timeout=5)
         for r in readers.values(): r.close()

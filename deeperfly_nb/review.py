@@ -528,6 +528,9 @@ def move(self:Reviewer, view, # view name or index
     "Move a keypoint of one view in one frame to (x, y): re-triangulate the frame, save. Returns the correction."
     v, t, n = key = self._key(view, frame, point)
     vi, ni = self.result.view_names.index(v), self.result.skeleton.point_names.index(n)
+    if not np.isfinite(self.det_pts2d[vi, :, ni]).any() and math.isfinite(x):          # no pathway routes it to this view
+        raise InputError(f"view {v!r} reports no {n!r} in any frame (the detection plan routes it to other views): a correction "
+                         "there would add an observation the pipeline never makes")
     det = (*self.det_pts2d[vi, t, ni], self.det_conf[vi, t, ni])
     c = Correction(v, t, n, float(x), float(y), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), self.author, tuple(map(float, det)))
     self._change(key, c)

@@ -249,13 +249,14 @@ def check_no_foreign_outputs(config:Config, # the run's config
 
 # %% ../nbs/19_run.ipynb #dc90ff7d
 RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
-STUB_FILES = ("lock", RECORDING_FILE, "digests.json")   # what a run leaves in OUT/.deeperfly before it has made anything
-
+STUB_FILES = ("lock", RECORDING_FILE, "digests.json", "weights.json", "pose2d_blocks/manifest.json")   # in OUT/.deeperfly: what a
+                                                     # run leaves before it has made anything (memos, the lock, an empty resume folder)
 def holds_results(out:Path, # an output folder
                  ) -> bool:
     "Whether `out` holds anything beyond a run's stubs (`STUB_FILES`): results, records, videos, resumable blocks."
-    out = Path(out)
-    return any(p.is_file() and not (p.parent == out / STATE_DIR and p.name in STUB_FILES) for p in out.rglob("*"))
+    state = Path(out) / STATE_DIR
+    stub = lambda p: p.is_relative_to(state) and p.relative_to(state).as_posix() in STUB_FILES
+    return any(p.is_file() and not stub(p) for p in Path(out).rglob("*"))
 
 
 def check_same_recording(out:Path, # the output folder
@@ -1136,7 +1137,4 @@ def run(path, # a recording folder, or a folder of recording folders
         except (DeeperflyError, OSError, RuntimeError) as e:
             failures[str(rec)] = f"{type(e).__name__}: {e}"
             log.error("recording %s failed: %s", rec.name, e)
-    if failures:
-        log.error("%d of %d recordings failed:\n  %s", len(failures), len(recs),
-                  "\n  ".join(f"{k}: {v}" for k, v in failures.items()))
     return BatchReport(reports, failures, round(time.perf_counter() - t0, 3))

@@ -101,9 +101,9 @@ def test_a_wrong_drag_raises_the_error_and_undo_restores_everything(recording, o
 def test_restore_and_reopen(recording, out):
     rv = Reviewer(out)
     r0 = recording["result"]
-    rv.move("rh", 1, 0, 100, 200); rv.move("lh", 4, 30, 10, 20); rv.mark_unseen("rf", 4, 25)
-    rv.restore("rh", 1, 0)
-    np.testing.assert_array_equal(rv.result.pts2d[0, 1, 0], r0.pts2d[0, 1, 0])
+    rv.move("rh", 1, 29, 100, 200); rv.move("lh", 4, 10, 10, 20); rv.mark_unseen("rf", 4, 25)
+    rv.restore("rh", 1, 29)
+    np.testing.assert_array_equal(rv.result.pts2d[0, 1, 29], r0.pts2d[0, 1, 29])
     again = Reviewer(out)                        # a new session reads the sidecar and re-triangulates its frames
     assert len(again.corrections) == 2
     np.testing.assert_array_equal(again.result.pts3d, rv.result.pts3d)
@@ -131,10 +131,11 @@ def test_worst_frames_finds_a_corrupted_detection(recording, out):
 
 def test_bad_corrections_are_refused(recording, out):
     rv = Reviewer(out)
-    with pytest.raises(InputError, match="outside the 960x480 image"): rv.move("rh", 1, 0, 2000, 10)
-    with pytest.raises(InputError, match="frame outside"): rv.move("rh", 6, 0, 10, 10)
-    with pytest.raises(InputError, match="unknown view"): rv.move("xx", 1, 0, 10, 10)
-    rv.canvas.drag = {"view": "rh", "point": 0, "frame": 1, "x": -50.0, "y": 10.0, "seq": 1}
+    with pytest.raises(InputError, match="outside the 960x480 image"): rv.move("rh", 1, 29, 2000, 10)
+    with pytest.raises(InputError, match="frame outside"): rv.move("rh", 6, 29, 10, 10)
+    with pytest.raises(InputError, match="unknown view"): rv.move("xx", 1, 29, 10, 10)
+    with pytest.raises(InputError, match="view 'rh' reports no 'lf_body_coxa' in any frame"): rv.move("rh", 1, 0, 10, 10)
+    rv.canvas.drag = {"view": "rh", "point": 29, "frame": 1, "x": -50.0, "y": 10.0, "seq": 1}
     assert "outside" in rv.status.value and len(rv.corrections) == 0
 
 
@@ -172,7 +173,7 @@ def test_a_sidecar_of_another_recording_or_skeleton_is_refused(recording, out, t
 
 def test_a_read_only_output_folder_keeps_everything_in_memory(recording, out, tmp_path, monkeypatch):
     rv = Reviewer(out)
-    rv.move("rh", 1, 0, 100, 200)
+    rv.move("rh", 1, 29, 100, 200)
     os.chmod(out, 0o555)
     try:
         if os.geteuid() == 0:                    # root writes anyway: make the folder refuse as a read-only one would
@@ -182,9 +183,9 @@ def test_a_read_only_output_folder_keeps_everything_in_memory(recording, out, tm
                 if dir is not None and Path(dir) == out: raise PermissionError(13, "Permission denied", str(out))
                 return real(*a, dir=dir, **kw)
             monkeypatch.setattr(tempfile, "mkstemp", refuse)
-        with pytest.warns(UserWarning, match="read-only.*kept in memory"): rv.move("lh", 2, 30, 50, 60)
+        with pytest.warns(UserWarning, match="read-only.*kept in memory"): rv.move("lh", 2, 10, 50, 60)
         assert "NOT SAVED" in rv.status.value
-        assert len(rv.corrections) == 2 and rv.result.pts2d[6, 2, 30].tolist() == [50, 60]
+        assert len(rv.corrections) == 2 and rv.result.pts2d[6, 2, 10].tolist() == [50, 60]
         assert len(read_corrections(out / CORRECTIONS, rv.result.view_names, rv.result.skeleton.point_names, 6)) == 1
         saved = rv.save(tmp_path / "elsewhere.h5")
         assert saved is not None and "NOT SAVED" not in rv.status.value
@@ -215,6 +216,11 @@ def test_corrections_become_training_labels(recording, out, tmp_path):
     assert is_corrections_file(out / CORRECTIONS) and not is_corrections_file(out / "results.h5")
     ls2 = labels_from_sidecar(out / CORRECTIONS)
     np.testing.assert_array_equal(ls2.pts2d, ls.pts2d)
+    n_full = int(np.isfinite(ls2.pts2d).all(-1).sum())
+    PoseResult(det.pts2d + 0.5, det.conf, r0.cameras, r0.skeleton, meta=r0.meta).save(out / "pose2d.h5")   # the detector run again
+    rerun = labels_from_sidecar(out / CORRECTIONS)       # its other points were never reviewed: only the 2 moved points are labels
+    assert int(np.isfinite(rerun.pts2d).all(-1).sum()) == 2 < n_full, n_full
+    (out / "pose2d.h5").unlink()
     np.testing.assert_array_equal(ls2.frames.read("lf", [1])[0], img)
     from deeperfly_nb.config import Config                   # and `train_from_labels` reads it like any label file
     from deeperfly_nb.training import read_label_files
