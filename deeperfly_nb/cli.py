@@ -136,6 +136,27 @@ def _run_on_dask(args, config, overwrite) -> int:
         for w in o.warnings or (): logging.getLogger("deeperfly").warning(f"{o.recording}: {w}")
     return 3 if failed else 0
 
+def cmd_run(args, # the parsed command line (see `make_parser`)
+             ) -> int:
+    "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
+    from deeperfly_nb.run import run
+    config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
+    if not args.config: _note_recording_config(Path(args.recording))
+    overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
+    if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
+        return _run_on_dask(args, config, overwrite)
+    if hint := one_thread_when_busy(args.device): logging.getLogger("deeperfly").info(hint)
+    rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
+              progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
+    for r in rep.reports: _print_run_report(r)
+    if len(rep.reports) + len(rep.failures) > 1: _write_batch_summary(rep, args.out)
+    if rep.failures:
+        print(f"{len(rep.failures)} of {len(rep.failures) + len(rep.reports)} recordings failed:", file=sys.stderr)
+        for k, v in rep.failures.items(): print(f"  {k}: {v}", file=sys.stderr)
+        return 3
+    return 0
+
+# %% ../nbs/20_cli.ipynb #8c50f715
 def _note_recording_config(recording:Path, # the recording folder `run` was given
                           ):
     "Warn when RECORDING/config.toml differs from the packaged config, which a run without -c uses instead of it."
@@ -158,26 +179,6 @@ def _write_batch_summary(rep, # the `run.BatchReport` of a folder of recordings 
              for k, v in rep.failures.items()]                                    # one line: a row of the table; no output folder left
     csv_path, html_path = write_summary(sorted(rows, key=lambda o: Path(o.recording).name), out)
     print(f"summary: {csv_path} and {html_path.name}")
-
-def cmd_run(args, # the parsed command line (see `make_parser`)
-             ) -> int:
-    "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
-    from deeperfly_nb.run import run
-    config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
-    if not args.config: _note_recording_config(Path(args.recording))
-    overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
-    if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
-        return _run_on_dask(args, config, overwrite)
-    if hint := one_thread_when_busy(args.device): logging.getLogger("deeperfly").info(hint)
-    rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
-              progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)
-    for r in rep.reports: _print_run_report(r)
-    if len(rep.reports) + len(rep.failures) > 1: _write_batch_summary(rep, args.out)
-    if rep.failures:
-        print(f"{len(rep.failures)} of {len(rep.failures) + len(rep.reports)} recordings failed:", file=sys.stderr)
-        for k, v in rep.failures.items(): print(f"  {k}: {v}", file=sys.stderr)
-        return 3
-    return 0
 
 # %% ../nbs/20_cli.ipynb #084d61dd
 def cmd_export(args, # the parsed command line (see `make_parser`)
@@ -557,7 +558,11 @@ def cmd_train(args, # the parsed command line (see `make_parser`)
     _say_init(settings, files)
     frames = parse_frames(args.frames) if args.frames else None
     t0 = time.perf_counter()
+    made = not out.exists()
     try: res = _train(args, files, out, frames, settings)
+    except DeeperflyError:
+        if made and out.is_dir() and not any(out.iterdir()): out.rmdir()      # refused before it wrote anything: no empty folder
+        raise
     except KeyboardInterrupt:
         if (out / "last.pt").exists():
             print(f"the run's last checkpoint is {out / 'last.pt'}: the same command with --resume continues it", file=sys.stderr)

@@ -155,6 +155,12 @@ def test_nan_only_labels(tmp_path, capsys):
     bad([str(p), "--view", "lh", "-o", str(tmp_path / "r")], capsys, "hold no keypoints")
 
 
+def test_a_refused_training_leaves_no_empty_run_folder(tmp_path, capsys):
+    p = dlc_project(tmp_path / "one", n=1)                          # one labelled frame: none can be held out
+    bad([str(p), "--view", "lh", "-o", str(tmp_path / "r"), *TINY], capsys, "cannot hold out", "val_frac=0")
+    assert not (tmp_path / "r").exists()
+
+
 def test_labels_referencing_missing_images(project, tmp_path, capsys):
     (project.parent / "img1.png").unlink()
     bad([str(project), "--view", "lh", "-o", str(tmp_path / "r"), *TINY], capsys, "img1.png", "missing")
