@@ -88,7 +88,7 @@ def outcome_from_report(rep:RunReport, # what `run_recording` returned
                             None if res is None else tuple(quality_warnings(s, detected=res.detected)), worker=_where(),
                             cpu_seconds=round(cpu_seconds, 3), frames=s.get("shape", {}).get("frames"),
                             triangulated_pct=_percent(s.get("fraction_triangulated")),
-                            detector=None if res is None else " + ".join(res.detector_weights.values()) or None)
+                            detector=" + ".join((s.get("detector_weights") or {}).values()) or None)   # as the summary has it
 
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder

@@ -298,11 +298,10 @@ def _ground_truth_summary(args, result) -> tuple:
 
 def _check_plot_target(plot:Path, result:Path, overwrite:bool):
     "Refuse --plot's file when its folder is missing, when it is the result itself, or when it is some other file than an earlier report (unless --overwrite)."
-    from deeperfly_nb.inspection import is_deeperfly_report
+    from deeperfly_nb.inspection import check_report_target
     if not plot.resolve().parent.is_dir(): raise InputError(f"--plot {plot}: folder {plot.resolve().parent} does not exist")
     if plot.resolve() == result.resolve(): raise InputError(f"--plot {plot} is the result itself; give an .html file to write")
-    if plot.exists() and not overwrite and not is_deeperfly_report(plot):
-        raise InputError(f"--plot {plot} exists and is not a deeperfly report; give --overwrite to replace it")
+    check_report_target(plot, overwrite)                     # before the work: write_report_html checks it again at the end
 
 # %% ../nbs/20_cli.ipynb #2a4e6c58
 def cmd_inspect(args, # the parsed command line (see `make_parser`)

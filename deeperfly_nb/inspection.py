@@ -17,7 +17,7 @@ from .drawing import point_colors_u8
 
 # %% auto #0
 __all__ = ['REPORT_GENERATOR', 'reprojection_heatmap', 'confidence_heatmap', 'bone_length_figure', 'ground_truth_figure',
-           'inspection_figures', 'is_deeperfly_report', 'crop_box_figures', 'write_report_html']
+           'inspection_figures', 'is_deeperfly_report', 'check_report_target', 'crop_box_figures', 'write_report_html']
 
 # %% ../nbs/18d_inspection.ipynb #925676b0
 def _subsample(result:PoseResult, # the result
@@ -180,6 +180,13 @@ def is_deeperfly_report(path, # a file
         with open(path, "rb") as f: return REPORT_GENERATOR.encode() in f.read(512)
     except OSError: return False
 
+def check_report_target(path, # the .html file a report is about to be written to
+                        overwrite:bool=False, # replace it even when it is not an earlier report
+                       ):
+    "An `InputError` when `path` exists and is not an earlier report (which is always replaced), unless `overwrite`."
+    if Path(path).exists() and not overwrite and not is_deeperfly_report(path):
+        raise InputError(f"{path} exists and is not a deeperfly report; give --overwrite (overwrite=True in Python) to replace it")
+
 def _report_page(title:str, # the page title
                  summary:str, # the text on top
                  figs:list, # Plotly figures
@@ -220,8 +227,7 @@ def write_report_html(path, # output .html
                       overwrite:bool=False, # replace an existing file that is not an earlier report (an earlier report is always replaced)
                      ) -> Path:
     "Write ONE self-contained, offline HTML report (plotly.js embedded once) of `result`; returns the path."
-    if Path(path).exists() and not overwrite and not is_deeperfly_report(path):
-        raise InputError(f"{path} exists and is not a deeperfly report; give overwrite=True (--overwrite) to replace it")
+    check_report_target(path, overwrite)
     figs = [*inspection_figures(result, truth, max_frames=max_frames, align=align), *extra_figures]
     src = result.meta.get("source") or next(iter(result.points2d_files), None)
     title = title or ("deeperfly inspection" + (f": {src}" if src else ""))
