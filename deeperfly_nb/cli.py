@@ -514,22 +514,17 @@ def _say_init(settings:dict, # the training settings (init, when given)
               files:list, # the label files
              ):
     "Log the weights training starts from; warn when a run's corrections fix 2D that other weights made."
-    from deeperfly_nb.corrections import detections_key, is_corrections_file, sidecar_key
-    from deeperfly_nb.results import PoseResult
+    from deeperfly_nb.corrections import is_corrections_file, sidecar_detector_weights
     from deeperfly_nb.training import DEFAULT_INIT
     init = settings.get("init", DEFAULT_INIT)
     log = logging.getLogger("deeperfly")
     log.info("training starts from %s (--init chooses)", init or "random weights")
     for f in files:
-        det, res = Path(f).parent / "pose2d.h5", Path(f).parent / "results.h5"     # the run's detections, and its models
-        if "init" in settings or not is_corrections_file(f) or not (det.is_file() and res.is_file()): continue
-        det = PoseResult.load(det)
-        if sidecar_key(f) != detections_key(det.pts2d, det.conf): continue   # made over earlier detections: which model, unknown
-        made = sorted(set(PoseResult.load(res).detector_weights.values()))
+        if "init" in settings or not is_corrections_file(f): continue
+        made = sorted(set(sidecar_detector_weights(f).values()))      # recorded when the sidecar was written
         if made and init not in made:
             log.warning("%s corrects 2D that %s made, but training starts from %s: give --init %s to fine-tune the model "
                         "that made it", f, " and ".join(made), init, made[0])
-
 
 # %% ../nbs/20_cli.ipynb #f6b34834
 def cmd_train(args, # the parsed command line (see `make_parser`)

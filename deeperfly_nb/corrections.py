@@ -17,7 +17,7 @@ from .core import InputError, atomic_hdf5, check_shape, refuse_existing
 __all__ = ['CORRECTIONS', 'CORRECTIONS_FORMAT', 'CORRECTIONS_VERSION', 'Correction', 'Corrections', 'detections_key',
            'write_corrections', 'read_corrections', 'correction_arrays', 'apply_corrections', 'restore_detections',
            'corrections_over', 'corrections_digest', 'corrected_label_points', 'corrections_to_labels',
-           'is_corrections_file', 'sidecar_key', 'labels_from_sidecar']
+           'is_corrections_file', 'sidecar_detector_weights', 'labels_from_sidecar']
 
 # %% ../nbs/16c_corrections.ipynb #523c5d30
 CORRECTIONS = "corrections.h5"      # the sidecar's name in a run's output folder
@@ -57,6 +57,7 @@ class Corrections:
     detections_key: str = ""         # `detections_key` of the uncorrected 2D these corrections are made over
     image_sizes: dict = field(default_factory=dict)   # {view: (H, W)} when known: corrections must lie inside
     recording: str = ""              # the recording's folder, for messages
+    detector_weights: dict = field(default_factory=dict)   # {model: weights} that made the 2D corrected here ({}: unknown)
     items: dict = field(default_factory=dict)         # {(view, frame, point): Correction}, in the order made
 
     def __post_init__(self):
@@ -143,7 +144,8 @@ def write_corrections(path, # the sidecar to write, usually <output folder>/corr
                            point_names=json.dumps(corrections.point_names), n_frames=corrections.n_frames,
                            skeleton=corrections.skeleton, detections_key=corrections.detections_key,
                            image_sizes=json.dumps({k: list(v) for k, v in corrections.image_sizes.items()}),
-                           recording=corrections.recording, written=_now())
+                           recording=corrections.recording, detector_weights=json.dumps(corrections.detector_weights),
+                           written=_now())
             f.create_dataset("view", data=np.array([vi[c.view] for c in cs], dtype=np.int32))
             f.create_dataset("frame", data=np.array([c.frame for c in cs], dtype=np.int64))
             f.create_dataset("point", data=np.array([pi[c.point] for c in cs], dtype=np.int32))
@@ -199,7 +201,8 @@ def _read_rows(f, path, view_names, point_names, n_frames, detections_key, image
                          "a sidecar of another recording? If the detector was re-run on this same recording, its "
                          "corrections still hold: read it with detections_key=None, then `corrections_over` applies it over the new detections")
     sizes = {**json.loads(_attr(f, "image_sizes", "{}")), **(image_sizes or {})}
-    out = Corrections(list(view_names), list(point_names), n_frames, _attr(f, "skeleton"), key, sizes, _attr(f, "recording"))
+    out = Corrections(list(view_names), list(point_names), n_frames, _attr(f, "skeleton"), key, sizes, _attr(f, "recording"),
+                      json.loads(_attr(f, "detector_weights", "{}")))
     rows = zip(f["view"][()], f["frame"][()], f["point"][()], f["xy"][()], f["detected"][()],
                f["time"].asstr()[()], f["author"].asstr()[()], strict=True)     # rows of unequal length: a damaged file
     for v, t, p, xy, det, tm, au in rows:
@@ -267,6 +270,7 @@ def corrections_over(corrections:Corrections, # read from a sidecar (not yet che
                      conf, # (V, T, N) their confidences
                      recording, # the recording those detections are of (a result's meta["recording"]; None: unknown)
                      path, # the sidecar, for messages
+                     detector_weights:dict|None=None, # {model: weights} that made these detections (None: unknown)
                     ) -> Corrections:
     "The corrections to apply over these detections: as they are, or re-keyed over a re-run of the same recording; an `InputError` over another's."
     key = detections_key(pts2d, conf)
@@ -276,7 +280,9 @@ def corrections_over(corrections:Corrections, # read from a sidecar (not yet che
         raise InputError(f"{path} was made over other detections than these, of recording {was or '(not named)'}, and these are of "
                          f"{now or '(not named)'}: a sidecar of another recording? Move it away to start afresh")
     p, c = np.asarray(pts2d, dtype=float), np.asarray(conf, dtype=float)
-    out = replace(corrections, detections_key=key, items={})
+    same = detector_weights == corrections.detector_weights      # else: {} (unknown) once it holds fixes of two models
+    made = corrections.detector_weights if same else {} if len(corrections) else dict(detector_weights or {})
+    out = replace(corrections, detections_key=key, detector_weights=made, items={})
     for cr in corrections:
         v, t, n = out.view_names.index(cr.view), cr.frame, out.point_names.index(cr.point)
         out.items[cr.key] = replace(cr, detected=(float(p[v, t, n, 0]), float(p[v, t, n, 1]), float(c[v, t, n])))
@@ -356,10 +362,10 @@ def _output_detections(out:Path, cs:Corrections):
         if d.pts2d.shape == res.pts2d.shape: return res, d.pts2d, d.conf
     return (res, *restore_detections(res.pts2d, res.conf, cs))
 
-def sidecar_key(path, # a corrections sidecar
-               ) -> str:
-    "The detections key a sidecar records: of the 2D its corrections were made over (\"\" when it records none)."
-    with _open_sidecar(Path(path)) as f: return _attr(f, "detections_key")
+def sidecar_detector_weights(path, # a corrections sidecar
+                            ) -> dict:
+    "{model: weights} that made the 2D a sidecar corrects, as recorded when it was written ({}: unknown, or two models')."
+    with _open_sidecar(Path(path)) as f: return json.loads(_attr(f, "detector_weights", "{}"))
 
 def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
                         config=None, # a `config.Config` giving the footage patterns when the run kept no config
@@ -376,7 +382,7 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
     cs = read_corrections(path, views, points, n)
     res, pts2d, conf = _output_detections(out, cs)
     made_over = read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames)
-    cs = corrections_over(made_over, pts2d, conf, res.meta.get("recording"), path)
+    cs = corrections_over(made_over, pts2d, conf, res.meta.get("recording"), path, res.detector_weights)
     if cs.detections_key != made_over.detections_key and not only_corrected:   # the frames' other points: a detector run since
         logging.getLogger("deeperfly").warning(f"{path}: the detector ran again since these corrections were made, so the other "
                                                "points of their frames were never reviewed: only the corrected points become labels")

@@ -769,7 +769,7 @@ def concat_samples(sets:list, # SampleSets of the same model (pathways, channels
     if not sets: raise InputError("no samples to concatenate")
     a = sets[0]
     for s in sets[1:]:
-        for k in ("pathway_names", "channel_names"):
+        for k in ("pathway_names", "channel_names", "transforms"):      # the same pathways, preprocessing alike
             if getattr(s, k) != getattr(a, k): raise InputError(f"cannot concatenate samples with different {k}: {getattr(a, k)} vs {getattr(s, k)}")
         if tuple(s.input_size) != tuple(a.input_size): raise InputError(f"cannot concatenate samples of input sizes {a.input_size} and {s.input_size}")
     if len({s.images.shape[-1] for s in sets}) > 1:
@@ -826,6 +826,14 @@ def _pathway_inputs(pw, raw:list, kp:np.ndarray, input_hw:tuple) -> tuple:
         hw[sel] = size
     return im, ki, hw
 
+def _check_crop_inputs(pw, raw:list, crop_hw:tuple, view:str):
+    "A cropzoom pathway learns from crops cut at its model's input size: refuse whole frames, which it never sees."
+    if pw.crop_from is None or not (other := sorted({r.shape[:2] for r in raw} - {tuple(crop_hw)})): return
+    raise InputError(f"pathway {pw.name!r} crops around pathway {pw.crop_from!r}'s points, so it learns from crops of "
+                     f"{crop_hw[0]}x{crop_hw[1]} px, but view {view!r}'s labelled images are {other[0][0]}x{other[0][1]} px "
+                     "(whole frames?): crop them first (`deeperfly train --detector-model` or `--crop-ratio`; "
+                     "`training.samples_from_label_files(detector_model=..., crop_options=...)`), or label crops made by `deeperfly crop`")
+
 def _gray_as_one_channel(images:np.ndarray) -> np.ndarray:
     "(n, H, W, 1) when the (n, H, W, 3) images are gray (all three channels equal), else the images as they are."
     return images[..., :1].copy() if (images[..., :1] == images[..., 1:]).all() else images
@@ -851,6 +859,7 @@ def pathway_samples(labels:LabelSet, # labeled frames
     for k, view, frames, kp, kv in todo:
         need = [f for f in frames if (view, f) not in cache]
         for f, img in zip(need, labels.frames.read(view, need)): cache[(view, f)] = img
+        _check_crop_inputs(pathways[k], [cache[(view, f)] for f in frames], plan.crop_out_hw(pathways[k].name), view)
         out.append((k, frames, *_pathway_inputs(pathways[k], [cache[(view, f)] for f in frames], kp, tuple(int(s) for s in spec.input_size)), kp, kv))
     cat = lambda j: np.concatenate([o[j] for o in out])
     images, frames_all = cat(2), cat(1)

@@ -279,7 +279,7 @@ def _detections(result:PoseResult, out, sidecar) -> tuple:
     if sidecar is not None and Path(sidecar).is_file():
         cs = read_corrections(sidecar, V, result.skeleton.point_names, T, image_sizes=sizes)
     if base is None: base = restore_detections(result.pts2d, result.conf, cs) if cs else (result.pts2d.copy(), result.conf.copy())
-    if cs is not None: cs = corrections_over(cs, *base, result.meta.get("recording"), sidecar)   # over detections run again: kept
+    if cs is not None: cs = corrections_over(cs, *base, result.meta.get("recording"), sidecar, result.detector_weights)   # over detections run again: kept
     return base[0], base[1], cs
 
 # %% ../nbs/18f_review.ipynb #e4d90e70
@@ -302,7 +302,8 @@ class Reviewer:
         self.det_pts2d, self.det_conf, cs = _detections(res, self.out, self.sidecar)
         sizes = {c.name: c.image_size for c in res.cameras if c.image_size is not None}
         self.corrections = cs or Corrections(res.view_names, res.skeleton.point_names, res.n_frames, res.skeleton.name,
-                                             detections_key(self.det_pts2d, self.det_conf), sizes, str(res.meta.get("recording", "")))
+                                             detections_key(self.det_pts2d, self.det_conf), sizes, str(res.meta.get("recording", "")),
+                                             res.detector_weights)
         self.result = PoseResult(self.det_pts2d.copy(), self.det_conf.copy(), res.cameras, res.skeleton,
                                  pts3d=None if res.pts3d is None else res.pts3d.copy(), reproj_error=res.reprojection_errors(),
                                  fps=res.fps, meta=res.meta, provenance=res.provenance)

@@ -192,21 +192,12 @@ def __exit__(self:OutputLock, *exc):
 # %% ../nbs/19_run.ipynb #8d6f86e5
 PLAUSIBLE_FPS = QUALITY_LIMITS["fps"]    # behaviour cameras run between these; a container outside them is likely wrong
 
-_FPS_WARNED = set()                      # (recording, fps) already warned about in this process: a batch's steps say it once
-
 def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps fills in
                 footage_fps:float|None, # what the footage's container says (None: image folders)
-                recording=None, # the recording, so that its runs (a batch's steps) warn once
                ) -> tuple:
-    "(fps, where it came from): `[pipeline] fps`, else the footage's, else `[pipeline] fallback_fps`; warns when implausible."
+    "(fps, where it came from): `[pipeline] fps`, else the footage's, else `[pipeline] fallback_fps`."
     if config.pipeline.fps: return float(config.pipeline.fps), "[pipeline] fps"
-    if footage_fps:
-        lo, hi = PLAUSIBLE_FPS
-        if not lo <= footage_fps <= hi and (key := (str(recording), float(footage_fps))) not in _FPS_WARNED:
-            _FPS_WARNED.add(key)
-            log.warning("the footage says %.3g frames per second, which is implausible for behaviour video; "
-                        "give `deeperfly run --fps <your camera's rate>` or set [pipeline] fps in the config", footage_fps)
-        return float(footage_fps), "the footage"
+    if footage_fps: return float(footage_fps), "the footage"
     return float(config.pipeline.fallback_fps), "[pipeline] fallback_fps (the footage records no frame rate)"
 
 # %% ../nbs/19_run.ipynb #b0b392e8
@@ -375,7 +366,7 @@ def prepare_run(config:Config, # the run's config
         check_no_foreign_outputs(config, out, inputs)
         content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
         check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
-        fps, fps_source = resolve_fps(config, footage_fps, recording)
+        fps, fps_source = resolve_fps(config, footage_fps)
         if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
             ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
         return RunContext(config, recording, out, digests, readers, content if readers else {}, fps, fps_source,

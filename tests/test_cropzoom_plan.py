@@ -243,3 +243,25 @@ def test_3d_centre_plan_end_to_end(tiny):
         np.testing.assert_allclose(b.corner_px[0] - 0.5 + b.hw_px[0, :, ::-1] / 2, uv[v], atol=0.5)
         inside = (det.pts2d[v, :, pw.mapping[:, 2]] >= b.corner_px[0] - 0.5) & (det.pts2d[v, :, pw.mapping[:, 2]] <= b.corner_px[0] - 0.5 + b.hw_px[0, :, ::-1])
         assert inside.all(), pw.name                                                     # every pose point lies in its crop
+
+
+def test_a_cropzoom_pathway_learns_from_crops_not_whole_frames(base, tmp_path):
+    "Whole frames given to a cropzoom pathway would train it on images it never sees: refused; crops at its input size pass."
+    from deeperfly_nb.labels import ArrayFrames, LabelSet, pathway_samples
+    p = tmp_path / "config.toml"
+    p.write_text(tomli_w.dumps(cropzoom_tables(base)))
+    cfg = Config.load(p)
+    plan, fly = cfg.detection_plan(), cfg.skeleton()
+    pose = plan.pathway("rh").model
+    H, W = plan.crop_out_hw("rh")
+    rng = np.random.default_rng(0)
+    def labels(hw):
+        pts = np.full((1, 1, fly.n_points, 2), np.nan)
+        seen = plan.visibility_mask()[plan.view_names.index("rh")]
+        pts[0, 0, seen] = np.stack([rng.uniform(5, hw[1] - 5, seen.sum()), rng.uniform(5, hw[0] - 5, seen.sum())], -1)
+        return LabelSet(pts, ["rh"], fly, ArrayFrames({"rh": rng.integers(0, 255, (1, *hw, 3), dtype=np.uint8)}))
+    with pytest.raises(InputError, match=f"pathway 'rh' crops around pathway 'find_vid_rh'.s points, so it learns from crops of "
+                                         f"{H}x{W} px, but view 'rh'.s labelled images are 480x960 px"):
+        pathway_samples(labels((480, 960)), plan, pose)
+    s = pathway_samples(labels((H, W)), plan, pose)
+    assert [s.pathway_names[k] for k in s.pathway] == ["rh"] and s.images.shape[1:3] == (H, W)
