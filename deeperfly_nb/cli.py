@@ -328,7 +328,7 @@ def cmd_inspect(args, # the parsed command line (see `make_parser`)
         from deeperfly_nb.inspection import crop_box_figures, write_report_html
         from deeperfly_nb.semisupervised import result_diagnostics, diagnostics_figure, worst_frames_table
         diag = result_diagnostics(result)                   # label-free: temporal jumps, pose prior, multi-view, confidence
-        extra = [*crop_box_figures(Path(args.result).parent), worst_frames_table(diag), diagnostics_figure(diag)]
+        extra = [*crop_box_figures(Path(args.result).parent, result), worst_frames_table(diag), diagnostics_figure(diag)]
         path = write_report_html(args.plot, result, truth=truth, extra_figures=extra, align=(gt or {}).get("align", "similarity"),
                                  text="\n".join(lines), overwrite=args.overwrite)   # the page says what inspect printed
         if not args.json:

@@ -207,10 +207,14 @@ def _report_page(title:str, # the page title
 
 # %% ../nbs/18d_inspection.ipynb #31ccc189
 def crop_box_figures(out_dir, # a run's output folder (holding crops/*_bbox.csv), or None
+                     result=None, # the result they go with: only its run's cropzoom pathways are drawn (None: every CSV)
                     ) -> list:
     "[the boxes-over-time figure] of a cropzoom run's output folder; [] when it has no crops."
     from deeperfly_nb.cropzoom import boxes_figure, boxes_from_bbox_csvs
     files = sorted(Path(out_dir).glob("crops/*_bbox.csv")) if out_dir is not None else []
+    if result is not None:                   # crops left by an earlier run of another plan are not this result's
+        pathways = (((result.provenance or {}).get("config") or {}).get("pose2d") or {}).get("pathways") or []
+        files = [f for f in files if f.name[:-len("_bbox.csv")] in {p["name"] for p in pathways if p.get("crop_from")}]
     if not files: return []
     boxes = boxes_from_bbox_csvs(files)
     return [boxes_figure(boxes, [f.name[:-len("_bbox.csv")] for f in files], title="Crop boxes over time (cropzoom)")]

@@ -14,6 +14,7 @@ import torch
 
 from conftest import tiny_recording
 from test_cropzoom_plan import FINDER_HW, cropzoom_tables
+from deeperfly_nb.config import Config
 from deeperfly_nb.detector import HourglassNet, save_checkpoint
 from deeperfly_nb.results import PoseResult
 
@@ -73,3 +74,12 @@ def test_cropzoom_run_caches_each_stage(project):
     p = run("inspect", "out/results.h5", "--plot", "out/report.html", cwd=root)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Crop boxes over time (cropzoom)" in (out / "report.html").read_text()
+    # a plan without cropzoom run into the same folder: its report draws none of the crops an earlier run left
+    plain = Config.default().to_dict()
+    plain["pose2d"]["models"][0]["weights"] = str(root / "w.pt"); plain["pipeline"]["visualization"] = False
+    (root / "plain.toml").write_text(tomli_w.dumps(plain))
+    assert run("run", "rec", "-c", "plain.toml", "-o", "out", "--no-progress", cwd=root).returncode == 0
+    assert (out / "crops" / "rh_bbox.csv").is_file()
+    p = run("inspect", "out/results.h5", "--plot", "out/report.html", cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Crop boxes over time" not in (out / "report.html").read_text()
