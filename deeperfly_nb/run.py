@@ -627,11 +627,12 @@ def _apply_corrections(ctx:RunContext, p2d:Pose2D) -> tuple:
     """The 2D with the output folder's corrections sidecar (`corrections.CORRECTIONS`, hand-made fixes from review)
     applied over the detections, when there is one: (Pose2D, [outcome]). The corrected arrays' digest is the content key
     later stages read, so adding or editing a correction re-runs bundle adjustment and what follows, never detection."""
-    from deeperfly_nb.corrections import CORRECTIONS, apply_corrections, corrections_digest, read_corrections
+    from deeperfly_nb.corrections import CORRECTIONS, apply_corrections, corrections_digest, corrections_over, read_corrections
     path = ctx.out / CORRECTIONS
     if not path.is_file(): return p2d, []
     cs = read_corrections(path, ctx.config.view_names, ctx.config.skeleton().point_names, p2d.pts2d.shape[1],
-                          image_sizes=p2d.image_sizes or None)     # this folder's own sidecar: valid over re-run detections too
+                          image_sizes=p2d.image_sizes or None)
+    cs = corrections_over(cs, p2d.pts2d, p2d.conf, ctx.recording.absolute(), path)   # over re-run detections: kept; another recording's: refused
     pts2d, conf = apply_corrections(p2d.pts2d, p2d.conf, cs)
     summary = {"count": len(cs), "unseen": sum(c.unseen for c in cs), "digest": corrections_digest(cs)}
     log.info("corrections: applying %d hand-made correction(s) from %s", len(cs), path.name)

@@ -616,6 +616,7 @@ def resume(self:Trainer):
                 if diff == ["steps"] else "")
         raise ConfigError(f"cannot resume {self.out}: the training settings differ from the run's ({', '.join(diff)}){more}")
     if r["fingerprint"] != self.fingerprint: raise InputError(f"cannot resume {self.out}: the samples differ from the ones the run was trained on")
+    if r.get("mean", self.mean) != self.mean: raise ConfigError(f"cannot resume {self.out}: the input mean {self.mean} is not the run's {r['mean']}")
     if r.get("style") != self.style_digest:
         raise InputError(f"cannot resume {self.out}: the style images differ from the run's ({'none' if r.get('style') is None else 'some'} then, "
                          f"{'none' if self.style is None else len(self.style)} now)")
@@ -625,14 +626,14 @@ def resume(self:Trainer):
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{self.last}: its weights or optimizer state do not fit this run's network ({type(e).__name__}); "
                          f"expected a run checkpoint of the same settings") from None
-    self.state = RunState(r["step"], r["history"], r["pending"], r["best"], r["bad_evals"], r["train_seconds"])
+    self.state = RunState(r["step"], r["history"], r["pending"], r["best"], r["bad_evals"], r["train_seconds"], r.get("stopped", False))
 
 @patch
 def resume_record(self:Trainer) -> dict:
     "What `last.pt` stores to resume: the state, Adam's state, torch's RNG, the settings and the samples' fingerprint."
     s = self.state
     return {"step": s.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(), "history": s.history,
-            "pending": s.pending, "best": s.best, "bad_evals": s.bad_evals, "train_seconds": s.train_seconds,
+            "pending": s.pending, "best": s.best, "bad_evals": s.bad_evals, "train_seconds": s.train_seconds, "stopped": s.stopped, "mean": self.mean,
             "config": self.cfg.to_dict(), "fingerprint": self.fingerprint, "style": self.style_digest}
 
 # %% ../nbs/17_training.ipynb #457bf7a2
@@ -800,10 +801,11 @@ def train_detector(samples:SampleSet, # training + validation samples (split by 
     dev = torch_device(device, "training device")                       # a GPU this machine lacks: refused before the folder exists
     check_style_images(style_images, cfg.crop_hw)                       # and style images that are no images
     check_loader_threads(loader_threads)
-    out = prepare_run_folder(out_dir, resume)
+    out = check_run_folder(out_dir, resume)
     check_crop(cfg, samples)
     with torch_threads(cfg.num_threads):
         t = Trainer(samples, cfg, out, samples.meta.get("mean", 0.22) if mean is None else mean, metadata, dev, style_images, loader_threads)
+        out.mkdir(parents=True, exist_ok=True)      # after the split and the network refused nothing: no empty run folder
         return run_trainer(t, resume, progress, callback)
 
 # %% ../nbs/17_training.ipynb #a1f13b3b
@@ -842,7 +844,8 @@ def with_trained_model(config, # a `config.Config`
     d = config.to_dict()
     models = d["pose2d"]["models"]
     i = next(k for k, m in enumerate(models) if m["name"] == name)
-    models[i] = tomllib.loads(model_config_lines(model_path, name, models[i]["class"]))["pose2d"]["models"][0]
+    new = tomllib.loads(model_config_lines(model_path, name, models[i]["class"]))["pose2d"]["models"][0]
+    models[i] = {**new, **{k: models[i][k] for k in ("use_stack",) if models[i].get(k) is not None}}   # the stack the user reads
     return Config.from_dict(d, f"{config.source} with model {name!r} from {model_path}", config.base_dir, config.path)
 
 # %% ../nbs/17_training.ipynb #c8d1a36f
@@ -854,7 +857,7 @@ def crop_labels_for_model(label_set, # a LabelSet in raw pixels
     "The label set cropped around the animal at the model's input size (points mapped into the crops)."
     from deeperfly_nb.cropzoom import CropOptions
     from deeperfly_nb.crop_files import crop_label_set, label_set_boxes
-    opts = crop_options or CropOptions()
+    opts, label_set = crop_options or CropOptions(), label_set.check_frames()       # missing images named before any crop
     boxes = label_set_boxes(label_set, opts, tuple(input_hw), detector=detector_model)
     return crop_label_set(label_set, boxes, tuple(input_hw))
 

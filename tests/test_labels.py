@@ -88,6 +88,13 @@ def test_labels_referencing_missing_frames(tmp_path):
     # pathway_samples checks before it reads anything
     with pytest.raises(InputError, match=r"\[9\]"):
         pathway_samples(ls, PLAN)
+    # reading them unchecked (a run of frames, or one) names them too, as do the crops of cropzoom training
+    for frames in ([1, 2], [2]):
+        with pytest.raises(InputError, match=r"view 'rh': labeled frame\(s\) \[9\] are not in camera_0.mp4 \(4 frames\)"):
+            ls.frames.read("rh", frames)
+    from deeperfly_nb.training import crop_labels_for_model
+    with pytest.raises(InputError, match=r"\[9\] are not in camera_0.mp4"):
+        crop_labels_for_model(ls, (64, 64))
 
 
 def test_labels_that_meet_no_pathway():

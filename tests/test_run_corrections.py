@@ -1,5 +1,7 @@
 """`deeperfly run` applies the review's corrections sidecar (`OUT/corrections.h5`) after the 2D stage: bundle adjustment
 and later stages re-run on the corrected 2D (their fingerprints follow its content), detection never does."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,17 @@ def test_a_sidecar_of_another_recording_is_refused(tmp_path, torch_one_thread):
     write_corrections(out / CORRECTIONS, Corrections(list(config.view_names), list(config.skeleton().point_names), 50, "fly38"))
     with pytest.raises(InputError, match="corrections.h5 belongs to another recording or skeleton: it is for 50 frames"):
         run_recording(tmp_path / "rec", out, config, progress=False)
+    # the same rig and length, made over another recording's detections (a sidecar copied from its folder): refused
+    views, points = list(config.view_names), list(config.skeleton().point_names)
+    other = Corrections(views, points, 6, "fly38", "0" * 32, recording=str(tmp_path / "other_rec"))
+    other.add(Correction("rf", 2, points[3], 123.25, 45.5))
+    write_corrections(out / CORRECTIONS, other)
+    with pytest.raises(InputError, match=r"of recording .*other_rec, and these are of .*rec: a sidecar of another recording\?"):
+        run_recording(tmp_path / "rec", out, config, progress=False)
+    # made over earlier detections of this very recording: applied over the ones it has now
+    write_corrections(out / CORRECTIONS, replace(other, recording=str(tmp_path / "rec")))
+    run_recording(tmp_path / "rec", out, config, progress=False)
+    np.testing.assert_array_equal(PoseResult.load(out / "results.h5").pts2d[views.index("rf"), 2, 3], [123.25, 45.5])
 
 
 def test_the_reviewer_restores_corrupted_points_of_the_bundled_example(tmp_path, torch_one_thread):

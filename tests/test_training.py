@@ -202,7 +202,7 @@ def test_resume_refuses_other_settings_or_samples(tmp_path, two_frames):
     with pytest.raises(ConfigError, match="settings differ.*lr"):
         train_detector(two_frames, tmp_path / "r", {**TINY, "steps": 2, "lr": 1e-4}, progress=False, resume=True)
     other = dataclasses.replace(two_frames, images=two_frames.images.copy())
-    other.images[:, 0, 0] += 1                                    # other pixels: other samples
+    other.images[:, 1, 1] += 1                                    # one other pixel per image: other samples
     with pytest.raises(InputError, match="samples differ"):
         train_detector(other, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True)
     with pytest.raises(InputError, match="does not exist"):
@@ -210,6 +210,8 @@ def test_resume_refuses_other_settings_or_samples(tmp_path, two_frames):
     style = np.full((2, 256, 512, 1), 90, np.uint8)
     with pytest.raises(InputError, match=r"style images differ from the run's \(none then, 2 now\)"):   # other style images: other training data
         train_detector(two_frames, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True, style_images=style)
+    with pytest.raises(ConfigError, match=r"the input mean \[0.5, 0.5, 0.5\] is not the run's"):   # the network learned another input
+        train_detector(two_frames, tmp_path / "r", {**TINY, "steps": 2}, progress=False, resume=True, mean=0.5)
 
 
 def test_resume_a_run_from_before_a_setting_existed(tmp_path, two_frames):
@@ -228,6 +230,12 @@ def test_early_stopping(tmp_path, two_frames):
     res = train_detector(two_frames, tmp_path / "e", {**TINY, "steps": 20, "eval_every": 1, "patience": 2, "min_delta_px": 1e9}, progress=False)
     assert res.stopped_early and res.steps == 3
     assert [r["step"] for r in res.history if "val_median_px" in r] == [1, 2, 3]
+    weights = lambda: torch.load(tmp_path / "e" / "model.pt", weights_only=False)["state_dict"]
+    model = weights()
+    again = train_detector(two_frames, tmp_path / "e", {**TINY, "steps": 20, "eval_every": 1, "patience": 2, "min_delta_px": 1e9},
+                           progress=False, resume=True)           # a stopped run resumed: it stays stopped, trains no step more
+    assert again.stopped_early and again.steps == 3
+    assert all(torch.equal(model[k], w) for k, w in weights().items())
 
 
 def test_bad_settings(tmp_path, two_frames):
@@ -235,6 +243,7 @@ def test_bad_settings(tmp_path, two_frames):
         train_detector(two_frames, tmp_path / "a", {**TINY, "crop_hw": (96, 128)}, progress=False)
     with pytest.raises(ConfigError, match="larger than the model input"):
         train_detector(two_frames, tmp_path / "b", {**TINY, "crop_hw": (320, 512)}, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()       # refused before the run folder was made
     with pytest.raises(ConfigError, match="unknown training setting"):
         TrainConfig.from_dict({"epochs": 3})
     with pytest.raises(ConfigError, match="steps: expected an integer >= 1, got 0"):
