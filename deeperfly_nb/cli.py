@@ -6,17 +6,18 @@ Docs: https://deeperfly.github.io/deeperfly/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #a425137f
 from __future__ import annotations
-import argparse, contextlib, json, logging, os, platform, sys, time, traceback, warnings
+import argparse, contextlib, errno, json, logging, os, platform, sys, time, traceback, warnings
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from .core import DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
 
 # %% auto #0
-__all__ = ['TRAIN_EXAMPLES', 'cmd_init', 'busy_machine_hint', 'one_thread_when_busy', 'detector_lines', 'cmd_run', 'cmd_export',
-           'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect', 'cmd_synth',
-           'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args', 'cmd_crop',
-           'cmd_remap', 'cmd_lift', 'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser', 'main']
+__all__ = ['TRAIN_EXAMPLES', 'PATH_ERRNOS', 'cmd_init', 'busy_machine_hint', 'one_thread_when_busy', 'detector_lines', 'cmd_run',
+           'cmd_export', 'cmd_reconstruct', 'find_ground_truth', 'truth_for_frames', 'load_ground_truth', 'cmd_inspect',
+           'cmd_synth', 'cmd_doctor', 'parse_frames', 'parse_settings', 'cmd_train', 'crop_options_from_args',
+           'cmd_crop', 'cmd_remap', 'cmd_lift', 'cmd_train_lifter', 'cmd_pseudo_label', 'cmd_self_train', 'make_parser',
+           'is_path_error', 'main']
 
 # %% ../nbs/20_cli.ipynb #12927e77
 def _load_config(path):
@@ -982,11 +983,19 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/20_cli.ipynb #37498161
+PATH_ERRNOS = {errno.ENOENT: "", errno.ENOTDIR: " (a part of the path is a file, not a folder)", errno.EISDIR: "",
+               errno.EEXIST: "", errno.EACCES: "", errno.EPERM: "", errno.EROFS: "", errno.ENAMETOOLONG: "", errno.ENOTEMPTY: ""}
+
+def is_path_error(e:BaseException) -> bool:
+    "A system error about a path the user gave (missing, a file for a folder, no permission, ...): said, not a bug."
+    return isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in PATH_ERRNOS and bool(e.filename)
+
 def _error_line(args, e:BaseException) -> str:
-    "The one line the CLI prints for an error it understands (a full disk names the folder written to)."
+    "The one line the CLI prints for an error it understands (a full disk names the folder written to; a path error the path)."
     if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in NO_SPACE_ERRNOS:
         where = Path(e.filename).parent if getattr(e, "filename", None) else getattr(args, "out", None) or "."
         e = disk_full_error(where)
+    elif is_path_error(e): e = f"{e.filename}: {e.strerror}{PATH_ERRNOS[e.errno]}"
     return f"deeperfly {args.command}: error: {e}"
 
 def _quiet_broken_pipe():
@@ -1015,12 +1024,13 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     try:
         with warnings.catch_warnings():                                 # a library warning: one line, as the log's, not a source listing
             warnings.showwarning = lambda message, *_, **__: logging.getLogger("deeperfly").warning(str(message))
-            with open(os.devnull, "w") if args.quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
+            quiet = args.quiet and not getattr(args, "json", False)     # --json output is what was asked for
+            with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
                 return args.func(args)                                  # -q: errors only, whatever a command prints
     except BrokenPipeError:
         _quiet_broken_pipe(); return 0
     except (DeeperflyError, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno not in NO_SPACE_ERRNOS: raise
+        if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno not in NO_SPACE_ERRNOS and not is_path_error(e): raise
         if args.verbose: traceback.print_exc()
         print(_error_line(args, e), file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
            'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
-           'ensure_free_space', 'atomic_path', 'refuse_existing', 'atomic_hdf5', 'DigestCache', 'cache_root',
-           'check_shape', 'ConfigTable', 'config_field']
+           'ensure_free_space', 'atomic_path', 'refuse_existing', 'first_missing_folder', 'remove_empty_folders',
+           'undo_new_folders', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -119,7 +119,9 @@ def atomic_path(path:str|Path, # the final destination
     A full disk (at any point) becomes a `DiskFullError` naming the folder, with the temporary file removed."""
     path = Path(path)
     if path.is_dir(): raise InputError(f"{path} is a directory; expected a file path to write")
-    if not path.parent.exists(): raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: " + (f"{path.parent} is a file, not a folder" if path.parent.exists() else
+                                                     f"folder {path.parent} does not exist"))
     if need_bytes: ensure_free_space(path.parent, need_bytes)
     tmp = None
     try:
@@ -146,6 +148,32 @@ def refuse_existing(paths, # the files about to be written
     if there and not overwrite:
         more = f" (and {len(there) - 1} more of the files to write)" if len(there) > 1 else ""
         raise InputError(f"{there[0]} exists{more}; {how}")
+
+# %% ../nbs/00_core.ipynb #53a9dd02
+def first_missing_folder(path, # a folder about to be created (with its parents)
+                        ) -> Path|None:
+    "The outermost folder of `path` (itself or a parent) that does not exist yet: what creating it makes (None: it exists)."
+    p, top = Path(path).absolute(), None
+    while not p.exists(): top, p = p, p.parent
+    return top
+
+def remove_empty_folders(path, # a folder
+                         made:Path|None, # the outermost folder an operation created (`first_missing_folder` before it)
+                        ):
+    "Remove `path` and its parents up to `made` while they are empty: the folders a failed operation created."
+    if made is None: return
+    for p in [Path(path).absolute(), *Path(path).absolute().parents]:
+        if not (p == made or made in p.parents): break
+        try: p.rmdir()
+        except OSError: break
+
+@contextmanager
+def undo_new_folders(path, # the output folder the block creates
+                    ):
+    "On an error in the block, remove the folders of `path` it created that are still empty."
+    made = first_missing_folder(path)
+    try: yield Path(path)
+    except BaseException: remove_empty_folders(path, made); raise
 
 # %% ../nbs/00_core.ipynb #f255753f
 @contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
 from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_hdf5, atomic_path,
-                                disk_full_error, ensure_free_space, did_you_mean)
+                                disk_full_error, ensure_free_space, did_you_mean, first_missing_folder, remove_empty_folders)
 from .config import Config
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
@@ -170,7 +170,8 @@ class OutputLock:
 
 # %% ../nbs/19_run.ipynb #dcc64c70
 @patch
-def __enter__(self:OutputLock):
+def _lock_file(self:OutputLock) -> bool:
+    "Lock the lock file (waiting or refusing, as asked); False when a failed run removed it meanwhile (lock the new one)."
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try: fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,6 +182,14 @@ def __enter__(self:OutputLock):
                              f"add --wait to wait for it, or choose another output folder") from None
         log.info("waiting for %s to finish with %s", self.holder(), self.path.parent.parent)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+    try: same = os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+    except FileNotFoundError: same = False
+    if not same: os.close(self.fd); self.fd = None
+    return same
+
+@patch
+def __enter__(self:OutputLock):
+    while not self._lock_file(): pass                      # the folder went while we waited: lock it anew
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(self.fd, 0); os.pwrite(self.fd, json.dumps(info).encode(), 0)
     return self
@@ -967,7 +976,7 @@ class RunReport:
         return f"RunReport({self.recording} -> {self.out_dir}, {self.seconds:.1f} s)\n{rows}"
 
 # %% ../nbs/19_run.ipynb #71922a02
-SNAPSHOT = "config.toml"     # the config of the last finished run, in OUT/.deeperfly/ (never beside the user's files)
+SNAPSHOT = "config.toml"     # the config of the run that wrote results.h5, in OUT/.deeperfly/ (never beside the user's files)
 
 def config_snapshot(config:Config, # the run's config
                    ) -> str:
@@ -979,7 +988,7 @@ def config_snapshot(config:Config, # the run's config
         for m in d["pose2d"]["models"]:
             p = specs[m["name"]].weights_path
             if p is not None: m["weights"] = str(Path(p).resolve())
-    return "# the config of the last finished run in this folder (deeperfly run), every default filled in\n" + tomli_w.dumps(d)
+    return "# the config of the run that wrote this folder's results.h5 (deeperfly run), every default filled in\n" + tomli_w.dumps(d)
 
 def forced_stages(overwrite, # stage names, 'all' or True (every stage), or () (none)
                  ) -> frozenset:
@@ -991,9 +1000,12 @@ def forced_stages(overwrite, # stage names, 'all' or True (every stage), or () (
     first = min((STAGES.index(n) for n in names), default=len(STAGES))
     return frozenset(STAGES[first:])
 
-def _remove_partial_files(out:Path) -> list:
-    "Delete the temporary files (`.<name>.<random>.tmp`, see `core.atomic_path`) that a killed run left in `out`."
-    stale = [p for d in (out, out / STATE_DIR, out / STATE_DIR / "pose2d_blocks") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+def _remove_partial_files(out:Path, config:Config) -> list:
+    "Delete the temporary files (`.<name>.<random>.tmp`, see `core.atomic_path`) of the run's own outputs that a killed run left."
+    names = {Path(n).name for n in planned_outputs(config)} | {SNAPSHOT, "corrections.h5"}
+    ours = lambda d, m: m and (d != out or m[1] in names)                 # beside the user's files: only our outputs' temporaries
+    stale = [p for d in (out, out / "crops", out / STATE_DIR, out / STATE_DIR / "pose2d_blocks") if d.is_dir()
+             for p in d.glob(".*.tmp") if p.is_file() and ours(d, re.fullmatch(r"\.(.+)\.\w{8}\.tmp", p.name))]
     for p in stale: p.unlink(missing_ok=True)
     if stale: log.info("removed %d partial file(s) left by an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
     return stale
@@ -1006,6 +1018,10 @@ def _check_run_args(recording:Path, max_frames, until):
         raise InputError(f"max_frames (--max-frames) must be a positive number of frames, got {max_frames!r}")
     if until is not None and until not in STAGES:
         raise InputError(f"until={until!r}: expected one of the stages {', '.join(STAGES)}")
+
+def _write_snapshot(ctx:RunContext):
+    "Keep the run's config beside the results.h5 it just wrote (`SNAPSHOT`): review, training and pseudo-labels read it."
+    with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(ctx.config))
 
 def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     "The stages in order, stopping after `until` (None: all): ([StageOutcome], PoseResult or None)."
@@ -1023,24 +1039,22 @@ def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     if _refines(ctx.config) and reached("refinement"):
         result, otri = _refinement_stage(ctx, result, otri)
         done.append(otri)
+    if not _refines(ctx.config) or reached("refinement"): _write_snapshot(ctx)      # results.h5 is this config's now
     if not reached("visualization"): return done, result
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
 # %% ../nbs/19_run.ipynb #e94d347e
-def _first_missing(path) -> Path|None:
-    "The outermost folder of `path` (itself or a parent) that does not exist yet: what creating it makes."
-    p, top = Path(path).absolute(), None
-    while not p.exists(): top, p = p, p.parent
-    return top
-
 def _remove_unused(out:Path, made:Path|None):
     "Remove the folders a failed run made (`made` and below, down to `out`), when they hold nothing but its stubs."
     if made is None or holds_results(out): return
     shutil.rmtree(out, ignore_errors=True)
-    for p in Path(out).absolute().parents:                                 # the parents it made, when empty
-        if not (p == made or made in p.parents): break
-        try: p.rmdir()
-        except OSError: break
+    remove_empty_folders(Path(out).absolute().parent, made)              # the parents it made, when empty
+
+def _close_run(ctx:RunContext):
+    "Close the footage readers and keep the digest memo (losing it costs re-reading, nothing more)."
+    for r in ctx.readers.values(): r.close()
+    try: ctx.digests.save()
+    except (OSError, DeeperflyError): pass
 
 def run_recording(recording, # the recording's folder (footage matched by the config's [[sources]])
                   out_dir, # output folder (created if needed; locked while the run lasts)
@@ -1055,21 +1069,18 @@ def run_recording(recording, # the recording's folder (footage matched by the co
     "Run the pipeline on one recording: detect 2D, bundle-adjust, triangulate, render videos — reusing cached stages."
     t0, config, recording = time.perf_counter(), config or Config.default(), Path(recording)
     _check_run_args(recording, max_frames, until)
-    forced, made = forced_stages(overwrite), _first_missing(out_dir)
+    forced, made = forced_stages(overwrite), first_missing_folder(out_dir)
     out = prepare_output_dir(out_dir)
     try:
         with OutputLock(out, wait=wait):
-            _remove_partial_files(out)
-            ctx = prepare_run(config, recording, out, max_frames, device, progress, forced)
-            try: stages, result = _run_stages(ctx, until)
-            finally:
-                for r in ctx.readers.values(): r.close()
-                try: ctx.digests.save()                  # only a memo: losing it costs re-reading, nothing more
-                except (OSError, DeeperflyError): pass
-            if until in (None, STAGES[-1]):              # the snapshot describes a finished run's results.h5
-                with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(config))
+            try:
+                _remove_partial_files(out, config)
+                ctx = prepare_run(config, recording, out, max_frames, device, progress, forced)
+                try: stages, result = _run_stages(ctx, until)
+                finally: _close_run(ctx)
+            except BaseException:
+                _remove_unused(out, made); raise         # under the lock: a run waiting for it finds the folder gone, not half-gone
     except BaseException as e:
-        _remove_unused(out, made)                        # the folders this run made, when they hold nothing but its stubs
         if isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in NO_SPACE_ERRNOS:
             raise disk_full_error(out) from None         # a full disk met outside `atomic_path` (the lock, a video)
         raise
