@@ -46,10 +46,12 @@ class Points2D:
 _SOURCE_GLOBS = ("points2d.h5", "*.h5", "df3d_result*.pkl", "df3d/df3d_result*.pkl")
 
 def find_points2d_file(folder:Path, # the recording folder to search (its top level and a df3d/ subfolder)
+                       exclude=(), # file names that are no 2D source here (a run's own outputs, when it writes into this folder)
                       ) -> Path:
     "The single 2D source in `folder` (points2d.h5, a deeperfly .h5, or a DeepFly3D df3d_result*.pkl)."
+    skip = {"ground_truth.h5", "pose2d_candidates.h5", *exclude}
     for pattern in _SOURCE_GLOBS:
-        hits = sorted(p for p in folder.glob(pattern) if p.is_file() and p.name not in ("ground_truth.h5", "pose2d_candidates.h5"))
+        hits = sorted(p for p in folder.glob(pattern) if p.is_file() and p.name not in skip)
         if len(hits) == 1: return hits[0]
         if len(hits) > 1: raise InputError(f"{folder}: several 2D sources match {pattern!r}: {[h.name for h in hits]}; pass one file")
     raise InputError(f"{folder}: no 2D source found; expected points2d.h5, a deeperfly result (.h5) or a DeepFly3D df3d_result*.pkl")

@@ -19,18 +19,19 @@ from .config import Config
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
 from .results import PoseResult, QUALITY_LIMITS
-from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views
+from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views, find_points2d_file
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'PLAUSIBLE_FPS', 'RECORDING_FILE', 'STUB_FILES',
-           'FOREIGN_2D', 'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint', 'array_digest', 'code_version',
-           'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'resolve_fps',
-           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'holds_results', 'check_same_recording',
-           'foreign_points2d', 'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D',
-           'save_candidates', 'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream',
-           'pin_corrections', 'result_provenance', 'result_content', 'select_points2d', 'filter_points2d',
-           'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot',
-           'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'PLAUSIBLE_FPS', 'CLAIMED_FILE',
+           'RECORDING_FILE', 'STUB_FILES', 'FOREIGN_2D', 'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint',
+           'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
+           'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs', 'owned_outputs',
+           'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording', 'foreign_points2d',
+           'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates',
+           'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections',
+           'result_provenance', 'result_content', 'select_points2d', 'filter_points2d', 'view_videos', 'lift_view',
+           'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages', 'run_recording',
+           'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -57,8 +58,10 @@ def array_digest(*arrays, # numpy arrays (or None)
 
 # %% ../nbs/19_run.ipynb #90a3a79d
 STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 4, "refinement": 2, "bundle_adjustment": 2, "triangulation": 4, "lifting": 2, "visualization": 2}  # bump when run's own code for a stage changes
-STAGE_MODULES = {"pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
-                 "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"), "lifting": ("lifting", "results"), "visualization": ("visualization",)}
+STAGE_MODULES = {"detector": ("inference", "detector"), "pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
+                 "triangulation": ("pipeline", "results", "refinement"), "refinement": ("refinement", "results"),   # run's 2D [filters] call refinement
+                 "lifting": ("lifting", "results", "refinement"), "visualization": ("visualization",)}
+EXECUTION_KEYS = ("batch_size", "chunk_frames", "device")   # [pose2d] keys that say how detection runs, not what it finds
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
 _IMPORT = re.compile(r"from\s+(?:\.|deeperfly_nb\.)(\w+)\s+import|from\s+(?:\.|deeperfly_nb)\s+import\s+([\w, ]+)")
 
@@ -227,11 +230,16 @@ def planned_outputs(config:Config, # the run's config
 def owned_outputs(out:Path, # the output folder
                  ) -> set:
     "The files in `out` that deeperfly runs wrote (those named in its stage records, by this run's settings or earlier ones)."
-    owned = set()
+    owned = set(_claimed(out))
     for rec in (out / STATE_DIR).glob("*.json"):
         try: r = json.loads(rec.read_text()); owned.update(r.get("outputs", {})); owned.update(r.get("owned", []))
         except (OSError, ValueError, AttributeError, TypeError): continue
     return owned
+
+CLAIMED_FILE = "claimed.txt"    # in OUT/.deeperfly: the outputs runs were about to write, one name a line (ours before recorded)
+def _claimed(out:Path) -> list:
+    try: return (Path(out) / STATE_DIR / CLAIMED_FILE).read_text().split("\n")
+    except OSError: return []
 
 def check_no_foreign_outputs(config:Config, # the run's config
                              out:Path, # the output folder
@@ -247,9 +255,18 @@ def check_no_foreign_outputs(config:Config, # the run's config
             raise InputError(f"{p} exists and was not written by deeperfly run: refusing to replace it; "
                              f"move it, or choose another output folder with -o")
 
+def claim_outputs(config:Config, # the run's config
+                  out:Path, # the output folder, checked (`check_no_foreign_outputs`)
+                 ):
+    "Record the run's outputs as deeperfly's before any is written: a file a failed stage left unrecorded is still ours."
+    if set(planned_outputs(config)) <= set(_claimed(out)): return
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / STATE_DIR / CLAIMED_FILE) as tmp:
+        tmp.write_text("\n".join(sorted({*_claimed(out), *planned_outputs(config)} - {""})))
+
 # %% ../nbs/19_run.ipynb #dc90ff7d
 RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
-STUB_FILES = ("lock", RECORDING_FILE, "digests.json", "weights.json", "pose2d_blocks/manifest.json")   # in OUT/.deeperfly: what a
+STUB_FILES = ("lock", RECORDING_FILE, "digests.json", "weights.json", "pose2d_blocks/manifest.json", CLAIMED_FILE)   # in OUT/.deeperfly: what a
                                                      # run leaves before it has made anything (memos, the lock, an empty resume folder)
 def holds_results(out:Path, # an output folder
                  ) -> bool:
@@ -306,7 +323,8 @@ def recording_points2d(recording:Path, # a recording folder (or a 2D file)
                        config:Config, # the run's config
                       ):
     "The recording's 2D: its deeperfly / DeepFly3D file, else the one other tool's file (or per-view CSVs) in it."
-    try: return load_points2d(recording)
+    own = owned_outputs(recording) if Path(recording).is_dir() else ()     # written into it by a run: results, not its 2D
+    try: return load_points2d(find_points2d_file(Path(recording), own) if own else recording)
     except InputError as e:
         if not Path(recording).is_dir(): raise
         found = {s: sorted(Path(recording).glob(f"*{s}")) for s in FOREIGN_2D}
@@ -376,8 +394,10 @@ def prepare_run(config:Config, # the run's config
         content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
         check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
         fps, fps_source = resolve_fps(config, footage_fps)
+        if not readers and fps_source == "the footage": fps_source = f"the 2D file {Path(points.path).name}"
         if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
             ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
+        claim_outputs(config, out)
         return RunContext(config, recording, out, digests, readers, content if readers else {}, fps, fps_source,
                           max_frames, device, progress, frozenset(forced), points)
     except BaseException:                                # refused: the footage is not read after all
@@ -524,8 +544,8 @@ def _detector_fingerprint(ctx:RunContext, plan) -> str:
     pose2d, first = ctx.config.to_dict().get("pose2d", {}), {plan.pathways[i].name for st in plan.stages()[:-1] for i in st}
     pws = [p for p in pose2d.get("pathways", []) if p["name"] in first]
     pre, mods = {p.get("preprocessor") for p in pws}, sorted({p["model"] for p in pws})
-    settings = {k: v for k, v in pose2d.items() if k not in ("pathways", "preprocessors", "models", "output_points")}
-    return fingerprint({"stage": "detector", "code": code_version("pose2d"), "views": plan.view_names, "pathways": pws,
+    settings = {k: v for k, v in pose2d.items() if k not in ("pathways", "preprocessors", "models", "output_points", *EXECUTION_KEYS)}
+    return fingerprint({"stage": "detector", "code": code_version("detector"), "views": plan.view_names, "pathways": pws,
                         "preprocessors": [t for t in pose2d.get("preprocessors", []) if t["name"] in pre],
                         "models": [m for m in pose2d.get("models", []) if m["name"] in mods], "settings": settings,
                         "sources": ctx.config.to_dict().get("sources"), "footage": ctx.footage, "max_frames": ctx.max_frames,
@@ -568,10 +588,11 @@ def _write_boxes(ctx:RunContext, boxes:dict) -> list:
 def _pose2d_fingerprint(ctx:RunContext, plan) -> str:
     "What detection reads: its code, [[sources]], [pose2d], the plan's views and points, the footage and weights (content)."
     cfg = ctx.config.to_dict()
-    memo = ctx.state / "weights.json"
+    memo, rig = ctx.state / "weights.json", any(c.centre == "3d" for c in plan.cropzooms.values())   # 3D boxes: from the rig
     return fingerprint({"stage": "pose2d", "code": code_version("pose2d"), "views": plan.view_names, "points": plan.point_names,
-                        "sources": cfg.get("sources"), "pose2d": cfg.get("pose2d"), "footage": ctx.footage,
-                        "max_frames": ctx.max_frames,
+                        "sources": cfg.get("sources"), "footage": ctx.footage, "max_frames": ctx.max_frames,
+                        "pose2d": {k: v for k, v in cfg.get("pose2d").items() if k not in EXECUTION_KEYS},
+                        "cameras": cfg.get("cameras") if rig else None,
                         "weights": {n: weights_digest(plan.models[n], ctx.digests, memo)
                                     for n in dict.fromkeys(pw.model for pw in plan.pathways)}})
 
@@ -695,8 +716,9 @@ def result_provenance(ctx:RunContext, # the run
     cfg, skip = ctx.config.to_dict(), {"visualization", "interop", "cluster"} | (set() if refined else {"refinement"})
     used = {k: v for k, v in cfg.items() if k not in skip}
     used["pipeline"] = {k: v for k, v in cfg["pipeline"].items() if k not in skip}
+    read = {"inputs": {"points2d": str(Path(ctx.points2d.path).absolute())}} if ctx.points2d is not None else {}   # `points2d_files`
     return {"config": used, "recording": str(ctx.recording.absolute()), "fps_source": ctx.fps_source,
-            "frames": {"first": 0, "max_frames": ctx.max_frames}}
+            "frames": {"first": 0, "max_frames": ctx.max_frames}, **read}
 
 def result_content(res:PoseResult, # a result
                   ) -> str:
@@ -915,10 +937,11 @@ def _refinement_stage(ctx:RunContext, tri_result:PoseResult, tri:StageOutcome) -
     return _stage(ctx, "refinement", fp, compute, lambda: PoseResult.load(path))
 
 # %% ../nbs/19_run.ipynb #589b2521
-def _video_fingerprint(ctx:RunContext, vc, p2d:Pose2D, result_key:str) -> str:
-    "What one video reads: its table, the footage, the fps and the 2D (a 2D video) or the whole result (a 3D video)."
+def _video_fingerprint(ctx:RunContext, vc, result:PoseResult, result_key:str) -> str:
+    "What one video reads: its table, the footage, the fps and the result's 2D (a 2D video) or the whole result (a 3D video)."
     cfg = ctx.config.to_dict()
-    drawn = {"pose2d": p2d.content, "skeleton": cfg["skeleton"]} if vc.kind == "pose2d" else {"result": result_key}
+    drawn = ({"pose2d": array_digest(result.pts2d, result.conf), "skeleton": cfg["skeleton"]} if vc.kind == "pose2d"
+             else {"result": result_key})                # a 2D video draws the result's 2D: [filters] applied
     return fingerprint({"stage": "visualization", "code": code_version("visualization"), "video": vc.model_dump(),
                         "footage": ctx.footage, "fps": ctx.fps, **drawn})
 
@@ -934,7 +957,7 @@ def _visualization_stage(ctx:RunContext, result:PoseResult, p2d:Pose2D, tri:Stag
         name = f"visualization.{vc.name}"
         if vc.kind == "pose3d" and result.pts3d is None:
             outcomes.append(StageOutcome(name, "disabled", summary={"reason": "no 3D"})); continue
-        fp = _video_fingerprint(ctx, vc, p2d, tri.content)
+        fp = _video_fingerprint(ctx, vc, result, tri.content)
         if "visualization" not in ctx.forced and is_fresh(ctx.out, name, fp, ctx.digests):
             log.info("%s: reusing %s", name, vc.filename)
             outcomes.append(StageOutcome(name, "reused", 0.0, fp, [vc.filename]))

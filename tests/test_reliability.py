@@ -231,3 +231,42 @@ def test_a_failed_run_keeps_the_snapshot_that_matches_the_result(work, tmp_path)
     (broken / "camera_4.mp4").write_bytes(b"not a video")
     deeperfly("-q", "run", broken, "-c", work / "config.toml", "-o", out, check=False)
     assert (out / ".deeperfly" / "config.toml").read_text() == snap
+
+
+def test_what_a_run_reuses_follows_what_it_computes(tmp_path):
+    """How detection runs (batch size, chunking) re-runs nothing; a [filters] change re-renders the 2D video,
+    which draws the filtered 2D, and not only the triangulation."""
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=4)
+    run = lambda d: [s.stage for s in run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False).stages
+                     if s.status == "ran"]
+    assert "pose2d" in run(d)
+    d["pose2d"].update(batch_size=3, chunk_frames=8)
+    assert run(d) == ["triangulation"]                 # detection reused; the result's provenance records the new config
+    d["filters"] = {"min_confidence": 0.99}
+    assert run(d) == ["triangulation", "visualization.pose2d", "visualization.pose3d"]
+
+
+def test_an_output_a_failed_stage_left_unrecorded_is_still_the_folders(tmp_path):
+    "A stage that wrote pose2d.h5 and died before its record: the next run re-runs it, instead of calling the file a user's."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=4); d["pipeline"]["visualization"] = False
+    run = lambda: run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
+    run()
+    (tmp_path / "out" / ".deeperfly" / "pose2d.json").unlink()           # as if the run died between the file and its record
+    assert "pose2d" in [s.stage for s in run().stages if s.status == "ran"]
+
+
+def test_a_2d_file_run_into_its_own_folder_runs_again(tmp_path):
+    "[pipeline] pose2d off, the output folder the recording's: the second run reads the recording's 2D, not the first run's results."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=4); d["pipeline"]["visualization"] = False
+    run_recording(tmp_path / "rec", tmp_path / "det", Config.from_dict(d), progress=False, until="pose2d")
+    (tmp_path / "rec2").mkdir(); shutil.copy(tmp_path / "det" / "pose2d.h5", tmp_path / "rec2" / "mine.h5")
+    d["pipeline"]["pose2d"] = False
+    for _ in range(2):
+        rep = run_recording(tmp_path / "rec2", tmp_path / "rec2", Config.from_dict(d), progress=False)
+        assert PoseResult.load(tmp_path / "rec2" / "results.h5").points2d_files == [str(tmp_path / "rec2" / "mine.h5")]
