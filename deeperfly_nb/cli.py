@@ -10,7 +10,8 @@ import argparse, contextlib, errno, json, logging, os, platform, sys, time, trac
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing
+from .core import (DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing,
+                               undo_new_folders)
 
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'PATH_ERRNOS', 'cmd_init', 'busy_machine_hint', 'one_thread_when_busy', 'detector_lines', 'cmd_run',
@@ -116,6 +117,17 @@ def _print_run_report(r):
     from deeperfly_nb.results import quality_warnings
     for w in quality_warnings(summary, detected=r.result.detected): logging.getLogger("deeperfly").warning(w)   # -q silences it
 
+# %% ../nbs/20_cli.ipynb #a8b3019e
+def _overwrite_stages(args) -> str|tuple:
+    "`run --overwrite [STAGE ...]`: 'all', the stages, or (); a recording written after it (`--overwrite REC`) is the recording."
+    from deeperfly_nb.run import STAGES
+    given = list(args.overwrite or [])
+    if args.recording is None and given and given[-1] not in STAGES: args.recording = given.pop()
+    if args.recording is None: raise InputError("run: give the recording folder (or a folder of recordings)")
+    if bad := [s for s in given if s not in STAGES]:
+        raise InputError(f"--overwrite: unknown stage(s) {bad}{did_you_mean(bad[0], STAGES)}; stages are {', '.join(STAGES)}")
+    return "all" if args.overwrite == [] or (args.overwrite and not given) else tuple(given)
+
 # %% ../nbs/20_cli.ipynb #de2ffc7a
 def _run_on_dask(args, config, overwrite) -> int:
     "`deeperfly run` of many recordings as a Dask task graph ([cluster], --workers, --scheduler, --cluster): `batch.run_folder`."
@@ -141,9 +153,9 @@ def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
     from deeperfly_nb.run import run
+    overwrite = _overwrite_stages(args)
     config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
     if not args.config: _note_recording_config(Path(args.recording))
-    overwrite = "all" if args.overwrite == [] else (args.overwrite or ())
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
     if hint := one_thread_when_busy(args.device): logging.getLogger("deeperfly").info(hint)
@@ -447,9 +459,9 @@ def parse_frames(text:str, # e.g. '0-9' or '0,3,5-7'
     out = set()
     for part in str(text).replace(" ", "").split(","):
         if not part: continue
-        try:
-            a, _, b = part.partition("-")
-            lo, hi = int(a), int(b) if b else int(a)
+        a, dash, b = part.partition("-")
+        if dash and not b and a.isdigit(): raise InputError(f"--frames: {part!r} has no last frame; give a range like {a}-{int(a) + 9}")
+        try: lo, hi = int(a), int(b) if b else int(a)
         except ValueError: raise InputError(f"--frames: {part!r} is not a frame number or a range like 0-9") from None
         if hi < lo or lo < 0: raise InputError(f"--frames: {part!r} is not a range of frame numbers (first <= last, both >= 0)")
         out.update(range(lo, hi + 1))
@@ -665,11 +677,11 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
     "Add the `run` command (see the `run` module)."
     from deeperfly_nb.run import STAGES
     s = sub.add_parser("run", help="footage -> 2D -> bundle adjustment -> 3D -> results.h5 + overlay videos (cached stages)")
-    s.add_argument("recording", help="a recording folder (footage matched by the config's [[sources]]), "
-                                     "or a folder of recording folders")
+    s.add_argument("recording", nargs="?", help="a recording folder (footage matched by the config's [[sources]]), "
+                                                "or a folder of recording folders")
     s.add_argument("-c", "--config", help="config TOML (default: the packaged DeepFly3D rig config)")
     s.add_argument("-o", "--out", default="out", help="output folder (default: out); one subfolder per recording in batch mode")
-    s.add_argument("--overwrite", nargs="*", choices=STAGES, metavar="STAGE",
+    s.add_argument("--overwrite", nargs="*", metavar="STAGE",
                    help=f"recompute these stages (and those after them) even if cached; alone: all. Stages: {', '.join(STAGES)}")
     s.add_argument("--max-frames", type=int, help="process only the first N frames")
     s.add_argument("--device", help='torch device for detection: "cpu", "cuda", "cuda:N" or "mps" (default: [pose2d] device, else auto)')
@@ -771,15 +783,16 @@ def cmd_crop(args, # the parsed command line (see `make_parser`)
     out_hw = tuple(args.out_size) if args.out_size else None
     if out_hw is None and args.pose_model is None: out_hw = (256, 256)
     target = Path(args.target)
-    out.mkdir(parents=True, exist_ok=True)
-    if target.suffix.lower() == ".csv":
-        labels, bbox, boxes = crop_labels(target, opts, out_hw, out, detections=args.source, pose_model=args.pose_model,
-                                          device=args.device, overwrite=args.overwrite)
-        print(f"wrote {boxes.n_frames} cropped labelled frames and {labels}; boxes in {bbox}")
-    else:
-        video, bbox, boxes = crop_recording(args.source, target, opts, out_hw, out, pose_model=args.pose_model, device=args.device,
-                                            overwrite=args.overwrite)
-        print(f"wrote {video} ({boxes.n_frames} frames of {boxes.out_hw[0]}x{boxes.out_hw[1]}); boxes in {bbox}")
+    with undo_new_folders(out):                                         # refused or failed: no empty output folder left
+        out.mkdir(parents=True, exist_ok=True)
+        if target.suffix.lower() == ".csv":
+            labels, bbox, boxes = crop_labels(target, opts, out_hw, out, detections=args.source, pose_model=args.pose_model,
+                                              device=args.device, overwrite=args.overwrite)
+            print(f"wrote {boxes.n_frames} cropped labelled frames and {labels}; boxes in {bbox}")
+        else:
+            video, bbox, boxes = crop_recording(args.source, target, opts, out_hw, out, pose_model=args.pose_model,
+                                                device=args.device, overwrite=args.overwrite)
+            print(f"wrote {video} ({boxes.n_frames} frames of {boxes.out_hw[0]}x{boxes.out_hw[1]}); boxes in {bbox}")
     if boxes.filled.any(): print(f"{int(boxes.filled.sum())} frames had no confident detection: their boxes were filled in")
     return 0
 
@@ -825,18 +838,19 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.pipeline import check_replaceable_result, load_points2d, prepare_output_dir
     from deeperfly_nb.run import foreign_points2d, lift_view
     config = _load_config(args.config)
-    out = prepare_output_dir(args.out)
-    check_replaceable_result(out / "results.h5", args.overwrite)        # before any work
-    src = Path(args.source[0])
-    if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
-    else:
-        pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(src)
-        base = PoseResult(pts.pts2d, pts.conf, config.camera_group(image_sizes={k: v for k, v in pts.image_sizes.items()} or None),
-                          config.skeleton(), fps=pts.fps)
-    res = lift_view(base, args.model, args.view, args.min_confidence, key=f"--view (views of {src})")
-    res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
-    res.save(out / "results.h5")
-    print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.lifted_from_view!r} with {args.model}")
+    with undo_new_folders(args.out):                                  # refused or failed: no empty output folder left
+        out = prepare_output_dir(args.out)
+        check_replaceable_result(out / "results.h5", args.overwrite)        # before any work
+        src = Path(args.source[0])
+        if len(args.source) == 1 and src.suffix.lower() == ".h5" and not src.is_dir(): base = PoseResult.load(src)
+        else:
+            pts = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(src)
+            base = PoseResult(pts.pts2d, pts.conf, config.camera_group(image_sizes={k: v for k, v in pts.image_sizes.items()} or None),
+                              config.skeleton(), fps=pts.fps)
+        res = lift_view(base, args.model, args.view, args.min_confidence, key=f"--view (views of {src})")
+        res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
+        res.save(out / "results.h5")
+        print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.lifted_from_view!r} with {args.model}")
     return 0
 
 def _add_lift_parser(sub, # the subparsers of `make_parser`
@@ -1035,6 +1049,8 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
         print(_error_line(args, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deeperfly {args.command}: interrupted" + ("; run it again to resume" if args.command == "run" else ""),
+        print(f"deeperfly {args.command}: interrupted" + ("; run it again: it reuses the stages that finished, and detection "
+                                                          "resumes from its last saved block (8 x [pose2d] chunk_frames "
+                                                          "frames: 128 by default)" if args.command == "run" else ""),
               file=sys.stderr)
         return 130

@@ -117,6 +117,13 @@ class PipelineConfig(_Table):
     fps: _PosFloat|None = _field(None, "a positive number (frames per second)")
     fallback_fps: _PosFloat = _field(100.0, "a positive number (frames per second when neither fps nor the footage gives one)")
 
+    @model_validator(mode="after")
+    def _stages(self):
+        if self.refinement and not self.triangulation:        # refinement refines the 3D that triangulation (or lifting) makes
+            raise _Problems([("refinement", "true, but triangulation is false: it refines the 3D that triangulation (or [lifting]) "
+                                            "makes; turn triangulation on, or refinement off")])
+        return self
+
 # %% ../nbs/10_config.ipynb #fa6bfd0b
 class SourceConfig(_Table):
     "`[[sources]]`: a named footage source: a pattern, or a list of alternatives (the first that matches is read)."

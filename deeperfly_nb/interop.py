@@ -37,8 +37,8 @@ def _need(module:str, # the module to import
     "Import an optional dependency, or an InputError saying what to install."
     import importlib
     try: return importlib.import_module(module)
-    except ImportError: raise InputError(f"{what} needs the '{package}' package: pip install {package} "
-                                         f"(or pip install 'deeperfly[interop]')") from None
+    except ImportError: raise InputError(f"reading or writing {what} needs the '{package}' package: pip install {package} "
+                                         f"(or every interop package: pip install 'deeperfly[interop]', or -e '.[interop]' in a clone)") from None
 
 # %% ../nbs/16a_interop.ipynb #bb957d50
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/io.html.md"""
 
 # %% ../nbs/08_io.ipynb #6bb23679
 from __future__ import annotations
-import glob, logging, operator, os, re, warnings
+import fnmatch, glob, logging, operator, os, re, warnings
 from bisect import bisect_right
 from fractions import Fraction
 from pathlib import Path
@@ -423,7 +423,9 @@ def find_source(folder:str|Path, # the recording's folder
         if videos: return VideoReader(folder / videos[0])
         if images: return ImageSequenceReader(folder / pat)
         raise InputError(f"{folder / pat} matches neither videos nor images: {[h.name for h in hits][:6]}")
-    raise InputError(f"no footage in {folder} matches any of {pats} (tried in this order)")
+    near = sorted({f.name for f in folder.iterdir() for p in pats if "/" not in p and fnmatch.fnmatch(f.name.lower(), p.lower())})
+    raise InputError(f"no footage in {folder} matches any of {pats} (tried in this order)" + (f"; these would but for upper or lower "
+                     f"case: {near[:4]}: rename them, or set the [[sources]] pattern" if near else ""))
 
 # %% ../nbs/08_io.ipynb #86b453d5
 def synchronized_length(readers:dict, # {source name: FrameReader} of synchronized views

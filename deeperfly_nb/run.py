@@ -1117,6 +1117,11 @@ def _has_footage(config:Config, folder:Path) -> bool:
         except InputError: return False
     return any(next(folder.glob(p), None) is not None for s in config.detection_plan().sources for p in s.patterns)
 
+def _holds_media(folder:Path) -> bool:
+    "Does `folder` hold a video or image file (footage its sources may not name)?"
+    from deeperfly_nb.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+    return any(p.suffix.lower() in (*VIDEO_SUFFIXES, *IMAGE_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
 def find_recordings(path, # a recording folder, or a folder of recording folders
                     config:Config|None=None, # whose sources say what footage looks like
                    ) -> list:
@@ -1126,7 +1131,7 @@ def find_recordings(path, # a recording folder, or a folder of recording folders
         raise InputError(f"{path}: " + ("is a file; expected a recording folder" if path.exists() else "no such folder"))
     if _has_footage(config, path): return [path]
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found = [p for p in subs if _has_footage(config, p)]
+    found = [p for p in subs if _has_footage(config, p) or (config.pipeline.pose2d and _holds_media(p))]   # run: fails, named
     if found: return found
     if config.pipeline.pose2d:      # explain with the single-recording error, which names every missing source
         from deeperfly_nb.inference import open_sources
@@ -1160,7 +1165,7 @@ def run(path, # a recording folder, or a folder of recording folders
     for i, rec in enumerate(recs):
         log.info("recording %d/%d: %s", i + 1, len(recs), rec.name)
         try: reports.append(run_recording(rec, out / rec.name, config, **kwargs))
-        except (DeeperflyError, OSError, RuntimeError) as e:
+        except Exception as e:                        # one recording's failure, whatever it is, stops no other
             failures[str(rec)] = f"{type(e).__name__}: {e}"
-            log.error("recording %s failed: %s", rec.name, e)
+            log.error("recording %s failed: %s", rec.name, e, exc_info=not isinstance(e, (DeeperflyError, OSError)))  # a bug: its trace
     return BatchReport(reports, failures, round(time.perf_counter() - t0, 3))

@@ -231,3 +231,16 @@ def test_other_libraries_info_lines_only_with_verbose(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "our own line" in r.stderr, r.stderr
         assert ("dask chatter" in r.stderr) == chatter, (flags, r.stderr)
+
+
+def test_a_refused_command_leaves_no_folder_and_no_traceback(tmp_path):
+    "crop and lift refused (a missing input) leave no empty output folder; a file where a folder belongs is one line, exit 2."
+    for args, out in ((["crop", "none.csv", "none.mp4", "-o", "cropout"], "cropout"),
+                      (["lift", "none.h5", "-m", "lifter", "-o", "lifted/a/b"], "lifted")):
+        p = run_cli(*args, cwd=tmp_path)
+        assert p.returncode == 2 and "does not exist" in p.stderr and not (tmp_path / out).exists(), (args, p.stderr)
+    (tmp_path / "afile").write_text("notes")
+    p = run_cli("synth", "afile/rec", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == "deeperfly synth: error: afile/rec: Not a directory (a part of the path is a file, not a folder)"
+    p = run_cli("run", "--overwrite", "nowhere", "--max-frames", "1", cwd=tmp_path)      # the recording after a bare --overwrite
+    assert p.returncode == 2 and p.stderr.strip() == "deeperfly run: error: nowhere: no such folder", p.stderr
