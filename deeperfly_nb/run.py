@@ -23,15 +23,15 @@ from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_di
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'PLAUSIBLE_FPS', 'CLAIMED_FILE',
-           'RECORDING_FILE', 'STUB_FILES', 'FOREIGN_2D', 'CANDIDATES', 'LIFTER_FILES', 'SNAPSHOT', 'fingerprint',
+           'RECORDING_FILE', 'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'SNAPSHOT', 'fingerprint',
            'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
            'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs', 'owned_outputs',
            'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording', 'foreign_points2d',
-           'recording_points2d', 'RunContext', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates',
-           'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections',
-           'result_provenance', 'result_content', 'select_points2d', 'filter_points2d', 'view_videos', 'lift_view',
-           'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages', 'run_recording',
-           'find_recordings', 'BatchReport', 'run']
+           'recording_points2d', 'RunContext', 'check_lifter_files', 'prepare_run', 'StageOutcome', 'Pose2D',
+           'save_candidates', 'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream',
+           'pin_corrections', 'result_provenance', 'result_content', 'select_points2d', 'filter_points2d',
+           'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot',
+           'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -356,6 +356,26 @@ class RunContext:
         "The output folder's state folder (records, digests, lock, snapshot)."
         return self.out / STATE_DIR
 
+# %% ../nbs/19_run.ipynb #cd3db9fd
+LIFTER_FILES = ("lifter.json", "ckpt_best.pth")   # what `lifting.load_lifter` reads from a lifter's folder
+
+def check_lifter_files(folder:Path, # the `[lifting] model` folder
+                      ):
+    "An `InputError` unless `folder` holds a trained lifter's files (`LIFTER_FILES`)."
+    if not folder.is_dir(): raise InputError(f"[lifting] model = {str(folder)!r}: no such folder (expected a lifter trained by lifting.train)")
+    missing = [n for n in LIFTER_FILES if not (folder / n).is_file()]
+    if missing: raise InputError(f"[lifting] model = {str(folder)!r} is not a lifter's folder: {', '.join(missing)} missing")
+
+def _check_later_inputs(config:Config, out:Path, n_frames:int, max_frames:int|None):
+    "What the stages after detection read, checked before it: the lifter's folder, and the corrections sidecar's frames."
+    from deeperfly_nb.corrections import CORRECTIONS, read_corrections
+    if config.model.lifting is not None: check_lifter_files(config.lifter_folder())
+    if not (out / CORRECTIONS).is_file(): return
+    try: read_corrections(out / CORRECTIONS, config.view_names, config.skeleton().point_names, n_frames)
+    except InputError as e:
+        if max_frames is None: raise
+        raise InputError(f"{e} (this run's --max-frames {max_frames}): run without --max-frames, or into another folder") from None
+
 # %% ../nbs/19_run.ipynb #1b0b9dc7
 def _estimated_output_bytes(config:Config, readers:dict, max_frames) -> int:
     "A generous size of pose2d.h5 + results.h5 (float64 2D, confidences, 3D and errors, uncompressed)."
@@ -393,6 +413,8 @@ def prepare_run(config:Config, # the run's config
         check_no_foreign_outputs(config, out, inputs)
         content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
         check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
+        n = points.pts2d.shape[1] if points else min(min(r.count() for r in readers.values()), max_frames or 2**62)
+        _check_later_inputs(config, out, n, max_frames)
         fps, fps_source = resolve_fps(config, footage_fps)
         if not readers and fps_source == "the footage": fps_source = f"the 2D file {Path(points.path).name}"
         if readers and not (out / "pose2d.h5").exists():   # detection will run: make sure its results will fit
@@ -827,8 +849,6 @@ def _triangulation_stage(ctx:RunContext, p2d:Pose2D, cameras:CameraGroup, rig:St
     return _stage(ctx, "triangulation", fp, compute, lambda: PoseResult.load(path))
 
 # %% ../nbs/19_run.ipynb #435b41ba
-LIFTER_FILES = ("lifter.json", "ckpt_best.pth")   # what `lifting.load_lifter` reads from a lifter's folder
-
 def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
               model, # the lifter's folder (`lifting.train`'s output_folder)
               view:str|None=None, # the view to lift (None: the one the lifter was trained for, else the first)
@@ -854,9 +874,7 @@ def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
 
 def _lifter_digests(ctx:RunContext, folder:Path) -> dict:
     "{file: content digest} of what loading the lifter reads; a clear error when the folder is not a lifter's."
-    if not folder.is_dir(): raise InputError(f"[lifting] model = {str(folder)!r}: no such folder (expected a lifter trained by lifting.train)")
-    missing = [n for n in LIFTER_FILES if not (folder / n).is_file()]
-    if missing: raise InputError(f"[lifting] model = {str(folder)!r} is not a lifter's folder: {', '.join(missing)} missing")
+    check_lifter_files(folder)
     return {n: ctx.digests.digest(folder / n) for n in LIFTER_FILES}
 
 # %% ../nbs/19_run.ipynb #7fa76dcd

@@ -270,3 +270,15 @@ def test_a_2d_file_run_into_its_own_folder_runs_again(tmp_path):
     for _ in range(2):
         rep = run_recording(tmp_path / "rec2", tmp_path / "rec2", Config.from_dict(d), progress=False)
         assert PoseResult.load(tmp_path / "rec2" / "results.h5").points2d_files == [str(tmp_path / "rec2" / "mine.h5")]
+
+
+def test_a_missing_lifter_is_said_before_detection(tmp_path):
+    "A [lifting] folder that holds no lifter is refused before detection runs (and writes nothing)."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.core import InputError
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=4); d["pipeline"]["visualization"] = False
+    d["lifting"] = {"model": str(tmp_path / "nowhere"), "view": "rm"}
+    with pytest.raises(InputError, match=r"\[lifting\] model = .*nowhere.*no such folder"):
+        run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,10 @@ def test_corrections_rerun_only_downstream_stages(tmp_path, torch_one_thread):
     np.testing.assert_array_equal(after.pts2d[untouched], raw.pts2d[untouched])
     np.testing.assert_array_equal(PoseResult.load(out / "pose2d.h5").pts2d, raw.pts2d, "the detections file stays as detected")
     assert ran(run_recording(rec, out, config, progress=False)) == []        # the same corrections: cached
+    detected = (out / "pose2d.h5").read_bytes()
+    with pytest.raises(InputError, match=r"it is for 6 frames, this recording has 3 \(this run's --max-frames 3\): run without"):
+        run_recording(rec, out, config, progress=False, max_frames=3)             # refused before detection replaces anything
+    assert (out / "pose2d.h5").read_bytes() == detected
     (out / CORRECTIONS).unlink()
     assert ran(run_recording(rec, out, config, progress=False)) == ["bundle_adjustment", "triangulation"]
     np.testing.assert_array_equal(PoseResult.load(out / "results.h5").pts3d, before.pts3d)

@@ -108,6 +108,7 @@ def test_bad_lifting_input_is_named(lifter, recording, tmp_path):
     rec, _ = recording
     with pytest.raises(InputError, match=r"\[lifting\] model = .*nowhere.*no such folder"):
         run_recording(rec, tmp_path / "out", config(tmp_path / "nowhere"), progress=False)
+    assert not (tmp_path / "out").exists()                      # said before detection, which wrote nothing
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="is not a lifter's folder: lifter.json, ckpt_best.pth missing"):
         run_recording(rec, tmp_path / "out", config(tmp_path / "empty"), progress=False)
