@@ -228,11 +228,18 @@ def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
 def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "2D source -> bundle adjustment -> triangulation -> results.h5."
-    from deeperfly_nb.pipeline import reconstruct
-    from deeperfly_nb.run import foreign_points2d
+    from dataclasses import replace
+    from deeperfly_nb.pipeline import load_points2d, reconstruct
+    from deeperfly_nb.run import filter_points2d, foreign_points2d, resolve_fps
     config = _load_config(args.config)
     t0 = time.perf_counter()
-    source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or args.source[0]
+    source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(args.source[0])
+    if config.model.filters.peaks != "top1":
+        raise InputError("[filters] peaks chooses among a detector's candidate peaks, which a 2D file does not hold: set it to "
+                         "\"top1\" for reconstruct, or detect with deeperfly run")
+    pts2d, conf, dropped = filter_points2d(config.model.filters, source.pts2d, source.conf)     # [filters], as run applies them
+    if dropped: logging.getLogger("deeperfly").info("[filters] dropped %s", dropped)
+    source = replace(source, pts2d=pts2d, conf=conf, fps=resolve_fps(config, source.fps)[0])
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
     from deeperfly_nb.results import quality_warnings

@@ -244,3 +244,17 @@ def test_a_refused_command_leaves_no_folder_and_no_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == "deeperfly synth: error: afile/rec: Not a directory (a part of the path is a file, not a folder)"
     p = run_cli("run", "--overwrite", "nowhere", "--max-frames", "1", cwd=tmp_path)      # the recording after a bare --overwrite
     assert p.returncode == 2 and p.stderr.strip() == "deeperfly run: error: nowhere: no such folder", p.stderr
+
+
+def test_reconstruct_applies_the_configs_filters(tmp_path):
+    "reconstruct drops the 2D [filters] drop, as run does (it used to record the filters in the result and ignore them)."
+    from deeperfly_nb.config import default_config_text
+    from deeperfly_nb.results import PoseResult
+    from deeperfly_nb.synth import write_example
+    write_example(tmp_path / "rec", n_frames=8, seed=3)
+    p = PoseResult.load(tmp_path / "rec" / "points2d.h5")
+    p.conf[0] = 0.5; p.save(tmp_path / "rec" / "points2d.h5")         # one camera's 2D below the config's threshold
+    (tmp_path / "strict.toml").write_text(default_config_text().replace("min_confidence = 0.0       #", "min_confidence = 0.9       #"))
+    assert run_cli("reconstruct", "rec", "-o", "out", "-c", "strict.toml", cwd=tmp_path).returncode == 0
+    res = PoseResult.load(tmp_path / "out" / "results.h5")
+    assert np.isnan(res.pts2d[0]).all() and np.isfinite(res.pts2d[1:]).any()
