@@ -427,7 +427,7 @@ def _check_bundled_model() -> tuple:
     windows = {s: np.repeat(rec.frames[plan.view_names.index(v)][..., None], 3, -1) for v, s in plan.view_sources().items()}
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)            # a small job; on a busy 2-core machine 2 threads took 26 s, 1 thread 4 s
+        torch.set_num_threads(1)            # a small job: on a busy machine one thread is the faster
         pts2d, _ = detect_sequence(plan, load_models(plan), windows)
     finally: torch.set_num_threads(threads)
     err = np.linalg.norm(pts2d - np.where(np.isfinite(pts2d), rec.pts2d, np.nan), axis=-1)
@@ -974,7 +974,7 @@ def _add_self_train_parser(sub, # the subparsers of `make_parser`
     s.add_argument("-o", "--out", required=True, help="the self-training folder: round_<r>/ (runs, label files, training), final/, rounds.json")
     s.add_argument("-c", "--config", help="config TOML whose model is adapted (default: the packaged one)")
     s.add_argument("--model", metavar="[NAME=]PATH", help="start from this model deeperfly trained instead of the config's")
-    s.add_argument("--rounds", type=int, default=3, help="rounds (default 3; the gains usually flatten after 2-3)")
+    s.add_argument("--rounds", type=int, default=3, help="rounds (default 3; in bench/results/mujoco_finetune.json the gains flattened after 2)")
     s.add_argument("--steps", type=int, help="training steps per round (default 600: ~12 min on one CPU thread)")
     s.add_argument("--threshold-px", type=float, default=20.0, help="a view agrees within this reprojection error, pixels (default 20)")
     s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
