@@ -332,6 +332,9 @@ def corrections_to_labels(corrections:Corrections, # the corrections
         raise InputError(f"the skeleton {skeleton.name!r} does not name the corrections' points {corrections.point_names[:3]}…")
     corrected, _ = apply_corrections(pts2d, conf, corrections)
     frames, lab = corrected_label_points(corrected, corrections, only_corrected)
+    if not np.isfinite(lab).any():                              # every correction says "unseen": no position to learn
+        raise InputError(f"the {len(corrections)} correction(s) all mark points unseen" + ("" if only_corrected else
+                         ", and the other points of their frames are unseen too") + ": they give no labelled position to train on")
     missing = [v for v in corrections.view_names if v not in patterns]
     if missing: raise InputError(f"no footage pattern for view(s) {missing}; patterns are given for {sorted(patterns)}")
     store = RecordingFrames(recording, {v: patterns[v] for v in corrections.view_names}, frames)
@@ -351,16 +354,20 @@ def is_corrections_file(path, # any file
     except (OSError, ValueError): return False
 
 # %% ../nbs/16c_corrections.ipynb #8a9db11c
-def _output_detections(out:Path, cs:Corrections):
-    "(result, pts2d, conf): the run's result and the uncorrected detections of the output folder `out`."
+def _output_result(out:Path):
+    "The result of the run whose folder `out` holds a corrections sidecar."
     from deeperfly_nb.results import PoseResult
     if not (out / "results.h5").is_file():
         raise InputError(f"{out} holds no results.h5: a corrections sidecar is read beside the results of the run it corrects")
-    res = PoseResult.load(out / "results.h5")
+    return PoseResult.load(out / "results.h5")
+
+def _uncorrected(out:Path, res, cs:Corrections) -> tuple:
+    "(pts2d, conf): the folder's detections (pose2d.h5), else the result's 2D with `cs` (in the result's order) undone."
+    from deeperfly_nb.results import PoseResult
     if (out / "pose2d.h5").is_file():
         d = PoseResult.load(out / "pose2d.h5")
-        if d.pts2d.shape == res.pts2d.shape: return res, d.pts2d, d.conf
-    return (res, *restore_detections(res.pts2d, res.conf, cs))
+        if d.pts2d.shape == res.pts2d.shape: return d.pts2d, d.conf
+    return restore_detections(res.pts2d, res.conf, cs)
 
 def sidecar_detector_weights(path, # a corrections sidecar
                             ) -> dict:
@@ -378,10 +385,9 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
     from deeperfly_nb.config import Config
     from deeperfly_nb.labels import view_patterns
     path = Path(path); out = path.parent
-    with _open_sidecar(path) as f: views, points, n = json.loads(_attr(f, "view_names", "[]")), json.loads(_attr(f, "point_names", "[]")), int(f.attrs.get("n_frames", -1))
-    cs = read_corrections(path, views, points, n)
-    res, pts2d, conf = _output_detections(out, cs)
-    made_over = read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames)
+    res = _output_result(out)
+    made_over = read_corrections(path, res.view_names, res.skeleton.point_names, res.n_frames)     # in the result's order
+    pts2d, conf = _uncorrected(out, res, made_over)
     cs = corrections_over(made_over, pts2d, conf, res.meta.get("recording"), path, res.detector_weights)
     if cs.detections_key != made_over.detections_key and not only_corrected:   # the frames' other points: a detector run since
         logging.getLogger("deeperfly").warning(f"{path}: the detector ran again since these corrections were made, so the other "

@@ -790,6 +790,8 @@ def concat_samples(sets:list, # SampleSets of the same model (pathways, channels
 def _check_fit(labels:LabelSet, plan:DetectionPlan, occluded:str):
     "The labels' views and skeleton belong to the plan."
     if occluded not in ("label", "ignore"): raise InputError(f"occluded must be 'label' or 'ignore', got {occluded!r}")
+    if occluded == "ignore" and labels.visible is None:       # else every point would count as visible: nothing ignored
+        raise InputError("occluded='ignore' needs the labels' visibility (labels.visible), which these labels do not record")
     unknown = [v for v in labels.view_names if v not in plan.view_names]
     if unknown: raise InputError(f"label view(s) {unknown} are not views of the plan ({plan.view_names})")
     if list(labels.skeleton.point_names) != list(plan.point_names):

@@ -144,6 +144,9 @@ def test_occluded_labels_can_be_dropped():
     i = keep.pathway_names.index("rh")
     assert np.isfinite(keep.keypoints[keep.pathway == i][0, 0]).all() and not keep.visible[keep.pathway == i][0, 0]
     assert np.isnan(drop.keypoints[drop.pathway == i][0, 0]).all()
+    ls.visible = None                                                     # labels that do not say what is hidden
+    with pytest.raises(InputError, match="occluded='ignore' needs the labels' visibility"):
+        pathway_samples(ls, PLAN, occluded="ignore")
 
 
 def test_channel_names_of_the_default_model():
