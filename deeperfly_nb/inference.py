@@ -97,6 +97,11 @@ def _one_view(b, v:int):
     from deeperfly_nb.cropzoom import CropBoxes
     return CropBoxes(b.corner_px[v:v + 1], b.hw_px[v:v + 1], b.out_hw, b.filled[v:v + 1], (b.image_hw[v],))
 
+def _rig_for(plan:DetectionPlan, cameras, sizes:dict):
+    "The rig for centre = \"3d\" crops: `cameras`, or what a callable (`config.camera_group`) makes of the footage sizes {source: (H, W)}."
+    if cameras is None or hasattr(cameras, "project") or not any(s.centre == "3d" for s in plan.cropzooms.values()): return cameras
+    return cameras({v: tuple(sizes[s]) for v, s in plan.view_sources().items()})
+
 def _boxes_3d(plan:DetectionPlan, upstream:dict, names:list, out_hw:tuple, cameras) -> dict:
     "{name: one-view CropBoxes} of centre = '3d' pathways sharing a preprocessor: every view's upstream points, one 3D centre."
     from deeperfly_nb.cropzoom import boxes_from_3d
@@ -199,7 +204,7 @@ def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways,
                     models:dict, # {model name: LoadedModel}, from `detector.load_models(plan)`
                     windows:dict, # {source name: (T, H, W, 3) uint8 frames}
                     batch_size:int=16, # images per forward pass
-                    cameras=None, # the rig (CameraGroup, view order), for centre = "3d" cropzoom pathways
+                    cameras=None, # centre = "3d" cropzoom: the rig (CameraGroup, view order), or {view: (H, W)} -> it
                     top_k:int=0, # also keep the top_k best peaks of every heatmap as candidates (0: only the best)
                    ) -> tuple:
     """Detect 2D keypoints in synchronized frames: (pts2d (V, T, N, 2) pixels, conf (V, T, N)), NaN where unseen; with
@@ -207,6 +212,7 @@ def detect_sequence(plan:DetectionPlan, # the detection plan (sources, pathways,
     T, top_k = _check_windows(plan, windows), _check_top_k(top_k)
     arrays = _new_arrays(plan.n_views, T, plan.n_points, top_k)
     outputs, sizes, boxes = {}, {s: windows[s].shape[1:3] for s in windows}, {}
+    cameras = _rig_for(plan, cameras, sizes)      # a rig, or a callable making one for these sizes, as detect_2d takes
     stages = plan.stages()            # one stage unless the plan crops: then each stage's boxes come from the one before
     for k, stage in enumerate(stages):
         crops, last = _stage_crops(plan, stage, outputs, sizes, boxes, cameras), k == len(stages) - 1
@@ -335,6 +341,14 @@ def _start_decoding(readers:dict, n:int, chunk:int, start:int, stop:threading.Ev
     worker.start()
     return q, worker
 
+def _stop_decoding(worker, stop:threading.Event) -> bool:
+    "Stop the background decoder and wait for it (it ends after the chunk it decodes); False when it is stuck after a minute."
+    stop.set()
+    if worker is None: return True
+    worker.join(timeout=60)               # its readers must not be closed, or read again, while it decodes with them
+    if worker.is_alive(): log.warning("the footage decoder did not stop within a minute: its readers are left open")
+    return not worker.is_alive()
+
 def _footage_facts(plan:DetectionPlan, readers:dict) -> tuple:
     "({view: (H, W)}, fps or None) of the footage; a warning when the sources disagree on the frame rate."
     sizes = {v: tuple(readers[s].frame_size) for v, s in plan.view_sources().items() if s in readers}
@@ -358,7 +372,7 @@ def _stream_pass(plan:DetectionPlan, models:dict, readers:dict, n:int, idx:list,
             for i, (xy, c) in _detect_pathways(plan, models, idx, frames, batch_size, crops, a).items(): out[i][0][a:a + t], out[i][1][a:a + t] = xy, c
             got += t; bar.update(t)
     finally:
-        stop.set(); worker.join(timeout=5)
+        _stop_decoding(worker, stop)
     if got < n: raise InputError(f"the footage ended after {got} of {n} frames")
     return {plan.pathways[i].name: o for i, o in out.items()}
 
@@ -385,8 +399,7 @@ def _earlier_stages(plan:DetectionPlan, models:dict, readers:dict, n:int, upstre
         return {}, {}
     stages, outputs, boxes = plan.stages(), _check_upstream(plan, upstream, n), dict(boxes or {})
     sizes = {s: tuple(r.frame_size) for s, r in readers.items()}
-    if cameras is not None and not hasattr(cameras, "project") and any(s.centre == "3d" for s in plan.cropzooms.values()):
-        cameras = cameras({v: sizes[s] for v, s in plan.view_sources().items()})      # e.g. config.camera_group, given the footage sizes
+    cameras = _rig_for(plan, cameras, sizes)                       # e.g. config.camera_group, given the footage sizes
     for k, stage in enumerate(stages[:-1]):
         todo = [i for i in stage if plan.pathways[i].name not in outputs]
         if not todo: continue
@@ -485,6 +498,5 @@ def detect_2d(plan:DetectionPlan, # the detection plan
                           upstream=up, boxes=crop_sets, cands=arrays.get("cands"), scores=arrays.get("scores"))
     finally:
         if bar is not None: bar.close()                 # ends its line: an error is printed on a line of its own
-        stop.set()
-        if worker is not None: worker.join(timeout=5)
-        for r in readers.values(): r.close()
+        if _stop_decoding(worker, stop):
+            for r in readers.values(): r.close()

@@ -243,6 +243,13 @@ def test_3d_centre_plan_end_to_end(tiny):
         np.testing.assert_allclose(b.corner_px[0] - 0.5 + b.hw_px[0, :, ::-1] / 2, uv[v], atol=0.5)
         inside = (det.pts2d[v, :, pw.mapping[:, 2]] >= b.corner_px[0] - 0.5) & (det.pts2d[v, :, pw.mapping[:, 2]] <= b.corner_px[0] - 0.5 + b.hw_px[0, :, ::-1])
         assert inside.all(), pw.name                                                     # every pose point lies in its crop
+    from deeperfly_nb.inference import detect_sequence, open_sources
+    readers = open_sources(plan, rec)
+    windows = {s: np.stack([r[t] for t in range(2)]) for s, r in readers.items()}
+    for r in readers.values(): r.close()
+    with pytest.raises(InputError, match="no frame has an anchor point seen by two agreeing views"):   # a random finder's points
+        detect_sequence(plan, models, windows, cameras=rig_for)       # the same rig argument detect_2d takes: it is used
+    assert len(asked) == 2 and set(asked[1]) == set(plan.view_names)
 
 
 def test_a_cropzoom_pathway_learns_from_crops_not_whole_frames(base, tmp_path):
