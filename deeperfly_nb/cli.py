@@ -113,7 +113,8 @@ def _print_run_report(r):
     for line in detector_lines(r.result): print(f"  {line}")
     summary = r.result.summary()
     if (e := summary["reprojection_error_px"]) is not None:
-        print(f"  reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
+        print(f"  reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations"
+              + (" (lifted 3D sits at a typical depth: this does not score it)" if r.result.lifted_from_view else ""))
     from deeperfly_nb.results import quality_warnings
     for w in quality_warnings(summary, detected=r.result.detected): logging.getLogger("deeperfly").warning(w)   # -q silences it
 

@@ -393,6 +393,10 @@ def summary(self:PoseResult) -> dict:
            "detector_weights": self.detector_weights}                               # {model: weights} that made the 2D
     if self.pts3d is not None: out.update(_summary_3d(self))
     if e is not None: out["reprojection_error_px"] = _reprojection_summary(self, e)
+    if self.lifted_from_view is not None and self.pts3d is not None:      # points with 3D that the lifted view never sees
+        seen = np.isfinite(self.pts2d[self.view_names.index(self.lifted_from_view)]).all(-1).any(0)
+        made = np.isfinite(self.pts3d).all(-1).any(0)
+        out["lifted_unseen_points"] = [n for n, s, m in zip(self.skeleton.point_names, seen, made) if m and not s]
     return out
 
 # %% ../nbs/05_results.ipynb #deb69286
@@ -466,6 +470,9 @@ def quality_warnings(summary:dict, # from `PoseResult.summary()`
         out.append(f"the frame rate is {fps:g} frames per second, which is implausible for behaviour video: give "
                    "`deeperfly run --fps <your camera's rate>` or set [pipeline] fps (times and velocities use it)")
     r, b = summary.get("reprojection_error_px"), summary.get("bone_length_cv")
+    if lifted and (unseen := summary.get("lifted_unseen_points")):
+        out.append(f"{len(unseen)} points with 3D are never seen by view {lifted!r} ({', '.join(unseen[:3])}, ...): their 3D is the "
+                   "lifter's inference from the points it sees, not a measurement")
     if r and r.get("median") is not None and r["median"] > limits["reprojection_median_px"] and not lifted:
         out.append(f"median reprojection error {r['median']:.1f} px is above {limits['reprojection_median_px']:g} px: {fix()}")
     if b and b.get("median") is not None and b["median"] > limits["bone_length_cv_median"]:
