@@ -717,6 +717,8 @@ def _bundle_adjustment_stage(ctx:RunContext, p2d:Pose2D) -> tuple:
     config, cfg = ctx.config, ctx.config.to_dict()
     cams0 = config.camera_group(image_sizes=p2d.image_sizes or None)
     if not config.pipeline.bundle_adjustment or config.model.lifting is not None:     # one lifted camera: nothing to adjust
+        if "cameras.toml" in owned_outputs(ctx.out) and (ctx.out / "cameras.toml").is_file():   # an earlier run's rig: not this result's
+            (ctx.out / "cameras.toml").unlink(); log.info("removed cameras.toml: an earlier run's, with bundle adjustment on")
         return cams0, StageOutcome("bundle_adjustment", "disabled", content=_rig_content(cams0))
     fp = fingerprint({"stage": "bundle_adjustment", "code": code_version("bundle_adjustment"), "cameras": cfg["cameras"],
                       "skeleton": cfg["skeleton"], "bundle_adjustment": cfg["bundle_adjustment"], "pose2d": p2d.content})

@@ -282,3 +282,15 @@ def test_a_missing_lifter_is_said_before_detection(tmp_path):
     with pytest.raises(InputError, match=r"\[lifting\] model = .*nowhere.*no such folder"):
         run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_turning_bundle_adjustment_off_removes_the_earlier_rig(tmp_path):
+    "cameras.toml beside a result made without bundle adjustment would claim a refined rig the result does not use."
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    d = tiny_recording(tmp_path, n_frames=4); d["pipeline"]["visualization"] = False
+    run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
+    assert (tmp_path / "out" / "cameras.toml").is_file()
+    d["pipeline"]["bundle_adjustment"] = False
+    run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
+    assert not (tmp_path / "out" / "cameras.toml").exists()
