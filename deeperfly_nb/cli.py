@@ -917,13 +917,16 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
     recording = args.recording or result.meta.get("recording")
     if not recording: raise InputError(f"{args.result} does not name its recording; give --recording")
     if not Path(recording).is_dir(): raise InputError(f"recording folder {recording} not found; give --recording")
-    plan = (Config.load(args.config) if args.config else Config.default()).detection_plan()
+    from deeperfly_nb.run import SNAPSHOT, STATE_DIR
+    snap = Path(args.result).parent / STATE_DIR / SNAPSHOT       # the config the run used: its sources and pathways
+    cfg = args.config or (str(snap) if snap.is_file() else None)
+    plan = (Config.load(cfg) if cfg else Config.default()).detection_plan()
     labels = labels_from_result(result, recording, plan, args.threshold_px, args.min_views)
     labels.save(out, overwrite=args.overwrite)
     n, total = int(labels.labeled.sum()), labels.labeled.size
     print(f"wrote {out}: {n} labelled keypoints ({100 * n / max(total, 1):.0f}% of views x frames x points) in {labels.n_frames} "
-          f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {args.config}" if args.config else "")
-          + f"\nthen detect with the new model: deeperfly run {recording} --model RUN_DIR/model.pt" + (f" -c {args.config}" if args.config else ""))
+          f"frames of {recording}\ntrain on them: deeperfly train {out} -o RUN_DIR" + (f" -c {cfg}" if cfg else "")
+          + f"\nthen detect with the new model: deeperfly run {recording} --model RUN_DIR/model.pt" + (f" -c {cfg}" if cfg else ""))
     return 0
 
 def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
@@ -937,7 +940,8 @@ def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
     s.add_argument("result", help="a results.h5 written by deeperfly run")
     s.add_argument("-o", "--out", required=True, help="the label file to write (.h5)")
     s.add_argument("--recording", help="the recording folder the run read (default: the one results.h5 names)")
-    s.add_argument("-c", "--config", help="config TOML whose sources find the footage (default: the packaged one)")
+    s.add_argument("-c", "--config", help="config TOML whose sources find the footage (default: the run's, kept beside its "
+                                           "results in .deeperfly/config.toml, else the packaged one)")
     s.add_argument("--threshold-px", type=float, default=20.0, help="a view agrees within this reprojection error, pixels (default 20)")
     s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing label file")
