@@ -699,7 +699,8 @@ def _add_run_parser(sub, # the subparsers of `make_parser`
                                                          "bundled:fly_neuromechfly for real footage of DeepFly3D's rig) "
                                                          "in place of the config's model NAME (default: its only model)")
     s.add_argument("--fps", type=float, help="the footage's frame rate, as [pipeline] fps (for footage that records a wrong one)")
-    many = s.add_argument_group("many recordings on Dask (default: one after another in this process)")
+    many = s.add_argument_group("many recordings on Dask (default: one after another in this process); with any of "
+                                "these, OUT holds one subfolder per recording and summary.csv, even for one recording")
     many.add_argument("--workers", type=int, help="run the recordings on N local worker processes (0: here, one after another)")
     many.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask cluster, e.g. tcp://host:8786")
     many.add_argument("--cluster", choices=["local", "slurm"], help="where to run many recordings (slurm: dask-jobqueue jobs from [cluster])")
