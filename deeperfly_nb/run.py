@@ -319,6 +319,12 @@ def foreign_points2d(sources:list, # one file or folder, several per-view files,
     return Points2D(pts2d, conf, list(config.view_names), sizes, None, tuple(skeleton.point_names), first,
                     {"source_format": info.get("format"), **{k: v for k, v in info.items() if k != "format"}}, cams)
 
+def _keypoint_csv(path:Path) -> bool:
+    "Is `path` a DeepLabCut / lightning-pose keypoint table (its first header row names the scorer)?"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f: return f.readline().split(",")[0].strip().lower() == "scorer"
+    except OSError: return False
+
 def recording_points2d(recording:Path, # a recording folder (or a 2D file)
                        config:Config, # the run's config
                       ):
@@ -328,6 +334,9 @@ def recording_points2d(recording:Path, # a recording folder (or a 2D file)
     except InputError as e:
         if not Path(recording).is_dir(): raise
         found = {s: sorted(Path(recording).glob(f"*{s}")) for s in FOREIGN_2D}
+        found[".csv"] = [p for p in found[".csv"] if _keypoint_csv(p)]       # not any table (timestamps.csv, notes)
+        if several := {s: [p.name for p in f] for s, f in found.items() if s != ".csv" and len(f) > 1}:
+            raise InputError(f"{recording}: several 2D files {several}: pass the one to read") from None
         one = [f[0] for s, f in found.items() if s != ".csv" and len(f) == 1]
         if one: return foreign_points2d([one[0]], config)
         if found[".csv"]: return foreign_points2d([str(p) for p in found[".csv"]], config)
