@@ -1013,7 +1013,8 @@ def make_parser() -> argparse.ArgumentParser:
 PATH_ERRNOS = {errno.ENOENT: "", errno.ENOTDIR: " (a part of the path is a file, not a folder)", errno.EISDIR: "",
                errno.EEXIST: "", errno.EACCES: "", errno.EPERM: "", errno.EROFS: "", errno.ENAMETOOLONG: "", errno.ENOTEMPTY: ""}
 
-def is_path_error(e:BaseException) -> bool:
+def is_path_error(e:BaseException, # an error the command raised
+                 ) -> bool:
     "A system error about a path the user gave (missing, a file for a folder, no permission, ...): said, not a bug."
     return isinstance(e, OSError) and not isinstance(e, DeeperflyError) and e.errno in PATH_ERRNOS and bool(e.filename)
 

@@ -35,7 +35,7 @@ DIRECT = {
     "bundle_adjustment.min_confidence": (("bundle_adjustment.min_confidence", 0.35), {"bundle_adjustment", TRI}),
     "cameras.rf.focal_px": (("cameras.rf.focal_px", 12000.0), {"bundle_adjustment", TRI}),
     "pipeline.fps": (("pipeline.fps", 50.0), {TRI} | VIDEOS),
-    "pose2d.batch_size": (("pose2d.batch_size", 3), {"pose2d", TRI}),
+    "pose2d.batch_size": (("pose2d.batch_size", 3), {TRI}),       # how detection runs, not what it finds: only the provenance
     "video pose2d scale": (("visualization.videos.0.scale", 0.3), {"visualization.pose2d"}),
     "video pose3d panel": (("visualization.videos.1.with_3d_panel", False), {"visualization.pose3d"}),
     "weights content": ("weights", {"pose2d"}),
