@@ -961,6 +961,16 @@ BUNDLED_CONFIG = dict(steps=5000, batch_size=8, crop_hw=(192, 320), lr=2e-3, war
                       architecture=dict(n_stacks=2, n_blocks=1, n_features=32, n_stem_features=16),
                       val_frac=0.05, eval_every=500, checkpoint_every=50, log_every=25, seed=0)
 
+def _samples_key(seeds) -> str:
+    "A digest of what the bundled recipe's samples depend on: the seeds, `labels.SYNTH_RECIPE` and the renderer's code (`synth`, `synth_footage`)."
+    from deeperfly_nb import labels, synth, synth_footage
+    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (synth, synth_footage)]
+    return hashlib.sha256(json.dumps([[int(s) for s in seeds], labels.SYNTH_RECIPE, code], default=str).encode()).hexdigest()[:12]
+
+def _run_recipe(run:Path) -> dict:
+    "The recipe a training run records in its last.pt ({} when it records none)."
+    return ((load_checkpoint(run / "last.pt")[1].get("data") or {}).get("recipe")) or {}
+
 def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/models/fly_synthetic.pt
                        work_dir, # folder for the rendered samples and the resumable run (rerun the same call to resume)
                        seeds=BUNDLED_SEEDS, # the synthetic training recordings
@@ -970,19 +980,20 @@ def make_bundled_model(out_path, # where to write the model, e.g. deeperfly_nb/m
     "The bundled detector's recipe: render the training recordings, train a small 2-stack hourglass on their pathway samples, export it."
     from deeperfly_nb.labels import synthetic_samples, load_samples
     t0 = time.perf_counter()
-    work = Path(work_dir); work.mkdir(parents=True, exist_ok=True)
-    cache = work / "samples.npz"
+    work, run, key = Path(work_dir), Path(work_dir) / "run", _samples_key(seeds)
+    if (run / "last.pt").exists() and (was := _run_recipe(run).get("samples_key")) != key:    # before an hour of rendering
+        raise InputError(f"{run} trained on other samples ({'samples key ' + was if was else 'an older recipe'}, now {key}: other seeds, "
+                         "or the renderer changed): give another work_dir, or move the run away to start afresh")
+    work.mkdir(parents=True, exist_ok=True)
+    cache, render_s = work / f"samples_{key}.npz", 0.0
     samples = load_samples(cache) if cache.exists() else None
-    if samples is not None and samples.meta.get("synthetic_seeds") != [int(s) for s in seeds]: samples = None
-    render_s = 0.0
     if samples is None:
         samples = synthetic_samples(seeds, progress=progress)
         samples.save(cache)
         render_s = time.perf_counter() - t0
     cfg = TrainConfig.from_dict({**BUNDLED_CONFIG, **config})
-    recipe = {"function": "deeperfly_nb.training.make_bundled_model", "seeds": [int(s) for s in seeds],
+    recipe = {"function": "deeperfly_nb.training.make_bundled_model", "seeds": [int(s) for s in seeds], "samples_key": key,
               "synthetic_recipe": samples.meta.get("recipe"), "config_overrides": json.loads(json.dumps(config))}
-    run = work / "run"
     res = train_detector(samples, run, cfg, resume=(run / "last.pt").exists(), progress=progress, metadata={"recipe": recipe})
     write_bundled_model(res.model_path, out_path, "fly_synthetic", created_by=recipe["function"], render_seconds=round(render_s, 1),
                         description="deeperfly's bundled fly detector, trained only on synthetic renders (synth_footage.render_recording) of the "
