@@ -239,14 +239,16 @@ def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
         raise InputError("[filters] peaks chooses among a detector's candidate peaks, which a 2D file does not hold: set it to "
                          "\"top1\" for reconstruct, or detect with deeperfly run")
     pts2d, conf, dropped = filter_points2d(config.model.filters, source.pts2d, source.conf)     # [filters], as run applies them
-    if dropped: logging.getLogger("deeperfly").info("[filters] dropped %s", dropped)
+    if n_dropped := sum(dropped.values()):                    # said before the warnings a thinned 2D may bring
+        logging.getLogger("deeperfly").info("[filters] made %d of %d 2D detections unseen (%s)", n_dropped, int(np.isfinite(
+            source.pts2d).all(-1).sum()), ", ".join(f"{k}: {v}" for k, v in dropped.items()))
     source = replace(source, pts2d=pts2d, conf=conf, fps=resolve_fps(config, source.fps)[0])
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
     from deeperfly_nb.results import quality_warnings
     summary = result.summary(); e = summary["reprojection_error_px"]
     print(f"wrote {Path(args.out) / 'results.h5'} in {time.perf_counter() - t0:.1f} s: {result.n_views} views x "
-          f"{result.n_frames} frames x {result.n_points} points")
+          f"{result.n_frames} frames x {result.n_points} points, from the 2D in {source.path}")
     print(f"reprojection error: median {e['median']:.2f} px, p95 {e['p95']:.2f} px over {e['n']} observations")
     for w in quality_warnings(summary, detected=False): logging.getLogger("deeperfly").warning(w)   # as `run` and `inspect` warn
     return 0
@@ -860,6 +862,8 @@ def cmd_lift(args, # the parsed command line (see `make_parser`)
         res.provenance = {**res.provenance, "inputs": {"points2d": str(src), "lifter": str(args.model)}}
         res.save(out / "results.h5")
         print(f"wrote {out / 'results.h5'}: {res.n_frames} frames lifted from view {res.lifted_from_view!r} with {args.model}")
+    from deeperfly_nb.results import quality_warnings
+    for w in quality_warnings(res.summary(), detected=False): logging.getLogger("deeperfly").warning(w)   # as run and inspect warn
     return 0
 
 def _add_lift_parser(sub, # the subparsers of `make_parser`
@@ -1026,6 +1030,19 @@ def _error_line(args, e:BaseException) -> str:
     elif is_path_error(e): e = f"{e.filename}: {e.strerror}{PATH_ERRNOS[e.errno]}"
     return f"deeperfly {args.command}: error: {e}"
 
+def _kept_note(out:Path) -> str:
+    "What a run interrupted in `out` kept for the next one, in words."
+    state = out / ".deeperfly"
+    if not state.is_dir():
+        return ("; run it again: each recording reuses what it finished" if any(out.glob("*/.deeperfly")) else
+                "; nothing was kept: running it again starts over")
+    stages = sorted(p.stem for p in state.glob("*.json") if p.stem not in ("digests", "weights", "recording"))
+    blocks = [p.stem.split("_")[1:] for p in (state / "pose2d_blocks").glob("block_*_*.npz")]
+    kept = ([f"the finished stage(s) {', '.join(stages)}"] if stages else []) + \
+           ([f"{sum(int(b) - int(a) for a, b in blocks)} detected frames"] if blocks else [])
+    return ("; run it again: it reuses " + " and ".join(kept) if kept else "; nothing was kept (detection saves its frames every 8 x "
+            "[pose2d] chunk_frames, 128 by default): running it again starts over")
+
 def _quiet_broken_pipe():
     "Output piped into a reader that stopped (`deeperfly inspect | head`): end quietly, as Unix tools do."
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -1063,8 +1080,6 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
         print(_error_line(args, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deeperfly {args.command}: interrupted" + ("; run it again: it reuses the stages that finished, and detection "
-                                                          "resumes from its last saved block (8 x [pose2d] chunk_frames "
-                                                          "frames: 128 by default)" if args.command == "run" else ""),
+        print(f"deeperfly {args.command}: interrupted" + (_kept_note(Path(args.out)) if args.command == "run" else ""),
               file=sys.stderr)
         return 130

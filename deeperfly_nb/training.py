@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/training.html.md"""
 
 # %% ../nbs/17_training.ipynb #649d69d4
 from __future__ import annotations
-import difflib, hashlib, inspect, json, math, time
+import difflib, hashlib, inspect, json, logging, math, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -897,7 +897,11 @@ def samples_from_label_files(files:list, # label files (any format `read_label_f
     names = [Path(f).stem for f in files]
     if len(set(names)) < len(names): names = [f"{k}_{n}" for k, n in enumerate(names)]      # e.g. CollectedData_me.csv of several cameras
     name = lambda n: "/".join(filter(None, [prefix, n if len(files) > 1 else ""]))
-    return concat_samples([pathway_samples(s, plan, model, name=name(n)) for s, n in zip(sets, names)])
+    t0, log = time.perf_counter(), logging.getLogger("deeperfly")
+    log.info("preparing the training samples: %d labelled frame(s) read and put through each pathway", sum(s.n_frames for s in sets))
+    out = concat_samples([pathway_samples(s, plan, model, name=name(n)) for s, n in zip(sets, names)])
+    log.info("%d samples ready in %.1f s", len(out), time.perf_counter() - t0)
+    return out
 
 # %% ../nbs/17_training.ipynb #e4332a4f
 def train_from_labels(label_files, # label files: deeperfly .h5, DeepLabCut/lightning-pose .csv, DeepFly3D .pkl, a run's corrections.h5
