@@ -12,6 +12,7 @@ import numpy as np
 import deeperfly_nb
 from .core import (DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing,
                                undo_new_folders)
+from .plan import ConfigWarning
 
 # %% auto #0
 __all__ = ['TRAIN_EXAMPLES', 'PATH_ERRNOS', 'cmd_init', 'busy_machine_hint', 'one_thread_when_busy', 'detector_lines', 'cmd_run',
@@ -1068,7 +1069,8 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     logging.getLogger("deeperfly").setLevel(level)
     try:
         with warnings.catch_warnings():                                 # a library warning: one line, as the log's, not a source listing
-            warnings.showwarning = lambda message, *_, **__: logging.getLogger("deeperfly").warning(str(message))
+            warnings.showwarning = lambda message, category, *_, **__: None if issubclass(category, ConfigWarning) else \
+                logging.getLogger("deeperfly").warning(str(message))     # a config's warnings are logged where they are found
             quiet = args.quiet and not getattr(args, "json", False)     # --json output is what was asked for
             with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
                 return args.func(args)                                  # -q: errors only, whatever a command prints

@@ -818,11 +818,12 @@ def from_dict(cls:Config, d:dict, # the parsed TOML tables
               source:str="<dict>", # named in error messages
               base_dir:str|Path|None=None, # relative paths in the config start here (default: the working folder)
               path:str|Path|None=None, # the file the tables were read from, if any
+              warn:bool=True, # report its warnings (False: a copy of a config whose warnings were said)
              ) -> "Config":
     "Validate a dict of tables; a `ConfigError` lists every problem (warnings go to the log and `warnings`)."
     if not isinstance(d, dict): raise ConfigError(f"{source}: a config must be a table of tables, got {type(d).__name__}")
     model, skeleton, warns = _validate(_plain(d), source)
-    warn_problems(warns, source)
+    if warn: warn_problems(warns, source)
     return cls(model, skeleton, source, base_dir, path)
 
 # %% ../nbs/10_config.ipynb #45d5c3b8

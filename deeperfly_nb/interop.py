@@ -110,7 +110,8 @@ def match_view_files(files, # a {view: path} mapping, or paths (a list, or one p
         hits = [v for i, v in enumerate(views) if _view_regex(v, i, pattern).search(stem)]
         if len(hits) != 1:
             raise InputError(f"{p}: its name matches {'no view' if not hits else f'several views {hits}'} of {views} "
-                             f"(pattern {pattern!r}); name the files by view or pass {{view: file}}")
+                             f"(pattern {pattern!r}); name the files by view, or give the pattern that finds the view in them "
+                             f"(`--view-pattern camera_{{index}}`, [interop] view_pattern), or pass {{view: file}} in Python")
         if hits[0] in out: raise InputError(f"{p} and {out[hits[0]]} both match view {hits[0]!r}")
         out[hits[0]] = p
     return {v: out[v] for v in views if v in out}

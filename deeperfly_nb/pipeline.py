@@ -237,7 +237,8 @@ def config_that_ran(config:Config, # the config given
     d = config.to_dict()
     d["pipeline"]["bundle_adjustment"], d["triangulation"]["method"] = bool(bundle_adjustment), triangulation
     if cameras is not None: d["cameras"] = cameras.to_dict()
-    return Config.from_dict(d, config.source if cameras is None else f"{config.source} with {what}", config.base_dir, config.path)
+    return Config.from_dict(d, config.source if cameras is None else f"{config.source} with {what}", config.base_dir, config.path,
+                            warn=False)                            # said when `config` was made
 
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
