@@ -16,7 +16,8 @@ from .io import VideoWriter, open_reader
 from .cropzoom import (CropOptions, CropBoxes, BBOX_COLUMNS, boxes_from_points, to_crop, from_crop, crop_frames,
                                   write_bbox_csv, read_bbox_csv, check_model_input)
 from .plan import DetectionPlan, ModelSpec
-from .labels import LabelSet, ArrayFrames, KeypointTable, labels_image_root, read_image_file, read_keypoints_csv
+from .io import read_image_file
+from .labels import LabelSet, ArrayFrames, KeypointTable, labels_image_root, read_keypoints_csv
 from .interop import dlc_frame
 
 # %% auto #0

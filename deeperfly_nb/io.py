@@ -18,8 +18,8 @@ import cv2
 from .core import InputError, atomic_path
 
 # %% auto #0
-__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'VideoWriter', 'write_video', 'FrameReader', 'VideoReader', 'ImageSequenceReader',
-           'open_reader', 'find_source', 'synchronized_length']
+__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'VideoWriter', 'write_video', 'FrameReader', 'VideoReader', 'read_image_file',
+           'ImageSequenceReader', 'open_reader', 'find_source', 'synchronized_length']
 
 # %% ../nbs/08_io.ipynb #f39cee0f
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
@@ -334,8 +334,9 @@ def _frame_number(path:Path) -> int:
     if m is None: raise InputError(f"image {path} has no frame number in its name (expected e.g. camera_0_img_17.jpg)")
     return int(m.group(1))
 
-def _read_image(path:Path) -> np.ndarray:
-    "An image file as (H, W, 3) uint8 RGB."
+def read_image_file(path, # an image file (png, jpg, ...)
+                   ) -> np.ndarray:
+    "The image as (H, W, 3) uint8 RGB; an InputError naming the file when it cannot be read."
     img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None: raise InputError(f"cannot read image {path} (missing, unreadable or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -364,7 +365,7 @@ class ImageSequenceReader(FrameReader):
             shown = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
             raise InputError(f"{pattern}: frame(s) {shown} are missing (expected every frame number from {first} to {last})")
         self.files = [by_number[t] for t in range(first, last + 1)]
-        self.frame_size = _read_image(self.files[0]).shape[:2]
+        self.frame_size = read_image_file(self.files[0]).shape[:2]
 
     def count(self) -> int:
         "The number of images (frames) in the sequence."
@@ -372,7 +373,7 @@ class ImageSequenceReader(FrameReader):
 
     def _frames(self, start:int, stop:int):
         for f in self.files[start:stop]:
-            img = _read_image(f)
+            img = read_image_file(f)
             if img.shape[:2] != self.frame_size:
                 raise InputError(f"image {f} is {img.shape[0]}x{img.shape[1]} but {self.files[0].name} is "
                                  f"{self.frame_size[0]}x{self.frame_size[1]} (H x W): every frame must have the same size")

@@ -19,11 +19,11 @@ from . import io
 
 # %% auto #0
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
-           'read_image_file', 'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable',
-           'read_keypoints_csv', 'labels_image_root', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns',
-           'plan_or_default', 'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names',
-           'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs',
-           'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
+           'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable', 'read_keypoints_csv',
+           'labels_image_root', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
+           'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan',
+           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs', 'labels_from_render',
+           'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -183,14 +183,6 @@ def check(self:RecordingFrames, needed:dict, # {view: label-frame indices that c
     if problems: raise InputError(f"labels reference missing footage in {self.folder}:\n  " + "\n  ".join(problems))
 
 # %% ../nbs/16_labels.ipynb #91c72037
-def read_image_file(path, # an image file (png, jpg, ...)
-                   ) -> np.ndarray:
-    "The image as (H, W, 3) uint8 RGB; an InputError naming the file when it cannot be read."
-    import cv2
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None: raise InputError(f"cannot read image {path} (missing, unreadable or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
 class FileFrames(FrameStore):
     "One image file per labeled (view, frame), as DeepLabCut and lightning-pose keep them."
     kind = "files"
@@ -214,7 +206,7 @@ def read(self:FileFrames, view:str, # a view name
     for f in frames:
         p = self._path(view, f)
         if p is None: raise InputError(f"view {view!r} has no image for label frame {f}")
-        out.append(read_image_file(p))
+        out.append(io.read_image_file(p))
     return out
 
 @patch
