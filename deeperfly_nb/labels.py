@@ -599,12 +599,9 @@ def detected_points(plan:DetectionPlan, # the detection plan
                     skeleton:Skeleton, # names the arrays' points
                    ) -> np.ndarray:
     "(V, N) bool: the (view, point) pairs some pathway of the plan writes (`[pose2d.output_points]`)."
-    out, names = np.zeros((len(views), skeleton.n_points), bool), list(skeleton.point_names)
-    for pw in plan.pathways:
-        for _, v, q in pw.mapping:
-            vn, pn = plan.view_names[v], plan.point_names[q]
-            if vn in views and pn in names: out[views.index(vn), names.index(pn)] = True
-    return out
+    at = lambda names, known: np.array([known.index(n) if n in known else -1 for n in names], int)   # -1: not the plan's
+    vi, pi = at(list(views), list(plan.view_names)), at(list(skeleton.point_names), list(plan.point_names))
+    return plan.visibility_mask()[np.ix_(vi.clip(0), pi.clip(0))] & (vi >= 0)[:, None] & (pi >= 0)[None]   # in these orders
 
 def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
                      images=None, # the recording folder (videos or camera_{c}_img_{t}.jpg); default: beside the pkl or one folder up
