@@ -1031,6 +1031,7 @@ def _error_line(args, e:BaseException) -> str:
     elif is_path_error(e): e = f"{e.filename}: {e.strerror}{PATH_ERRNOS[e.errno]}"
     return f"deeperfly {args.command}: error: {e}"
 
+# %% ../nbs/20_cli.ipynb #dfa46c54
 def _kept_note(out:Path) -> str:
     "What a run interrupted in `out` kept for the next one, in words."
     state = out / ".deeperfly"
@@ -1044,6 +1045,7 @@ def _kept_note(out:Path) -> str:
     return ("; run it again: it reuses " + " and ".join(kept) if kept else "; nothing was kept (detection saves its frames every 8 x "
             "[pose2d] chunk_frames, 128 by default): running it again starts over")
 
+# %% ../nbs/20_cli.ipynb #d137c148
 def _quiet_broken_pipe():
     "Output piped into a reader that stopped (`deeperfly inspect | head`): end quietly, as Unix tools do."
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
