@@ -291,6 +291,8 @@ def check_same_recording(out:Path, # the output folder
             and holds_results(out):                      # a run that failed before making anything binds nothing
         raise InputError(f"{out} holds the results of another recording, {prev.get('recording')}; this run is of {now['recording']}: "
                          f"choose another output folder with -o, or give --overwrite to replace them")
+    if prev and prev.get("recording") != now["recording"] and prev.get("content") == now["content"]:
+        log.info("%s: its recording is now %s, the same footage as %s had", out, now["recording"], prev.get("recording"))
     if prev != now:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(now, indent=1))
@@ -422,7 +424,7 @@ def prepare_run(config:Config, # the run's config
         check_no_foreign_outputs(config, out, inputs)
         content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
         check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
-        n = points.pts2d.shape[1] if points else min(min(r.count() for r in readers.values()), max_frames or 2**62)
+        n = points.pts2d.shape[1] if points is not None else min(min(r.count() for r in readers.values()), max_frames or 2**62)
         _check_later_inputs(config, out, n, max_frames)
         fps, fps_source = resolve_fps(config, footage_fps)
         if not readers and fps_source == "the footage": fps_source = f"the 2D file {Path(points.path).name}"
