@@ -18,11 +18,11 @@ from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPAC
 from .config import Config
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
-from .results import PoseResult, QUALITY_LIMITS
+from .results import PoseResult
 from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views, find_points2d_file
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'PLAUSIBLE_FPS', 'CLAIMED_FILE',
+__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE',
            'RECORDING_FILE', 'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'SNAPSHOT', 'fingerprint',
            'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
            'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs', 'owned_outputs',
@@ -202,8 +202,6 @@ def __exit__(self:OutputLock, *exc):
     if self.fd is not None: os.close(self.fd); self.fd = None     # closing releases the lock
 
 # %% ../nbs/19_run.ipynb #8d6f86e5
-PLAUSIBLE_FPS = QUALITY_LIMITS["fps"]    # behaviour cameras run between these; a container outside them is likely wrong
-
 def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps fills in
                 footage_fps:float|None, # what the footage's container says (None: image folders)
                ) -> tuple:
