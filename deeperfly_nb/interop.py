@@ -259,8 +259,9 @@ def _nwb_file(result:PoseResult, session_description=None, session_start_time=No
         try: start = datetime.fromisoformat(str(result.provenance.get("created")))
         except ValueError: start = datetime.now(timezone.utc)
     if start.tzinfo is None: start = start.replace(tzinfo=timezone.utc)
-    desc = session_description or (f"3D pose of {result.n_frames} frames from {result.n_views} cameras "
-                                   f"({', '.join(result.view_names)}), skeleton {result.skeleton.name!r}, by deeperfly {__version__}")
+    src = (f"lifted from camera {result.lifted_from_view!r} alone" if result.lifted_from_view else
+           f"from {result.n_views} cameras ({', '.join(result.view_names)})")
+    desc = session_description or f"3D pose of {result.n_frames} frames {src}, skeleton {result.skeleton.name!r}, by deeperfly {__version__}"
     return pynwb.NWBFile(session_description=desc, identifier=identifier or str(uuid.uuid4()), session_start_time=start,
                          notes=json.dumps({"deeperfly": _nwb_extras(result)}), **nwb_kw)
 
@@ -343,9 +344,12 @@ def write_nwb(result:PoseResult, # the result to deposit
         nwb.add_device(dev := _nwb_camera(cam)); views.append(_nwb_view(result, v, dev, nsk, chunk_frames))
     unit, lifted = nwb_world_unit(result), result.lifted_from_view      # one camera's 2D lifted to 3D, not triangulated
     how = f"lifted from view {lifted!r} alone by a lifter (LiftPose3D-style), not triangulated" if lifted else "triangulated"
+    unseen = set(result.summary().get("lifted_unseen_points") or [])    # lifted 3D of points the view never sees: inferred
     s3 = [] if result.pts3d is None else [
         _series(p, result.pts3d[:, n], None, result.fps or 1.0, unit, "the world frame of the calibrated cameras (x_cam = R X + t)",
-                f"3D position of {p!r} in the unit of the calibration, {how} (NaN = none)", chunk_frames) for n, p in enumerate(sk.point_names)]
+                f"3D position of {p!r} in the unit of the calibration, {how} (NaN = none)" + (f"; view {lifted!r} never "
+                "sees this point: its 3D is the lifter's inference from the points it sees, not a measurement" if p in unseen else ""),
+                chunk_frames) for n, p in enumerate(sk.point_names)]
     beh.add(ndx.MultiCameraPoseEstimation(name=NWB_CONTAINER, pose_estimation_series=s3, pose_estimations=views, skeleton=nsk,
                                           description=f"deeperfly: {describe_points2d(result)} in {result.n_views} views and " +
                                                       (f"3D {how}" if lifted else "their triangulation"),
