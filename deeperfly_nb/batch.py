@@ -21,7 +21,7 @@ from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, 
 
 # %% auto #0
 __all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'SUMMARY_HELP', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD',
-           'cluster_config', 'RecordingOutcome', 'outcome_from_report', 'failed_outcome', 'merge_outcomes',
+           'cluster_config', 'RecordingOutcome', 'outcome_from_report', 'one_line', 'failed_outcome', 'merge_outcomes',
            'BatchOptions', 'named_logs', 'run_one', 'Step', 'uses_gpu', 'recording_steps', 'call_step', 'sleep_stage',
            'stub_steps', 'check_gpu_workers', 'run_many', 'summary_rows', 'write_summary', 'local_workers',
            'local_cluster', 'cluster_from_config', 'keep_freed_memory', 'worker_setup_plugin', 'connect', 'open_client',
@@ -90,15 +90,19 @@ def outcome_from_report(rep:RunReport, # what `run_recording` returned
                             triangulated_pct=_percent(s.get("fraction_triangulated")),
                             detector=" + ".join((s.get("detector_weights") or {}).values()) or None)   # as the summary has it
 
+def one_line(text:str, # an error message, perhaps of several lines
+            ) -> str:
+    "The message on one line, as a row of the summary table holds it."
+    return " ".join(line.strip() for line in str(text).strip().splitlines())
+
 def failed_outcome(recording, # the recording folder
                    out_dir, # its output folder
                    error:BaseException, # what went wrong
                    seconds:float=0.0, # time spent before it failed
                   ) -> RecordingOutcome:
     "The summary-table row of a failed recording."
-    msg = " ".join(line.strip() for line in str(error).strip().splitlines())     # one line: a row of the table
     return RecordingOutcome(str(recording), str(out_dir), "failed", round(seconds, 3),
-                            error=f"{type(error).__name__}: {msg}", worker=_where())
+                            error=f"{type(error).__name__}: {one_line(error)}", worker=_where())
 
 def merge_outcomes(previous:RecordingOutcome|None, # the outcome of the recording's earlier steps
                    new:RecordingOutcome, # the outcome of its next step

@@ -188,10 +188,10 @@ def _write_batch_summary(rep, # the `run.BatchReport` of a folder of recordings 
                         ):
     "The batch's summary.csv and summary.html, as a Dask batch writes them: a row per recording, by name."
     from dataclasses import replace
-    from deeperfly_nb.batch import RecordingOutcome, outcome_from_report, write_summary
+    from deeperfly_nb.batch import RecordingOutcome, one_line, outcome_from_report, write_summary
     rows = [replace(outcome_from_report(r), cpu_seconds=None) for r in rep.reports]   # CPU time per recording: not measured here
-    rows += [RecordingOutcome(k, "", "failed", 0.0, error=" ".join(line.strip() for line in v.splitlines()), cpu_seconds=None)
-             for k, v in rep.failures.items()]                                    # one line: a row of the table; no output folder left
+    rows += [RecordingOutcome(k, "", "failed", 0.0, error=one_line(v), cpu_seconds=None)    # no output folder left
+             for k, v in rep.failures.items()]
     csv_path, html_path = write_summary(sorted(rows, key=lambda o: Path(o.recording).name), out)
     print(f"summary: {csv_path} and {html_path.name}")
 
@@ -1034,11 +1034,12 @@ def _error_line(args, e:BaseException) -> str:
 # %% ../nbs/20_cli.ipynb #dfa46c54
 def _kept_note(out:Path) -> str:
     "What a run interrupted in `out` kept for the next one, in words."
-    state = out / ".deeperfly"
+    from deeperfly_nb.run import STATE_DIR, STUB_FILES
+    state = out / STATE_DIR
     if not state.is_dir():
-        return ("; run it again: each recording reuses what it finished" if any(out.glob("*/.deeperfly")) else
+        return ("; run it again: each recording reuses what it finished" if any(out.glob(f"*/{STATE_DIR}")) else
                 "; nothing was kept: running it again starts over")
-    stages = sorted(p.stem for p in state.glob("*.json") if p.stem not in ("digests", "weights", "recording"))
+    stages = sorted(p.stem for p in state.glob("*.json") if p.name not in STUB_FILES)      # the stage records
     blocks = [p.stem.split("_")[1:] for p in (state / "pose2d_blocks").glob("block_*_*.npz")]
     kept = ([f"the finished stage(s) {', '.join(stages)}"] if stages else []) + \
            ([f"{sum(int(b) - int(a) for a, b in blocks)} detected frames"] if blocks else [])

@@ -158,8 +158,9 @@ def read(self:RecordingFrames, view:str, # a view name
         ) -> list:
     "Decode the referenced frames of `view`'s footage: nearby frames in one sequential pass (a seek per frame costs a GOP each)."
     r, want = self._reader(view), [int(self.frame_index[f]) for f in frames]
-    if bad := sorted({t for t in want if not 0 <= t < r.count()}):
-        raise InputError(f"view {view!r}: labeled frame(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} are not in {r.name} ({r.count()} frames)")
+    n = r.count()
+    if bad := sorted({t for t in want if not 0 <= t < n}):
+        raise InputError(f"view {view!r}: labeled frame(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} are not in {r.name} ({n} frames)")
     got, need = {}, set(want)
     for a, b in _frame_runs(want):
         if a == b: got[a] = r[a]; continue

@@ -257,10 +257,10 @@ def claim_outputs(config:Config, # the run's config
                   out:Path, # the output folder, checked (`check_no_foreign_outputs`)
                  ):
     "Record the run's outputs as deeperfly's before any is written: a file a failed stage left unrecorded is still ours."
-    if set(planned_outputs(config)) <= set(_claimed(out)): return
+    claimed, planned = set(_claimed(out)) - {""}, set(planned_outputs(config))
+    if planned <= claimed: return
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / STATE_DIR / CLAIMED_FILE) as tmp:
-        tmp.write_text("\n".join(sorted({*_claimed(out), *planned_outputs(config)} - {""})))
+    with atomic_path(out / STATE_DIR / CLAIMED_FILE) as tmp: tmp.write_text("\n".join(sorted(claimed | planned)))
 
 # %% ../nbs/19_run.ipynb #dc90ff7d
 RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
