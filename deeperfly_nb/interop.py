@@ -501,7 +501,9 @@ def write_slp(result:PoseResult, # the result whose 2D to write
     sk, names = result.skeleton, result.skeleton.point_names
     ssk = sio.Skeleton(nodes=list(names), edges=[(names[a], names[b]) for a, b in sk.bones], name=sk.name)
     videos_meta = result.meta.get("videos", {}) if isinstance(result.meta.get("videos"), dict) else {}
-    videos = [sio.Video(filename=str(videos_meta.get(v, f"{v}.mp4")), open_backend=False) for v in result.view_names]
+    shape = lambda c: {"shape": [result.n_frames, *map(int, c.image_size), 1]} if c.image_size else {}   # (T, H, W, channels), as SLEAP keeps it
+    videos = [sio.Video(filename=str(videos_meta.get(v, f"{v}.mp4")), backend_metadata=shape(c), open_backend=False)
+              for v, c in zip(result.view_names, result.cameras)]
     if missing := [v.filename for v in videos if not Path(v.filename).is_file()]:      # SLEAP would open no frames
         logging.getLogger("deeperfly").warning(f"{dest}: the result names no footage that exists here for {len(missing)} view(s) "
                                                f"({', '.join(missing[:3])}...): SLEAP will ask where the videos are (a `deeperfly run`'s results.h5 records them)")
@@ -542,17 +544,26 @@ def read_slp(path, # a SLEAP .slp file (predictions or labels)
     except Exception as e: raise InputError(f"{path}: not a readable SLEAP file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not any(lf.instances for lf in labels.labeled_frames): raise InputError(f"{path}: the SLEAP file has no instances (no labels or predictions)")
     by_name = {str(v.filename): v for v in labels.videos}
+    prov = labels.provenance.get("deeperfly", {}) if isinstance(labels.provenance, dict) else {}
+    recorded = prov.get("view_names") if len(prov.get("view_names") or ()) == len(labels.videos) else None
     if video_map is not None: vmap = {v: by_name.get(str(f)) for v, f in video_map.items()}
     elif len(labels.videos) == 1 and len(view_names) == 1: vmap = {view_names[0]: labels.videos[0]}
+    elif pattern == "{view}" and recorded and set(view_names) & set(recorded):     # deeperfly's own file names its views
+        vmap = {v: labels.videos[recorded.index(v)] for v in view_names if v in recorded}
     else: vmap = {v: by_name[str(p)] for v, p in match_view_files([Path(str(f)) for f in by_name], view_names, pattern).items()}
     bad = [v for v, vid in vmap.items() if vid is None]
     if bad: raise InputError(f"{path}: video_map names videos not in the file for view(s) {bad}; its videos: {list(by_name)}")
     match = match_names([n.name for n in labels.skeletons[0].nodes], skeleton, name_map, str(path))
-    prov = labels.provenance.get("deeperfly", {}) if isinstance(labels.provenance, dict) else {}
     T = int(prov.get("n_frames", 1 + max(lf.frame_idx for lf in labels.labeled_frames)))
     return _slp_arrays(labels, vmap, match, skeleton, view_names, T, path)
 
 # %% ../nbs/16a_interop.ipynb #01a121fb
+def _video_shape(video) -> tuple|None:
+    "A SLEAP video's (frames, H, W, channels) as the file records it (or its opened footage says), else None."
+    try: s = video.shape
+    except Exception: return None                         # a backend that cannot open its file
+    return tuple(int(n) for n in s) if s is not None and len(s) == 4 else None
+
 def _slp_arrays(labels, vmap:dict, match:NameMatch, skeleton:Skeleton, view_names, T:int, path:Path) -> tuple:
     "Fill (V, T, N, 2) and (V, T, N) from the labeled frames of the videos in `vmap`."
     from sleap_io import PredictedInstance
@@ -571,7 +582,8 @@ def _slp_arrays(labels, vmap:dict, match:NameMatch, skeleton:Skeleton, view_name
                               f"(deeperfly tracks one animal)", stacklevel=3)
     return (place(pts, match, skeleton.n_points, axis=2), place(conf, match, skeleton.n_points, fill=0.0),
             {"file": str(path), "format": "SLEAP", "views": list(vmap), "unmapped": list(match.unmapped),
-             "missing": list(match.missing), "multi_instance_frames": int(crowded)})
+             "missing": list(match.missing), "multi_instance_frames": int(crowded),
+             "image_sizes": {v: s[1:3] for v, vid in vmap.items() if (s := _video_shape(vid))}})
 
 # %% ../nbs/16a_interop.ipynb #587d5a84
 def camera_to_anipose(cam:Camera, # the camera
