@@ -10,8 +10,8 @@ import argparse, contextlib, errno, json, logging, os, platform, sys, time, trac
 from pathlib import Path
 import numpy as np
 import deeperfly_nb
-from .core import (DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, did_you_mean, disk_full_error, refuse_existing,
-                               undo_new_folders)
+from .core import (DeeperflyError, InputError, ModelError, NO_SPACE_ERRNOS, STATE_DIR, did_you_mean, disk_full_error,
+                               refuse_existing, undo_new_folders)
 from .plan import ConfigWarning
 
 # %% auto #0
@@ -230,20 +230,11 @@ def _name_map(pairs, # ['FOREIGN=POINT', ...] from --map
 def cmd_reconstruct(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "2D source -> bundle adjustment -> triangulation -> results.h5."
-    from dataclasses import replace
     from deeperfly_nb.pipeline import load_points2d, reconstruct
-    from deeperfly_nb.run import filter_points2d, foreign_points2d, resolve_fps
+    from deeperfly_nb.run import foreign_points2d
     config = _load_config(args.config)
     t0 = time.perf_counter()
     source = foreign_points2d(args.source, config, _name_map(args.map), args.view_pattern) or load_points2d(args.source[0])
-    if config.model.filters.peaks != "top1":
-        raise InputError("[filters] peaks chooses among a detector's candidate peaks, which a 2D file does not hold: set it to "
-                         "\"top1\" for reconstruct, or detect with deeperfly run")
-    pts2d, conf, dropped = filter_points2d(config.model.filters, source.pts2d, source.conf)     # [filters], as run applies them
-    if n_dropped := sum(dropped.values()):                    # said before the warnings a thinned 2D may bring
-        logging.getLogger("deeperfly").info("[filters] made %d of %d 2D detections unseen (%s)", n_dropped, int(np.isfinite(
-            source.pts2d).all(-1).sum()), ", ".join(f"{k}: {v}" for k, v in dropped.items()))
-    source = replace(source, pts2d=pts2d, conf=conf, fps=resolve_fps(config, source.fps)[0])
     result = reconstruct(source, args.out, config=config, do_bundle_adjust=False if args.no_bundle_adjust else None,
                          triangulation=args.triangulation, overwrite=args.overwrite, rig=args.rig)
     from deeperfly_nb.results import quality_warnings
@@ -914,7 +905,7 @@ def _add_train_lifter_parser(sub, # the subparsers of `make_parser`
 def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
                     ) -> int:
     "Write a run's multi-view pseudo-labels (`labels.labels_from_result`) to a label file `deeperfly train` reads."
-    from deeperfly_nb.config import Config
+    from deeperfly_nb.config import Config, snapshot_path
     from deeperfly_nb.labels import labels_from_result
     from deeperfly_nb.results import PoseResult
     out = Path(args.out)
@@ -923,8 +914,7 @@ def cmd_pseudo_label(args, # the parsed command line (see `make_parser`)
     recording = args.recording or result.meta.get("recording")
     if not recording: raise InputError(f"{args.result} does not name its recording; give --recording")
     if not Path(recording).is_dir(): raise InputError(f"recording folder {recording} not found; give --recording")
-    from deeperfly_nb.run import SNAPSHOT, STATE_DIR
-    snap = Path(args.result).parent / STATE_DIR / SNAPSHOT       # the config the run used: its sources and pathways
+    snap = snapshot_path(Path(args.result).parent)         # the config the run used: its sources and pathways
     cfg = args.config or (str(snap) if snap.is_file() else None)
     plan = (Config.load(cfg) if cfg else Config.default()).detection_plan()
     labels = labels_from_result(result, recording, plan, args.threshold_px, args.min_views)
@@ -952,7 +942,6 @@ def _add_pseudo_label_parser(sub, # the subparsers of `make_parser`
     s.add_argument("--min-views", type=int, default=3, help="points fewer views agree on stay unlabelled (default 3; at least 2)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing label file")
     s.set_defaults(func=cmd_pseudo_label)
-
 
 # %% ../nbs/20_cli.ipynb #c0bc0c78
 def cmd_self_train(args, # the parsed command line (see `make_parser`)
@@ -1034,7 +1023,7 @@ def _error_line(args, e:BaseException) -> str:
 # %% ../nbs/20_cli.ipynb #dfa46c54
 def _kept_note(out:Path) -> str:
     "What a run interrupted in `out` kept for the next one, in words."
-    from deeperfly_nb.run import STATE_DIR, STUB_FILES
+    from deeperfly_nb.run import STUB_FILES
     state = out / STATE_DIR
     if not state.is_dir():
         return ("; run it again: each recording reuses what it finished" if any(out.glob(f"*/{STATE_DIR}")) else

@@ -7,12 +7,12 @@ Docs: https://deeperfly.github.io/deeperfly/config.html.md"""
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS', 'SHAREABLE_PARAMS', 'TRIANGULATION_METHODS',
            'LEAST_SQUARES_SET_BY_DEEPERFLY', 'LEAST_SQUARES_KEYS', 'TRIANGULATION_POLICY', 'KALMAN_MODELS',
-           'PEAK_SELECTIONS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS', 'signature_defaults', 'SkeletonConfig',
-           'CameraConfig', 'PipelineConfig', 'SourceConfig', 'PreprocessorConfig', 'ModelConfig', 'PathwayConfig',
-           'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig', 'default_videos', 'VisualizationConfig',
-           'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig', 'FiltersConfig', 'LiftingConfig',
-           'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel', 'default_config_text', 'Config',
-           'write_config']
+           'PEAK_SELECTIONS', 'KIND_KEYS', 'DEFAULT_CONFIG_FILE', 'PRESETS', 'SNAPSHOT', 'signature_defaults',
+           'SkeletonConfig', 'CameraConfig', 'PipelineConfig', 'SourceConfig', 'PreprocessorConfig', 'ModelConfig',
+           'PathwayConfig', 'OutputPointsConfig', 'Pose2dConfig', 'VideoConfig', 'default_videos',
+           'VisualizationConfig', 'BundleAdjustmentConfig', 'TriangulationConfig', 'RefinementConfig', 'FiltersConfig',
+           'LiftingConfig', 'InteropConfig', 'ClusterTable', 'ClusterConfig', 'ConfigModel', 'default_config_text',
+           'Config', 'snapshot_path', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
 import dataclasses, difflib, inspect, json, os, re, tomllib, types
@@ -23,7 +23,7 @@ import scipy.optimize
 import tomli_w
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, did_you_mean, one_of, atomic_path, ConfigTable as _Table, config_field as _field
+from .core import ConfigError, InputError, STATE_DIR, did_you_mean, one_of, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
@@ -855,6 +855,22 @@ def load(cls:Config, path:str|Path, # the config file
 def default(cls:Config) -> "Config":
     "The packaged default config (the DeepFly3D rig and its detection plan)."
     return cls.loads(default_config_text(), DEFAULT_CONFIG_FILE, base_dir=Path(str(resources.files("deeperfly_nb").joinpath("data"))))
+
+# %% ../nbs/10_config.ipynb #01a0cd64
+SNAPSHOT = "config.toml"   # in OUT/.deeperfly/: the config of the job that wrote OUT/results.h5
+
+def snapshot_path(out, # an output folder of `deeperfly run` or `reconstruct`
+                 ) -> Path:
+    "Where the config that wrote `out`'s results is kept: `out/.deeperfly/config.toml`, never beside the user's files."
+    return Path(out) / STATE_DIR / SNAPSHOT
+
+@patch(cls_method=True)
+def from_output(cls:Config, out, # an output folder of `deeperfly run` or `reconstruct`
+                default:Config|None=None, # what a folder without a snapshot gives
+               ) -> Config|None:
+    "The config that wrote `out`'s results (its snapshot), else `default`."
+    p = snapshot_path(out)
+    return cls.load(p) if p.is_file() else default
 
 # %% ../nbs/10_config.ipynb #b1c0edd6
 @patch(as_prop=True)

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['NO_SPACE_ERRNOS', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
+__all__ = ['NO_SPACE_ERRNOS', 'STATE_DIR', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
            'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
            'ensure_free_space', 'atomic_path', 'refuse_existing', 'first_missing_folder', 'remove_empty_folders',
            'undo_new_folders', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
@@ -174,6 +174,9 @@ def undo_new_folders(path, # the output folder the block creates
     made = first_missing_folder(path)
     try: yield Path(path)
     except BaseException: remove_empty_folders(path, made); raise
+
+# %% ../nbs/00_core.ipynb #fb613c73
+STATE_DIR = ".deeperfly"   # in an output folder: deeperfly's records, lock and config snapshot (never the user's files)
 
 # %% ../nbs/00_core.ipynb #f255753f
 @contextmanager

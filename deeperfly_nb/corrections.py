@@ -393,8 +393,7 @@ def labels_from_sidecar(path, # a corrections sidecar in a run's output folder
         logging.getLogger("deeperfly").warning(f"{path}: the detector ran again since these corrections were made, so the other "
                                                "points of their frames were never reviewed: only the corrected points become labels")
         only_corrected = True
-    snap = out / ".deeperfly" / "config.toml"
-    cfg = Config.load(snap) if snap.is_file() else (config or Config.default())
+    cfg = Config.from_output(out) or config or Config.default()
     recording = res.meta.get("recording") or cs.recording
     if not recording: raise InputError(f"{out}/results.h5 does not name its recording: the label frames cannot be found")
     return corrections_to_labels(cs, pts2d, conf, res.skeleton, recording, view_patterns(cfg.detection_plan()), out_path,

@@ -16,14 +16,14 @@ from .cameras import CameraGroup
 from .skeleton import Skeleton
 from .triangulation import triangulate, reprojection_error
 from .bundle_adjustment import bundle_adjust_cameras
-from .config import Config
+from .config import Config, snapshot_path
 from .results import PoseResult
 from .df3d import read_df3d_result
 
 # %% auto #0
 __all__ = ['Points2D', 'find_points2d_file', 'load_points2d', 'match_views', 'check_points2d', 'ba_summary', 'bundle_adjust_rig',
-           'triangulate_points2d', 'run_from_points2d', 'prepare_output_dir', 'check_replaceable_result',
-           'starting_rig', 'config_that_ran', 'reconstruct']
+           'triangulate_points2d', 'run_from_points2d', 'select_points2d', 'filter_points2d', 'prepare_output_dir',
+           'check_replaceable_result', 'starting_rig', 'config_that_ran', 'resolve_fps', 'reconstruct']
 
 # %% ../nbs/11_pipeline.ipynb #5a37da53
 log = logging.getLogger("deeperfly")
@@ -184,6 +184,54 @@ def run_from_points2d(cameras:CameraGroup, # the initial rig (V cameras)
     tri_kw = {"method": triangulation, "weigh_by_confidence": weigh_by_confidence, **(triangulate_kwargs or {})}
     return triangulate_points2d(cameras, skeleton, pts2d, conf, tri_kw, fps=fps, meta=meta)
 
+# %% ../nbs/11_pipeline.ipynb #2705f38d
+def select_points2d(filters, # the config's `[filters]` table: `peaks`, `top_k` and their scales
+                    pts2d, # (V, T, N, 2) the detector's best peaks, pixels, NaN = unseen
+                    conf, # (V, T, N) their confidences
+                    cands=None, # (V, T, N, K, 2) candidate peaks, best first, K >= top_k (needed unless peaks = "top1")
+                    scores=None, # (V, T, N, K) their scores
+                    cameras=None, # the rig (CameraGroup), for peaks = "multiview"
+                    skeleton=None, # whose bones it weighs, for peaks = "multiview"
+                   ) -> tuple:
+    """(pts2d, conf, detections moved to another peak) after `[filters] peaks`: where the selection keeps candidate 0, the
+    detection as it was; elsewhere the chosen candidate and its score."""
+    from deeperfly_nb.refinement import select_peaks, viterbi_filter_2d
+    if filters.peaks == "top1": return pts2d, conf, 0
+    if cands is None: raise InputError(f'[filters] peaks = "{filters.peaks}" chooses among candidate peaks, but the 2D has none')
+    c, s = np.asarray(cands)[..., :filters.top_k, :], np.asarray(scores)[..., :filters.top_k]
+    if filters.peaks == "viterbi": picked, score = viterbi_filter_2d(c, s, jump_px=filters.viterbi_jump_px)
+    else:
+        if cameras is None or len(cameras) < 2:
+            raise ConfigError('[filters] peaks = "multiview" weighs the other views, and this run has one camera; use "viterbi"')
+        picked, score, _ = select_peaks(cameras, c, s, skeleton, sigma_px=filters.multiview_sigma_px, jump_px=filters.multiview_jump_px)
+    gap = np.linalg.norm(c - picked[..., None, :], axis=-1)
+    first = np.where(np.isfinite(gap), gap, np.inf).argmin(-1) == 0      # candidate 0 (or nothing) chosen: the detection stays
+    moved = int((~first & np.isfinite(picked).all(-1)).sum())
+    return np.where(first[..., None], pts2d, picked), np.where(first, conf, score), moved
+
+# %% ../nbs/11_pipeline.ipynb #53fb441c
+def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersConfig`)
+                    pts2d, # (V, T, N, 2) pixels, NaN = unseen
+                    conf, # (V, T, N) confidences
+                    cands=None, # (V, T, N, K, 2) candidate peaks (for `[filters] peaks`; see `select_points2d`)
+                    scores=None, # (V, T, N, K) their scores
+                    cameras=None, # the rig, for peaks = "multiview"
+                    skeleton=None, # its bones, for peaks = "multiview"
+                   ) -> tuple:
+    """(pts2d, conf, {filter: detections it dropped, or for "peaks" moved to another peak}) after the peak selection, the
+    confidence threshold, then the running-median filter."""
+    from deeperfly_nb.refinement import confidence_threshold, median_filter_2d
+    seen = lambda p: int(np.isfinite(p).all(-1).sum())
+    dropped = {}
+    if filters.peaks != "top1": pts2d, conf, dropped["peaks"] = select_points2d(filters, pts2d, conf, cands, scores, cameras, skeleton)
+    if filters.min_confidence > 0:
+        n = seen(pts2d); pts2d, conf = confidence_threshold(pts2d, conf, filters.min_confidence)
+        dropped["min_confidence"] = n - seen(pts2d)
+    if filters.median_window > 0:
+        n = seen(pts2d); pts2d, conf = median_filter_2d(pts2d, conf, filters.median_window, filters.median_threshold_px)
+        dropped["median"] = n - seen(pts2d)
+    return pts2d, conf, dropped
+
 # %% ../nbs/11_pipeline.ipynb #1e8a9207
 def prepare_output_dir(out_dir, # the output folder; created with its parents if missing
                       ) -> Path:
@@ -240,6 +288,15 @@ def config_that_ran(config:Config, # the config given
     return Config.from_dict(d, config.source if cameras is None else f"{config.source} with {what}", config.base_dir, config.path,
                             warn=False)                            # said when `config` was made
 
+# %% ../nbs/11_pipeline.ipynb #4cca4d3f
+def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps fills in
+                footage_fps:float|None, # what the footage's container says (None: image folders)
+               ) -> tuple:
+    "(fps, where it came from): `[pipeline] fps`, else the footage's, else `[pipeline] fallback_fps`."
+    if config.pipeline.fps: return float(config.pipeline.fps), "[pipeline] fps"
+    if footage_fps: return float(footage_fps), "the footage"
+    return float(config.pipeline.fallback_fps), "[pipeline] fallback_fps (the footage records no frame rate)"
+
 # %% ../nbs/11_pipeline.ipynb #15d49ae6
 def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, or `Points2D` already read
                 out_dir, # output folder (created if needed)
@@ -259,20 +316,28 @@ def reconstruct(source, # 2D source: .h5, DeepFly3D .pkl, a folder holding one, 
         raise InputError(f"{points.path}: its points {list(points.point_names)[:5]}... are not the config's skeleton "
                          f"{skeleton.name!r} ({skeleton.n_points} points)")
     points = match_views(points, config.view_names)       # the views must agree before the rig is sized to them
+    if config.model.filters.peaks != "top1":
+        raise ConfigError("[filters] peaks chooses among a detector's candidate peaks, which a 2D file does not hold: set it to "
+                          "\"top1\" for reconstruct, or detect with deeperfly run")
     cameras = cameras0 = starting_rig(points, config, rig)
     if do_bundle_adjust is None: do_bundle_adjust = config.pipeline.bundle_adjustment
     tri = {**config.triangulate_kwargs(), **({"method": triangulation} if triangulation else {})}
     t0 = time.perf_counter()
     pts2d, conf = check_points2d(cameras, skeleton, points.pts2d, points.conf)
-    meta = {"source": str(points.path), "source_format": points.meta.get("source_format"), "starting_rig": rig}
+    pts2d, conf, dropped = filter_points2d(config.model.filters, pts2d, conf)      # [filters], as `deeperfly run` applies them
+    if n_dropped := sum(dropped.values()):
+        log.info("[filters] made %d of %d 2D detections unseen (%s)", n_dropped, int(np.isfinite(points.pts2d).all(-1).sum()),
+                 ", ".join(f"{k}: {v}" for k, v in dropped.items()))
+    meta = {"source": str(points.path), "source_format": points.meta.get("source_format"), "starting_rig": rig,
+            **({"filters": {"dropped": dropped}} if dropped else {})}
     if do_bundle_adjust:
         cameras, meta["bundle_adjustment"] = bundle_adjust_rig(cameras, skeleton, pts2d, conf, config.bundle_adjust_kwargs(skeleton))
-    result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=config.pipeline.fps or points.fps, meta=meta)
+    result = triangulate_points2d(cameras, skeleton, pts2d, conf, tri, fps=resolve_fps(config, points.fps)[0], meta=meta)
     used = config_that_ran(config, do_bundle_adjust, tri["method"], None if rig == "config" else cameras0, f"the rig {points.path} records")
     result.provenance.update({"inputs": {"points2d": str(points.path)}, "seconds": round(time.perf_counter() - t0, 3),
                               "config": used.to_dict()})
     result.save(out / "results.h5")
-    (out / ".deeperfly").mkdir(exist_ok=True)          # the config beside the result, where it cannot replace a user's file
-    with atomic_path(out / ".deeperfly" / "config.toml") as tmp:
+    snapshot_path(out).parent.mkdir(exist_ok=True)     # the config beside the result, where it cannot replace a user's file
+    with atomic_path(snapshot_path(out)) as tmp:
         tmp.write_text(f"# the config of this reconstruct ({points.path}); with -c it reruns the same job\n" + used.to_toml())
     return result

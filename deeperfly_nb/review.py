@@ -157,9 +157,9 @@ def open_footage(result:PoseResult, # the result, naming its recording in meta['
     from deeperfly_nb.io import find_source
     rec = recording or result.meta.get("recording")
     if not rec: return None, "the result does not name its recording (pass recording=...)"
-    rec, snap = Path(rec), (Path(out) / ".deeperfly" / "config.toml" if out else None)
+    rec = Path(rec)
     try:
-        cfg = Config.load(snap) if snap is not None and snap.is_file() else Config.default()
+        cfg = (Config.from_output(out) if out else None) or Config.default()
         pats = view_patterns(cfg.detection_plan())
         return {v: ViewFrames(find_source(rec, pats[v])) for v in result.view_names}, ""
     except (DeeperflyError, KeyError, OSError) as e: return None, f"no footage for the review ({e})"
@@ -256,8 +256,8 @@ def _load_source(source, out) -> tuple:
 
 def _triangulate_kwargs(out) -> dict:
     "The triangulation options of the run (its config snapshot), or plain DLT."
-    from deeperfly_nb.config import Config
-    snap = Path(out) / ".deeperfly" / "config.toml" if out else None
+    from deeperfly_nb.config import Config, snapshot_path
+    snap = snapshot_path(out) if out else None
     if snap is None or not snap.is_file(): return {"method": "dlt"}
     try: return Config.load(snap).triangulate_kwargs()
     except DeeperflyError as e:

@@ -13,31 +13,30 @@ from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
-from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, atomic_hdf5, atomic_path,
+from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space, did_you_mean, first_missing_folder, remove_empty_folders)
-from .config import Config
+from .config import Config, SNAPSHOT, snapshot_path
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
 from .results import PoseResult
-from .pipeline import bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views, find_points2d_file
+from .pipeline import (bundle_adjust_rig, triangulate_points2d, prepare_output_dir, load_points2d, match_views,
+                                   find_points2d_file, filter_points2d, resolve_fps)
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STATE_DIR', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE',
-           'RECORDING_FILE', 'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'SNAPSHOT', 'fingerprint',
-           'array_digest', 'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest',
-           'footage_digests', 'OutputLock', 'resolve_fps', 'planned_outputs', 'owned_outputs',
-           'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording', 'foreign_points2d',
-           'recording_points2d', 'RunContext', 'check_lifter_files', 'prepare_run', 'StageOutcome', 'Pose2D',
-           'save_candidates', 'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream',
-           'pin_corrections', 'result_provenance', 'result_content', 'select_points2d', 'filter_points2d',
-           'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot',
-           'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'run']
+__all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE', 'RECORDING_FILE',
+           'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'fingerprint', 'array_digest', 'code_version',
+           'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock',
+           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results',
+           'check_same_recording', 'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files',
+           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
+           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content', 'view_videos',
+           'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages',
+           'run_recording', 'find_recordings', 'BatchReport', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
 
 STAGES = ("detector", "pose2d", "bundle_adjustment", "triangulation", "lifting", "refinement", "visualization")
-STATE_DIR = ".deeperfly"           # inside the output folder: records, digests, lock, config snapshot, the recording, resume blocks
 
 def fingerprint(obj, # any JSON-able description of a stage's inputs
                ) -> str:
@@ -59,8 +58,8 @@ def array_digest(*arrays, # numpy arrays (or None)
 # %% ../nbs/19_run.ipynb #90a3a79d
 STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 4, "refinement": 2, "bundle_adjustment": 2, "triangulation": 4, "lifting": 2, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"detector": ("inference", "detector"), "pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
-                 "triangulation": ("pipeline", "results", "refinement"), "refinement": ("refinement", "results"),   # run's 2D [filters] call refinement
-                 "lifting": ("lifting", "results", "refinement"), "visualization": ("visualization",)}
+                 "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"),
+                 "lifting": ("lifting", "results", "pipeline"), "visualization": ("visualization",)}   # pipeline: the 2D [filters]
 EXECUTION_KEYS = ("batch_size", "chunk_frames", "device")   # [pose2d] keys that say how detection runs, not what it finds
 _NOT_FOLLOWED = {"config", "run", "cli"}         # composition layers: their tables enter fingerprints as data
 _IMPORT = re.compile(r"from\s+(?:\.|deeperfly_nb\.)(\w+)\s+import|from\s+(?:\.|deeperfly_nb)\s+import\s+([\w, ]+)")
@@ -200,15 +199,6 @@ def __enter__(self:OutputLock):
 @patch
 def __exit__(self:OutputLock, *exc):
     if self.fd is not None: os.close(self.fd); self.fd = None     # closing releases the lock
-
-# %% ../nbs/19_run.ipynb #8d6f86e5
-def resolve_fps(config:Config, # its [pipeline] fps overrides, and fallback_fps fills in
-                footage_fps:float|None, # what the footage's container says (None: image folders)
-               ) -> tuple:
-    "(fps, where it came from): `[pipeline] fps`, else the footage's, else `[pipeline] fallback_fps`."
-    if config.pipeline.fps: return float(config.pipeline.fps), "[pipeline] fps"
-    if footage_fps: return float(footage_fps), "the footage"
-    return float(config.pipeline.fallback_fps), "[pipeline] fallback_fps (the footage records no frame rate)"
 
 # %% ../nbs/19_run.ipynb #b0b392e8
 def planned_outputs(config:Config, # the run's config
@@ -762,53 +752,6 @@ def result_content(res:PoseResult, # a result
 # %% ../nbs/19_run.ipynb #4e631b85
 def _refines(config:Config) -> bool: return config.pipeline.triangulation and config.pipeline.refinement
 
-def select_points2d(filters, # the config's `[filters]` table: `peaks`, `top_k` and their scales
-                    pts2d, # (V, T, N, 2) the detector's best peaks, pixels, NaN = unseen
-                    conf, # (V, T, N) their confidences
-                    cands=None, # (V, T, N, K, 2) candidate peaks, best first, K >= top_k (needed unless peaks = "top1")
-                    scores=None, # (V, T, N, K) their scores
-                    cameras=None, # the rig (CameraGroup), for peaks = "multiview"
-                    skeleton=None, # whose bones it weighs, for peaks = "multiview"
-                   ) -> tuple:
-    """(pts2d, conf, detections moved to another peak) after `[filters] peaks`: where the selection keeps candidate 0, the
-    detection as it was; elsewhere the chosen candidate and its score."""
-    from deeperfly_nb.refinement import select_peaks, viterbi_filter_2d
-    if filters.peaks == "top1": return pts2d, conf, 0
-    if cands is None: raise InputError(f'[filters] peaks = "{filters.peaks}" chooses among candidate peaks, but the 2D has none')
-    c, s = np.asarray(cands)[..., :filters.top_k, :], np.asarray(scores)[..., :filters.top_k]
-    if filters.peaks == "viterbi": picked, score = viterbi_filter_2d(c, s, jump_px=filters.viterbi_jump_px)
-    else:
-        if cameras is None or len(cameras) < 2:
-            raise ConfigError('[filters] peaks = "multiview" weighs the other views, and this run has one camera; use "viterbi"')
-        picked, score, _ = select_peaks(cameras, c, s, skeleton, sigma_px=filters.multiview_sigma_px, jump_px=filters.multiview_jump_px)
-    gap = np.linalg.norm(c - picked[..., None, :], axis=-1)
-    first = np.where(np.isfinite(gap), gap, np.inf).argmin(-1) == 0      # candidate 0 (or nothing) chosen: the detection stays
-    moved = int((~first & np.isfinite(picked).all(-1)).sum())
-    return np.where(first[..., None], pts2d, picked), np.where(first, conf, score), moved
-
-# %% ../nbs/19_run.ipynb #2d5b7a44
-def filter_points2d(filters, # the config's `[filters]` table (`config.FiltersConfig`)
-                    pts2d, # (V, T, N, 2) pixels, NaN = unseen
-                    conf, # (V, T, N) confidences
-                    cands=None, # (V, T, N, K, 2) candidate peaks (for `[filters] peaks`; see `select_points2d`)
-                    scores=None, # (V, T, N, K) their scores
-                    cameras=None, # the rig, for peaks = "multiview"
-                    skeleton=None, # its bones, for peaks = "multiview"
-                   ) -> tuple:
-    """(pts2d, conf, {filter: detections it dropped, or for "peaks" moved to another peak}) after the peak selection, the
-    confidence threshold, then the running-median filter."""
-    from deeperfly_nb.refinement import confidence_threshold, median_filter_2d
-    seen = lambda p: int(np.isfinite(p).all(-1).sum())
-    dropped = {}
-    if filters.peaks != "top1": pts2d, conf, dropped["peaks"] = select_points2d(filters, pts2d, conf, cands, scores, cameras, skeleton)
-    if filters.min_confidence > 0:
-        n = seen(pts2d); pts2d, conf = confidence_threshold(pts2d, conf, filters.min_confidence)
-        dropped["min_confidence"] = n - seen(pts2d)
-    if filters.median_window > 0:
-        n = seen(pts2d); pts2d, conf = median_filter_2d(pts2d, conf, filters.median_window, filters.median_threshold_px)
-        dropped["median"] = n - seen(pts2d)
-    return pts2d, conf, dropped
-
 # %% ../nbs/19_run.ipynb #fc7654f1
 def view_videos(ctx:RunContext, # the run's context (its footage readers)
                ) -> dict:
@@ -1028,8 +971,6 @@ class RunReport:
         return f"RunReport({self.recording} -> {self.out_dir}, {self.seconds:.1f} s)\n{rows}"
 
 # %% ../nbs/19_run.ipynb #71922a02
-SNAPSHOT = "config.toml"     # the config of the run that wrote results.h5, in OUT/.deeperfly/ (never beside the user's files)
-
 def config_snapshot(config:Config, # the run's config
                    ) -> str:
     "The config as TOML with every default filled in and model weight paths made absolute (it reloads from anywhere)."
@@ -1072,8 +1013,8 @@ def _check_run_args(recording:Path, max_frames, until):
         raise InputError(f"until={until!r}: expected one of the stages {', '.join(STAGES)}")
 
 def _write_snapshot(ctx:RunContext):
-    "Keep the run's config beside the results.h5 it just wrote (`SNAPSHOT`): review, training and pseudo-labels read it."
-    with atomic_path(ctx.state / SNAPSHOT) as tmp: tmp.write_text(config_snapshot(ctx.config))
+    "Keep the run's config beside the results.h5 it just wrote (`config.snapshot_path`): review, training and pseudo-labels read it."
+    with atomic_path(snapshot_path(ctx.out)) as tmp: tmp.write_text(config_snapshot(ctx.config))
 
 def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     "The stages in order, stopping after `until` (None: all): ([StageOutcome], PoseResult or None)."
