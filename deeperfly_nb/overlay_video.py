@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .core import InputError, check_shape
+from .core import InputError, check_shape, refuse_existing
 from .skeleton import Skeleton
 from .cameras import CameraGroup
 from .results import PoseResult
@@ -189,9 +189,14 @@ def _render_jobs(jobs:list, # _VideoJobs
               sources:dict, # {view: frame source}
               progress:bool=False, # show a tqdm progress bar
               writer=None, # video writer factory (default io.VideoWriter)
+              overwrite:bool=False, # replace videos that exist (never the footage they draw on)
              ) -> list:
     "Render `jobs` in one pass over the sources: each frame of each view is read once; returns the paths."
     for j in jobs: _check_job(j)
+    reading = {Path(p).resolve() for s in sources.values() if (p := getattr(s, "path", None)) is not None}
+    if drawn_on := [str(j.path) for j in jobs if j.path.resolve() in reading]:
+        raise InputError(f"{drawn_on[0]} is footage the video draws on: write the video to another file")
+    if writer is None: refuse_existing([j.path for j in jobs], overwrite)
     its = {v: iter(sources[v]) for v in dict.fromkeys(v for j in jobs for v in j.views)}
     sizes = {}
     with ExitStack() as stack:
@@ -243,11 +248,12 @@ def render_pose2d_video(path, # output .mp4
                         crf:int=20, # H.264 quality (0 best .. 51 worst)
                         progress:bool=False, # show a tqdm progress bar
                         writer=None, # video writer factory (default io.VideoWriter)
+                        overwrite:bool=False, # replace `path` if it exists
                        ) -> Path:
     "An H.264 video of every view with its raw 2D detections drawn in limb colours."
     job, srcs = _pose2d_job(path, frames_by_view, pts2d, conf, skeleton, view_names, fps=fps, views=views, scale=scale,
                             max_frames=max_frames, min_conf=min_conf, conf_alpha=conf_alpha, ncols=ncols, crf=crf)
-    return _render_jobs([job], srcs, progress, writer)[0]
+    return _render_jobs([job], srcs, progress, writer, overwrite)[0]
 
 # %% ../nbs/18c_overlay_video.ipynb #a065d801
 def project_visible(cameras:CameraGroup, # the rig
@@ -334,12 +340,13 @@ def render_pose3d_video(path, # output .mp4
                         progress:bool=False, # show a tqdm progress bar
                         writer=None, # video writer factory (default io.VideoWriter)
                         chunk_frames:int=256, # frames reprojected at a time
+                        overwrite:bool=False, # replace `path` if it exists
                        ) -> Path:
     "An H.264 video of every view with the 3D skeleton reprojected into it, optionally beside a rotating 3D view."
     job, srcs = _pose3d_job(path, frames_by_view, result, with_3d_panel=with_3d_panel, fps=fps, views=views, scale=scale,
                             max_frames=max_frames, view_points=view_points, panel_deg_per_frame=panel_deg_per_frame,
                             panel_elevation_deg=panel_elevation_deg, ncols=ncols, crf=crf, chunk_frames=chunk_frames)
-    return _render_jobs([job], srcs, progress, writer)[0]
+    return _render_jobs([job], srcs, progress, writer, overwrite)[0]
 
 # %% ../nbs/18c_overlay_video.ipynb #c3a7d275
 def _spec_job(path, # the output .mp4
@@ -361,6 +368,7 @@ def render_overlay_videos(out_dir, # output folder (must exist)
                           frames_by_view, # {view: frame source} (readers, arrays, iterators) or a list in view order
                           progress:bool=False, # a tqdm progress bar
                           writer=None, # video writer factory (default io.VideoWriter)
+                          overwrite:bool=False, # replace videos that exist
                          ) -> list:
     "Render every video of `specs` into `out_dir` in one pass over the frames; returns their paths."
     names = [spec.filename for spec in specs]
@@ -370,7 +378,7 @@ def render_overlay_videos(out_dir, # output folder (must exist)
     for spec in specs:
         job, s = _spec_job(Path(out_dir) / spec.filename, spec, result, frames_by_view)
         jobs.append(job); srcs.update(s)
-    return _render_jobs(jobs, srcs, progress, writer) if jobs else []
+    return _render_jobs(jobs, srcs, progress, writer, overwrite) if jobs else []
 
 # %% ../nbs/18c_overlay_video.ipynb #100c1001
 def separated_points(uv, # (N, 2) pixel positions, NaN = none

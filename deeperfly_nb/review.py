@@ -17,7 +17,7 @@ from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
 from .corrections import (CORRECTIONS, Correction, Corrections, read_corrections, write_corrections,
-                                      apply_corrections, restore_detections, detections_key, corrections_over)
+                                      apply_corrections, restore_detections, detections_key, corrections_over, result_detections)
 
 # %% auto #0
 __all__ = ['CRITERIA', 'AUTO_REFRESH_FRAMES', 'frame_scores', 'worst_frames', 'ViewFrames', 'frame_data_url', 'open_footage',
@@ -81,13 +81,17 @@ def _describe(result:PoseResult, crit:str, value:float, at:int) -> str:
 def worst_frames(result:PoseResult, # the result to review
                  k:int=20, # how many frames
                 ) -> list:
-    "[(frame, score, description)] of the `k` frames most worth a look, worst first (score: the worst criterion's ratio to its median)."
+    """[(frame, score, description)] of the `k` frames most worth a look, worst first (score: the worst criterion's ratio to
+    its median; infinite for a frame with nothing detected, or with detections and no 3D point)."""
     sc = frame_scores(result)
     R = np.stack([sc[c][1] for c in CRITERIA])                  # (C, T) ratios
     worst, score = R.argmax(0), R.max(0)
-    order = np.argsort(-score, kind="stable")[:k]
-    return [(int(t), float(score[t]), _describe(result, CRITERIA[worst[t]], sc[CRITERIA[worst[t]]][0][t], int(sc[CRITERIA[worst[t]]][2][t])))
-            for t in order]
+    lost = ~np.isfinite(result.pts2d).all(-1).any((0, 2))       # (T,) nothing detected in any view
+    flat = ~lost & ~np.isfinite(result.pts3d).all(-1).any(1) if result.pts3d is not None else np.zeros_like(lost)
+    score = np.where(lost | flat, np.inf, score)
+    say = lambda t: ("nothing detected in any view" if lost[t] else "no 3D point (no point is seen by two views)" if flat[t] else
+                     _describe(result, CRITERIA[worst[t]], sc[CRITERIA[worst[t]]][0][t], int(sc[CRITERIA[worst[t]]][2][t])))
+    return [(int(t), float(score[t]), say(t)) for t in np.argsort(-score, kind="stable")[:k]]
 
 # %% ../nbs/18f_review.ipynb #5012e87c
 class ViewFrames:
@@ -254,26 +258,28 @@ def _load_source(source, out) -> tuple:
         return PoseResult.load(src / "results.h5"), Path(out or src)
     return PoseResult.load(src), Path(out or src.parent)
 
-def _triangulate_kwargs(out) -> dict:
-    "The triangulation options of the run (its config snapshot), or plain DLT."
-    from deeperfly_nb.config import Config, snapshot_path
-    snap = snapshot_path(out) if out else None
-    if snap is None or not snap.is_file(): return {"method": "dlt"}
-    try: return Config.load(snap).triangulate_kwargs()
-    except DeeperflyError as e:
-        warnings.warn(f"the run's config snapshot cannot be read ({e}): the reviewer triangulates with plain DLT, so its 3D and "
-                      "reprojection errors may differ from the run's", stacklevel=3)
-        return {"method": "dlt"}
+def _triangulate_kwargs(out, result:PoseResult) -> dict:
+    "The triangulation options of the run: its config snapshot in `out`, else the config the result records, else plain DLT (said)."
+    from deeperfly_nb.config import Config
+    try:
+        cfg = (Config.from_output(out) if out else None) or (Config.from_dict(used, "the result's record", warn=False)
+                                                             if (used := result.provenance.get("config")) else None)
+        if cfg is not None: return cfg.triangulate_kwargs()
+        why = "the result records no config and its folder keeps none"
+    except DeeperflyError as e: why = f"the run's config cannot be read ({e})"
+    warnings.warn(f"{why}: the reviewer triangulates with plain DLT, so its 3D and reprojection errors may differ from the "
+                  "run's (give triangulate_kwargs=...)", stacklevel=3)
+    return {"method": "dlt"}
 
 # %% ../nbs/18f_review.ipynb #ad3a9b6e
 def _detections(result:PoseResult, out, sidecar) -> tuple:
     "(pts2d, conf, corrections or None) — the uncorrected detections and the sidecar's corrections, checked."
     V, T = result.view_names, result.n_frames
-    pose2d = Path(out) / "pose2d.h5" if out else None
-    base = None
-    if pose2d is not None and pose2d.is_file():
-        d = PoseResult.load(pose2d)
-        if d.pts2d.shape == result.pts2d.shape and d.view_names == V: base = (d.pts2d, d.conf)
+    base = result_detections(out, result) if out else None
+    if base is None and out and (Path(out) / "pose2d.h5").is_file():
+        warnings.warn(f"{Path(out) / 'pose2d.h5'} holds detections {Path(out) / 'results.h5'} was not made from (a detection ran "
+                      "since, or the result came from a 2D file): the reviewer shows the result's own 2D; run `deeperfly run` "
+                      "again to review the new detections", stacklevel=3)
     sizes = {c.name: c.image_size for c in result.cameras if c.image_size is not None}
     cs = None
     if sidecar is not None and Path(sidecar).is_file():
@@ -298,7 +304,7 @@ class Reviewer:
         res, self.out = _load_source(source, out)
         self.sidecar = self.out / CORRECTIONS if self.out else None
         self.author = author or os.environ.get("USER") or os.environ.get("USERNAME") or ""
-        self.tri_kwargs = dict(triangulate_kwargs or _triangulate_kwargs(self.out))
+        self.tri_kwargs = dict(triangulate_kwargs or _triangulate_kwargs(self.out, res))
         self.det_pts2d, self.det_conf, cs = _detections(res, self.out, self.sidecar)
         sizes = {c.name: c.image_size for c in res.cameras if c.image_size is not None}
         self.corrections = cs or Corrections(res.view_names, res.skeleton.point_names, res.n_frames, res.skeleton.name,
@@ -329,8 +335,9 @@ def _refresh(self:Reviewer, t:int):
         c[vi[cr.view], pi[cr.point]] = 0.0 if cr.unseen else 1.0
     r.pts2d[:, t], r.conf[:, t] = p, c
     if r.n_views > 1:
-        if r.pts3d is None: r.pts3d = np.full((r.n_frames, r.n_points, 3), np.nan)
+        if r.pts3d is None: r.pts3d, r.reproj_error = np.full((r.n_frames, r.n_points, 3), np.nan), np.full(r.pts2d.shape[:3], np.nan)
         r.pts3d[t] = triangulate(r.cameras, p[:, None], c[:, None], **self.tri_kwargs)[0]
+    if r.pts3d is not None and r.reproj_error is not None:       # one camera: the lifter's 3D stays, measured against the new 2D
         r.reproj_error[:, t] = reprojection_error(r.cameras, r.pts3d[t][None], p[:, None])[:, 0]
 
 # %% ../nbs/18f_review.ipynb #1f9a11cb

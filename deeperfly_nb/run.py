@@ -56,7 +56,7 @@ def array_digest(*arrays, # numpy arrays (or None)
     return h.hexdigest()
 
 # %% ../nbs/19_run.ipynb #90a3a79d
-STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 4, "refinement": 2, "bundle_adjustment": 2, "triangulation": 4, "lifting": 2, "visualization": 2}  # bump when run's own code for a stage changes
+STAGE_GLUE_VERSION = {"detector": 1, "pose2d": 4, "refinement": 2, "bundle_adjustment": 2, "triangulation": 5, "lifting": 3, "visualization": 2}  # bump when run's own code for a stage changes
 STAGE_MODULES = {"detector": ("inference", "detector"), "pose2d": ("inference", "detector"), "bundle_adjustment": ("bundle_adjustment", "pipeline"),
                  "triangulation": ("pipeline", "results"), "refinement": ("refinement", "results"),
                  "lifting": ("lifting", "results", "pipeline"), "visualization": ("visualization",)}   # pipeline: the 2D [filters]
@@ -473,6 +473,7 @@ class Pose2D:
     footage_frames: dict|None = None  # {source: frames} when the sources differed in length (all were cut to the shortest)
     cands: np.ndarray|None = None   # (V, T, N, K, 2) candidate peaks, best first (only when [filters] peaks selects among them)
     scores: np.ndarray|None = None  # (V, T, N, K) their heatmap values
+    pose2d_key: str|None = None     # `corrections.detections_key` of pose2d.h5 (None: the 2D came from a file): what results.h5 was made from
 
     @property
     def content(self) -> str:
@@ -489,12 +490,13 @@ class Pose2D:
     def from_result(cls, res:PoseResult, # a 2D PoseResult, as in pose2d.h5
                    ) -> "Pose2D":
         "The detection data of a 2D `PoseResult` (pose2d.h5)."
+        from deeperfly_nb.corrections import detections_key
         return cls(res.pts2d, res.conf, {c.name: tuple(c.image_size) for c in res.cameras if c.image_size is not None},
-                   res.meta.get("footage_fps"), res.meta.get("footage_frames"))
+                   res.meta.get("footage_fps"), res.meta.get("footage_frames"), pose2d_key=detections_key(res.pts2d, res.conf))
 
 def _frames_meta(p2d:Pose2D) -> dict:
-    "The result's record of footage of unequal length ({} when the sources agreed)."
-    return {"footage_frames": p2d.footage_frames} if p2d.footage_frames else {}
+    "The result's record of the detections it was made from (review checks pose2d.h5 against it) and of footage of unequal length."
+    return {**({"pose2d_key": p2d.pose2d_key} if p2d.pose2d_key else {}), **({"footage_frames": p2d.footage_frames} if p2d.footage_frames else {})}
 
 # %% ../nbs/19_run.ipynb #7a1c4d22
 CANDIDATES = "pose2d_candidates.h5"   # in the output folder: the detector's candidate peaks, when [filters] peaks needs them
@@ -943,7 +945,7 @@ def _render(ctx:RunContext, result:PoseResult, todo:list) -> list:
     frames_by_view = {v: ctx.readers[s] for v, s in ctx.config.detection_plan().view_sources().items() if s in ctx.readers}
     t0 = time.perf_counter()
     log.info("visualization: rendering %s", ", ".join(vc.filename for vc, _ in todo))
-    paths = render_videos(ctx.out, [vc for vc, _ in todo], result, frames_by_view, progress=ctx.progress)
+    paths = render_videos(ctx.out, [vc for vc, _ in todo], result, frames_by_view, progress=ctx.progress, overwrite=True)   # its own (claimed)
     secs = (time.perf_counter() - t0) / len(todo)
     for (vc, fp), p in zip(todo, paths): write_record(ctx.out, f"visualization.{vc.name}", fp, [p], secs, ctx.digests)
     return [StageOutcome(f"visualization.{vc.name}", "ran", round(secs, 3), fp, [vc.filename]) for vc, _ in todo]

@@ -20,7 +20,8 @@ def render_videos(out_dir, # output folder (must exist)
                   frames_by_view, # {view: frame source} (readers, arrays, iterators) or a list in view order
                   progress:bool=False, # a tqdm progress bar
                   writer=None, # video writer factory (default io.VideoWriter)
+                  overwrite:bool=False, # replace videos that exist (`deeperfly run` replaces its own)
                  ) -> list:
     "Render every configured video into `out_dir` in one pass over the frames; returns their paths."
     vids = videos.videos if isinstance(videos, VisualizationConfig) else list(videos)
-    return render_overlay_videos(out_dir, vids, result, frames_by_view, progress, writer)
+    return render_overlay_videos(out_dir, vids, result, frames_by_view, progress, writer, overwrite)

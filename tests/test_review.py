@@ -266,3 +266,56 @@ def test_lazy_frames_match_the_reader_in_any_order(recording):
     assert len(vf._cursors) <= 2
     vf.close()
     with pytest.raises(IndexError, match="out of range"): vf[6]
+
+
+def test_a_detection_run_since_the_result_is_not_reviewed_under_it(recording, out):
+    "A run stopped after re-detecting (pose2d.h5 newer than results.h5): the reviewer keeps to the result's own 2D, and says so."
+    from deeperfly_nb.corrections import detections_key
+    res = PoseResult.load(out / "results.h5")
+    res.meta["pose2d_key"] = detections_key(res.pts2d, res.conf)            # as `deeperfly run` records what it triangulated
+    res.save(out / "results.h5")
+    PoseResult(res.pts2d, res.conf, res.cameras, res.skeleton).save(out / "pose2d.h5")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rv = Reviewer(out); rv.close()
+    assert not [w for w in seen if "pose2d.h5" in str(w.message)]        # the detections it was made from: used, unremarked
+    newer = res.pts2d + 3.0                                                # another model's detections, not triangulated yet
+    PoseResult(newer, res.conf, res.cameras, res.skeleton).save(out / "pose2d.h5")
+    with pytest.warns(UserWarning, match="pose2d.h5 holds detections .*results.h5 was not made from"):
+        rv = Reviewer(out)
+    np.testing.assert_array_equal(rv.det_pts2d, res.pts2d)                 # not the newer 2D beside the older 3D
+    rv.close()
+
+
+def test_without_a_snapshot_the_reviewer_triangulates_as_the_result_records(recording, out):
+    "A results.h5 moved away from its run's folder still records the run's config: the reviewer's 3D uses its options."
+    from deeperfly_nb.config import Config
+    res = PoseResult.load(out / "results.h5")
+    used = Config.default().to_dict(); used["triangulation"] = {**used["triangulation"], "method": "ransac", "min_confidence": 0.2}
+    res.provenance["config"] = used
+    res.save(out / "results.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # no fallback to plain DLT, so nothing to say
+        rv = Reviewer(out)
+    assert (rv.tri_kwargs["method"], rv.tri_kwargs["min_confidence"]) == ("ransac", 0.2)
+    rv.close()
+
+
+def test_a_lifted_result_keeps_its_3d_and_measures_it_against_the_corrected_2d(recording, tmp_path):
+    "One camera: nothing to triangulate; the reprojection error the reviewer shows is the kept 3D's against the moved point."
+    from deeperfly_nb.cameras import CameraGroup
+    from deeperfly_nb.triangulation import reprojection_error
+    r0 = recording["result"]
+    cam = CameraGroup([r0.cameras[r0.view_names[0]]])
+    one = PoseResult(r0.pts2d[:1], r0.conf[:1], cam, r0.skeleton, pts3d=r0.pts3d,
+                     reproj_error=reprojection_error(cam, r0.pts3d, r0.pts2d[:1]), meta={"recording": str(recording["rec"])})
+    (tmp_path / "lifted").mkdir(); one.save(tmp_path / "lifted" / "results.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rv = Reviewer(tmp_path / "lifted", triangulate_kwargs={"method": "dlt"})
+    n = int(np.flatnonzero(np.isfinite(r0.pts2d[0, 1]).all(-1))[0])
+    rv.move(r0.view_names[0], 1, n, 10.0, 10.0)
+    truth_px = cam.project(r0.pts3d[1, n])[0]                                # where the kept 3D projects
+    assert rv.result.pts3d[1, n].tolist() == r0.pts3d[1, n].tolist()
+    assert abs(rv.result.reproj_error[0, 1, n] - np.linalg.norm(truth_px - [10.0, 10.0])) < 1e-6
+    rv.close()

@@ -289,3 +289,20 @@ def test_report_html_is_one_offline_file(syn, tmp_path):
     assert "3D error against ground truth" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
     assert len(inspection_figures(PoseResult(res.pts2d, res.conf, res.cameras, res.skeleton))) == 1
+
+
+def test_a_video_replaces_no_file_unasked_and_never_the_footage_it_draws_on(syn, tmp_path):
+    from deeperfly_nb.io import VideoWriter, open_reader
+    res, frames = syn
+    dest = tmp_path / "pose2d.mp4"; dest.write_bytes(b"a user's notes")
+    with pytest.raises(InputError, match="pose2d.mp4 exists"):
+        render_pose2d_video(dest, frames, res.pts2d, res.conf, res.skeleton, res.view_names, fps=100)
+    assert dest.read_bytes() == b"a user's notes"
+    footage = tmp_path / "camera_0.mp4"
+    with VideoWriter(footage, fps=100) as w:
+        for f in frames["rh"]: w.write(f)
+    before = footage.read_bytes()
+    with pytest.raises(InputError, match="camera_0.mp4 is footage the video draws on"):
+        render_pose2d_video(footage, {"rh": open_reader(footage)}, res.pts2d, res.conf, res.skeleton, res.view_names,
+                            fps=100, views=["rh"], overwrite=True)
+    assert footage.read_bytes() == before
