@@ -17,7 +17,7 @@ from .core import ConfigError, InputError, did_you_mean, atomic_path
 from .config import Config, ClusterConfig
 from .pipeline import prepare_output_dir
 from .results import quality_warnings
-from .run import OutputLock, RunReport, STAGES, find_recordings, forced_stages, run_recording
+from .run import OutputLock, RunReport, STAGES, BATCH_SUMMARY, clear_batch_summary, find_recordings, forced_stages, run_recording
 
 # %% auto #0
 __all__ = ['STEP_STAGES', 'SUMMARY_FIELDS', 'SUMMARY_HELP', 'WORKER_ENV_DROPPED', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD',
@@ -301,9 +301,17 @@ def run_many(recordings:list, # recording folders
         if client is not None:
             client.register_plugin(worker_setup_plugin())     # workers keep freed memory (see `keep_freed_memory`)
             logging.getLogger("deeperfly").info("Dask dashboard: %s", client.dashboard_link)
-        with tqdm(total=len(recordings), desc="recordings", unit="rec", disable=not options.progress) as bar:
-            run = _run_here if client is None else partial(_run_dask, client)
-            done = run(recordings, outs, config, options, steps, bar, on_result or (lambda o: None))
+        clear_batch_summary(out_root)
+        finished = {}
+        def keep(o): finished[o.out_dir] = o; (on_result or (lambda o: None))(o)
+        try:
+            with tqdm(total=len(recordings), desc="recordings", unit="rec", disable=not options.progress) as bar:
+                run = _run_here if client is None else partial(_run_dask, client)
+                done = run(recordings, outs, config, options, steps, bar, keep)
+        except BaseException:                          # stopped (Ctrl-C, a lost scheduler): the table says what finished
+            write_summary([finished.get(str(d)) or RecordingOutcome(str(r), str(d), "not run", error="the batch stopped before it finished")
+                           for r, d in zip(recordings, outs)], out_root)
+            raise
         write_summary(done, out_root)
     return done
 
@@ -324,7 +332,7 @@ def summary_rows(outcomes:list, # [RecordingOutcome]
     return cols, rows
 
 # %% ../nbs/19a_batch.ipynb #37b673cb
-SUMMARY_HELP = {"recording": "the recording folder", "status": "done or failed (amber rows: done, with warnings)", "seconds": "wall time of its steps, summed",
+SUMMARY_HELP = {"recording": "the recording folder", "status": "done, failed, or not run (the batch stopped first); amber rows: done, with warnings", "seconds": "wall time of its steps, summed",
                 "cpu_seconds": "CPU time of the processes running them",
                 "frames": "frames of the result", "triangulated_pct": "share of point-frames with 3D, %",
                 "reprojection_error_px": "median reprojection error, pixels", "reprojection_error_p95_px": "its 95th percentile, pixels",
@@ -340,7 +348,8 @@ def _html_table(cols:list, rows:list) -> str:
     helps = lambda c: SUMMARY_HELP.get(c) or next((SUMMARY_HELP[k] for k in ("<stage>_s", "<stage>_status") if c.endswith(k[7:])), "")
     head = "".join(f"<th title='{html.escape(helps(c))}'>{html.escape(c)}</th>" for c in cols)
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in SUMMARY_HELP.items())
-    def cell(v): return f"<td>{html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
+    num = lambda v: f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"          # 0.123, 12.3, 4322 (never 4.32e+03)
+    def cell(v): return f"<td>{html.escape(num(v) if isinstance(v, float) else str(v))}</td>"
     status = lambda r: "warned" if r["status"] == "done" and r["warnings"] else r["status"]
     body = "\n".join(f"<tr class='{html.escape(status(r))}'>{''.join(cell(r[c]) for c in cols)}</tr>" for r in rows)
     n_fail = sum(r["status"] == "failed" for r in rows)
@@ -357,7 +366,7 @@ def write_summary(outcomes:list, # [RecordingOutcome]
     cols, rows = summary_rows(outcomes)
     buf = io.StringIO()
     w = csv.DictWriter(buf, cols, lineterminator="\n"); w.writeheader(); w.writerows(rows)
-    paths = Path(out) / "summary.csv", Path(out) / "summary.html"
+    paths = tuple(Path(out) / n for n in BATCH_SUMMARY)
     for p, text in zip(paths, (buf.getvalue(), _html_table(cols, rows))):
         with atomic_path(p) as tmp: tmp.write_text(text, encoding="utf-8")
     return paths

@@ -142,6 +142,8 @@ def inspection_figures(result:PoseResult, # the result to inspect
     """The report's figures: reprojection histogram and heatmap and, with 3D, bone lengths, the 3D skeleton and the
     views at one frame; always the confidence heatmap; and the 3D error per point when the result and the truth have 3D."""
     if not isinstance(result, PoseResult): raise InputError(f"result must be a PoseResult, got {type(result).__name__}")
+    if frame is not None and not 0 <= frame < result.n_frames:
+        raise InputError(f"frame {frame} is outside the result's frames 0-{result.n_frames - 1}")
     small = _subsample(result, max_frames)
     figs = []
     if small.reprojection_errors() is not None:
@@ -184,6 +186,7 @@ def check_report_target(path, # the .html file a report is about to be written t
                         overwrite:bool=False, # replace it even when it is not an earlier report
                        ):
     "An `InputError` when `path` exists and is not an earlier report (which is always replaced), unless `overwrite`."
+    if Path(path).is_dir(): raise InputError(f"{path} is a folder; give the report's .html file (e.g. {Path(path) / 'report.html'})")
     if Path(path).exists() and not overwrite and not is_deeperfly_report(path):
         raise InputError(f"{path} exists and is not a deeperfly report; give --overwrite (overwrite=True in Python) to replace it")
 

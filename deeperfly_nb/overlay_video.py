@@ -77,10 +77,8 @@ def _open_writer(writer, # a factory (path, fps, crf) -> writer, or None for io.
                  path:Path, fps:float, crf:int):
     "The writer of one video."
     if writer is not None: return writer(path, fps, crf)
-    import inspect
     from deeperfly_nb.io import VideoWriter                 # H.264 MP4, atomic rename on close
-    kw = {"preset": X264_PRESET} if "preset" in inspect.signature(VideoWriter).parameters else {}
-    return VideoWriter(path, fps=fps, crf=crf, **kw)
+    return VideoWriter(path, fps=fps, crf=crf, preset=X264_PRESET)
 
 def _progress(total:int, desc:str, enabled:bool):
     "A tqdm bar counting frames (disabled: it shows nothing); in a terminal it vanishes when done, in a log it stays one line."
@@ -130,6 +128,7 @@ def _n_frames(sources:dict, # {view: source}
               max_frames:int|None, # the caller's limit
              ) -> int:
     "Frames to render: the points' T, capped by `max_frames` and by every source's length (warning when short)."
+    if max_frames is not None and int(max_frames) < 1: raise InputError(f"max_frames must be at least 1, got {max_frames}")
     n = T if max_frames is None else min(T, int(max_frames))
     for name, s in sources.items():
         L = _source_len(s)
@@ -221,6 +220,7 @@ def _pose2d_job(path, frames_by_view, pts2d, conf, skeleton:Skeleton, view_names
     views = _check_views(views, view_names)
     idx = [view_names.index(v) for v in views]
     srcs = _sources(frames_by_view, view_names, views)
+    if fps is not None and not fps > 0: raise InputError(f"fps must be a positive number, got {fps}")
     fps = fps or _source_fps(srcs)
     if fps is None: raise InputError("fps is unknown (the frame sources do not say): pass fps")
     n = _n_frames(srcs, P.shape[1], max_frames)
@@ -313,6 +313,7 @@ def _pose3d_job(path, frames_by_view, result:PoseResult, *, # as in `render_pose
     view_names = list(result.view_names)
     views = _check_views(views, view_names)
     srcs = _sources(frames_by_view, view_names, views)
+    if fps is not None and not fps > 0: raise InputError(f"fps must be a positive number, got {fps}")
     fps = fps or result.fps or _source_fps(srcs)
     if fps is None: raise InputError("fps is unknown (neither the result nor the frame sources say): pass fps")
     n = _n_frames(srcs, result.n_frames, max_frames)

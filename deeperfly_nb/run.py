@@ -24,14 +24,14 @@ from .pipeline import (bundle_adjust_rig, triangulate_points2d, prepare_output_d
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE', 'RECORDING_FILE',
-           'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'fingerprint', 'array_digest', 'code_version',
-           'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock',
+           'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'BATCH_SUMMARY', 'fingerprint', 'array_digest',
+           'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock',
            'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results',
            'check_same_recording', 'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files',
            'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
            'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content', 'view_videos',
            'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages',
-           'run_recording', 'find_recordings', 'BatchReport', 'run']
+           'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -1120,6 +1120,17 @@ class BatchReport:
     failures: dict                 # {recording: error message}
     seconds: float                 # wall time of the whole batch
 
+# %% ../nbs/19_run.ipynb #2d8d12a1
+BATCH_SUMMARY = ("summary.csv", "summary.html")   # a batch's tables, in its output folder (written by `batch.write_summary`)
+
+def clear_batch_summary(out, # a batch's output folder
+                       ) -> list:
+    "Remove an earlier batch's summary from `out` as a batch starts (it would describe results this batch replaces); returns what went."
+    gone = [p for p in (Path(out) / n for n in BATCH_SUMMARY) if p.is_file()]
+    for p in gone: p.unlink()
+    if gone: log.info("removed the earlier batch's %s: this batch writes its own", " and ".join(p.name for p in gone))
+    return gone
+
 # %% ../nbs/19_run.ipynb #0a5432ed
 def run(path, # a recording folder, or a folder of recording folders
         out_dir, # output folder; one subfolder per recording in batch mode
@@ -1133,6 +1144,7 @@ def run(path, # a recording folder, or a folder of recording folders
     if len(recs) == 1 and recs[0] == Path(path):       # `run_recording` makes the folder (and removes it if it fails at once)
         return BatchReport([run_recording(recs[0], out_dir, config, **kwargs)], {}, round(time.perf_counter() - t0, 3))
     out = prepare_output_dir(out_dir)
+    clear_batch_summary(out)
     reports, failures = [], {}
     for i, rec in enumerate(recs):
         log.info("recording %d/%d: %s", i + 1, len(recs), rec.name)
