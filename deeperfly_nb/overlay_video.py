@@ -20,8 +20,8 @@ from .tiling import compose_grid
 from .panel3d import panel_extent, render_3d_panel, rig_up_front
 
 # %% auto #0
-__all__ = ['X264_PRESET', 'scaled_points', 'MemoryWriter', 'render_pose2d_video', 'project_visible', 'render_pose3d_video',
-           'render_overlay_videos', 'separated_points']
+__all__ = ['X264_PRESET', 'scaled_points', 'MemoryWriter', 'check_frame_size', 'render_pose2d_video', 'project_visible',
+           'render_pose3d_video', 'render_overlay_videos', 'separated_points']
 
 # %% ../nbs/18c_overlay_video.ipynb #e46e083a
 def scaled_points(pts2d, # (..., 2) pixels in a frame of width W, height H
@@ -210,8 +210,20 @@ def _render_jobs(jobs:list, # _VideoJobs
     return [j.path for j in jobs]
 
 # %% ../nbs/18c_overlay_video.ipynb #a74d10b9
+def check_frame_size(view:str, # the view's name
+                     tile, # its downscaled frame (h, w, 3)
+                     sx:float, sy:float, # the downscale factors
+                     image_size, # (H, W) the points are in pixels of (None: unknown, not checked)
+                    ):
+    "An `InputError` when a view's frames are not the size its points are in pixels of: every point would be misplaced."
+    H, W = int(round(tile.shape[0] / sy)), int(round(tile.shape[1] / sx))
+    if image_size is not None and (H, W) != tuple(image_size):
+        raise InputError(f"view {view!r}: frames are {W}x{H} (W x H) but its points are in pixels of {image_size[1]}x{image_size[0]} "
+                         f"(the camera's image_size); drawn on these frames they would be misplaced")
+
 def _pose2d_job(path, frames_by_view, pts2d, conf, skeleton:Skeleton, view_names, *, # as in `render_pose2d_video`
-               fps=None, views=None, scale=0.5, max_frames=None, min_conf=0.0, conf_alpha=False, ncols=None, crf=20) -> tuple:
+               fps=None, views=None, scale=0.5, max_frames=None, min_conf=0.0, conf_alpha=False, ncols=None, crf=20,
+               image_sizes=None) -> tuple:
     "(_VideoJob, {view: source}) of `render_pose2d_video`."
     view_names = list(view_names)
     V = len(view_names)
@@ -227,6 +239,7 @@ def _pose2d_job(path, frames_by_view, pts2d, conf, skeleton:Skeleton, view_names
 
     def draw(k, t, tile, sx, sy):
         v = idx[k]
+        if t == 0: check_frame_size(views[k], tile, sx, sy, (image_sizes or {}).get(views[k]))
         draw_skeleton(tile, scaled_points(P[v, t], sx, sy), skeleton, None if C is None else C[v, t],
                       min_conf=min_conf, conf_alpha=conf_alpha, in_place=True)
     return _VideoJob(Path(path), views, n, float(fps), draw, None, scale, ncols, crf), srcs
@@ -249,10 +262,12 @@ def render_pose2d_video(path, # output .mp4
                         progress:bool=False, # show a tqdm progress bar
                         writer=None, # video writer factory (default io.VideoWriter)
                         overwrite:bool=False, # replace `path` if it exists
+                        image_sizes:dict|None=None, # {view: (H, W)} the points are in pixels of: other frame sizes are refused
                        ) -> Path:
     "An H.264 video of every view with its raw 2D detections drawn in limb colours."
     job, srcs = _pose2d_job(path, frames_by_view, pts2d, conf, skeleton, view_names, fps=fps, views=views, scale=scale,
-                            max_frames=max_frames, min_conf=min_conf, conf_alpha=conf_alpha, ncols=ncols, crf=crf)
+                            max_frames=max_frames, min_conf=min_conf, conf_alpha=conf_alpha, ncols=ncols, crf=crf,
+                            image_sizes=image_sizes)
     return _render_jobs([job], srcs, progress, writer, overwrite)[0]
 
 # %% ../nbs/18c_overlay_video.ipynb #a065d801
@@ -277,11 +292,7 @@ def _reprojection_drawer(cams:CameraGroup, # the rendered views' cameras, in til
     cache = {"start": -1, "uv": None}
     def draw(k, t, tile, sx, sy):
         cam = cams[k]
-        if t == 0 and cam.image_size is not None:
-            H, W = int(round(tile.shape[0] / sy)), int(round(tile.shape[1] / sx))
-            if (H, W) != tuple(cam.image_size):
-                raise InputError(f"view {cam.name!r}: frames are {W}x{H} (W x H) but camera {cam.name!r} has image_size "
-                                 f"{cam.image_size[1]}x{cam.image_size[0]}; the reprojected points would be misplaced")
+        if t == 0: check_frame_size(cam.name, tile, sx, sy, cam.image_size)
         if cache["uv"] is None or not cache["start"] <= t < cache["start"] + chunk_frames:
             cache["start"] = t
             uv = project_visible(cams, pts3d[t:t + chunk_frames])              # (V', chunk, N, 2)
@@ -359,7 +370,8 @@ def _spec_job(path, # the output .mp4
     common = dict(views=spec.views, scale=spec.scale, max_frames=spec.max_frames, crf=spec.crf)
     if spec.kind == "pose2d":
         return _pose2d_job(path, frames_by_view, result.pts2d, result.conf, result.skeleton, result.view_names,
-                           fps=spec.fps or result.fps, min_conf=spec.min_confidence, **common)
+                           fps=spec.fps or result.fps, min_conf=spec.min_confidence, **common,
+                           image_sizes={c.name: c.image_size for c in result.cameras})
     if spec.kind != "pose3d": raise InputError(f'{Path(path).name}: kind must be "pose2d" or "pose3d", got {spec.kind!r}')
     return _pose3d_job(path, frames_by_view, result, with_3d_panel=spec.with_3d_panel, fps=spec.fps, **common)
 
