@@ -15,7 +15,7 @@ __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS'
            'Config', 'snapshot_path', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
-import dataclasses, difflib, inspect, json, os, re, tomllib, types
+import dataclasses, inspect, json, math, os, re, tomllib, types
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -23,7 +23,7 @@ import scipy.optimize
 import tomli_w
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .core import ConfigError, InputError, STATE_DIR, did_you_mean, one_of, atomic_path, ConfigTable as _Table, config_field as _field
+from .core import ConfigError, InputError, STATE_DIR, did_you_mean, one_of, toml_value, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
@@ -291,18 +291,20 @@ class VisualizationConfig(_Table):
 CAMERA_PARAMS = tuple(PARAM_GROUPS)           # rotation, translation, focal, principal_point, distortion
 SHAREABLE_PARAMS = tuple(SHAREABLE_GROUPS)    # focal, principal_point, distortion
 TRIANGULATION_METHODS = ("dlt", "ransac", "greedy")
-LEAST_SQUARES_SET_BY_DEEPERFLY = ("fun", "x0", "jac", "jac_sparsity", "args", "kwargs")
+LEAST_SQUARES_SET_BY_DEEPERFLY = ("fun", "x0", "jac", "jac_sparsity", "args", "kwargs", "bounds", "callback")  # or bound its own parameter vector
 LEAST_SQUARES_KEYS = tuple(k for k in inspect.signature(scipy.optimize.least_squares).parameters
                            if k not in LEAST_SQUARES_SET_BY_DEEPERFLY)
 # least_squares options that bundle_adjust_cameras itself takes as keywords, with its defaults
 _BA_LSQ_DEFAULTS = {k: v for k, v in _BA_DEFAULTS.items() if k in LEAST_SQUARES_KEYS and v is not None}
 _default(_BA_DEFAULTS, "shared", "bundle_adjust_cameras")
 
-def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 _LSQ_VALUES = {  # checks of the common least_squares options: (test, what is allowed)
     "loss": (lambda v: v in LOSSES, "one of " + ", ".join(f'"{l}"' for l in LOSSES)),
-    "method": (lambda v: v in ("trf", "dogbox", "lm"), 'one of "trf", "dogbox", "lm"'),
-    "tr_solver": (lambda v: v in ("exact", "lsmr"), 'one of "exact", "lsmr"'),
+    "method": (lambda v: v in ("trf", "dogbox"), '"trf" or "dogbox" (bundle adjustment\'s Jacobian is sparse, which "lm" cannot take)'),
+    "tr_solver": (lambda v: v == "lsmr", '"lsmr" (the sparse Jacobian rules out "exact")'),
+    "tr_options": (lambda v: isinstance(v, dict) and set(v) <= {"atol", "btol", "conlim", "maxiter", "damp", "regularize"},
+                   "a table of lsmr's options: atol, btol, conlim, maxiter, damp, regularize"),
     "f_scale": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "diff_step": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "max_nfev": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
@@ -317,12 +319,12 @@ def _check_least_squares(d:dict) -> dict:
     problems = []
     for k, v in d.items():
         if k in LEAST_SQUARES_SET_BY_DEEPERFLY:
-            problems.append((k, "set by deeperfly itself; remove it"))
+            problems.append((k, "set by deeperfly itself (bounds and callback: on the parameter vector it lays out); remove it"))
         elif k not in LEAST_SQUARES_KEYS:
             problems.append((k, f"not an option of scipy.optimize.least_squares; allowed keys: "
                                 f"{', '.join(LEAST_SQUARES_KEYS)}{did_you_mean(k, LEAST_SQUARES_KEYS)}"))
         elif k in _LSQ_VALUES and not _LSQ_VALUES[k][0](v):
-            problems.append((k, f"expected {_LSQ_VALUES[k][1]}, got {_show(v)}"))
+            problems.append((k, f"expected {_LSQ_VALUES[k][1]}, got {toml_value(v)}"))
     if problems: raise _Problems(problems)
     return {**_BA_LSQ_DEFAULTS, **d}
 
@@ -512,6 +514,16 @@ class InteropConfig(_Table):
     name_map: dict[str, str] = _field(dict, '{foreign keypoint name = "skeleton point"}')
     view_pattern: str = _field("{view}", 'how a view shows in per-view file names: "{view}" or e.g. "camera_{index}"')
 
+    @field_validator("view_pattern")
+    @classmethod
+    def _view_pattern(cls, v):
+        import string
+        try: fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e: raise ValueError(f"not a pattern ({e}): {v!r}") from None
+        if not fields or not fields <= {"view", "index"}:
+            raise ValueError(f'expected a pattern holding {{view}} (the view\'s name) or {{index}} (its place in the rig), e.g. "camera_{{index}}"; got {v!r}')
+        return v
+
 # %% ../nbs/10_config.ipynb #06abd1aa
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")                 # SLURM's [D-]HH:MM[:SS]
 _ADDRESS = re.compile(r"^(tcp|tls|ucx)://[^\s/:]+:\d{1,5}$")
@@ -620,12 +632,6 @@ def _keypath(parts) -> str:
     return s
 
 # %% ../nbs/10_config.ipynb #dcb3b6ae
-def _show(v) -> str:
-    "A value as it reads in TOML, shortened."
-    try: s = json.dumps(v)
-    except (TypeError, ValueError): s = repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
-
 def _lookup(data, parts):
     for p in parts:
         try: data = data[p]
@@ -651,14 +657,14 @@ def _explain(err:dict, data:dict) -> list:
     if kind == "missing" and not rest and (_is_model(node) or _container_of_models(node) is not None):
         return [(_keypath(parts), f"required table missing; expected {_expected(field) or 'a table'}")]
     if _is_model(node) and not rest:
-        return [(_keypath(parts), f"expected a table, got {_show(_lookup(data, parts))}")]
+        return [(_keypath(parts), f"expected a table, got {toml_value(_lookup(data, parts))}")]
     what = _expected(field)
     if kind == "missing": return [(_keypath(parts), f"required key missing; expected {what or 'a value'}")]
     if not what and not rest and _container_of_models(node) is not None:
         kind = "a table" if get_origin(node) is dict else "an array of tables"
-        return [(_keypath(parts), f"expected {kind}, got {_show(_lookup(data, parts))}")]
+        return [(_keypath(parts), f"expected {kind}, got {toml_value(_lookup(data, parts))}")]
     if not what: return [(_keypath(parts + list(rest)), err["msg"])]
-    return [(_keypath(parts), f"expected {what}, got {_show(_lookup(data, parts))}")]
+    return [(_keypath(parts), f"expected {what}, got {toml_value(_lookup(data, parts))}")]
 
 def _pydantic_problems(e:ValidationError, data:dict) -> list:
     out = []
@@ -735,6 +741,10 @@ def _cross_check(data:dict, model:ConfigModel|None, problems:list) -> tuple:
         except (ConfigError, InputError) as e:
             out.append((f"cameras.{name}", str(e).removeprefix(f"camera {name!r}: ").removeprefix(f"cameras.{name}: ")))
     out += _bundle_adjustment_problems(data, skeleton, cams, problems)
+    nm = io.get("name_map") if isinstance(io := data.get("interop"), dict) else None
+    if skeleton is not None and isinstance(nm, dict) and _ok(problems, "interop.name_map"):
+        out += [(f"interop.name_map.{k}", f"{v!r} is not a point of skeleton {skeleton.name!r}{did_you_mean(v, skeleton.point_names)}")
+                for k, v in nm.items() if isinstance(v, str) and v not in skeleton.point_names]
     tri = data.get("triangulation", {})
     mv = tri.get("min_views") if isinstance(tri, dict) else None
     pipe = data.get("pipeline", {})

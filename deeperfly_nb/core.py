@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
 __all__ = ['NO_SPACE_ERRNOS', 'STATE_DIR', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
-           'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
+           'toml_value', 'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
            'ensure_free_space', 'atomic_path', 'refuse_existing', 'first_missing_folder', 'remove_empty_folders',
            'undo_new_folders', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
@@ -47,6 +47,15 @@ def one_of(value, # a value read from a config or the command line
     "`value` if it is one of `choices`, else a ValueError naming them (and the closest): the message of every choice check."
     if value not in choices: raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
+
+# %% ../nbs/00_core.ipynb #9adec88e
+def toml_value(v, # a config value (or anything a message names)
+              ) -> str:
+    "`v` as it reads in a TOML file (JSON's spelling of lists, strings and numbers), cut to 80 characters."
+    import json
+    try: s = json.dumps(v)
+    except (TypeError, ValueError): s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 # %% ../nbs/00_core.ipynb #fc20c900
 def number_check(lo:float|None=None, # smallest allowed (None: no bound)

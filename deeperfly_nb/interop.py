@@ -87,7 +87,9 @@ def place(values, # (..., K, ...) the file's values, its keypoint axis at `axis`
 
 # %% ../nbs/16a_interop.ipynb #f6e5486e
 def _view_regex(view:str, index:int, pattern:str) -> re.Pattern:
-    word = re.escape(pattern.format(view=view, index=index))
+    try: word = re.escape(pattern.format(view=view, index=index))
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(f"view pattern {pattern!r}: it may hold {{view}} and {{index}} only ({type(e).__name__}: {e})") from None
     return re.compile(rf"(?<![A-Za-z0-9]){word}(?![A-Za-z0-9])")
 
 def match_view_files(files, # a {view: path} mapping, or paths (a list, or one path / glob)

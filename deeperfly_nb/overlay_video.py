@@ -212,7 +212,8 @@ def _render_jobs(jobs:list, # _VideoJobs
 # %% ../nbs/18c_overlay_video.ipynb #a74d10b9
 def check_frame_size(view:str, # the view's name
                      tile, # its downscaled frame (h, w, 3)
-                     sx:float, sy:float, # the downscale factors
+                     sx:float, # the horizontal downscale factor
+                     sy:float, # the vertical one
                      image_size, # (H, W) the points are in pixels of (None: unknown, not checked)
                     ):
     "An `InputError` when a view's frames are not the size its points are in pixels of: every point would be misplaced."

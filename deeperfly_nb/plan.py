@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import ConfigError, InputError, did_you_mean
+from .core import ConfigError, InputError, did_you_mean, toml_value
 from .skeleton import Skeleton
 
 # %% auto #0
@@ -24,12 +24,6 @@ _log = logging.getLogger("deeperfly")
 
 class ConfigWarning(UserWarning):
     "A config that works but probably not as meant: a view no pathway fills, a source nothing reads."
-
-def _show(v) -> str:
-    "A value as it reads in TOML, shortened."
-    try: s = json.dumps(v)
-    except (TypeError, ValueError): s = repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
 
 def _subkey(parts) -> str: return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
@@ -53,16 +47,17 @@ def check_ops(ops, # a list of op tables, e.g. [{'op': 'rot90', 'k': 2}]
              ) -> tuple:
     "(normalized ops, problems): ops as {'op': name, **parameters} with defaults filled in; problems [(sub-key, message)]."
     if not isinstance(ops, (list, tuple)):
-        return [], [((), f'expected a list of op tables such as [{{op = "fliplr"}}], got {_show(ops)}')]
+        return [], [((), f'expected a list of op tables such as [{{op = "fliplr"}}], got {toml_value(ops)}')]
     out, problems = [], []
     for i, op in enumerate(ops):
         if not isinstance(op, dict):
-            problems.append(((i,), f'expected a table such as {{op = "fliplr"}}, got {_show(op)}')); continue
+            problems.append(((i,), f'expected a table such as {{op = "fliplr"}}, got {toml_value(op)}')); continue
         name = op.get("op")
         if name is None:
             problems.append(((i,), f"missing the key 'op'; allowed ops: {', '.join(OPS)}")); continue
-        if name not in OPS:
-            problems.append(((i, "op"), f"unknown op {_show(name)}; allowed: {', '.join(OPS)}{did_you_mean(name, OPS)}")); continue
+        if not isinstance(name, str) or name not in OPS:
+            hint = did_you_mean(name, OPS) if isinstance(name, str) else ""
+            problems.append(((i, "op"), f"unknown op {toml_value(name)}; allowed: {', '.join(OPS)}{hint}")); continue
         spec, norm, n_bad = OPS[name], {"op": name}, len(problems)
         for k in op:
             if k != "op" and k not in spec:
@@ -71,7 +66,7 @@ def check_ops(ops, # a list of op tables, e.g. [{'op': 'rot90', 'k': 2}]
         for k, (lo, default, what) in spec.items():
             v = op.get(k, default)
             if v is _REQUIRED: problems.append(((i, k), f"missing: {name} needs {', '.join(spec)}; expected {what}"))
-            elif not _is_int(v) or (lo is not None and v < lo): problems.append(((i, k), f"expected {what}, got {_show(v)}"))
+            elif not _is_int(v) or (lo is not None and v < lo): problems.append(((i, k), f"expected {what}, got {toml_value(v)}"))
             else: norm[k] = int(v)
         if len(problems) == n_bad: out.append(norm)
     return out, problems
@@ -141,7 +136,7 @@ class Transform:
 # %% ../nbs/09_plan.ipynb #57b001dd
 @patch
 def _where(self:Transform, i:int) -> str:
-    return (f"preprocessor {self.name!r}: " if self.name else "") + f"ops[{i}] {_show(self.ops[i])}"
+    return (f"preprocessor {self.name!r}: " if self.name else "") + f"ops[{i}] {toml_value(self.ops[i])}"
 
 @patch
 def _steps(self:Transform, src_hw) -> tuple:
@@ -353,13 +348,31 @@ def _plan_names(tables:dict, # {table: [entry dicts]}: sources, preprocessors, m
             else: names[t][n] = i
     return names, errors
 
+_REFERENCE_KEYS = {"pathways": ("source", "preprocessor", "model", "crop_from"), "preprocessors": ("from_pathway",)}
+
+def _typed_references(tables:dict, where:dict, ok) -> tuple:
+    """(the tables without the references that are not names, an error for each): a table named by a list or a number
+    is said once, at its key, and every later check sees names only."""
+    errors, clean = [], dict(tables)
+    for t, keys in _REFERENCE_KEYS.items():
+        rows = []
+        for i, e in enumerate(tables.get(t, [])):
+            bad = [k for k in keys if e.get(k) is not None and not isinstance(e[k], str)]
+            errors += [(f"{where[t]}[{i}].{k}", f"expected the name of a table (a string), got {toml_value(e[k])}")
+                       for k in bad if ok(f"{where[t]}[{i}].{k}")]
+            rows.append({k: v for k, v in e.items() if k not in bad})
+        clean[t] = rows
+    return clean, errors
+
 def _reference_problems(tables:dict, names:dict, where:dict, ok) -> list:
-    "Errors for pathways that name a source, preprocessor or model the plan does not have."
+    """Errors for pathways that name a source, preprocessor or model the plan does not have (none for a table that has an
+    entry whose own name is malformed: that entry, said at its key, may be the one meant)."""
     errors = []
     for i, p in enumerate(tables["pathways"]):
         for key, t, what in (("source", "sources", "a source"), ("preprocessor", "preprocessors", "a preprocessor"), ("model", "models", "a model")):
             v, known = p.get(key), names[t]
-            if isinstance(v, str) and v not in known and ok(f"pose2d.pathways[{i}].{key}"):
+            unnamed = any(e.get("name") is not None and not isinstance(e["name"], str) for e in tables.get(t, []))
+            if isinstance(v, str) and v not in known and not unnamed and ok(f"pose2d.pathways[{i}].{key}"):
                 have = ", ".join(known) or f"none (add a [[{where[t]}]] table)"
                 errors.append((f"pose2d.pathways[{i}].{key}", f"{v!r} is not {what}; known: {have}{did_you_mean(v, known)}"))
     return errors
@@ -414,6 +427,7 @@ def _point_problems(epath:str, v:str, p:str, pts:list, skeleton:Skeleton|None, w
 def _output_point_problems(out_points:dict, pathways:dict, tables:dict, names:dict, view_names, skeleton, ok) -> tuple:
     "(errors, written) of `[pose2d.output_points]`: views, pathways, channels and points; `written` {(view, point): (pathway, j)}."
     errors, written, view_sources = [], {}, {}
+    unnamed = any(e.get("name") is not None and not isinstance(e["name"], str) for e in tables.get("pathways", []))  # said at its key
     for v, entries in out_points.items():
         vpath = f"pose2d.output_points.{v}"
         if view_names is not None and v not in view_names:
@@ -422,7 +436,7 @@ def _output_point_problems(out_points:dict, pathways:dict, tables:dict, names:di
         if not isinstance(entries, dict): continue
         for p, e in entries.items():
             epath = f"{vpath}.{p}"
-            if p not in pathways:
+            if p not in pathways and not unnamed:
                 have = ", ".join(pathways) or "none (add a [[pose2d.pathways]] table)"
                 errors.append((epath, f"{p!r} is not a pathway; known: {have}{did_you_mean(p, pathways)}"))
             if not isinstance(e, dict) or not ok(epath): continue
@@ -480,15 +494,15 @@ def check_cropzoom(table:dict, # a [[pose2d.preprocessors]] table
     kind, allowed = table.get("kind", "ops"), ("name", "kind", "ops", *CROPZOOM_KEYS)
     problems = [((k,), f"unknown key; allowed keys: {', '.join(allowed)}{did_you_mean(k, allowed)}") for k in table if k not in allowed]
     if kind not in PREPROCESSOR_KINDS:
-        return None, problems + [(("kind",), f"expected \"ops\" or \"cropzoom\", got {_show(kind)}{did_you_mean(kind, PREPROCESSOR_KINDS)}")]
+        return None, problems + [(("kind",), f"expected \"ops\" or \"cropzoom\", got {toml_value(kind)}{did_you_mean(kind, PREPROCESSOR_KINDS)}")]
     given = {k: v for k, v in table.items() if k in CROPZOOM_KEYS}
     if kind == "ops": return None, problems + [((k,), 'only a kind = "cropzoom" preprocessor takes this key') for k in given]
-    problems += [((k,), f"expected {CROPZOOM_KEYS[k][1]}, got {_show(v)}") for k, v in given.items() if not CROPZOOM_KEYS[k][0](v)]
+    problems += [((k,), f"expected {CROPZOOM_KEYS[k][1]}, got {toml_value(v)}") for k, v in given.items() if not CROPZOOM_KEYS[k][0](v)]
     problems += _sizing_problems(given)
     a = given.get("anchor_points")
-    if isinstance(a, list) and len(set(map(str, a))) != len(a): problems.append((("anchor_points",), f"lists a point twice: {_show(a)}"))
+    if isinstance(a, list) and len(set(map(str, a))) != len(a): problems.append((("anchor_points",), f"lists a point twice: {toml_value(a)}"))
     ops = table.get("ops", [])
-    problems += [(("ops", i, "op"), f"a cropzoom preprocessor only mirrors its crops ({', '.join(MIRROR_OPS)}); got {_show(o['op'])}")
+    problems += [(("ops", i, "op"), f"a cropzoom preprocessor only mirrors its crops ({', '.join(MIRROR_OPS)}); got {toml_value(o['op'])}")
                  for i, o in enumerate(ops if isinstance(ops, list) else []) if isinstance(o, dict) and o.get("op") in OPS
                  and o["op"] not in MIRROR_OPS]
     return given, problems
@@ -585,6 +599,10 @@ def _cropzoom_problems(tables:dict, names:dict, out_points:dict, ok) -> tuple:
         if t.get("centre", "2d") == "2d" and p.get("source") != up.get("source") and ok(key):
             errors.append((key, f"pathway {p.get('name')!r} reads source {p.get('source')!r} but {u!r} reads {up.get('source')!r}: a 2D box "
                                 f"is in the pixels of its own footage (centre = \"3d\" places crops across views)"))
+        views = [v for v, entries in out_points.items() if isinstance(entries, dict) and p.get("name") in entries]
+        if t.get("centre") == "3d" and len(views) > 1:
+            errors.append((f"pose2d.pathways[{i}]", f"pathway {p.get('name')!r} has a centre = \"3d\" cropzoom, which places its crop in one "
+                                                    f"camera, and it writes {len(views)} views ({', '.join(views)}): give each view its own pathway"))
         m, nc = _n_channels(up, tables, names)
         if _strs(t.get("anchor_points")) or _ints(t.get("anchor_points")):
             errors += _anchor_problems(f"pose2d.preprocessors[{j}].anchor_points", t["anchor_points"], u, _channels_by_point(out_points, u), nc)
@@ -623,7 +641,9 @@ def plan_problems(sources, # the [[sources]] tables (a list of dicts)
     pose2d = pose2d if isinstance(pose2d, dict) else {}
     tables = {"sources": _dicts(sources), **{k: _dicts(pose2d.get(k)) for k in ("preprocessors", "models", "pathways")}}
     where = {"sources": "sources", "preprocessors": "pose2d.preprocessors", "models": "pose2d.models", "pathways": "pose2d.pathways"}
-    names, errors = _plan_names(tables, where)
+    tables, errors = _typed_references(tables, where, ok)
+    names, more = _plan_names(tables, where)
+    errors += more
     pathways = {n: tables["pathways"][i] for n, i in names["pathways"].items()}
     errors += _reference_problems(tables, names, where, ok)
     out_points = pose2d.get("output_points")
