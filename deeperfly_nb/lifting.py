@@ -26,8 +26,8 @@ __all__ = ['FLY_LEGS_ORDER', 'FLY_LEG_CHAIN', 'LOG_FIELDS', 'MOVIE_COLOURS', 'ch
            'project_to_cam', 'random_project', 'perturb_pose', 'apply_augmentation', 'check_augmentation',
            'mirror_pairs', 'mirror_poses', 'read_log', 'check_lifter_folder', 'train', 'Lifter', 'load_lifter', 'lift',
            'lift_errors', 'mean_pose_baseline', 'nearest_neighbour_baseline', 'test', 'load_test_results',
-           'library_from_results', 'train_from_results', 'training_log_figure', 'error_figure', 'pose_figure',
-           'movie_figure', 'movie_camera', 'movie_mp4']
+           'library_from_results', 'train_from_results', 'check_lifter_camera', 'training_log_figure', 'error_figure',
+           'pose_figure', 'movie_figure', 'movie_camera', 'movie_mp4']
 
 # %% ../nbs/08b_lifting.ipynb #120ed2c5
 def _point_indices(names, n_joints:int, skeleton:Skeleton|None, what:str) -> tuple:
@@ -735,7 +735,8 @@ def lift(lifter:Lifter, # from `train` or `load_lifter`
          roots_3d=None, # (N, R, 3) where the roots are, when known; default: their mean in the library
          batch_size:int=16384, # poses per network call
         ) -> np.ndarray:
-    "3D poses (N, J, 3) (or (J, 3)) in the training camera's frame; joints in no target set are NaN."
+    """3D poses (N, J, 3) (or (J, 3)) in the training camera's frame; NaN for joints in no target set, for poses with
+    nothing seen, and for a target set with nothing seen in a pose when other poses see it."""
     st = lifter.stats
     if isinstance(pts2d, NormalisedPoses):
         if pts2d.stats_digest != st.digest or pts2d.dim != 2:
@@ -749,8 +750,18 @@ def lift(lifter:Lifter, # from `train` or `load_lifter`
         c = check_shape(conf, "conf", (("poses", p.shape[0]), ("joints", p.shape[1]))) if not single else check_shape(np.asarray(conf)[None], "conf", (1, p.shape[1]))
         p = np.where((c >= min_confidence)[..., None], p, np.nan)
     rts = None if roots_3d is None else check_shape(roots_3d, "roots_3d", (("poses", len(p)), ("roots", len(st.roots)), 3))
-    out = _lift_batches(lifter, p, rts, batch_size)
+    out = _without_guesses(_lift_batches(lifter, p, rts, batch_size), p, st)
     return out[0] if single else out
+
+def _without_guesses(out:np.ndarray, p:np.ndarray, st:LiftStats) -> np.ndarray:
+    """`out` with NaN where a lift had no input: a pose with nothing seen, and in the others each target set (root and
+    targets) of which nothing is seen though other poses see it (a dropout: its lift would be the library's mean)."""
+    seen = np.isfinite(p).all(-1)                                        # (N, J)
+    out[~seen.any(1)] = np.nan
+    for r, ts in zip(st.roots, st.target_sets):
+        j = [r, *ts]
+        if seen[:, j].any(): out[np.ix_(~seen[:, j].any(1), j)] = np.nan
+    return out
 
 # %% ../nbs/08b_lifting.ipynb #6aa57f69
 def _lift_batches(lifter:Lifter, p:np.ndarray, roots_3d, batch:int) -> np.ndarray:
@@ -910,9 +921,27 @@ def train_from_results(results, # results.h5 paths or PoseResults with 3D (e.g. 
     if (n := sum(len(v) for v in p3.values())) < 10:
         raise InputError(f"the results hold {n} frame(s) with 3D seen by view {view!r}: a lifter needs at least 10; add frames or recordings")
     lifter = train(p2, None, p3, None, roots, targets, training_kwargs, output_folder=output_folder, skeleton=sk, verbose=verbose)
-    lifter.record["view"] = view                                        # the view it lifts, for `lift`'s default
+    cam = first.cameras[view]
+    lifter.record["view"] = view                                        # the view it lifts: `run.lift_view`'s default
+    lifter.record["camera"] = {"focal_px": cam.focal.tolist(), "image_size": list(cam.image_size) if cam.image_size else None}
     _save_json(lifter.record, Path(output_folder) / "lifter.json")
     return lifter
+
+def check_lifter_camera(lifter:Lifter, # from `load_lifter`
+                        camera:Camera, # the camera whose 2D it is about to lift
+                        tolerance:float=0.05, # the relative difference of focal length it takes
+                       ):
+    """An `InputError` when `camera` is not the kind of camera the lifter learnt through (`train_from_results` records
+    its focal length and image size): its 2D, in other pixels, would give 3D at another scale, silently."""
+    rec = lifter.record.get("camera")
+    if not rec: return                                                   # trained with `train`: no camera recorded
+    was, size = np.asarray(rec["focal_px"], float), rec.get("image_size")
+    if size and camera.image_size and tuple(size) != tuple(camera.image_size):
+        raise InputError(f"lifter {lifter.folder} learnt 2D of {size[1]}x{size[0]} px images; camera {camera.name!r} takes "
+                         f"{camera.image_size[1]}x{camera.image_size[0]}: train a lifter for this camera")
+    if np.any(np.abs(camera.focal / was - 1) > tolerance):
+        raise InputError(f"lifter {lifter.folder} learnt 2D through a focal length of {was.round(1).tolist()} px; camera "
+                         f"{camera.name!r} has {camera.focal.round(1).tolist()} px: train a lifter for this camera")
 
 # %% ../nbs/08b_lifting.ipynb #267d7c75
 def training_log_figure(output_folder, # a folder written by `train`

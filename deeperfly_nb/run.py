@@ -813,7 +813,7 @@ def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
               key:str="--view", # where `view` was given, for the message
              ) -> PoseResult:
     "`base` with 3D lifted from one view's 2D (`lifting.lift`), moved from that camera's frame into the world's."
-    from deeperfly_nb.lifting import lift, load_lifter
+    from deeperfly_nb.lifting import check_lifter_camera, lift, load_lifter
     names, lifter = list(base.view_names), load_lifter(model, device=device, skeleton=base.skeleton)
     trained = lifter.record.get("view")                                 # the view `lifting.train_from_results` trained it for
     view = view or (trained if trained in names else names[0])
@@ -822,6 +822,7 @@ def lift_view(base:PoseResult, # a result with 2D (and the rig that saw it)
         warnings.warn(f"lifting view {view!r} with a lifter trained for view {trained!r}: its 3D is only as good as the two cameras are alike")
     v = names.index(view)
     cam = base.cameras[v]
+    check_lifter_camera(lifter, cam)
     pts_cam = lift(lifter, base.pts2d[v], base.conf[v], min_confidence=min_confidence)
     pts3d = (pts_cam - np.asarray(cam.tvec, float)) @ np.asarray(cam.rmat, float)      # camera frame -> world
     return PoseResult(base.pts2d, base.conf, base.cameras, base.skeleton, pts3d=pts3d, fps=base.fps,

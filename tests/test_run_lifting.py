@@ -147,3 +147,16 @@ def test_train_lifter_command_makes_the_lifter_lift_uses(tmp_path, torch_one_thr
     assert list(L.read_log(tmp_path / "lifter")["epoch"]) == list(range(1, 11))                   # 8 epochs, then 2 more
     assert main(["train-lifter", *files, "-o", str(tmp_path / "lifter"), "--resume", "--epochs", "10"]) == 2   # nothing to train
     assert "already trained for 10 epochs: give epochs (--epochs) above 10" in capsys.readouterr().err
+
+
+def test_a_lifter_for_another_camera_is_refused(lifter, recording, tmp_path):
+    "A lifter records the camera it learnt through; 2D of a camera with another focal length would lift to 3D of another scale."
+    import json
+    rec, _ = recording
+    other = tmp_path / "lifter"; shutil.copytree(lifter, other)
+    meta = json.loads((other / "lifter.json").read_text())
+    meta["camera"] = {"focal_px": (CAM.focal * 2).tolist(), "image_size": list(CAM.image_size)}   # learnt through another lens
+    (other / "lifter.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="learnt 2D through a focal length of .* camera 'rm' has"):
+        run_recording(rec, tmp_path / "out", config(other), progress=False)
+    assert not (tmp_path / "out" / "results.h5").exists()
