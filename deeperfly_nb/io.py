@@ -334,11 +334,19 @@ def _frame_number(path:Path) -> int:
     if m is None: raise InputError(f"image {path} has no frame number in its name (expected e.g. camera_0_img_17.jpg)")
     return int(m.group(1))
 
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}   # what the last bytes of a whole file hold
+
 def read_image_file(path, # an image file (png, jpg, ...)
                    ) -> np.ndarray:
-    "The image as (H, W, 3) uint8 RGB; an InputError naming the file when it cannot be read."
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None: raise InputError(f"cannot read image {path} (missing, unreadable or not an image)")
+    """The image as (H, W, 3) uint8 RGB; an InputError naming the file when it cannot be read, or when a JPEG or PNG
+    ends before its end marker (a truncated copy, which the decoders would fill with grey and return)."""
+    try: data = Path(path).read_bytes()
+    except OSError as e: raise InputError(f"cannot read image {path} ({e.strerror or e})") from None
+    end = _END_MARKERS.get(Path(path).suffix.lower())
+    if end is not None and end not in data[-64:] and len(data) > 64:
+        raise InputError(f"image {path} is truncated: it ends before its end marker (an incomplete copy, or a damaged file)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None: raise InputError(f"cannot read image {path} (not an image, or damaged)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 # %% ../nbs/08_io.ipynb #a934ef7e
