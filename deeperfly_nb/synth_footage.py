@@ -767,9 +767,13 @@ def synth_recording(out_dir, # folder to write into (created if needed)
                     **kwargs, # passed to `render_recording` (scale, gait_seed, skip_frames, stride_hz, sway, look, Look fields, ...)
                    ) -> Path:
     "Render a synthetic recording into `out_dir`: camera_{c}.mp4, ground_truth.h5, points2d.h5 and config.toml; returns the folder."
-    from deeperfly_nb.config import default_config_text
+    from deeperfly_nb.config import Config, default_config_text
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording: {out} exists and is not a folder")
+    views = Config.default().view_names
+    if (cams := kwargs.get("cameras")) is not None and list(cams.names) != list(views):   # its camera_{c}.mp4 would feed other views
+        raise InputError(f"synth_recording writes the packaged config, whose views are {views}; the rig given has {list(cams.names)}: "
+                         "render it with render_recording and write a config for that rig")
     refuse_existing(recording_files(out), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     rec = render_recording(n_frames, seed=seed, rig_rot_deg=rig_rot_deg, rig_focal_frac=rig_focal_frac, fps=fps, **kwargs)
