@@ -154,12 +154,13 @@ def _run_on_dask(args, config, overwrite) -> int:
 def cmd_run(args, # the parsed command line (see `make_parser`)
              ) -> int:
     "Footage -> 2D detection -> bundle adjustment -> triangulation -> results.h5 and overlay videos, cached by stage."
-    from deeperfly_nb.run import run
+    from deeperfly_nb.run import find_recordings, run
     overwrite = _overwrite_stages(args)
     config = _with_fps(_with_model(_load_config(args.config), args.model), args.fps)
     if not args.config: _note_recording_config(Path(args.recording))
     if args.workers is not None or args.scheduler or args.cluster or config.model.cluster != type(config.model.cluster)():
         return _run_on_dask(args, config, overwrite)
+    find_recordings(args.recording, config)                          # a wrong path is said first, alone
     if hint := one_thread_when_busy(args.device): logging.getLogger("deeperfly").info(hint)
     rep = run(args.recording, args.out, config, overwrite=overwrite, max_frames=args.max_frames,
               progress=not args.quiet and not args.no_progress, device=args.device, wait=args.wait)

@@ -1039,6 +1039,18 @@ def _run_stages(ctx:RunContext, until:str|None=None) -> tuple:
     if not reached("visualization"): return done, result
     return [*done, *_visualization_stage(ctx, result, p2d, otri)], result
 
+# %% ../nbs/19_run.ipynb #8e7633f9
+def _note_replaced_frames(ctx:RunContext):
+    "Warn when the folder's result covers other frames than this run (`--max-frames`): this run replaces it."
+    path = ctx.out / "results.h5"
+    if not path.is_file() or "results.h5" not in owned_outputs(ctx.out): return
+    try: prev = PoseResult.load(path).provenance.get("frames") or {}
+    except DeeperflyError: return                                    # unreadable: the stage that rewrites it says so
+    if prev.get("count") and prev.get("max_frames") != ctx.max_frames:
+        log.warning("%s holds a result of %d frames%s; this run %s replaces it (give another -o to keep both)", path, prev["count"],
+                    f" (--max-frames {prev['max_frames']})" if prev.get("max_frames") else "",
+                    f"of the first {ctx.max_frames} frames" if ctx.max_frames else "of every frame")
+
 # %% ../nbs/19_run.ipynb #e94d347e
 def _remove_unused(out:Path, made:Path|None):
     "Remove the folders a failed run made (`made` and below, down to `out`), when they hold nothing but its stubs."
@@ -1072,6 +1084,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
             try:
                 _remove_partial_files(out, config)
                 ctx = prepare_run(config, recording, out, max_frames, device, progress, forced)
+                _note_replaced_frames(ctx)
                 try: stages, result = _run_stages(ctx, until)
                 finally: _close_run(ctx)
             except BaseException:
