@@ -952,16 +952,16 @@ def cmd_self_train(args, # the parsed command line (see `make_parser`)
     from deeperfly_nb.training import samples_from_label_files
     config = _with_model(_load_config(args.config), args.model)
     opts = SelfTrainOptions(rounds=args.rounds, threshold_px=args.threshold_px, min_views=args.min_views, pseudo_repeat=args.pseudo_repeat,
-                            train=parse_settings(args.set, {"steps": args.steps} if args.steps else {}))
+                            train=parse_settings(args.set, {"steps": args.steps} if args.steps is not None else {}))   # 0 is refused, not the default
     extra = samples_from_label_files(args.labels, config, prefix="labels") if args.labels else None
     t0 = time.perf_counter()
     res = self_train(args.recordings, args.out, config, opts, extra, progress=not args.quiet and not args.no_progress)
+    num = lambda x, fmt: "n/a" if x is None else format(x, fmt)           # a recording without 3D has no scores
+    score = lambda v: f"reprojection {num(v['reprojection_median_px'], '.2f')} px, bone CV {num(v['bone_cv_median_pct'], '.1f')}%"
     for r in res.rounds:
-        scores = "; ".join(f"{k}: reprojection {v['reprojection_median_px']:.2f} px, bone CV {v['bone_cv_median_pct']:.1f}%, "
-                           f"{100 * v['labelled_frac']:.0f}% labelled" for k, v in r["recordings"].items())
+        scores = "; ".join(f"{k}: {score(v)}, {100 * v['labelled_frac']:.0f}% labelled" for k, v in r["recordings"].items())
         print(f"round {r['round']}: before it {scores}; trained {r['steps']} steps")
-    print("last model: " + "; ".join(f"{k}: reprojection {v['reprojection_median_px']:.2f} px, bone CV {v['bone_cv_median_pct']:.1f}%"
-                                     for k, v in res.final.items()))
+    print("last model: " + "; ".join(f"{k}: {score(v)}" for k, v in res.final.items()))
     print("(these measure how well the views agree, not accuracy: check the model on a few labelled frames)")
     print(f"done in {time.perf_counter() - t0:.0f} s; model: {res.model_path} (rounds, runs and label files in {res.out_dir})\n"
           f"use it: deeperfly run RECORDING --model {res.model_path}" + (f" -c {args.config}" if args.config else ""))

@@ -21,9 +21,9 @@ from . import io
 __all__ = ['LABELS_FORMAT', 'LABELS_VERSION', 'SYNTH_RECIPE', 'FrameStore', 'as_rgb', 'ArrayFrames', 'RecordingFrames',
            'FileFrames', 'LabelSet', 'labels_from_points', 'load_labels', 'KeypointTable', 'read_keypoints_csv',
            'labels_image_root', 'read_dlc_csv', 'MergedFrames', 'merge_labels', 'view_patterns', 'plan_or_default',
-           'detected_points', 'labels_from_df3d', 'labels_from_result', 'channel_names', 'model_of_plan',
-           'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs', 'labels_from_render',
-           'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
+           'detected_points', 'labels_from_df3d', 'NoPseudoLabels', 'labels_from_result', 'channel_names',
+           'model_of_plan', 'resize_to_input', 'SampleSet', 'concat_samples', 'pathway_samples', 'footage_inputs',
+           'labels_from_render', 'synthetic_recording_params', 'synthetic_samples', 'load_samples', 'read_labels']
 
 # %% ../nbs/16_labels.ipynb #02ee6271
 class FrameStore:
@@ -630,6 +630,9 @@ def labels_from_df3d(result, # a df3d_result*.pkl path, or a `df3d.Df3dResult`
                     meta={"source": src.meta.get("source"), "format": "DeepFly3D result (pseudo-labels)"})
 
 # %% ../nbs/16_labels.ipynb #7814a778
+class NoPseudoLabels(InputError):
+    "A result in which no point has enough agreeing views to become a pseudo-label."
+
 def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's results.h5), or its path
                        recording, # the recording folder the result was made from
                        plan:DetectionPlan|None=None, # gives the footage patterns per view (default: the packaged config's plan)
@@ -653,11 +656,13 @@ def labels_from_result(result, # a PoseResult with 2D and its rig (e.g. a run's 
     if not routed.any(): raise InputError(f"labels_from_result: the plan's pathways detect no point in the result's views {views}; "
                                           "give the plan of the config the run used")
     p[np.broadcast_to(~routed[:, None], p.shape[:3])] = np.nan                  # a view that never detects the point: no label
+    if not np.isfinite(p).any():
+        raise NoPseudoLabels(f"{result if isinstance(result, (str, Path)) else 'the result'}: no point of any frame has {min_views} views "
+                             f"agreeing within {ransac_threshold_px:g} px, so it gives no pseudo-labels")
     return LabelSet(p, views, res.skeleton, RecordingFrames(recording, view_patterns(plan, views), np.arange(T)),
                     frame_ids=[f"frame {t}" for t in range(T)],
                     meta={"source": str(result) if isinstance(result, (str, Path)) else "PoseResult",
                           "format": f"multi-view pseudo-labels (RANSAC {ransac_threshold_px:g} px, >= {min_views} views)"})
-
 
 # %% ../nbs/16_labels.ipynb #b220ee2e
 def channel_names(plan:DetectionPlan, # the plan

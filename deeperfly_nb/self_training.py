@@ -10,13 +10,13 @@ import json, logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import numpy as np
-from .core import InputError, atomic_path, record_differences
+from .core import DigestCache, InputError, atomic_path, record_differences
 from .config import Config
 from fastcore.basics import patch
-from .labels import concat_samples, labels_from_result, model_of_plan, pathway_samples
+from .labels import NoPseudoLabels, concat_samples, labels_from_result, model_of_plan, pathway_samples
 from .detector import resolve_weights
 from .results import PoseResult
-from .run import array_digest, run_recording
+from .run import array_digest, fingerprint, run_recording
 from .training import TrainConfig, model_config_lines, train_detector, with_trained_model
 
 # %% auto #0
@@ -67,11 +67,13 @@ def round_config(config:Config, # the user's config
 def recording_record(result:PoseResult, # a round's run on one recording
                      labels, # the LabelSet made from it
                     ) -> dict:
-    "What a round learned about one recording: reprojection error, bone-length CV, labelled fraction."
+    "What a round learned about one recording: reprojection error, bone-length CV, labelled fraction (None: no 3D, or no labels)."
     s = result.summary()
-    return {"reprojection_median_px": round(float(s["reprojection_error_px"]["median"]), 3),
-            "bone_cv_median_pct": round(100 * float(s["bone_length_cv"]["median"]), 2),
-            "labelled_keypoints": int(labels.labeled.sum()), "labelled_frac": round(float(labels.labeled.mean()), 4)}
+    e, cv = (s.get("reprojection_error_px") or {}).get("median"), (s.get("bone_length_cv") or {}).get("median")
+    return {"reprojection_median_px": None if e is None else round(float(e), 3),
+            "bone_cv_median_pct": None if cv is None else round(100 * float(cv), 2),
+            "labelled_keypoints": 0 if labels is None else int(labels.labeled.sum()),
+            "labelled_frac": 0.0 if labels is None else round(float(labels.labeled.mean()), 4)}
 
 # %% ../nbs/19b_self_training.ipynb #99550283
 def run_round(r:int, # the round, from 1
@@ -92,10 +94,14 @@ def run_round(r:int, # the round, from 1
     for rec in recordings:
         key = Path(rec).name
         res = run_recording(rec, rd / "runs" / key, cfg, progress=progress).result
-        labels = labels_from_result(res, rec, plan, options.threshold_px, options.min_views)
-        labels.save(rd / f"labels_{key}.h5", overwrite=True)     # a round run again remakes its own labels
+        try: labels = labels_from_result(res, rec, plan, options.threshold_px, options.min_views)
+        except NoPseudoLabels as e:                                # this recording teaches nothing; the others may
+            logging.getLogger("deeperfly").warning(f"self-training round {r}, {key}: {e}"); labels = None
+            (rd / f"labels_{key}.h5").unlink(missing_ok=True)      # an earlier try's labels are not this run's
+        if labels is not None:
+            labels.save(rd / f"labels_{key}.h5", overwrite=True)     # a round run again remakes its own labels
+            sets.append(pathway_samples(labels, plan, name, name=f"{key}_"))
         recs[key] = recording_record(res, labels)
-        if labels.labeled.any(): sets.append(pathway_samples(labels, plan, name, name=f"{key}_"))
     if not sets: raise InputError(f"self-training round {r}: no point had {options.min_views} agreeing views in any recording; "
                                   f"nothing to learn from (see {rd / 'runs'})")
     init = model_path if model_path is not None else resolve_weights(plan.models[name])
@@ -156,7 +162,8 @@ def resumable_rounds(log_path:Path, # OUT_DIR/rounds.json (may not exist)
     differ = record_differences(theirs, mine) + ([f"starting model: {was!r} vs {start!r}"] if was not in (None, start) else [])
     done, was_in = finished_rounds(log, options.rounds), log.get("inputs")
     if inputs is not None and was_in is not None:              # the samples and style images count only for rounds still to train
-        keys = ["recordings"] + (["samples", "style_images"] if len(done) < options.rounds else [])
+        keys = ["recordings", "config", "starting_weights"] + (["samples", "style_images"] if len(done) < options.rounds else [])
+        keys = [k for k in keys if k in was_in]                 # a folder from before a key was recorded: what it recorded
         differ += record_differences({k: was_in.get(k) for k in keys}, {k: inputs.get(k) for k in keys})
     if differ:
         raise InputError(f"{log_path} records self-training with other settings; give another output folder, or the same "
@@ -180,8 +187,12 @@ def self_train(recordings, # recording folders (footage matched by the config's 
     config, out = config or Config.default(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "rounds.json"
+    plan = config.detection_plan()
+    start = resolve_weights(plan.models[model_of_plan(plan, None)])
     inputs = {"recordings": [str(r.resolve()) for r in recs], "samples": None if samples is None else samples.fingerprint(),
-              "style_images": None if style_images is None else array_digest(np.asarray(style_images))}
+              "style_images": None if style_images is None else array_digest(np.asarray(style_images)),
+              "config": fingerprint({k: v for k, v in config.to_dict().items() if k not in ("visualization", "interop", "cluster")}),
+              "starting_weights": DigestCache(out / ".digests.json").digest(Path(start)) if start and Path(start).is_file() else None}
     done = resumable_rounds(log_path, o, config, inputs)
     model = Path(done[-1]["model"]) if done else None
     for r in range(len(done) + 1, o.rounds + 1):
@@ -191,7 +202,9 @@ def self_train(recordings, # recording folders (footage matched by the config's 
     cfg, final = round_config(config, model), {}
     for rec in recs:
         res = run_recording(rec, out / "final" / rec.name, cfg, progress=progress).result
-        final[rec.name] = recording_record(res, labels_from_result(res, rec, cfg.detection_plan(), o.threshold_px, o.min_views))
+        try: labs = labels_from_result(res, rec, cfg.detection_plan(), o.threshold_px, o.min_views)
+        except NoPseudoLabels: labs = None
+        final[rec.name] = recording_record(res, labs)
     lines = model_config_lines(model, model_of_plan(cfg.detection_plan(), None))
     with atomic_path(out / "use_model.toml") as tmp: tmp.write_text(lines)
     return SelfTrainResult(model, out, done, final, lines)
