@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/neuromechfly_model.html.md"""
 
 # %% ../nbs/19c_neuromechfly_model.ipynb #e2b54fa2
 from __future__ import annotations
-import argparse, hashlib, json, shlex, sys, tomllib
+import argparse, hashlib, json, re, shlex, sys, tomllib
 from dataclasses import asdict, dataclass, fields, replace
 import importlib.metadata
 from importlib import resources
@@ -14,9 +14,9 @@ from functools import partial
 from pathlib import Path
 from fastcore.docments import docments
 import numpy as np
-from .core import InputError, ModelError, atomic_path, did_you_mean, record_differences, refuse_existing
+from .core import DeeperflyError, InputError, ModelError, atomic_path, did_you_mean, record_differences, refuse_existing
 from .config import Config
-from .detector import bundled_models, load_checkpoint
+from .detector import bundled_models, load_checkpoint, torch_device
 from .inference import open_sources
 from .labels import SampleSet, concat_samples, footage_inputs, labels_from_render, load_samples, pathway_samples
 from .self_training import SelfTrainOptions, SelfTrainResult, check_recordings, finished_rounds, self_train
@@ -64,10 +64,11 @@ class NeuroMechFlyRecipe:
         if self.recordings * self.frames < 2:                          # before any rendering, not after it
             raise InputError(f"recipe settings recordings x frames = {self.recordings * self.frames}: the fine-tuning holds out a tenth "
                              "of the rendered frames, so it needs at least 2 (e.g. --set recordings=2)")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)      # true is not 1, inf no rate
         for k in ("lr", "threshold_px", "last_round_lr", "polish_lr"):
-            if not (isinstance(getattr(self, k), (int, float)) and getattr(self, k) > 0): raise InputError(f"recipe setting {k}: expected a number > 0, got {getattr(self, k)!r}")
+            if not (num(getattr(self, k)) and getattr(self, k) > 0): raise InputError(f"recipe setting {k}: expected a number > 0, got {getattr(self, k)!r}")
         ps = self.posture_scale
-        if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(isinstance(x, (int, float)) for x in ps) and 0 <= ps[0] <= ps[1]):
+        if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(num(x) for x in ps) and 0 <= ps[0] <= ps[1]):
             raise InputError(f"recipe setting posture_scale: expected [low, high] with 0 <= low <= high, got {ps!r}")
         object.__setattr__(self, "posture_scale", tuple(float(x) for x in ps))
 
@@ -378,6 +379,9 @@ def make_neuromechfly_model(out_path, # the bundled file to write, e.g. fly_neur
                            ) -> Path:
     "Render, fine-tune, self-train and bundle: the `fly_neuromechfly` recipe, resumable; returns the written file."
     refuse_existing([Path(out_path)], overwrite, "give --overwrite (overwrite=True) to replace it, or write another file")
+    if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)):     # it becomes a file name and "bundled:<name>"
+        raise InputError(f"--name {name!r}: a bundled name is letters, digits, '_', '-' and '.', e.g. fly_neuromechfly_v2")
+    torch_device(device, "--device")                                   # before hours of rendering: a name torch takes, a GPU there is
     plan = Config.default().detection_plan()
     r, rec, work = recipe or NeuroMechFlyRecipe(), check_unlabelled(unlabelled, plan), Path(work_dir)
     posture = smj.load_posture(posture_path)
@@ -437,7 +441,7 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
     try:
         out = make_neuromechfly_model(args.out, args.work, args.unlabelled, args.posture, parse_recipe_settings(args.set), args.name,
                                       args.workers, args.device, progress=not args.no_progress, overwrite=args.overwrite)
-    except (InputError, ModelError) as e:
+    except DeeperflyError as e:                                         # a bad setting, input or model: one line
         print(f"error: {e}", file=sys.stderr); return 2
     models = Path(str(resources.files("deeperfly_nb") / "models"))
     print(f"wrote {out}\n  use it:    deeperfly run RECORDING --model {out}\n  bundle it: copy it to {models / (args.name + '.pt')}, then "
