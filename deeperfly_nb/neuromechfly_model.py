@@ -422,7 +422,7 @@ def parse_recipe_settings(items:list, # FIELD=VALUE strings, VALUE in TOML
 def main(argv=None, # the arguments (default: sys.argv[1:])
         ) -> int:
     "The recipe's command line; returns the exit status (2: bad input, named in one line)."
-    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording (short rounds, then a longer last round), write a bundled model file. Resumable: run the same command again. With the defaults, about 3 h on a 2-core CPU: renders 11 min (--workers 2), fine-tuning 70 min, two short rounds 16 min, the last round about 64 min.")
+    ap = argparse.ArgumentParser(prog="python -m deeperfly_nb.neuromechfly_model", description="Make the fly_neuromechfly detector: render NeuroMechFly, fine-tune on the renders, self-train on an unlabelled recording (short rounds, then a longer last round), write a bundled model file. Resumable: run the same command again. With the defaults, about 2 h 40 min on a 2-core CPU: renders 11 min (--workers 2), fine-tuning 70 min, two short rounds 16 min, the last round about 64 min.")
     ap.add_argument("out", help="the bundled file to write, e.g. fly_neuromechfly.pt (not into deeperfly_nb/models/: there it would replace the shipped model)")
     ap.add_argument("work", help="the work folder (resumable: run the same command again)")
     ap.add_argument("--unlabelled", required=True, help="an unlabelled recording of the rig (e.g. ../shared/data/deeperfly_example)")

@@ -472,7 +472,7 @@ CROPZOOM_KEYS = {  # key of a kind = "cropzoom" preprocessor -> (test, what a va
     "missing": (lambda v: v in ("interpolate", "hold"), '"interpolate" or "hold"'),
     "min_size_px": (lambda v: _num(v) and v > 0, "a positive number (pixels)"),
     "centre": (lambda v: v in ("2d", "3d"), '"2d" or "3d"'),
-    "box_size_3d": (lambda v: _num(v) and v > 0, "a positive number (world units; the cube side with centre = \"3d\"; default 1.5 x the animal's 3D span)"),
+    "box_size_3d": (lambda v: _num(v) and v > 0, "a positive number (world units; the cube side with centre = \"3d\"; default 2 x the animal's median 3D span)"),
     "output_size": (lambda v: _ints(v) and len(v) == 2 and min(v) > 0, "[H, W], two positive integers (the pose model's input_size)"),
 }
 
