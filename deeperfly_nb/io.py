@@ -260,6 +260,11 @@ def count(self:VideoReader) -> int:
     if None not in pts and len(set(pts)) == len(pts):           # frame t is the one with the t-th smallest timestamp
         self._pts = np.sort(np.array(pts, dtype=np.int64))
         self._key_pts = np.sort(np.array([q for q, k in zip(pts, scan["keys"]) if k], dtype=np.int64))
+        gaps = np.diff(self._pts)
+        if len(gaps) > 1 and (typical := np.median(gaps)) > 0 and (np.abs(gaps - typical) > 0.25 * typical).any():
+            raise InputError(f"{self.path}: its frames are not evenly spaced in time (intervals from {gaps.min() / typical:.2f}x to "
+                             f"{gaps.max() / typical:.2f}x the typical one): a variable-frame-rate video, whose frames deeperfly would "
+                             "time at one rate; convert it to a constant rate first, e.g. ffmpeg -i IN -fps_mode cfr -r FPS OUT")
     if scan["corrupt"]:
         which = sorted(int(np.searchsorted(self._pts, q)) for q in scan["corrupt"]) if self._pts is not None else "some"
         raise InputError(f"{self.path}: the container marks frame(s) {which} as corrupt: the file is truncated or damaged")
@@ -267,7 +272,7 @@ def count(self:VideoReader) -> int:
     if d and c and self.fps and d - c > 1.5 / self.fps:
         msg = (f"{self.path}: the container says the video lasts {d:.3f} s but its {len(pts)} frames end at {c:.3f} s: "
                f"the file may be truncated")
-        warnings.warn(msg, stacklevel=2); _log.warning(msg)
+        warnings.warn(msg, stacklevel=2)                       # once: `deeperfly` shows Python's warnings on its log
     self._n = len(pts)
     return self._n
 
