@@ -660,6 +660,7 @@ def train(train_2d, # [N, J, 2] (or dict of experiments) inputs; None (ignored) 
     net = LiftNet(n_in, n_out, o.linear_size, o.num_stage, o.dropout).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=o.lr)
     start, step, best, log = _resume_state(folder, o, net, opt, stats.digest)
+    (folder / "test_results.npz").unlink(missing_ok=True)        # an earlier lifter's test: `test` remakes it for this one
     _save_json(_record(stats, o, d["augs"], skeleton, n_in, n_out), folder / "lifter.json")
     _write_test_data(folder, d["test"])
     vx, vy, vm = _tensors(*d["val"], stats)
@@ -721,8 +722,11 @@ def load_lifter(folder, # a folder written by `train`
     _check_skeleton(rec_sk, skeleton, stats.n_joints, folder)
     ck = folder / f"ckpt_{checkpoint}.pth"
     if not ck.is_file(): raise InputError(f"{ck} is missing: the lifter in {folder} has no {checkpoint!r} checkpoint")
-    o, dev = LiftOptions(**rec["options"]), _device(device)
-    net = LiftNet(rec["n_in"], rec["n_out"], o.linear_size, o.num_stage, o.dropout)
+    try: o, n_in, n_out = LiftOptions(**rec["options"]), int(rec["n_in"]), int(rec["n_out"])
+    except (KeyError, TypeError, ValueError) as e:                      # an edited or foreign lifter.json
+        raise InputError(f"{meta} does not describe a lifter deeperfly can build ({type(e).__name__}: {e}); retrain it, or restore the file") from None
+    dev = _device(device)
+    net = LiftNet(n_in, n_out, o.linear_size, o.num_stage, o.dropout)
     try: net.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True)["model"])
     except Exception as e: raise ModelError(f"{ck} does not fit the network described in {meta.name}: {e}") from None
     return Lifter(net.to(dev).eval(), stats, rec_sk, folder, rec, dev)
