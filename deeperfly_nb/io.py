@@ -18,8 +18,8 @@ import cv2
 from .core import InputError, atomic_path
 
 # %% auto #0
-__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'VideoWriter', 'write_video', 'FrameReader', 'VideoReader', 'read_image_file',
-           'ImageSequenceReader', 'open_reader', 'find_source', 'synchronized_length']
+__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'X264_PRESETS', 'VideoWriter', 'write_video', 'FrameReader', 'VideoReader',
+           'read_image_file', 'ImageSequenceReader', 'open_reader', 'find_source', 'synchronized_length']
 
 # %% ../nbs/08_io.ipynb #f39cee0f
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
@@ -34,9 +34,14 @@ def _exact_rate(fps, # frames per second: a number or a Fraction
     try: f = float(fps)
     except (TypeError, ValueError): raise InputError(f"fps must be a positive number, got {fps!r}") from None
     if not np.isfinite(f) or f <= 0: raise InputError(f"fps must be a positive number, got {fps!r}")
-    return Fraction(fps if isinstance(fps, (int, Fraction)) else f).limit_denominator(1001)
+    rate = Fraction(fps if isinstance(fps, (int, Fraction)) else f).limit_denominator(1001)
+    if rate == 0 or abs(float(rate) / f - 1) > 1e-3:                    # below 1/1001 fps no fraction of that form is near it
+        raise InputError(f"fps {fps!r} cannot be stored exactly (a video's rate is a fraction with a denominator up to 1001): use >= 0.001")
+    return rate
 
 # %% ../nbs/08_io.ipynb #4068154f
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+
 class VideoWriter:
     "Write uint8 RGB frames to an H.264 (libx264, yuv420p, +faststart) video that browsers play, atomically."
     def __init__(self, path:str|Path, # the .mp4 (or .mov, .mkv) file to create
@@ -48,7 +53,9 @@ class VideoWriter:
         self._stream = self._container = self._tmp = None
         fmt = _CONTAINER_FORMATS.get(self.path.suffix.lower())
         if fmt is None: raise InputError(f"cannot write {self.path}: a video must end in one of {sorted(_CONTAINER_FORMATS)}")
-        if not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 51): raise InputError(f"crf must be an integer in 0..51, got {crf!r}")
+        if not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= 51):
+            raise InputError(f"crf must be an integer in 0..51, got {crf!r}")
+        if preset not in X264_PRESETS: raise InputError(f"preset must be one of x264's: {', '.join(X264_PRESETS)}; got {preset!r}")
         self.rate, self.crf, self.preset = _exact_rate(fps), int(crf), preset
         self.n_frames, self.frame_size = 0, None       # frames written so far; (H, W) of the frames given
         self._atomic = atomic_path(self.path)          # a temp file beside `path`; close() renames it onto `path`

@@ -183,6 +183,10 @@ def _check_seed(seed):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
 
+def _check_frames(n_frames):
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 1:
+        raise InputError(f"n_frames must be a positive integer, got {n_frames!r}")
+
 def _check_look_keys(keys):
     allowed = [f.name for f in fields(Look)]
     bad = sorted(set(keys) - set(allowed))
@@ -718,8 +722,8 @@ def render_recording(n_frames:int=64, # frames T
                     ) -> SynthRender:
     "Walk a fly, film it through a (perturbed) DeepFly3D rig, and keep the exact ground truth."
     if int(skip_frames) != skip_frames or skip_frames < 0: raise InputError(f"skip_frames must be a non-negative integer, got {skip_frames}")
-    _check_seed(seed)
-    gait_seed = seed if gait_seed is None else gait_seed
+    _check_seed(seed); _check_frames(n_frames)
+    gait_seed = seed if gait_seed is None else _check_seed(gait_seed) or gait_seed
     skeleton = fly38()
     X = synth.walking_fly(int(n_frames) + int(skip_frames), fps=fps, stride_hz=stride_hz, seed=gait_seed, skeleton=skeleton,
                           duty=duty, sway=sway)[int(skip_frames):]
@@ -770,6 +774,8 @@ def synth_recording(out_dir, # folder to write into (created if needed)
     from deeperfly_nb.config import Config, default_config_text
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording: {out} exists and is not a folder")
+    from deeperfly_nb.io import X264_PRESETS
+    if preset not in X264_PRESETS: raise InputError(f"preset must be one of x264's: {', '.join(X264_PRESETS)}; got {preset!r}")   # before rendering
     views = Config.default().view_names
     if (cams := kwargs.get("cameras")) is not None and list(cams.names) != list(views):   # its camera_{c}.mp4 would feed other views
         raise InputError(f"synth_recording writes the packaged config, whose views are {views}; the rig given has {list(cams.names)}: "
@@ -848,8 +854,8 @@ def render_arena(n_frames:int=64, # frames T
                  **overrides, # Look fields
                 ) -> SynthRender:
     "A fly walking freely in an arena, filmed from above (and by a small ring of cameras), with its exact ground truth."
-    _check_seed(seed)
-    gait_seed = seed if gait_seed is None else gait_seed
+    _check_seed(seed); _check_frames(n_frames)
+    gait_seed = seed if gait_seed is None else _check_seed(gait_seed) or gait_seed
     skeleton, cameras = fly38(), cameras if cameras is not None else synth.arena_rig(radius=radius)
     X = synth.arena_walk(n_frames, fps=fps, radius=radius, turn_rate=turn_rate, seed=gait_seed, skeleton=skeleton, stride_hz=stride_hz)
     if scale != 1: cameras = resize_cameras(cameras, scale)
