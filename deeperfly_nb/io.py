@@ -383,7 +383,10 @@ class ImageSequenceReader(FrameReader):
         missing = sorted(set(range(first, last + 1)) - set(by_number))
         if missing:
             shown = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-            raise InputError(f"{pattern}: frame(s) {shown} are missing (expected every frame number from {first} to {last})")
+            starts = min(by_number)
+            hint = (f"; the images are numbered from {starts}, and frame 0 is the image numbered {first}: number them from {first} "
+                    f"(or, in Python, ImageSequenceReader(pattern, first_index=None))" if missing == list(range(first, starts)) else "")
+            raise InputError(f"{pattern}: frame(s) {shown} are missing (expected every frame number from {first} to {last}){hint}")
         self.files = [by_number[t] for t in range(first, last + 1)]
         self.frame_size = read_image_file(self.files[0]).shape[:2]
 
