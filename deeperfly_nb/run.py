@@ -377,11 +377,11 @@ def _check_later_inputs(config:Config, out:Path, n_frames:int, max_frames:int|No
 
 # %% ../nbs/19_run.ipynb #1b0b9dc7
 def _estimated_output_bytes(config:Config, readers:dict, max_frames) -> int:
-    "A generous size of pose2d.h5 + results.h5 (float64 2D, confidences, 3D and errors, uncompressed)."
+    "A generous size of pose2d.h5 + results.h5 (float64 2D, confidences, 3D and errors, uncompressed), and the candidate peaks."
     T = min((r.count() for r in readers.values()), default=0)
     T = min(T, max_frames) if max_frames else T
-    V, N = len(config.view_names), config.skeleton().n_points
-    return 8 * T * N * (2 * V * 4 + 3)
+    V, N, K = len(config.view_names), config.skeleton().n_points, config.model.filters.candidates
+    return 8 * T * N * (2 * V * 4 + 3 + 3 * V * K)                      # pose2d_candidates.h5: (x, y, score) per candidate
 
 def prepare_run(config:Config, # the run's config
                 recording:Path, # the recording folder
