@@ -13,7 +13,6 @@ from . import __version__
 from .core import InputError, atomic_path
 from .results import (PoseResult, format_summary, format_ground_truth, format_refinement, ground_truth_error, ground_truth_report, reprojection_histogram,
                                   skeleton_3d_figure, views_figure)
-from .drawing import point_colors_u8
 
 # %% auto #0
 __all__ = ['REPORT_GENERATOR', 'reprojection_heatmap', 'confidence_heatmap', 'bone_length_figure', 'ground_truth_figure',
@@ -78,10 +77,6 @@ def confidence_heatmap(result:PoseResult, # the result to show
                                "confidence %{z:.3f}, detected in %{customdata} frames", zmin=0, zmax=1, colorscale="Cividis")
 
 # %% ../nbs/18d_inspection.ipynb #3d41427c
-def _css_rgb(c) -> str:
-    "A uint8 RGB triple as a CSS colour."
-    return "rgb(%d,%d,%d)" % tuple(int(v) for v in c)
-
 def bone_length_figure(result:PoseResult, # a result with pts3d
                       ):
     "Each bone's length over time relative to its median (%), one line per bone in its limb's colour."
@@ -95,13 +90,13 @@ def bone_length_figure(result:PoseResult, # a result with pts3d
         med_cv = np.nanmedian(cv) if np.isfinite(cv).any() else np.nan
     frames = np.arange(result.n_frames) * result.meta.get("frame_step", 1)       # a subsampled result's frame numbers
     x = frames / (result.fps * result.meta.get("frame_step", 1)) if result.fps else frames
-    cols, names, limb = point_colors_u8(sk), sk.point_names, sk.point_limb()
+    cols, names, limb = sk.point_colors_css(), sk.point_names, sk.point_limb()
     fig = go.Figure()
     for j, (a, b) in enumerate(sk.bones):
         if not np.isfinite(rel[:, j]).any(): continue
         fig.add_scatter(x=x, y=np.where(np.isfinite(rel[:, j]), rel[:, j], None).tolist(), mode="lines",
                         name=f"{names[a]}-{names[b]}", legendgroup=sk.limb_names[limb[a]] if limb[a] >= 0 else "other",
-                        line=dict(width=1.2, color=_css_rgb(cols[a])),
+                        line=dict(width=1.2, color=cols[a]),
                         hovertemplate=f"{names[a]}-{names[b]}<br>%{{y:.1f}}% (CV {cv[j]:.1%})<extra></extra>")
     fig.update_layout(title=f"Bone length over time, relative to each bone's median (median CV {med_cv:.1%})",
                       xaxis_title="time (s)" if result.fps else "frame", yaxis_title="length − median (%)",
@@ -121,7 +116,7 @@ def ground_truth_figure(result:PoseResult, # a result with pts3d
     names, pp = list(result.skeleton.point_names), g["per_point"]
     val = lambda k: [pp[n][k] for n in names]
     fig = go.Figure()
-    fig.add_bar(x=names, y=val("median"), marker_color=[_css_rgb(c) for c in point_colors_u8(result.skeleton)], name="median",
+    fig.add_bar(x=names, y=val("median"), marker_color=result.skeleton.point_colors_css(), name="median",
                 customdata=val("n"), hovertemplate="%{x}: median %{y:.4f} over %{customdata} frames<extra></extra>")
     fig.add_scatter(x=names, y=val("mean"), mode="markers", marker=dict(color="black", symbol="line-ew-open", size=10),
                     name="mean", hovertemplate="%{x}: mean %{y:.4f}<extra></extra>")

@@ -626,8 +626,6 @@ def reprojection_histogram(result:PoseResult, # a result with pts3d or reproj_er
     return fig
 
 # %% ../nbs/05_results.ipynb #56a18e3e
-def _rgb(c) -> str: return "rgb(%d,%d,%d)" % tuple(np.round(255 * np.asarray(c)).astype(int))
-
 def skeleton_3d_figure(result, # a `PoseResult` with pts3d (or a (T, N, 3) array with `skeleton` given)
                        t:int=0, # the frame to draw
                        skeleton:Skeleton|None=None, # needed when `result` is an array
@@ -642,7 +640,7 @@ def skeleton_3d_figure(result, # a `PoseResult` with pts3d (or a (T, N, 3) array
         if skeleton is None: raise InputError("skeleton_3d_figure: give `skeleton` when passing an array")
         pts = check_shape(result, "pts3d", (None, ("points", skeleton.n_points), 3))
     if not -pts.shape[0] <= t < pts.shape[0]: raise InputError(f"frame {t} is out of range: the result has {pts.shape[0]} frames")
-    P, cols = pts[t], skeleton.point_colors_rgb()
+    P = pts[t]
     fig = go.Figure()
     limb = skeleton.point_limb()
     for k, (lname, _) in enumerate(skeleton.limbs):           # one trace per limb: its bones, separated by None
@@ -652,7 +650,7 @@ def skeleton_3d_figure(result, # a `PoseResult` with pts3d (or a (T, N, 3) array
         fig.add_scatter3d(x=xyz[0], y=xyz[1], z=xyz[2], mode="lines", name=lname,
                           line=dict(color=skeleton.limb_colors[k], width=6), hoverinfo="skip")
     fig.add_scatter3d(x=P[:, 0], y=P[:, 1], z=P[:, 2], mode="markers", text=list(skeleton.point_names), showlegend=False,
-                      marker=dict(size=3, color=[_rgb(c) for c in cols]), hovertemplate="%{text}<extra></extra>")
+                      marker=dict(size=3, color=skeleton.point_colors_css()), hovertemplate="%{text}<extra></extra>")
     fig.update_layout(title=title or f"frame {t} — drag to rotate", height=450, margin=dict(l=0, r=0, t=40, b=0),
                       scene=dict(aspectmode="data"))
     return fig
@@ -672,7 +670,7 @@ def views_figure(result:PoseResult, # the result to show
     n_cols = min(n_cols, V); n_rows = -(-V // n_cols)
     fig = make_subplots(n_rows, n_cols, subplot_titles=result.view_names, horizontal_spacing=0.02, vertical_spacing=0.08)
     proj = result.cameras.project(result.pts3d[t]) if (show_reprojection and result.pts3d is not None) else None
-    cols, limb = [_rgb(c) for c in sk.point_colors_rgb()], sk.point_limb()
+    cols, limb = sk.point_colors_css(), sk.point_limb()
     for v, cam in enumerate(result.cameras):
         r, c = v // n_cols + 1, v % n_cols + 1
         P = result.pts2d[v, t]

@@ -388,7 +388,7 @@ def _build(self:Reviewer, view_width:int):
     "Create the canvas and the controls, and wire them."
     r = self.result
     sizes = [c.image_size or (480, 960) for c in r.cameras]
-    cols = ["#%02x%02x%02x" % tuple(int(x) for x in c) for c in np.round(255 * r.skeleton.point_colors_rgb())]
+    cols = r.skeleton.point_colors_css()
     self.canvas = ReviewCanvas(views=[{"name": n, "w": w, "h": h, "r": max(2.5, min(h, w) / 100)} for n, (h, w) in zip(r.view_names, sizes)],
                                skeleton={"names": list(r.skeleton.point_names), "bones": [list(b) for b in r.skeleton.bones], "colors": cols},
                                columns=min(4, r.n_views), view_width=int(view_width))

@@ -120,6 +120,11 @@ def point_colors_rgb(self:Skeleton) -> np.ndarray:
     lut = np.array([_hex_to_rgb(c) for c in self.limb_colors] + [(0.6, 0.6, 0.6)])
     return lut[self.point_limb()]
 
+@patch
+def point_colors_css(self:Skeleton) -> list:
+    "CSS colour ('rgb(r,g,b)', 0-255) of every point, as plots and the reviewer draw them."
+    return ["rgb(%d,%d,%d)" % tuple(c) for c in np.round(255 * self.point_colors_rgb()).astype(int)]
+
 # %% ../nbs/01_skeleton.ipynb #f59fe4c6
 def bone_lengths(skeleton:Skeleton, # its `bones` are measured; its N must match the points axis
                  pts3d, # (T, N, 3) or (N, 3) 3D points

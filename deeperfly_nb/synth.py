@@ -298,15 +298,13 @@ def observe(cameras:CameraGroup, # the rig to film with
     return Observations(obs, conf, true, visible, outlier, occluded)
 
 # %% ../nbs/07_synth.ipynb #23c93c62
-def _rgb(c) -> str: return "rgb(%d,%d,%d)" % tuple(np.round(255 * np.asarray(c)).astype(int))
-
 def _bone_segments(skeleton:Skeleton, pts, # (N, D) points of one frame
                   ) -> dict:
     "{colour: (M, D) polyline with NaN breaks} joining the bones of each colour."
-    cols = skeleton.point_colors_rgb()
+    cols = skeleton.point_colors_css()
     out = {}
     for a, b in skeleton.bones:
-        out.setdefault(_rgb(cols[a]), []).append(np.stack([pts[a], pts[b], np.full(pts.shape[1], np.nan)]))
+        out.setdefault(cols[a], []).append(np.stack([pts[a], pts[b], np.full(pts.shape[1], np.nan)]))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 # %% ../nbs/07_synth.ipynb #da9d87d1
@@ -328,17 +326,17 @@ def fly_figure(pts3d, # (T, N, 3) 3D points
         fig.add_surface(x=cx + BALL_RADIUS * np.sin(v) * np.cos(u), y=cy + BALL_RADIUS * np.sin(v) * np.sin(u),
                         z=cz + BALL_RADIUS * np.cos(v), opacity=0.25, showscale=False, hoverinfo="skip",
                         colorscale=[[0, "rgb(180,180,180)"], [1, "rgb(180,180,180)"]])
-    cols = skeleton.point_colors_rgb()
+    cols = skeleton.point_colors_css()
     if trails:
         for i, n in enumerate(skeleton.point_names):
             if n.endswith("_claw"):
                 fig.add_scatter3d(x=P[:, i, 0], y=P[:, i, 1], z=P[:, i, 2], mode="lines", name=f"{n} path",
-                                  line=dict(color=_rgb(cols[i]), width=2), opacity=0.6, hoverinfo="skip", showlegend=False)
+                                  line=dict(color=cols[i], width=2), opacity=0.6, hoverinfo="skip", showlegend=False)
     for col, seg in _bone_segments(skeleton, P[frame]).items():
         fig.add_scatter3d(x=seg[:, 0], y=seg[:, 1], z=seg[:, 2], mode="lines", line=dict(color=col, width=7),
                           showlegend=False, hoverinfo="skip")
     fig.add_scatter3d(x=P[frame, :, 0], y=P[frame, :, 1], z=P[frame, :, 2], mode="markers",
-                      marker=dict(size=3, color=[_rgb(c) for c in cols]), text=list(skeleton.point_names),
+                      marker=dict(size=3, color=cols), text=list(skeleton.point_names),
                       hovertemplate="%{text}<extra></extra>", showlegend=False)
     fig.update_layout(title=title, height=480, margin=dict(l=0, r=0, t=40, b=0),
                       scene=dict(aspectmode="data", camera=dict(eye=dict(x=1.2, y=1.6, z=0.9))))
@@ -361,7 +359,7 @@ def observations_figure(cameras:CameraGroup, # the rig (names, image sizes)
     n_rows = -(-len(cameras) // n_cols)
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=cameras.names,
                         horizontal_spacing=0.02, vertical_spacing=0.08)
-    cols = [_rgb(c) for c in skeleton.point_colors_rgb()]
+    cols = skeleton.point_colors_css()
     for v, cam in enumerate(cameras):
         r, c = v // n_cols + 1, v % n_cols + 1
         for col, seg in _bone_segments(skeleton, p[v]).items():
