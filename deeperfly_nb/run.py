@@ -27,11 +27,12 @@ __all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KE
            'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'BATCH_SUMMARY', 'fingerprint', 'array_digest',
            'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock',
            'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results',
-           'check_same_recording', 'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files',
-           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
-           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content', 'view_videos',
-           'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages',
-           'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary', 'run']
+           'check_same_recording', 'record_recording', 'foreign_points2d', 'recording_points2d', 'RunContext',
+           'check_lifter_files', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates',
+           'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance',
+           'result_content', 'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
+           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary',
+           'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -268,22 +269,34 @@ def check_same_recording(out:Path, # the output folder
                          recording:Path, # this run's recording folder
                          content:dict, # {source: [(file, digest)]} of what the run reads (the footage, or the 2D file)
                          overwrite:bool=False, # every stage is recomputed (--overwrite): another recording's results may go
-                        ):
+                        ) -> dict|None:
     """Refuse, before any work, a run into a folder holding another recording's results (another folder and other
-    content), then record this run's recording there."""
-    path = Path(out) / STATE_DIR / RECORDING_FILE
-    try: prev = json.loads(path.read_text())
+    content), then record this run's recording there. Over another recording's results (`overwrite`) the record is
+    returned instead, for the run to write once a stage has replaced something (`record_recording`): a run stopped
+    before then leaves the folder naming the recording its results are of."""
+    try: prev = json.loads((Path(out) / STATE_DIR / RECORDING_FILE).read_text())
     except (OSError, ValueError): prev = None
     now = json.loads(json.dumps({"recording": str(Path(recording).resolve()), "content": content}))
-    if prev and not overwrite and prev.get("recording") != now["recording"] and prev.get("content") != now["content"] \
-            and holds_results(out):                      # a run that failed before making anything binds nothing
+    other = bool(prev) and prev.get("recording") != now["recording"] and prev.get("content") != now["content"] \
+            and holds_results(out)                       # a run that failed before making anything binds nothing
+    if other and not overwrite:
         raise InputError(f"{out} holds the results of another recording, {prev.get('recording')}; this run is of {now['recording']}: "
                          f"choose another output folder with -o, or give --overwrite to replace them")
     if prev and prev.get("recording") != now["recording"] and prev.get("content") == now["content"]:
         log.info("%s: its recording is now %s, the same footage as %s had", out, now["recording"], prev.get("recording"))
-    if prev != now:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(now, indent=1))
+    if other: return now
+    record_recording(out, now)
+
+def record_recording(out:Path, # the output folder
+                     now:dict, # {"recording", "content"} as `check_same_recording` makes it
+                    ):
+    "Write `now` as the folder's recording (`RECORDING_FILE`) unless it already is."
+    path = Path(out) / STATE_DIR / RECORDING_FILE
+    try: same = json.loads(path.read_text()) == now
+    except (OSError, ValueError): same = False
+    if same: return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(now, indent=1))
 
 # %% ../nbs/19_run.ipynb #e921c969
 FOREIGN_2D = (".slp", ".nwb", ".nc", ".csv")      # suffixes read through `interop.read_points2d`
@@ -349,6 +362,7 @@ class RunContext:
     progress: bool = True           # progress bars
     forced: frozenset = frozenset() # stages to recompute even if fresh
     points2d: object = None         # the recording's 2D file, read once (a pipeline.Points2D; None when detection runs)
+    recording_due: dict|None = None # the folder's recording record, written once a stage has written (an --overwrite of another's)
 
     @property
     def state(self) -> Path:
@@ -411,7 +425,7 @@ def prepare_run(config:Config, # the run's config
     try:
         check_no_foreign_outputs(config, out, inputs)
         content = footage_digests(readers, digests) if readers else {"points2d": [(Path(points.path).name, digests.digest(points.path))]}
-        check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
+        due = check_same_recording(out, recording, content, overwrite=frozenset(forced) >= frozenset(STAGES))
         n = points.pts2d.shape[1] if points is not None else min(min(r.count() for r in readers.values()), max_frames or 2**62)
         _check_later_inputs(config, out, n, max_frames)
         fps, fps_source = resolve_fps(config, footage_fps)
@@ -420,7 +434,7 @@ def prepare_run(config:Config, # the run's config
             ensure_free_space(out, _estimated_output_bytes(config, readers, max_frames))
         claim_outputs(config, out)
         return RunContext(config, recording, out, digests, readers, content if readers else {}, fps, fps_source,
-                          max_frames, device, progress, frozenset(forced), points)
+                          max_frames, device, progress, frozenset(forced), points, due)
     except BaseException:                                # refused: the footage is not read after all
         for r in readers.values(): r.close()
         raise
@@ -458,6 +472,7 @@ def _stage(ctx:RunContext, stage:str, fp:str, compute, load) -> tuple:
     value, outputs, content, summary = compute()
     secs = time.perf_counter() - t0
     write_record(ctx.out, stage, fp, outputs, secs, ctx.digests, content, summary)
+    if ctx.recording_due: record_recording(ctx.out, ctx.recording_due)     # its outputs are this recording's now
     log.info("%s: done in %.1f s", stage, secs)
     return value, StageOutcome(stage, "ran", round(secs, 3), fp, [str(Path(p).relative_to(ctx.out)) for p in outputs],
                                summary, content)
