@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 from . import __version__
-from .core import InputError, atomic_hdf5, check_shape
+from .core import DeeperflyError, InputError, atomic_hdf5, check_shape
 from .skeleton import Skeleton, body_length
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
@@ -245,7 +245,11 @@ def load(cls:PoseResult, path:str|Path, # an HDF5 file written by `PoseResult.sa
                               pts3d=arr("pts3d"), reproj_error=arr("reproj_error"),
                               fps=None if fps is None else float(fps),
                               meta=_read_json(f, "meta", path), provenance=_read_json(f, "provenance", path))
-    except (OSError, KeyError, RuntimeError) as e: raise _corrupt(path, str(e).splitlines()[0] if str(e) else "") from None
+    except DeeperflyError as e:                               # the arrays or tables disagree: said about this file
+        if str(e).startswith(str(path)): raise
+        raise InputError(f"{path}: {e}") from None
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:   # an entry of the wrong kind
+        raise _corrupt(path, f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__) from None
 
 # %% ../nbs/05_results.ipynb #d61a8824
 def align_similarity(src, # (..., 3) points to move
