@@ -134,6 +134,9 @@ def read_df3d_result(path_or_dict, # a df3d_result*.pkl file, or the dict loaded
     cameras = _cameras(d, src, view_names, (H, W))
     p = _array(d, "points2d", src, (("views", V), None, ("joints", N), 2))
     T = p.shape[1]
+    if np.isfinite(p).any() and not -0.5 <= np.nanmin(p) <= np.nanmax(p) <= 1.5:        # pixels, or another tool's units
+        raise InputError(f"{src}: points2d holds values from {np.nanmin(p):.4g} to {np.nanmax(p):.4g}; DeepFly3D writes (row, col) "
+                         "normalised to [0, 1] by the image size")
     order = df3d_point_order(N)
 
     unseen = ~np.isfinite(p).all(-1) | ((p[..., 0] == 0) & ((p[..., 1] == 0) | (p[..., 1] == 1)))
@@ -142,7 +145,8 @@ def read_df3d_result(path_or_dict, # a df3d_result*.pkl file, or the dict loaded
 
     hm = d.get("heatmap_confidence")
     if hm is not None:
-        hm = np.asarray(hm, dtype=float)
+        try: hm = np.asarray(hm, dtype=float)
+        except (TypeError, ValueError) as e: raise InputError(f"{src}: heatmap_confidence is not an array of numbers ({e})") from None
         if hm.ndim == 4 and hm.shape[-1] == 1: hm = hm[..., 0]
         hm = check_shape(hm, f"{src}: heatmap_confidence", (("views", V), ("frames", T), ("channels", N // 2)))
         conf = np.full((V, T, N), np.nan)                  # in DeepFly3D's joint order
