@@ -50,20 +50,19 @@ def detections_from_csv(path, # a prediction CSV (DeepLabCut / lightning-pose la
 def detector_spec(model, # a deeperfly checkpoint path (.pt), or a plan.ModelSpec
                  ) -> tuple:
     "(ModelSpec, channel names) of a detector checkpoint, from its metadata."
-    from deeperfly_nb.detector import load_checkpoint, infer_architecture
-    if isinstance(model, ModelSpec):
-        meta = {}
-        if model.weights_path is not None and model.weights_path.is_file(): meta = load_checkpoint(model.weights_path)[1]
+    from deeperfly_nb.detector import load_checkpoint, infer_architecture, resolve_weights
+    if isinstance(model, ModelSpec):                              # its metadata names the channels (bundled weights too)
+        meta = load_checkpoint(resolve_weights(model))[1] if model.weights is not None else {}
         spec = model
     else:
         path = Path(model)
         if not path.is_file(): raise InputError(f"{path}: no such detector model file")
         state, meta = load_checkpoint(path)
-        if "input_size" not in meta:
-            raise ModelError(f"{path}: the checkpoint's metadata has no input_size (a deeperfly-trained model has); "
-                             "give a ModelSpec with the input size instead")
+        if missing := [k for k in ("input_size", "mean") if k not in meta]:
+            raise ModelError(f"{path}: the checkpoint's metadata has no {' or '.join(missing)} (a deeperfly-trained model has); "
+                             "give a ModelSpec with them instead")
         n = int((meta.get("architecture") or infer_architecture(state, str(path)))["n_out_channels"])
-        spec = ModelSpec(path.stem, "hourglass", str(path.resolve()), None, tuple(meta["input_size"]), n, tuple(meta.get("mean", (0.0,) * 3)))
+        spec = ModelSpec(path.stem, "hourglass", str(path.resolve()), None, tuple(meta["input_size"]), n, meta["mean"])
     names = [str(c) for c in meta.get("channel_names") or []]
     if len(names) != spec.n_out_channels or len(set(names)) != len(names): names = [f"channel_{c}" for c in range(spec.n_out_channels)]
     return spec, names
