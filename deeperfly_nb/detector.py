@@ -568,6 +568,11 @@ def prepare(self:LoadedModel, frames, # (B, H, W, 3) or (H, W, 3) RGB: uint8, or
         out = torch.empty(len(t), 3, h, w, dtype=self.dtype, device=self._device) if out is None else out
         for i in range(0, len(t), _PREPARE_FRAMES): self.prepare(t[i:i + _PREPARE_FRAMES], out[i:i + _PREPARE_FRAMES])
         return out
+    if t.dtype != torch.uint8:                                       # 0-255 floats or uint16 would be read as overexposed
+        lo, hi = (float(t.min()), float(t.max())) if t.is_floating_point() else (None, None)
+        if lo is None or lo < 0 or hi > 1:
+            raise InputError(f"model {self.spec.name!r}: frames must be uint8 (0-255) or floats in [0, 1], got {t.dtype}"
+                             + (f" from {lo:.4g} to {hi:.4g}" if lo is not None else ""))
     t = t.to(self._device)
     if t.dtype == torch.uint8:       # rows first in the frames' own layout, /255 folded into the weights
         y = _resize_axis(t.float(), 1, h, gain=1 / 255) if t.shape[1] != h else t.float() / 255
@@ -671,7 +676,9 @@ def _use_stack(opts:dict, net:HourglassNet, path, what:str) -> int:
                       f"and the last is read; DeepFly2D reads the second: set use_stack = 2 in this model's [[pose2d.models]] "
                       f"table to match it (and run {net.n_stacks // 2}x fewer stacks), or use_stack = {net.n_stacks} to keep "
                       f"the last and silence this warning", ConfigWarning)
-    use_stack = int(opts.get("use_stack") or net.n_stacks)
+    use_stack = net.n_stacks if opts.get("use_stack") is None else opts["use_stack"]
+    if isinstance(use_stack, bool) or not isinstance(use_stack, (int, np.integer)):
+        raise ModelError(f"{what}: use_stack must be a whole number of stacks (from 1), got {use_stack!r}")
     if not 1 <= use_stack <= net.n_stacks:
         raise ModelError(f"{what}: use_stack = {use_stack} but checkpoint {path} has {net.n_stacks} stack(s) (use_stack counts from 1)")
     return use_stack
