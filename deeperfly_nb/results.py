@@ -581,8 +581,13 @@ def ground_truth_report(result:PoseResult, # the result to score
                         align:str="similarity", # the 3D's alignment to the truth (see `ground_truth_error`)
                        ) -> dict:
     "{'3d': ground_truth_error, '2d' and '2d_reprojected': ground_truth_error_2d of the detections and of the 3D's projections (None: not scorable)}."
+    if list(truth.skeleton.point_names) != list(result.skeleton.point_names):
+        raise InputError(f"the truth's points are not the result's ({truth.skeleton.name!r} vs {result.skeleton.name!r}, or another order)")
+    tv, rv = list(truth.view_names), list(result.view_names)
+    if tv != rv and sorted(tv) == sorted(rv):
+        raise InputError(f"the truth's views {tv} are the result's in another order ({rv}): put the truth in the result's order first")
     g3 = ground_truth_error(result, truth.pts3d, align) if result.pts3d is not None and truth.pts3d is not None else None
-    same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape
+    same = truth.pts2d is not None and result.pts2d is not None and truth.pts2d.shape == result.pts2d.shape and tv == rv   # views by name
     g2 = ground_truth_error_2d(result.pts2d, truth.pts2d, result.view_names, threshold_px) if same else None
     g2r = (ground_truth_error_2d(result.reprojected().pts2d, truth.pts2d, result.view_names, threshold_px)
            if same and result.pts3d is not None and result.lifted_from_view is None else None)   # lifted 3D: at a typical depth
