@@ -7,7 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/bundle_adjustment.html.md"""
 # %% ../nbs/04b_bundle_adjustment.ipynb #55842846
 from __future__ import annotations
 import time, warnings
-from dataclasses import dataclass, field, fields, replace, MISSING
+from dataclasses import dataclass, field, fields, replace
 import inspect
 from typing import NamedTuple
 import numpy as np

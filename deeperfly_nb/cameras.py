@@ -10,7 +10,7 @@ from fastcore.basics import patch
 from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.spatial.transform import Rotation
-from .core import ConfigError, InputError, check_shape
+from .core import ConfigError, InputError
 
 # %% auto #0
 __all__ = ['Camera', 'look_at', 'ring_camera', 'distort_normalized', 'undistort_normalized', 'CameraGroup', 'camera_to_dict',

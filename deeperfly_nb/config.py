@@ -15,21 +15,21 @@ __all__ = ['DEVICE_PATTERN', 'CAMERA_PLACEMENTS', 'VIDEO_KINDS', 'CAMERA_PARAMS'
            'Config', 'snapshot_path', 'write_config']
 
 # %% ../nbs/10_config.ipynb #2bdea105
-import dataclasses, inspect, json, math, os, re, tomllib, types
+import dataclasses, inspect, math, os, re, tomllib, types
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import scipy.optimize
 import tomli_w
 from fastcore.basics import patch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from .core import ConfigError, InputError, STATE_DIR, did_you_mean, one_of, toml_value, atomic_path, ConfigTable as _Table, config_field as _field
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup, look_at, ring_camera
 from .triangulation import triangulate
 from .refinement import REPROJ_LOSSES, RefineOptions, select_peaks, viterbi_filter_2d
-from .bundle_adjustment import BundleAdjustOptions, bundle_adjust_cameras, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
-from .plan import (MODEL_CLASSES, DetectionPlan, ConfigWarning, check_ops, check_weights, plan_problems,
+from .bundle_adjustment import BundleAdjustOptions, PARAM_GROUPS, SHAREABLE_GROUPS, LOSSES
+from .plan import (MODEL_CLASSES, DetectionPlan, check_ops, check_weights, plan_problems,
                                warn_problems, check_cropzoom, CROPZOOM_KEYS)
 
 # %% ../nbs/10_config.ipynb #5a6e34d4

@@ -7,7 +7,7 @@ Docs: https://deeperfly.github.io/deeperfly/crop_files.html.md"""
 # %% ../nbs/16b_crop_files.ipynb #2fe56ffc
 from __future__ import annotations
 import glob, warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 import numpy as np
 from .core import InputError, ModelError, atomic_path, refuse_existing

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/detector.html.md"""
 
 # %% ../nbs/12_detector.ipynb #562d8f8f
 from __future__ import annotations
-import hashlib, logging, os, re, urllib.error, urllib.parse, urllib.request, warnings
+import hashlib, logging, re, urllib.error, urllib.parse, urllib.request, warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path

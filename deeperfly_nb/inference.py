@@ -6,11 +6,11 @@ Docs: https://deeperfly.github.io/deeperfly/inference.html.md"""
 
 # %% ../nbs/14_inference.ipynb #45605442
 from __future__ import annotations
-import hashlib, json, logging, os, queue, threading, time
+import json, logging, queue, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from .core import ConfigError, InputError, ModelError, atomic_path
+from .core import ConfigError, InputError, atomic_path
 from .plan import DetectionPlan
 from . import io
 

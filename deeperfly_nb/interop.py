@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 from . import __version__
-from .core import InputError, atomic_path, check_shape, did_you_mean
+from .core import InputError, atomic_path, did_you_mean
 from .skeleton import Skeleton
 from .cameras import Camera, CameraGroup
 from .results import PoseResult, REPROJECTED_2D, describe_points2d
@@ -847,7 +847,7 @@ def read_points2d(path_or_paths, # one file of every view (.slp, .nwb, .nc, deep
         pts2d, conf, info = single
     else:
         files = match_view_files(path_or_paths, views, pattern)
-        per_view, unmapped, devices = {}, set(), {}
+        per_view, unmapped = {}, set()
         for v, f in files.items():
             p, c, i = read_dlc_predictions(f, skeleton, name_map)
             per_view[v] = (p, c, str(f)); unmapped |= set(i["unmapped"])

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/labels.html.md"""
 
 # %% ../nbs/16_labels.ipynb #649d69d4
 from __future__ import annotations
-import csv, difflib, hashlib, json, tempfile, warnings
+import csv, json, tempfile, warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from fastcore.docments import docments
 import numpy as np
-from .core import DeeperflyError, InputError, ModelError, atomic_path, did_you_mean, record_differences, refuse_existing
+from .core import DeeperflyError, InputError, atomic_path, did_you_mean, record_differences, refuse_existing
 from .config import Config
 from .detector import bundled_models, load_checkpoint, torch_device
 from .inference import open_sources

@@ -10,7 +10,6 @@ import json, logging, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
-import deeperfly_nb
 from .core import InputError, ConfigError, atomic_path, check_shape, one_of, refuse_existing
 from .cameras import CameraGroup
 from .skeleton import Skeleton
@@ -159,9 +158,8 @@ def triangulate_points2d(cameras:CameraGroup, # the rig (V cameras), already ref
     t0, tri_kw, meta = time.perf_counter(), {"method": "dlt", **(triangulate_kwargs or {})}, dict(meta or {})
     pts3d = triangulate(cameras, pts2d, conf, **tri_kw)
     meta["triangulation"] = {**tri_kw, "seconds": round(time.perf_counter() - t0, 3)}
-    prov = {"deeperfly_version": deeperfly_nb.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return PoseResult(pts2d=pts2d, conf=conf, cameras=cameras, skeleton=skeleton, pts3d=pts3d,
-                      reproj_error=reprojection_error(cameras, pts3d, pts2d), fps=fps, meta=meta, provenance=prov)
+    return PoseResult(pts2d=pts2d, conf=conf, cameras=cameras, skeleton=skeleton, pts3d=pts3d,     # it stamps version and time
+                      reproj_error=reprojection_error(cameras, pts3d, pts2d), fps=fps, meta=meta)
 
 # %% ../nbs/11_pipeline.ipynb #3224f62e
 def run_from_points2d(cameras:CameraGroup, # the initial rig (V cameras)

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/plan.html.md"""
 
 # %% ../nbs/09_plan.ipynb #649d69d4
 from __future__ import annotations
-import difflib, json, logging, re, warnings
+import json, logging, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -770,7 +770,7 @@ def crop_out_hw(self:DetectionPlan, name:str, # a cropzoom pathway's name
 def anchor_channels(self:DetectionPlan, name:str, # a cropzoom pathway's name
                    ) -> tuple:
     "The upstream's channel indices whose mean centres the box: anchor names through the upstream's routing, or given indices."
-    p, spec = self.pathway(name), self.crop_spec(name)
+    spec = self.crop_spec(name)
     anchors, up = spec.options.get("anchor_points", []), self.pathway(self.pathway(name).crop_from)
     if not anchors or all(_is_int(a) for a in anchors): return tuple(int(a) for a in anchors)
     by_point = {}

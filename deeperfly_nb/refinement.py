@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/refinement.html.md"""
 
 # %% ../nbs/04c_refinement.ipynb #adcd67ee
 from __future__ import annotations
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from math import comb
 import numpy as np
 import scipy.sparse as sp

@@ -671,7 +671,6 @@ def views_figure(result:PoseResult, # the result to show
                  n_cols:int=4, # panels per row (fewer when the rig has fewer views)
                 ):
     "An interactive Plotly grid, one panel per view: frame `t`'s detections with bones, and the reprojected 3D points."
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     if not -result.n_frames <= t < result.n_frames:
         raise InputError(f"frame {t} is out of range: the result has {result.n_frames} frames")

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/review.html.md"""
 
 # %% ../nbs/18f_review.ipynb #8bc42fc1
 from __future__ import annotations
-import base64, json, math, os, time, warnings
+import base64, math, os, time, warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +17,7 @@ from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
 from .corrections import (CORRECTIONS, Correction, Corrections, read_corrections, write_corrections,
-                                      apply_corrections, restore_detections, detections_key, corrections_over, result_detections)
+                                      restore_detections, detections_key, corrections_over, result_detections)
 
 # %% auto #0
 __all__ = ['CRITERIA', 'AUTO_REFRESH_FRAMES', 'frame_scores', 'worst_frames', 'ViewFrames', 'frame_data_url', 'open_footage',

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
-from .core import (DeeperflyError, InputError, ConfigError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, atomic_hdf5, atomic_path,
+from .core import (DeeperflyError, InputError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space, did_you_mean, first_missing_folder, remove_empty_folders)
 from .config import Config, SNAPSHOT, snapshot_path
 from .cameras import CameraGroup

@@ -8,7 +8,7 @@ Docs: https://deeperfly.github.io/deeperfly/semisupervised.html.md"""
 from __future__ import annotations
 import copy, json, math, time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np
 import torch

@@ -14,7 +14,6 @@ from fastcore.basics import patch
 from .core import InputError, ModelError, atomic_path, cache_root, did_you_mean, refuse_existing
 from .skeleton import FLY_LEG_JOINTS, fly38
 from .cameras import Camera, CameraGroup
-from .results import PoseResult
 from . import synth
 from .synth_footage import (SynthRender, perturb_rig_in_frame, recording_files, resize_cameras, write_ground_truth,
                                         write_points2d)

@@ -6,7 +6,7 @@ Docs: https://deeperfly.github.io/deeperfly/visualization.html.md"""
 
 # %% ../nbs/18e_visualization.ipynb #1dffd4cc
 from __future__ import annotations
-from .config import VideoConfig, VisualizationConfig
+from .config import VisualizationConfig
 from .results import PoseResult
 from .overlay_video import render_overlay_videos
 
