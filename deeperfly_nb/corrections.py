@@ -17,7 +17,7 @@ from .core import InputError, atomic_hdf5, check_shape, refuse_existing
 __all__ = ['CORRECTIONS', 'CORRECTIONS_FORMAT', 'CORRECTIONS_VERSION', 'Correction', 'Corrections', 'detections_key',
            'write_corrections', 'read_corrections', 'correction_arrays', 'apply_corrections', 'restore_detections',
            'corrections_over', 'corrections_digest', 'corrected_label_points', 'corrections_to_labels',
-           'is_corrections_file', 'result_detections', 'sidecar_detector_weights', 'labels_from_sidecar']
+           'result_detections', 'is_corrections_file', 'sidecar_detector_weights', 'labels_from_sidecar']
 
 # %% ../nbs/16c_corrections.ipynb #523c5d30
 CORRECTIONS = "corrections.h5"      # the sidecar's name in a run's output folder
@@ -344,6 +344,22 @@ def corrections_to_labels(corrections:Corrections, # the corrections
     if path is not None: ls.save(path, embed=embed, overwrite=overwrite)
     return ls
 
+# %% ../nbs/16c_corrections.ipynb #010b0f1a
+def result_detections(out, # a run's output folder
+                      res, # its results.h5 (a PoseResult)
+                     ) -> tuple|None:
+    """(pts2d, conf) of the folder's pose2d.h5 when `res` was made from those detections (the key `deeperfly run`
+    records in its meta), else None: a detection ran since (a run that stopped before triangulation), or the
+    result came from a 2D file."""
+    from deeperfly_nb.results import PoseResult
+    path = Path(out) / "pose2d.h5"
+    if not path.is_file(): return None
+    d = PoseResult.load(path)
+    if d.pts2d.shape != res.pts2d.shape or list(d.view_names) != list(res.view_names): return None
+    if (key := res.meta.get("pose2d_key")) is not None: return (d.pts2d, d.conf) if detections_key(d.pts2d, d.conf) == key else None
+    if res.provenance.get("inputs", {}).get("points2d"): return None     # made from a 2D file, not from this detection
+    return d.pts2d, d.conf                                               # a result older than the key: matched by shape
+
 # %% ../nbs/16c_corrections.ipynb #52176840
 def is_corrections_file(path, # any file
                        ) -> bool:
@@ -360,21 +376,6 @@ def _output_result(out:Path):
     if not (out / "results.h5").is_file():
         raise InputError(f"{out} holds no results.h5: a corrections sidecar is read beside the results of the run it corrects")
     return PoseResult.load(out / "results.h5")
-
-def result_detections(out, # a run's output folder
-                      res, # its results.h5 (a PoseResult)
-                     ) -> tuple|None:
-    """(pts2d, conf) of the folder's pose2d.h5 when `res` was made from those detections (the key `deeperfly run`
-    records in its meta), else None: a detection ran since (a run that stopped before triangulation), or the
-    result came from a 2D file."""
-    from deeperfly_nb.results import PoseResult
-    path = Path(out) / "pose2d.h5"
-    if not path.is_file(): return None
-    d = PoseResult.load(path)
-    if d.pts2d.shape != res.pts2d.shape or list(d.view_names) != list(res.view_names): return None
-    if (key := res.meta.get("pose2d_key")) is not None: return (d.pts2d, d.conf) if detections_key(d.pts2d, d.conf) == key else None
-    if res.provenance.get("inputs", {}).get("points2d"): return None     # made from a 2D file, not from this detection
-    return d.pts2d, d.conf                                               # a result older than the key: matched by shape
 
 def _uncorrected(out:Path, res, cs:Corrections) -> tuple:
     "(pts2d, conf): the detections the result was made from (pose2d.h5), else the result's 2D with `cs` (in its order) undone."
