@@ -251,6 +251,19 @@ def load(cls:PoseResult, path:str|Path, # an HDF5 file written by `PoseResult.sa
     except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:   # an entry of the wrong kind
         raise _corrupt(path, f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__) from None
 
+# %% ../nbs/05_results.ipynb #2785cbd4
+@patch(cls_method=True)
+def load_provenance(cls:PoseResult, path:str|Path, # a file written by `PoseResult.save`
+                   ) -> dict:
+    "The provenance a saved result records (config, recording, frames...), read without its arrays."
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+            if (fmt.decode() if isinstance(fmt, bytes) else fmt) != FORMAT_NAME: raise InputError(f"{path} is not a deeperfly result")
+            return _read_json(f, "provenance", path)
+    except OSError as e: raise _corrupt(path, str(e).splitlines()[0] if str(e) else "") from None
+
 # %% ../nbs/05_results.ipynb #d61a8824
 def align_similarity(src, # (..., 3) points to move
                      dst, # (..., 3) target points, same shape as `src`

@@ -1059,7 +1059,7 @@ def _note_replaced_frames(ctx:RunContext):
     "Warn when the folder's result covers other frames than this run (`--max-frames`): this run replaces it."
     path = ctx.out / "results.h5"
     if not path.is_file() or "results.h5" not in owned_outputs(ctx.out): return
-    try: prev = PoseResult.load(path).provenance.get("frames") or {}
+    try: prev = PoseResult.load_provenance(path).get("frames") or {}
     except DeeperflyError: return                                    # unreadable: the stage that rewrites it says so
     if prev.get("count") and prev.get("max_frames") != ctx.max_frames:
         log.warning("%s holds a result of %d frames%s; this run %s replaces it (give another -o to keep both)", path, prev["count"],
