@@ -1022,14 +1022,14 @@ def _error_line(args, e:BaseException) -> str:
     return f"deeperfly {args.command}: error: {e}"
 
 # %% ../nbs/20_cli.ipynb #dfa46c54
-def _kept_note(out:Path) -> str:
-    "What a run interrupted in `out` kept for the next one, in words."
+def _kept_note(out:Path, done=None) -> str:
+    "What a run interrupted in `out` kept for the next one, in words (`done`: the stages it finished or found fresh, when known)."
     from deeperfly_nb.run import STUB_FILES
     state = out / STATE_DIR
     if not state.is_dir():
         return ("; run it again: each recording reuses what it finished" if any(out.glob(f"*/{STATE_DIR}")) else
                 "; nothing was kept: running it again starts over")
-    stages = sorted(p.stem for p in state.glob("*.json") if p.name not in STUB_FILES)      # the stage records
+    stages = sorted(done) if done is not None else sorted(p.stem for p in state.glob("*.json") if p.name not in STUB_FILES)
     blocks = [p.stem.split("_")[1:] for p in (state / "pose2d_blocks").glob("block_*_*.npz")]
     kept = ([f"the finished stage(s) {', '.join(stages)}"] if stages else []) + \
            ([f"{sum(int(b) - int(a) for a, b in blocks)} detected frames"] if blocks else [])
@@ -1074,7 +1074,7 @@ def main(argv=None, # the arguments (default: sys.argv[1:])
         if args.verbose: traceback.print_exc()
         print(_error_line(args, e), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"deeperfly {args.command}: interrupted" + (_kept_note(Path(args.out)) if args.command == "run" else ""),
+    except KeyboardInterrupt as e:
+        print(f"deeperfly {args.command}: interrupted" + (_kept_note(Path(args.out), getattr(e, "stages_done", None)) if args.command == "run" else ""),
               file=sys.stderr)
         return 130

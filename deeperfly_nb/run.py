@@ -363,6 +363,7 @@ class RunContext:
     forced: frozenset = frozenset() # stages to recompute even if fresh
     points2d: object = None         # the recording's 2D file, read once (a pipeline.Points2D; None when detection runs)
     recording_due: dict|None = None # the folder's recording record, written once a stage has written (an --overwrite of another's)
+    done: list = field(default_factory=list)   # the stages this run has finished or found fresh (what an interrupted run kept)
 
     @property
     def state(self) -> Path:
@@ -465,6 +466,7 @@ def _stage(ctx:RunContext, stage:str, fp:str, compute, load) -> tuple:
     if base not in ctx.forced and is_fresh(ctx.out, stage, fp, ctx.digests):
         rec = read_record(ctx.out, stage)
         log.info("%s: reusing %s (unchanged since %s)", stage, ", ".join(rec["outputs"]) or "its record", rec["finished_utc"])
+        ctx.done.append(stage)
         return load(), StageOutcome(stage, "reused", 0.0, fp, list(rec["outputs"]), rec.get("summary", {}), rec.get("content"))
     if base not in ctx.forced: _warn_changed_outputs(ctx, stage, fp)
     t0 = time.perf_counter()
@@ -473,6 +475,7 @@ def _stage(ctx:RunContext, stage:str, fp:str, compute, load) -> tuple:
     secs = time.perf_counter() - t0
     write_record(ctx.out, stage, fp, outputs, secs, ctx.digests, content, summary)
     if ctx.recording_due: record_recording(ctx.out, ctx.recording_due)     # its outputs are this recording's now
+    ctx.done.append(stage)
     log.info("%s: done in %.1f s", stage, secs)
     return value, StageOutcome(stage, "ran", round(secs, 3), fp, [str(Path(p).relative_to(ctx.out)) for p in outputs],
                                summary, content)
@@ -1101,6 +1104,7 @@ def run_recording(recording, # the recording's folder (footage matched by the co
                 ctx = prepare_run(config, recording, out, max_frames, device, progress, forced)
                 _note_replaced_frames(ctx)
                 try: stages, result = _run_stages(ctx, until)
+                except KeyboardInterrupt as e: e.stages_done = list(ctx.done); raise    # what the next run reuses, for the note
                 finally: _close_run(ctx)
             except BaseException:
                 _remove_unused(out, made); raise         # under the lock: a run waiting for it finds the folder gone, not half-gone

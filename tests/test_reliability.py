@@ -294,3 +294,17 @@ def test_turning_bundle_adjustment_off_removes_the_earlier_rig(tmp_path):
     d["pipeline"]["bundle_adjustment"] = False
     run_recording(tmp_path / "rec", tmp_path / "out", Config.from_dict(d), progress=False)
     assert not (tmp_path / "out" / "cameras.toml").exists()
+
+
+def test_an_interrupted_run_promises_only_what_it_finished(work, tmp_path, monkeypatch, capsys):
+    "Ctrl-C during bundle adjustment after a config change: the note names the stages this run finished, not an older run's records."
+    import deeperfly_nb.run as run_mod
+    from deeperfly_nb.cli import main
+    out = tmp_path / "out"
+    deeperfly("-q", "run", work / "rec", "-c", work / "config.toml", "-o", out)            # every stage recorded
+    other = edited_config(work, tmp_path / "other.toml", lambda d: d["pose2d"].update(batch_size=3) or d["triangulation"].update(method="ransac"))
+    def stop(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(run_mod, "_triangulation_stage", stop)
+    assert main(["-q", "run", str(work / "rec"), "-c", str(other), "-o", str(out), "--no-progress"]) == 130
+    note = capsys.readouterr().err
+    assert "it reuses the finished stage(s) bundle_adjustment, pose2d" in note and "triangulation" not in note.split("reuses")[1], note
