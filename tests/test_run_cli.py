@@ -68,8 +68,8 @@ def test_caching(recording, reference):
     p = deeperfly("run", recording / "rec", "-c", recording / "config.toml", "-o", out, "--no-progress")
     second = time.perf_counter() - t0
     print(f"first run {first:.1f} s, identical second run {second:.2f} s ({100 * second / first:.1f}%)\n{p.stdout}")
-    assert ran(out) == before                              # nothing recomputed
-    assert second < 0.05 * first + 1.5                     # < 5% of the first run (+ the interpreter's start-up)
+    assert ran(out) == before                              # nothing recomputed (its time is printed, not asserted: load varies)
+    assert "reused" in p.stdout and " ran " not in p.stdout, p.stdout
     # only [triangulation] changes: triangulation and the 3D video are recomputed, detection is reused
     # (in a copy: the reference must stay the uninterrupted default-config result the other tests compare with)
     cfg = (recording / "config.toml").read_text().replace('method = "dlt"', 'method = "ransac"')
