@@ -26,6 +26,7 @@ def gaussian_heatmaps(xy_norm, # (..., J, 2) normalized (u, v) points, NaN = abs
     "(..., J, Hh, Ww) float32 target heatmaps: exp(-d^2 / 2 sigma^2) around each point (peak 1), zeros for NaN points."
     xy = np.asarray(xy_norm, dtype=float)
     if xy.ndim < 1 or xy.shape[-1] != 2: raise InputError(f"xy_norm must have shape (..., J, 2), got {xy.shape}")
+    if not (np.isfinite(sigma_cells) and sigma_cells > 0): raise InputError(f"sigma_cells must be a positive number, got {sigma_cells!r}")
     Hh, Ww = (int(v) for v in heatmap_hw)
     cx, cy = xy[..., 0] * Ww - 0.5, xy[..., 1] * Hh - 0.5            # in cell indices
     gx = np.exp(-0.5 * ((np.arange(Ww) - cx[..., None]) / sigma_cells) ** 2)

@@ -583,6 +583,7 @@ def _prepare(train_2d, test_2d, train_3d, test_3d, roots, target_sets, augs, tra
     s2, s3 = _masked(*apply_augmentation(augs, pick(X2, tr), X3[tr], rng), pick(kp, tr))
     stats = fit_stats(s2, s3, roots, target_sets)
     test = None
+    if test_2d is not None and test_3d is None: raise InputError("test_2d is given but test_3d is None: give both, or neither")
     if test_3d is not None:
         e3 = as_experiments(test_3d, "test_3d", 3)
         e2 = as_experiments(test_2d, "test_2d", 2) if test_2d is not None else None
@@ -631,7 +632,10 @@ def _resume_state(folder:Path, o:LiftOptions, net, opt, digest:str) -> tuple:
         raise InputError(f"cannot resume {folder}: it was trained on other data (another view, other results or another root; "
                          f"statistics {rec.get('stats_digest')} against {digest}): train into a new folder")
     ck = torch.load(p, map_location=next(net.parameters()).device, weights_only=True)
-    net.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
+    try: net.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError) as e:                               # another width or depth than the folder's network
+        raise InputError(f"cannot resume {folder}: its network was built with other settings than {o.linear_size} wide x "
+                         f"{o.num_stage} stages ({str(e).splitlines()[0][:120]}); give the settings it was started with, or a new folder") from None
     return int(ck["epoch"]), int(ck["step"]), float(ck["best_val"]), list(ck["log"])
 
 # %% ../nbs/08b_lifting.ipynb #d6e27202
