@@ -14,10 +14,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # %% auto #0
-__all__ = ['NO_SPACE_ERRNOS', 'STATE_DIR', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError', 'did_you_mean', 'one_of',
-           'toml_value', 'number_check', 'check_values', 'record_differences', 'DiskFullError', 'disk_full_error',
-           'ensure_free_space', 'atomic_path', 'refuse_existing', 'first_missing_folder', 'remove_empty_folders',
-           'undo_new_folders', 'atomic_hdf5', 'DigestCache', 'cache_root', 'check_shape', 'ConfigTable', 'config_field']
+__all__ = ['NO_SPACE_ERRNOS', 'STATE_DIR', 'RECORDING_FILE', 'DeeperflyError', 'ConfigError', 'InputError', 'ModelError',
+           'did_you_mean', 'one_of', 'toml_value', 'number_check', 'check_values', 'record_differences',
+           'DiskFullError', 'disk_full_error', 'ensure_free_space', 'atomic_path', 'refuse_existing',
+           'first_missing_folder', 'remove_empty_folders', 'undo_new_folders', 'atomic_hdf5', 'DigestCache',
+           'cache_root', 'check_shape', 'ConfigTable', 'config_field']
 
 # %% ../nbs/00_core.ipynb #d18fc68f
 class DeeperflyError(Exception):
@@ -186,6 +187,7 @@ def undo_new_folders(path, # the output folder the block creates
 
 # %% ../nbs/00_core.ipynb #fb613c73
 STATE_DIR = ".deeperfly"   # in an output folder: deeperfly's records, lock and config snapshot (never the user's files)
+RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of, and its footage's digests
 
 # %% ../nbs/00_core.ipynb #f255753f
 @contextmanager

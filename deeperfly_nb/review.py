@@ -6,13 +6,13 @@ Docs: https://deeperfly.github.io/deeperfly/review.html.md"""
 
 # %% ../nbs/18f_review.ipynb #8bc42fc1
 from __future__ import annotations
-import base64, math, os, time, warnings
+import base64, json, math, os, time, warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .core import DeeperflyError, InputError, refuse_existing
+from .core import DeeperflyError, DigestCache, InputError, RECORDING_FILE, STATE_DIR, refuse_existing
 from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
@@ -21,7 +21,7 @@ from .corrections import (CORRECTIONS, Correction, Corrections, read_corrections
 
 # %% auto #0
 __all__ = ['CRITERIA', 'AUTO_REFRESH_FRAMES', 'frame_scores', 'worst_frames', 'ViewFrames', 'frame_data_url', 'open_footage',
-           'ReviewCanvas', 'Reviewer']
+           'changed_footage', 'ReviewCanvas', 'Reviewer']
 
 # %% ../nbs/18f_review.ipynb #c62320e5
 import anywidget, traitlets
@@ -165,8 +165,24 @@ def open_footage(result:PoseResult, # the result, naming its recording in meta['
     try:
         cfg = (Config.from_output(out) if out else None) or Config.default()
         pats = view_patterns(cfg.detection_plan())
-        return {v: ViewFrames(find_source(rec, pats[v])) for v in result.view_names}, ""
+        frames = {v: ViewFrames(find_source(rec, pats[v])) for v in result.view_names}
     except (DeeperflyError, KeyError, OSError) as e: return None, f"no footage for the review ({e})"
+    return frames, (changed_footage(out, frames) if out else "")
+
+def changed_footage(out, # the run's output folder
+                    frames:dict, # {view: ViewFrames} about to be shown
+                   ) -> str:
+    "'' when every footage file is the one the run read (its `core.RECORDING_FILE` digests), else a note naming those that are not."
+    try: rec = json.loads((Path(out) / STATE_DIR / RECORDING_FILE).read_text())["content"]
+    except (OSError, ValueError, KeyError, TypeError): return ""      # no record: nothing to compare with
+    read = {name: d for files in rec.values() for name, d in files}
+    digests = DigestCache(Path(out) / STATE_DIR / "digests.json")      # the run's: unchanged files are not read again
+    files = [Path(f) for vf in frames.values() for f in (getattr(vf.reader, "files", None) or [getattr(vf.reader, "path", None)]) if f]
+    changed = [f.name for f in files if f.name in read and f.is_file() and digests.digest(f) != read[f.name]]
+    if not changed: return ""
+    note = f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since the run read it: the points may not be on these frames"
+    warnings.warn(f"{out}: {note}", stacklevel=3)
+    return note
 
 # %% ../nbs/18f_review.ipynb #8b1e9f93
 _JS_DRAW = r"""

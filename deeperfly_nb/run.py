@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import deeperfly_nb
 from fastcore.basics import patch
-from .core import (DeeperflyError, InputError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, atomic_hdf5, atomic_path,
+from .core import (DeeperflyError, InputError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, RECORDING_FILE, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space, did_you_mean, first_missing_folder, remove_empty_folders)
 from .config import Config, SNAPSHOT, snapshot_path
 from .cameras import CameraGroup
@@ -23,16 +23,15 @@ from .pipeline import (bundle_adjust_rig, triangulate_points2d, prepare_output_d
                                    find_points2d_file, filter_points2d, resolve_fps)
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE', 'RECORDING_FILE',
-           'STUB_FILES', 'FOREIGN_2D', 'LIFTER_FILES', 'CANDIDATES', 'BATCH_SUMMARY', 'fingerprint', 'array_digest',
-           'code_version', 'read_record', 'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock',
-           'planned_outputs', 'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results',
-           'check_same_recording', 'record_recording', 'foreign_points2d', 'recording_points2d', 'RunContext',
-           'check_lifter_files', 'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates',
-           'stored_candidates', 'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance',
-           'result_content', 'view_videos', 'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport',
-           'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary',
-           'run']
+__all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE', 'STUB_FILES', 'FOREIGN_2D',
+           'LIFTER_FILES', 'CANDIDATES', 'BATCH_SUMMARY', 'fingerprint', 'array_digest', 'code_version', 'read_record',
+           'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'planned_outputs',
+           'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording',
+           'record_recording', 'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files',
+           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
+           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content', 'view_videos',
+           'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages',
+           'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -254,7 +253,6 @@ def claim_outputs(config:Config, # the run's config
     with atomic_path(out / STATE_DIR / CLAIMED_FILE) as tmp: tmp.write_text("\n".join(sorted(claimed | planned)))
 
 # %% ../nbs/19_run.ipynb #dc90ff7d
-RECORDING_FILE = "recording.json"   # in OUT/.deeperfly: the recording the folder's results are of
 STUB_FILES = ("lock", RECORDING_FILE, "digests.json", "weights.json", "pose2d_blocks/manifest.json", CLAIMED_FILE)   # in OUT/.deeperfly: what a
                                                      # run leaves before it has made anything (memos, the lock, an empty resume folder)
 def holds_results(out:Path, # an output folder

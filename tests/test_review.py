@@ -319,3 +319,20 @@ def test_a_lifted_result_keeps_its_3d_and_measures_it_against_the_corrected_2d(r
     assert rv.result.pts3d[1, n].tolist() == r0.pts3d[1, n].tolist()
     assert abs(rv.result.reproj_error[0, 1, n] - np.linalg.norm(truth_px - [10.0, 10.0])) < 1e-6
     rv.close()
+
+
+def test_footage_changed_since_the_run_is_said(tmp_path):
+    "A camera file swapped after the run: the reviewer says which file changed, rather than draw the points on other frames."
+    from conftest import tiny_recording
+    from deeperfly_nb.config import Config
+    from deeperfly_nb.run import run_recording
+    tiny_recording(tmp_path, n_frames=3)
+    cfg = Config.from_dict({**Config.load(tmp_path / "config.toml").to_dict(), "pipeline": {"visualization": False}})
+    run_recording(tmp_path / "rec", tmp_path / "out", cfg, progress=False)
+    rv = Reviewer(tmp_path / "out"); assert rv.footage_note == ""; rv.close()         # as the run read it: nothing to say
+    a, b = tmp_path / "rec" / "camera_0.mp4", tmp_path / "rec" / "camera_1.mp4"
+    data = a.read_bytes(); a.write_bytes(b.read_bytes()); b.write_bytes(data)           # two cameras' files swapped
+    with pytest.warns(UserWarning, match="changed since the run read it"):
+        rv = Reviewer(tmp_path / "out")
+    assert "camera_0.mp4" in rv.footage_note and "camera_1.mp4" in rv.footage_note, rv.footage_note
+    rv.close()
