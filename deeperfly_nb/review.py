@@ -102,6 +102,7 @@ class ViewFrames:
                 ):
         self.reader, self.ahead, self.max_decoders, self._cursors = reader, int(ahead), int(decoders), []
         self.n_frames = reader.count() if hasattr(reader, "count") else len(reader)
+        self.frame_size = tuple(reader.frame_size) if hasattr(reader, "frame_size") else tuple(np.shape(reader)[1:3])   # (H, W)
     def close(self):
         "Close the open decoders."
         for gen, _ in self._cursors: gen.close()
@@ -333,6 +334,10 @@ class Reviewer:
         self.history, self.listeners, self.save_error, self.frame = [], [], None, 0
         self.image_width, self.cache_images, self._images = int(image_width), int(cache_images), OrderedDict()
         self.footage, self.footage_note = ({v: ViewFrames(r) for v, r in footage.items()}, "") if footage is not None else open_footage(res, self.out, recording)
+        if self.footage and (bad := [f"{v}: frames {hw[1]}x{hw[0]}, camera {s[1]}x{s[0]}" for v, vf in self.footage.items()
+                                     if (hw := vf.frame_size) and (s := res.cameras[v].image_size) and tuple(hw) != tuple(s)]):
+            raise InputError(f"the footage is not the size of the cameras' images, so the points would be drawn in the wrong "
+                             f"places ({'; '.join(bad)}): give the footage the run read")
         self._pool = ThreadPoolExecutor(max_workers=min(len(res.view_names), os.cpu_count() or 1))
         for t in sorted({c.frame for c in self.corrections}): self._refresh(t)
         self._build(view_width)

@@ -336,3 +336,13 @@ def test_footage_changed_since_the_run_is_said(tmp_path):
         rv = Reviewer(tmp_path / "out")
     assert "camera_0.mp4" in rv.footage_note and "camera_1.mp4" in rv.footage_note, rv.footage_note
     rv.close()
+
+
+def test_footage_of_another_size_is_refused(recording, out):
+    "Frames given by hand must be the cameras' size: stretched, every point would be drawn in the wrong place."
+    r0 = recording["result"]
+    H, W = r0.cameras[r0.view_names[0]].image_size
+    half = {v: np.zeros((r0.n_frames, H // 2, W // 2, 3), np.uint8) for v in r0.view_names}
+    with pytest.raises(InputError, match=f"rh: frames {W // 2}x{H // 2}, camera {W}x{H}"):
+        Reviewer(out, footage=half)
+    rv = Reviewer(out, footage={v: np.zeros((r0.n_frames, H, W, 3), np.uint8) for v in r0.view_names}); rv.close()
