@@ -15,11 +15,12 @@ from fastcore.basics import patch
 import av
 from av.video.reformatter import Interpolation
 import cv2
-from .core import InputError, atomic_path
+from .core import DigestCache, InputError, atomic_path
 
 # %% auto #0
-__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'X264_PRESETS', 'VideoWriter', 'write_video', 'FrameReader', 'VideoReader',
-           'read_image_file', 'ImageSequenceReader', 'open_reader', 'find_source', 'synchronized_length']
+__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'X264_PRESETS', 'check_preset', 'VideoWriter', 'write_video', 'FrameReader',
+           'VideoReader', 'read_image_file', 'ImageSequenceReader', 'open_reader', 'find_source', 'synchronized_length',
+           'footage_digests']
 
 # %% ../nbs/08_io.ipynb #f39cee0f
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
@@ -42,6 +43,12 @@ def _exact_rate(fps, # frames per second: a number or a Fraction
 # %% ../nbs/08_io.ipynb #4068154f
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
+def check_preset(preset:str, # an x264 speed/size preset
+                ) -> str:
+    "`preset`, or an InputError naming x264's presets (before any frame is made, not when the encoder opens)."
+    if preset not in X264_PRESETS: raise InputError(f"preset must be one of x264's: {', '.join(X264_PRESETS)}; got {preset!r}")
+    return preset
+
 class VideoWriter:
     "Write uint8 RGB frames to an H.264 (libx264, yuv420p, +faststart) video that browsers play, atomically."
     def __init__(self, path:str|Path, # the .mp4 (or .mov, .mkv) file to create
@@ -55,7 +62,7 @@ class VideoWriter:
         if fmt is None: raise InputError(f"cannot write {self.path}: a video must end in one of {sorted(_CONTAINER_FORMATS)}")
         if not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= 51):
             raise InputError(f"crf must be an integer in 0..51, got {crf!r}")
-        if preset not in X264_PRESETS: raise InputError(f"preset must be one of x264's: {', '.join(X264_PRESETS)}; got {preset!r}")
+        check_preset(preset)
         self.rate, self.crf, self.preset = _exact_rate(fps), int(crf), preset
         self.n_frames, self.frame_size = 0, None       # frames written so far; (H, W) of the frames given
         self._atomic = atomic_path(self.path)          # a temp file beside `path`; close() renames it onto `path`
@@ -463,3 +470,11 @@ def synchronized_length(readers:dict, # {source name: FrameReader} of synchroniz
         msg = f"synchronized sources have different frame counts: {listing}; truncating all sources to the shortest, {n} frames"
         _log.warning(msg)                                # once (a Python warning beside it printed it twice)
     return n
+
+# %% ../nbs/08_io.ipynb #392f6b16
+def footage_digests(readers:dict, # {source name: FrameReader}
+                    digests:DigestCache, # content digests of files
+                   ) -> dict:
+    "{source name: [(file name, content digest)]} of the files behind each reader (one video, or every image)."
+    return {name: [(Path(f).name, digests.digest(f)) for f in (getattr(r, "files", None) or [r.path])]
+            for name, r in readers.items()}

@@ -233,8 +233,7 @@ def _pose2d_job(path, frames_by_view, pts2d, conf, skeleton:Skeleton, view_names
     views = _check_views(views, view_names)
     idx = [view_names.index(v) for v in views]
     srcs = _sources(frames_by_view, view_names, views)
-    if fps is not None and not fps > 0: raise InputError(f"fps must be a positive number, got {fps}")
-    fps = fps or _source_fps(srcs)
+    fps = _source_fps(srcs) if fps is None else fps                    # 0 or less stays, for `_check_job` to refuse
     if fps is None: raise InputError("fps is unknown (the frame sources do not say): pass fps")
     n = _n_frames(srcs, P.shape[1], max_frames)
 
@@ -325,8 +324,7 @@ def _pose3d_job(path, frames_by_view, result:PoseResult, *, # as in `render_pose
     view_names = list(result.view_names)
     views = _check_views(views, view_names)
     srcs = _sources(frames_by_view, view_names, views)
-    if fps is not None and not fps > 0: raise InputError(f"fps must be a positive number, got {fps}")
-    fps = fps or result.fps or _source_fps(srcs)
+    fps = (result.fps or _source_fps(srcs)) if fps is None else fps    # 0 or less stays, for `_check_job` to refuse
     if fps is None: raise InputError("fps is unknown (neither the result nor the frame sources say): pass fps")
     n = _n_frames(srcs, result.n_frames, max_frames)
     if view_points not in ("detected", "all"): raise InputError(f'view_points must be "detected" or "all", got {view_points!r}')

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
 from .core import DeeperflyError, DigestCache, InputError, RECORDING_FILE, STATE_DIR, refuse_existing
+from .io import footage_digests
 from .results import PoseResult
 from .triangulation import triangulate, reprojection_error
 from .skeleton import bone_lengths
@@ -178,8 +179,8 @@ def changed_footage(out, # the run's output folder
     except (OSError, ValueError, KeyError, TypeError): return ""      # no record: nothing to compare with
     read = {name: d for files in rec.values() for name, d in files}
     digests = DigestCache(Path(out) / STATE_DIR / "digests.json")      # the run's: unchanged files are not read again
-    files = [Path(f) for vf in frames.values() for f in (getattr(vf.reader, "files", None) or [getattr(vf.reader, "path", None)]) if f]
-    changed = [f.name for f in files if f.name in read and f.is_file() and digests.digest(f) != read[f.name]]
+    shown = footage_digests({v: vf.reader for v, vf in frames.items() if hasattr(vf.reader, "path")}, digests)
+    changed = [name for files in shown.values() for name, d in files if name in read and d != read[name]]
     if not changed: return ""
     note = f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since the run read it: the points may not be on these frames"
     warnings.warn(f"{out}: {note}", stacklevel=3)

@@ -16,6 +16,7 @@ from fastcore.basics import patch
 from .core import (DeeperflyError, InputError, DigestCache, NO_SPACE_ERRNOS, STATE_DIR, RECORDING_FILE, atomic_hdf5, atomic_path,
                                 disk_full_error, ensure_free_space, did_you_mean, first_missing_folder, remove_empty_folders)
 from .config import Config, SNAPSHOT, snapshot_path
+from .io import footage_digests
 from .cameras import CameraGroup
 from .triangulation import reprojection_error
 from .results import PoseResult
@@ -25,13 +26,13 @@ from .pipeline import (bundle_adjust_rig, triangulate_points2d, prepare_output_d
 # %% auto #0
 __all__ = ['log', 'STAGES', 'STAGE_GLUE_VERSION', 'STAGE_MODULES', 'EXECUTION_KEYS', 'CLAIMED_FILE', 'STUB_FILES', 'FOREIGN_2D',
            'LIFTER_FILES', 'CANDIDATES', 'BATCH_SUMMARY', 'fingerprint', 'array_digest', 'code_version', 'read_record',
-           'write_record', 'is_fresh', 'weights_digest', 'footage_digests', 'OutputLock', 'planned_outputs',
-           'owned_outputs', 'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording',
-           'record_recording', 'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files',
-           'prepare_run', 'StageOutcome', 'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates',
-           'save_upstream', 'load_upstream', 'pin_corrections', 'result_provenance', 'result_content', 'view_videos',
-           'lift_view', 'refinement_summary', 'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages',
-           'run_recording', 'find_recordings', 'BatchReport', 'clear_batch_summary', 'run']
+           'write_record', 'is_fresh', 'weights_digest', 'OutputLock', 'planned_outputs', 'owned_outputs',
+           'check_no_foreign_outputs', 'claim_outputs', 'holds_results', 'check_same_recording', 'record_recording',
+           'foreign_points2d', 'recording_points2d', 'RunContext', 'check_lifter_files', 'prepare_run', 'StageOutcome',
+           'Pose2D', 'save_candidates', 'load_candidates', 'stored_candidates', 'save_upstream', 'load_upstream',
+           'pin_corrections', 'result_provenance', 'result_content', 'view_videos', 'lift_view', 'refinement_summary',
+           'refine_points3d', 'RunReport', 'config_snapshot', 'forced_stages', 'run_recording', 'find_recordings',
+           'BatchReport', 'clear_batch_summary', 'run']
 
 # %% ../nbs/19_run.ipynb #05675178
 log = logging.getLogger("deeperfly")
@@ -146,13 +147,6 @@ def weights_digest(spec, # a plan's ModelSpec
     Path(memo).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(memo)) as tmp: tmp.write_text(json.dumps(known, indent=1))
     return digests.digest(known[key])
-
-def footage_digests(readers:dict, # {source name: FrameReader}
-                    digests:DigestCache, # content digests of files
-                   ) -> dict:
-    "{source name: [(file name, content digest)]} of the files behind each reader (one video, or every image)."
-    return {name: [(Path(f).name, digests.digest(f)) for f in (getattr(r, "files", None) or [r.path])]
-            for name, r in readers.items()}
 
 # %% ../nbs/19_run.ipynb #aaf04778
 class OutputLock:

@@ -774,8 +774,8 @@ def synth_recording(out_dir, # folder to write into (created if needed)
     from deeperfly_nb.config import Config, default_config_text
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"synth_recording: {out} exists and is not a folder")
-    from deeperfly_nb.io import X264_PRESETS
-    if preset not in X264_PRESETS: raise InputError(f"preset must be one of x264's: {', '.join(X264_PRESETS)}; got {preset!r}")   # before rendering
+    from deeperfly_nb.io import check_preset
+    check_preset(preset)                                               # before rendering, not when the first video opens
     views = Config.default().view_names
     if (cams := kwargs.get("cameras")) is not None and list(cams.names) != list(views):   # its camera_{c}.mp4 would feed other views
         raise InputError(f"synth_recording writes the packaged config, whose views are {views}; the rig given has {list(cams.names)}: "
